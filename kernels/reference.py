@@ -1,0 +1,183 @@
+"""PyTorch reference of every kernel op: the single definition of their maths.
+
+The Triton kernels are tested against these functions, and CPU users run them.
+They are written to be read first and fast second; they never import triton.
+
+notation: ``x`` the level being transformed, ``r`` the raw log-scale and ``t``
+the shift from the coupling network (all ``(N, C, H, W)``, same shape),
+``s`` the clamped, volume-normalised log-scale, ``y = exp(s) * x + t``.
+
+Volume normalisation (VN) subtracts a mean of the clamped log-scale so that
+the block preserves volume over the batch (method note, "volume normalisation"):
+
+* ``"CVN"``: mean over batch and channel, per pixel; the mean has shape ``(1, 1, H, W)``.
+* ``"SVN"``: mean over batch and space, per channel; the mean has shape ``(1, C, 1, 1)``.
+* ``None``: no normalisation; the block then has a log-determinant ``sum(s)`` per sample.
+
+In training the batch mean is used (and returned, detached, so that the caller
+can update its running mean); in eval the caller passes ``running_mean``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "VOLUME_NORMS",
+    "soft_clamp",
+    "volume_norm_dims",
+    "log_scale",
+    "affine_coupling",
+    "affine_coupling_inverse",
+    "affine_coupling_reconstruct",
+    "affine_coupling_bwd",
+]
+
+VOLUME_NORMS = (None, "CVN", "SVN")
+_TWO_OVER_PI = 2.0 / math.pi  # the reference implementation rounds this to 0.636
+
+
+def soft_clamp(r: Tensor, clamp: float) -> Tensor:
+    """Smoothly bound ``r`` to ``(-clamp, clamp)``: ``clamp * (2/pi) * atan(r / clamp)``."""
+    return clamp * _TWO_OVER_PI * torch.atan(r / clamp)
+
+
+def _soft_clamp_grad(r: Tensor, clamp: float) -> Tensor:
+    """Derivative of :func:`soft_clamp` with respect to ``r``."""
+    return _TWO_OVER_PI / (1.0 + (r / clamp) ** 2)
+
+
+def volume_norm_dims(volume_norm: Optional[str]) -> Tuple[int, ...]:
+    """Dimensions of an ``(N, C, H, W)`` log-scale that the VN mean runs over."""
+    if volume_norm == "CVN":
+        return (0, 1)
+    if volume_norm == "SVN":
+        return (0, 2, 3)
+    if volume_norm is None:
+        return ()
+    raise ValueError(f"volume_norm must be one of {VOLUME_NORMS}, got {volume_norm!r}.")
+
+
+def log_scale(
+    r: Tensor,
+    *,
+    volume_norm: Optional[str],
+    clamp: float,
+    running_mean: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """The clamped, volume-normalised log-scale ``s`` and the detached batch mean.
+
+    Args:
+        r: raw log-scale, ``(N, C, H, W)``.
+        volume_norm: ``"CVN"``, ``"SVN"`` or ``None``.
+        clamp: soft-clamp bound ``c``.
+        running_mean: ``None`` to normalise with the batch mean (training);
+            otherwise the mean to subtract (eval), broadcastable to ``r``.
+
+    Returns:
+        ``(s, batch_mean)``; ``batch_mean`` is ``None`` in eval or without VN.
+    """
+    dims = volume_norm_dims(volume_norm)
+    s = soft_clamp(r, clamp)
+    if not dims:
+        return s, None
+    if running_mean is not None:
+        return s - running_mean, None
+    mean = s.mean(dim=dims, keepdim=True)  # the gradient flows through the batch mean
+    return s - mean, mean.detach()
+
+
+def affine_coupling(
+    x: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Forward of the coupling's affine transform: ``y = exp(s) * x + t``.
+
+    Returns:
+        ``(y, batch_mean)`` as in :func:`log_scale`.
+    """
+    s, mean = log_scale(r, volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    return torch.exp(s) * x + t, mean
+
+
+def affine_coupling_inverse(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Inverse of :func:`affine_coupling`: ``x = (y - t) * exp(-s)``."""
+    s, mean = log_scale(r, volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    return (y - t) * torch.exp(-s), mean
+
+
+def affine_coupling_reconstruct(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The engine's fused path for the affine transform: ``x`` from ``y``, and a local graph.
+
+    ``r`` and ``t`` carry the graph of the coupling network (evaluated once).
+
+    Returns:
+        ``(x, y_local)``: ``x`` a leaf that requires grad, and ``y_local``
+        (equal to ``y``) as a differentiable function of ``x``, ``r`` and ``t``.
+        The engine reads ``x`` only after backpropagating through
+        ``y_local``, so a fused kernel may fill ``x`` during that backward.
+    """
+    kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    with torch.no_grad():
+        x, _ = affine_coupling_inverse(y, r, t, **kwargs)
+    x.requires_grad_(True)
+    y_local, _ = affine_coupling(x, r, t, **kwargs)
+    return x, y_local
+
+
+def affine_coupling_bwd(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    grad_y: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reconstruct ``x`` from ``y`` and backpropagate ``grad_y``, written out by hand.
+
+    The maths the fused backward kernel implements, in one pass over memory:
+    ``grad_x = g * exp(s)``, ``grad_t = g``, ``grad_s = g * (y - t)`` (no need
+    for ``x``), then through the batch mean (training VN only):
+    ``grad_c = grad_s - mean(grad_s)`` over the VN dimensions, and through the
+    clamp: ``grad_r = grad_c * (2/pi) / (1 + (r/c)^2)``.
+
+    Returns:
+        ``(x, grad_x, grad_r, grad_t)``.
+    """
+    with torch.no_grad():
+        s, _ = log_scale(r, volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+        x = (y - t) * torch.exp(-s)
+        grad_x = grad_y * torch.exp(s)
+        grad_s = grad_y * (y - t)
+        dims = volume_norm_dims(volume_norm)
+        if dims and running_mean is None:
+            grad_s = grad_s - grad_s.mean(dim=dims, keepdim=True)
+        grad_r = grad_s * _soft_clamp_grad(r, clamp)
+        return x, grad_x, grad_r, grad_y.clone()

@@ -1,0 +1,99 @@
+"""Capture-and-replay of the state a recomputation must share with the forward.
+
+RNG and autocast are captured per block in forward (``fwd_*``) and replayed in
+backward, as ``torch.utils.checkpoint`` does. Buffers (running statistics) are
+snapshotted before a recomputation and restored after it, so they change once
+per step however often a block is recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RngState", "AutocastState", "recomputation"]
+
+
+@dataclass
+class RngState:
+    """CPU and CUDA generator states at one point of the forward."""
+
+    cpu: Tensor
+    cuda_devices: Tuple[int, ...]
+    cuda: Tuple[Tensor, ...]
+
+    @classmethod
+    def capture(cls, tensors: Sequence[Tensor]) -> "RngState":
+        devices = tuple(sorted({t.device.index or 0 for t in tensors if t.is_cuda}))
+        cuda = tuple(torch.cuda.get_rng_state(d) for d in devices)
+        return cls(torch.get_rng_state(), devices, cuda)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the body with these RNG states, leaving the global streams untouched."""
+        with torch.random.fork_rng(devices=list(self.cuda_devices), enabled=True):
+            torch.set_rng_state(self.cpu)
+            for device, state in zip(self.cuda_devices, self.cuda):
+                torch.cuda.set_rng_state(state, device)
+            yield
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+@dataclass
+class AutocastState:
+    """Which autocast regions were active in forward, with their dtypes."""
+
+    regions: Tuple[Tuple[str, torch.dtype], ...]
+
+    @classmethod
+    def capture(cls) -> "AutocastState":
+        regions = tuple((d, _autocast_dtype(d)) for d in ("cpu", "cuda") if _autocast_enabled(d))
+        return cls(regions)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                dtype = dict(self.regions).get(device_type)
+                if dtype is not None:
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
+                elif _autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            yield
+
+
+# NOTE [running stats under recomputation]
+# A block recomputed in backward (invertible mode, or checkpoint mode's
+# replay) runs its forward a second time, in training mode, and would update
+# running means, batch-norm statistics or act-norm initialisation flags again.
+# We snapshot its buffers before and restore them after, through `.data`, which
+# does not bump the version counter: a buffer that the local graph saved
+# (batch norm in eval mode saves its running statistics) is restored to the
+# very values it held, so backward does not see a spurious modification.
+@contextlib.contextmanager
+def recomputation(block: nn.Module) -> Iterator[None]:
+    """Recompute ``block`` without letting it change its buffers."""
+    buffers: List[Tensor] = [b for b in block.buffers() if b is not None]
+    saved: List[Optional[Tensor]] = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        for buffer, value in zip(buffers, saved):
+            buffer.data.copy_(value)

@@ -1,0 +1,106 @@
+"""A ready affine coupling block for plain (single-tensor) flows, with the fused backward path.
+
+The affine maths (soft clamp, ``exp(s) * x + t`` and its inverse) is the
+kernels' op; this module only splits channels and owns the network.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+from .block import InvertibleModule, LogDet, Tensors
+
+__all__ = ["AffineCoupling"]
+
+
+class AffineCoupling(InvertibleModule):
+    """Affine coupling over channels: ``y_b = exp(s(x_a)) * x_b + t(x_a)``, ``y_a = x_a``.
+
+    One half of the channels (``x_a``, the conditioning half) passes through
+    unchanged and feeds a small conv network giving the raw log-scale ``r``
+    and shift ``t`` of the other half ``x_b``; ``s = clamp * (2/pi) * atan(r / clamp)``.
+    The last conv is zero-initialised, so the block starts as the identity.
+
+    In backward, :meth:`reconstruct` evaluates the network once: the
+    conditioning half is read from the output, the network runs with grad on
+    it, and the same ``(r, t)`` serve the reconstruction and the local graph.
+
+    Args:
+        channels: channels of the input ``(N, channels, H, W)``; at least 2.
+        hidden_channels: width of the network's hidden layer.
+        kernel_size: odd kernel size of the network's convolutions.
+        clamp: soft-clamp bound of the log-scale.
+        parity: 0 transforms the second half of the channels, 1 the first;
+            alternate it between consecutive blocks.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int,
+        kernel_size: int = 3,
+        clamp: float = 2.0,
+        parity: int = 0,
+    ) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"AffineCoupling: channels must be at least 2, got {channels}.")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"AffineCoupling: kernel_size must be odd, got {kernel_size}.")
+        if parity not in (0, 1):
+            raise ValueError(f"AffineCoupling: parity must be 0 or 1, got {parity}.")
+        half = channels // 2
+        self.parity = parity
+        self.clamp = clamp
+        # notation: a the conditioning channels, b the transformed ones.
+        self._a = slice(0, half) if parity == 0 else slice(half, channels)
+        self._b = slice(half, channels) if parity == 0 else slice(0, half)
+        c_a, c_b = half if parity == 0 else channels - half, channels - half if parity == 0 else half
+        padding = kernel_size // 2
+        self.net = nn.Sequential(
+            nn.Conv2d(c_a, hidden_channels, kernel_size, padding=padding),
+            nn.LeakyReLU(),
+            nn.Conv2d(hidden_channels, 2 * c_b, kernel_size, padding=padding),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _scale_shift(self, x_a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        r, t = self.net(x_a).chunk(2, dim=1)
+        logdet = kernels.soft_clamp(r, self.clamp).flatten(1).sum(dim=1)
+        return r, t, logdet
+
+    def _join(self, y_a: Tensor, y_b: Tensor) -> Tensor:
+        return torch.cat((y_a, y_b) if self.parity == 0 else (y_b, y_a), dim=1)
+
+    def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        (x,) = xs
+        r, t, logdet = self._scale_shift(x[:, self._a])
+        y_b, _ = kernels.affine_coupling(x[:, self._b], r, t, clamp=self.clamp)
+        return (self._join(x[:, self._a], y_b),), logdet
+
+    def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
+        (y,) = ys
+        r, t, logdet = self._scale_shift(y[:, self._a])
+        x_b, _ = kernels.affine_coupling_inverse(y[:, self._b], r, t, clamp=self.clamp)
+        return (self._join(y[:, self._a], x_b),), -logdet
+
+    def reconstruct(self, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
+        (y,) = ys
+        # NOTE [filling the input leaf]
+        # The input leaf x starts as a copy of y: its conditioning half is
+        # already right. The network runs once, with grad, on that half; the
+        # transformed half is then written into x through `.data`, which does
+        # not bump x's version counter that the network's graph has recorded
+        # (the conditioning half it saved is not touched by the write).
+        x = y.detach().clone().requires_grad_(True)
+        r, t, logdet = self._scale_shift(x[:, self._a])
+        with torch.no_grad():
+            x_b, _ = kernels.affine_coupling_inverse(y[:, self._b], r, t, clamp=self.clamp)
+        x.data[:, self._b].copy_(x_b)
+        y_b, _ = kernels.affine_coupling(x[:, self._b], r, t, clamp=self.clamp)
+        return (x,), (self._join(x[:, self._a], y_b),), logdet

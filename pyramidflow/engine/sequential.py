@@ -1,0 +1,192 @@
+"""InvertibleSequential: a chain of invertible blocks trained without stored activations."""
+
+from __future__ import annotations
+
+from typing import List, Tuple, Union
+
+import contextlib
+
+import torch
+import torch.utils.checkpoint as torch_checkpoint
+from torch import Tensor, nn
+
+from ._state import recomputation
+from .adapters import wrap
+from .block import InvertibleModule, LogDet, Tensors, add_optional
+from .checks import captured_grad_tensors, check_finite, check_reconstruction
+from .function import InvertibleRun, run_invertible
+
+__all__ = ["InvertibleSequential", "MODES"]
+
+MODES = ("invertible", "autograd", "checkpoint")
+TensorOrTensors = Union[Tensor, Tensors]
+
+
+class InvertibleSequential(nn.Module):
+    """Run invertible blocks in sequence; in backward, rebuild activations instead of storing them.
+
+    In ``"invertible"`` mode (the default) the forward keeps only the final
+    outputs; backward reconstructs each block's input from its output with the
+    block's inverse (or its fused :meth:`~InvertibleModule.reconstruct`) and
+    backpropagates through one block at a time, so activation memory does not
+    grow with depth. ``"autograd"`` stores everything (for comparison and
+    debugging) and ``"checkpoint"`` wraps each block in
+    ``torch.utils.checkpoint``. Parameters, state dicts and results are the
+    same in all three modes.
+
+    Args:
+        *blocks: :class:`InvertibleModule` instances, or modules of the FrEIA or
+            normflows / memcnn conventions (adapted with :func:`wrap`).
+        mode: ``"invertible"``, ``"autograd"`` or ``"checkpoint"``; can be changed later.
+        preserve_rng_state: replay each block's RNG state when it is recomputed,
+            so that dropout and other random blocks see the same draws.
+        debug: after every block, check that its inverse reconstructs its input
+            (relative error at most ``debug_tolerance``) and that outputs are
+            finite. Each check syncs the device: for debugging only.
+        debug_tolerance: largest relative reconstruction error accepted in debug mode.
+
+    Example:
+        >>> import torch
+        >>> from pyramidflow import InvertibleSequential
+        >>> from pyramidflow.engine.coupling import AffineCoupling
+        >>> seq = InvertibleSequential(*[AffineCoupling(4, 8, parity=i % 2) for i in range(4)])
+        >>> x = torch.randn(2, 4, 16, 16, requires_grad=True)
+        >>> y, logdet = seq(x)
+        >>> (y.square().sum() - logdet.sum()).backward()
+        >>> x.grad.shape
+        torch.Size([2, 4, 16, 16])
+    """
+
+    def __init__(
+        self,
+        *blocks: nn.Module,
+        mode: str = "invertible",
+        preserve_rng_state: bool = True,
+        debug: bool = False,
+        debug_tolerance: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if len(blocks) == 1 and isinstance(blocks[0], (list, tuple)):
+            blocks = tuple(blocks[0])
+        self.blocks = nn.ModuleList(wrap(block, where=f"InvertibleSequential: block {i}") for i, block in enumerate(blocks))
+        self.mode = mode
+        self.preserve_rng_state = preserve_rng_state
+        self.debug = debug
+        self.debug_tolerance = debug_tolerance
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"InvertibleSequential: mode must be one of {MODES}, got {mode!r}.")
+        self._mode = mode
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> InvertibleModule:
+        return self.blocks[index]
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+    def forward(self, x: TensorOrTensors) -> Tuple[TensorOrTensors, Tensor]:
+        """Map ``x`` (a tensor or a tuple of tensors) to ``(y, logdet)``.
+
+        Returns:
+            ``y`` with the structure of ``x``, and ``logdet`` of shape ``(N,)``
+            (zeros when every block preserves volume).
+        """
+        xs, single = _as_tuple(x, "forward")
+        if self.debug:
+            ys, logdet = self._forward_debug(xs)
+        elif self.mode == "invertible" and torch.is_grad_enabled():
+            ys, logdet = run_invertible(self._make_run(), xs)
+        elif self.mode == "checkpoint" and torch.is_grad_enabled():
+            ys, logdet = self._forward_blocks(xs, self._checkpointed)
+        else:  # plain autograd, or any mode under no_grad: nothing to save either way
+            ys, logdet = self._forward_blocks(xs, lambda block, state: block(state))
+        return (ys[0] if single else ys), _logdet_or_zeros(logdet, ys)
+
+    def inverse(self, y: TensorOrTensors) -> Tuple[TensorOrTensors, Tensor]:
+        """Map ``y`` back to ``(x, logdet)``, with plain autograd (the inverse is not memory-saving)."""
+        ys, single = _as_tuple(y, "inverse")
+        total: LogDet = None
+        for block in reversed(self.blocks):
+            ys, logdet = block.inverse(ys)
+            ys = tuple(ys)
+            total = add_optional(total, logdet)
+        return (ys[0] if single else ys), _logdet_or_zeros(total, ys)
+
+    # -- the three ways to run the blocks ------------------------------------------
+
+    def _make_run(self) -> InvertibleRun:
+        params: List[nn.Parameter] = []
+        index = {}
+        block_params = []
+        for block in self.blocks:
+            captured = captured_grad_tensors(block)
+            if captured is not None:
+                raise NotImplementedError(
+                    f"{self._where(block)} holds the tensor {captured!r}, which requires grad but is not a "
+                    "parameter: invertible mode passes gradients only to inputs and parameters. Register it "
+                    "as an nn.Parameter, or use mode='autograd'."
+                )
+            ids = []
+            for p in block.parameters():
+                if p.requires_grad:
+                    if id(p) not in index:
+                        index[id(p)] = len(params)
+                        params.append(p)
+                    ids.append(index[id(p)])
+            block_params.append(tuple(dict.fromkeys(ids)))
+        return InvertibleRun(list(self.blocks), params, block_params, preserve_rng_state=self.preserve_rng_state)
+
+    def _forward_blocks(self, xs: Tensors, call) -> Tuple[Tensors, LogDet]:
+        total: LogDet = None
+        for block in self.blocks:
+            xs, logdet = call(block, xs)
+            xs = tuple(xs)
+            total = add_optional(total, logdet)
+        return xs, total
+
+    def _checkpointed(self, block: InvertibleModule, xs: Tensors):
+        return torch_checkpoint.checkpoint(
+            block,
+            xs,
+            use_reentrant=False,
+            preserve_rng_state=self.preserve_rng_state,
+            context_fn=lambda: (contextlib.nullcontext(), recomputation(block)),
+        )
+
+    def _forward_debug(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        def call(block, state):
+            check_reconstruction(block, state, self.debug_tolerance, where=self._where(block))
+            ys, logdet = block(state)
+            check_finite(ys, logdet, where=self._where(block))
+            return ys, logdet
+
+        return self._forward_blocks(xs, call)
+
+    def _where(self, block: nn.Module) -> str:
+        index = next(i for i, b in enumerate(self.blocks) if b is block)
+        return f"InvertibleSequential: block {index} ({type(block).__name__})"
+
+
+def _logdet_or_zeros(logdet: LogDet, ys: Tensors) -> Tensor:
+    if logdet is not None:
+        return logdet
+    return torch.zeros(ys[0].shape[0], dtype=ys[0].dtype, device=ys[0].device)
+
+
+def _as_tuple(x: TensorOrTensors, method: str) -> Tuple[Tensors, bool]:
+    if isinstance(x, Tensor):
+        return (x,), True
+    if isinstance(x, (tuple, list)) and x and all(isinstance(t, Tensor) for t in x):
+        return tuple(x), False
+    raise TypeError(
+        f"InvertibleSequential.{method}: expected a tensor or a non-empty tuple of tensors, got {type(x).__name__}."
+    )
