@@ -83,11 +83,6 @@ class _InvertibleFunction(torch.autograd.Function):
             ) from error
         grad_ys: List[Optional[Tensor]] = list(grads[:-1])
         grad_logdet = grads[-1] if run.has_logdet else None
-        if any(torch._C._functorch.is_batchedtensor(g) for g in grads if g is not None):
-            raise NotImplementedError(
-                "InvertibleSequential does not support torch.autograd.grad(..., is_grads_batched=True) "
-                "or vmap over backward; loop over the grad outputs, or use mode='autograd'."
-            )
         param_grads: List[Optional[Tensor]] = [None] * len(run.params)
         for index in range(len(run.blocks) - 1, -1, -1):
             ys, grad_ys = _block_backward(run, index, ys, grad_ys, grad_logdet, param_grads)

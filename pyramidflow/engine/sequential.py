@@ -164,9 +164,9 @@ class InvertibleSequential(nn.Module):
 
     def _forward_debug(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         def call(block, state):
-            check_reconstruction(block, state, self.debug_tolerance, where=self._where(block))
             ys, logdet = block(state)
             check_finite(ys, logdet, where=self._where(block))
+            check_reconstruction(block, state, self.debug_tolerance, where=self._where(block))
             return ys, logdet
 
         return self._forward_blocks(xs, call)
