@@ -125,7 +125,7 @@ class _RankedPixels:
             # Weight of one pixel of region r in the PRO average: 1 / (|r| * number of regions).
             weight = np.zeros(sizes.size, dtype=np.float64)
             weight[1:] = 1.0 / (sizes[1:].astype(np.float64) * num_regions)
-            self.pro = np.clip(np.cumsum(weight[region_sorted])[ends], 0.0, 1.0)
+            pro = np.clip(np.cumsum(weight[region_sorted])[ends], 0.0, 1.0)
             self.num_regions = num_regions
         else:
             is_good = ~defects.reshape(-1)[order]
@@ -133,6 +133,10 @@ class _RankedPixels:
         good_cum = np.cumsum(is_good, dtype=np.int64)
         self.fp = good_cum[ends]
         self.tp = (ends + 1) - self.fp
+        if with_regions:
+            # The float sum of the weights misses 1 by rounding once every region is covered; make it exact.
+            pro[self.tp == self.num_defect] = 1.0
+            self.pro = pro
 
     @staticmethod
     def _label_regions(defects: np.ndarray) -> np.ndarray:

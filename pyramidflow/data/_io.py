@@ -144,7 +144,10 @@ class AnomalyDataset(Dataset):
         size: output size, one int or ``(height, width)``.
         texture: whether the category is a texture (enables augmentation on the train split).
         augment: ``None`` augments exactly when ``split == "train"`` and ``texture``; ``True``/``False`` force it.
-        generator: torch generator for the augmentation; ``None`` uses torch's global generator.
+        generator: torch generator for the augmentation; ``None`` uses torch's global generator, which
+            ``torch.manual_seed`` makes reproducible and which ``DataLoader`` seeds differently in each
+            worker. Pass a generator only with ``num_workers=0``: every worker would get a copy of it
+            and draw the same augmentations.
         verify: open every file header at construction (see ``NOTE [fail at start]``).
     """
 

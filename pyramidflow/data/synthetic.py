@@ -1,7 +1,7 @@
 """A synthetic anomaly-detection data set in the MVTec AD layout, deterministic by seed.
 
 Real data sets cannot be downloaded here, so tests and ``pyramidflow demo`` use this generator. Every
-category is *registered* (the pattern or object sits at the same place in every image) with modest
+object category is *registered* (the object sits at the same place in every image) with modest
 normal variation: sub-pixel jitter, small brightness, tint and illumination changes, per-thread
 intensity changes and sensor noise. Test images carry one defect each, of five kinds, with the exact
 pixel mask of the pixels it changed:
@@ -13,8 +13,9 @@ pixel mask of the pixels it changed:
 - ``missing``: a piece of the object removed, showing what lies behind it (background, bare board,
   the fabric's backing).
 
-Categories: ``fabric`` (a texture: a woven mesh with a fixed fibre grain, symmetric under flips and
-90-degree rotations so the texture augmentation keeps it in distribution), ``nut`` (a hexagonal nut
+Categories: ``fabric`` (a texture: a woven mesh with a fibre grain, shown at a random phase in
+every image as real textures are, and symmetric under flips and 90-degree rotations so the texture
+augmentation keeps it in distribution), ``nut`` (a hexagonal nut
 centred on a dark background) and ``pcb`` (a circuit board with a chip, pads and traces). A whole set at
 256 px takes a few seconds.
 
@@ -88,10 +89,13 @@ class _Fabric:
         self.grain = 0.05 * _symmetric_grain(rng, size, sigma=max(0.7, size / 256.0))
 
     def render(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # Like a real texture (and unlike the objects), the weave is not registered: each image shows
+        # it at a random phase, so a per-pixel template of raw images cannot describe it.
         x, y = _coords(self.size)
-        x = x + rng.uniform(-0.25, 0.25)
-        y = y + rng.uniform(-0.25, 0.25)
         p = self.period
+        x = x + rng.uniform(0.0, 2.0 * p)
+        y = y + rng.uniform(0.0, 2.0 * p)
+        grain = np.roll(self.grain, tuple(rng.integers(0, self.size, 2)), axis=(0, 1))
         count = int(self.size // p) + 3
         column = np.clip(np.floor(x / p + 0.5).astype(int) + count // 2, 0, count - 1)
         row = np.clip(np.floor(y / p + 0.5).astype(int) + count // 2, 0, count - 1)
@@ -100,7 +104,7 @@ class _Fabric:
         vertical = np.cos(np.pi * x / p) ** 2 * warp
         horizontal = np.cos(np.pi * y / p) ** 2 * weft
         height = 0.5 * (vertical + horizontal) + 0.25 * vertical * horizontal
-        shade = (0.6 + 0.4 * height) * (1.0 + self.grain)
+        shade = (0.6 + 0.4 * height) * (1.0 + grain)
         image = shade[..., None] * self.colour
         behind = np.broadcast_to(self.backing, image.shape).copy()
         return image, behind, np.ones((self.size, self.size), dtype=bool)
@@ -122,9 +126,9 @@ class _Nut:
     def render(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s = self.size
         x, y = _coords(s)
-        x = x - rng.uniform(-0.6, 0.6)
-        y = y - rng.uniform(-0.6, 0.6)
-        angle = np.deg2rad(rng.uniform(-0.8, 0.8))
+        x = x - rng.uniform(-0.3, 0.3)
+        y = y - rng.uniform(-0.3, 0.3)
+        angle = np.deg2rad(rng.uniform(-0.5, 0.5))
         r = np.hypot(x, y)
         apothem = 0.36 * s * np.cos(np.pi / 6)
         hexagon = np.max(
@@ -205,7 +209,7 @@ class _Pcb:
         self.region = ndimage.binary_erosion(lab > 0, iterations=u(0.02))
 
     def render(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        image = _subpixel_shift(self.image, rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5))
+        image = _subpixel_shift(self.image, rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3))
         return image, self.behind.copy(), self.region
 
 

@@ -1,0 +1,90 @@
+"""Pictures a person looks at: image, anomaly heat map, ground-truth contour, side by side.
+
+Pillow and numpy only (no plotting library is a dependency). The colour map
+is a perceptually ordered ramp (black, purple, red, orange, yellow, white),
+so that brighter always means more anomalous.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+__all__ = ["colorize", "overlay_panel", "save_panel"]
+
+# Anchors of the ramp, from 0 (normal) to 1 (most anomalous).
+_RAMP = np.array(
+    [[0, 0, 4], [60, 15, 110], [150, 40, 100], [225, 80, 50], [250, 170, 20], [252, 255, 164]], dtype=np.float64
+)
+_CONTOUR = (0, 255, 120)
+
+
+def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Map an ``(H, W)`` array to ``(H, W, 3)`` uint8 colours; values outside ``[vmin, vmax]`` saturate."""
+    scaled = np.clip((np.asarray(values, dtype=np.float64) - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    position = scaled * (len(_RAMP) - 1)
+    low = np.floor(position).astype(int).clip(0, len(_RAMP) - 2)
+    frac = (position - low)[..., None]
+    return np.round(_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac).astype(np.uint8)
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    """Boolean ``(H, W)`` outline of the regions of a binary mask, two pixels wide."""
+    mask = mask.astype(bool)
+    return mask & ~ndimage.binary_erosion(mask, iterations=2, border_value=0)
+
+
+def overlay_panel(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    *,
+    vmin: float,
+    vmax: float,
+    mask: Optional[np.ndarray] = None,
+    title: str = "",
+    alpha: float = 0.55,
+) -> Image.Image:
+    """Three tiles side by side: the image, its heat map, and the heat map blended over the image.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 image.
+        anomaly_map: ``(H, W)`` anomaly values at the image's resolution.
+        vmin, vmax: the value range of the colour map (keep it fixed across
+            images of one run so that colours compare).
+        mask: optional ``(H, W)`` ground truth; its contour is drawn on every tile.
+        title: a line written above the tiles (file name, score).
+        alpha: weight of the heat map in the blended tile.
+
+    Returns:
+        An RGB :class:`PIL.Image.Image`.
+    """
+    heat = colorize(anomaly_map, vmin, vmax)
+    blended = np.round(image * (1 - alpha) + heat * alpha).astype(np.uint8)
+    tiles = [image.copy(), heat, blended]
+    if mask is not None and mask.any():
+        outline = _contour(mask)
+        for tile in tiles:
+            tile[outline] = _CONTOUR
+    height, width = image.shape[:2]
+    header = 18
+    panel = Image.new("RGB", (3 * width + 8, height + header), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        panel.paste(Image.fromarray(tile), (i * (width + 4), header))
+    draw = ImageDraw.Draw(panel)
+    labels = ["image", "anomaly map", "overlay" + (" (green: ground truth)" if mask is not None and mask.any() else "")]
+    for i, label in enumerate(labels):
+        draw.text((i * (width + 4) + 2, 3), label, fill=(0, 0, 0))
+    if title:
+        draw.text((2 * (width + 4) + 2, height + header - 14), title, fill=(255, 255, 255))
+    return panel
+
+
+def save_panel(panel: Image.Image, path: Path) -> None:
+    """Write a panel as PNG, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panel.save(path)
