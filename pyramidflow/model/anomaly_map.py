@@ -1,0 +1,118 @@
+"""Latent template, anomaly map and image score (Sec. 3.5 of the PyramidFlow paper).
+
+The template is the mean latent pyramid of the training images. A test
+image's anomaly map is, per level, ``|z - template|``, composed back to the
+input's resolution through the Laplacian composition and averaged over
+channels; its image score is the maximum of the map. The template assumes the
+images are aligned (registered): the method is weak on categories that are not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .pyramid import laplacian_compose
+
+__all__ = ["fit_template", "anomaly_map", "image_score"]
+
+Template = Tuple[Tensor, ...]
+
+
+def _images_of(batch: Any) -> Tensor:
+    """The image tensor of a batch: a tensor, the first item of a tuple/list, or a dict's ``"image"``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
+        return batch["image"]
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(
+        f"fit_template: cannot find the images in a batch of type {type(batch).__name__}; yield tensors, "
+        "(images, ...) tuples, or dicts with an 'image' tensor."
+    )
+
+
+def fit_template(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    device: Optional[torch.device | str] = None,
+) -> Template:
+    """Mean latent pyramid of the images in ``batches``, computed in eval mode without a graph.
+
+    The sum is accumulated in float64 so that the mean does not depend on the
+    order or the count of the batches beyond rounding. The model's training
+    mode is restored afterwards.
+
+    Args:
+        model: a :class:`PyramidFlow` (anything mapping images to a latent pyramid).
+        batches: an iterable of image batches ``(B, 3, H, W)`` (tensors,
+            ``(images, ...)`` tuples, or dicts with ``"image"``), e.g. a DataLoader of normal training images.
+        device: where to run the model; ``None`` for the device of its parameters.
+
+    Returns:
+        The template: ``L`` tensors ``(1, C, H_i, W_i)`` in the latents' dtype.
+
+    Raises:
+        ValueError: when ``batches`` holds no image.
+    """
+    if device is None:
+        device = next(iter(model.parameters())).device
+    was_training = model.training
+    model.eval()
+    sums, count, dtype = None, 0, None
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                images = _images_of(batch).to(device)
+                latents = model(images)
+                dtype = latents[0].dtype
+                batch_sums = [z.double().sum(dim=0, keepdim=True) for z in latents]
+                sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
+                count += images.shape[0]
+    finally:
+        model.train(was_training)
+    if sums is None or count == 0:
+        raise ValueError("fit_template: the batches held no image; pass at least one batch of normal images.")
+    return tuple((s / count).to(dtype) for s in sums)
+
+
+def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor]) -> Tensor:
+    """Per-pixel anomaly map at the input's resolution.
+
+    Per level ``|z_i - template_i|``, averaged over channels (which commutes
+    with the linear, per-channel composition: NOTE [channel mean before
+    composition] in loss.py), composed to full resolution.
+
+    Args:
+        latents: latent pyramid of the test images, ``L`` tensors ``(N, C, H_i, W_i)``.
+        template: from :func:`fit_template`, ``L`` tensors ``(1, C, H_i, W_i)``.
+
+    Returns:
+        ``(N, 1, H, W)``; larger means more anomalous.
+
+    Raises:
+        ValueError: when the pyramids do not match in levels or shapes.
+    """
+    if len(latents) != len(template):
+        raise ValueError(
+            f"anomaly_map: the latents have {len(latents)} levels but the template has {len(template)}; fit the "
+            "template with the same model."
+        )
+    diffs = []
+    for level, (z, t) in enumerate(zip(latents, template)):
+        if z.shape[1:] != t.shape[1:]:
+            raise ValueError(
+                f"anomaly_map: level {level} of the latents is {tuple(z.shape[1:])} but the template's is "
+                f"{tuple(t.shape[1:])}; run the test images at the template's resolution."
+            )
+        diffs.append((z - t.to(z.dtype)).abs().mean(dim=1, keepdim=True))
+    return laplacian_compose(diffs)
+
+
+def image_score(anomaly_map: Tensor) -> Tensor:
+    """Image-level anomaly score: the maximum of each map ``(N, 1, H, W)`` -> ``(N,)``."""
+    return anomaly_map.flatten(1).amax(dim=1)

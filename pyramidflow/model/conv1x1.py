@@ -1,0 +1,107 @@
+"""LU-parametrised invertible 1×1 convolution with volume normalisation.
+
+After each coupling the transformed level is mixed across channels by an
+invertible C×C matrix W applied at every pixel (Sec. 3.2 of the PyramidFlow
+paper, after Glow). W is kept in LU form so that its inverse is two
+triangular solves, and its log-diagonal is volume-normalised so that
+``det W = ±1``: the conv never changes volume.
+
+notation: ``P`` a fixed permutation, ``L`` unit lower-triangular, ``U`` strict
+upper-triangular, ``w_s`` the log-magnitudes of the diagonal and ``sign`` its
+fixed signs; ``W = P · L · (U + diag(sign · exp(w_s - mean(w_s))))``.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CONV1X1_INITS", "InvertibleConv1x1"]
+
+CONV1X1_INITS = ("orthogonal", "rotation", "identity")
+
+
+def _random_orthogonal(channels: int, rotation: bool) -> Tensor:
+    """A random orthogonal matrix (Haar-distributed), with ``det = +1`` when ``rotation``."""
+    q, r = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))[None, :]  # makes the draw uniform over the group
+    if rotation and torch.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+# NOTE [volume normalisation of the 1x1 conv]
+# Subtracting mean(w_s) from the log-diagonal makes log|det W| =
+# Σ (w_s - mean(w_s)) = 0 exactly, whatever the optimiser does to w_s:
+# the conv is volume preserving, as the couplings are over the batch.
+class InvertibleConv1x1(nn.Module):
+    """Invertible channel mixing ``y = W x`` at every pixel, with ``|det W| = 1``.
+
+    The free parameters are the strictly lower entries of ``L``, the strictly
+    upper entries of ``U`` and ``w_s``: ``C(C-1)/2 + C(C-1)/2 + C = C²`` numbers.
+    ``P`` and the signs are buffers fixed at construction.
+
+    Args:
+        channels: C, the channels of the level.
+        init: ``"orthogonal"`` (a random orthogonal W, the default), ``"rotation"``
+            (a random orthogonal W with ``det = +1``) or ``"identity"``.
+    """
+
+    def __init__(self, channels: int, init: str = "orthogonal") -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"InvertibleConv1x1: channels must be at least 1, got {channels}.")
+        if init not in CONV1X1_INITS:
+            raise ValueError(f"InvertibleConv1x1: init must be one of {CONV1X1_INITS}, got {init!r}.")
+        self.channels = channels
+        if init == "identity":
+            weight = torch.eye(channels, dtype=torch.float64)
+        else:
+            weight = _random_orthogonal(channels, rotation=init == "rotation")
+        p, lower, upper = torch.linalg.lu(weight)
+        diagonal = torch.diagonal(upper)
+        rows, cols = torch.tril_indices(channels, channels, offset=-1)
+        dtype = torch.get_default_dtype()
+        self.register_buffer("permutation", p.to(dtype))
+        self.register_buffer("sign", torch.sign(diagonal).to(dtype))
+        self.lower = nn.Parameter(lower[rows, cols].to(dtype))
+        self.upper = nn.Parameter(upper[cols, rows].to(dtype))
+        self.log_diagonal = nn.Parameter(torch.log(diagonal.abs()).to(dtype))
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", cols, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+    def _factors(self) -> Tuple[Tensor, Tensor]:
+        """``L`` (unit lower) and ``U`` with its volume-normalised diagonal, as C×C matrices."""
+        c = self.channels
+        eye = torch.eye(c, dtype=self.lower.dtype, device=self.lower.device)
+        lower = eye.index_put((self._rows, self._cols), self.lower)
+        w_s = self.log_diagonal - self.log_diagonal.mean()  # NOTE [volume normalisation of the 1x1 conv]
+        upper = torch.diag(self.sign * torch.exp(w_s)).index_put((self._cols, self._rows), self.upper)
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """``W = P L U``, ``(C, C)``; differentiable in the parameters."""
+        lower, upper = self._factors()
+        return self.permutation @ lower @ upper
+
+    def inverse_weight(self) -> Tensor:
+        """``W⁻¹ = U⁻¹ L⁻¹ Pᵀ`` from two triangular solves, ``(C, C)``."""
+        lower, upper = self._factors()
+        eye = torch.eye(self.channels, dtype=lower.dtype, device=lower.device)
+        inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        inv_upper = torch.linalg.solve_triangular(upper, eye, upper=True)
+        return inv_upper @ inv_lower @ self.permutation.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``y = W x`` at every pixel of ``x`` ``(N, C, H, W)``."""
+        return F.conv2d(x, self.weight().to(x.dtype)[:, :, None, None])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """``x = W⁻¹ y`` at every pixel of ``y`` ``(N, C, H, W)``."""
+        return F.conv2d(y, self.inverse_weight().to(y.dtype)[:, :, None, None])

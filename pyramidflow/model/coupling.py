@@ -1,0 +1,266 @@
+"""Pyramid coupling blocks: one level transformed, conditioned on its neighbour level(s).
+
+Each block takes the whole pyramid (a tuple of L level tensors), changes one
+level and passes the others through as the very same tensor objects (Sec. 3.2
+of the PyramidFlow paper):
+
+* :class:`TwoLevelCoupling` ``"up"``: level ``start`` from level ``start+1``
+  (nearest-upsampled to level ``start``'s size before the network);
+* :class:`TwoLevelCoupling` ``"down"``: level ``start+1`` from level ``start``
+  (the network runs at level ``start``'s resolution and its outputs are
+  nearest-resized to level ``start+1``: "interpolate after");
+* :class:`ThreeLevelCoupling`: level ``start+1`` from levels ``start`` and
+  ``start+2``, both nearest-resized to its size and concatenated.
+
+The affine transform (soft clamp, volume normalisation, ``exp(s)·x + t``) is
+the op of :mod:`pyramidflow.kernels`; an invertible 1×1 conv follows it.
+
+notation: ``k`` the transformed level, ``r`` and ``t`` the raw log-scale and
+the shift from the network F, ``s`` the clamped volume-normalised log-scale,
+``W`` the 1×1 conv; ``y_k = W · (exp(s) · x_k + t)``.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import kernels
+from ..engine.block import InvertibleModule, LogDet, Tensors
+from .conv1x1 import InvertibleConv1x1
+from .volume_norm import VolumeNorm
+
+__all__ = ["AffineParameterNet", "PyramidCoupling", "TwoLevelCoupling", "ThreeLevelCoupling", "DIRECTIONS"]
+
+DIRECTIONS = ("up", "down")
+
+
+class AffineParameterNet(nn.Module):
+    """The network F giving the raw log-scale and the shift of a coupling.
+
+    ``conv k×k (in → hidden, no bias) → LeakyReLU → conv k×k (hidden → 2C, no bias)``,
+    zero padding. The last conv is zero-initialised, so every coupling starts
+    as the identity (before its 1×1 conv) and training starts from a flow
+    that is only a channel rotation.
+
+    Args:
+        in_channels: channels of the conditioning input (C, or 2C for three-level blocks).
+        channels: C, the channels of the transformed level.
+        hidden_channels: width of the hidden layer (2C in the method).
+        kernel_size: odd kernel size k.
+    """
+
+    def __init__(self, in_channels: int, channels: int, hidden_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 != 1:
+            raise ValueError(f"AffineParameterNet: kernel_size must be a positive odd number, got {kernel_size}.")
+        padding = kernel_size // 2
+        self.conv_in = nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding, bias=False)
+        self.activation = nn.LeakyReLU()
+        self.conv_out = nn.Conv2d(hidden_channels, 2 * channels, kernel_size, padding=padding, bias=False)
+        nn.init.zeros_(self.conv_out.weight)
+
+    def forward(self, cond: Tensor) -> Tuple[Tensor, Tensor]:
+        """``cond`` ``(N, in, H, W)`` -> ``(r, t)``, each ``(N, C, H, W)``."""
+        r, t = self.conv_out(self.activation(self.conv_in(cond))).chunk(2, dim=1)
+        return r, t
+
+
+def _resize(x: Tensor, like: Tensor) -> Tensor:
+    """Nearest-resize ``x`` to the spatial size of ``like`` (up or down by powers of 2)."""
+    if x.shape[-2:] == like.shape[-2:]:
+        return x
+    return F.interpolate(x, size=like.shape[-2:], mode="nearest")
+
+
+def _leaf(y: Tensor) -> Tensor:
+    """A detached, copy-free leaf of ``y`` that requires grad."""
+    return y.detach().requires_grad_(True)
+
+
+# NOTE [volume preserving over the batch]
+# In training, volume normalisation makes Σ s = 0 over the batch and the 1×1
+# conv has |det W| = 1, so the map of the whole batch has log-determinant
+# exactly 0 (a single sample's need not be 0): blocks return logdet=None and
+# the engine carries no log-det at all. In eval the running mean is
+# subtracted instead; the block is then volume preserving only on average,
+# which is how the method defines it.
+class PyramidCoupling(InvertibleModule):
+    """Base of the pyramid couplings: affine transform of one level, then a 1×1 conv.
+
+    Subclasses say which level they transform (``self.level``) and how the
+    network's ``(r, t)`` come from the untouched levels (:meth:`_affine_parameters`).
+
+    The block returns ``logdet=None``: see NOTE [volume preserving over the batch].
+
+    Args:
+        level: the transformed level k.
+        cond_levels: the levels F reads; they pass through unchanged.
+        in_channels: channels of F's input.
+        channels: C, channels of every level.
+        hidden_channels: F's hidden width; ``None`` for 2C.
+        kernel_size: F's kernel size k.
+        volume_norm: ``"CVN"`` or ``"SVN"``.
+        clamp: soft-clamp bound c of the log-scale.
+        momentum: running-mean momentum of the volume normalisation.
+        conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
+    """
+
+    volume_preserving = True
+
+    def __init__(
+        self,
+        level: int,
+        cond_levels: Tuple[int, ...],
+        in_channels: int,
+        channels: int,
+        hidden_channels: int | None = None,
+        kernel_size: int = 7,
+        volume_norm: str = "CVN",
+        clamp: float = 2.0,
+        momentum: float = 0.1,
+        conv1x1_init: str = "orthogonal",
+    ) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"{type(self).__name__}: channels must be at least 1, got {channels}.")
+        if not clamp > 0:
+            raise ValueError(f"{type(self).__name__}: clamp must be positive, got {clamp}.")
+        self.level = level
+        self.cond_levels = tuple(cond_levels)
+        self.channels = channels
+        self.clamp = float(clamp)
+        hidden = 2 * channels if hidden_channels is None else hidden_channels
+        self.net = AffineParameterNet(in_channels, channels, hidden, kernel_size)
+        self.volume_norm = VolumeNorm(volume_norm, channels, momentum)
+        self.conv = InvertibleConv1x1(channels, init=conv1x1_init)
+        self._needed = max((level,) + self.cond_levels) + 1
+
+    def extra_repr(self) -> str:
+        return f"level={self.level}, cond_levels={self.cond_levels}, clamp={self.clamp}"
+
+    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check(self, xs: Tensors) -> None:
+        if len(xs) < self._needed:
+            raise ValueError(
+                f"{type(self).__name__}: got a pyramid of {len(xs)} levels but this block reads level "
+                f"{self._needed - 1}; build the blocks for the pyramid's number of levels."
+            )
+
+    def _coupling_kwargs(self, r: Tensor) -> dict:
+        return dict(
+            volume_norm=self.volume_norm.mode,
+            clamp=self.clamp,
+            running_mean=self.volume_norm.running_mean_for(r),
+        )
+
+    def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        """Transform level ``self.level``; every other level is returned as the same object."""
+        self._check(xs)
+        k = self.level
+        r, t = self._affine_parameters(xs)
+        y, batch_mean = kernels.affine_coupling(xs[k], r, t, **self._coupling_kwargs(r))
+        self.volume_norm.update(batch_mean)  # NOTE [running mean updated once per step]
+        ys = list(xs)
+        ys[k] = self.conv(y)
+        return tuple(ys), None
+
+    def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
+        """Undo :meth:`forward`: undo ``W``, recompute ``(r, t)`` from the untouched levels, undo the affine map."""
+        self._check(ys)
+        k = self.level
+        r, t = self._affine_parameters(ys)
+        x, _ = kernels.affine_coupling_inverse(self.conv.inverse(ys[k]), r, t, **self._coupling_kwargs(r))
+        xs = list(ys)
+        xs[k] = x
+        return tuple(xs), None
+
+    def reconstruct(self, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
+        """Fused reconstruct-and-backward path: the network F runs once (the generic path runs it twice).
+
+        Returns:
+            ``(xs, ys_local, None)`` as :meth:`InvertibleModule.reconstruct`.
+        """
+        # NOTE [fused pyramid reconstruct]
+        # The untouched levels are the same in input and output, so they become
+        # leaves that require grad and F runs once on them, with grad. Its (r, t)
+        # serve twice: the kernels' reconstruct op rebuilds x_k from W⁻¹ y_k (the
+        # 1×1 conv is undone without grad) and returns the affine output as a
+        # function of x_k, r and t; the 1×1 conv is then re-applied with grad so
+        # its parameters get their gradient. The untouched leaves are returned as
+        # the very objects in both tuples, so the engine routes their gradient
+        # directly. The running mean is not touched (NOTE [running mean updated
+        # once per step]); the batch mean of VN is recomputed from r, exactly.
+        self._check(ys)
+        k = self.level
+        leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
+        r, t = self._affine_parameters(tuple(leaves))
+        with torch.no_grad():
+            y_affine = self.conv.inverse(ys[k].detach())
+        x, y_affine_local = kernels.affine_coupling_reconstruct(y_affine, r, t, **self._coupling_kwargs(r))
+        xs = list(leaves)
+        xs[k] = x
+        ys_local = list(leaves)
+        ys_local[k] = self.conv(y_affine_local)
+        return tuple(xs), tuple(ys_local), None
+
+
+class TwoLevelCoupling(PyramidCoupling):
+    """Coupling of the adjacent levels ``(start, start+1)``: one transformed from the other.
+
+    Args:
+        start: the finer level of the pair.
+        direction: ``"up"`` transforms level ``start`` from the coarser level
+            ``start+1`` (nearest-upsampled before F); ``"down"`` transforms level
+            ``start+1`` from level ``start`` (F at level ``start``'s resolution, its
+            outputs nearest-resized after: "interpolate after").
+        channels: C, channels of every level.
+        **kwargs: the remaining settings of :class:`PyramidCoupling`.
+    """
+
+    def __init__(self, start: int, direction: str, channels: int, **kwargs) -> None:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"TwoLevelCoupling: direction must be one of {DIRECTIONS}, got {direction!r}.")
+        if start < 0:
+            raise ValueError(f"TwoLevelCoupling: start must be a level index >= 0, got {start}.")
+        level, cond = (start, start + 1) if direction == "up" else (start + 1, start)
+        super().__init__(level, (cond,), channels, channels, **kwargs)
+        self.direction = direction
+
+    def extra_repr(self) -> str:
+        return f"direction={self.direction!r}, " + super().extra_repr()
+
+    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:
+        target, cond = xs[self.level], xs[self.cond_levels[0]]
+        if self.direction == "up":
+            return self.net(_resize(cond, target))
+        r, t = self.net(cond)  # at the finer level's resolution, then interpolate after
+        return _resize(r, target), _resize(t, target)
+
+
+class ThreeLevelCoupling(PyramidCoupling):
+    """Coupling of the levels ``(start, start+1, start+2)``: the middle one from both neighbours.
+
+    F reads ``concat(resize(x_start), resize(x_{start+2}))`` at level
+    ``start+1``'s size, 2C channels.
+
+    Args:
+        start: the finest of the three levels.
+        channels: C, channels of every level.
+        **kwargs: the remaining settings of :class:`PyramidCoupling`.
+    """
+
+    def __init__(self, start: int, channels: int, **kwargs) -> None:
+        if start < 0:
+            raise ValueError(f"ThreeLevelCoupling: start must be a level index >= 0, got {start}.")
+        super().__init__(start + 1, (start, start + 2), 2 * channels, channels, **kwargs)
+
+    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:
+        target = xs[self.level]
+        finer, coarser = (xs[j] for j in self.cond_levels)
+        return self.net(torch.cat((_resize(finer, target), _resize(coarser, target)), dim=1))

@@ -1,0 +1,165 @@
+"""Laplacian pyramid decomposition and its exact inverse, the composition.
+
+The flow works on a pyramid of L levels instead of the image itself (Sec. 3.1
+of the PyramidFlow paper): level i holds the detail lost between Gaussian
+levels i and i+1, and the last level holds the coarsest Gaussian level. The
+composition is linear, so the loss and the anomaly map also use it to bring
+per-level maps back to full resolution.
+
+notation: ``G_i`` the Gaussian level i (``G_0`` the input), ``blur`` the 5×5
+binomial filter with zero padding, ``down`` 2×2 max-pooling (or nearest
+subsampling), ``up`` nearest upsampling by 2 followed by ``blur``.
+``level_i = G_i - up(G_{i+1})`` for i < L-1, ``level_{L-1} = G_{L-1}``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DOWNSAMPLES", "LaplacianPyramid", "laplacian_decompose", "laplacian_compose", "check_image_size"]
+
+DOWNSAMPLES = ("max", "nearest")
+_BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
+
+
+def _blur(x: Tensor) -> Tensor:
+    """5×5 binomial blur ``[1,4,6,4,1]ᵀ[1,4,6,4,1] / 256``, per channel, zero padding."""
+    row = torch.tensor(_BINOMIAL, dtype=x.dtype, device=x.device)
+    kernel = (row[:, None] * row[None, :]) / 256.0
+    channels = x.shape[1]
+    weight = kernel.expand(channels, 1, 5, 5)
+    return F.conv2d(x, weight, padding=2, groups=channels)
+
+
+def _down(x: Tensor, downsample: str) -> Tensor:
+    """Blur, then halve each side."""
+    x = _blur(x)
+    if downsample == "max":
+        return F.max_pool2d(x, kernel_size=2, stride=2)
+    return x[..., ::2, ::2]  # nearest: the top-left sample of every 2×2 cell
+
+
+def _up(x: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Nearest upsampling to ``size`` (twice the sides), then blur."""
+    return _blur(F.interpolate(x, size=size, mode="nearest"))
+
+
+def check_image_size(height: int, width: int, num_levels: int, *, where: str = "LaplacianPyramid") -> None:
+    """Raise a ValueError naming the nearest valid size when ``num_levels`` levels do not fit.
+
+    Both sides must be divisible by ``2**(num_levels - 1)`` so that every
+    level has exactly half the sides of the previous one and composition is
+    exact.
+    """
+    factor = 2 ** (num_levels - 1)
+    if height % factor == 0 and width % factor == 0 and height > 0 and width > 0:
+        return
+    near_h = max(factor, (height + factor // 2) // factor * factor)  # ties round up
+    near_w = max(factor, (width + factor // 2) // factor * factor)
+    raise ValueError(
+        f"{where}: image size {height}×{width} cannot be split into {num_levels} levels: height and width must "
+        f"be divisible by 2**{num_levels - 1} = {factor}; the nearest valid size is {near_h}×{near_w} "
+        "(resize or crop the images to it, or use fewer levels)."
+    )
+
+
+def laplacian_decompose(x: Tensor, num_levels: int, downsample: str = "max") -> Tuple[Tensor, ...]:
+    """Split ``x`` into a Laplacian pyramid of ``num_levels`` levels, finest first.
+
+    Args:
+        x: images or feature maps, ``(N, C, H, W)``; ``H`` and ``W`` divisible by ``2**(num_levels - 1)``.
+        num_levels: number of levels L, at least 1 (1 returns ``(x,)``).
+        downsample: ``"max"`` (2×2 max-pooling, the authors' released code) or
+            ``"nearest"`` (the paper's text). Composition is exact either way.
+
+    Returns:
+        ``L`` tensors; level ``i`` has shape ``(N, C, H / 2**i, W / 2**i)``.
+
+    Raises:
+        ValueError: for a bad ``num_levels``, ``downsample`` or image size.
+
+    Example:
+        >>> x = torch.randn(1, 3, 32, 48)
+        >>> levels = laplacian_decompose(x, 3)
+        >>> [tuple(l.shape[-2:]) for l in levels]
+        [(32, 48), (16, 24), (8, 12)]
+        >>> bool(torch.allclose(laplacian_compose(levels), x, atol=1e-5))
+        True
+    """
+    if num_levels < 1:
+        raise ValueError(f"laplacian_decompose: num_levels must be at least 1, got {num_levels}.")
+    if downsample not in DOWNSAMPLES:
+        raise ValueError(f"laplacian_decompose: downsample must be one of {DOWNSAMPLES}, got {downsample!r}.")
+    if x.dim() != 4:
+        raise ValueError(f"laplacian_decompose: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}.")
+    check_image_size(x.shape[-2], x.shape[-1], num_levels, where="laplacian_decompose")
+    levels = []
+    gaussian = x
+    for _ in range(num_levels - 1):
+        coarser = _down(gaussian, downsample)
+        levels.append(gaussian - _up(coarser, gaussian.shape[-2:]))
+        gaussian = coarser
+    levels.append(gaussian)
+    return tuple(levels)
+
+
+def laplacian_compose(levels: Sequence[Tensor]) -> Tensor:
+    """Rebuild the full-resolution tensor from a pyramid: the exact inverse of :func:`laplacian_decompose`.
+
+    Starts at the coarsest level and repeatedly up-steps and adds the next
+    finer level. It is linear and per channel, so it also brings per-level
+    difference maps to full resolution (loss, anomaly map). It does not
+    depend on the downsampling used by the decomposition.
+
+    Args:
+        levels: ``L`` tensors, finest first, each ``(N, C, H_i, W_i)`` with ``H_i = H / 2**i``.
+
+    Returns:
+        ``(N, C, H, W)``.
+    """
+    if len(levels) == 0:
+        raise ValueError("laplacian_compose: got no levels; pass the tuple returned by laplacian_decompose.")
+    out = levels[-1]
+    for level in reversed(levels[:-1]):
+        out = level + _up(out, level.shape[-2:])
+    return out
+
+
+class LaplacianPyramid(nn.Module):
+    """The decomposition and composition with fixed settings, as a module without state.
+
+    Args:
+        num_levels: number of levels L.
+        downsample: ``"max"`` or ``"nearest"``; see :func:`laplacian_decompose`.
+    """
+
+    def __init__(self, num_levels: int, downsample: str = "max") -> None:
+        super().__init__()
+        if num_levels < 1:
+            raise ValueError(f"LaplacianPyramid: num_levels must be at least 1, got {num_levels}.")
+        if downsample not in DOWNSAMPLES:
+            raise ValueError(f"LaplacianPyramid: downsample must be one of {DOWNSAMPLES}, got {downsample!r}.")
+        self.num_levels = num_levels
+        self.downsample = downsample
+
+    def extra_repr(self) -> str:
+        return f"num_levels={self.num_levels}, downsample={self.downsample!r}"
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a ValueError naming the nearest valid size when ``height×width`` does not fit."""
+        check_image_size(height, width, self.num_levels, where="LaplacianPyramid")
+
+    def decompose(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """``(N, C, H, W)`` -> ``L`` levels, finest first."""
+        self.check_size(x.shape[-2], x.shape[-1])
+        return laplacian_decompose(x, self.num_levels, self.downsample)
+
+    def compose(self, levels: Sequence[Tensor]) -> Tensor:
+        """``L`` levels -> ``(N, C, H, W)``."""
+        if len(levels) != self.num_levels:
+            raise ValueError(f"LaplacianPyramid: expected {self.num_levels} levels to compose, got {len(levels)}.")
+        return laplacian_compose(levels)

@@ -1,0 +1,351 @@
+"""PyramidFlow: lift, Laplacian pyramid, and stacks of pyramid couplings in one InvertibleSequential.
+
+``images (N, 3, H, W) -> lift -> features (N, C, H, W) -> Laplacian pyramid
+(L levels) -> flow -> latent pyramid (L tensors, finest first)``. Every block
+preserves volume, so the model has no log-determinant; training pulls the
+latents of normal images together (:mod:`.loss`) and inference compares a
+latent with the mean latent of the training images (:mod:`.anomaly_map`).
+ImageNet normalisation of the images is the data pipeline's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..engine.sequential import MODES, InvertibleSequential
+from .conv1x1 import CONV1X1_INITS
+from .coupling import PyramidCoupling, ThreeLevelCoupling, TwoLevelCoupling
+from .pyramid import DOWNSAMPLES, LaplacianPyramid
+from .volume_norm import VOLUME_NORM_MODES
+
+__all__ = ["PyramidFlowConfig", "PyramidFlow", "InputLift", "stack_layout"]
+
+# The authors' per-category settings (MVTec AD); any other name gets the defaults.
+_SVN_CATEGORIES = frozenset({"carpet", "grid", "bottle", "transistor"})
+_LEVELS_BY_CATEGORY = {"metal_nut": 8, "carpet": 8, "transistor": 8, "screw": 2}
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"PyramidFlowConfig: {name} must be an int, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"PyramidFlowConfig: {name} must be at least {minimum}, got {value}.")
+
+
+@dataclass
+class PyramidFlowConfig:
+    """Settings of a :class:`PyramidFlow`; the defaults are the method's.
+
+    Args:
+        channels: C, channels of the lifted features and of every level (16).
+        kernel_size: odd kernel size k of the couplings' networks (7).
+        num_stacks: number of stacks; each stack transforms every level once (4).
+        num_levels: L, levels of the Laplacian pyramid, at least 2 (4).
+        volume_norm: ``"CVN"`` (per-pixel, resolution-bound) or ``"SVN"`` (per-channel).
+        mode: the engine's mode, ``"invertible"``, ``"checkpoint"`` or ``"autograd"``.
+        hidden_channels: hidden width of the networks; ``None`` for 2C.
+        clamp: soft-clamp bound of the log-scales (2.0).
+        momentum: running-mean momentum of the volume normalisation (0.1).
+        downsample: ``"max"`` (2×2 max-pooling, the authors' code) or ``"nearest"`` (the paper's text).
+        conv1x1_init: ``"orthogonal"``, ``"rotation"`` or ``"identity"`` for the 1×1 convs.
+        in_channels: channels of the images (3).
+
+    Example:
+        >>> PyramidFlowConfig.for_category("screw").num_levels
+        2
+    """
+
+    channels: int = 16
+    kernel_size: int = 7
+    num_stacks: int = 4
+    num_levels: int = 4
+    volume_norm: str = "CVN"
+    mode: str = "invertible"
+    hidden_channels: Optional[int] = None
+    clamp: float = 2.0
+    momentum: float = 0.1
+    downsample: str = "max"
+    conv1x1_init: str = "orthogonal"
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        _check_int("channels", self.channels, 1)
+        _check_int("kernel_size", self.kernel_size, 1)
+        if self.kernel_size % 2 != 1:
+            raise ValueError(
+                f"PyramidFlowConfig: kernel_size must be odd (so the convs keep the size), got {self.kernel_size}; "
+                f"use {self.kernel_size + 1}."
+            )
+        _check_int("num_stacks", self.num_stacks, 1)
+        _check_int("num_levels", self.num_levels, 2)
+        _check_int("in_channels", self.in_channels, 1)
+        if self.hidden_channels is not None:
+            _check_int("hidden_channels", self.hidden_channels, 1)
+        if self.volume_norm not in VOLUME_NORM_MODES:
+            raise ValueError(f"PyramidFlowConfig: volume_norm must be one of {VOLUME_NORM_MODES}, got {self.volume_norm!r}.")
+        if self.mode not in MODES:
+            raise ValueError(f"PyramidFlowConfig: mode must be one of {MODES}, got {self.mode!r}.")
+        if not (isinstance(self.clamp, (int, float)) and self.clamp > 0):
+            raise ValueError(f"PyramidFlowConfig: clamp must be a positive number, got {self.clamp!r}.")
+        if not (isinstance(self.momentum, (int, float)) and 0 < self.momentum <= 1):
+            raise ValueError(f"PyramidFlowConfig: momentum must lie in (0, 1], got {self.momentum!r}.")
+        if self.downsample not in DOWNSAMPLES:
+            raise ValueError(f"PyramidFlowConfig: downsample must be one of {DOWNSAMPLES}, got {self.downsample!r}.")
+        if self.conv1x1_init not in CONV1X1_INITS:
+            raise ValueError(f"PyramidFlowConfig: conv1x1_init must be one of {CONV1X1_INITS}, got {self.conv1x1_init!r}.")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this: ``2**(num_levels - 1)``."""
+        return 2 ** (self.num_levels - 1)
+
+    @classmethod
+    def for_category(cls, name: str, **overrides) -> "PyramidFlowConfig":
+        """The authors' settings for an MVTec AD category, with ``overrides`` on top.
+
+        SVN for carpet, grid, bottle and transistor (CVN otherwise); 8 levels
+        for metal_nut, carpet and transistor, 2 for screw (4 otherwise). Any
+        other name (BTAD classes, your own folders) gets the defaults.
+
+        Args:
+            name: category name, case-insensitive (e.g. ``"carpet"``).
+            **overrides: any field of the config.
+        """
+        key = str(name).strip().lower()
+        settings = dict(
+            volume_norm="SVN" if key in _SVN_CATEGORIES else "CVN",
+            num_levels=_LEVELS_BY_CATEGORY.get(key, 4),
+        )
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"PyramidFlowConfig.for_category: unknown setting(s) {sorted(unknown)}.")
+        settings.update(overrides)
+        return cls(**settings)
+
+
+def stack_layout(num_levels: int) -> List[Tuple[str, int]]:
+    """The blocks of one stack, in order, as ``(kind, start)`` pairs (Sec. 3.2).
+
+    Pass A covers starts 0, 2, 4, …; pass B puts an ``"up"`` two-level block on
+    levels (0, 1) first, then covers starts 1, 3, 5, …. At each start the block
+    is ``"three"`` if ``start + 2 < L``, else ``"down"`` if ``start + 1 < L``,
+    else none. Every level is transformed exactly once per stack.
+
+    Example:
+        >>> stack_layout(4)
+        [('three', 0), ('down', 2), ('up', 0), ('three', 1)]
+    """
+    if num_levels < 2:
+        raise ValueError(f"stack_layout: num_levels must be at least 2, got {num_levels}.")
+
+    def cover(starts: range) -> List[Tuple[str, int]]:
+        layout = []
+        for start in starts:
+            if start + 2 < num_levels:
+                layout.append(("three", start))
+            elif start + 1 < num_levels:
+                layout.append(("down", start))
+        return layout
+
+    return cover(range(0, num_levels, 2)) + [("up", 0)] + cover(range(1, num_levels, 2))
+
+
+def _make_block(kind: str, start: int, config: PyramidFlowConfig) -> PyramidCoupling:
+    kwargs = dict(
+        hidden_channels=config.hidden_channels,
+        kernel_size=config.kernel_size,
+        volume_norm=config.volume_norm,
+        clamp=config.clamp,
+        momentum=config.momentum,
+        conv1x1_init=config.conv1x1_init,
+    )
+    if kind == "three":
+        return ThreeLevelCoupling(start, config.channels, **kwargs)
+    return TwoLevelCoupling(start, kind, config.channels, **kwargs)
+
+
+class InputLift(nn.Module):
+    """The frozen, semi-invertible input lift: a 1×1 conv from ``in_channels`` to C channels.
+
+    Orthogonally initialised and never trained (its weight has
+    ``requires_grad=False`` and it runs under no-grad). With C ≥ in_channels
+    its columns are orthonormal, so the least-squares inverse (the
+    pseudo-inverse) recovers the image exactly from lifted features.
+
+    Args:
+        in_channels: channels of the images (3).
+        channels: C.
+    """
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        if channels < in_channels:
+            raise ValueError(
+                f"InputLift: channels ({channels}) must be at least in_channels ({in_channels}) for the lift to be "
+                f"invertible; set channels >= {in_channels}."
+            )
+        weight = torch.empty(channels, in_channels)
+        nn.init.orthogonal_(weight)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(N, in, H, W)`` -> ``(N, C, H, W)``, without a graph."""
+        with torch.no_grad():
+            return F.conv2d(images, self.weight.to(images.dtype)[:, :, None, None])
+
+    def inverse(self, features: Tensor) -> Tensor:
+        """Least-squares inverse: ``(N, C, H, W)`` -> ``(N, in, H, W)``."""
+        pinv = torch.linalg.pinv(self.weight.to(features.dtype))
+        return F.conv2d(features, pinv[:, :, None, None])
+
+
+class PyramidFlow(nn.Module):
+    """The PyramidFlow model: images to a latent pyramid and back.
+
+    All blocks of all stacks live in one :class:`InvertibleSequential` run in
+    the config's mode (``model.mode`` reads and sets it), so in the default
+    ``"invertible"`` mode training keeps no activation of the flow.
+
+    Args:
+        config: the settings; ``None`` for the defaults.
+        encoder: optional frozen ``nn.Module`` mapping images ``(N, 3, H', W')``
+            to features ``(N, C, H, W)`` in place of the lift (e.g. a pretrained
+            CNN stem). Its parameters are frozen, it stays in eval mode and
+            runs under no-grad. It has no inverse: :meth:`inverse` then raises
+            NotImplementedError, and :meth:`inverse_features` gives the features.
+
+    Example:
+        >>> model = PyramidFlow(PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=2))
+        >>> latents = model(torch.randn(2, 3, 16, 16))
+        >>> [tuple(z.shape) for z in latents]
+        [(2, 4, 16, 16), (2, 4, 8, 8)]
+    """
+
+    def __init__(self, config: Optional[PyramidFlowConfig] = None, encoder: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        if config is None:
+            config = PyramidFlowConfig()
+        if not isinstance(config, PyramidFlowConfig):
+            raise TypeError(f"PyramidFlow: config must be a PyramidFlowConfig, got {type(config).__name__}.")
+        if encoder is not None and not isinstance(encoder, nn.Module):
+            raise TypeError(f"PyramidFlow: encoder must be an nn.Module or None, got {type(encoder).__name__}.")
+        self.config = config
+        if encoder is None:
+            self.lift: Optional[InputLift] = InputLift(config.in_channels, config.channels)
+            self.encoder: Optional[nn.Module] = None
+        else:
+            self.lift = None
+            self.encoder = encoder.requires_grad_(False).eval()
+        self.pyramid = LaplacianPyramid(config.num_levels, config.downsample)
+        layout = stack_layout(config.num_levels)
+        blocks = [_make_block(kind, start, config) for _ in range(config.num_stacks) for kind, start in layout]
+        self.flow = InvertibleSequential(*blocks, mode=config.mode)
+
+    @property
+    def mode(self) -> str:
+        """The engine's mode: ``"invertible"``, ``"checkpoint"`` or ``"autograd"``."""
+        return self.flow.mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self.flow.mode = mode  # the config keeps describing how the model was built
+
+    @property
+    def num_levels(self) -> int:
+        return self.config.num_levels
+
+    def train(self, mode: bool = True) -> "PyramidFlow":
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()  # frozen: batch-norm statistics and dropout stay as given
+        return self
+
+    def reset_running_stats(self) -> None:
+        """Forget every volume-normalisation running mean (e.g. before training at a new resolution)."""
+        for block in self.flow.blocks:
+            block.volume_norm.reset_running_stats()
+
+    def features(self, images: Tensor) -> Tensor:
+        """Lift (or encode) images ``(N, in, H, W)`` to features ``(N, C, H, W)``, without a graph."""
+        if images.dim() != 4:
+            raise ValueError(f"PyramidFlow: expected images of shape (N, C, H, W), got {tuple(images.shape)}.")
+        if self.encoder is None:
+            if images.shape[1] != self.config.in_channels:
+                raise ValueError(
+                    f"PyramidFlow: images have {images.shape[1]} channels but in_channels={self.config.in_channels}; "
+                    "pass RGB images or set PyramidFlowConfig(in_channels=...)."
+                )
+            return self.lift(images)
+        with torch.no_grad():
+            features = self.encoder(images)
+        if not isinstance(features, Tensor) or features.dim() != 4 or features.shape[1] != self.config.channels:
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ValueError(
+                f"PyramidFlow: the encoder returned {shape}, expected (N, {self.config.channels}, H, W); set "
+                "PyramidFlowConfig(channels=...) to the encoder's output channels."
+            )
+        return features
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
+        """Map images to their latent pyramid.
+
+        Args:
+            images: ``(N, 3, H, W)``, ImageNet-normalised; ``H`` and ``W`` divisible
+                by ``2**(num_levels - 1)`` (after the encoder, if any).
+
+        Returns:
+            ``num_levels`` latents, finest first; level ``i`` is ``(N, C, H / 2**i, W / 2**i)``.
+
+        Raises:
+            ValueError: for a bad image size (naming the nearest valid one), or
+                eval with CVN at another resolution than the training one.
+        """
+        features = self.features(images)
+        self.pyramid.check_size(features.shape[-2], features.shape[-1])
+        self._check_resolution(features.shape[-2], features.shape[-1])
+        latents, _ = self.flow(self.pyramid.decompose(features))
+        return tuple(latents)
+
+    def inverse_features(self, latents: Sequence[Tensor]) -> Tensor:
+        """Latent pyramid -> the features ``(N, C, H, W)`` it came from (flow inverse, then composition)."""
+        if len(latents) != self.num_levels:
+            raise ValueError(f"PyramidFlow.inverse: expected {self.num_levels} latent levels, got {len(latents)}.")
+        levels, _ = self.flow.inverse(tuple(latents))
+        return self.pyramid.compose(levels)
+
+    def inverse(self, latents: Sequence[Tensor]) -> Tensor:
+        """Latent pyramid -> images ``(N, 3, H, W)`` (least-squares through the lift).
+
+        Raises:
+            NotImplementedError: with an encoder, which has no inverse; use
+                :meth:`inverse_features` for the encoder's feature map.
+        """
+        if self.lift is None:
+            raise NotImplementedError(
+                "PyramidFlow.inverse: the model uses an encoder, which has no inverse; call "
+                "model.inverse_features(latents) to get the encoder's feature map instead."
+            )
+        return self.lift.inverse(self.inverse_features(latents))
+
+    # NOTE [CVN resolution] (volume_norm.py): the same check, with image sizes in the message.
+    def _check_resolution(self, height: int, width: int) -> None:
+        if self.training or self.config.volume_norm != "CVN":
+            return
+        for block in self.flow.blocks:
+            trained = tuple(block.volume_norm.running_mean.shape)
+            if len(trained) == 4:
+                scale = 2**block.level
+                trained_size = (trained[-2] * scale, trained[-1] * scale)
+                if trained_size != (height, width):
+                    raise ValueError(
+                        f"PyramidFlow: eval at size {height}×{width}, but the CVN running means were trained at "
+                        f"{trained_size[0]}×{trained_size[1]}; resize the images to {trained_size[0]}×"
+                        f"{trained_size[1]}, or train with volume_norm='SVN' to run at any size."
+                    )
+                return

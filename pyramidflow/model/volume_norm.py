@@ -1,0 +1,134 @@
+"""Volume normalisation (VN): the running-mean state of a coupling's log-scale.
+
+VN subtracts a mean of the clamped log-scale ``s`` so that ``Σ s = 0`` over
+the normalised dimensions, which makes a coupling preserve volume over the
+batch (Sec. 3.3 of the PyramidFlow paper). The maths of the subtraction lives
+in :func:`pyramidflow.kernels.log_scale`; this module only keeps the running
+mean used in eval mode and updates it in training, like batch norm.
+
+* ``"CVN"`` (channel VN): mean over batch and channel, per pixel; the running
+  mean has shape ``(1, 1, H, W)`` and is therefore tied to the resolution it
+  was trained at.
+* ``"SVN"`` (spatial VN): mean over batch and space, per channel; the running
+  mean has shape ``(1, C, 1, 1)`` and works at any resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["VOLUME_NORM_MODES", "VolumeNorm"]
+
+VOLUME_NORM_MODES = ("CVN", "SVN")
+
+
+# NOTE [running mean updated once per step]
+# The update happens in the coupling's forward only (never in inverse or
+# in the fused reconstruct). The engine snapshots and restores buffers
+# around every recomputation in backward, so a forward re-run there (the
+# generic reconstruct path, or checkpoint mode) leaves no trace.
+
+# NOTE [CVN resolution]
+# A per-pixel running mean only makes sense at the resolution it was
+# estimated at. The buffer is allocated at the first training forward, and
+# that resolution is kept in the ``resolution`` buffer (so it travels with
+# the state dict). Eval at another size raises instead of broadcasting or
+# silently resizing. Before any training step the running mean is zero at
+# any size, as batch norm's is.
+class VolumeNorm(nn.Module):
+    """Running mean of the volume-normalised log-scale, for one coupling.
+
+    In training the coupling normalises with the batch mean and calls
+    :meth:`update` with it; in eval it normalises with :meth:`running_mean_for`.
+
+    Args:
+        mode: ``"CVN"`` or ``"SVN"``.
+        channels: channels C of the level this VN normalises.
+        momentum: weight of the new batch mean in the running mean, in ``(0, 1]``.
+    """
+
+    def __init__(self, mode: str, channels: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        if mode not in VOLUME_NORM_MODES:
+            raise ValueError(f"VolumeNorm: mode must be one of {VOLUME_NORM_MODES}, got {mode!r}.")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"VolumeNorm: momentum must lie in (0, 1], got {momentum}.")
+        self.mode = mode
+        self.channels = channels
+        self.momentum = momentum
+        shape = (1, channels, 1, 1) if mode == "SVN" else (0,)
+        self.register_buffer("running_mean", torch.zeros(shape))
+        # CVN only: (height, width) of the level the running mean was estimated at; (0, 0) until the
+        # first training step (SVN leaves it at zero: its statistics do not depend on the size).
+        self.register_buffer("resolution", torch.zeros(2, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, channels={self.channels}, momentum={self.momentum}"
+
+    def reset_running_stats(self) -> None:
+        """Forget the running mean (and, for CVN, its resolution), e.g. to train at a new size."""
+        if self.mode == "CVN":
+            self.running_mean.data = self.running_mean.new_zeros((0,))
+        else:
+            self.running_mean.zero_()
+        self.resolution.zero_()
+
+    def running_mean_for(self, r: Tensor) -> Optional[Tensor]:
+        """The mean to subtract from the clamped log-scale of ``r`` ``(N, C, H, W)``.
+
+        Returns ``None`` in training (normalise with the batch mean) and the
+        running mean, in ``r``'s dtype, in eval.
+
+        Raises:
+            ValueError: in eval with CVN at a resolution other than the trained one.
+        """
+        if self.training:
+            return None
+        if self.mode == "SVN":
+            return self.running_mean.to(r.dtype)
+        size = tuple(r.shape[-2:])
+        if self.running_mean.numel() == 0:  # never trained: zero, as batch norm's initial running mean
+            return r.new_zeros((1, 1) + size)
+        if tuple(self.running_mean.shape[-2:]) != size:
+            trained = tuple(self.running_mean.shape[-2:])
+            raise ValueError(
+                f"VolumeNorm (CVN): eval at level size {size[0]}×{size[1]}, but the per-pixel running mean was "
+                f"trained at {trained[0]}×{trained[1]}; run at the training resolution, or use volume_norm='SVN' "
+                "for resolution-free statistics."
+            )
+        return self.running_mean.to(r.dtype)
+
+    @torch.no_grad()
+    def update(self, batch_mean: Optional[Tensor]) -> None:
+        """Fold a batch mean (from :func:`pyramidflow.kernels.log_scale`) into the running mean."""
+        if batch_mean is None or not self.training:
+            return
+        batch_mean = batch_mean.detach()
+        if self.mode == "CVN":
+            size = tuple(batch_mean.shape[-2:])
+            if self.running_mean.numel() == 0:
+                # Resize in place (`.data`), keeping the buffer object that DDP and the engine hold.
+                self.running_mean.data = torch.zeros(
+                    (1, 1) + size, dtype=self.running_mean.dtype, device=batch_mean.device
+                )
+                self.resolution.copy_(torch.tensor(size, dtype=torch.long))
+            elif tuple(self.running_mean.shape[-2:]) != size:
+                trained = tuple(self.running_mean.shape[-2:])
+                raise ValueError(
+                    f"VolumeNorm (CVN): training at level size {size[0]}×{size[1]}, but the per-pixel running "
+                    f"mean was started at {trained[0]}×{trained[1]}; train at one resolution, call "
+                    "model.reset_running_stats() before changing it, or use volume_norm='SVN'."
+                )
+        self.running_mean.mul_(1.0 - self.momentum).add_(batch_mean.to(self.running_mean.dtype), alpha=self.momentum)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A CVN running mean is allocated lazily: take the saved shape before loading.
+        key = prefix + "running_mean"
+        saved = state_dict.get(key)
+        if self.mode == "CVN" and saved is not None and saved.shape != self.running_mean.shape:
+            self.running_mean.data = torch.zeros(saved.shape, dtype=self.running_mean.dtype, device=self.running_mean.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
