@@ -1,0 +1,240 @@
+"""Checkpoint files of a training run: atomic writes, and loading with clear errors.
+
+A checkpoint is one ``torch.save`` file holding a plain dict (see :data:`CHECKPOINT_KEYS`): the model
+and train configs as dicts, the weights, the optimizer state, the step, every RNG state the run
+draws from, the sampler's position, the per-step losses and, once training has finished, the latent
+template and the score statistics of the training images. It contains only tensors and plain Python
+values, so it loads with ``torch.load(..., weights_only=True)``: opening a checkpoint never runs code.
+
+# NOTE [atomic checkpoint]
+A crash, a full disk or Ctrl-C in the middle of ``torch.save`` must never leave a truncated
+``checkpoint.pt`` behind, or destroy the previous good one. The file is written to a temporary file
+in the same folder (same file system, so the rename is atomic), flushed and fsync'ed, then moved over
+the old one with ``os.replace``. On any failure the temporary file is removed and the old checkpoint
+is untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "CHECKPOINT_KEYS",
+    "CHECKPOINT_NAME",
+    "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
+    "save_checkpoint_atomic",
+]
+
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_KEYS = (
+    "format_version",
+    "model_config",
+    "train_config",
+    "model",
+    "optimizer",
+    "step",
+    "rng",
+    "sampler",
+    "losses",
+    "finished",
+    "template",
+    "score_stats",
+)
+
+_EXECUTION_ONLY = ("mode",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: damaged, of another format, or from another config."""
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file, as returned by :func:`load_checkpoint`.
+
+    Attributes:
+        path: the file it was read from.
+        format_version: :data:`CHECKPOINT_FORMAT_VERSION` at the time of writing.
+        model_config: the model config as a dict (``dataclasses.asdict`` of ``PyramidFlowConfig``).
+        train_config: the train config as a dict (``dataclasses.asdict`` of ``TrainConfig``).
+        model: the model's ``state_dict``.
+        optimizer: the optimizer's ``state_dict``.
+        step: optimizer steps completed.
+        rng: RNG states (``torch``, ``cuda``, ``numpy``, ``python``) at that step.
+        sampler: the batch sampler's position (``seed``, ``epoch``, ``batch``).
+        losses: the training loss of every completed step, in order.
+        finished: whether training reached its budget (template and score statistics are then set).
+        template: the latent template, one tensor ``(1, C, H_i, W_i)`` per level, or ``None``.
+        score_stats: statistics of the training images' anomaly maps (see ``pyramidflow.train``), or ``None``.
+    """
+
+    path: Path
+    format_version: int
+    model_config: dict
+    train_config: dict
+    model: dict
+    optimizer: dict
+    step: int
+    rng: dict
+    sampler: dict
+    losses: list = field(default_factory=list)
+    finished: bool = False
+    template: list | None = None
+    score_stats: dict | None = None
+
+    def build_model(self, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+        """A ``PyramidFlow`` with this checkpoint's config and weights, in eval mode."""
+        from pyramidflow.model import PyramidFlow, PyramidFlowConfig
+
+        model = PyramidFlow(PyramidFlowConfig(**self.model_config))
+        model.load_state_dict(self.model)
+        return model.to(map_location).eval()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def save_checkpoint_atomic(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically (see ``NOTE [atomic checkpoint]``).
+
+    Args:
+        state: the dict to save (tensors and plain Python values only).
+        path: destination file; its folder must exist.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        OSError, RuntimeError: whatever ``torch.save`` or the file system raised; the previous file at
+            ``path``, if any, is left as it was and no temporary file remains.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # BaseException: a Ctrl-C during the write must not leave the temporary file either.
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``["channels=16 (checkpoint) vs 8 (asked)", ...]`` for every setting that differs."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key, "<unset>"), wanted.get(key, "<unset>")
+        if isinstance(a, list) and isinstance(b, tuple) or isinstance(a, tuple) and isinstance(b, list):
+            a, b = list(a), list(b)
+        if a != b:
+            out.append(f"{key}={a!r} (checkpoint) vs {b!r} (asked)")
+    return out
+
+
+def _as_dict(config: Any) -> dict:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise TypeError(
+        f"load_checkpoint: model_config must be a PyramidFlowConfig (or a dict of its fields), "
+        f"got {type(config).__name__}."
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model_config: Any = None,
+    *,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Read a checkpoint written by :func:`pyramidflow.train.train`.
+
+    Args:
+        path: the checkpoint file (usually ``<out_dir>/checkpoint.pt``).
+        model_config: if given, the ``PyramidFlowConfig`` the caller expects; a checkpoint from any
+            other config is refused, naming the settings that differ.
+        map_location: where to put the tensors (default CPU).
+
+    Returns:
+        The :class:`Checkpoint`.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        CheckpointError: the file is damaged or not a pyramidflow checkpoint, was written by a newer
+            format, or its model config differs from ``model_config``.
+
+    Example:
+        >>> ckpt = load_checkpoint("runs/nut/checkpoint.pt")  # doctest: +SKIP
+        >>> model = ckpt.build_model()  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"load_checkpoint: no checkpoint at {path}; pass the checkpoint.pt written by `pyramidflow train`."
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on damaged files
+        raise CheckpointError(
+            f"load_checkpoint: cannot read {path} ({_one_line(error)}); the file is damaged or not a "
+            f"pyramidflow checkpoint, use another checkpoint or train again."
+        ) from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(
+            f"load_checkpoint: {path} is not a pyramidflow checkpoint (missing {', '.join(missing)}); "
+            f"pass the checkpoint.pt written by `pyramidflow train`."
+        )
+    version = state["format_version"]
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"load_checkpoint: {path} has format version {version!r} but this pyramidflow reads versions up "
+            f"to {CHECKPOINT_FORMAT_VERSION}; upgrade pyramidflow."
+        )
+    if model_config is not None:
+        # The engine's mode (invertible / checkpoint / autograd) changes how gradients are computed,
+        # never the weights: a checkpoint serves every mode.
+        saved = {k: v for k, v in state["model_config"].items() if k not in _EXECUTION_ONLY}
+        wanted = {k: v for k, v in _as_dict(model_config).items() if k not in _EXECUTION_ONLY}
+        differences = config_differences(saved, wanted)
+        if differences:
+            raise CheckpointError(
+                f"load_checkpoint: {path} was written for another model config: {'; '.join(differences)}; "
+                f"use the checkpoint's settings or another output folder."
+            )
+    return Checkpoint(path=path, **{key: state[key] for key in CHECKPOINT_KEYS})

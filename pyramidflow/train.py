@@ -1,0 +1,705 @@
+"""The PyramidFlow training loop: pairs of normal images, the pairwise Fourier loss, Adam, checkpoints.
+
+One function, :func:`train`, runs the method's training ("Training" in the method page): batches of
+``batch_size`` normal images, the pairwise Fourier loss over every pair of the batch, Adam with the
+method's settings and gradient-norm clipping, for a budget of steps or epochs. Then, in eval mode and
+without gradients, it computes the latent template (mean latent pyramid of the training images) and
+statistics of the training images' anomaly scores, and stores both in the checkpoint, so that
+evaluation can normalise and threshold maps without ever looking at the test set.
+
+The same function runs data-parallel under ``torchrun`` (see :mod:`pyramidflow.distributed`). Seeded
+runs are reproducible on CPU, and a resumed run continues bit for bit (``NOTE [resume bit for bit]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pyramidflow.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    CHECKPOINT_NAME,
+    CheckpointError,
+    config_differences,
+    load_checkpoint,
+    save_checkpoint_atomic,
+)
+from pyramidflow.distributed import DistributedContext, EpochBatchSampler, gather_levels, init_distributed
+
+__all__ = ["DEVICES", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device", "train"]
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Train settings a resumed run may change: they do not alter the trajectory of the weights.
+_RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "log_every", "num_workers", "device")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss (or a weight) became NaN or infinite; training stopped without saving the bad state."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (the defaults are the method's).
+
+    Give exactly one budget: ``steps`` (optimizer steps) or ``epochs`` (passes over the training set;
+    the reference run uses 15). An epoch has ``len(dataset) // batch_size`` steps: an incomplete last
+    batch is dropped.
+
+    Args:
+        steps: number of optimizer steps, or ``None`` to use ``epochs``.
+        epochs: number of epochs, or ``None`` to use ``steps``.
+        batch_size: images per step over all processes, at least 2 (the loss compares pairs).
+        lr: Adam learning rate.
+        betas: Adam betas.
+        eps: Adam epsilon (1e-4 in the method, much larger than Adam's default).
+        weight_decay: Adam weight decay (L2).
+        grad_clip: largest gradient norm (all parameters together); ``None`` disables clipping.
+        seed: seeds the initial weights, the shuffles and the augmentation.
+        checkpoint_every: write ``checkpoint.pt`` every this many steps (``None``: only at the end).
+        num_workers: data-loading worker processes (0 loads in the training process; resuming is
+            bit for bit only then, see ``NOTE [resume bit for bit]``).
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        log_every: update the progress bar, and check the loss for NaN/inf, every this many steps.
+        dtype: ``"float32"`` or ``"float64"`` (for exact comparisons in tests).
+        score_quantile: quantile of the training images' pixel scores stored in the checkpoint.
+    """
+
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 2
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    eps: float = 1e-4
+    weight_decay: float = 1e-5
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int | None = 500
+    num_workers: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    dtype: str = "float32"
+    score_quantile: float = 0.99
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(
+                f"TrainConfig: give exactly one budget, steps or epochs (got steps={self.steps}, "
+                f"epochs={self.epochs}); e.g. epochs=15 as in the reference run."
+            )
+        for name in ("steps", "epochs", "batch_size", "num_workers", "log_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"TrainConfig: {name} must be an int, got {value!r} ({type(value).__name__}).")
+        for name in ("steps", "epochs", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainConfig: {name} must be at least 1, got {value}.")
+        if self.batch_size < 2:
+            raise ValueError(
+                f"TrainConfig: batch_size must be at least 2 (the loss compares pairs of images), got {self.batch_size}."
+            )
+        if self.num_workers < 0:
+            raise ValueError(f"TrainConfig: num_workers must be >= 0, got {self.num_workers}.")
+        for name in ("lr", "eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"TrainConfig: {name} must be a positive number, got {value!r}.")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig: weight_decay must be >= 0, got {self.weight_decay!r}.")
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"TrainConfig: betas must be two numbers in [0, 1), got {self.betas!r}.")
+        if self.grad_clip is not None and not (
+            isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip) and self.grad_clip > 0
+        ):
+            raise ValueError(f"TrainConfig: grad_clip must be a positive number or None, got {self.grad_clip!r}.")
+        if self.device not in DEVICES:
+            raise ValueError(f"TrainConfig: device must be one of {DEVICES}, got {self.device!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
+        if not 0.0 < self.score_quantile < 1.0:
+            raise ValueError(f"TrainConfig: score_quantile must lie in (0, 1), got {self.score_quantile!r}.")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        checkpoint_path: the final ``checkpoint.pt`` (written by rank 0 only).
+        step: optimizer steps completed.
+        losses: the loss of every step, in order (those of a resumed run's earlier steps included).
+        model: the trained ``PyramidFlow`` (not the DDP wrapper), in eval mode.
+        template: the latent template, one tensor ``(1, C, H_i, W_i)`` per level (``None`` off rank 0).
+        score_stats: statistics of the training images' anomaly maps (``None`` off rank 0): ``image_mean``,
+            ``image_std``, ``image_max`` (image score = max of the map), ``pixel_quantile`` at ``quantile``,
+            ``num_images``.
+    """
+
+    checkpoint_path: Path
+    step: int
+    losses: list[float]
+    model: torch.nn.Module
+    template: list[Tensor] | None = None
+    score_stats: dict | None = None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device to train on: ``"auto"`` picks CUDA when present, else the CPU.
+
+    Raises:
+        ValueError: an unknown device name.
+        RuntimeError: ``"cuda"`` asked for but no CUDA device is usable.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"resolve_device: device must be one of {DEVICES}, got {device!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "resolve_device: device='cuda' was asked for but torch sees no CUDA device "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu' or 'auto'."
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model-side pieces (the model package owns the maths; these wrappers only adapt calling conventions).
+
+
+def _build_model(model_config: Any) -> torch.nn.Module:
+    from pyramidflow.model import PyramidFlow
+
+    return PyramidFlow(model_config)
+
+
+def _latents(model: torch.nn.Module, images: Tensor) -> tuple[Tensor, ...]:
+    """The latent pyramid of ``images`` ``(N, 3, H, W)``: a tuple of ``(N, C, H_i, W_i)``."""
+    return tuple(model(images))
+
+
+def _pairwise_loss(levels: Sequence[Tensor]) -> Tensor:
+    """The method's loss over every pair of the (global) batch: :func:`pyramidflow.model.fourier_loss`."""
+    from pyramidflow.model import fourier_loss
+
+    return fourier_loss(levels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG state: every generator the run draws from (NOTE [resume bit for bit]).
+
+
+def _rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        # numpy's state as tensors and ints, so the checkpoint loads with weights_only=True.
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": list(random.getstate()[1]) + [random.getstate()[2]],
+        "python_version": random.getstate()[0],
+    }
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    numpy = state["numpy"]
+    np.random.set_state(
+        ("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
+    )
+    python = state["python"]
+    random.setstate((state["python_version"], tuple(python[:-1]), python[-1]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ctrl-C between a parameter update and its bookkeeping would leave weights one step ahead of `step`.
+
+
+class _InterruptGuard:
+    """Defers SIGINT while the optimizer updates the weights and the step counter.
+
+    Outside the guarded section Ctrl-C raises KeyboardInterrupt at once; inside, it is raised as soon as
+    the section ends, so the in-memory state is always that of a completed step. Only the main thread
+    can install signal handlers; elsewhere the guard does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._active = threading.current_thread() is threading.main_thread()
+        self._critical = False
+        self._pending = False
+        self._previous = None
+
+    def __enter__(self) -> "_InterruptGuard":
+        if self._active:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._active:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self._critical:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self._critical = True
+        try:
+            yield
+        finally:
+            self._critical = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Template and score statistics (eval mode, no grad, training images only: no test data, ever).
+
+
+@torch.no_grad()
+def _template_and_score_stats(
+    model: torch.nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[list[Tensor], dict]:
+    """The latent template and score statistics of the training images (eval mode, no grad).
+
+    Only training (normal) images are used: thresholds derived from these statistics never see the
+    test set.
+    """
+    from pyramidflow.model import anomaly_map, fit_template, image_score
+
+    was_training = model.training
+    model.eval()
+    try:
+        template = fit_template(model, (_images(b, device, dtype) for b in _plain_loader(dataset, config)))
+        image_scores, pixels = [], []
+        # NOTE [pixel quantile sample]: a fixed-stride sample of at most ~4M pixel scores keeps the
+        # quantile's memory bounded for large training sets; it is deterministic, never random.
+        total = len(dataset) * int(np.prod(_image_size(dataset)))
+        stride = max(1, math.ceil(total / (1 << 22)))
+        for batch in _plain_loader(dataset, config):
+            maps = anomaly_map(_latents(model, _images(batch, device, dtype)), template)  # (N, 1, H, W)
+            image_scores.append(image_score(maps).double().cpu())
+            pixels.append(maps.reshape(-1)[::stride].double().cpu())
+        scores = torch.cat(image_scores)
+        pixel_values = torch.cat(pixels).numpy()
+        stats = {
+            "num_images": int(scores.numel()),
+            "image_mean": float(scores.mean()),
+            "image_std": float(scores.std(unbiased=False)),
+            "image_max": float(scores.max()),
+            "quantile": float(config.score_quantile),
+            "pixel_quantile": float(np.quantile(pixel_values, config.score_quantile)),
+            "pixel_max": float(pixel_values.max()),
+        }
+        return [level.detach().cpu() for level in template], stats
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _without_augmentation(dataset: Dataset) -> Iterator[None]:
+    """Template and statistics describe the training images as they are, not random flips of them.
+
+    Data sets of :mod:`pyramidflow.data` switch augmentation with their ``augment`` attribute; other
+    data sets are used as given.
+    """
+    augment = getattr(dataset, "augment", None)
+    if isinstance(augment, bool):
+        dataset.augment = False
+    try:
+        yield
+    finally:
+        if isinstance(augment, bool):
+            dataset.augment = augment
+
+
+def _image_size(dataset: Dataset) -> tuple[int, int]:
+    return tuple(dataset[0]["image"].shape[-2:])
+
+
+def _images(batch: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
+    images = batch["image"] if isinstance(batch, dict) else batch
+    return images.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def _plain_loader(dataset: Dataset, config: TrainConfig) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(config.seed)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
+                      generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _check_dataset(dataset: Any) -> None:
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError(f"train: dataset must be a map-style torch Dataset of dicts with 'image', got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise ValueError("train: the training data set is empty; point it at a folder of normal images.")
+    item = dataset[0]
+    if not isinstance(item, dict) or "image" not in item:
+        raise TypeError(
+            f"train: dataset items must be dicts with an 'image' tensor (3, H, W), got {type(item).__name__}; "
+            "use a pyramidflow.data data set."
+        )
+
+
+class _Run:
+    """The state of one training run, shared by the loop, the checks and the checkpoint writer."""
+
+    def __init__(self, model_config: Any, config: TrainConfig, dataset: Dataset, out_dir: Path,
+                 ctx: DistributedContext, device: torch.device, progress: bool) -> None:
+        self.model_config = model_config
+        self.config = config
+        self.dataset = dataset
+        self.path = out_dir / CHECKPOINT_NAME
+        self.ctx = ctx
+        self.device = device
+        self.dtype = DTYPES[config.dtype]
+        self.progress = progress and ctx.is_main
+        self.step = 0
+        self.losses: list[float] = []
+        self.pending: list[Tensor] = []  # losses of recent steps, still on the device
+        self.saved_step: int | None = None  # step of the checkpoint on disk written by this run
+        self.step_rng: dict | None = None  # RNG state at the end of the last completed step
+        self.step_buffers: dict | None = None  # model buffers (running means) at the end of the last step
+
+        torch.manual_seed(config.seed)
+        self.model = _build_model(model_config).to(device=device, dtype=self.dtype)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
+                                          weight_decay=config.weight_decay)
+        self.sampler = EpochBatchSampler(len(dataset), config.batch_size, seed=config.seed,
+                                         rank=ctx.rank, world_size=ctx.world_size)
+        self.net = self.model
+        self.group = None
+        if ctx.is_distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            from pyramidflow.distributed import sync_volume_norm
+
+            # A separate group for the latent gather and the VN means, so that these collectives
+            # never interleave with DDP's gradient buckets on the default group.
+            self.group = torch.distributed.new_group()
+            sync_volume_norm(self.model, self.group)
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_broadcast()
+            )
+
+    # --- budget ---------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        if self.config.steps is not None:
+            return self.config.steps
+        return self.config.epochs * self.sampler.batches_per_epoch
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def restore(self) -> None:
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"train: resume=True but there is no checkpoint at {self.path}; start without resume."
+            )
+        ckpt = load_checkpoint(self.path, self.model_config, map_location=self.device)
+        differing = config_differences(
+            {k: v for k, v in ckpt.train_config.items() if k not in _RESUMABLE_CHANGES},
+            {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE_CHANGES},
+        )
+        if differing:
+            raise CheckpointError(
+                f"train: cannot resume from {self.path}: the train config differs in {'; '.join(differing)}; "
+                f"resume with the same settings (only {', '.join(_RESUMABLE_CHANGES)} may change) or use a new folder."
+            )
+        self.model.load_state_dict(ckpt.model)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.step = int(ckpt.step)
+        self.losses = [float(x) for x in ckpt.losses]
+        rng = ckpt.rng["ranks"]
+        _set_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else _fresh_rng(self.config.seed, self.step, self.ctx.rank), self.device)
+        self.saved_step = self.step
+
+    def _state(self, rng_states: list[dict], template: list[Tensor] | None, stats: dict | None,
+               buffers: dict | None = None) -> dict:
+        epoch, batch = divmod(self.step, self.sampler.batches_per_epoch)
+        weights = self.model.state_dict()
+        weights.update({k: v for k, v in (buffers or {}).items() if k in weights})  # persistent ones only
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "model_config": dataclasses.asdict(self.model_config),
+            "train_config": dataclasses.asdict(self.config),
+            "model": weights,
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "rng": {"ranks": rng_states},
+            "sampler": {"seed": self.config.seed, "epoch": epoch, "batch": batch},
+            "losses": list(self.losses),
+            "finished": template is not None,
+            "template": template,
+            "score_stats": stats,
+        }
+
+    def save(self, *, template: list[Tensor] | None = None, stats: dict | None = None, collective: bool = True) -> None:
+        """Check, then write the checkpoint of the current step (rank 0). ``collective``: all ranks are here."""
+        self.check_finite(weights=True)
+        # Not collective: a Ctrl-C, possibly mid-step; save the state of the end of the last step.
+        states = [_rng_state(self.device) if collective or self.step_rng is None else self.step_rng]
+        buffers = None if collective else self.step_buffers
+        if self.ctx.is_distributed and collective:
+            states = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(states, _rng_state(self.device))
+        if self.ctx.is_main:
+            save_checkpoint_atomic(self._state(states, template, stats, buffers), self.path)
+        self.saved_step = self.step
+
+    # --- NaN / inf --------------------------------------------------------------------------------
+    def check_finite(self, *, weights: bool = False) -> None:
+        """Move pending losses to the host (one sync) and stop on a non-finite loss or weight."""
+        if self.pending:
+            values = torch.stack(self.pending).double().cpu()
+            first = self.step - len(self.pending) + 1
+            self.pending = []
+            bad = (~torch.isfinite(values)).nonzero()
+            self.losses.extend(values.tolist())
+            if bad.numel():
+                at = first + int(bad[0, 0])
+                self._diverged(f"the loss became {values[int(bad[0, 0])].item()} at step {at}")
+        if weights:
+            finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+            if not bool(finite):
+                self._diverged(f"a weight became NaN/inf by step {self.step}")
+
+    def _diverged(self, what: str) -> None:
+        kept = (
+            f"the last good checkpoint {self.path} (step {self.saved_step}) is kept"
+            if self.saved_step is not None
+            else f"no checkpoint was written ({self.path} untouched)"
+        )
+        raise TrainingDivergedError(
+            f"train: {what}; stopped without saving, {kept}; lower lr (now {self.config.lr}) or check the data."
+        )
+
+    # --- one step ---------------------------------------------------------------------------------
+    def train_step(self, batch: Any, guard: _InterruptGuard) -> None:
+        images = _images(batch, self.device, self.dtype)
+        levels = _latents(self.net, images)
+        if self.ctx.is_distributed:
+            levels = gather_levels(levels, self.group)  # NOTE [global batch under DDP]
+        loss = _pairwise_loss(levels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)  # no host sync
+        with guard.critical():
+            self.optimizer.step()
+            self.pending.append(loss.detach())
+            self.step += 1
+            # An interrupt may come after the next batch was drawn (and augmented): a checkpoint
+            # written then must hold the RNG state of the end of this step, not the current one.
+            self.step_rng = _rng_state(self.device)
+            # Likewise the next step's forward updates the running means before its update is done.
+            self.step_buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+
+    def loader(self) -> DataLoader:
+        epoch, batch = divmod(self.step, self.sampler.batches_per_epoch)
+        self.sampler.set_position(epoch, batch)
+        # Its own generator: building the iterator draws worker base seeds from it, never from the
+        # global RNG that augmentation uses (NOTE [resume bit for bit]).
+        generator = torch.Generator()
+        generator.manual_seed((self.config.seed * 1_000_003 + epoch * 7919 + self.ctx.rank) & 0x7FFF_FFFF)
+        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.config.num_workers,
+                          pin_memory=self.device.type == "cuda", generator=generator)
+
+
+def _no_buffer_broadcast() -> dict:
+    """DDP option to skip the per-forward buffer broadcast: the synced running means agree on every rank.
+
+    Newer torch names it ``forward_sync_buffers`` (``broadcast_buffers`` is deprecated there).
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _fresh_rng(seed: int, step: int, rank: int) -> dict:
+    """A deterministic RNG state for a rank whose state the checkpoint lacks (an interrupted DDP run)."""
+    torch.manual_seed(seed * 1_000_003 + step * 7919 + rank)
+    return _rng_state(torch.device("cpu"))
+
+
+# NOTE [resume bit for bit]
+# Everything random in a step comes from (a) the shuffle, a pure function of (seed, epoch), with the
+# position (epoch, batch) derived from the step count; (b) torch's global CPU RNG (augmentation in a
+# single-process loader), the CUDA RNG, numpy's and Python's global RNGs, all saved and restored; (c)
+# the DataLoader's own generator, seeded per (seed, epoch, rank), never the global one. Model, Adam
+# state and loss history are saved exactly. So "3 steps, then resume to 6" equals "6 steps" exactly,
+# on CPU with num_workers=0. With worker processes, augmentation draws come from per-worker RNGs seeded
+# at the start of each epoch, so a run resumed mid-epoch sees different augmentations (not different
+# images) for the rest of that epoch.
+
+
+def train(
+    model_config: Any,
+    train_config: TrainConfig,
+    dataset: Dataset,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a PyramidFlow on normal images and write ``<out_dir>/checkpoint.pt``.
+
+    The method's training: every step draws ``batch_size`` images (a seeded shuffle per epoch), runs
+    the flow, takes the pairwise Fourier loss over all pairs of the batch, and updates with Adam after
+    clipping the gradient norm. Checkpoints are written atomically every ``checkpoint_every`` steps
+    and at the end; the final one also holds the latent template and the score statistics of the
+    training images. Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains data-parallel, the
+    global batch split across ranks; rank 0 writes checkpoints and shows the progress bar.
+
+    Args:
+        model_config: a ``PyramidFlowConfig``.
+        train_config: the :class:`TrainConfig`.
+        dataset: map-style data set of dicts with ``image`` ``(3, H, W)`` (e.g.
+            ``MVTecDataset(root, category, "train")``); only normal images belong here.
+        out_dir: folder for ``checkpoint.pt`` (created if needed).
+        resume: continue from ``<out_dir>/checkpoint.pt`` (bit for bit, see ``NOTE [resume bit for bit]``);
+            a finished run may be resumed with a larger budget.
+        progress: show a tqdm bar (loss, images/s) on rank 0.
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Raises:
+        ValueError, TypeError: bad configs or data set.
+        FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is False.
+        FileNotFoundError: ``resume`` is True but there is no checkpoint.
+        CheckpointError: the checkpoint is damaged or from another model or train config.
+        TrainingDivergedError: the loss or a weight became NaN/inf (the last good checkpoint is kept).
+        KeyboardInterrupt: re-raised after writing a checkpoint of the last completed step.
+
+    Example:
+        >>> from pyramidflow.data import MVTecDataset  # doctest: +SKIP
+        >>> from pyramidflow.model import PyramidFlowConfig  # doctest: +SKIP
+        >>> data = MVTecDataset("mvtec", "carpet", "train", size=256)  # doctest: +SKIP
+        >>> result = train(PyramidFlowConfig(), TrainConfig(epochs=15), data, "runs/carpet")  # doctest: +SKIP
+    """
+    if not isinstance(train_config, TrainConfig):
+        raise TypeError(f"train: train_config must be a TrainConfig, got {type(train_config).__name__}.")
+    if not dataclasses.is_dataclass(model_config) or isinstance(model_config, type):
+        raise TypeError(f"train: model_config must be a PyramidFlowConfig, got {type(model_config).__name__}.")
+    _check_dataset(dataset)
+    device = resolve_device(train_config.device)
+    ctx = init_distributed(device.type)
+    try:
+        if device.type == "cuda" and ctx.is_distributed:
+            device = torch.device("cuda", ctx.local_rank)
+            torch.cuda.set_device(device)
+        out_dir = Path(out_dir)
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and (out_dir / CHECKPOINT_NAME).exists():
+            raise FileExistsError(
+                f"train: {out_dir / CHECKPOINT_NAME} already exists; pass resume=True (--resume) to continue "
+                "it, or choose another output folder."
+            )
+        run = _Run(model_config, train_config, dataset, out_dir, ctx, device, progress)
+        if resume:
+            run.restore()
+        return _loop(run)
+    finally:
+        ctx.close()
+
+
+def _loop(run: _Run) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    config = run.config
+    total = run.total_steps
+    bar = tqdm(total=total, initial=min(run.step, total), disable=not run.progress, desc="train", unit="step",
+               dynamic_ncols=True)
+    run.model.train()
+    window_start, window_step = time.perf_counter(), run.step
+    try:
+        with _InterruptGuard() as guard:
+            try:
+                while run.step < total:
+                    for batch in run.loader():
+                        run.train_step(batch, guard)
+                        bar.update(1)
+                        if run.step % config.log_every == 0 or run.step == total:
+                            run.check_finite()
+                            now = time.perf_counter()
+                            rate = (run.step - window_step) * config.batch_size / max(now - window_start, 1e-9)
+                            window_start, window_step = now, run.step
+                            bar.set_postfix(loss=f"{run.losses[-1]:.4g}", img_s=f"{rate:.1f}")
+                        if config.checkpoint_every and run.step % config.checkpoint_every == 0 and run.step < total:
+                            run.save()
+                        if run.step >= total:
+                            break
+            except KeyboardInterrupt as interrupt:
+                _save_on_interrupt(run, interrupt, bar)
+                raise
+        run.check_finite(weights=True)
+        template = stats = None
+        if run.ctx.is_main:
+            # The template pass must leave no trace in the RNG state the checkpoint stores: a run
+            # resumed with a larger budget continues from the end of the last step.
+            rng = _rng_state(run.device)
+            with _without_augmentation(run.dataset):
+                template, stats = _template_and_score_stats(run.model, run.dataset, config, run.device, run.dtype)
+            _set_rng_state(rng, run.device)
+        run.save(template=template, stats=stats)
+        if run.ctx.is_distributed:
+            torch.distributed.barrier()
+    finally:
+        bar.close()
+    run.model.eval()
+    return TrainResult(checkpoint_path=run.path, step=run.step, losses=list(run.losses), model=run.model,
+                       template=template, score_stats=stats)
+
+
+def _save_on_interrupt(run: _Run, interrupt: KeyboardInterrupt, bar: Any) -> None:
+    """Write the checkpoint of the last completed step (rank 0), and say where it is."""
+    if not run.ctx.is_main:
+        return
+    try:
+        if run.step != run.saved_step and run.step > 0:
+            run.save(collective=False)  # other ranks are being interrupted too: no collectives
+            note = f"train: interrupted; checkpoint of step {run.step} written to {run.path}; resume with resume=True (--resume)."
+        elif run.saved_step is not None:
+            note = f"train: interrupted; the checkpoint {run.path} (step {run.saved_step}) is up to date; resume with resume=True (--resume)."
+        else:
+            note = "train: interrupted before the first step; no checkpoint written."
+    except TrainingDivergedError as error:
+        note = f"train: interrupted; not saved: {error}"
+    bar.write(note, file=sys.stderr)
+    if hasattr(interrupt, "add_note"):
+        interrupt.add_note(note)
