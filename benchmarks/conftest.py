@@ -49,10 +49,15 @@ def rounds(request, device) -> int:
 def measure_step(benchmark, device, rounds):
     """Measure ``step``: peak memory once (untimed), then its time over ``rounds`` rounds."""
 
-    def run(step: Callable[[], None], *, row: Dict[str, object], baseline: Optional[str] = "autograd") -> None:
-        step()  # warm-up: lazy initialisation, gradient buffers, optimizer state
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def run(
+        step: Callable[[], None],
+        *,
+        row: Dict[str, object],
+        baseline: Optional[str] = "autograd",
+        timed_rounds: Optional[int] = None,
+    ) -> None:
+        # The memory-probed step doubles as the warm-up (lazy initialisation, gradient buffers,
+        # optimizer state): those allocations are the parameters' size, small beside activations.
         peak, _ = peak_memory(step, device)
 
         def timed():
@@ -60,7 +65,7 @@ def measure_step(benchmark, device, rounds):
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(timed, rounds=timed_rounds or rounds, iterations=1, warmup_rounds=0)
         info = dict(row, peak_bytes=int(peak), device=str(device), baseline=baseline)
         benchmark.extra_info.update(info)
         _ROWS.append(dict(info, group=benchmark.group or "", fixture=benchmark))

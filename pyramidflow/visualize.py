@@ -21,6 +21,7 @@ _RAMP = np.array(
     [[0, 0, 4], [60, 15, 110], [150, 40, 100], [225, 80, 50], [250, 170, 20], [252, 255, 164]], dtype=np.float64
 )
 _CONTOUR = (0, 255, 120)
+_MIN_TILE = 256  # pixels: smaller images are enlarged by an integer factor
 
 
 def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -36,6 +37,11 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     """Boolean ``(H, W)`` outline of the regions of a binary mask, two pixels wide."""
     mask = mask.astype(bool)
     return mask & ~ndimage.binary_erosion(mask, iterations=2, border_value=0)
+
+
+def _enlarge(array: np.ndarray, scale: int) -> np.ndarray:
+    """Repeat every pixel ``scale`` times along both axes."""
+    return np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
 
 
 def overlay_panel(
@@ -64,22 +70,25 @@ def overlay_panel(
     """
     heat = colorize(anomaly_map, vmin, vmax)
     blended = np.round(image * (1 - alpha) + heat * alpha).astype(np.uint8)
-    tiles = [image.copy(), heat, blended]
-    if mask is not None and mask.any():
-        outline = _contour(mask)
+    # Small images are enlarged (nearest, so pixels stay pixels) to stay readable beside the labels.
+    scale = max(1, -(-_MIN_TILE // max(image.shape[:2])))
+    tiles = [_enlarge(tile, scale) for tile in (image, heat, blended)]
+    with_truth = mask is not None and mask.any()
+    if with_truth:
+        outline = _contour(_enlarge(mask, scale))
         for tile in tiles:
             tile[outline] = _CONTOUR
-    height, width = image.shape[:2]
-    header = 18
-    panel = Image.new("RGB", (3 * width + 8, height + header), (255, 255, 255))
+    height, width = tiles[0].shape[:2]
+    gap, header, footer = 4, 16, 16
+    panel = Image.new("RGB", (3 * width + 2 * gap, header + height + footer), (255, 255, 255))
     for i, tile in enumerate(tiles):
-        panel.paste(Image.fromarray(tile), (i * (width + 4), header))
+        panel.paste(Image.fromarray(tile), (i * (width + gap), header))
     draw = ImageDraw.Draw(panel)
-    labels = ["image", "anomaly map", "overlay" + (" (green: ground truth)" if mask is not None and mask.any() else "")]
+    labels = ["image", "anomaly map", "overlay" + (" (green: ground truth)" if with_truth else "")]
     for i, label in enumerate(labels):
-        draw.text((i * (width + 4) + 2, 3), label, fill=(0, 0, 0))
+        draw.text((i * (width + gap) + 2, 2), label, fill=(0, 0, 0))
     if title:
-        draw.text((2 * (width + 4) + 2, height + header - 14), title, fill=(255, 255, 255))
+        draw.text((2, header + height + 2), title, fill=(0, 0, 0))
     return panel
 
 

@@ -1,0 +1,135 @@
+"""One full PyramidFlow training step (forward, loss, backward, Adam step) per engine mode.
+
+On CUDA the paper's configuration is used (C = 16, k = 7, 4 stacks, L = 4,
+batch 2) and the invertible mode runs twice: with the PyTorch reference of the
+coupling op and with the Triton kernels. On CPU the same architecture runs
+narrower (C = 4, so the hidden width is 8) to finish on 2 cores in minutes;
+the table says so in its note column. Groups:
+
+* ``step``: the three modes (four on CUDA) at ``--bench-resolution`` (1024).
+Sweeps time one round only: their point is memory.
+
+* ``depth``: peak memory against the number of stacks (1, 2, 4, 8) at 256 px.
+* ``resolution``: peak memory against the image side (256, 512, 1024; 2048 on CUDA) at 4 stacks.
+* ``peer``: memcnn's ``InvertibleModuleWrapper`` around each block, when memcnn is installed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyramidflow.model import PyramidFlow, PyramidFlowConfig, fourier_loss
+
+CPU_CHANNELS = 4
+
+
+def _config(device: torch.device, mode: str, num_stacks: int = 4) -> tuple[PyramidFlowConfig, str]:
+    if device.type == "cuda":
+        return PyramidFlowConfig(mode=mode, num_stacks=num_stacks), "paper config"
+    return PyramidFlowConfig(mode=mode, num_stacks=num_stacks, channels=CPU_CHANNELS), f"CPU: C={CPU_CHANNELS} (paper: 16)"
+
+
+def _training_step(model: torch.nn.Module, images: torch.Tensor):
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.9), eps=1e-4, weight_decay=1e-5)
+
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        loss = fourier_loss(model(images))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def _setup(device, mode, resolution, num_stacks=4):
+    torch.manual_seed(0)
+    config, note = _config(device, mode, num_stacks)
+    model = PyramidFlow(config).to(device).train()
+    images = torch.randn(2, 3, resolution, resolution, device=device)
+    return _training_step(model, images), note
+
+
+@pytest.fixture
+def kernel_backend(monkeypatch):
+    """Force the coupling op's backend for one benchmark (the env var is read at every call)."""
+
+    def use(backend: str) -> None:
+        monkeypatch.setenv("PYRAMIDFLOW_KERNELS", backend)
+
+    return use
+
+
+@pytest.mark.benchmark(group="step")
+@pytest.mark.parametrize("mode,backend", [("autograd", "reference"), ("checkpoint", "reference"), ("invertible", "reference"), ("invertible", "triton")])
+def test_step(benchmark, measure_step, device, resolution, kernel_backend, mode, backend):
+    if backend == "triton" and device.type != "cuda":
+        pytest.skip("the Triton kernels run on CUDA only (CPU tests run them under the interpreter)")
+    kernel_backend(backend)
+    step, note = _setup(device, mode, resolution)
+    name = mode if backend == "reference" else "invertible+triton"
+    measure_step(step, row=dict(mode=name, resolution=resolution, depth=4, note=note))
+
+
+@pytest.mark.benchmark(group="depth")
+@pytest.mark.parametrize("num_stacks", [1, 2, 4, 8])
+@pytest.mark.parametrize("mode", ["autograd", "invertible"])
+def test_memory_against_depth(benchmark, measure_step, device, mode, num_stacks, kernel_backend):
+    kernel_backend("reference")
+    step, note = _setup(device, mode, 256, num_stacks)
+    measure_step(step, row=dict(mode=mode, resolution=256, depth=num_stacks, note=note), timed_rounds=1)
+
+
+def _resolutions(device):
+    return [256, 512, 1024] + ([2048] if device.type == "cuda" else [])
+
+
+@pytest.mark.benchmark(group="resolution")
+@pytest.mark.parametrize("side", [256, 512, 1024, 2048])
+@pytest.mark.parametrize("mode", ["autograd", "invertible"])
+def test_memory_against_resolution(benchmark, measure_step, device, mode, side, kernel_backend):
+    if side not in _resolutions(device):
+        pytest.skip("2048 px is measured on CUDA only (CPU time budget)")
+    kernel_backend("reference")
+    step, note = _setup(device, mode, side)
+    measure_step(step, row=dict(mode=mode, resolution=side, depth=4, note=note), timed_rounds=1)
+
+
+@pytest.mark.benchmark(group="peer")
+def test_memcnn_peer(benchmark, measure_step, device, resolution):
+    memcnn = pytest.importorskip("memcnn", reason="memcnn is not installed (it is an optional peer, not a dependency)")
+    torch.manual_seed(0)
+    config, note = _config(device, "autograd")
+    model = PyramidFlow(config).to(device).train()
+    model.flow.blocks = torch.nn.ModuleList(
+        _MemcnnBlock(memcnn, block) for block in model.flow.blocks
+    )
+    images = torch.randn(2, 3, resolution, resolution, device=device)
+    measure_step(_training_step(model, images), row=dict(mode="memcnn wrapper", resolution=resolution, depth=4, note=note))
+
+
+class _MemcnnBlock(torch.nn.Module):
+    """A pyramid block under memcnn's InvertibleModuleWrapper (which takes and returns tensors)."""
+
+    def __init__(self, memcnn, block):
+        super().__init__()
+
+        class _Flat(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, *xs):
+                return self.inner(tuple(xs))[0]
+
+            def inverse(self, *ys):
+                return self.inner.inverse(tuple(ys))[0]
+
+        self.wrapped = memcnn.InvertibleModuleWrapper(_Flat(block), keep_input=False, keep_input_inverse=False)
+
+    def forward(self, xs):
+        return tuple(self.wrapped(*xs)), None
+
+    def inverse(self, ys):
+        return tuple(self.wrapped.inverse(*ys)), None

@@ -1,0 +1,265 @@
+"""The ``pyramidflow`` command: synth, demo, train, eval, predict.
+
+Every failure a user can cause ends with one line on stderr that starts with
+``error:`` and a non-zero exit status; Ctrl-C during training writes a
+checkpoint first (see :func:`pyramidflow.train.train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+LAYOUTS = ("auto", "mvtec", "btad")
+# Image side used by `demo` by default: small enough for 2 CPU cores in minutes.
+DEMO_SIZE = 128
+DEMO_STEPS = 200
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (defaults: the authors' settings for the category)")
+    group.add_argument("--channels", type=int, help="feature channels C (16)")
+    group.add_argument("--levels", type=int, dest="num_levels", help="pyramid levels L (4; 8 or 2 for some categories)")
+    group.add_argument("--stacks", type=int, dest="num_stacks", help="coupling stacks (4)")
+    group.add_argument("--kernel-size", type=int, help="kernel size of the coupling networks (7)")
+    group.add_argument("--volume-norm", choices=("CVN", "SVN"), help="volume normalisation (CVN; SVN for some categories)")
+    group.add_argument("--mode", choices=("invertible", "checkpoint", "autograd"), help="backprop engine mode (invertible)")
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto picks CUDA when present")
+
+
+def _add_smoothing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA", help="Gaussian smoothing of the maps, in pixels (0: off)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyramidflow",
+        description="PyramidFlow anomaly localisation: train on good images, get anomaly maps and scores.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="write the synthetic data set (MVTec layout)")
+    synth.add_argument("--out", required=True, type=Path, metavar="ROOT")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=256)
+
+    demo = commands.add_parser("demo", help="synthetic data, training, evaluation and overlays in one go")
+    demo.add_argument("--out", required=True, type=Path, metavar="DIR")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per category ({DEMO_STEPS})")
+    demo.add_argument("--size", type=int, default=DEMO_SIZE, help=f"image side ({DEMO_SIZE})")
+    demo.add_argument("--seed", type=int, default=0)
+    _add_device(demo)
+
+    train = commands.add_parser("train", help="train on the good images of one category")
+    train.add_argument("--data", required=True, type=Path, metavar="ROOT")
+    train.add_argument("--category", required=True)
+    train.add_argument("--out", required=True, type=Path, metavar="DIR")
+    train.add_argument("--layout", choices=LAYOUTS, default="auto", help="data set layout (auto: detect)")
+    train.add_argument("--size", type=int, default=256, help="image side (256)")
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int)
+    budget.add_argument("--epochs", type=int, help="passes over the training images (15 if no budget is given)")
+    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
+    train.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
+    _add_device(train)
+    _add_model_options(train)
+
+    evaluate = commands.add_parser("eval", help="metrics and overlays of a checkpoint on a labelled test set")
+    evaluate.add_argument("--checkpoint", required=True, type=Path)
+    evaluate.add_argument("--data", required=True, type=Path, metavar="ROOT")
+    evaluate.add_argument("--category", required=True)
+    evaluate.add_argument("--out", required=True, type=Path, metavar="DIR")
+    evaluate.add_argument("--layout", choices=LAYOUTS, default="auto")
+    _add_device(evaluate)
+    _add_smoothing(evaluate)
+
+    predict = commands.add_parser("predict", help="anomaly maps and scores of any images")
+    predict.add_argument("--checkpoint", required=True, type=Path)
+    predict.add_argument("--out", required=True, type=Path, metavar="DIR")
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
+    _add_device(predict)
+    _add_smoothing(predict)
+    return parser
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def _layout(root: Path, category: str, layout: str) -> str:
+    if layout != "auto":
+        return layout
+    if (root / category / "train" / "ok").is_dir():
+        return "btad"
+    return "mvtec"
+
+
+def _dataset(root: Path, category: str, split: str, size, layout: str):
+    from .data import BTADDataset, MVTecDataset
+
+    cls = BTADDataset if _layout(root, category, layout) == "btad" else MVTecDataset
+    return cls(root, category, split=split, size=size)
+
+
+def _model_config(args: argparse.Namespace):
+    from .model import PyramidFlowConfig
+
+    overrides = {
+        name: getattr(args, name)
+        for name in ("channels", "num_levels", "num_stacks", "kernel_size", "volume_norm", "mode")
+        if getattr(args, name, None) is not None
+    }
+    return PyramidFlowConfig.for_category(args.category, **overrides)
+
+
+def _check_size(size: int, config) -> None:
+    multiple = config.size_multiple
+    if size < multiple or size % multiple:
+        nearest = max(multiple, round(size / multiple) * multiple)
+        raise ValueError(
+            f"--size {size} is not divisible by 2^(levels-1) = {multiple} (levels={config.num_levels}); use --size {nearest}."
+        )
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from .data import synthetic
+
+    root = synthetic.generate(args.out, seed=args.seed, size=args.size)
+    print(f"synthetic data set written to {root} (categories: {', '.join(synthetic.CATEGORIES)})")
+
+
+def _train(args: argparse.Namespace, model_config, steps: Optional[int], epochs: Optional[int]) -> Path:
+    from .train import TrainConfig, train
+
+    _check_size(args.size, model_config)
+    dataset = _dataset(args.data, args.category, "train", args.size, getattr(args, "layout", "auto"))
+    train_config = TrainConfig(
+        steps=steps,
+        epochs=epochs,
+        batch_size=getattr(args, "batch_size", 2),
+        seed=args.seed,
+        checkpoint_every=getattr(args, "checkpoint_every", 500),
+        device=args.device,
+    )
+    result = train(model_config, train_config, dataset, args.out, resume=getattr(args, "resume", False))
+    return result.checkpoint_path
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    steps, epochs = args.steps, args.epochs
+    if steps is None and epochs is None:
+        epochs = 15  # the reference run's budget
+    path = _train(args, _model_config(args), steps, epochs)
+    print(f"checkpoint written to {path}")
+
+
+def _print_table(rows: Sequence[dict]) -> None:
+    print(f"{'category':<12} {'pixel AUROC':>11} {'AUPRO@0.3':>10} {'image AUROC':>11}")
+    for row in rows:
+        print(f"{row['category']:<12} {row['pixel_auroc']:>11.4f} {row['aupro']:>10.4f} {row['image_auroc']:>11.4f}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+    from .evaluate import evaluate, image_size_of
+    from .train import resolve_device
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    if checkpoint.template is None:
+        raise ValueError(f"{args.checkpoint}: training did not finish, so it has no template; resume it first.")
+    size = image_size_of(checkpoint.template)
+    dataset = _dataset(args.data, args.category, "test", size, args.layout)
+    report = evaluate(
+        args.checkpoint, dataset, args.out, device=resolve_device(args.device),
+        smoothing_sigma=args.smooth, category=args.category,
+    )
+    _print_table([report])
+    print(f"metrics and overlays written to {args.out}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from .evaluate import predict
+    from .train import resolve_device
+
+    rows = predict(args.checkpoint, args.inputs, args.out, device=resolve_device(args.device), smoothing_sigma=args.smooth)
+    for row in rows:
+        flag = "  (above every training image)" if row["above_training_max"] else ""
+        print(f"{row['score']:10.4f}  {row['path']}{flag}")
+    print(f"maps, overlays and scores written to {args.out}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .data import synthetic
+    from .evaluate import evaluate
+    from .model import PyramidFlowConfig
+    from .train import resolve_device
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    data_root = synthetic.generate(out / "data", seed=args.seed, size=args.size)
+    print(f"synthetic data set written to {data_root}")
+    rows = []
+    for category in synthetic.CATEGORIES:
+        print(f"\n== {category} ({'texture' if synthetic.is_texture(category) else 'object'}) ==")
+        run = argparse.Namespace(
+            data=data_root, category=category, out=out / category, size=args.size, seed=args.seed,
+            device=args.device, layout="mvtec", batch_size=2, checkpoint_every=max(args.steps, 1),
+        )
+        config = PyramidFlowConfig.for_category(category, **demo_overrides(category))
+        checkpoint = _train(run, config, args.steps, None)
+        dataset = _dataset(data_root, category, "test", args.size, "mvtec")
+        report = evaluate(checkpoint, dataset, out / category, device=resolve_device(args.device), category=category)
+        rows.append(report)
+    summary = {
+        key: sum(r[key] for r in rows) / len(rows) for key in ("pixel_auroc", "image_auroc", "aupro")
+    }
+    summary.update(
+        categories={r["category"]: {k: r[k] for k in ("pixel_auroc", "image_auroc", "aupro")} for r in rows},
+        steps=args.steps, size=args.size, seed=args.seed, seconds=round(time.perf_counter() - start, 1),
+    )
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print()
+    _print_table(rows + [dict(summary, category="mean")])
+    print(f"\nmetrics: {out / 'metrics.json'}; overlays: {out}/<category>/overlays/ ({summary['seconds']} s)")
+
+
+def demo_overrides(category: str) -> dict:
+    """Model settings of the demo: the method's architecture, narrower, so 2 CPU cores train it in minutes."""
+    from .data import synthetic
+
+    return dict(volume_norm="SVN" if synthetic.is_texture(category) else "CVN")
+
+
+_COMMANDS = {"synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``pyramidflow`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("error: interrupted (a training run has written its checkpoint; continue it with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

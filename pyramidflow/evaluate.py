@@ -1,0 +1,260 @@
+"""Inference from a checkpoint: anomaly maps, scores, metrics, and the pictures to look at.
+
+``evaluate`` runs a labelled test set (MVTec / BTAD / folder layout) and writes
+``metrics.json`` plus one overlay panel per test image; ``predict`` runs any
+images and writes their heat maps, overlays and scores. The template and the
+score statistics come from the checkpoint: they were computed on training
+images only, so nothing here is tuned on the test set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .data import IMAGE_EXTENSIONS, UNKNOWN_LABEL, AnomalyDataset, Sample, denormalize
+from .metrics import compute_metrics, image_auroc, pixel_auroc
+from .model import anomaly_map, image_score
+from .visualize import colorize, overlay_panel, save_panel
+
+__all__ = ["Predictions", "load_for_inference", "predict_dataset", "evaluate", "predict", "image_size_of"]
+
+
+@dataclass
+class Predictions:
+    """Anomaly maps and scores of a data set, in its order.
+
+    Attributes:
+        maps: ``(N, H, W)`` float32 anomaly maps at the model's input resolution.
+        scores: ``(N,)`` image scores (max of each map, after smoothing).
+        images: ``(N, H, W, 3)`` uint8 images as the model saw them (for overlays).
+        masks: ``(N, H, W)`` ground truth in {0, 1} (zeros where unknown).
+        labels: ``(N,)`` 0 normal, 1 anomalous, -1 unknown.
+        paths: source file of each image.
+        defect_types: folder name of each test image (``"good"`` for normal ones).
+    """
+
+    maps: np.ndarray
+    scores: np.ndarray
+    images: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    paths: List[str]
+    defect_types: List[str]
+
+
+def load_for_inference(path: str | Path, device: torch.device) -> tuple[Checkpoint, torch.nn.Module, tuple]:
+    """Model (eval mode) and template of a finished checkpoint, on ``device``."""
+    checkpoint = load_checkpoint(path)
+    if not checkpoint.finished or checkpoint.template is None:
+        raise CheckpointError(
+            f"{path}: training stopped at step {checkpoint.step} before it finished, so there is no template "
+            "yet; continue it with `pyramidflow train ... --resume`."
+        )
+    model = checkpoint.build_model(device)
+    template = tuple(level.to(device) for level in checkpoint.template)
+    return checkpoint, model, template
+
+
+def image_size_of(template: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """The input resolution a template belongs to: that of its finest level."""
+    return tuple(int(s) for s in template[0].shape[-2:])
+
+
+def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing of ``(N, H, W)`` maps, per map (``sigma`` in pixels; 0 leaves them as they are)."""
+    if sigma <= 0:
+        return maps
+    return np.stack([ndimage.gaussian_filter(m, sigma=sigma, mode="nearest") for m in maps])
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: torch.nn.Module,
+    template: Sequence[torch.Tensor],
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    smoothing_sigma: float = 0.0,
+    progress: bool = True,
+) -> Predictions:
+    """Anomaly maps and scores of every item of ``dataset`` (dicts with ``image``, ``mask``, ``label``, ``path``)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    maps, images, masks, labels, paths, kinds = [], [], [], [], [], []
+    for batch in tqdm(loader, desc="anomaly maps", unit="batch", disable=not progress, leave=False):
+        latents = model(batch["image"].to(device))
+        maps.append(anomaly_map(latents, template)[:, 0].float().cpu().numpy())
+        images.append(denormalize(batch["image"]))
+        masks.append(batch["mask"][:, 0].numpy())
+        labels.append(np.asarray(batch["label"]))
+        paths.extend(batch["path"])
+        kinds.extend(batch.get("defect_type", ["unknown"] * len(batch["path"])))
+    if not maps:
+        raise ValueError("predict_dataset: the data set is empty; point it at a folder with test images.")
+    all_maps = smooth(np.concatenate(maps), smoothing_sigma)
+    scores = image_score(torch.from_numpy(all_maps)[:, None]).numpy()
+    return Predictions(all_maps, scores, np.concatenate(images), np.concatenate(masks), np.concatenate(labels), paths, kinds)
+
+
+def _colour_range(checkpoint: Checkpoint, predictions: Predictions) -> tuple[float, float]:
+    """Heat-map range: 0 to the highest training score, so normal images stay dark and defects glow."""
+    stats = checkpoint.score_stats or {}
+    vmax = stats.get("image_max") or float(np.quantile(predictions.maps, 0.999))
+    return 0.0, float(vmax)
+
+
+def _write_panels(predictions: Predictions, out_dir: Path, vmin: float, vmax: float, with_masks: bool) -> List[str]:
+    written = []
+    for i, path in enumerate(predictions.paths):
+        name = Path(path).stem
+        kind = predictions.defect_types[i]
+        mask = predictions.masks[i] if with_masks else None
+        panel = overlay_panel(
+            predictions.images[i], predictions.maps[i], vmin=vmin, vmax=vmax, mask=mask,
+            title=f"{kind}/{name}  score {predictions.scores[i]:.3g}",
+        )
+        target = out_dir / "overlays" / kind / f"{name}.png"
+        save_panel(panel, target)
+        written.append(str(target.relative_to(out_dir)))
+    return written
+
+
+def _per_defect_type(predictions: Predictions) -> dict:
+    """Pixel and image AUROC of each defect type against the normal test images."""
+    table = {}
+    good = np.array([k == "good" for k in predictions.defect_types])
+    for kind in sorted(set(predictions.defect_types) - {"good"}):
+        chosen = np.array([k == kind for k in predictions.defect_types])
+        row = {"count": int(chosen.sum())}
+        if predictions.masks[chosen].any():
+            row["pixel_auroc"] = pixel_auroc(predictions.maps[chosen], predictions.masks[chosen])
+        if good.any():
+            both = chosen | good
+            row["image_auroc"] = image_auroc(predictions.scores[both], chosen[both].astype(int))
+        table[kind] = row
+    return table
+
+
+def evaluate(
+    checkpoint_path: str | Path,
+    dataset: Dataset,
+    out_dir: str | Path,
+    *,
+    device: torch.device,
+    smoothing_sigma: float = 0.0,
+    category: str = "",
+    progress: bool = True,
+) -> dict:
+    """Metrics of a checkpoint on a labelled test set; writes ``metrics.json`` and overlays to ``out_dir``.
+
+    Returns:
+        The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
+        and ``per_defect_type``.
+    """
+    checkpoint, model, template = load_for_inference(checkpoint_path, device)
+    predictions = predict_dataset(model, template, dataset, device=device, smoothing_sigma=smoothing_sigma, progress=progress)
+    if (predictions.labels < 0).any():
+        raise ValueError(
+            f"evaluate: {int((predictions.labels < 0).sum())} test images have no label; give a mask folder, or use "
+            "`pyramidflow predict` for unlabelled images."
+        )
+    metrics = compute_metrics(predictions.maps, predictions.masks, predictions.scores, predictions.labels)
+    out_dir = Path(out_dir)
+    vmin, vmax = _colour_range(checkpoint, predictions)
+    overlays = _write_panels(predictions, out_dir, vmin, vmax, with_masks=True)
+    report = {
+        **{k: float(v) for k, v in metrics.items()},
+        "category": category,
+        "num_images": len(predictions.paths),
+        "num_anomalous": int((predictions.labels == 1).sum()),
+        "smoothing_sigma": smoothing_sigma,
+        "checkpoint": str(checkpoint_path),
+        "checkpoint_step": checkpoint.step,
+        "per_defect_type": _per_defect_type(predictions),
+        "overlays": overlays,
+    }
+    _write_json(report, out_dir / "metrics.json")
+    return report
+
+
+def predict(
+    checkpoint_path: str | Path,
+    inputs: Iterable[str | Path],
+    out_dir: str | Path,
+    *,
+    device: torch.device,
+    smoothing_sigma: float = 0.0,
+    progress: bool = True,
+) -> List[dict]:
+    """Anomaly maps and scores of unlabelled images (files or folders of images).
+
+    Writes ``maps/<name>.png`` (the heat map alone), ``overlays/<name>.png`` and
+    ``metrics.json`` (per-image scores, and the training score statistics to
+    judge them against) under ``out_dir``.
+
+    Returns:
+        One ``{"path", "score", "above_training_max"}`` dict per image.
+    """
+    checkpoint, model, template = load_for_inference(checkpoint_path, device)
+    files = _expand(inputs, IMAGE_EXTENSIONS)
+    samples = [Sample(path, None, UNKNOWN_LABEL, "") for path in files]
+    dataset = AnomalyDataset(
+        samples, name="predict", split="test", size=image_size_of(template),
+        texture=False, augment=False, generator=None, verify=True,
+    )
+    predictions = predict_dataset(model, template, dataset, device=device, smoothing_sigma=smoothing_sigma, progress=progress)
+    out_dir = Path(out_dir)
+    vmin, vmax = _colour_range(checkpoint, predictions)
+    _write_panels(predictions, out_dir, vmin, vmax, with_masks=False)
+    training_max = (checkpoint.score_stats or {}).get("image_max")
+    rows = []
+    for i, path in enumerate(predictions.paths):
+        save_panel_array(colorize(predictions.maps[i], vmin, vmax), out_dir / "maps" / f"{Path(path).stem}.png")
+        score = float(predictions.scores[i])
+        rows.append({"path": path, "score": score, "above_training_max": bool(training_max is not None and score > training_max)})
+    _write_json({"images": rows, "score_stats": checkpoint.score_stats, "checkpoint": str(checkpoint_path)}, out_dir / "metrics.json")
+    return rows
+
+
+def save_panel_array(rgb: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+
+
+def _expand(inputs: Iterable[str | Path], suffixes: Sequence[str]) -> List[Path]:
+    files: List[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in suffixes)
+            if not found:
+                raise FileNotFoundError(f"{item}: no images ({', '.join(suffixes)}) in this folder.")
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder.")
+    if not files:
+        raise ValueError("predict: no input images given.")
+    return files
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
