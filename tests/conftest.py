@@ -1,7 +1,17 @@
 """Shared fixtures: seeding, the device, skipping GPU tests without CUDA."""
 
-import pytest
+# NOTE [Triton interpreter in tests]: without CUDA, the kernel tests run Triton
+# interpreted on CPU tensors. Triton reads TRITON_INTERPRET when a kernel is
+# defined, so it must be set before anything in this process imports triton
+# (torch.compile tests may import it first). Importing torch does not import triton.
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

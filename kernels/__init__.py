@@ -1,0 +1,206 @@
+"""Kernel ops of pyramidflow, installed as ``pyramidflow.kernels``.
+
+Each public op dispatches to a Triton kernel when its inputs are on CUDA and
+Triton is importable, and to the PyTorch reference in :mod:`.reference`
+otherwise. The choice never changes results beyond float tolerance.
+
+Choosing the backend, strongest first:
+
+1. the ``backend=`` keyword of each op: ``"triton"``, ``"reference"`` or
+   ``None`` / ``"auto"`` (the default);
+2. the environment variable ``PYRAMIDFLOW_KERNELS`` (``reference`` forces the
+   reference, ``triton`` the Triton kernels; read at every call, so
+   ``os.environ["PYRAMIDFLOW_KERNELS"] = "reference"`` works from code too);
+3. ``auto``: Triton for CUDA tensors when triton can be imported, else the reference.
+
+``backend="triton"`` on CPU tensors runs the kernels under Triton's
+interpreter when ``TRITON_INTERPRET=1`` was set before triton was first
+imported (the tests do this). Importing this package does not import triton.
+
+Example:
+    >>> import torch
+    >>> from pyramidflow import kernels
+    >>> x, r, t = torch.randn(3, 2, 4, 5, 5).unbind(0)
+    >>> y, _ = kernels.affine_coupling(x, r, t, volume_norm="CVN", backend="reference")
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import VOLUME_NORMS, log_scale, soft_clamp
+
+__all__ = [
+    "BACKENDS",
+    "VOLUME_NORMS",
+    "affine_coupling",
+    "affine_coupling_bwd",
+    "affine_coupling_inverse",
+    "affine_coupling_reconstruct",
+    "log_scale",
+    "resolve_backend",
+    "soft_clamp",
+]
+
+BACKENDS = ("auto", "triton", "reference")
+_ENV = "PYRAMIDFLOW_KERNELS"
+_OPS = ("affine_coupling", "affine_coupling_inverse", "affine_coupling_reconstruct", "affine_coupling_bwd")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_module() -> Any:
+    """The Triton implementation module, imported on first use (imports triton)."""
+    return importlib.import_module(f"{__name__}.affine_coupling")
+
+
+def _choice(name: str, value: Optional[str], where: str) -> str:
+    choice = "auto" if value is None or value == "" else str(value).strip().lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"{where}: {name} must be one of {BACKENDS}, got {value!r}.")
+    return choice
+
+
+def resolve_backend(op: str, backend: Optional[str], *tensors: Optional[Tensor], differentiable: bool = True) -> str:
+    """The backend an op call runs on: ``"triton"`` or ``"reference"`` (see the module docstring).
+
+    Args:
+        op: the op's name, for messages.
+        backend: the op's ``backend=`` keyword.
+        tensors: the op's tensor operands (``None`` entries are ignored).
+        differentiable: whether the Triton version of the op is differentiable;
+            if not, ``auto`` picks the reference when a graph must be recorded.
+
+    Raises:
+        ValueError: an unknown backend name (keyword or environment).
+        ModuleNotFoundError: ``"triton"`` was asked for and triton cannot be imported.
+    """
+    choice = _choice("backend", backend, op)
+    if choice == "auto":
+        choice = _choice(_ENV, os.environ.get(_ENV), f"{op} (environment variable {_ENV})")
+    if choice == "triton" and not _triton_importable():
+        raise ModuleNotFoundError(
+            f"{op}: backend 'triton' was asked for but triton cannot be imported; install triton or use backend='reference'."
+        )
+    if choice != "auto":
+        return choice
+    present = [x for x in tensors if x is not None]
+    on_cuda = bool(present) and all(x.is_cuda for x in present)
+    needs_graph = torch.is_grad_enabled() and any(x.requires_grad for x in present)
+    if on_cuda and _triton_importable() and (differentiable or not needs_graph):
+        return "triton"
+    return "reference"
+
+
+def affine_coupling(
+    x: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Forward of the coupling's affine transform, ``y = exp(s) * x + t``, differentiable in ``x``, ``r``, ``t``.
+
+    See :func:`.reference.affine_coupling` for the maths and
+    :func:`.affine_coupling.affine_coupling` for the kernel (``backend`` as in the module docstring).
+    """
+    kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    if resolve_backend("affine_coupling", backend, x, r, t, running_mean) == "triton":
+        return _triton_module().affine_coupling(x, r, t, **kwargs)
+    return reference.affine_coupling(x, r, t, **kwargs)
+
+
+def affine_coupling_inverse(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Inverse of :func:`affine_coupling`, ``x = (y - t) * exp(-s)``.
+
+    The Triton version is not differentiable: ``auto`` runs the reference
+    when grad mode is on and an operand requires grad.
+    """
+    kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    if resolve_backend("affine_coupling_inverse", backend, y, r, t, running_mean, differentiable=False) == "triton":
+        return _triton_module().affine_coupling_inverse(y, r, t, **kwargs)
+    return reference.affine_coupling_inverse(y, r, t, **kwargs)
+
+
+def affine_coupling_reconstruct(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The engine's fused path: ``(x, y_local)`` (see :func:`.reference.affine_coupling_reconstruct`).
+
+    On the Triton backend ``x`` is filled during the backward through
+    ``y_local`` (NOTE [lazy reconstruction] in :mod:`.affine_coupling`).
+    """
+    kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    if resolve_backend("affine_coupling_reconstruct", backend, y, r, t, running_mean) == "triton":
+        return _triton_module().affine_coupling_reconstruct(y, r, t, **kwargs)
+    return reference.affine_coupling_reconstruct(y, r, t, **kwargs)
+
+
+def affine_coupling_bwd(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    grad_y: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rebuild ``x`` and backpropagate ``grad_y`` by hand: ``(x, grad_x, grad_r, grad_t)``, not differentiable."""
+    kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    if resolve_backend("affine_coupling_bwd", backend, y, r, t, grad_y, running_mean) == "triton":
+        return _triton_module().affine_coupling_bwd(y, r, t, grad_y, **kwargs)
+    return reference.affine_coupling_bwd(y, r, t, grad_y, **kwargs)
+
+
+# NOTE [op and module share a name]
+# The public op `affine_coupling` and the Triton module `affine_coupling.py`
+# share a name. When a submodule is first imported, Python sets it as an
+# attribute of its package, which would replace the op by the module (and
+# break `kernels.affine_coupling(...)` everywhere) as soon as anything
+# imports the Triton module. The package's class below ignores that one
+# assignment for the names of public ops; the module stays reachable through
+# `sys.modules` and `importlib.import_module("pyramidflow.kernels.affine_coupling")`.
+# (`import pyramidflow.kernels.affine_coupling as m` binds the op, not the
+# module: use importlib.)
+class _KernelsPackage(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OPS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage

@@ -1,0 +1,540 @@
+"""Triton: the coupling's affine transform fused with volume normalisation.
+
+notation: ``x`` the level being transformed, ``r`` the raw log-scale, ``t``
+the shift, ``g = dL/dy`` (all ``(N, C, H, W)``), ``c`` the clamp,
+``m`` the VN mean (a batch mean in training, the running mean in eval, 0 without VN).
+
+Maths (:mod:`.reference` is the definition):
+``s = c (2/pi) atan(r/c) - m``, forward ``y = exp(s) x + t``, inverse
+``x = (y - t) exp(-s)``; the fused backward rebuilds ``x`` from ``y`` and
+writes ``grad_x = g exp(s)``, ``grad_t = g`` and
+``grad_r = (grad_s - mean(grad_s)) (2/pi) / (1 + (r/c)^2)`` with
+``grad_s = g (y - t)`` (the mean only for a batch mean in training).
+
+Bytes moved, in tensor-sized passes (one pass = N*C*H*W elements of the
+dtype: 4 bytes each in float32, 2 in bfloat16 / float16). The minimum is
+what an op must read and write once; the benchmark's GB/s divide it by the time.
+
+* forward: minimum 4 (read x, r, t; write y). Fused kernels: 4, plus 1 (read
+  r) for a batch mean. Reference: about 14, 17 with a batch mean.
+* fused backward ``affine_coupling_bwd``: minimum 8 (read y, r, t, g; write
+  x, grad_x, grad_r, grad_t). Fused kernels: 8, plus 4 (read r, y, t, g; both
+  batch means in one pass) for a batch mean. Reference: about 40, 46 with a batch mean.
+* backward of the autograd binding: 6 (read y, r, t, g; write grad_x,
+  grad_r; grad_t is g itself), plus 3 (read y, t, g) for a batch mean.
+* ``affine_coupling_reconstruct`` then its backward: 7 (read y, r, t, g;
+  write x, grad_x, grad_r), plus 4 for a batch mean, where the Triton inverse,
+  then forward and backward through the binding would take 4 + 4 + 6.
+
+The reference counts one read per operand and one write per result of each
+eager op (``r / c``, ``atan``, ``* c 2/pi``, ``- m``, ``exp``, ``*``, ``+``...).
+The VN means themselves (``H*W`` or ``C`` floats) are negligible.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _launch
+from ._math import nchw_index, soft_clamp, soft_clamp_grad
+from ._launch import mean_shape
+from .volume_norm import VN_CODES, volume_norm_means
+
+__all__ = ["affine_coupling", "affine_coupling_inverse", "affine_coupling_bwd", "affine_coupling_reconstruct"]
+
+_ELEMENTWISE_KEY = ("n_elements", "VN", "CHANNELS_LAST", "DENSE")
+
+# NOTE [memory order]
+# Every kernel visits the elements in one flat order, (n, c, h, w) or, when
+# the first operand is channels-last (c has the smallest stride),
+# (n, h, w, c); each input is read through its own four strides, so
+# contiguous, channels-last and sliced views (the engine passes channel
+# slices of a level, and r, t are chunks of the network's output) need no
+# copy. Outputs are allocated dense in the visiting order, so the flat index
+# is their offset and every write is coalesced.
+
+
+@triton.jit
+def _load_nchw(ptr, idx, n, c, h, w, stride_n, stride_c, stride_h, stride_w, mask, DENSE: tl.constexpr):
+    """Load elements at ``(n, c, h, w)`` of a strided tensor, as float32 (0 where masked).
+
+    ``DENSE``: every operand is dense in the visiting order, so the flat index
+    is the offset and the index arithmetic is dropped (NOTE [memory order]).
+    """
+    if DENSE:
+        offset = idx
+    else:
+        offset = n * stride_n + c * stride_c + h * stride_h + w * stride_w
+    return tl.load(ptr + offset, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _log_scale(r, mean_ptr, c, h, w, W, mask, clamp, VN: tl.constexpr):
+    """``s = soft_clamp(r) - m`` with ``m`` read from the flat float32 VN mean (``VN`` 0: no mean)."""
+    s = soft_clamp(r, clamp)
+    if VN == 1:  # CVN: one mean per pixel
+        s -= tl.load(mean_ptr + h * W + w, mask=mask, other=0.0)
+    if VN == 2:  # SVN: one mean per channel
+        s -= tl.load(mean_ptr + c, mask=mask, other=0.0)
+    return s
+
+
+@triton.jit
+def _element_block(n_elements, BLOCK_SIZE: tl.constexpr, USE_INT64: tl.constexpr):
+    """Flat indices of this program's block, and their mask."""
+    pid = tl.program_id(0)
+    if USE_INT64:
+        pid = pid.to(tl.int64)
+    idx = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    return idx, idx < n_elements
+
+
+@triton.jit
+def _affine_coupling_fwd_kernel(
+    x_ptr,  # input x, (N, C, H, W), any strides
+    r_ptr,  # raw log-scale r, any strides
+    t_ptr,  # shift t, any strides
+    mean_ptr,  # float32 VN mean, flat (H*W for CVN, C for SVN); unused without VN
+    y_ptr,  # output y, dense in the visiting order
+    stride_x_n, stride_x_c, stride_x_h, stride_x_w,  # strides of x
+    stride_r_n, stride_r_c, stride_r_h, stride_r_w,  # strides of r
+    stride_t_n, stride_t_c, stride_t_h, stride_t_w,  # strides of t
+    n_elements,  # N * C * H * W
+    C, H, W,  # sizes
+    clamp,  # soft-clamp bound c
+    VN: tl.constexpr,  # 0 none, 1 CVN, 2 SVN
+    CHANNELS_LAST: tl.constexpr,  # visiting order (n, h, w, c) instead of (n, c, h, w)
+    DENSE: tl.constexpr,  # every input is dense in the visiting order: offsets are flat indices
+    USE_INT64: tl.constexpr,  # 64-bit offsets
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    # one program per BLOCK_SIZE consecutive elements of the visiting order
+    idx, mask = _element_block(n_elements, BLOCK_SIZE, USE_INT64)
+    n, c, h, w = nchw_index(idx, C, H, W, CHANNELS_LAST)
+    x = _load_nchw(x_ptr, idx, n, c, h, w, stride_x_n, stride_x_c, stride_x_h, stride_x_w, mask, DENSE)
+    r = _load_nchw(r_ptr, idx, n, c, h, w, stride_r_n, stride_r_c, stride_r_h, stride_r_w, mask, DENSE)
+    t = _load_nchw(t_ptr, idx, n, c, h, w, stride_t_n, stride_t_c, stride_t_h, stride_t_w, mask, DENSE)
+    s = _log_scale(r, mean_ptr, c, h, w, W, mask, clamp, VN)
+    y = tl.exp(s) * x + t
+    tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _affine_coupling_inv_kernel(
+    y_ptr,  # output of the forward y, (N, C, H, W), any strides
+    r_ptr,  # raw log-scale r, any strides
+    t_ptr,  # shift t, any strides
+    mean_ptr,  # float32 VN mean, flat; unused without VN
+    x_ptr,  # result x, dense in the visiting order
+    stride_y_n, stride_y_c, stride_y_h, stride_y_w,  # strides of y
+    stride_r_n, stride_r_c, stride_r_h, stride_r_w,  # strides of r
+    stride_t_n, stride_t_c, stride_t_h, stride_t_w,  # strides of t
+    n_elements,  # N * C * H * W
+    C, H, W,  # sizes
+    clamp,  # soft-clamp bound c
+    VN: tl.constexpr,  # 0 none, 1 CVN, 2 SVN
+    CHANNELS_LAST: tl.constexpr,  # visiting order (n, h, w, c) instead of (n, c, h, w)
+    DENSE: tl.constexpr,  # every input is dense in the visiting order: offsets are flat indices
+    USE_INT64: tl.constexpr,  # 64-bit offsets
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    # one program per BLOCK_SIZE consecutive elements of the visiting order
+    idx, mask = _element_block(n_elements, BLOCK_SIZE, USE_INT64)
+    n, c, h, w = nchw_index(idx, C, H, W, CHANNELS_LAST)
+    y = _load_nchw(y_ptr, idx, n, c, h, w, stride_y_n, stride_y_c, stride_y_h, stride_y_w, mask, DENSE)
+    r = _load_nchw(r_ptr, idx, n, c, h, w, stride_r_n, stride_r_c, stride_r_h, stride_r_w, mask, DENSE)
+    t = _load_nchw(t_ptr, idx, n, c, h, w, stride_t_n, stride_t_c, stride_t_h, stride_t_w, mask, DENSE)
+    s = _log_scale(r, mean_ptr, c, h, w, W, mask, clamp, VN)
+    x = (y - t) * tl.exp(-s)
+    tl.store(x_ptr + idx, x.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _affine_coupling_bwd_kernel(
+    y_ptr,  # output of the forward y, (N, C, H, W), any strides
+    r_ptr,  # raw log-scale r, any strides
+    t_ptr,  # shift t, any strides
+    g_ptr,  # incoming gradient g = dL/dy, any strides
+    mean_ptr,  # float32 VN mean of s, flat; unused without VN
+    mean_grad_ptr,  # float32 batch mean of grad_s, flat; read when SUBTRACT_GRAD_MEAN
+    x_ptr,  # rebuilt input x, dense in the visiting order (WRITE_X)
+    grad_x_ptr,  # dL/dx, dense in the visiting order (WRITE_GRAD_X)
+    grad_r_ptr,  # dL/dr, dense in the visiting order (WRITE_GRAD_R)
+    grad_t_ptr,  # dL/dt, dense in the visiting order (WRITE_GRAD_T)
+    stride_y_n, stride_y_c, stride_y_h, stride_y_w,  # strides of y
+    stride_r_n, stride_r_c, stride_r_h, stride_r_w,  # strides of r
+    stride_t_n, stride_t_c, stride_t_h, stride_t_w,  # strides of t
+    stride_g_n, stride_g_c, stride_g_h, stride_g_w,  # strides of g
+    n_elements,  # N * C * H * W
+    C, H, W,  # sizes
+    clamp,  # soft-clamp bound c
+    VN: tl.constexpr,  # 0 none, 1 CVN, 2 SVN
+    SUBTRACT_GRAD_MEAN: tl.constexpr,  # the mean of s was a batch mean: backprop through it
+    WRITE_X: tl.constexpr,  # write the rebuilt x
+    WRITE_GRAD_X: tl.constexpr,  # write dL/dx
+    WRITE_GRAD_R: tl.constexpr,  # write dL/dr
+    WRITE_GRAD_T: tl.constexpr,  # write dL/dt (a copy of g)
+    CHANNELS_LAST: tl.constexpr,  # visiting order (n, h, w, c) instead of (n, c, h, w)
+    DENSE: tl.constexpr,  # every input is dense in the visiting order: offsets are flat indices
+    USE_INT64: tl.constexpr,  # 64-bit offsets
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    # one program per BLOCK_SIZE consecutive elements of the visiting order
+    idx, mask = _element_block(n_elements, BLOCK_SIZE, USE_INT64)
+    n, c, h, w = nchw_index(idx, C, H, W, CHANNELS_LAST)
+    y = _load_nchw(y_ptr, idx, n, c, h, w, stride_y_n, stride_y_c, stride_y_h, stride_y_w, mask, DENSE)
+    t = _load_nchw(t_ptr, idx, n, c, h, w, stride_t_n, stride_t_c, stride_t_h, stride_t_w, mask, DENSE)
+    g = _load_nchw(g_ptr, idx, n, c, h, w, stride_g_n, stride_g_c, stride_g_h, stride_g_w, mask, DENSE)
+    d = y - t
+    if WRITE_X or WRITE_GRAD_X or WRITE_GRAD_R:
+        r = _load_nchw(r_ptr, idx, n, c, h, w, stride_r_n, stride_r_c, stride_r_h, stride_r_w, mask, DENSE)
+    if WRITE_X or WRITE_GRAD_X:
+        s = _log_scale(r, mean_ptr, c, h, w, W, mask, clamp, VN)
+    if WRITE_X:
+        tl.store(x_ptr + idx, (d * tl.exp(-s)).to(x_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD_X:
+        tl.store(grad_x_ptr + idx, (g * tl.exp(s)).to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD_R:
+        grad_s = g * d  # dL/ds without x: y - t = exp(s) x
+        if SUBTRACT_GRAD_MEAN:
+            if VN == 1:
+                grad_s -= tl.load(mean_grad_ptr + h * W + w, mask=mask, other=0.0)
+            if VN == 2:
+                grad_s -= tl.load(mean_grad_ptr + c, mask=mask, other=0.0)
+        grad_r = grad_s * soft_clamp_grad(r, clamp)
+        tl.store(grad_r_ptr + idx, grad_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD_T:
+        tl.store(grad_t_ptr + idx, g.to(grad_t_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _mean(where: str, r: Tensor, volume_norm: Optional[str], clamp: float, running_mean: Optional[Tensor]) -> Tuple[Optional[Tensor], bool]:
+    """``(m, is_batch_mean)``: the flat float32 mean to subtract from the clamped log-scale (``None``: none)."""
+    if volume_norm is None:
+        return None, False
+    if running_mean is not None:
+        return _launch.flat_running_mean(where, running_mean, volume_norm, r), False
+    mean, _ = volume_norm_means(volume_norm, clamp, r=r)
+    return mean, True
+
+
+def _batch_mean_output(mean: Optional[Tensor], is_batch_mean: bool, volume_norm: Optional[str], r: Tensor) -> Optional[Tensor]:
+    """The batch mean as the reference returns it: ``(1, 1, H, W)`` or ``(1, C, 1, 1)``, dtype of ``r``."""
+    if not is_batch_mean:
+        return None
+    return mean.view(mean_shape(volume_norm, r.shape)).to(r.dtype)
+
+
+def _strides(name: str, x: Tensor) -> dict:
+    """The ``stride_{name}_{n,c,h,w}`` arguments of a kernel."""
+    return {f"stride_{name}_{dim}": stride for dim, stride in zip("nchw", _launch.strides(x))}
+
+
+def _shape_args(
+    clamp: float, volume_norm: Optional[str], channels_last: bool, inputs: Tuple[Tensor, ...], outputs: Tuple[Tensor, ...]
+) -> dict:
+    """Sizes and compile-time flags of an elementwise kernel; ``inputs[0]`` sets the shape."""
+    n, c, h, w = inputs[0].shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return dict(
+        n_elements=inputs[0].numel(), C=c, H=h, W=w, clamp=float(clamp), VN=VN_CODES[volume_norm],
+        CHANNELS_LAST=channels_last, DENSE=all(a.is_contiguous(memory_format=fmt) for a in inputs),
+        USE_INT64=_launch.needs_int64(*inputs, *outputs),
+    )  # fmt: skip
+
+
+def _result_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for x in tensors[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _forward(x: Tensor, r: Tensor, t: Tensor, mean: Optional[Tensor], volume_norm: Optional[str], clamp: float) -> Tensor:
+    """Launch the forward kernel; ``y`` is dense in the visiting order of ``x``."""
+    order = _launch.channels_last_order(x)
+    y = _launch.empty_in_order(x.shape, _result_dtype(x, r, t), x.device, order)
+    args = dict(x_ptr=x, r_ptr=r, t_ptr=t, mean_ptr=_launch.optional(mean, y), y_ptr=y)
+    args.update(**_strides("x", x), **_strides("r", r), **_strides("t", t))
+    args.update(_shape_args(clamp, volume_norm, order, (x, r, t), (y,)))
+    _launch.elementwise_launch(_affine_coupling_fwd_kernel, x.numel(), _ELEMENTWISE_KEY, args)
+    return y
+
+
+def _inverse(y: Tensor, r: Tensor, t: Tensor, mean: Optional[Tensor], volume_norm: Optional[str], clamp: float) -> Tensor:
+    """Launch the inverse kernel; ``x`` is dense in the visiting order of ``y``."""
+    order = _launch.channels_last_order(y)
+    x = _launch.empty_in_order(y.shape, _result_dtype(y, r, t), y.device, order)
+    args = dict(y_ptr=y, r_ptr=r, t_ptr=t, mean_ptr=_launch.optional(mean, x), x_ptr=x)
+    args.update(**_strides("y", y), **_strides("r", r), **_strides("t", t))
+    args.update(_shape_args(clamp, volume_norm, order, (y, r, t), (x,)))
+    _launch.elementwise_launch(_affine_coupling_inv_kernel, y.numel(), _ELEMENTWISE_KEY, args)
+    return x
+
+
+def _backward(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    g: Tensor,
+    mean: Optional[Tensor],
+    mean_grad: Optional[Tensor],
+    *,
+    volume_norm: Optional[str],
+    clamp: float,
+    dtypes: Tuple[torch.dtype, torch.dtype, torch.dtype],
+    x_out: Optional[Tensor] = None,
+    want: Tuple[bool, bool, bool] = (True, True, True),
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Launch the fused backward; ``(grad_x, grad_r, grad_t)`` of ``dtypes``, ``None`` where ``want`` is False.
+
+    ``mean`` is the flat float32 mean the forward subtracted (``None``
+    without VN) and ``mean_grad`` the batch mean of ``grad_s`` (``None``
+    unless the forward used a batch mean). ``x_out``, when given, receives
+    the rebuilt ``x``; it must be dense in the visiting order of ``y``.
+    """
+    order = _launch.channels_last_order(y)
+    grads = [_launch.empty_in_order(y.shape, dtype, y.device, order) if w else None for w, dtype in zip(want, dtypes)]
+    if x_out is not None:
+        _internal_check_dense(x_out, order)
+    names = ("x_ptr", "grad_x_ptr", "grad_r_ptr", "grad_t_ptr")
+    args = {name: _launch.optional(out, y) for name, out in zip(names, (x_out, *grads))}
+    args.update(y_ptr=y, r_ptr=r, t_ptr=t, g_ptr=g, mean_ptr=_launch.optional(mean, y), mean_grad_ptr=_launch.optional(mean_grad, y))
+    args.update(**_strides("y", y), **_strides("r", r), **_strides("t", t), **_strides("g", g))
+    args.update(_shape_args(clamp, volume_norm, order, (y, r, t, g), tuple(out for out in (x_out, *grads) if out is not None)))
+    flags = dict(SUBTRACT_GRAD_MEAN=mean_grad is not None, WRITE_X=x_out is not None, WRITE_GRAD_X=want[0],
+                 WRITE_GRAD_R=want[1], WRITE_GRAD_T=want[2])  # fmt: skip
+    args.update(flags)
+    _launch.elementwise_launch(_affine_coupling_bwd_kernel, y.numel(), _ELEMENTWISE_KEY + tuple(flags), args)
+    return grads[0], grads[1], grads[2]
+
+
+def _internal_check_dense(x: Tensor, channels_last: bool) -> None:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if not x.is_contiguous(memory_format=fmt):
+        raise RuntimeError(
+            "affine_coupling: the tensor receiving the rebuilt x is not dense in the kernel's visiting order; "
+            "this is a bug in pyramidflow, please report it."
+        )
+
+
+def _refuse_grad(where: str, *tensors: Tensor) -> None:
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        raise NotImplementedError(
+            f"{where}: the Triton version is not differentiable; call it under torch.no_grad(), "
+            "or use backend='reference' to backpropagate through it."
+        )
+
+
+def affine_coupling_inverse(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Inverse of :func:`affine_coupling`, ``x = (y - t) exp(-s)``: one pass, two with a batch mean.
+
+    Not differentiable: call it under ``torch.no_grad()`` (the engine does).
+
+    Returns:
+        ``(x, batch_mean)`` as :func:`.reference.affine_coupling_inverse`.
+
+    Raises:
+        TypeError, ValueError: a bad argument (the message names it and the fix).
+        NotImplementedError: grad mode is on and an operand requires grad.
+    """
+    where = "affine_coupling_inverse"
+    _launch.check_operands(where, "y", y, r=r, t=t)
+    _launch.check_options(where, volume_norm, clamp)
+    _refuse_grad(where, y, r, t)
+    mean, is_batch_mean = _mean(where, r, volume_norm, clamp, running_mean)
+    return _inverse(y, r, t, mean, volume_norm, clamp), _batch_mean_output(mean, is_batch_mean, volume_norm, r)
+
+
+def affine_coupling_bwd(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    grad_y: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rebuild ``x`` from ``y`` and backpropagate ``grad_y``, in one pass over memory.
+
+    With a batch mean (training VN), a first pass computes together the mean
+    of the clamped log-scale and the mean of ``grad_s``. Not differentiable,
+    like the reference.
+
+    Returns:
+        ``(x, grad_x, grad_r, grad_t)`` as :func:`.reference.affine_coupling_bwd`.
+
+    Raises:
+        TypeError, ValueError: a bad argument (the message names it and the fix).
+    """
+    where = "affine_coupling_bwd"
+    _launch.check_operands(where, "y", y, r=r, t=t, grad_y=grad_y)
+    _launch.check_options(where, volume_norm, clamp)
+    y, r, t, grad_y = (a.detach() for a in (y, r, t, grad_y))
+    if volume_norm is not None and running_mean is None:
+        mean, mean_grad = volume_norm_means(volume_norm, clamp, r=r, y=y, t=t, g=grad_y)
+    else:
+        (mean, _), mean_grad = _mean(where, r, volume_norm, clamp, running_mean), None
+    x = _launch.empty_in_order(y.shape, _result_dtype(y, r, t), y.device, _launch.channels_last_order(y))
+    dtypes = (_result_dtype(grad_y, r), _result_dtype(grad_y, y, t, r), grad_y.dtype)  # as the reference's
+    grad_x, grad_r, grad_t = _backward(y, r, t, grad_y, mean, mean_grad, volume_norm=volume_norm, clamp=clamp, dtypes=dtypes, x_out=x)
+    return x, grad_x, grad_r, grad_t
+
+
+# ----------------------------------------------------------------------------- autograd binding
+
+
+class _AffineCouplingFunction(torch.autograd.Function):
+    """``y = exp(s) x + t`` differentiable in ``x``, ``r`` and ``t``; saves ``y`` (not ``x``) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, r, t, volume_norm, clamp, running_mean):
+        where = "affine_coupling"
+        _launch.check_operands(where, "x", x, r=r, t=t)
+        _launch.check_options(where, volume_norm, clamp)
+        mean, is_batch_mean = _mean(where, r, volume_norm, clamp, running_mean)
+        y = _forward(x, r, t, mean, volume_norm, clamp)
+        ctx.save_for_backward(y, r, t, mean)
+        ctx.volume_norm, ctx.clamp, ctx.is_batch_mean, ctx.x_dtype = volume_norm, clamp, is_batch_mean, x.dtype
+        batch_mean = _batch_mean_output(mean, is_batch_mean, volume_norm, r)
+        if batch_mean is not None:
+            ctx.mark_non_differentiable(batch_mean)
+        return y, batch_mean
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_batch_mean):
+        y, r, t, mean = ctx.saved_tensors
+        want_x, want_r, want_t = ctx.needs_input_grad[:3]
+        mean_grad = None
+        if ctx.is_batch_mean and want_r:
+            _, mean_grad = volume_norm_means(ctx.volume_norm, ctx.clamp, y=y, t=t, g=grad_y)
+        # NOTE [grad_t is g]: dL/dt = g exactly, so the incoming gradient is
+        # passed on as it is (autograd allows it) rather than copied by the kernel.
+        dtypes = (ctx.x_dtype, r.dtype, t.dtype)
+        grad_x, grad_r, _ = _backward(
+            y, r, t, grad_y, mean, mean_grad, volume_norm=ctx.volume_norm, clamp=ctx.clamp, dtypes=dtypes, want=(want_x, want_r, False)
+        )
+        grad_t = grad_y.to(t.dtype) if want_t else None
+        return grad_x, grad_r, grad_t, None, None, None
+
+
+def affine_coupling(
+    x: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Forward of the coupling's affine transform, ``y = exp(s) x + t``, differentiable in ``x``, ``r``, ``t``.
+
+    One pass over memory (two with a batch mean). The backward runs the fused
+    kernel on the saved ``y`` (``x`` is not kept).
+
+    Args:
+        x: the level being transformed, ``(N, C, H, W)``, float32 / bfloat16 / float16, on CUDA.
+        r: raw log-scale, same shape and device.
+        t: shift, same shape and device.
+        volume_norm: ``"CVN"``, ``"SVN"`` or ``None``.
+        clamp: soft-clamp bound ``c`` (> 0).
+        running_mean: ``None`` to use the batch mean (training), else the VN
+            mean to subtract (eval), broadcastable to ``(1, 1, H, W)`` (CVN) or ``(1, C, 1, 1)`` (SVN).
+
+    Returns:
+        ``(y, batch_mean)`` as :func:`.reference.affine_coupling`; ``y`` has the
+        promoted dtype of the operands and the memory format of ``x``.
+
+    Raises:
+        TypeError, ValueError: a bad argument (the message names it and the fix).
+    """
+    return _AffineCouplingFunction.apply(x, r, t, volume_norm, clamp, running_mean)
+
+
+# NOTE [lazy reconstruction]
+# The engine's fused path (reference.affine_coupling_reconstruct) asks for x,
+# a leaf, and y_local, equal to y and differentiable in (x, r, t). It reads x
+# only after it has backpropagated through y_local. So here x is allocated
+# EMPTY and y_local is a view of y; nothing is computed in forward. The
+# backward through y_local runs the fused kernel once: it reads y, r, t, g
+# and writes x (into the leaf's storage, through its pointer: its version
+# counter does not change), grad_x and grad_r, and passes g on as grad_t. In
+# training VN a first pass reduces both batch means (of the clamped r and of
+# grad_s) together. Reconstruct plus backward is thus a single pass over
+# memory (two with a batch mean), where inverse-then-recompute takes three.
+# Contract: x holds garbage until that backward has run; a caller that does
+# not backpropagate through y_local (no gradient for it) must not read x, or
+# must call affine_coupling_inverse instead.
+class _ReconstructFunction(torch.autograd.Function):
+    """``y_local`` (a view of ``y``) whose backward fills the leaf ``x`` (NOTE [lazy reconstruction])."""
+
+    @staticmethod
+    def forward(ctx, x, r, t, y, volume_norm, clamp, mean):
+        ctx.save_for_backward(r, t, y, mean)
+        ctx.x = x  # the leaf to fill: written in backward, so not a saved tensor
+        ctx.volume_norm, ctx.clamp = volume_norm, clamp
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        r, t, y, mean = ctx.saved_tensors
+        mean_grad = None
+        if ctx.volume_norm is not None and mean is None:  # training: both batch means in one pass
+            mean, mean_grad = volume_norm_means(ctx.volume_norm, ctx.clamp, r=r, y=y, t=t, g=grad_y)
+        want_r, want_t = ctx.needs_input_grad[1:3]
+        x = ctx.x
+        grad_x, grad_r, _ = _backward(
+            y, r, t, grad_y, mean, mean_grad, volume_norm=ctx.volume_norm, clamp=ctx.clamp,
+            dtypes=(x.dtype, r.dtype, t.dtype), x_out=x, want=(True, want_r, False),
+        )  # fmt: skip
+        grad_t = grad_y.to(t.dtype) if want_t else None
+        return grad_x, grad_r, grad_t, None, None, None, None
+
+
+def affine_coupling_reconstruct(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The engine's fused path: ``x`` from ``y`` and a local graph, computed lazily in one backward.
+
+    See NOTE [lazy reconstruction]: ``x`` is filled during the backward
+    through ``y_local`` and must not be read before.
+
+    Returns:
+        ``(x, y_local)``: ``x`` a leaf that requires grad, ``y_local`` a view
+        of ``y`` differentiable in ``x``, ``r`` and ``t``.
+
+    Raises:
+        TypeError, ValueError: a bad argument (the message names it and the fix).
+    """
+    where = "affine_coupling_reconstruct"
+    _launch.check_operands(where, "y", y, r=r, t=t)
+    _launch.check_options(where, volume_norm, clamp)
+    mean = None
+    if volume_norm is not None and running_mean is not None:
+        mean = _launch.flat_running_mean(where, running_mean, volume_norm, r)
+    x = _launch.empty_in_order(y.shape, _result_dtype(y, r, t), y.device, _launch.channels_last_order(y))
+    x.requires_grad_(True)
+    y_local = _ReconstructFunction.apply(x, r, t, y.detach(), volume_norm, clamp, mean)
+    return x, y_local
