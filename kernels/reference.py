@@ -91,6 +91,14 @@ def log_scale(
     return s - mean, mean.detach()
 
 
+def _affine(scale: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    return scale * x + t
+
+
+def _affine_inverse(scale: Tensor, y: Tensor, t: Tensor) -> Tensor:
+    return (y - t) / scale
+
+
 def affine_coupling(
     x: Tensor,
     r: Tensor,
@@ -106,7 +114,7 @@ def affine_coupling(
         ``(y, batch_mean)`` as in :func:`log_scale`.
     """
     s, mean = log_scale(r, volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
-    return torch.exp(s) * x + t, mean
+    return _affine(torch.exp(s), x, t), mean
 
 
 def affine_coupling_inverse(
@@ -120,7 +128,7 @@ def affine_coupling_inverse(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Inverse of :func:`affine_coupling`: ``x = (y - t) * exp(-s)``."""
     s, mean = log_scale(r, volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
-    return (y - t) * torch.exp(-s), mean
+    return _affine_inverse(torch.exp(s), y, t), mean
 
 
 def affine_coupling_reconstruct(
@@ -142,12 +150,13 @@ def affine_coupling_reconstruct(
         The engine reads ``x`` only after backpropagating through
         ``y_local``, so a fused kernel may fill ``x`` during that backward.
     """
-    kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    # The scale is computed once, with its graph, and serves both directions.
+    s, _ = log_scale(r, volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    scale = torch.exp(s)
     with torch.no_grad():
-        x, _ = affine_coupling_inverse(y, r, t, **kwargs)
+        x = _affine_inverse(scale, y, t)
     x.requires_grad_(True)
-    y_local, _ = affine_coupling(x, r, t, **kwargs)
-    return x, y_local
+    return x, _affine(scale, x, t)
 
 
 def affine_coupling_bwd(
