@@ -402,12 +402,10 @@ class _Run:
         if ctx.is_distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            from pyramidflow.distributed import sync_volume_norm
-
             # A separate group for the latent gather and the VN means, so that these collectives
             # never interleave with DDP's gradient buckets on the default group.
             self.group = torch.distributed.new_group()
-            sync_volume_norm(self.model, self.group)
+            self.model.synchronize_volume_norm(self.group)  # NOTE [volume normalisation across ranks]
             self.net = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_broadcast()
             )

@@ -156,7 +156,7 @@ class PyramidCoupling(InvertibleModule):
         return dict(
             volume_norm=self.volume_norm.mode,
             clamp=self.clamp,
-            running_mean=self.volume_norm.running_mean_for(r),
+            running_mean=self.volume_norm.mean_for(r, self.clamp),
         )
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
@@ -164,8 +164,10 @@ class PyramidCoupling(InvertibleModule):
         self._check(xs)
         k = self.level
         r, t = self._affine_parameters(xs)
-        y, batch_mean = kernels.affine_coupling(xs[k], r, t, **self._coupling_kwargs(r))
-        self.volume_norm.update(batch_mean)  # NOTE [running mean updated once per step]
+        kwargs = self._coupling_kwargs(r)
+        y, batch_mean = kernels.affine_coupling(xs[k], r, t, **kwargs)
+        # NOTE [running mean updated once per step]; a synchronized mean comes in as `running_mean`.
+        self.volume_norm.update(kwargs["running_mean"] if batch_mean is None else batch_mean)
         ys = list(xs)
         ys[k] = self.conv(y)
         return tuple(ys), None

@@ -271,6 +271,11 @@ class PyramidFlow(nn.Module):
         for block in self.flow.blocks:
             block.volume_norm.reset_running_stats()
 
+    def synchronize_volume_norm(self, process_group) -> None:
+        """Normalise every coupling with the batch mean of all ranks (data-parallel training; ``None`` undoes it)."""
+        for block in self.flow.blocks:
+            block.volume_norm.synchronize(process_group)
+
     def features(self, images: Tensor) -> Tensor:
         """Lift (or encode) images ``(N, in, H, W)`` to features ``(N, C, H, W)``, without a graph."""
         if images.dim() != 4:

@@ -15,10 +15,14 @@ mean used in eval mode and updates it in training, like batch norm.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from .. import kernels
+from ..kernels.reference import volume_norm_dims
 
 __all__ = ["VOLUME_NORM_MODES", "VolumeNorm"]
 
@@ -42,7 +46,7 @@ class VolumeNorm(nn.Module):
     """Running mean of the volume-normalised log-scale, for one coupling.
 
     In training the coupling normalises with the batch mean and calls
-    :meth:`update` with it; in eval it normalises with :meth:`running_mean_for`.
+    :meth:`update` with it; in eval it normalises with the running mean from :meth:`mean_for`.
 
     Args:
         mode: ``"CVN"`` or ``"SVN"``.
@@ -64,6 +68,7 @@ class VolumeNorm(nn.Module):
         # CVN only: (height, width) of the level the running mean was estimated at; (0, 0) until the
         # first training step (SVN leaves it at zero: its statistics do not depend on the size).
         self.register_buffer("resolution", torch.zeros(2, dtype=torch.long))
+        self.process_group = None  # set by synchronize(): NOTE [volume normalisation across ranks]
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, channels={self.channels}, momentum={self.momentum}"
@@ -76,17 +81,22 @@ class VolumeNorm(nn.Module):
             self.running_mean.zero_()
         self.resolution.zero_()
 
-    def running_mean_for(self, r: Tensor) -> Optional[Tensor]:
+    def synchronize(self, process_group) -> None:
+        """Normalise with the batch mean of all ranks of ``process_group`` in training (``None``: this rank's)."""
+        self.process_group = process_group
+
+    def mean_for(self, r: Tensor, clamp: float) -> Optional[Tensor]:
         """The mean to subtract from the clamped log-scale of ``r`` ``(N, C, H, W)``.
 
-        Returns ``None`` in training (normalise with the batch mean) and the
-        running mean, in ``r``'s dtype, in eval.
+        Returns ``None`` in training (the op normalises with the batch mean),
+        the global batch mean when synchronized across ranks (with its graph),
+        and the running mean, in ``r``'s dtype, in eval.
 
         Raises:
             ValueError: in eval with CVN at a resolution other than the trained one.
         """
         if self.training:
-            return None
+            return None if self.process_group is None else self._global_batch_mean(r, clamp)
         if self.mode == "SVN":
             return self.running_mean.to(r.dtype)
         size = tuple(r.shape[-2:])
@@ -103,7 +113,7 @@ class VolumeNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, batch_mean: Optional[Tensor]) -> None:
-        """Fold a batch mean (from :func:`pyramidflow.kernels.log_scale`) into the running mean."""
+        """Fold a batch mean (from :func:`pyramidflow.kernels.log_scale` or :meth:`mean_for`) into the running mean."""
         if batch_mean is None or not self.training:
             return
         batch_mean = batch_mean.detach()
@@ -123,6 +133,32 @@ class VolumeNorm(nn.Module):
                     "model.reset_running_stats() before changing it, or use volume_norm='SVN'."
                 )
         self.running_mean.mul_(1.0 - self.momentum).add_(batch_mean.to(self.running_mean.dtype), alpha=self.momentum)
+
+    # NOTE [volume normalisation across ranks]
+    # VN subtracts the *batch* mean of the log-scale. Under DDP each rank holds
+    # only its share of the batch, so a per-rank mean would make data-parallel
+    # training a different algorithm from one process (as BatchNorm differs from
+    # SyncBatchNorm). Synchronized, the mean is the all-reduced sum of every
+    # rank's clamped log-scale over the global count; the all-reduce is
+    # differentiable, so the gradient through the mean reaches every rank's
+    # share as in one process. Ranks must hold equal shares.
+    def _global_batch_mean(self, r: Tensor, clamp: float) -> Tensor:
+        from torch.distributed import get_world_size
+        from torch.distributed.nn.functional import all_reduce
+
+        if r.is_cuda:
+            # The CUDA kernels treat a given mean as a constant, which would drop the gradient through it.
+            raise NotImplementedError(
+                "VolumeNorm: synchronized volume normalisation runs on CPU (gloo) only for now; train on one GPU."
+            )
+        dims = volume_norm_dims(self.mode)
+        count = get_world_size(self.process_group)
+        for d in dims:
+            count *= r.shape[d]
+        local_sum = kernels.soft_clamp(r, clamp).sum(dim=dims, keepdim=True)
+        with warnings.catch_warnings():  # torch >= 2.10 flags this public differentiable collective as deprecated
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+            return all_reduce(local_sum, group=self.process_group) / count
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A CVN running mean is allocated lazily: take the saved shape before loading.
