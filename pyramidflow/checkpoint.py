@@ -52,7 +52,7 @@ CHECKPOINT_KEYS = (
     "score_stats",
 )
 
-_EXECUTION_ONLY = ("mode",)
+_EXECUTION_ONLY = ("mode", "kernels")  # how to run, not what was trained
 
 
 class CheckpointError(ValueError):

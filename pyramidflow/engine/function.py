@@ -37,7 +37,6 @@ class InvertibleRun:
     preserve_rng_state: bool = True
     fwd_rng: List[Optional[RngState]] = field(default_factory=list)
     fwd_autocast: Optional[AutocastState] = None
-    fwd_versions: Tuple[int, ...] = ()
     has_logdet: bool = False
 
 
@@ -59,9 +58,7 @@ class _InvertibleFunction(torch.autograd.Function):
             total = ys[0].new_zeros(ys[0].shape[0])
             ctx.mark_non_differentiable(total)
         ctx.run = run
-        ctx.num_inputs = num_inputs
         ctx.save_for_backward(*ys)
-        run.fwd_versions = tuple(y._version for y in ys)
         return (*ys, total)
 
     @staticmethod

@@ -107,6 +107,7 @@ class PyramidCoupling(InvertibleModule):
         clamp: soft-clamp bound c of the log-scale.
         momentum: running-mean momentum of the volume normalisation.
         conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
+        backend: backend of the affine op, see :mod:`pyramidflow.kernels` (``"auto"``).
     """
 
     volume_preserving = True
@@ -123,6 +124,7 @@ class PyramidCoupling(InvertibleModule):
         clamp: float = 2.0,
         momentum: float = 0.1,
         conv1x1_init: str = "orthogonal",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if channels < 1:
@@ -133,6 +135,7 @@ class PyramidCoupling(InvertibleModule):
         self.cond_levels = tuple(cond_levels)
         self.channels = channels
         self.clamp = float(clamp)
+        self.backend = backend
         hidden = 2 * channels if hidden_channels is None else hidden_channels
         self.net = AffineParameterNet(in_channels, channels, hidden, kernel_size)
         self.volume_norm = VolumeNorm(volume_norm, channels, momentum)
@@ -157,6 +160,7 @@ class PyramidCoupling(InvertibleModule):
             volume_norm=self.volume_norm.mode,
             clamp=self.clamp,
             running_mean=self.volume_norm.mean_for(r, self.clamp),
+            backend=self.backend,
         )
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:

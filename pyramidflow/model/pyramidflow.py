@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.sequential import MODES, InvertibleSequential
+from ..kernels import BACKENDS
 from .conv1x1 import CONV1X1_INITS
 from .coupling import PyramidCoupling, ThreeLevelCoupling, TwoLevelCoupling
 from .pyramid import DOWNSAMPLES, LaplacianPyramid
@@ -55,6 +56,8 @@ class PyramidFlowConfig:
         downsample: ``"max"`` (2×2 max-pooling, the authors' code) or ``"nearest"`` (the paper's text).
         conv1x1_init: ``"orthogonal"``, ``"rotation"`` or ``"identity"`` for the 1×1 convs.
         in_channels: channels of the images (3).
+        kernels: backend of the coupling op: ``"auto"`` (Triton on CUDA when
+            available, else the PyTorch reference), ``"reference"`` or ``"triton"``.
 
     Example:
         >>> PyramidFlowConfig.for_category("screw").num_levels
@@ -73,6 +76,7 @@ class PyramidFlowConfig:
     downsample: str = "max"
     conv1x1_init: str = "orthogonal"
     in_channels: int = 3
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("channels", self.channels, 1)
@@ -97,6 +101,8 @@ class PyramidFlowConfig:
             raise ValueError(f"PyramidFlowConfig: momentum must lie in (0, 1], got {self.momentum!r}.")
         if self.downsample not in DOWNSAMPLES:
             raise ValueError(f"PyramidFlowConfig: downsample must be one of {DOWNSAMPLES}, got {self.downsample!r}.")
+        if self.kernels not in BACKENDS:
+            raise ValueError(f"PyramidFlowConfig: kernels must be one of {BACKENDS}, got {self.kernels!r}.")
         if self.conv1x1_init not in CONV1X1_INITS:
             raise ValueError(f"PyramidFlowConfig: conv1x1_init must be one of {CONV1X1_INITS}, got {self.conv1x1_init!r}.")
 
@@ -164,6 +170,7 @@ def _make_block(kind: str, start: int, config: PyramidFlowConfig) -> PyramidCoup
         clamp=config.clamp,
         momentum=config.momentum,
         conv1x1_init=config.conv1x1_init,
+        backend=config.kernels,
     )
     if kind == "three":
         return ThreeLevelCoupling(start, config.channels, **kwargs)
