@@ -74,7 +74,13 @@ def _choice(name: str, value: Optional[str], where: str) -> str:
     return choice
 
 
-def resolve_backend(op: str, backend: Optional[str], *tensors: Optional[Tensor], differentiable: bool = True) -> str:
+def resolve_backend(
+    op: str,
+    backend: Optional[str],
+    *tensors: Optional[Tensor],
+    differentiable: bool = True,
+    constant: Optional[Tensor] = None,
+) -> str:
     """The backend an op call runs on: ``"triton"`` or ``"reference"`` (see the module docstring).
 
     Args:
@@ -83,9 +89,14 @@ def resolve_backend(op: str, backend: Optional[str], *tensors: Optional[Tensor],
         tensors: the op's tensor operands (``None`` entries are ignored).
         differentiable: whether the Triton version of the op is differentiable;
             if not, ``auto`` picks the reference when a graph must be recorded.
+        constant: an operand the Triton version treats as a constant (the
+            ``running_mean``). When it carries a graph (volume normalisation
+            synchronized across ranks), ``auto`` picks the reference, which
+            passes the gradient through it, and ``"triton"`` is refused.
 
     Raises:
-        ValueError: an unknown backend name (keyword or environment).
+        ValueError: an unknown backend name (keyword or environment), or
+            ``"triton"`` with a ``constant`` that requires grad.
         ModuleNotFoundError: ``"triton"`` was asked for and triton cannot be imported.
     """
     choice = _choice("backend", backend, op)
@@ -95,8 +106,16 @@ def resolve_backend(op: str, backend: Optional[str], *tensors: Optional[Tensor],
         raise ModuleNotFoundError(
             f"{op}: backend 'triton' was asked for but triton cannot be imported; install triton or use backend='reference'."
         )
+    constant_needs_graph = constant is not None and constant.requires_grad and torch.is_grad_enabled()
+    if choice == "triton" and constant_needs_graph:
+        raise ValueError(
+            f"{op}: the Triton kernels treat running_mean as a constant, but this one requires grad; "
+            "use backend='reference' (or 'auto') for a mean with a graph."
+        )
     if choice != "auto":
         return choice
+    if constant_needs_graph:
+        return "reference"
     present = [x for x in tensors if x is not None]
     on_cuda = bool(present) and all(x.is_cuda for x in present)
     needs_graph = torch.is_grad_enabled() and any(x.requires_grad for x in present)
@@ -121,7 +140,7 @@ def affine_coupling(
     :func:`.affine_coupling.affine_coupling` for the kernel (``backend`` as in the module docstring).
     """
     kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
-    if resolve_backend("affine_coupling", backend, x, r, t, running_mean) == "triton":
+    if resolve_backend("affine_coupling", backend, x, r, t, running_mean, constant=running_mean) == "triton":
         return _triton_module().affine_coupling(x, r, t, **kwargs)
     return reference.affine_coupling(x, r, t, **kwargs)
 
@@ -142,7 +161,7 @@ def affine_coupling_inverse(
     when grad mode is on and an operand requires grad.
     """
     kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
-    if resolve_backend("affine_coupling_inverse", backend, y, r, t, running_mean, differentiable=False) == "triton":
+    if resolve_backend("affine_coupling_inverse", backend, y, r, t, running_mean, differentiable=False, constant=running_mean) == "triton":
         return _triton_module().affine_coupling_inverse(y, r, t, **kwargs)
     return reference.affine_coupling_inverse(y, r, t, **kwargs)
 
@@ -163,7 +182,7 @@ def affine_coupling_reconstruct(
     ``y_local`` (NOTE [lazy reconstruction] in :mod:`.affine_coupling`).
     """
     kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
-    if resolve_backend("affine_coupling_reconstruct", backend, y, r, t, running_mean) == "triton":
+    if resolve_backend("affine_coupling_reconstruct", backend, y, r, t, running_mean, constant=running_mean) == "triton":
         return _triton_module().affine_coupling_reconstruct(y, r, t, **kwargs)
     return reference.affine_coupling_reconstruct(y, r, t, **kwargs)
 
@@ -181,7 +200,7 @@ def affine_coupling_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rebuild ``x`` and backpropagate ``grad_y`` by hand: ``(x, grad_x, grad_r, grad_t)``, not differentiable."""
     kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
-    if resolve_backend("affine_coupling_bwd", backend, y, r, t, grad_y, running_mean) == "triton":
+    if resolve_backend("affine_coupling_bwd", backend, y, r, t, grad_y, running_mean, constant=running_mean) == "triton":
         return _triton_module().affine_coupling_bwd(y, r, t, grad_y, **kwargs)
     return reference.affine_coupling_bwd(y, r, t, grad_y, **kwargs)
 

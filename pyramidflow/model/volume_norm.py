@@ -141,16 +141,13 @@ class VolumeNorm(nn.Module):
     # SyncBatchNorm). Synchronized, the mean is the all-reduced sum of every
     # rank's clamped log-scale over the global count; the all-reduce is
     # differentiable, so the gradient through the mean reaches every rank's
-    # share as in one process. Ranks must hold equal shares.
+    # share as in one process (the kernels' dispatch runs the reference op for a
+    # mean with a graph: the Triton op treats its mean as a constant). Ranks must
+    # hold equal shares.
     def _global_batch_mean(self, r: Tensor, clamp: float) -> Tensor:
         from torch.distributed import get_world_size
         from torch.distributed.nn.functional import all_reduce
 
-        if r.is_cuda:
-            # The CUDA kernels treat a given mean as a constant, which would drop the gradient through it.
-            raise NotImplementedError(
-                "VolumeNorm: synchronized volume normalisation runs on CPU (gloo) only for now; train on one GPU."
-            )
         dims = volume_norm_dims(self.mode)
         count = get_world_size(self.process_group)
         for d in dims:

@@ -34,3 +34,16 @@ def test_triton_backend_matches_reference_in_a_training_step(volume_norm):
 def test_config_rejects_unknown_backend():
     with pytest.raises(ValueError, match="kernels must be one of"):
         PyramidFlowConfig(kernels="cuda")
+
+
+def test_a_mean_with_a_graph_is_refused_by_the_triton_backend():
+    """Synchronized VN passes a mean with a graph; the Triton op would treat it as a constant."""
+    from pyramidflow import kernels
+
+    x, r, t = torch.randn(3, 2, 2, 4, 4).unbind(0)
+    mean = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="running_mean as a constant"):
+        kernels.affine_coupling(x, r, t, volume_norm="CVN", running_mean=mean, backend="triton")
+    y, _ = kernels.affine_coupling(x, r, t, volume_norm="CVN", running_mean=mean)
+    y.sum().backward()
+    assert mean.grad is not None
