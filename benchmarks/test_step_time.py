@@ -3,12 +3,12 @@
 On CUDA the paper's configuration is used (C = 16, k = 7, 4 stacks, L = 4,
 batch 2) and the invertible mode runs twice: with the PyTorch reference of the
 coupling op and with the Triton kernels. On CPU the same architecture runs
-narrower (C = 4, so the hidden width is 8) to finish on 2 cores in minutes;
-the table says so in its note column. Groups:
+narrower by default (C = 4, so the hidden width is 8) to finish on 2 cores in
+minutes; the table says so in its note column, and ``--bench-channels 16``
+runs the paper's width. Sweeps time one round only: their point is memory.
+Groups:
 
 * ``step``: the three modes (four on CUDA) at ``--bench-resolution`` (1024).
-Sweeps time one round only: their point is memory.
-
 * ``depth``: peak memory against the number of stacks (1, 2, 4, 8) at 256 px.
 * ``resolution``: peak memory against the image side (256, 512, 1024; 2048 on CUDA) at 4 stacks.
 * ``peer``: memcnn's ``InvertibleModuleWrapper`` around each block, when memcnn is installed.
@@ -21,13 +21,10 @@ import torch
 
 from pyramidflow.model import PyramidFlow, PyramidFlowConfig, fourier_loss
 
-CPU_CHANNELS = 4
 
-
-def _config(device: torch.device, mode: str, num_stacks: int = 4) -> tuple[PyramidFlowConfig, str]:
-    if device.type == "cuda":
-        return PyramidFlowConfig(mode=mode, num_stacks=num_stacks), "paper config"
-    return PyramidFlowConfig(mode=mode, num_stacks=num_stacks, channels=CPU_CHANNELS), f"CPU: C={CPU_CHANNELS} (paper: 16)"
+def _config(channels: int, mode: str, num_stacks: int = 4) -> tuple[PyramidFlowConfig, str]:
+    note = "paper config" if channels == 16 else f"C={channels} (paper: 16)"
+    return PyramidFlowConfig(mode=mode, num_stacks=num_stacks, channels=channels), note
 
 
 def _training_step(model: torch.nn.Module, images: torch.Tensor):
@@ -43,9 +40,9 @@ def _training_step(model: torch.nn.Module, images: torch.Tensor):
     return step
 
 
-def _setup(device, mode, resolution, num_stacks=4):
+def _setup(device, channels, mode, resolution, num_stacks=4):
     torch.manual_seed(0)
-    config, note = _config(device, mode, num_stacks)
+    config, note = _config(channels, mode, num_stacks)
     model = PyramidFlow(config).to(device).train()
     images = torch.randn(2, 3, resolution, resolution, device=device)
     return _training_step(model, images), note
@@ -63,11 +60,11 @@ def kernel_backend(monkeypatch):
 
 @pytest.mark.benchmark(group="step")
 @pytest.mark.parametrize("mode,backend", [("autograd", "reference"), ("checkpoint", "reference"), ("invertible", "reference"), ("invertible", "triton")])
-def test_step(benchmark, measure_step, device, resolution, kernel_backend, mode, backend):
+def test_step(benchmark, measure_step, device, channels, resolution, kernel_backend, mode, backend):
     if backend == "triton" and device.type != "cuda":
         pytest.skip("the Triton kernels run on CUDA only (CPU tests run them under the interpreter)")
     kernel_backend(backend)
-    step, note = _setup(device, mode, resolution)
+    step, note = _setup(device, channels, mode, resolution)
     name = mode if backend == "reference" else "invertible+triton"
     measure_step(step, row=dict(mode=name, resolution=resolution, depth=4, note=note))
 
@@ -75,9 +72,9 @@ def test_step(benchmark, measure_step, device, resolution, kernel_backend, mode,
 @pytest.mark.benchmark(group="depth")
 @pytest.mark.parametrize("num_stacks", [1, 2, 4, 8])
 @pytest.mark.parametrize("mode", ["autograd", "invertible"])
-def test_memory_against_depth(benchmark, measure_step, device, mode, num_stacks, kernel_backend):
+def test_memory_against_depth(benchmark, measure_step, device, channels, mode, num_stacks, kernel_backend):
     kernel_backend("reference")
-    step, note = _setup(device, mode, 256, num_stacks)
+    step, note = _setup(device, channels, mode, 256, num_stacks)
     measure_step(step, row=dict(mode=mode, resolution=256, depth=num_stacks, note=note), timed_rounds=1)
 
 
@@ -88,19 +85,19 @@ def _resolutions(device):
 @pytest.mark.benchmark(group="resolution")
 @pytest.mark.parametrize("side", [256, 512, 1024, 2048])
 @pytest.mark.parametrize("mode", ["autograd", "invertible"])
-def test_memory_against_resolution(benchmark, measure_step, device, mode, side, kernel_backend):
+def test_memory_against_resolution(benchmark, measure_step, device, channels, mode, side, kernel_backend):
     if side not in _resolutions(device):
         pytest.skip("2048 px is measured on CUDA only (CPU time budget)")
     kernel_backend("reference")
-    step, note = _setup(device, mode, side)
+    step, note = _setup(device, channels, mode, side)
     measure_step(step, row=dict(mode=mode, resolution=side, depth=4, note=note), timed_rounds=1)
 
 
 @pytest.mark.benchmark(group="peer")
-def test_memcnn_peer(benchmark, measure_step, device, resolution):
+def test_memcnn_peer(benchmark, measure_step, device, channels, resolution):
     memcnn = pytest.importorskip("memcnn", reason="memcnn is not installed (it is an optional peer, not a dependency)")
     torch.manual_seed(0)
-    config, note = _config(device, "autograd")
+    config, note = _config(channels, "autograd")
     model = PyramidFlow(config).to(device).train()
     model.flow.blocks = torch.nn.ModuleList(
         _MemcnnBlock(memcnn, block) for block in model.flow.blocks

@@ -81,8 +81,11 @@ class _InvertibleFunction(torch.autograd.Function):
         grad_ys: List[Optional[Tensor]] = list(grads[:-1])
         grad_logdet = grads[-1] if run.has_logdet else None
         param_grads: List[Optional[Tensor]] = [None] * len(run.params)
+        inputs_need_grad = any(ctx.needs_input_grad[2 : 2 + len(ys)])
         for index in range(len(run.blocks) - 1, -1, -1):
-            ys, grad_ys = _block_backward(run, index, ys, grad_ys, grad_logdet, param_grads)
+            # The first block's input gradient is only worth computing if the caller's inputs need it.
+            need_input_grad = index > 0 or inputs_need_grad
+            ys, grad_ys = _block_backward(run, index, ys, grad_ys, grad_logdet, param_grads, need_input_grad)
         input_grads = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(grad_ys)]
         return (None, None, *input_grads, *param_grads)
 
@@ -94,6 +97,7 @@ def _block_backward(
     grad_ys: List[Optional[Tensor]],
     grad_logdet: Optional[Tensor],
     param_grads: List[Optional[Tensor]],
+    need_input_grad: bool = True,
 ) -> Tuple[Tensors, List[Optional[Tensor]]]:
     """Rebuild block ``index``'s inputs and push the gradient through it, once."""
     block = run.blocks[index]
@@ -120,13 +124,13 @@ def _block_backward(
     if logdet_local is not None and logdet_local.requires_grad and grad_logdet is not None:
         outputs.append(logdet_local)
         grad_outputs.append(grad_logdet)
-    wrt = [x for x in xs if x.requires_grad] + [p for p in params]
+    inputs = [j for j, x in enumerate(xs) if x.requires_grad] if need_input_grad else []
+    wrt = [xs[j] for j in inputs] + list(params)
     if outputs and wrt:
         computed = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True)
         computed_iter = iter(computed)
-        for j, x in enumerate(xs):
-            if x.requires_grad:
-                grad_xs[j] = add_optional(grad_xs[j], next(computed_iter))
+        for j in inputs:
+            grad_xs[j] = add_optional(grad_xs[j], next(computed_iter))
         for i, grad in zip(run.block_params[index], computed_iter):
             param_grads[i] = add_optional(param_grads[i], grad)
     # Read xs only now: a fused reconstruct may fill them during the local backward.
