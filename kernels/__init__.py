@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import VOLUME_NORMS, log_scale, soft_clamp
+from .reference import VOLUME_NORMS, log_scale, scale_shift, scale_shift_inverse, soft_clamp
 
 __all__ = [
     "BACKENDS",
@@ -49,6 +49,8 @@ __all__ = [
     "affine_coupling_reconstruct",
     "log_scale",
     "resolve_backend",
+    "scale_shift",
+    "scale_shift_inverse",
     "soft_clamp",
 ]
 

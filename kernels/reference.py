@@ -31,6 +31,8 @@ __all__ = [
     "soft_clamp",
     "volume_norm_dims",
     "log_scale",
+    "scale_shift",
+    "scale_shift_inverse",
     "affine_coupling",
     "affine_coupling_inverse",
     "affine_coupling_reconstruct",
@@ -89,6 +91,16 @@ def log_scale(
         return s - running_mean, None
     mean = s.mean(dim=dims, keepdim=True)  # the gradient flows through the batch mean
     return s - mean, mean.detach()
+
+
+def scale_shift(x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    """The affine map itself, from a log-scale already clamped and normalised: ``exp(s) * x + t``."""
+    return _affine(torch.exp(s), x, t)
+
+
+def scale_shift_inverse(y: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    """Inverse of :func:`scale_shift`: ``(y - t) * exp(-s)``."""
+    return _affine_inverse(torch.exp(s), y, t)
 
 
 def _affine(scale: Tensor, x: Tensor, t: Tensor) -> Tensor:

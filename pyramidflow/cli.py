@@ -175,28 +175,22 @@ def _print_table(rows: Sequence[dict]) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
-    from .evaluate import evaluate, image_size_of
+    from .evaluate import evaluate, load_for_inference
     from .train import resolve_device
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    if checkpoint.template is None:
-        raise ValueError(f"{args.checkpoint}: training did not finish, so it has no template; resume it first.")
-    size = image_size_of(checkpoint.template)
-    dataset = _dataset(args.data, args.category, "test", size, args.layout)
-    report = evaluate(
-        args.checkpoint, dataset, args.out, device=resolve_device(args.device),
-        smoothing_sigma=args.smooth, category=args.category,
-    )
+    inference = load_for_inference(args.checkpoint, resolve_device(args.device))
+    dataset = _dataset(args.data, args.category, "test", inference.image_size, args.layout)
+    report = evaluate(inference, dataset, args.out, smoothing_sigma=args.smooth, category=args.category)
     _print_table([report])
     print(f"metrics and overlays written to {args.out}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from .evaluate import predict
+    from .evaluate import load_for_inference, predict
     from .train import resolve_device
 
-    rows = predict(args.checkpoint, args.inputs, args.out, device=resolve_device(args.device), smoothing_sigma=args.smooth)
+    inference = load_for_inference(args.checkpoint, resolve_device(args.device))
+    rows = predict(inference, args.inputs, args.out, smoothing_sigma=args.smooth)
     for row in rows:
         flag = "  (above every training image)" if row["above_training_max"] else ""
         print(f"{row['score']:10.4f}  {row['path']}{flag}")
@@ -205,7 +199,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .data import synthetic
-    from .evaluate import evaluate
+    from .evaluate import evaluate, load_for_inference
     from .model import PyramidFlowConfig
     from .train import resolve_device
 
@@ -223,7 +217,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         config = PyramidFlowConfig.for_category(category, **demo_overrides(category))
         checkpoint = _train(run, config, args.steps, None)
         dataset = _dataset(data_root, category, "test", args.size, "mvtec")
-        report = evaluate(checkpoint, dataset, out / category, device=resolve_device(args.device), category=category)
+        inference = load_for_inference(checkpoint, resolve_device(args.device))
+        report = evaluate(inference, dataset, out / category, category=category)
         rows.append(report)
     summary = {
         key: sum(r[key] for r in rows) / len(rows) for key in ("pixel_auroc", "image_auroc", "aupro")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from .metrics import compute_metrics, image_auroc, pixel_auroc
 from .model import anomaly_map, image_score
 from .visualize import colorize, overlay_panel, save_panel
 
-__all__ = ["Predictions", "load_for_inference", "predict_dataset", "evaluate", "predict", "image_size_of"]
+__all__ = ["Inference", "Predictions", "load_for_inference", "predict_dataset", "evaluate", "predict"]
 
 
 @dataclass
@@ -51,8 +51,27 @@ class Predictions:
     defect_types: List[str]
 
 
-def load_for_inference(path: str | Path, device: torch.device) -> tuple[Checkpoint, torch.nn.Module, tuple]:
-    """Model (eval mode) and template of a finished checkpoint, on ``device``."""
+@dataclass
+class Inference:
+    """A finished checkpoint ready to run: its contents, the model (eval mode) and the template, on one device."""
+
+    checkpoint: Checkpoint
+    model: torch.nn.Module
+    template: Tuple[torch.Tensor, ...]
+    device: torch.device
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """The input resolution the template belongs to: that of its finest level."""
+        return tuple(int(s) for s in self.template[0].shape[-2:])
+
+
+def load_for_inference(path: str | Path, device: torch.device) -> Inference:
+    """Model (eval mode) and template of a finished checkpoint, on ``device``.
+
+    Raises:
+        CheckpointError: a damaged file, or a run that stopped before its template was computed.
+    """
     checkpoint = load_checkpoint(path)
     if not checkpoint.finished or checkpoint.template is None:
         raise CheckpointError(
@@ -61,12 +80,7 @@ def load_for_inference(path: str | Path, device: torch.device) -> tuple[Checkpoi
         )
     model = checkpoint.build_model(device)
     template = tuple(level.to(device) for level in checkpoint.template)
-    return checkpoint, model, template
-
-
-def image_size_of(template: Sequence[torch.Tensor]) -> tuple[int, int]:
-    """The input resolution a template belongs to: that of its finest level."""
-    return tuple(int(s) for s in template[0].shape[-2:])
+    return Inference(checkpoint, model, template, device)
 
 
 def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -148,23 +162,29 @@ def _per_defect_type(predictions: Predictions) -> dict:
 
 
 def evaluate(
-    checkpoint_path: str | Path,
+    inference: Inference,
     dataset: Dataset,
     out_dir: str | Path,
     *,
-    device: torch.device,
     smoothing_sigma: float = 0.0,
     category: str = "",
     progress: bool = True,
 ) -> dict:
     """Metrics of a checkpoint on a labelled test set; writes ``metrics.json`` and overlays to ``out_dir``.
 
+    Args:
+        inference: from :func:`load_for_inference`.
+        dataset: the test set, at ``inference.image_size``.
+
     Returns:
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
         and ``per_defect_type``.
     """
-    checkpoint, model, template = load_for_inference(checkpoint_path, device)
-    predictions = predict_dataset(model, template, dataset, device=device, smoothing_sigma=smoothing_sigma, progress=progress)
+    checkpoint = inference.checkpoint
+    predictions = predict_dataset(
+        inference.model, inference.template, dataset,
+        device=inference.device, smoothing_sigma=smoothing_sigma, progress=progress,
+    )
     if (predictions.labels < 0).any():
         raise ValueError(
             f"evaluate: {int((predictions.labels < 0).sum())} test images have no label; give a mask folder, or use "
@@ -180,7 +200,7 @@ def evaluate(
         "num_images": len(predictions.paths),
         "num_anomalous": int((predictions.labels == 1).sum()),
         "smoothing_sigma": smoothing_sigma,
-        "checkpoint": str(checkpoint_path),
+        "checkpoint": str(checkpoint.path),
         "checkpoint_step": checkpoint.step,
         "per_defect_type": _per_defect_type(predictions),
         "overlays": overlays,
@@ -190,11 +210,10 @@ def evaluate(
 
 
 def predict(
-    checkpoint_path: str | Path,
+    inference: Inference,
     inputs: Iterable[str | Path],
     out_dir: str | Path,
     *,
-    device: torch.device,
     smoothing_sigma: float = 0.0,
     progress: bool = True,
 ) -> List[dict]:
@@ -207,14 +226,17 @@ def predict(
     Returns:
         One ``{"path", "score", "above_training_max"}`` dict per image.
     """
-    checkpoint, model, template = load_for_inference(checkpoint_path, device)
+    checkpoint = inference.checkpoint
     files = _expand(inputs, IMAGE_EXTENSIONS)
     samples = [Sample(path, None, UNKNOWN_LABEL, "") for path in files]
     dataset = AnomalyDataset(
-        samples, name="predict", split="test", size=image_size_of(template),
+        samples, name="predict", split="test", size=inference.image_size,
         texture=False, augment=False, generator=None, verify=True,
     )
-    predictions = predict_dataset(model, template, dataset, device=device, smoothing_sigma=smoothing_sigma, progress=progress)
+    predictions = predict_dataset(
+        inference.model, inference.template, dataset,
+        device=inference.device, smoothing_sigma=smoothing_sigma, progress=progress,
+    )
     out_dir = Path(out_dir)
     vmin, vmax = _colour_range(checkpoint, predictions)
     _write_panels(predictions, out_dir, vmin, vmax, with_masks=False)
@@ -224,7 +246,7 @@ def predict(
         save_panel_array(colorize(predictions.maps[i], vmin, vmax), out_dir / "maps" / f"{Path(path).stem}.png")
         score = float(predictions.scores[i])
         rows.append({"path": path, "score": score, "above_training_max": bool(training_max is not None and score > training_max)})
-    _write_json({"images": rows, "score_stats": checkpoint.score_stats, "checkpoint": str(checkpoint_path)}, out_dir / "metrics.json")
+    _write_json({"images": rows, "score_stats": checkpoint.score_stats, "checkpoint": str(checkpoint.path)}, out_dir / "metrics.json")
     return rows
 
 

@@ -1,7 +1,8 @@
 """A ready affine coupling block for plain (single-tensor) flows, with the fused backward path.
 
-The affine maths (soft clamp, ``exp(s) * x + t`` and its inverse) is the
-kernels' op; this module only splits channels and owns the network.
+The maths (soft clamp, ``exp(s) * x + t`` and its inverse) is the kernels'
+reference; this module only splits channels and owns the network. The clamped
+log-scale is computed once per call and serves the map and the log-determinant.
 """
 
 from __future__ import annotations
@@ -69,25 +70,24 @@ class AffineCoupling(InvertibleModule):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def _scale_shift(self, x_a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _log_scale(self, x_a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(s, t, logdet)`` from the conditioning half: the network, then the soft clamp, once."""
         r, t = self.net(x_a).chunk(2, dim=1)
-        logdet = kernels.soft_clamp(r, self.clamp).flatten(1).sum(dim=1)
-        return r, t, logdet
+        s, _ = kernels.log_scale(r, volume_norm=None, clamp=self.clamp)
+        return s, t, s.flatten(1).sum(dim=1)
 
     def _join(self, y_a: Tensor, y_b: Tensor) -> Tensor:
         return torch.cat((y_a, y_b) if self.parity == 0 else (y_b, y_a), dim=1)
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         (x,) = xs
-        r, t, logdet = self._scale_shift(x[:, self._a])
-        y_b, _ = kernels.affine_coupling(x[:, self._b], r, t, clamp=self.clamp)
-        return (self._join(x[:, self._a], y_b),), logdet
+        s, t, logdet = self._log_scale(x[:, self._a])
+        return (self._join(x[:, self._a], kernels.scale_shift(x[:, self._b], s, t)),), logdet
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         (y,) = ys
-        r, t, logdet = self._scale_shift(y[:, self._a])
-        x_b, _ = kernels.affine_coupling_inverse(y[:, self._b], r, t, clamp=self.clamp)
-        return (self._join(y[:, self._a], x_b),), -logdet
+        s, t, logdet = self._log_scale(y[:, self._a])
+        return (self._join(y[:, self._a], kernels.scale_shift_inverse(y[:, self._b], s, t)),), -logdet
 
     def reconstruct(self, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
         (y,) = ys
@@ -98,9 +98,8 @@ class AffineCoupling(InvertibleModule):
         # not bump x's version counter that the network's graph has recorded
         # (the conditioning half it saved is not touched by the write).
         x = y.detach().clone().requires_grad_(True)
-        r, t, logdet = self._scale_shift(x[:, self._a])
+        s, t, logdet = self._log_scale(x[:, self._a])
         with torch.no_grad():
-            x_b, _ = kernels.affine_coupling_inverse(y[:, self._b], r, t, clamp=self.clamp)
-        x.data[:, self._b].copy_(x_b)
-        y_b, _ = kernels.affine_coupling(x[:, self._b], r, t, clamp=self.clamp)
+            x.data[:, self._b].copy_(kernels.scale_shift_inverse(y[:, self._b], s, t))
+        y_b = kernels.scale_shift(x[:, self._b], s, t)
         return (x,), (self._join(x[:, self._a], y_b),), logdet
