@@ -16,7 +16,6 @@ import inspect
 import numbers
 from typing import Any, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from .block import InvertibleModule, LogDet, Tensors

@@ -1,6 +1,5 @@
 """Activation memory does not grow with depth in invertible mode: counted and measured."""
 
-import pytest
 import torch
 
 from pyramidflow import InvertibleSequential

@@ -1,0 +1,145 @@
+"""Settings and results of a training run, and the device choice: what :func:`pyramidflow.train.train` takes and gives."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["DEVICES", "DTYPES", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss (or a weight) became NaN or infinite; training stopped without saving the bad state."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (the defaults are the method's).
+
+    Give exactly one budget: ``steps`` (optimizer steps) or ``epochs`` (passes over the training set;
+    the reference run uses 15). An epoch has ``len(dataset) // batch_size`` steps: an incomplete last
+    batch is dropped.
+
+    Args:
+        steps: number of optimizer steps, or ``None`` to use ``epochs``.
+        epochs: number of epochs, or ``None`` to use ``steps``.
+        batch_size: images per step over all processes, at least 2 (the loss compares pairs).
+        lr: Adam learning rate.
+        betas: Adam betas.
+        eps: Adam epsilon (1e-4 in the method, much larger than Adam's default).
+        weight_decay: Adam weight decay (L2).
+        grad_clip: largest gradient norm (all parameters together); ``None`` disables clipping.
+        seed: seeds the initial weights, the shuffles and the augmentation.
+        checkpoint_every: write ``checkpoint.pt`` every this many steps (``None``: only at the end).
+        num_workers: data-loading worker processes (0 loads in the training process; resuming is
+            bit for bit only then, see ``NOTE [resume bit for bit]``).
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        log_every: update the progress bar, and check the loss for NaN/inf, every this many steps.
+        dtype: ``"float32"`` or ``"float64"`` (for exact comparisons in tests).
+        score_quantile: quantile of the training images' pixel scores stored in the checkpoint.
+    """
+
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 2
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    eps: float = 1e-4
+    weight_decay: float = 1e-5
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int | None = 500
+    num_workers: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    dtype: str = "float32"
+    score_quantile: float = 0.99
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(
+                f"TrainConfig: give exactly one budget, steps or epochs (got steps={self.steps}, "
+                f"epochs={self.epochs}); e.g. epochs=15 as in the reference run."
+            )
+        for name in ("steps", "epochs", "batch_size", "num_workers", "log_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"TrainConfig: {name} must be an int, got {value!r} ({type(value).__name__}).")
+        for name in ("steps", "epochs", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainConfig: {name} must be at least 1, got {value}.")
+        if self.batch_size < 2:
+            raise ValueError(
+                f"TrainConfig: batch_size must be at least 2 (the loss compares pairs of images), got {self.batch_size}."
+            )
+        if self.num_workers < 0:
+            raise ValueError(f"TrainConfig: num_workers must be >= 0, got {self.num_workers}.")
+        for name in ("lr", "eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"TrainConfig: {name} must be a positive number, got {value!r}.")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig: weight_decay must be >= 0, got {self.weight_decay!r}.")
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"TrainConfig: betas must be two numbers in [0, 1), got {self.betas!r}.")
+        if self.grad_clip is not None and not (
+            isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip) and self.grad_clip > 0
+        ):
+            raise ValueError(f"TrainConfig: grad_clip must be a positive number or None, got {self.grad_clip!r}.")
+        if self.device not in DEVICES:
+            raise ValueError(f"TrainConfig: device must be one of {DEVICES}, got {self.device!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
+        if not 0.0 < self.score_quantile < 1.0:
+            raise ValueError(f"TrainConfig: score_quantile must lie in (0, 1), got {self.score_quantile!r}.")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        checkpoint_path: the final ``checkpoint.pt`` (written by rank 0 only).
+        step: optimizer steps completed.
+        losses: the loss of every step, in order (those of a resumed run's earlier steps included).
+        model: the trained ``PyramidFlow`` (not the DDP wrapper), in eval mode.
+        template: the latent template, one tensor ``(1, C, H_i, W_i)`` per level (``None`` off rank 0).
+        score_stats: statistics of the training images' anomaly maps (``None`` off rank 0): ``image_mean``,
+            ``image_std``, ``image_max`` (image score = max of the map), ``pixel_quantile`` at ``quantile``,
+            ``num_images``.
+    """
+
+    checkpoint_path: Path
+    step: int
+    losses: list[float]
+    model: torch.nn.Module
+    template: list[Tensor] | None = None
+    score_stats: dict | None = None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device to train on: ``"auto"`` picks CUDA when present, else the CPU.
+
+    Raises:
+        ValueError: an unknown device name.
+        RuntimeError: ``"cuda"`` asked for but no CUDA device is usable.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"resolve_device: device must be one of {DEVICES}, got {device!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "resolve_device: device='cuda' was asked for but torch sees no CUDA device "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu' or 'auto'."
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
