@@ -11,7 +11,7 @@ Groups:
 * ``step``: the three modes (four on CUDA) at ``--bench-resolution`` (1024).
 * ``depth``: peak memory against the number of stacks (1, 2, 4, 8) at 256 px.
 * ``resolution``: peak memory against the image side (256, 512, 1024; 2048 on CUDA) at 4 stacks.
-* ``peer``: memcnn's ``InvertibleModuleWrapper`` around each block, when memcnn is installed.
+* ``step`` also holds the peer row: memcnn's ``InvertibleModuleWrapper`` around each block, when memcnn is installed.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def test_memory_against_resolution(benchmark, measure_step, device, channels, mo
     measure_step(step, row=dict(mode=mode, resolution=side, depth=4, note=note), timed_rounds=1)
 
 
-@pytest.mark.benchmark(group="peer")
+@pytest.mark.benchmark(group="step")
 def test_memcnn_peer(benchmark, measure_step, device, channels, resolution):
     memcnn = pytest.importorskip("memcnn", reason="memcnn is not installed (it is an optional peer, not a dependency)")
     torch.manual_seed(0)
@@ -117,11 +117,13 @@ class _MemcnnBlock(torch.nn.Module):
                 super().__init__()
                 self.inner = inner
 
+            # memcnn frees the storage of its inputs after forward (keep_input=False), so a level our
+            # blocks pass through untouched must come out as a new tensor, not the input object.
             def forward(self, *xs):
-                return self.inner(tuple(xs))[0]
+                return _fresh(self.inner(tuple(xs))[0], xs)
 
             def inverse(self, *ys):
-                return self.inner.inverse(tuple(ys))[0]
+                return _fresh(self.inner.inverse(tuple(ys))[0], ys)
 
         self.wrapped = memcnn.InvertibleModuleWrapper(_Flat(block), keep_input=False, keep_input_inverse=False)
 
@@ -130,3 +132,7 @@ class _MemcnnBlock(torch.nn.Module):
 
     def inverse(self, ys):
         return tuple(self.wrapped.inverse(*ys)), None
+
+
+def _fresh(outputs, inputs):
+    return tuple(y.clone() if any(y is x for x in inputs) else y for y in outputs)
