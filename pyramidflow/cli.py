@@ -125,9 +125,11 @@ def _model_config(args: argparse.Namespace):
 
 
 def _check_size(size: int, config) -> None:
+    from .model.pyramid import nearest_valid_side
+
     multiple = config.size_multiple
     if size < multiple or size % multiple:
-        nearest = max(multiple, round(size / multiple) * multiple)
+        nearest = nearest_valid_side(size, config.num_levels)
         raise ValueError(
             f"--size {size} is not divisible by 2^(levels-1) = {multiple} (levels={config.num_levels}); use --size {nearest}."
         )

@@ -16,11 +16,13 @@ from typing import Iterable, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .data import IMAGE_EXTENSIONS, UNKNOWN_LABEL, AnomalyDataset, Sample, denormalize
+from .data import UNKNOWN_LABEL, AnomalyDataset, Sample, denormalize
+from .data._io import list_images
 from .metrics import compute_metrics, image_auroc, pixel_auroc
 from .model import anomaly_map, image_score
 from .visualize import colorize, overlay_panel, save_panel
@@ -227,7 +229,7 @@ def predict(
         One ``{"path", "score", "above_training_max"}`` dict per image.
     """
     checkpoint = inference.checkpoint
-    files = _expand(inputs, IMAGE_EXTENSIONS)
+    files = _expand(inputs)
     samples = [Sample(path, None, UNKNOWN_LABEL, "") for path in files]
     dataset = AnomalyDataset(
         samples, name="predict", split="test", size=inference.image_size,
@@ -243,29 +245,19 @@ def predict(
     training_max = (checkpoint.score_stats or {}).get("image_max")
     rows = []
     for i, path in enumerate(predictions.paths):
-        save_panel_array(colorize(predictions.maps[i], vmin, vmax), out_dir / "maps" / f"{Path(path).stem}.png")
+        save_panel(Image.fromarray(colorize(predictions.maps[i], vmin, vmax)), out_dir / "maps" / f"{Path(path).stem}.png")
         score = float(predictions.scores[i])
         rows.append({"path": path, "score": score, "above_training_max": bool(training_max is not None and score > training_max)})
     _write_json({"images": rows, "score_stats": checkpoint.score_stats, "checkpoint": str(checkpoint.path)}, out_dir / "metrics.json")
     return rows
 
 
-def save_panel_array(rgb: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
-
-
-def _expand(inputs: Iterable[str | Path], suffixes: Sequence[str]) -> List[Path]:
+def _expand(inputs: Iterable[str | Path]) -> List[Path]:
+    """Image files given directly, and the images of folders given, in order."""
     files: List[Path] = []
-    for item in inputs:
-        item = Path(item)
+    for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.suffix.lower() in suffixes)
-            if not found:
-                raise FileNotFoundError(f"{item}: no images ({', '.join(suffixes)}) in this folder.")
-            files.extend(found)
+            files.extend(list_images(item, "predict", "pass image files or a folder of images."))
         elif item.is_file():
             files.append(item)
         else:

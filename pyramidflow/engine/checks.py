@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ._state import RngState, recomputation
+from .adapters import wrap
 from .block import InvertibleModule, LogDet, Tensors
 from .errors import InvertibleError
 
@@ -85,8 +86,6 @@ def check_inverse(
         >>> [r.error < 1e-6 for r in check_inverse(seq, torch.randn(2, 4, 8, 8))]
         [True, True]
     """
-    from .adapters import wrap
-
     block_list = list(getattr(blocks, "blocks", blocks))
     xs: Tensors = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     reports = []

@@ -48,6 +48,12 @@ def _up(x: Tensor, size: Tuple[int, int]) -> Tensor:
     return _blur(F.interpolate(x, size=size, mode="nearest"))
 
 
+def nearest_valid_side(side: int, num_levels: int) -> int:
+    """The multiple of ``2**(num_levels - 1)`` nearest to ``side`` (ties round up), at least one multiple."""
+    factor = 2 ** (num_levels - 1)
+    return max(factor, (side + factor // 2) // factor * factor)
+
+
 def check_image_size(height: int, width: int, num_levels: int, *, where: str = "LaplacianPyramid") -> None:
     """Raise a ValueError naming the nearest valid size when ``num_levels`` levels do not fit.
 
@@ -58,8 +64,7 @@ def check_image_size(height: int, width: int, num_levels: int, *, where: str = "
     factor = 2 ** (num_levels - 1)
     if height % factor == 0 and width % factor == 0 and height > 0 and width > 0:
         return
-    near_h = max(factor, (height + factor // 2) // factor * factor)  # ties round up
-    near_w = max(factor, (width + factor // 2) // factor * factor)
+    near_h, near_w = nearest_valid_side(height, num_levels), nearest_valid_side(width, num_levels)
     raise ValueError(
         f"{where}: image size {height}×{width} cannot be split into {num_levels} levels: height and width must "
         f"be divisible by 2**{num_levels - 1} = {factor}; the nearest valid size is {near_h}×{near_w} "
