@@ -29,6 +29,7 @@ __all__ = [
     "image_threshold",
     "pixel_threshold",
     "check_threshold",
+    "stored_thresholds",
     "calibrate",
 ]
 
@@ -173,6 +174,19 @@ def check_threshold(value: float | None, name: str) -> float | None:
             "give a non-negative number, or leave it out to use the calibrated threshold."
         )
     return float(value)
+
+
+def stored_thresholds(checkpoint: Any) -> tuple[float, float, str]:
+    """``(image_threshold, pixel_threshold, source)`` of a finished checkpoint.
+
+    Checkpoints written before calibration existed fall back to the training images' largest score
+    and pixel quantile (``score_stats``), which are optimistic; ``source`` says which.
+    """
+    calibration = getattr(checkpoint, "calibration", None) or {}
+    if "image_threshold" in calibration:
+        return float(calibration["image_threshold"]), float(calibration["pixel_threshold"]), calibration["source"]
+    stats = getattr(checkpoint, "score_stats", None) or {}
+    return float(stats.get("image_max", 0.0)), float(stats.get("pixel_quantile", 0.0)), "training score statistics"
 
 
 @torch.no_grad()
