@@ -116,7 +116,7 @@ class Detector:
         >>> from pyramidflow.train import TrainConfig, train
         >>> root = synthetic.generate(tempfile.mkdtemp(), size=32, categories=("nut",), num_train=6, num_test=1)
         >>> config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=3)
-        >>> run = train(config, TrainConfig(steps=2, device="cpu"), MVTecDataset(root, "nut", "train", size=32),
+        >>> run = train(config, TrainConfig(steps=2, device="cpu"), MVTecDataset(root, "nut", split="train", size=32),
         ...             tempfile.mkdtemp(), progress=False)
         >>> detector = Detector.load(run.checkpoint_path)
         >>> [p] = detector(np.zeros((48, 40, 3), dtype=np.uint8))

@@ -49,9 +49,10 @@ def test_train_eval_predict(trained, data_root, tmp_path, capsys):
 
     images = data_root / "nut" / "test" / "spot"
     assert main(["predict", "--checkpoint", str(trained), "--out", str(tmp_path / "pred"), str(images), "--device", "cpu"]) == 0
-    scores = json.loads((tmp_path / "pred" / "metrics.json").read_text())["images"]
+    scores = json.loads((tmp_path / "pred" / "predictions.json").read_text())["images"]
     assert len(scores) == len(list(images.iterdir()))
     assert len(list((tmp_path / "pred" / "maps").glob("*.png"))) == len(scores)
+    assert len(list((tmp_path / "pred" / "masks").glob("*.png"))) == len(scores)
     assert len(list((tmp_path / "pred" / "overlays").rglob("*.png"))) == len(scores)
 
 
