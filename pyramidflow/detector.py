@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -207,14 +207,3 @@ class Detector:
         native = tiled_anomaly_map(tensor, self.image_size, self._maps, batch_size=self.batch_size, name=name)
         native = smooth(native[None], self.smoothing_sigma)[0]
         return self._decide(name, float(native.max()), native)
-
-    def iter_batches(self, images: Iterable[Any]) -> Iterable[List[Prediction]]:
-        """Predictions of many images, ``batch_size`` at a time (bounded memory for large folders)."""
-        chunk: List[Any] = []
-        for item in images:
-            chunk.append(item)
-            if len(chunk) == self.batch_size:
-                yield self(chunk)
-                chunk = []
-        if chunk:
-            yield self(chunk)

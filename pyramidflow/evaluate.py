@@ -278,11 +278,30 @@ def predict(
             width, height = _header_size(path, "predict")
             check_tileable(height, width, inference.image_size, f"predict --tile: {path}")
     vmax = float((inference.checkpoint.score_stats or {}).get("image_max") or detector.threshold or 1.0)
-    batches = tqdm(detector.iter_batches([str(f) for f in files]), desc="predict", unit="batch",
-                   disable=not progress, leave=False)
-    decided = ((p, np.asarray(load_rgb(Path(p.path), "predict"))) for batch in batches for p in batch)
+    # A bar only after a second, so that an error on the first images stays the only line on stderr.
+    files = tqdm(files, desc="predict", unit="image", disable=not progress, leave=False, delay=1.0)
+    decided = _decide_each(detector, files)
     return write_predictions(decided, Path(out_dir), vmax=vmax, image_threshold=detector.threshold,
                              pixel_threshold=detector.pixel_threshold, checkpoint=str(inference.checkpoint.path))
+
+
+def _decide_each(detector, files: Iterable[Path]) -> Iterable[tuple]:
+    """``(prediction, pixels)`` per file, ``detector.batch_size`` files at a time; each file is decoded once."""
+    chunk: list = []
+
+    def flush() -> Iterable[tuple]:
+        predictions = detector([image for _, image in chunk])
+        for (name, image), prediction in zip(chunk, predictions):
+            prediction.path = name
+            yield prediction, np.asarray(image)
+        chunk.clear()
+
+    for path in files:
+        chunk.append((str(path), load_rgb(Path(path), "predict")))
+        if len(chunk) == detector.batch_size:
+            yield from flush()
+    if chunk:
+        yield from flush()
 
 
 def _expand(inputs: Iterable[str | Path]) -> List[Path]:
