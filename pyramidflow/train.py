@@ -4,8 +4,10 @@ One function, :func:`train`, runs the method's training ("Training" in the metho
 ``batch_size`` normal images, the pairwise Fourier loss over every pair of the batch, Adam with the
 method's settings and gradient-norm clipping, for a budget of steps or epochs. Then, in eval mode and
 without gradients, it computes the latent template (mean latent pyramid of the training images) and
-statistics of the training images' anomaly scores, and stores both in the checkpoint, so that
-evaluation can normalise and threshold maps without ever looking at the test set.
+statistics of the training images' anomaly scores, and stores both in the checkpoint. A seeded share of
+the good images (``calibration_fraction``, default 10%, at least 4) is held out of all of this and
+sets the image and pixel decision thresholds (:mod:`pyramidflow.calibration`), so that evaluation and
+prediction threshold maps without ever looking at the test set.
 
 The same function runs data-parallel under ``torchrun`` (see :mod:`pyramidflow.distributed`). Seeded
 runs are reproducible on CPU, and a resumed run continues bit for bit (``NOTE [resume bit for bit]``).
@@ -457,7 +459,8 @@ def train(
     the flow, takes the pairwise Fourier loss over all pairs of the batch, and updates with Adam after
     clipping the gradient norm. Checkpoints are written atomically every ``checkpoint_every`` steps
     and at the end; the final one also holds the latent template and the score statistics of the
-    training images. Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains data-parallel, the
+    training images, and the decision thresholds set on the held-out calibration split (the seeded
+    ``calibration_fraction`` of ``dataset``, never trained on; see :mod:`pyramidflow.calibration`). Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains data-parallel, the
     global batch split across ranks; rank 0 writes checkpoints and shows the progress bar.
 
     Args:
@@ -474,7 +477,7 @@ def train(
         The :class:`TrainResult`.
 
     Raises:
-        ValueError, TypeError: bad configs or data set.
+        ValueError, TypeError: bad configs or data set, or too few images to hold out a calibration split.
         FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is False.
         FileNotFoundError: ``resume`` is True but there is no checkpoint.
         CheckpointError: the checkpoint is damaged or from another model or train config.
