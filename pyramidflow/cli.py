@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path, metavar="ROOT")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=256)
+    synth.add_argument("--num-train", type=int, default=32, help="good training images per category (32)")
+    synth.add_argument("--num-test", type=int, default=4, help="test images per defect type, and good ones (4)")
 
     demo = commands.add_parser("demo", help="synthetic data, training, evaluation and overlays in one go")
     demo.add_argument("--out", required=True, type=Path, metavar="DIR")
@@ -154,7 +156,7 @@ def _check_size(size: int, config) -> None:
 def _cmd_synth(args: argparse.Namespace) -> None:
     from .data import synthetic
 
-    root = synthetic.generate(args.out, seed=args.seed, size=args.size)
+    root = synthetic.generate(args.out, seed=args.seed, size=args.size, num_train=args.num_train, num_test=args.num_test)
     print(f"synthetic data set written to {root} (categories: {', '.join(synthetic.CATEGORIES)})")
 
 
