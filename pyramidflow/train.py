@@ -185,6 +185,7 @@ def _template_and_score_stats(
             "quantile": float(config.score_quantile),
             "pixel_quantile": float(np.quantile(pixel_values, config.score_quantile)),
             "pixel_max": float(pixel_values.max()),
+            "image_scores": [float(s) for s in scores],
         }
         return [level.detach().cpu() for level in template], stats
     finally:
@@ -556,7 +557,7 @@ def _loop(run: _Run) -> TrainResult:
             rng = _rng_state(run.device)
             with _without_augmentation(run.dataset):
                 template, stats = _template_and_score_stats(run.model, run.dataset, config, run.device, run.dtype)
-                _set_thresholds(run, template)
+                _set_thresholds(run, template, stats)
             _set_rng_state(rng, run.device)
         run.save(template=template, stats=stats)
         if run.ctx.is_distributed:
@@ -580,7 +581,7 @@ def _hold_out(dataset: Dataset, config: TrainConfig) -> tuple[Dataset, Dataset |
     return CalibrationSplit(dataset, train_indices), CalibrationSplit(dataset, held_out), record
 
 
-def _set_thresholds(run: _Run, template: list[Tensor]) -> None:
+def _set_thresholds(run: _Run, template: list[Tensor], stats: dict) -> None:
     """Image and pixel thresholds on the held-out good images (the training images if none were held out)."""
     config = run.config
     images = run.held_out if run.held_out is not None else run.dataset
@@ -588,6 +589,7 @@ def _set_thresholds(run: _Run, template: list[Tensor]) -> None:
         run.model, [level.to(run.device) for level in template], images, image_fpr=config.image_fpr,
         pixel_fpr=config.pixel_fpr, batch_size=config.batch_size, device=run.device, dtype=run.dtype,
         source="held-out" if run.held_out is not None else "training images",
+        training_scores=stats["image_scores"] if run.held_out is not None else None,
     )
     run.calibration = {**(run.calibration or {}), **thresholds}
 

@@ -51,6 +51,21 @@ def test_image_threshold_has_the_target_false_positive_rate_under_its_model():
     assert float((fresh > held_out.max(axis=1)).mean()) > 0.15
 
 
+def test_pooled_spread_keeps_the_rate_when_training_scores_are_lower():
+    """Training scores are optimistic (lower level, same spread): they may set the spread, not the level."""
+    rng = np.random.default_rng(1)
+    fpr, trials = 0.05, 3000
+    held_out = np.exp(rng.normal(0.3, 0.2, size=(trials, 4)))
+    training = np.exp(rng.normal(0.0, 0.2, size=(trials, 28)))
+    fresh = np.exp(rng.normal(0.3, 0.2, size=trials))
+    pooled = np.array([image_threshold(h, fpr, spread_from=t) for h, t in zip(held_out, training)])
+    assert abs(float((fresh > pooled).mean()) - fpr) < 0.015
+    alone = np.array([image_threshold(h, fpr) for h in held_out])
+    assert np.std(np.log(pooled)) < 0.5 * np.std(np.log(alone))  # a much steadier threshold
+    # Setting the level on the training images too would flag good parts far too often.
+    assert float((fresh > np.array([image_threshold(t, fpr) for t in training])).mean()) > 0.2
+
+
 def test_image_threshold_formula_and_refusals():
     scores = np.array([1.0, 1.2, 0.9, 1.1, 1.05])
     logs = np.log(scores)
@@ -59,6 +74,11 @@ def test_image_threshold_formula_and_refusals():
     expected = math.exp(logs.mean() + stats.t.ppf(0.99, 4) * logs.std(ddof=1) * math.sqrt(1 + 1 / 5))
     assert image_threshold(scores, 0.01) == pytest.approx(expected, rel=1e-12)
     assert image_threshold(scores, 0.01) > image_threshold(scores, 0.1) > scores.max() * 0.9
+    training = np.array([0.5, 0.7, 0.6])
+    t = np.log(training)
+    pooled_sd = math.sqrt((((logs - logs.mean()) ** 2).sum() + ((t - t.mean()) ** 2).sum()) / (4 + 2))
+    expected = math.exp(logs.mean() + stats.t.ppf(0.99, 6) * pooled_sd * math.sqrt(1 + 1 / 5))
+    assert image_threshold(scores, 0.01, spread_from=training) == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="at least 2 finite positive scores"):
         image_threshold([1.0], 0.01)
     with pytest.raises(ValueError, match="image_fpr must be a false-positive rate"):
@@ -98,9 +118,11 @@ def test_train_sets_the_thresholds_on_the_held_out_images_only(tmp_path):
             torch.testing.assert_close(level.mean(dim=0, keepdim=True), template, rtol=1e-5, atol=1e-6)
         # ... and the thresholds come from the held-out images' maps.
         maps = anomaly_map(model(data.images[held_out]), ckpt.template)
+        training_scores = image_score(anomaly_map(model(data.images[kept]), ckpt.template)).double().numpy()
     scores = image_score(maps).double().numpy()
     np.testing.assert_allclose(calibration["scores"], scores, rtol=1e-5)
-    assert calibration["image_threshold"] == pytest.approx(image_threshold(scores, 0.05), rel=1e-5)
+    expected = image_threshold(scores, 0.05, spread_from=training_scores)
+    assert calibration["image_threshold"] == pytest.approx(expected, rel=1e-5)
     assert calibration["pixel_threshold"] == pytest.approx(pixel_threshold(maps.double().numpy(), 0.01), rel=1e-5)
 
 
