@@ -2,9 +2,10 @@
 
 ``evaluate`` runs a labelled test set (MVTec / BTAD / folder layout) and writes
 ``metrics.json`` plus one overlay panel per test image; ``predict`` runs any
-images and writes their heat maps, overlays and scores. The template and the
-score statistics come from the checkpoint: they were computed on training
-images only, so nothing here is tuned on the test set.
+images and writes their decisions, masks, heat maps and overlays. The template,
+the score statistics and the decision thresholds come from the checkpoint: they
+were computed on training and held-out good images only, so nothing here is
+tuned on the test set.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
+from .calibration import stored_thresholds
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .data import denormalize
 from .data._io import _header_size, list_images, load_rgb
-from .calibration import stored_thresholds
 from .metrics import compute_metrics, image_auroc, image_decision_metrics, pixel_auroc, pixel_decision_metrics
 from .model import anomaly_map, image_score
 from .tiling import check_tileable
