@@ -51,6 +51,7 @@ def test_image_threshold_has_the_target_false_positive_rate_under_its_model():
     assert float((fresh > held_out.max(axis=1)).mean()) > 0.15
 
 
+@pytest.mark.slow
 def test_pooled_spread_keeps_the_rate_when_training_scores_are_lower():
     """Training scores are optimistic (lower level, same spread): they may set the spread, not the level."""
     rng = np.random.default_rng(1)

@@ -61,6 +61,7 @@ def texture_detector(tmp_path_factory):
     return Detector.load(run.checkpoint_path, device="cpu", tile=True)
 
 
+@pytest.mark.slow
 def test_defect_in_a_4x_larger_image_is_found_in_place_and_seams_stay_dark(texture_detector):
     good = _big_fabric(seed=11)
     defective = good.copy()
