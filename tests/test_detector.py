@@ -120,3 +120,17 @@ def test_tiled_refuses_an_image_smaller_than_the_trained_size(trained):
         detector(np.zeros((20, 40, 3), dtype=np.uint8))
     [p] = detector(np.zeros((32, 48, 3), dtype=np.uint8))
     assert p.anomaly_map.shape == (32, 48)
+
+
+def test_a_checkpoint_from_before_calibration_still_loads(trained, tmp_path):
+    """No ``calibration`` key: the thresholds fall back to the training score statistics."""
+    checkpoint, _ = trained
+    state = torch.load(checkpoint, weights_only=True)
+    del state["calibration"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    detector = Detector.load(old, device="cpu")
+    assert detector.inference.checkpoint.calibration is None
+    assert detector.threshold == state["score_stats"]["image_max"]
+    assert detector.pixel_threshold == state["score_stats"]["pixel_quantile"]
+    assert len(detector(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))) == 1
