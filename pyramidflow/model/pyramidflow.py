@@ -1,7 +1,8 @@
 """PyramidFlow: lift, Laplacian pyramid, and stacks of pyramid couplings in one InvertibleSequential.
 
 ``images (N, 3, H, W) -> lift -> features (N, C, H, W) -> Laplacian pyramid
-(L levels) -> flow -> latent pyramid (L tensors, finest first)``. Every block
+(L levels) -> flow -> latent pyramid (L tensors, finest first)``. The lift may be
+replaced by a frozen pretrained encoder (the paper's ResNet18 variant, :mod:`.encoder`). Every block
 preserves volume, so the model has no log-determinant; training pulls the
 latents of normal images together (:mod:`.loss`) and inference compares a
 latent with the mean latent of the training images (:mod:`.anomaly_map`).
