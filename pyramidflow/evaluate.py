@@ -66,8 +66,9 @@ class Inference:
 
     @property
     def image_size(self) -> Tuple[int, int]:
-        """The input resolution the template belongs to: that of its finest level."""
-        return tuple(int(s) for s in self.template[0].shape[-2:])
+        """The input resolution the template belongs to: its finest level's, times the encoder's stride."""
+        stride = getattr(getattr(self.model, "config", None), "input_stride", 1)
+        return tuple(int(s) * stride for s in self.template[0].shape[-2:])
 
 
 def load_for_inference(path: str | Path, device: torch.device) -> Inference:
@@ -97,7 +98,8 @@ def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
 @torch.no_grad()
 def anomaly_maps(model: torch.nn.Module, template: Sequence[torch.Tensor], images: torch.Tensor) -> np.ndarray:
     """``(N, H, W)`` float32 maps of normalised images ``(N, 3, H, W)`` at the model's resolution (eval, no grad)."""
-    return anomaly_map(model(images), template)[:, 0].float().cpu().numpy()
+    size = tuple(images.shape[-2:])  # an encoder's maps are upsampled to the images'
+    return anomaly_map(model(images), template, size)[:, 0].float().cpu().numpy()
 
 
 @torch.no_grad()
