@@ -110,3 +110,11 @@ def test_plan_command_errors_are_one_line():
         assert done.returncode == 1
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), done.stderr
+
+
+def test_train_has_the_preflight_switch():
+    from pyramidflow.cli import build_parser
+
+    common = ["train", "--data", "d", "--category", "c", "--out", "o"]
+    assert build_parser().parse_args(common).no_plan is False
+    assert build_parser().parse_args(common + ["--no-plan"]).no_plan is True
