@@ -90,11 +90,11 @@ _INTERPRETER_TILE = 4096
 # to sm_90 (255 registers and a 184-byte stack frame), and 16 per thread
 # needs up to 247 registers, which leaves one warp group per multiprocessor.
 _AUTOTUNE_CONFIGS = ((512, 4), (1024, 4), (1024, 8), (2048, 8))
-# Elements per program of the VN partial sums on a GPU (groups x members) and its warps: 4 elements
-# per thread. With 2048 and 4 warps (16 per thread) the variant summing both means with 64-bit
-# offsets spilled 56 to 960 bytes per thread on sm_80 to sm_90, and 1024 with 4 warps still needed
-# 255 registers (compile matrix); 1024 with 8 warps needs 128 to 152.
-_GPU_TILE = 1024
+# Elements per program of the VN partial sums on a GPU (groups x members) and its warps: 2 elements
+# per thread. With 2048 and 4 warps the variant summing both means with 64-bit offsets spilled 56 to
+# 960 bytes per thread on sm_80 to sm_90; with 1024 and 8 warps, still 8 bytes on sm_80 for a
+# 4 x 256 tile (compile matrix).
+_GPU_TILE = 512
 REDUCTION_WARPS = 8
 
 
