@@ -275,6 +275,10 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
     import dataclasses  # noqa: PLC0415
     import functools  # noqa: PLC0415
 
+    if getattr(config, "encoder", None) not in (None, "none"):
+        raise NotImplementedError(
+            f"plan: the --encoder {config.encoder} variant is not planned yet (its stem is not counted); plan without --encoder."
+        )
     if batch_size < 2:
         raise ValueError(f"plan: --batch-size must be at least 2 (the loss compares pairs of images), got {batch_size}.")
     multiple = config.size_multiple
