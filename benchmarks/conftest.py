@@ -14,9 +14,12 @@ from typing import Callable, Dict, List, Optional
 import pytest
 import torch
 
+from pyramidflow.kernels._traffic import GPUS, ROOFLINE_SHAPE, roofline_rows
 from pyramidflow.memory import peak_memory
 
 _ROWS: List[dict] = []
+# (kernel, launch, dtype) -> measured GB/s, filled by benchmarks/test_kernels.py on CUDA
+MEASURED_GBPS: Dict[tuple, float] = {}
 
 
 def pytest_addoption(parser):
@@ -34,6 +37,12 @@ def pytest_addoption(parser):
         default=None,
         help="PyramidFlow channels C (default: the paper's 16 on CUDA, 4 on CPU to fit 2 cores in minutes)",
     )
+
+
+@pytest.fixture(scope="session")
+def measured_gbps() -> Dict[tuple, float]:
+    """Where GPU kernel benchmarks put their GB/s for the roofline section: (kernel, launch, dtype) -> GB/s."""
+    return MEASURED_GBPS
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +106,24 @@ def _median(row: Optional[dict]) -> Optional[float]:
     return None if stats is None else stats.stats.median
 
 
-def pytest_terminal_summary(terminalreporter):
+def _write_roofline(write) -> None:
+    """The predicted section: bytes per element of each kernel and the time it implies per GPU."""
+    shape = "x".join(str(s) for s in ROOFLINE_SHAPE)
+    write("")
+    write(f"pyramidflow: kernel roofline, PREDICTED from bytes moved (kernels/_traffic.py), float32 level {shape}")
+    header = f"{'kernel':<30} {'launch':<22} {'B/elem':>6} " + " ".join(f"{gpu + ' ms':>12}" for gpu in GPUS) + f" {'measured GB/s':>14}"
+    write(header)
+    write("-" * len(header))
+    for row in roofline_rows():
+        measured = MEASURED_GBPS.get((row["kernel"], row["launch"], row["dtype"]))
+        times = " ".join(f"{row['seconds'][gpu] * 1e3:>12.3f}" for gpu in GPUS)
+        measured_text = f"{measured:>14.0f}" if measured is not None else f"{'- (no GPU)':>14}"
+        write(f"{row['kernel']:<30} {row['launch']:<22} {row['bytes_per_element']:>6} {times} {measured_text}")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.getoption("benchmark_only", False) or _ROWS:
+        _write_roofline(terminalreporter.write_line)
     if not _ROWS:
         return
     write = terminalreporter.write_line

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -33,18 +34,68 @@ __all__ = [
     "needs_int64",
     "elementwise_launch",
     "reduction_blocks",
+    "elementwise_configs",
+    "reduction_tiles",
+    "KernelVariant",
+    "REDUCTION_WARPS",
+    "TRITON_DTYPES",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Triton's names of SUPPORTED_DTYPES, as a kernel signature spells a pointer's element type.
+TRITON_DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """One compiled form of a kernel, as a launcher can start it on a GPU (the compile matrix's unit).
+
+    Attributes:
+        module: the kernel's module in ``pyramidflow.kernels``, e.g. ``"affine_coupling"``.
+        kernel: the ``@triton.jit`` function's name.
+        constexprs: the compile-time arguments, as sorted ``(name, value)`` pairs.
+        dtype: element type of the tensor operands (``"fp32"``, ``"bf16"``, ``"fp16"``).
+        num_warps: warps per program.
+        fp32_pointers: pointer arguments that are float32 whatever ``dtype`` is (the VN means, partial sums).
+    """
+
+    module: str
+    kernel: str
+    constexprs: Tuple[Tuple[str, Any], ...]
+    dtype: str
+    num_warps: int = 4
+    fp32_pointers: Tuple[str, ...] = ()
+
+    @classmethod
+    def make(cls, module: str, kernel: str, dtype: str, num_warps: int, fp32_pointers: Sequence[str] = (), **constexprs: Any) -> "KernelVariant":
+        return cls(module, kernel, tuple(sorted(constexprs.items())), dtype, num_warps, tuple(fp32_pointers))
+
+    def axes(self) -> Dict[str, Any]:
+        """The variant's values by axis name (constexprs, dtype, num_warps), for covering arrays and tables."""
+        return dict(self.constexprs, dtype=self.dtype, num_warps=self.num_warps)
+
+    def label(self) -> str:
+        flags = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs)
+        return f"{self.kernel}[{self.dtype} w{self.num_warps} {flags}]"
 
 # Fixed settings used under the interpreter (TRITON_INTERPRET=1), where the
 # autotuner cannot run: the interpreter's cost is per program and per
 # operation, so large blocks (few programs) keep it fast.
 _INTERPRETER_BLOCK = 4096
 _INTERPRETER_TILE = 4096
-# Candidates benchmarked once per (size, variant) on a GPU.
-_AUTOTUNE_BLOCKS = (512, 1024, 2048, 4096)
-_AUTOTUNE_WARPS = (4, 8)
+# Candidates benchmarked once per (size, variant) on a GPU: (BLOCK_SIZE, num_warps).
+# NOTE [elements per thread]: at most 8 elements per thread (BLOCK_SIZE / (32
+# num_warps)). The compile matrix (kernels/_compile.py) found that 32 per
+# thread (4096 with 4 warps) spills registers in the fused backward on sm_80
+# to sm_90 (255 registers and a 184-byte stack frame), and 16 per thread
+# needs up to 247 registers, which leaves one warp group per multiprocessor.
+_AUTOTUNE_CONFIGS = ((512, 4), (1024, 4), (1024, 8), (2048, 8))
+# Elements per program of the VN partial sums on a GPU (groups x members) and its warps: 2 elements
+# per thread. With 2048 and 4 warps the variant summing both means with 64-bit offsets spilled 56 to
+# 960 bytes per thread on sm_80 to sm_90; with 1024 and 8 warps, still 8 bytes on sm_80 for a
+# 4 x 256 tile (compile matrix).
+_GPU_TILE = 512
+REDUCTION_WARPS = 8
 
 
 def interpreter_mode() -> bool:
@@ -178,7 +229,12 @@ def needs_int64(*tensors: Tensor) -> bool:
 def _elementwise_configs():
     import triton  # noqa: PLC0415  (lazy: importing pyramidflow.kernels must not import triton)
 
-    return [triton.Config({"BLOCK_SIZE": b}, num_warps=w) for b in _AUTOTUNE_BLOCKS for w in _AUTOTUNE_WARPS]
+    return [triton.Config({"BLOCK_SIZE": b}, num_warps=w) for b, w in _AUTOTUNE_CONFIGS]
+
+
+def elementwise_configs() -> Tuple[Tuple[int, int], ...]:
+    """The ``(BLOCK_SIZE, num_warps)`` pairs the autotuner may launch an elementwise kernel with on a GPU."""
+    return _AUTOTUNE_CONFIGS
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,6 +278,24 @@ def _multiprocessors(device: torch.device) -> int:
     return 4
 
 
+def _reduction_tile(n_groups: int, n_members: int, interpreted: bool) -> Tuple[int, int]:
+    """``(block_groups, block_members)`` of :func:`reduction_blocks`."""
+    tile = _INTERPRETER_TILE if interpreted else _GPU_TILE
+    block_groups = min(_next_power_of_2(n_groups), 256 if interpreted else 64)
+    block_members = max(16, min(_next_power_of_2(n_members), tile // block_groups))
+    return block_groups, block_members
+
+
+def reduction_tiles() -> Tuple[Tuple[int, int], ...]:
+    """Every ``(block_groups, block_members)`` that :func:`reduction_blocks` can choose on a GPU.
+
+    Found by asking the rule itself over group and member counts that are
+    powers of two (the rule rounds both up to one), so it cannot drift from it.
+    """
+    found = {_reduction_tile(1 << i, 1 << j, interpreted=False) for i in range(0, 25) for j in range(0, 31)}
+    return tuple(sorted(found))
+
+
 def reduction_blocks(n_groups: int, n_members: int, device: torch.device) -> Tuple[int, int, int, int]:
     """Tile and split sizes of a mean over ``n_members`` values for each of ``n_groups`` groups.
 
@@ -233,10 +307,7 @@ def reduction_blocks(n_groups: int, n_members: int, device: torch.device) -> Tup
     Returns:
         ``(block_groups, block_members, splits, chunk)``.
     """
-    interpreted = interpreter_mode()
-    tile = _INTERPRETER_TILE if interpreted else 2048
-    block_groups = min(_next_power_of_2(n_groups), 256 if interpreted else 64)
-    block_members = max(16, min(_next_power_of_2(n_members), tile // block_groups))
+    block_groups, block_members = _reduction_tile(n_groups, n_members, interpreter_mode())
     group_programs = -(-n_groups // block_groups)
     wanted = max(1, (4 * _multiprocessors(device)) // group_programs)
     splits = max(1, min(wanted, -(-n_members // block_members)))

@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["atan"]
+__all__ = ["atan", "launch_variants"]
+
+_ATAN_BLOCK = 1024  # elements per program of atan()
 
 
 # NOTE [atan without libdevice]
@@ -122,6 +124,12 @@ def atan(x: Tensor) -> Tensor:
         raise TypeError(f"atan: x must be a float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}; cast it with .float().")
     flat = x.contiguous().view(-1)
     out = torch.empty_like(flat)
-    block = 1024
-    _atan_kernel[(triton.cdiv(flat.numel(), block),)](flat, out, flat.numel(), BLOCK_SIZE=block)
+    _atan_kernel[(triton.cdiv(flat.numel(), _ATAN_BLOCK),)](flat, out, flat.numel(), BLOCK_SIZE=_ATAN_BLOCK)
     return out.view(x.shape)
+
+
+def launch_variants() -> list:
+    """The one variant :func:`atan` launches (float32, 1024 elements per program)."""
+    from ._launch import KernelVariant  # noqa: PLC0415
+
+    return [KernelVariant.make(__name__, "_atan_kernel", "fp32", 4, BLOCK_SIZE=_ATAN_BLOCK)]

@@ -33,7 +33,8 @@ The VN means themselves (``H*W`` or ``C`` floats) are negligible.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import itertools
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -45,7 +46,7 @@ from ._math import nchw_index, soft_clamp, soft_clamp_grad
 from ._launch import mean_shape
 from .volume_norm import VN_CODES, volume_norm_means
 
-__all__ = ["affine_coupling", "affine_coupling_inverse", "affine_coupling_bwd", "affine_coupling_reconstruct"]
+__all__ = ["affine_coupling", "affine_coupling_inverse", "affine_coupling_bwd", "affine_coupling_reconstruct", "launch_variants"]
 
 _ELEMENTWISE_KEY = ("n_elements", "VN", "CHANNELS_LAST", "DENSE")
 
@@ -95,18 +96,19 @@ def _element_block(n_elements, BLOCK_SIZE: tl.constexpr, USE_INT64: tl.constexpr
 
 
 @triton.jit
-def _affine_coupling_fwd_kernel(
-    x_ptr,  # input x, (N, C, H, W), any strides
+def _affine_coupling_kernel(
+    in_ptr,  # x (forward) or y (INVERSE), (N, C, H, W), any strides
     r_ptr,  # raw log-scale r, any strides
     t_ptr,  # shift t, any strides
     mean_ptr,  # float32 VN mean, flat (H*W for CVN, C for SVN); unused without VN
-    y_ptr,  # output y, dense in the visiting order
-    stride_x_n, stride_x_c, stride_x_h, stride_x_w,  # strides of x
+    out_ptr,  # y (forward) or x (INVERSE), dense in the visiting order
+    stride_in_n, stride_in_c, stride_in_h, stride_in_w,  # strides of the input
     stride_r_n, stride_r_c, stride_r_h, stride_r_w,  # strides of r
     stride_t_n, stride_t_c, stride_t_h, stride_t_w,  # strides of t
     n_elements,  # N * C * H * W
     C, H, W,  # sizes
     clamp,  # soft-clamp bound c
+    INVERSE: tl.constexpr,  # False: y = exp(s) x + t; True: x = (y - t) exp(-s)
     VN: tl.constexpr,  # 0 none, 1 CVN, 2 SVN
     CHANNELS_LAST: tl.constexpr,  # visiting order (n, h, w, c) instead of (n, c, h, w)
     DENSE: tl.constexpr,  # every input is dense in the visiting order: offsets are flat indices
@@ -116,42 +118,15 @@ def _affine_coupling_fwd_kernel(
     # one program per BLOCK_SIZE consecutive elements of the visiting order
     idx, mask = _element_block(n_elements, BLOCK_SIZE, USE_INT64)
     n, c, h, w = nchw_index(idx, C, H, W, CHANNELS_LAST)
-    x = _load_nchw(x_ptr, idx, n, c, h, w, stride_x_n, stride_x_c, stride_x_h, stride_x_w, mask, DENSE)
+    a = _load_nchw(in_ptr, idx, n, c, h, w, stride_in_n, stride_in_c, stride_in_h, stride_in_w, mask, DENSE)
     r = _load_nchw(r_ptr, idx, n, c, h, w, stride_r_n, stride_r_c, stride_r_h, stride_r_w, mask, DENSE)
     t = _load_nchw(t_ptr, idx, n, c, h, w, stride_t_n, stride_t_c, stride_t_h, stride_t_w, mask, DENSE)
     s = _log_scale(r, mean_ptr, c, h, w, W, mask, clamp, VN)
-    y = tl.exp(s) * x + t
-    tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _affine_coupling_inv_kernel(
-    y_ptr,  # output of the forward y, (N, C, H, W), any strides
-    r_ptr,  # raw log-scale r, any strides
-    t_ptr,  # shift t, any strides
-    mean_ptr,  # float32 VN mean, flat; unused without VN
-    x_ptr,  # result x, dense in the visiting order
-    stride_y_n, stride_y_c, stride_y_h, stride_y_w,  # strides of y
-    stride_r_n, stride_r_c, stride_r_h, stride_r_w,  # strides of r
-    stride_t_n, stride_t_c, stride_t_h, stride_t_w,  # strides of t
-    n_elements,  # N * C * H * W
-    C, H, W,  # sizes
-    clamp,  # soft-clamp bound c
-    VN: tl.constexpr,  # 0 none, 1 CVN, 2 SVN
-    CHANNELS_LAST: tl.constexpr,  # visiting order (n, h, w, c) instead of (n, c, h, w)
-    DENSE: tl.constexpr,  # every input is dense in the visiting order: offsets are flat indices
-    USE_INT64: tl.constexpr,  # 64-bit offsets
-    BLOCK_SIZE: tl.constexpr,  # elements per program
-):
-    # one program per BLOCK_SIZE consecutive elements of the visiting order
-    idx, mask = _element_block(n_elements, BLOCK_SIZE, USE_INT64)
-    n, c, h, w = nchw_index(idx, C, H, W, CHANNELS_LAST)
-    y = _load_nchw(y_ptr, idx, n, c, h, w, stride_y_n, stride_y_c, stride_y_h, stride_y_w, mask, DENSE)
-    r = _load_nchw(r_ptr, idx, n, c, h, w, stride_r_n, stride_r_c, stride_r_h, stride_r_w, mask, DENSE)
-    t = _load_nchw(t_ptr, idx, n, c, h, w, stride_t_n, stride_t_c, stride_t_h, stride_t_w, mask, DENSE)
-    s = _log_scale(r, mean_ptr, c, h, w, W, mask, clamp, VN)
-    x = (y - t) * tl.exp(-s)
-    tl.store(x_ptr + idx, x.to(x_ptr.dtype.element_ty), mask=mask)
+    if INVERSE:
+        out = (a - t) * tl.exp(-s)
+    else:
+        out = tl.exp(s) * a + t
+    tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -259,24 +234,25 @@ def _result_dtype(*tensors: Tensor) -> torch.dtype:
 
 def _forward(x: Tensor, r: Tensor, t: Tensor, mean: Optional[Tensor], volume_norm: Optional[str], clamp: float) -> Tensor:
     """Launch the forward kernel; ``y`` is dense in the visiting order of ``x``."""
-    order = _launch.channels_last_order(x)
-    y = _launch.empty_in_order(x.shape, _result_dtype(x, r, t), x.device, order)
-    args = dict(x_ptr=x, r_ptr=r, t_ptr=t, mean_ptr=_launch.optional(mean, y), y_ptr=y)
-    args.update(**_strides("x", x), **_strides("r", r), **_strides("t", t))
-    args.update(_shape_args(clamp, volume_norm, order, (x, r, t), (y,)))
-    _launch.elementwise_launch(_affine_coupling_fwd_kernel, x.numel(), _ELEMENTWISE_KEY, args)
-    return y
+    return _launch_affine(x, r, t, mean, volume_norm, clamp, inverse=False)
 
 
 def _inverse(y: Tensor, r: Tensor, t: Tensor, mean: Optional[Tensor], volume_norm: Optional[str], clamp: float) -> Tensor:
     """Launch the inverse kernel; ``x`` is dense in the visiting order of ``y``."""
-    order = _launch.channels_last_order(y)
-    x = _launch.empty_in_order(y.shape, _result_dtype(y, r, t), y.device, order)
-    args = dict(y_ptr=y, r_ptr=r, t_ptr=t, mean_ptr=_launch.optional(mean, x), x_ptr=x)
-    args.update(**_strides("y", y), **_strides("r", r), **_strides("t", t))
-    args.update(_shape_args(clamp, volume_norm, order, (y, r, t), (x,)))
-    _launch.elementwise_launch(_affine_coupling_inv_kernel, y.numel(), _ELEMENTWISE_KEY, args)
-    return x
+    return _launch_affine(y, r, t, mean, volume_norm, clamp, inverse=True)
+
+
+def _launch_affine(
+    a: Tensor, r: Tensor, t: Tensor, mean: Optional[Tensor], volume_norm: Optional[str], clamp: float, *, inverse: bool
+) -> Tensor:
+    """Launch :func:`_affine_coupling_kernel` on ``a`` (``x``, or ``y`` when ``inverse``); the result is dense in its order."""
+    order = _launch.channels_last_order(a)
+    out = _launch.empty_in_order(a.shape, _result_dtype(a, r, t), a.device, order)
+    args = dict(in_ptr=a, r_ptr=r, t_ptr=t, mean_ptr=_launch.optional(mean, out), out_ptr=out, INVERSE=inverse)
+    args.update(**_strides("in", a), **_strides("r", r), **_strides("t", t))
+    args.update(_shape_args(clamp, volume_norm, order, (a, r, t), (out,)))
+    _launch.elementwise_launch(_affine_coupling_kernel, a.numel(), _ELEMENTWISE_KEY + ("INVERSE",), args)
+    return out
 
 
 def _backward(
@@ -309,11 +285,55 @@ def _backward(
     args.update(y_ptr=y, r_ptr=r, t_ptr=t, g_ptr=g, mean_ptr=_launch.optional(mean, y), mean_grad_ptr=_launch.optional(mean_grad, y))
     args.update(**_strides("y", y), **_strides("r", r), **_strides("t", t), **_strides("g", g))
     args.update(_shape_args(clamp, volume_norm, order, (y, r, t, g), tuple(out for out in (x_out, *grads) if out is not None)))
-    flags = dict(SUBTRACT_GRAD_MEAN=mean_grad is not None, WRITE_X=x_out is not None, WRITE_GRAD_X=want[0],
-                 WRITE_GRAD_R=want[1], WRITE_GRAD_T=want[2])  # fmt: skip
+    flags = _backward_flags(x_out is not None, want, mean_grad is not None)
     args.update(flags)
     _launch.elementwise_launch(_affine_coupling_bwd_kernel, y.numel(), _ELEMENTWISE_KEY + tuple(flags), args)
     return grads[0], grads[1], grads[2]
+
+
+def _backward_flags(write_x: bool, want: Tuple[bool, bool, bool], subtract_grad_mean: bool) -> dict:
+    """The write flags of :func:`_affine_coupling_bwd_kernel` for a call of :func:`_backward`."""
+    return dict(SUBTRACT_GRAD_MEAN=subtract_grad_mean, WRITE_X=write_x, WRITE_GRAD_X=want[0], WRITE_GRAD_R=want[1], WRITE_GRAD_T=want[2])
+
+
+# The calls of _backward in this module, as (write_x, want, may subtract the
+# batch mean of grad_s): affine_coupling_bwd; the autograd binding (grad_t is
+# g itself; grad_x, grad_r as needed); the backward of reconstruct. A new
+# call must be added here, or the compile matrix will not compile it
+# (tests/kernels/test_compile_matrix.py checks the launches against this list).
+_BACKWARD_CALLS = (
+    [(True, (True, True, True), True)]
+    + [(False, (want_x, want_r, False), want_r) for want_x in (True, False) for want_r in (True, False)]
+    + [(True, (True, want_r, False), True) for want_r in (True, False)]
+)
+
+
+def launch_variants() -> List[_launch.KernelVariant]:
+    """Every variant of this module's kernels that its launchers can start on a GPU.
+
+    The product of each launcher's compile-time choices: direction, VN mode,
+    the backward's write flags (:data:`_BACKWARD_CALLS`), visiting order,
+    dense or strided operands, 32- or 64-bit offsets, the operands' dtype and
+    the autotuner's ``(BLOCK_SIZE, num_warps)`` configurations.
+    """
+    variants = []
+    layouts = list(itertools.product((False, True), (False, True), (False, True)))  # CHANNELS_LAST, DENSE, USE_INT64
+    backward_flags = []
+    for write_x, want, may_subtract in _BACKWARD_CALLS:
+        for vn in VN_CODES.values():
+            for subtract in sorted({False, may_subtract and vn != 0}):
+                flags = dict(VN=vn, **_backward_flags(write_x, want, subtract))
+                if flags not in backward_flags:
+                    backward_flags.append(flags)
+    for (block, warps), dtype, (cl, dense, wide) in itertools.product(_launch.elementwise_configs(), _launch.TRITON_DTYPES, layouts):
+        common = dict(CHANNELS_LAST=cl, DENSE=dense, USE_INT64=wide, BLOCK_SIZE=block)
+        for inverse, vn in itertools.product((False, True), VN_CODES.values()):
+            fp32 = ("mean_ptr",) if vn else ()
+            variants.append(_launch.KernelVariant.make(__name__, "_affine_coupling_kernel", dtype, warps, fp32, INVERSE=inverse, VN=vn, **common))
+        for flags in backward_flags:
+            fp32 = (("mean_ptr",) if flags["VN"] else ()) + (("mean_grad_ptr",) if flags["SUBTRACT_GRAD_MEAN"] else ())
+            variants.append(_launch.KernelVariant.make(__name__, "_affine_coupling_bwd_kernel", dtype, warps, fp32, **flags, **common))
+    return variants
 
 
 def _internal_check_dense(x: Tensor, channels_last: bool) -> None:

@@ -20,7 +20,8 @@ each input once (4 bytes per float32 element per input); stage 2 touches only
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import itertools
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -30,7 +31,7 @@ from torch import Tensor
 from . import _launch
 from ._math import soft_clamp
 
-__all__ = ["volume_norm_means", "VN_CODES"]
+__all__ = ["volume_norm_means", "VN_CODES", "launch_variants"]
 
 # Compile-time code of each VN mode in the kernels.
 VN_CODES = {None: 0, "CVN": 1, "SVN": 2}
@@ -173,11 +174,40 @@ def volume_norm_means(
         USE_INT64=_launch.needs_int64(r_, y_, t_, g_, partial),
         BLOCK_G=block_g,
         BLOCK_M=block_m,
+        num_warps=_launch.REDUCTION_WARPS,
     )  # fmt: skip
-    finish_block = min(1024, triton.next_power_of_2(n_groups))
+    finish_block = _finish_block(n_groups)
     _volume_norm_finish_kernel[(triton.cdiv(n_groups, finish_block), n_sums)](
         partial, means, splits, n_groups, n_members, BLOCK_SIZE=finish_block
     )
     mean_s = means[0] if sum_clamp else None
     mean_grad = means[n_sums - 1] if sum_grad else None
     return mean_s, mean_grad
+
+
+def _finish_block(n_groups: int) -> int:
+    """Groups per program of the finishing stage."""
+    return min(1024, triton.next_power_of_2(n_groups))
+
+
+def launch_variants() -> List[_launch.KernelVariant]:
+    """Every variant of this module's kernels that :func:`volume_norm_means` can start on a GPU.
+
+    Partial sums: VN mode, which sums (the clamped log-scale, the gradient's,
+    or both), 32- or 64-bit offsets, the operands' dtype and every tile of
+    :func:`._launch.reduction_tiles`; the finishing stage: every block size.
+    """
+    variants = []
+    sums = ((True, False), (False, True), (True, True))
+    for (block_g, block_m), dtype, vn, (sum_clamp, sum_grad), wide in itertools.product(
+        _launch.reduction_tiles(), _launch.TRITON_DTYPES, ("CVN", "SVN"), sums, (False, True)
+    ):
+        variants.append(_launch.KernelVariant.make(
+            __name__, "_volume_norm_partial_kernel", dtype, _launch.REDUCTION_WARPS, ("partial_ptr",), VN=VN_CODES[vn], SUM_CLAMP=sum_clamp,
+            SUM_GRAD=sum_grad, USE_INT64=wide, BLOCK_G=block_g, BLOCK_M=block_m,
+        ))  # fmt: skip
+    for n_groups in sorted({_finish_block(1 << i) for i in range(25)}):
+        variants.append(_launch.KernelVariant.make(
+            __name__, "_volume_norm_finish_kernel", "fp32", 4, ("partial_ptr", "mean_ptr"), BLOCK_SIZE=n_groups
+        ))  # fmt: skip
+    return variants

@@ -1,4 +1,4 @@
-"""The ``pyramidflow`` command: synth, demo, train, eval, predict.
+"""The ``pyramidflow`` command: synth, demo, train, eval, predict, plan.
 
 Every failure a user can cause ends with one line on stderr that starts with
 ``error:`` and a non-zero exit status; Ctrl-C during training writes a
@@ -88,8 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
     train.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
     _add_calibration_options(train)
+    train.add_argument("--no-plan", action="store_true", help="on CUDA, skip the check that the predicted peak memory fits the GPU")
     _add_device(train)
     _add_model_options(train)
+
+    plan = commands.add_parser("plan", help="predicted peak training memory per mode, and what fits on a GPU")
+    plan.add_argument("--size", type=int, required=True, help="image side")
+    plan.add_argument("--batch-size", type=int, default=2)
+    plan.add_argument("--category", default="", help="take the authors' settings for this category (default: the defaults)")
+    plan.add_argument("--gpu-memory", default=None, metavar="BYTES", help="the GPU's memory, e.g. 12GiB: print the largest batch and side that fit")
+    plan.add_argument("--json", action="store_true", help="print JSON (predicted_peak_bytes, max_batch_size, max_size)")
+    _add_model_options(plan)
 
     evaluate = commands.add_parser("eval", help="metrics and overlays of a checkpoint on a labelled test set")
     evaluate.add_argument("--checkpoint", required=True, type=Path)
@@ -179,8 +188,33 @@ def _train(args: argparse.Namespace, model_config, steps: Optional[int], epochs:
         image_fpr=getattr(args, "image_fpr", 0.01),
         pixel_fpr=getattr(args, "pixel_fpr", 0.001),
     )
+    if not getattr(args, "no_plan", True):
+        _preflight(args, model_config, train_config)
     result = train(model_config, train_config, dataset, args.out, resume=getattr(args, "resume", False))
     return result.checkpoint_path
+
+
+def _preflight(args: argparse.Namespace, model_config, train_config) -> None:
+    """On CUDA: stop before the first step if the predicted peak memory does not fit the GPU."""
+    import torch
+
+    from .plan import preflight
+    from .train import resolve_device
+
+    device = resolve_device(train_config.device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        preflight(model_config, args.size, train_config.batch_size, total)
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from .plan import MODES, format_plan, parse_bytes, plan
+
+    config = _model_config(args)
+    memory = parse_bytes(args.gpu_memory) if args.gpu_memory is not None else None
+    modes = (args.mode,) if args.mode else MODES
+    result = plan(config, args.size, args.batch_size, modes=modes, gpu_memory=memory)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -288,7 +322,7 @@ def demo_overrides(category: str) -> dict:
     return dict(channels=DEMO_CHANNELS, kernel_size=DEMO_KERNEL_SIZE, volume_norm="SVN" if synthetic.is_texture(category) else "CVN")
 
 
-_COMMANDS = {"synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict}
+_COMMANDS = {"synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "plan": _cmd_plan}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -24,6 +24,7 @@ def test_step_benchmark_runs_and_prints_the_table(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 passed" in result.stdout
     assert "pyramidflow: peak memory and step time" in result.stdout
+    assert "kernel roofline, PREDICTED" in result.stdout and "_affine_coupling_bwd_kernel" in result.stdout
     import json
 
     rows = {b["extra_info"]["mode"]: b["extra_info"] for b in json.loads((tmp_path / "bench.json").read_text())["benchmarks"]}

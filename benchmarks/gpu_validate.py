@@ -1,0 +1,160 @@
+"""One command for whoever gets a GPU: kernels, the 1024 / 2048 px step rows and ``plan`` checked on CUDA.
+
+Run: ``python benchmarks/gpu_validate.py`` (about 5 minutes on one GPU; ``--quick`` for a smoke run).
+It prints one table (``check | case | result | detail``) that a note can quote:
+
+1. kernels: every Triton op against the PyTorch reference on CUDA, in float32,
+   bfloat16 and float16, dense and channels-last, each VN mode
+   (tolerances as in tests/kernels/test_affine_coupling.py);
+2. step: one training step of the paper's configuration (C = 16, k = 7, 4
+   stacks, L = 4, batch 2) at 1024 and 2048 px, invertible with the Triton
+   kernels and with the reference, and autograd at 1024 px: peak memory
+   (``max_memory_allocated``) and median step time;
+3. plan: ``pyramidflow plan``'s predicted peak against ``max_memory_allocated``
+   over a run that builds the model and Adam and takes two steps (the
+   prediction has no CUDA margin; the check passes within +-15%, or when the
+   measurement stays within the margin above the prediction).
+
+Without CUDA it says so and exits with status 0 (nothing was checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+# (dtype, atol, rtol) against the reference evaluated in float32 on the upcast inputs
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 1e-2), (torch.float16, 2e-3, 1e-3)]
+KERNEL_SHAPE = (2, 16, 67, 131)  # not powers of two: masks and index arithmetic
+
+
+def kernel_checks(device: str, shape: Sequence[int] = KERNEL_SHAPE, dtypes=DTYPES) -> List[Dict[str, str]]:
+    """Each Triton op against the reference, per dtype, layout and VN mode: one row per case."""
+    from pyramidflow import kernels
+    from pyramidflow.kernels import reference
+
+    rows = []
+    for (dtype, atol, rtol), channels_last, volume_norm in itertools.product(dtypes, (False, True), (None, "CVN", "SVN")):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x, r, t, g = (torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).to(memory_format=fmt) for _ in range(4))
+        up = [a.float() for a in (x, r, t, g)]
+        worst = 0.0
+        with torch.no_grad():
+            pairs = [
+                (kernels.affine_coupling(x, r, t, volume_norm=volume_norm, backend="triton")[0],
+                 reference.affine_coupling(*up[:3], volume_norm=volume_norm)[0]),
+                (kernels.affine_coupling_inverse(x, r, t, volume_norm=volume_norm, backend="triton")[0],
+                 reference.affine_coupling_inverse(*up[:3], volume_norm=volume_norm)[0]),
+            ]  # fmt: skip
+            pairs += list(zip(kernels.affine_coupling_bwd(x, r, t, g, volume_norm=volume_norm, backend="triton"),
+                              reference.affine_coupling_bwd(*up, volume_norm=volume_norm)))  # fmt: skip
+        ok = True
+        for got, want in pairs:
+            error = (got.float() - want).abs()
+            allowed = atol + rtol * want.abs()
+            ok &= bool((error <= allowed).all())
+            worst = max(worst, float((error / allowed).max()))
+        name = f"{str(dtype).replace('torch.', '')} {'channels-last' if channels_last else 'dense'} {volume_norm or 'noVN'}"
+        rows.append(dict(check="kernels", case=name, result="pass" if ok else "FAIL", detail=f"max error / tolerance {worst:.2f}"))
+    return rows
+
+
+def _median_time(step: Callable[[], None], rounds: int, device: str) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: int = 5) -> List[Dict[str, str]]:
+    """Peak memory and median time of one training step per ``(side, mode, kernels)`` case."""
+    import os
+
+    from pyramidflow.memory import peak_memory
+    from pyramidflow.model import PyramidFlow, PyramidFlowConfig
+    from pyramidflow.plan import _adam, training_step
+
+    rows = []
+    for side, mode, backend in cases:
+        os.environ["PYRAMIDFLOW_KERNELS"] = backend
+        torch.manual_seed(0)
+        model = PyramidFlow(PyramidFlowConfig(channels=channels, mode=mode)).to(device).train()
+        optimizer = _adam([p for p in model.parameters() if p.requires_grad])
+        images = torch.randn(2, 3, side, side, device=device)
+
+        def step():
+            training_step(model, optimizer, images)
+
+        step()  # warm-up: autotuning, Adam's state
+        peak, _ = peak_memory(step, device)
+        median = _median_time(step, rounds, device)
+        rows.append(dict(check="step", case=f"{side} px {mode} {backend} C={channels}", result=f"{median:.3f} s",
+                         detail=f"peak {peak / 2**20:.0f} MiB above the model and Adam"))  # fmt: skip
+        del model, optimizer, images
+        os.environ.pop("PYRAMIDFLOW_KERNELS", None)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def plan_rows(device: str, cases: Sequence[tuple], tolerance: float = 0.15) -> List[Dict[str, str]]:
+    """``plan``'s prediction against the measured peak (``max_memory_allocated`` on CUDA) per ``(side, channels, mode)``."""
+    from pyramidflow.model import PyramidFlowConfig
+    from pyramidflow.plan import CUDA_MARGIN, measure_training_peak, predict_peak
+
+    rows = []
+    for side, channels, mode in cases:
+        config = PyramidFlowConfig(channels=channels, mode=mode)
+        predicted = predict_peak(config, side, 2).peak
+        measured = measure_training_peak(config, side, 2, device)
+        ratio = measured / predicted - 1
+        ok = abs(ratio) <= tolerance or (device == "cuda" and 0 <= ratio <= CUDA_MARGIN)
+        rows.append(dict(check="plan", case=f"{side} px C={channels} {mode}", result="pass" if ok else "FAIL",
+                         detail=f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB ({ratio:+.1%})"))  # fmt: skip
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: Sequence[Dict[str, str]]) -> str:
+    widths = {key: max(len(key), *(len(r[key]) for r in rows)) for key in ("check", "case", "result", "detail")}
+    lines = [" | ".join(key.ljust(widths[key]) for key in widths), "-|-".join("-" * w for w in widths.values())]
+    lines += [" | ".join(r[key].ljust(widths[key]) for key in widths) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes only (a smoke run of the command)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_validate: no CUDA device here; nothing was checked (run it on a machine with a GPU).")
+        return 0
+    start = time.perf_counter()
+    device = "cuda"
+    name = torch.cuda.get_device_name()
+    steps = [(256, "invertible", "triton")] if args.quick else [
+        (1024, "autograd", "reference"), (1024, "invertible", "reference"), (1024, "invertible", "triton"),
+        (2048, "invertible", "reference"), (2048, "invertible", "triton"),
+    ]  # fmt: skip
+    plans = [(256, 16, m) for m in ("invertible", "checkpoint", "autograd")]
+    if not args.quick:
+        plans += [(512, 16, m) for m in ("invertible", "checkpoint", "autograd")] + [(1024, 16, "invertible"), (2048, 16, "invertible")]
+    rows = kernel_checks(device) + step_rows(device, steps, rounds=2 if args.quick else 5) + plan_rows(device, plans)
+    print(f"\npyramidflow GPU validation on {name}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s\n")
+    print(format_table(rows))
+    return 1 if any(r["result"] == "FAIL" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
