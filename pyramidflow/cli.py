@@ -1,8 +1,8 @@
 """The ``pyramidflow`` command: synth, demo, train, eval, predict, export.
 
 Every failure a user can cause ends with one line on stderr that starts with
-``error:`` and a non-zero exit status; Ctrl-C during training writes a
-checkpoint first (see :func:`pyramidflow.train.train`).
+``error:`` and a non-zero exit status; Ctrl-C or SIGTERM during training writes a
+checkpoint first (see :func:`pyramidflow.train.train`) and exits with 130 or 143.
 """
 
 from __future__ import annotations
@@ -284,9 +284,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("error: interrupted (a training run has written its checkpoint; continue it with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        from .interrupts import TrainingTerminated, exit_status
+
+        what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
+        print(f"error: {what} (a training run has written its checkpoint; continue it with --resume)", file=sys.stderr)
+        return exit_status(interrupt)
     except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"error: {message}", file=sys.stderr)
