@@ -32,16 +32,22 @@ def test_sigterm_raises_a_keyboard_interrupt_with_its_own_exit_status():
 
 
 def test_guard_defers_sigterm_past_the_critical_section_and_restores_the_handler():
-    before = signal.getsignal(signal.SIGTERM)
+    outside = []  # a handler of our own around the guard: a guard that ignored SIGTERM would land here
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: outside.append(signum))
     done = []
-    with pytest.raises(TrainingTerminated):
-        with _InterruptGuard() as guard:
-            with guard.critical():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)  # the handler runs here, inside the section: it must only take note
-                done.append("update finished")
-    assert done == ["update finished"]
-    assert signal.getsignal(signal.SIGTERM) is before
+    try:
+        with pytest.raises(TrainingTerminated):
+            with _InterruptGuard() as guard:
+                with guard.critical():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.05)  # the handler runs here, inside the section: it must only take note
+                    done.append("update finished")
+        assert done == ["update finished"] and outside == []
+        os.kill(os.getpid(), signal.SIGTERM)  # after the guard: our handler is back
+        time.sleep(0.05)
+        assert outside == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="module")
