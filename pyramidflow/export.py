@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .model import anomaly_map, image_score
 
-__all__ = ["EXPORT_FORMATS", "ONNX_OPSET", "InferenceGraph", "export_checkpoint"]
+__all__ = ["EXPORT_FORMATS", "ONNX_OPSET", "InferenceGraph", "export_checkpoint", "export_graph"]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 18
@@ -125,30 +125,63 @@ def export_checkpoint(
     """
     from .evaluate import load_for_inference
 
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"export: format must be one of {EXPORT_FORMATS}, got {format!r}.")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"export: batch_size must be a positive int or None (dynamic), got {batch_size!r}.")
-    if format == "onnx":
-        _require("onnx", "onnxscript")
+    _check_settings(format, batch_size)
     inference = load_for_inference(checkpoint, torch.device("cpu"))
     graph = InferenceGraph(inference.model.float(), [t.float() for t in inference.template])
-    height, width = _input_size(inference)
+    size = _input_size(inference)
+    metadata = _metadata(inference, format, batch_size, size)
+    return export_graph(graph, out, image_size=size, format=format, batch_size=batch_size, metadata=metadata,
+                        verify=verify)
+
+
+def export_graph(
+    graph: InferenceGraph,
+    out: str | os.PathLike,
+    *,
+    image_size: Tuple[int, int],
+    format: str = "onnx",
+    batch_size: Optional[int] = 1,
+    metadata: Optional[dict] = None,
+    verify: bool = True,
+) -> Path:
+    """Write an :class:`InferenceGraph` to ``out`` (atomically); :func:`export_checkpoint` without the checkpoint.
+
+    Args:
+        graph: the module to export (float32, on the CPU).
+        out: the file to write; its folder is created.
+        image_size: ``(height, width)`` of the images the graph takes.
+        format, batch_size, verify: as in :func:`export_checkpoint`.
+        metadata: JSON-able values stored in the file (ONNX ``metadata_props`` as ``pyramidflow.<key>``,
+            TorchScript extra file ``pyramidflow.json``).
+
+    Returns:
+        ``Path(out)``.
+    """
+    _check_settings(format, batch_size)
+    height, width = image_size
     probe = _probe_images(2 if batch_size is None else batch_size, height, width)
-    metadata = _metadata(inference, format, batch_size, (height, width))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_target(out) as tmp:
         if format == "onnx":
-            _export_onnx(graph, probe, tmp, dynamic_batch=batch_size is None, metadata=metadata)
+            _export_onnx(graph, probe, tmp, dynamic_batch=batch_size is None, metadata=metadata or {})
         else:
-            _export_torchscript(graph, probe, tmp, metadata=metadata)
+            _export_torchscript(graph, probe, tmp, metadata=metadata or {})
         if verify:
             _verify(graph, tmp, format, probe, out)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------
+
+
+def _check_settings(format: str, batch_size: Optional[int]) -> None:
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export: format must be one of {EXPORT_FORMATS}, got {format!r}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"export: batch_size must be a positive int or None (dynamic), got {batch_size!r}.")
+    if format == "onnx":
+        _require("onnx", "onnxscript")
 
 
 def _require(*modules: str) -> None:
