@@ -124,6 +124,7 @@ def test_exported_onnx_runs_in_a_fresh_process_without_pyramidflow(checkpoints, 
     np.testing.assert_allclose(out["scores"], expected_scores, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_torchscript_from_the_cli_runs_in_a_fresh_process_at_any_batch(checkpoints, test_images, tmp_path, capsys):
     target = tmp_path / "model.pt"
     assert main(["export", "--checkpoint", str(checkpoints["CVN"]), "--out", str(target), "--format", "torchscript"]) == 0
@@ -167,6 +168,7 @@ def test_export_of_an_unfinished_run_is_one_error_line(checkpoints, tmp_path, ca
     assert not target.exists()
 
 
+@pytest.mark.slow
 def test_a_graph_that_disagrees_with_pytorch_is_not_written(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "VERIFY_ATOL", -1.0)  # any difference, even 0, now counts as too large
     with pytest.raises(RuntimeError, match="differs from PyTorch"):
