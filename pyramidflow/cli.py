@@ -275,8 +275,8 @@ def demo_overrides(category: str) -> dict:
     return dict(channels=DEMO_CHANNELS, kernel_size=DEMO_KERNEL_SIZE, volume_norm="SVN" if synthetic.is_texture(category) else "CVN")
 
 
-_COMMANDS = {"synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict,
-             "export": _cmd_export}
+_COMMANDS = {"synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict}
+_COMMANDS["export"] = _cmd_export
 
 
 def main(argv: Optional[List[str]] = None) -> int:
