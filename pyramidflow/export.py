@@ -168,7 +168,10 @@ def export_graph(
         else:
             _export_torchscript(graph, probe, tmp, metadata=metadata or {})
         if verify:
-            _verify(graph, tmp, format, probe, out)
+            # A graph with a free batch is also checked at another batch size than the one it was recorded at.
+            free_batch = batch_size is None or format == "torchscript"
+            probes = [probe, probe[:1]] if free_batch and probe.shape[0] > 1 else [probe]
+            _verify(graph, tmp, format, probes, out)
     return out
 
 
@@ -286,25 +289,33 @@ def _export_torchscript(graph: InferenceGraph, probe: Tensor, path: Path, *, met
         torch.jit.save(traced, str(path), _extra_files={"pyramidflow.json": json.dumps(metadata)})
 
 
-def _verify(graph: InferenceGraph, path: Path, format: str, probe: Tensor, out: Path) -> None:
-    """Run the written file on the probe batch, in a runtime other than the one that recorded it."""
-    with torch.no_grad():
-        expected = graph(probe)
+def _verify(graph: InferenceGraph, path: Path, format: str, probes: Sequence[Tensor], out: Path) -> None:
+    """Run the written file on the probe batches, in a runtime other than the one that recorded it."""
     if format == "onnx":
         try:
             import onnxruntime
         except ImportError:
             return
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: probe.numpy()})
-        got = [torch.from_numpy(g) for g in got]
+
+        def run(images: Tensor) -> list:
+            return [torch.from_numpy(a) for a in session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})]
     else:
         with _quiet():
-            got = torch.jit.load(str(path))(probe)
-    for name, a, b in zip(OUTPUT_NAMES, got, expected):
-        error = (a - b).abs().max().item() if a.shape == b.shape else float("inf")
-        if not error <= VERIFY_ATOL:
-            raise RuntimeError(
-                f"export: the exported {format} graph's {name} differs from PyTorch's by {error:.3g} (more than "
-                f"{VERIFY_ATOL}) on a probe batch; {out} was not written. Please report this with the checkpoint's settings."
-            )
+            loaded = torch.jit.load(str(path))
+
+        def run(images: Tensor) -> list:
+            with torch.no_grad():
+                return list(loaded(images))
+
+    for probe in probes:
+        with torch.no_grad():
+            expected = graph(probe)
+        for name, a, b in zip(OUTPUT_NAMES, run(probe), expected):
+            error = (a - b).abs().max().item() if a.shape == b.shape else float("inf")
+            if not error <= VERIFY_ATOL:
+                raise RuntimeError(
+                    f"export: the exported {format} graph's {name} differs from PyTorch's by {error:.3g} (more than "
+                    f"{VERIFY_ATOL}) on a probe batch of {probe.shape[0]}; {out} was not written. Please report this "
+                    "with the checkpoint's settings."
+                )
