@@ -85,7 +85,7 @@ class InferenceGraph(nn.Module):
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """``(N, 3, H, W)`` normalised images -> anomaly map ``(N, 1, H, W)`` and score ``(N,)``."""
-        maps = anomaly_map(self.model(images), self.template())
+        maps = anomaly_map(self.model(images), self.template(), tuple(images.shape[-2:]))
         return maps, image_score(maps)
 
 

@@ -62,7 +62,7 @@ def test_images(data_root):
 def _pytorch(checkpoint, images):
     inference = load_for_inference(checkpoint, torch.device("cpu"))
     with torch.no_grad():
-        maps = anomaly_map(inference.model(images), inference.template)
+        maps = anomaly_map(inference.model(images), inference.template, tuple(images.shape[-2:]))
     return maps.numpy(), image_score(maps).numpy()
 
 
