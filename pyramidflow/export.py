@@ -212,8 +212,10 @@ def _probe_images(batch: int, height: int, width: int) -> Tensor:
 
 def _metadata(inference, format: str, batch_size: Optional[int], size: Tuple[int, int]) -> dict:
     from . import __version__
+    from .calibration import stored_thresholds
 
     checkpoint = inference.checkpoint
+    image_threshold, pixel_threshold, thresholds_from = stored_thresholds(checkpoint)
     return {
         "producer": f"pyramidflow {__version__}",
         "format": format,
@@ -227,6 +229,11 @@ def _metadata(inference, format: str, batch_size: Optional[int], size: Tuple[int
         "checkpoint_step": int(checkpoint.step),
         "model_config": checkpoint.model_config,
         "score_stats": checkpoint.score_stats,
+        # The decisions stay outside the graph: score > image_threshold flags a part, map > pixel_threshold
+        # marks its defect pixels (the thresholds `predict` uses, set on held-out good images).
+        "image_threshold": image_threshold,
+        "pixel_threshold": pixel_threshold,
+        "thresholds_from": thresholds_from,
     }
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import pyramidflow.export as export_module
-from pyramidflow.checkpoint import CHECKPOINT_NAME, save_checkpoint_atomic
+from pyramidflow.calibration import stored_thresholds
+from pyramidflow.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
 from pyramidflow.cli import main
 from pyramidflow.data import MVTecDataset, synthetic
 from pyramidflow.evaluate import load_for_inference
@@ -95,7 +96,7 @@ def test_onnx_matches_pytorch_for_every_batch_size(volume_norm, checkpoints, onn
 
 
 @pytest.mark.slow
-def test_onnx_graph_is_straight_line_eval_with_the_stated_opset(onnx_files):
+def test_onnx_graph_is_straight_line_eval_with_the_stated_opset(onnx_files, checkpoints):
     model = onnx.load(str(onnx_files["CVN"]))
     assert {(o.domain or "ai.onnx", o.version) for o in model.opset_import} == {("ai.onnx", ONNX_OPSET)}
     ops = {node.op_type for node in model.graph.node}
@@ -105,6 +106,9 @@ def test_onnx_graph_is_straight_line_eval_with_the_stated_opset(onnx_files):
     assert batch.dim_param and [d.dim_value for d in rest] == [3, SIZE, SIZE]
     metadata = {p.key: json.loads(p.value) for p in model.metadata_props}
     assert metadata["pyramidflow.image_size"] == [SIZE, SIZE]
+    image_threshold, pixel_threshold, _ = stored_thresholds(load_checkpoint(checkpoints["CVN"]))
+    assert (metadata["pyramidflow.image_threshold"], metadata["pyramidflow.pixel_threshold"]) == (image_threshold, pixel_threshold)
+    assert image_threshold > 0
     assert metadata["pyramidflow.normalize_mean"] == [0.485, 0.456, 0.406]
 
 
