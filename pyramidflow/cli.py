@@ -1,8 +1,8 @@
-"""The ``pyramidflow`` command: synth, demo, train, eval, predict, plan.
+"""The ``pyramidflow`` command: synth, demo, train, eval, predict, plan, export.
 
 Every failure a user can cause ends with one line on stderr that starts with
-``error:`` and a non-zero exit status; Ctrl-C during training writes a
-checkpoint first (see :func:`pyramidflow.train.train`).
+``error:`` and a non-zero exit status; Ctrl-C or SIGTERM during training writes a
+checkpoint first (see :func:`pyramidflow.train.train`) and exits with 130 or 143.
 """
 
 from __future__ import annotations
@@ -119,7 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
                          help="images larger than the trained size: overlapping tiles at native resolution")
     _add_device(predict)
     _add_smoothing(predict)
+
+    export = commands.add_parser("export", help="the inference graph of a checkpoint as ONNX or TorchScript")
+    export.add_argument("--checkpoint", required=True, type=Path)
+    export.add_argument("--out", required=True, type=Path, metavar="FILE", help="e.g. model.onnx or model.pt")
+    export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="onnx (default) or torchscript")
+    export.add_argument("--batch-size", type=_export_batch_size, default=1, metavar="N|dynamic",
+                        help="batch size of the graph, or 'dynamic' for any (default 1)")
     return parser
+
+
+def _export_batch_size(text: str):
+    """``--batch-size`` of export: a positive int, or ``dynamic`` (None)."""
+    if text.strip().lower() == "dynamic":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'dynamic', got {text!r}")
+    return value
 
 
 # -- data ------------------------------------------------------------------------------
@@ -260,6 +280,19 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"masks, maps, overlays, predictions.json and predictions.csv written to {args.out}")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import ONNX_OPSET, export_checkpoint
+
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, format=args.format, batch_size=args.batch_size)
+    except ModuleNotFoundError as error:  # the optional `export` extra is missing
+        raise RuntimeError(str(error)) from None
+    batch = "any" if args.batch_size is None or args.format == "torchscript" else args.batch_size
+    opset = f"opset {ONNX_OPSET}, " if args.format == "onnx" else ""
+    print(f"{args.format} graph written to {path} ({opset}batch {batch}): ImageNet-normalised images -> anomaly_map, "
+          "score (shapes and normalisation in the file's metadata)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .data import synthetic
     from .evaluate import evaluate, load_for_inference
@@ -322,7 +355,10 @@ def demo_overrides(category: str) -> dict:
     return dict(channels=DEMO_CHANNELS, kernel_size=DEMO_KERNEL_SIZE, volume_norm="SVN" if synthetic.is_texture(category) else "CVN")
 
 
-_COMMANDS = {"synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "plan": _cmd_plan}
+_COMMANDS = {
+    "synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict,
+    "plan": _cmd_plan, "export": _cmd_export,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -330,9 +366,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("error: interrupted (a training run has written its checkpoint; continue it with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        from .interrupts import TrainingTerminated, exit_status
+
+        what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
+        print(f"error: {what} (a training run has written its checkpoint; continue it with --resume)", file=sys.stderr)
+        return exit_status(interrupt)
     except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"error: {message}", file=sys.stderr)

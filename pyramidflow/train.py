@@ -42,6 +42,7 @@ from pyramidflow.checkpoint import (
     save_checkpoint_atomic,
 )
 from pyramidflow.distributed import DistributedContext, EpochBatchSampler, gather_levels, init_distributed
+from pyramidflow.interrupts import STOP_SIGNALS, TrainingTerminated, interrupt_for
 from pyramidflow.train_config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device", "train"]
@@ -107,33 +108,35 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 class _InterruptGuard:
-    """Defers SIGINT while the optimizer updates the weights and the step counter.
+    """Defers SIGINT and SIGTERM while the optimizer updates the weights and the step counter.
 
-    Outside the guarded section Ctrl-C raises KeyboardInterrupt at once; inside, it is raised as soon as
-    the section ends, so the in-memory state is always that of a completed step. Only the main thread
-    can install signal handlers; elsewhere the guard does nothing.
+    Outside the guarded section Ctrl-C raises KeyboardInterrupt at once (SIGTERM raises
+    :class:`~pyramidflow.interrupts.TrainingTerminated`, a KeyboardInterrupt, so both are handled
+    alike); inside, it is raised as soon as the section ends, so the in-memory state is always that
+    of a completed step. Only the main thread can install signal handlers; elsewhere the guard does nothing.
     """
 
     def __init__(self) -> None:
         self._active = threading.current_thread() is threading.main_thread()
         self._critical = False
-        self._pending = False
-        self._previous = None
+        self._pending: int | None = None  # the signal that arrived inside the critical section
+        self._previous: dict = {}
 
     def __enter__(self) -> "_InterruptGuard":
         if self._active:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._active:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self._critical:
-            self._pending = True
+            self._pending = signum
         else:
-            raise KeyboardInterrupt
+            raise interrupt_for(signum)
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
@@ -142,9 +145,9 @@ class _InterruptGuard:
             yield
         finally:
             self._critical = False
-        if self._pending:
-            self._pending = False
-            raise KeyboardInterrupt
+        if self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise interrupt_for(signum)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -484,7 +487,8 @@ def train(
         FileNotFoundError: ``resume`` is True but there is no checkpoint.
         CheckpointError: the checkpoint is damaged or from another model or train config.
         TrainingDivergedError: the loss or a weight became NaN/inf (the last good checkpoint is kept).
-        KeyboardInterrupt: re-raised after writing a checkpoint of the last completed step.
+        KeyboardInterrupt: re-raised after writing a checkpoint of the last completed step (SIGTERM
+            raises its subclass :class:`~pyramidflow.interrupts.TrainingTerminated` the same way).
 
     Example:
         >>> from pyramidflow.data import MVTecDataset  # doctest: +SKIP
@@ -599,16 +603,17 @@ def _save_on_interrupt(run: _Run, interrupt: KeyboardInterrupt, bar: Any) -> Non
     """Write the checkpoint of the last completed step (rank 0), and say where it is."""
     if not run.ctx.is_main:
         return
+    what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
     try:
         if run.step != run.saved_step and run.step > 0:
             run.save(collective=False)  # other ranks are being interrupted too: no collectives
-            note = f"train: interrupted; checkpoint of step {run.step} written to {run.path}; resume with resume=True (--resume)."
+            note = f"train: {what}; checkpoint of step {run.step} written to {run.path}; resume with resume=True (--resume)."
         elif run.saved_step is not None:
-            note = f"train: interrupted; the checkpoint {run.path} (step {run.saved_step}) is up to date; resume with resume=True (--resume)."
+            note = f"train: {what}; the checkpoint {run.path} (step {run.saved_step}) is up to date; resume with resume=True (--resume)."
         else:
-            note = "train: interrupted before the first step; no checkpoint written."
+            note = f"train: {what} before the first step; no checkpoint written."
     except TrainingDivergedError as error:
-        note = f"train: interrupted; not saved: {error}"
+        note = f"train: {what}; not saved: {error}"
     bar.write(note, file=sys.stderr)
     if hasattr(interrupt, "add_note"):
         interrupt.add_note(note)
