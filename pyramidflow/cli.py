@@ -30,8 +30,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--levels", type=int, dest="num_levels", help="pyramid levels L (4; 8 or 2 for some categories)")
     group.add_argument("--stacks", type=int, dest="num_stacks", help="coupling stacks (4)")
     group.add_argument("--kernel-size", type=int, help="kernel size of the coupling networks (7)")
-    group.add_argument("--volume-norm", choices=("CVN", "SVN"), help="volume normalisation (CVN; SVN for some categories)")
+    group.add_argument("--volume-norm", choices=("CVN", "SVN", "none"),
+                       help="volume normalisation (CVN; SVN for some categories; none: ablation, Gaussian NLL training)")
     group.add_argument("--mode", choices=("invertible", "checkpoint", "autograd"), help="backprop engine mode (invertible)")
+    ablation = parser.add_argument_group("ablations of the paper's Table 2 (defaults: the method)")
+    ablation.add_argument("--template", choices=("mean", "zero"), help="latent template (mean)")
+    ablation.add_argument("--difference", choices=("pyramid", "composed"),
+                          help="subtract the template per level then compose (pyramid), or compose first (composed)")
+    ablation.add_argument("--loss", choices=("fourier", "spatial"), help="pairwise loss (fourier)")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
     train.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
+    train.add_argument("--no-augment", action="store_true",
+                       help="no flips/rotations of texture images (on by default for textures, as the authors)")
     _add_device(train)
     _add_model_options(train)
 
@@ -118,9 +126,12 @@ def _model_config(args: argparse.Namespace):
 
     overrides = {
         name: getattr(args, name)
-        for name in ("channels", "num_levels", "num_stacks", "kernel_size", "volume_norm", "mode")
+        for name in ("channels", "num_levels", "num_stacks", "kernel_size", "volume_norm", "mode",
+                     "template", "difference", "loss")
         if getattr(args, name, None) is not None
     }
+    if overrides.get("volume_norm") == "none":
+        overrides["volume_norm"] = None
     return PyramidFlowConfig.for_category(args.category, **overrides)
 
 
@@ -157,6 +168,7 @@ def _train(args: argparse.Namespace, model_config, steps: Optional[int], epochs:
         seed=args.seed,
         checkpoint_every=getattr(args, "checkpoint_every", 500),
         device=args.device,
+        augment=False if getattr(args, "no_augment", False) else bool(getattr(dataset, "augment", False)),
     )
     result = train(model_config, train_config, dataset, args.out, resume=getattr(args, "resume", False))
     return result.checkpoint_path

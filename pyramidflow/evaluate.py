@@ -111,7 +111,8 @@ def predict_dataset(
     maps, images, masks, labels, paths, kinds = [], [], [], [], [], []
     for batch in tqdm(loader, desc="anomaly maps", unit="batch", disable=not progress, leave=False):
         latents = model(batch["image"].to(device))
-        maps.append(anomaly_map(latents, template)[:, 0].float().cpu().numpy())
+        difference = getattr(getattr(model, "config", None), "difference", "pyramid")  # the checkpoint's switch
+        maps.append(anomaly_map(latents, template, difference)[:, 0].float().cpu().numpy())
         images.append(denormalize(batch["image"]))
         masks.append(batch["mask"][:, 0].numpy())
         labels.append(np.asarray(batch["label"]))

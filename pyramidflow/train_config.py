@@ -44,6 +44,10 @@ class TrainConfig:
         log_every: update the progress bar, and check the loss for NaN/inf, every this many steps.
         dtype: ``"float32"`` or ``"float64"`` (for exact comparisons in tests).
         score_quantile: quantile of the training images' pixel scores stored in the checkpoint.
+        augment: texture augmentation (random flips and 90° rotations) of the training images;
+            ``None`` keeps the data set's choice (on for textures, off for objects, as the authors),
+            ``False`` turns it off (``--no-augment``), ``True`` forces it. The template and score
+            statistics never use it.
     """
 
     steps: int | None = None
@@ -61,6 +65,7 @@ class TrainConfig:
     log_every: int = 10
     dtype: str = "float32"
     score_quantile: float = 0.99
+    augment: bool | None = None
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -99,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: device must be one of {DEVICES}, got {self.device!r}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
+        if self.augment is not None and not isinstance(self.augment, bool):
+            raise TypeError(f"TrainConfig: augment must be True, False or None, got {self.augment!r}.")
         if not 0.0 < self.score_quantile < 1.0:
             raise ValueError(f"TrainConfig: score_quantile must lie in (0, 1), got {self.score_quantile!r}.")
 
