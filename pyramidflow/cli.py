@@ -1,4 +1,4 @@
-"""The ``pyramidflow`` command: synth, demo, train, eval, predict.
+"""The ``pyramidflow`` command: synth, demo, train, eval, predict, ablate.
 
 Every failure a user can cause ends with one line on stderr that starts with
 ``error:`` and a non-zero exit status; Ctrl-C during training writes a
@@ -24,15 +24,17 @@ DEMO_CHANNELS = 8  # the paper's 16 with k = 7 costs ~10x more per step on a CPU
 DEMO_KERNEL_SIZE = 5
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, ablation_switches: bool = True) -> None:
     group = parser.add_argument_group("model (defaults: the authors' settings for the category)")
     group.add_argument("--channels", type=int, help="feature channels C (16)")
     group.add_argument("--levels", type=int, dest="num_levels", help="pyramid levels L (4; 8 or 2 for some categories)")
     group.add_argument("--stacks", type=int, dest="num_stacks", help="coupling stacks (4)")
     group.add_argument("--kernel-size", type=int, help="kernel size of the coupling networks (7)")
-    group.add_argument("--volume-norm", choices=("CVN", "SVN", "none"),
+    group.add_argument("--volume-norm", choices=("CVN", "SVN", "none") if ablation_switches else ("CVN", "SVN"),
                        help="volume normalisation (CVN; SVN for some categories; none: ablation, Gaussian NLL training)")
     group.add_argument("--mode", choices=("invertible", "checkpoint", "autograd"), help="backprop engine mode (invertible)")
+    if not ablation_switches:
+        return
     ablation = parser.add_argument_group("ablations of the paper's Table 2 (defaults: the method)")
     ablation.add_argument("--template", choices=("mean", "zero"), help="latent template (mean)")
     ablation.add_argument("--difference", choices=("pyramid", "composed"),
@@ -84,6 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no flips/rotations of texture images (on by default for textures, as the authors)")
     _add_device(train)
     _add_model_options(train)
+
+    ablate = commands.add_parser("ablate", help="train and evaluate the paper's ablations (Table 2) on one category")
+    ablate.add_argument("--data", required=True, type=Path, metavar="ROOT")
+    ablate.add_argument("--category", required=True)
+    ablate.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/ablation.json, DIR/ablation.md, DIR/<variant>/")
+    ablate.add_argument("--layout", choices=LAYOUTS, default="auto", help="data set layout (auto: detect)")
+    ablate.add_argument("--size", type=int, default=256, help="image side (256)")
+    ablate_budget = ablate.add_mutually_exclusive_group()
+    ablate_budget.add_argument("--steps", type=int, help="training steps per variant")
+    ablate_budget.add_argument("--epochs", type=int, help="passes over the training images per variant (15 if no budget is given)")
+    ablate.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="baseline no_volume_norm zero_template composed_difference spatial_loss (default: all)")
+    ablate.add_argument("--batch-size", type=int, default=2)
+    ablate.add_argument("--seed", type=int, default=0)
+    ablate.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
+    ablate.add_argument("--no-augment", action="store_true", help="no flips/rotations of texture images")
+    _add_device(ablate)
+    _add_model_options(ablate, ablation_switches=False)
 
     evaluate = commands.add_parser("eval", help="metrics and overlays of a checkpoint on a labelled test set")
     evaluate.add_argument("--checkpoint", required=True, type=Path)
@@ -182,6 +202,30 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoint written to {path}")
 
 
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from .ablation import resolve_variants, run_ablation
+    from .train import TrainConfig
+
+    variants = [v.name for v in resolve_variants(args.variants)]  # unknown names fail before any data is read
+    steps, epochs = args.steps, args.epochs
+    if steps is None and epochs is None:
+        epochs = 15
+    base = _model_config(args)
+    _check_size(args.size, base)
+    train_set = _dataset(args.data, args.category, "train", args.size, args.layout)
+    test_set = _dataset(args.data, args.category, "test", args.size, args.layout)
+    train_config = TrainConfig(
+        steps=steps, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, device=args.device,
+        augment=False if args.no_augment else bool(getattr(train_set, "augment", False)),
+    )
+    results = run_ablation(base, train_config, train_set, test_set, args.out, category=args.category, variants=variants)
+    print(f"{'variant':<20} {'pixel AUROC':>11} {'AUPRO@0.3':>10} {'image AUROC':>11}")
+    for row in results:
+        print(f"{row['variant']:<20} {row['pixel_auroc']:>11.4f} {row['aupro']:>10.4f} {row['image_auroc']:>11.4f}")
+    print(f"table written to {args.out / 'ablation.md'} and {args.out / 'ablation.json'}")
+
+
 def _print_table(rows: Sequence[dict]) -> None:
     print(f"{'category':<12} {'pixel AUROC':>11} {'AUPRO@0.3':>10} {'image AUROC':>11}")
     for row in rows:
@@ -254,7 +298,8 @@ def demo_overrides(category: str) -> dict:
     return dict(channels=DEMO_CHANNELS, kernel_size=DEMO_KERNEL_SIZE, volume_norm="SVN" if synthetic.is_texture(category) else "CVN")
 
 
-_COMMANDS = {"synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict}
+_COMMANDS = {"synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict,
+             "ablate": _cmd_ablate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
