@@ -54,6 +54,7 @@ PAPER_TABLE_2 = {
     "spatial_loss": (92.9, 92.2),
 }
 RESULT_NAME = "result.json"
+SETTINGS_NAME = "ablation_settings.json"
 
 
 def resolve_variants(names: Optional[Sequence[str]]) -> list[Variant]:
@@ -115,6 +116,20 @@ def _settings(base: Any, train_config: Any, category: str) -> dict:
         "base_model_config": dataclasses.asdict(base),
         "train_config": dataclasses.asdict(train_config),
     }
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    """An ablation folder serves one set of settings: a resumed run must use the same ones (checked before any work)."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+            raise ValueError(
+                f"ablate: {path.parent} holds an ablation run with other settings ({', '.join(differing)} differ); "
+                "use the same options to resume it, or another --out folder."
+            )
+    else:
+        _write_json_atomic(settings, path)
 
 
 def _evaluate(checkpoint: Path, test_set: Dataset, device: torch.device) -> dict:
@@ -212,7 +227,8 @@ def run_ablation(
         raise ValueError(f"ablate: the baseline must be the method, but it sets {', '.join(flipped)}; drop those options.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = _settings(base, train_config, category)
+    settings = json.loads(json.dumps(_settings(base, train_config, category)))  # as it reads back from JSON
+    _check_settings(out_dir / SETTINGS_NAME, settings)
     results = []
     bar = tqdm(chosen, desc="ablation", unit="variant", disable=not progress, dynamic_ncols=True)
     for variant in bar:
@@ -221,11 +237,6 @@ def run_ablation(
         done = folder / RESULT_NAME
         if done.is_file():
             result = json.loads(done.read_text())
-            if result.get("settings") != json.loads(json.dumps(settings)):
-                raise ValueError(
-                    f"ablate: {done} was written with other settings (category, model or train config); use "
-                    "the same options to resume, or another --out folder."
-                )
         else:
             folder.mkdir(parents=True, exist_ok=True)
             result = _run_variant(variant, base, train_config, train_set, test_set, folder, settings, progress)
