@@ -46,10 +46,18 @@ def _error_line(capsys):
         (["--loss", "spatial"], "loss", "spatial"),
     ],
 )
-def test_each_switch_trains_and_evaluates_through_the_cli(flags, field, value, data_root, tmp_path):
+def test_each_switch_trains_and_evaluates_through_the_cli(flags, field, value, data_root, tmp_path, monkeypatch):
+    import pyramidflow.model.loss as loss_module
+
+    trained_with = []  # the training objective actually called, per step
+    for name in ("fourier_loss", "spatial_loss", "gaussian_nll"):
+        real = getattr(loss_module, name)
+        monkeypatch.setattr(loss_module, name, lambda *a, _n=name, _f=real, **k: trained_with.append(_n) or _f(*a, **k))
     out = tmp_path / "run"
     assert main(["train", "--data", str(data_root), "--category", "nut", "--out", str(out), "--size", str(SIZE),
                  "--steps", "2", "--device", "cpu", *SMALL, *flags]) == 0
+    expected = {"volume_norm": "gaussian_nll", "loss": "spatial_loss"}.get(field, "fourier_loss")
+    assert trained_with == [expected, expected]
     ckpt = load_checkpoint(out / CHECKPOINT_NAME)
     assert ckpt.model_config[field] == value  # recorded in the checkpoint
     others = {"volume_norm": "CVN", "template": "mean", "difference": "pyramid", "loss": "fourier"}

@@ -27,11 +27,10 @@ from torch import Tensor
 
 from .pyramid import laplacian_compose
 
-__all__ = ["LOSSES", "OBJECTIVES", "PAIRWISE_OBJECTIVES", "pairwise_difference_maps", "fourier_loss", "spatial_loss", "gaussian_nll", "objective_loss"]
+__all__ = ["LOSSES", "OBJECTIVES", "pairwise_difference_maps", "fourier_loss", "spatial_loss", "gaussian_nll", "objective_loss"]
 
 LOSSES = ("fourier", "spatial")  # the pairwise losses (PyramidFlowConfig.loss)
 OBJECTIVES = (*LOSSES, "gaussian_nll")  # what training may minimise (PyramidFlowConfig.objective)
-PAIRWISE_OBJECTIVES = LOSSES  # objectives that compare pairs of the (global) batch
 
 
 def pairwise_difference_maps(latents: Sequence[Tensor], p: float = 2.0) -> Tensor:
