@@ -33,6 +33,9 @@ def _add_model_options(parser: argparse.ArgumentParser, ablation_switches: bool 
     group.add_argument("--volume-norm", choices=("CVN", "SVN", "none") if ablation_switches else ("CVN", "SVN"),
                        help="volume normalisation (CVN; SVN for some categories; none: ablation, Gaussian NLL training)")
     group.add_argument("--mode", choices=("invertible", "checkpoint", "autograd"), help="backprop engine mode (invertible)")
+    group.add_argument("--encoder", choices=("none", "resnet18"), help="frozen pretrained stem in place of the lift (none)")
+    group.add_argument("--encoder-weights", metavar="imagenet|PATH",
+                       help="weights of --encoder: 'imagenet' (download, needs the encoders extra) or a local state dict")
     if not ablation_switches:
         return
     ablation = parser.add_argument_group("ablations of the paper's Table 2 (defaults: the method)")
@@ -146,8 +149,8 @@ def _model_config(args: argparse.Namespace):
 
     overrides = {
         name: getattr(args, name)
-        for name in ("channels", "num_levels", "num_stacks", "kernel_size", "volume_norm", "mode",
-                     "template", "difference", "loss")
+        for name in ("channels", "num_levels", "num_stacks", "kernel_size", "volume_norm", "mode", "encoder",
+                     "encoder_weights", "template", "difference", "loss")
         if getattr(args, name, None) is not None
     }
     if overrides.get("volume_norm") == "none":
@@ -158,12 +161,11 @@ def _model_config(args: argparse.Namespace):
 def _check_size(size: int, config) -> None:
     from .model.pyramid import nearest_valid_side
 
-    multiple = config.size_multiple
+    multiple, stride = config.size_multiple, config.input_stride
     if size < multiple or size % multiple:
-        nearest = nearest_valid_side(size, config.num_levels)
-        raise ValueError(
-            f"--size {size} is not divisible by 2^(levels-1) = {multiple} (levels={config.num_levels}); use --size {nearest}."
-        )
+        nearest = stride * nearest_valid_side((size + stride // 2) // stride, config.num_levels)
+        factor = f"2^(levels-1) = {multiple}" if stride == 1 else f"{stride}·2^(levels-1) = {multiple} (--encoder {config.encoder})"
+        raise ValueError(f"--size {size} is not divisible by {factor} (levels={config.num_levels}); use --size {nearest}.")
 
 
 # -- commands ----------------------------------------------------------------------------

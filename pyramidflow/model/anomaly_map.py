@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .pyramid import laplacian_compose
@@ -95,7 +96,12 @@ def fit_template(
     return tuple((s / count).to(dtype) for s in sums)
 
 
-def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor], difference: str = "pyramid") -> Tensor:
+def anomaly_map(
+    latents: Sequence[Tensor],
+    template: Sequence[Tensor],
+    size: Optional[Tuple[int, int]] = None,
+    difference: str = "pyramid",
+) -> Tensor:
     """Per-pixel anomaly map at the input's resolution.
 
     Per level ``|z_i - template_i|``, averaged over channels (which commutes
@@ -105,6 +111,9 @@ def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor], differenc
     Args:
         latents: latent pyramid of the test images, ``L`` tensors ``(N, C, H_i, W_i)``.
         template: from :func:`fit_template`, ``L`` tensors ``(1, C, H_i, W_i)``.
+        size: ``(H, W)`` of the images, when the finest level is smaller (an encoder's
+            features at 1/4 of the image side): the map is then upsampled bilinearly to it,
+            so that it lines up with the images and their masks. ``None``: the finest level's size.
         difference: ``"pyramid"`` (the method, above) or ``"composed"`` (ablation:
             ``mean_C |compose(z) - compose(template)|``, the absolute value taken after composing).
 
@@ -131,8 +140,12 @@ def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor], differenc
         diffs.append(z - t.to(z.dtype))
     if difference == "composed":
         # compose is linear: compose(z) - compose(template) == compose(z - template), with |·| after it.
-        return laplacian_compose(diffs).abs().mean(dim=1, keepdim=True)
-    return laplacian_compose([d.abs().mean(dim=1, keepdim=True) for d in diffs])
+        composed = laplacian_compose(diffs).abs().mean(dim=1, keepdim=True)
+    else:
+        composed = laplacian_compose([d.abs().mean(dim=1, keepdim=True) for d in diffs])
+    if size is not None and tuple(size) != tuple(composed.shape[-2:]):
+        composed = F.interpolate(composed, size=tuple(size), mode="bilinear", align_corners=False)
+    return composed
 
 
 def image_score(anomaly_map: Tensor) -> Tensor:
