@@ -52,6 +52,9 @@ CHECKPOINT_KEYS = (
     "score_stats",
 )
 
+# Keys added after format version 1 was fixed; older files lack them and load with None.
+OPTIONAL_KEYS = ("calibration",)
+
 _EXECUTION_ONLY = ("mode", "kernels")  # how to run, not what was trained
 
 
@@ -77,6 +80,9 @@ class Checkpoint:
         finished: whether training reached its budget (template and score statistics are then set).
         template: the latent template, one tensor ``(1, C, H_i, W_i)`` per level, or ``None``.
         score_stats: statistics of the training images' anomaly maps (see ``pyramidflow.train``), or ``None``.
+        calibration: the held-out split (``seed``, ``fraction``, ``held_out`` indices and names) and, once
+            training has finished, the decision thresholds set on it (see ``pyramidflow.calibration``);
+            ``None`` in checkpoints written before calibration existed.
     """
 
     path: Path
@@ -92,6 +98,7 @@ class Checkpoint:
     finished: bool = False
     template: list | None = None
     score_stats: dict | None = None
+    calibration: dict | None = None
 
     def build_model(self, map_location: str | torch.device = "cpu") -> torch.nn.Module:
         """A ``PyramidFlow`` with this checkpoint's config and weights, in eval mode."""
@@ -250,4 +257,5 @@ def load_checkpoint(
                 f"load_checkpoint: {path} was written for another model config: {'; '.join(differences)}; "
                 f"use the checkpoint's settings or another output folder."
             )
-    return Checkpoint(path=path, **{key: state[key] for key in CHECKPOINT_KEYS})
+    optional = {key: state.get(key) for key in OPTIONAL_KEYS}
+    return Checkpoint(path=path, **{key: state[key] for key in CHECKPOINT_KEYS}, **optional)

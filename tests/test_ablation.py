@@ -19,7 +19,7 @@ SMALL = ["--channels", "4", "--kernel-size", "3", "--stacks", "1", "--levels", "
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return synthetic.generate(tmp_path_factory.mktemp("synth"), seed=1, size=SIZE, num_train=4, num_test=1,
+    return synthetic.generate(tmp_path_factory.mktemp("synth"), seed=1, size=SIZE, num_train=8, num_test=1,
                               categories=("nut", "fabric"))
 
 
