@@ -237,7 +237,8 @@ def calibrate(
         scores, pixels = [], []
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             images = (batch["image"] if isinstance(batch, dict) else batch).to(device=device, dtype=dtype)
-            maps = anomaly_map(tuple(model(images)), template, images.shape[-2:])  # (N, 1, H, W)
+            difference = getattr(getattr(model, "config", None), "difference", "pyramid")  # the ablation switch
+            maps = anomaly_map(tuple(model(images)), template, images.shape[-2:], difference=difference)  # (N, 1, H, W)
             scores.append(image_score(maps).double().cpu())
             pixels.append(maps.double().cpu().reshape(-1))
     finally:

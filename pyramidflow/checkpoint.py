@@ -186,6 +186,14 @@ def _as_dict(config: Any) -> dict:
     )
 
 
+def _defaults_of(config: Any) -> dict:
+    """The default of every field of a config dataclass (none for a dict)."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(config)
+            if f.default is not dataclasses.MISSING and f.name not in _EXECUTION_ONLY}
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model_config: Any = None,
@@ -240,6 +248,8 @@ def load_checkpoint(
         # The engine's mode (invertible / checkpoint / autograd) changes how gradients are computed,
         # never the weights: a checkpoint serves every mode.
         saved = {k: v for k, v in state["model_config"].items() if k not in _EXECUTION_ONLY}
+        # A setting added after the checkpoint was written had its default then: fill it in.
+        saved = {**_defaults_of(model_config), **saved}
         wanted = {k: v for k, v in _as_dict(model_config).items() if k not in _EXECUTION_ONLY}
         differences = config_differences(saved, wanted)
         if differences:

@@ -1,4 +1,4 @@
-"""The ``pyramidflow`` command: synth, demo, train, eval, predict, plan, export.
+"""The ``pyramidflow`` command: synth, demo, train, eval, predict, plan, export, ablate.
 
 Every failure a user can cause ends with one line on stderr that starts with
 ``error:`` and a non-zero exit status; Ctrl-C or SIGTERM during training writes a
@@ -24,17 +24,25 @@ DEMO_CHANNELS = 8  # the paper's 16 with k = 7 costs ~10x more per step on a CPU
 DEMO_KERNEL_SIZE = 5
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, ablation_switches: bool = True) -> None:
     group = parser.add_argument_group("model (defaults: the authors' settings for the category)")
     group.add_argument("--channels", type=int, help="feature channels C (16)")
     group.add_argument("--levels", type=int, dest="num_levels", help="pyramid levels L (4; 8 or 2 for some categories)")
     group.add_argument("--stacks", type=int, dest="num_stacks", help="coupling stacks (4)")
     group.add_argument("--kernel-size", type=int, help="kernel size of the coupling networks (7)")
-    group.add_argument("--volume-norm", choices=("CVN", "SVN"), help="volume normalisation (CVN; SVN for some categories)")
+    group.add_argument("--volume-norm", choices=("CVN", "SVN", "none") if ablation_switches else ("CVN", "SVN"),
+                       help="volume normalisation (CVN; SVN for some categories; none: ablation, Gaussian NLL training)")
     group.add_argument("--mode", choices=("invertible", "checkpoint", "autograd"), help="backprop engine mode (invertible)")
     group.add_argument("--encoder", choices=("none", "resnet18"), help="frozen pretrained stem in place of the lift (none)")
     group.add_argument("--encoder-weights", metavar="imagenet|PATH",
                        help="weights of --encoder: 'imagenet' (download, needs the encoders extra) or a local state dict")
+    if not ablation_switches:
+        return
+    ablation = parser.add_argument_group("ablations of the paper's Table 2 (defaults: the method)")
+    ablation.add_argument("--template", choices=("mean", "zero"), help="latent template (mean)")
+    ablation.add_argument("--difference", choices=("pyramid", "composed"),
+                          help="subtract the template per level then compose (pyramid), or compose first (composed)")
+    ablation.add_argument("--loss", choices=("fourier", "spatial"), help="pairwise loss (fourier)")
 
 
 def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
     train.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
+    train.add_argument("--no-augment", action="store_true",
+                       help="no flips/rotations of texture images (on by default for textures, as the authors)")
     _add_calibration_options(train)
     train.add_argument("--no-plan", action="store_true", help="on CUDA, skip the check that the predicted peak memory fits the GPU")
     _add_device(train)
@@ -99,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory", default=None, metavar="BYTES", help="the GPU's memory, e.g. 12GiB: print the largest batch and side that fit")
     plan.add_argument("--json", action="store_true", help="print JSON (predicted_peak_bytes, max_batch_size, max_size)")
     _add_model_options(plan)
+
+    ablate = commands.add_parser("ablate", help="train and evaluate the paper's ablations (Table 2) on one category")
+    ablate.add_argument("--data", required=True, type=Path, metavar="ROOT")
+    ablate.add_argument("--category", required=True)
+    ablate.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/ablation.json, DIR/ablation.md, DIR/<variant>/")
+    ablate.add_argument("--layout", choices=LAYOUTS, default="auto", help="data set layout (auto: detect)")
+    ablate.add_argument("--size", type=int, default=256, help="image side (256)")
+    ablate_budget = ablate.add_mutually_exclusive_group()
+    ablate_budget.add_argument("--steps", type=int, help="training steps per variant")
+    ablate_budget.add_argument("--epochs", type=int, help="passes over the training images per variant (15 if no budget is given)")
+    ablate.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="baseline no_volume_norm zero_template composed_difference spatial_loss (default: all)")
+    ablate.add_argument("--batch-size", type=int, default=2)
+    ablate.add_argument("--seed", type=int, default=0)
+    ablate.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
+    ablate.add_argument("--no-augment", action="store_true", help="no flips/rotations of texture images")
+    _add_device(ablate)
+    _add_model_options(ablate, ablation_switches=False)
 
     evaluate = commands.add_parser("eval", help="metrics and overlays of a checkpoint on a labelled test set")
     evaluate.add_argument("--checkpoint", required=True, type=Path)
@@ -166,9 +194,11 @@ def _model_config(args: argparse.Namespace):
     overrides = {
         name: getattr(args, name)
         for name in ("channels", "num_levels", "num_stacks", "kernel_size", "volume_norm", "mode", "encoder",
-                     "encoder_weights")
+                     "encoder_weights", "template", "difference", "loss")
         if getattr(args, name, None) is not None
     }
+    if overrides.get("volume_norm") == "none":
+        overrides["volume_norm"] = None
     return PyramidFlowConfig.for_category(args.category, **overrides)
 
 
@@ -204,6 +234,7 @@ def _train(args: argparse.Namespace, model_config, steps: Optional[int], epochs:
         seed=args.seed,
         checkpoint_every=getattr(args, "checkpoint_every", 500),
         device=args.device,
+        augment=False if getattr(args, "no_augment", False) else bool(getattr(dataset, "augment", False)),
         calibration_fraction=getattr(args, "calibration_fraction", 0.1),
         image_fpr=getattr(args, "image_fpr", 0.01),
         pixel_fpr=getattr(args, "pixel_fpr", 0.001),
@@ -243,6 +274,30 @@ def _cmd_train(args: argparse.Namespace) -> None:
         epochs = 15  # the reference run's budget
     path = _train(args, _model_config(args), steps, epochs)
     print(f"checkpoint written to {path}")
+
+
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from .ablation import resolve_variants, run_ablation
+    from .train import TrainConfig
+
+    variants = [v.name for v in resolve_variants(args.variants)]  # unknown names fail before any data is read
+    steps, epochs = args.steps, args.epochs
+    if steps is None and epochs is None:
+        epochs = 15
+    base = _model_config(args)
+    _check_size(args.size, base)
+    train_set = _dataset(args.data, args.category, "train", args.size, args.layout)
+    test_set = _dataset(args.data, args.category, "test", args.size, args.layout)
+    train_config = TrainConfig(
+        steps=steps, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, device=args.device,
+        augment=False if args.no_augment else bool(getattr(train_set, "augment", False)),
+    )
+    results = run_ablation(base, train_config, train_set, test_set, args.out, category=args.category, variants=variants)
+    print(f"{'variant':<20} {'pixel AUROC':>11} {'AUPRO@0.3':>10} {'image AUROC':>11}")
+    for row in results:
+        print(f"{row['variant']:<20} {row['pixel_auroc']:>11.4f} {row['aupro']:>10.4f} {row['image_auroc']:>11.4f}")
+    print(f"table written to {args.out / 'ablation.md'} and {args.out / 'ablation.json'}")
 
 
 def _print_table(rows: Sequence[dict]) -> None:
@@ -357,7 +412,7 @@ def demo_overrides(category: str) -> dict:
 
 _COMMANDS = {
     "synth": _cmd_synth, "demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict,
-    "plan": _cmd_plan, "export": _cmd_export,
+    "plan": _cmd_plan, "export": _cmd_export, "ablate": _cmd_ablate,
 }
 
 

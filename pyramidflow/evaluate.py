@@ -99,7 +99,8 @@ def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
 def anomaly_maps(model: torch.nn.Module, template: Sequence[torch.Tensor], images: torch.Tensor) -> np.ndarray:
     """``(N, H, W)`` float32 maps of normalised images ``(N, 3, H, W)`` at the model's resolution (eval, no grad)."""
     size = tuple(images.shape[-2:])  # an encoder's maps are upsampled to the images'
-    return anomaly_map(model(images), template, size)[:, 0].float().cpu().numpy()
+    difference = getattr(getattr(model, "config", None), "difference", "pyramid")  # the checkpoint's switch
+    return anomaly_map(model(images), template, size, difference=difference)[:, 0].float().cpu().numpy()
 
 
 @torch.no_grad()

@@ -66,11 +66,12 @@ def _latents(model: torch.nn.Module, images: Tensor) -> tuple[Tensor, ...]:
     return tuple(model(images))
 
 
-def _pairwise_loss(levels: Sequence[Tensor]) -> Tensor:
-    """The method's loss over every pair of the (global) batch: :func:`pyramidflow.model.fourier_loss`."""
-    from pyramidflow.model import fourier_loss
+def _pairwise_loss(levels: Sequence[Tensor], objective: str = "fourier") -> Tensor:
+    """The loss over every pair of the (global) batch: the method's :func:`pyramidflow.model.fourier_loss`,
+    or the ``"spatial"`` ablation (:func:`pyramidflow.model.loss.objective_loss`)."""
+    from pyramidflow.model.loss import objective_loss
 
-    return fourier_loss(levels)
+    return objective_loss(objective, levels)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,7 +169,9 @@ def _template_and_score_stats(
     was_training = model.training
     model.eval()
     try:
-        template = fit_template(model, (_images(b, device, dtype) for b in _plain_loader(dataset, config)))
+        kind = getattr(getattr(model, "config", None), "template", "mean")
+        difference = getattr(getattr(model, "config", None), "difference", "pyramid")
+        template = fit_template(model, (_images(b, device, dtype) for b in _plain_loader(dataset, config)), kind=kind)
         image_scores, pixels = [], []
         # NOTE [pixel quantile sample]: a fixed-stride sample of at most ~4M pixel scores keeps the
         # quantile's memory bounded for large training sets; it is deterministic, never random.
@@ -176,7 +179,7 @@ def _template_and_score_stats(
         stride = max(1, math.ceil(total / (1 << 22)))
         for batch in _plain_loader(dataset, config):
             images = _images(batch, device, dtype)
-            maps = anomaly_map(_latents(model, images), template, images.shape[-2:])  # (N, 1, H, W)
+            maps = anomaly_map(_latents(model, images), template, images.shape[-2:], difference=difference)  # (N, 1, H, W)
             image_scores.append(image_score(maps).double().cpu())
             pixels.append(maps.reshape(-1)[::stride].double().cpu())
         scores = torch.cat(image_scores)
@@ -194,6 +197,18 @@ def _template_and_score_stats(
         return [level.detach().cpu() for level in template], stats
     finally:
         model.train(was_training)
+
+
+def _apply_augmentation_setting(dataset: Dataset, augment: bool | None) -> None:
+    """``TrainConfig.augment``: ``None`` keeps the data set's own choice (textures on), a bool forces it."""
+    if augment is None:
+        return
+    if not isinstance(getattr(dataset, "augment", None), bool):
+        raise ValueError(
+            f"train: TrainConfig.augment={augment} but the data set ({type(dataset).__name__}) has no boolean "
+            "'augment' attribute to switch; use a pyramidflow.data data set or leave augment=None."
+        )
+    dataset.augment = bool(augment)
 
 
 @contextlib.contextmanager
@@ -302,9 +317,11 @@ class _Run:
                 f"train: resume=True but there is no checkpoint at {self.path}; start without resume."
             )
         ckpt = load_checkpoint(self.path, self.model_config, map_location=self.device)
+        # Settings newer than the checkpoint (absent from it) are not compared: the run predates them.
         differing = config_differences(
             {k: v for k, v in ckpt.train_config.items() if k not in _RESUMABLE_CHANGES},
-            {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE_CHANGES},
+            {k: v for k, v in dataclasses.asdict(self.config).items()
+             if k not in _RESUMABLE_CHANGES and k in ckpt.train_config},
         )
         if differing:
             raise CheckpointError(
@@ -389,10 +406,17 @@ class _Run:
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, batch: Any, guard: _InterruptGuard) -> None:
         images = _images(batch, self.device, self.dtype)
-        levels = _latents(self.net, images)
-        if self.ctx.is_distributed:
-            levels = gather_levels(levels, self.group)  # NOTE [global batch under DDP]
-        loss = _pairwise_loss(levels)
+        objective = getattr(self.model_config, "objective", "fourier")
+        if objective == "gaussian_nll":  # volume_norm=None ablation: per sample, so no gather under DDP
+            from pyramidflow.model.loss import gaussian_nll
+
+            levels, logdet = self.net(images, return_logdet=True)
+            loss = gaussian_nll(levels, logdet)
+        else:
+            levels = _latents(self.net, images)
+            if self.ctx.is_distributed:
+                levels = gather_levels(levels, self.group)  # NOTE [global batch under DDP]
+            loss = _pairwise_loss(levels) if objective == "fourier" else _pairwise_loss(levels, objective)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
@@ -501,6 +525,7 @@ def train(
     if not dataclasses.is_dataclass(model_config) or isinstance(model_config, type):
         raise TypeError(f"train: model_config must be a PyramidFlowConfig, got {type(model_config).__name__}.")
     _check_dataset(dataset)
+    _apply_augmentation_setting(dataset, train_config.augment)
     device = resolve_device(train_config.device)
     ctx = init_distributed(device.type)
     try:

@@ -44,6 +44,10 @@ class TrainConfig:
         log_every: update the progress bar, and check the loss for NaN/inf, every this many steps.
         dtype: ``"float32"`` or ``"float64"`` (for exact comparisons in tests).
         score_quantile: quantile of the training images' pixel scores stored in the checkpoint.
+        augment: texture augmentation (random flips and 90° rotations) of the training images;
+            ``None`` keeps the data set's choice (on for textures, off for objects, as the authors),
+            ``False`` turns it off (``--no-augment``), ``True`` forces it. The template and score
+            statistics never use it.
         calibration_fraction: share of the good images held out of training to set the decision
             thresholds (at least 4 images; 0 holds out none and sets them on the training images,
             optimistically); see :mod:`pyramidflow.calibration`.
@@ -66,6 +70,7 @@ class TrainConfig:
     log_every: int = 10
     dtype: str = "float32"
     score_quantile: float = 0.99
+    augment: bool | None = None
     calibration_fraction: float = 0.1
     image_fpr: float = 0.01
     pixel_fpr: float = 0.001
@@ -107,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: device must be one of {DEVICES}, got {self.device!r}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
+        if self.augment is not None and not isinstance(self.augment, bool):
+            raise TypeError(f"TrainConfig: augment must be True, False or None, got {self.augment!r}.")
         if not 0.0 < self.score_quantile < 1.0:
             raise ValueError(f"TrainConfig: score_quantile must lie in (0, 1), got {self.score_quantile!r}.")
         if not (isinstance(self.calibration_fraction, (int, float)) and 0.0 <= self.calibration_fraction < 1.0):

@@ -5,6 +5,11 @@ image's anomaly map is, per level, ``|z - template|``, composed back to the
 input's resolution through the Laplacian composition and averaged over
 channels; its image score is the maximum of the map. The template assumes the
 images are aligned (registered): the method is weak on categories that are not.
+
+Two ablations of the paper's Table 2 are switches here: a zero template
+(``fit_template(..., kind="zero")``: the map is the latent's own magnitude) and
+the composed difference (``anomaly_map(..., difference="composed")``: compose
+latent and template to full resolution first, then take ``|·|``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from torch import Tensor, nn
 
 from .pyramid import laplacian_compose
 
-__all__ = ["fit_template", "anomaly_map", "image_score"]
+__all__ = ["TEMPLATES", "DIFFERENCES", "fit_template", "anomaly_map", "image_score"]
+
+TEMPLATES = ("mean", "zero")
+DIFFERENCES = ("pyramid", "composed")
 
 Template = Tuple[Tensor, ...]
 
@@ -41,6 +49,7 @@ def fit_template(
     batches: Iterable[Any],
     *,
     device: Optional[torch.device | str] = None,
+    kind: str = "mean",
 ) -> Template:
     """Mean latent pyramid of the images in ``batches``, computed in eval mode without a graph.
 
@@ -53,13 +62,17 @@ def fit_template(
         batches: an iterable of image batches ``(B, 3, H, W)`` (tensors,
             ``(images, ...)`` tuples, or dicts with ``"image"``), e.g. a DataLoader of normal training images.
         device: where to run the model; ``None`` for the device of its parameters.
+        kind: ``"mean"`` (the method) or ``"zero"`` (ablation: zeros of the same shapes, so the
+            anomaly map becomes the latent's own magnitude).
 
     Returns:
         The template: ``L`` tensors ``(1, C, H_i, W_i)`` in the latents' dtype.
 
     Raises:
-        ValueError: when ``batches`` holds no image.
+        ValueError: when ``batches`` holds no image, or an unknown ``kind``.
     """
+    if kind not in TEMPLATES:
+        raise ValueError(f"fit_template: kind must be one of {TEMPLATES}, got {kind!r}.")
     if device is None:
         device = next(iter(model.parameters())).device
     was_training = model.training
@@ -78,10 +91,17 @@ def fit_template(
         model.train(was_training)
     if sums is None or count == 0:
         raise ValueError("fit_template: the batches held no image; pass at least one batch of normal images.")
+    if kind == "zero":
+        return tuple(torch.zeros_like(s, dtype=dtype) for s in sums)
     return tuple((s / count).to(dtype) for s in sums)
 
 
-def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor], size: Optional[Tuple[int, int]] = None) -> Tensor:
+def anomaly_map(
+    latents: Sequence[Tensor],
+    template: Sequence[Tensor],
+    size: Optional[Tuple[int, int]] = None,
+    difference: str = "pyramid",
+) -> Tensor:
     """Per-pixel anomaly map at the input's resolution.
 
     Per level ``|z_i - template_i|``, averaged over channels (which commutes
@@ -94,6 +114,8 @@ def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor], size: Opt
         size: ``(H, W)`` of the images, when the finest level is smaller (an encoder's
             features at 1/4 of the image side): the map is then upsampled bilinearly to it,
             so that it lines up with the images and their masks. ``None``: the finest level's size.
+        difference: ``"pyramid"`` (the method, above) or ``"composed"`` (ablation:
+            ``mean_C |compose(z) - compose(template)|``, the absolute value taken after composing).
 
     Returns:
         ``(N, 1, H, W)``; larger means more anomalous.
@@ -101,6 +123,8 @@ def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor], size: Opt
     Raises:
         ValueError: when the pyramids do not match in levels or shapes.
     """
+    if difference not in DIFFERENCES:
+        raise ValueError(f"anomaly_map: difference must be one of {DIFFERENCES}, got {difference!r}.")
     if len(latents) != len(template):
         raise ValueError(
             f"anomaly_map: the latents have {len(latents)} levels but the template has {len(template)}; fit the "
@@ -113,8 +137,12 @@ def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor], size: Opt
                 f"anomaly_map: level {level} of the latents is {tuple(z.shape[1:])} but the template's is "
                 f"{tuple(t.shape[1:])}; run the test images at the template's resolution."
             )
-        diffs.append((z - t.to(z.dtype)).abs().mean(dim=1, keepdim=True))
-    composed = laplacian_compose(diffs)
+        diffs.append(z - t.to(z.dtype))
+    if difference == "composed":
+        # compose is linear: compose(z) - compose(template) == compose(z - template), with |·| after it.
+        composed = laplacian_compose(diffs).abs().mean(dim=1, keepdim=True)
+    else:
+        composed = laplacian_compose([d.abs().mean(dim=1, keepdim=True) for d in diffs])
     if size is not None and tuple(size) != tuple(composed.shape[-2:]):
         composed = F.interpolate(composed, size=tuple(size), mode="bilinear", align_corners=False)
     return composed

@@ -48,15 +48,18 @@ class InvertibleConv1x1(nn.Module):
         channels: C, the channels of the level.
         init: ``"orthogonal"`` (a random orthogonal W, the default), ``"rotation"``
             (a random orthogonal W with ``det = +1``) or ``"identity"``.
+        volume_norm: normalise ``w_s`` so that ``|det W| = 1`` (the method); ``False`` leaves ``w_s``
+            free, as a plain Glow 1×1 conv (the "without VN" ablation), with log-det :meth:`log_abs_det`.
     """
 
-    def __init__(self, channels: int, init: str = "orthogonal") -> None:
+    def __init__(self, channels: int, init: str = "orthogonal", volume_norm: bool = True) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"InvertibleConv1x1: channels must be at least 1, got {channels}.")
         if init not in CONV1X1_INITS:
             raise ValueError(f"InvertibleConv1x1: init must be one of {CONV1X1_INITS}, got {init!r}.")
         self.channels = channels
+        self.volume_norm = bool(volume_norm)
         if init == "identity":
             weight = torch.eye(channels, dtype=torch.float64)
         else:
@@ -74,14 +77,24 @@ class InvertibleConv1x1(nn.Module):
         self.register_buffer("_cols", cols, persistent=False)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}"
+        return f"channels={self.channels}, volume_norm={self.volume_norm}"
+
+    def _log_magnitudes(self) -> Tensor:
+        """``w_s``, volume-normalised or not: NOTE [volume normalisation of the 1x1 conv]."""
+        if self.volume_norm:
+            return self.log_diagonal - self.log_diagonal.mean()
+        return self.log_diagonal
+
+    def log_abs_det(self) -> Tensor:
+        """``log|det W|`` (a scalar; exactly 0 up to rounding with volume normalisation). Per pixel: multiply by H·W."""
+        return self._log_magnitudes().sum()
 
     def _factors(self) -> Tuple[Tensor, Tensor]:
         """``L`` (unit lower) and ``U`` with its volume-normalised diagonal, as C×C matrices."""
         c = self.channels
         eye = torch.eye(c, dtype=self.lower.dtype, device=self.lower.device)
         lower = eye.index_put((self._rows, self._cols), self.lower)
-        w_s = self.log_diagonal - self.log_diagonal.mean()  # NOTE [volume normalisation of the 1x1 conv]
+        w_s = self._log_magnitudes()
         upper = torch.diag(self.sign * torch.exp(w_s)).index_put((self._cols, self._rows), self.upper)
         return lower, upper
 

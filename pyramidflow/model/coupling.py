@@ -88,13 +88,21 @@ def _leaf(y: Tensor) -> Tensor:
 # the engine carries no log-det at all. In eval the running mean is
 # subtracted instead; the block is then volume preserving only on average,
 # which is how the method defines it.
+#
+# NOTE [log-det without volume normalisation]
+# With volume_norm=None (the paper's "without VN" ablation) nothing is
+# subtracted from s and the 1×1 conv's w_s is free, so the block changes
+# volume: per sample, logdet = Σ_{C,H,W} s + H·W·log|det W|. The block then
+# returns that (N,) tensor from forward (minus it from inverse, and with its
+# graph from reconstruct), and the engine carries it.
 class PyramidCoupling(InvertibleModule):
     """Base of the pyramid couplings: affine transform of one level, then a 1×1 conv.
 
     Subclasses say which level they transform (``self.level``) and how the
     network's ``(r, t)`` come from the untouched levels (:meth:`_affine_parameters`).
 
-    The block returns ``logdet=None``: see NOTE [volume preserving over the batch].
+    The block returns ``logdet=None``: see NOTE [volume preserving over the batch]
+    (with ``volume_norm=None``, a log-det: NOTE [log-det without volume normalisation]).
 
     Args:
         level: the transformed level k.
@@ -103,7 +111,8 @@ class PyramidCoupling(InvertibleModule):
         channels: C, channels of every level.
         hidden_channels: F's hidden width; ``None`` for 2C.
         kernel_size: F's kernel size k.
-        volume_norm: ``"CVN"`` or ``"SVN"``.
+        volume_norm: ``"CVN"``, ``"SVN"``, or ``None`` (no VN: the block returns a log-det,
+            NOTE [log-det without volume normalisation]).
         clamp: soft-clamp bound c of the log-scale.
         momentum: running-mean momentum of the volume normalisation.
         conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
@@ -139,7 +148,8 @@ class PyramidCoupling(InvertibleModule):
         hidden = 2 * channels if hidden_channels is None else hidden_channels
         self.net = AffineParameterNet(in_channels, channels, hidden, kernel_size)
         self.volume_norm = VolumeNorm(volume_norm, channels, momentum)
-        self.conv = InvertibleConv1x1(channels, init=conv1x1_init)
+        self.volume_preserving = volume_norm is not None
+        self.conv = InvertibleConv1x1(channels, init=conv1x1_init, volume_norm=volume_norm is not None)
         self._needed = max((level,) + self.cond_levels) + 1
 
     def extra_repr(self) -> str:
@@ -163,6 +173,13 @@ class PyramidCoupling(InvertibleModule):
             backend=self.backend,
         )
 
+    def _logdet(self, r: Tensor) -> LogDet:
+        """NOTE [log-det without volume normalisation]: ``(N,)``, or ``None`` for a volume-preserving block."""
+        if self.volume_preserving:
+            return None
+        pixels = r.shape[-2] * r.shape[-1]
+        return kernels.soft_clamp(r, self.clamp).flatten(1).sum(dim=1) + pixels * self.conv.log_abs_det().to(r.dtype)
+
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         """Transform level ``self.level``; every other level is returned as the same object."""
         self._check(xs)
@@ -174,7 +191,7 @@ class PyramidCoupling(InvertibleModule):
         self.volume_norm.update(kwargs["running_mean"] if batch_mean is None else batch_mean)
         ys = list(xs)
         ys[k] = self.conv(y)
-        return tuple(ys), None
+        return tuple(ys), self._logdet(r)
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         """Undo :meth:`forward`: undo ``W``, recompute ``(r, t)`` from the untouched levels, undo the affine map."""
@@ -184,13 +201,15 @@ class PyramidCoupling(InvertibleModule):
         x, _ = kernels.affine_coupling_inverse(self.conv.inverse(ys[k]), r, t, **self._coupling_kwargs(r))
         xs = list(ys)
         xs[k] = x
-        return tuple(xs), None
+        logdet = self._logdet(r)
+        return tuple(xs), None if logdet is None else -logdet
 
     def reconstruct(self, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
         """Fused reconstruct-and-backward path: the network F runs once (the generic path runs it twice).
 
         Returns:
-            ``(xs, ys_local, None)`` as :meth:`InvertibleModule.reconstruct`.
+            ``(xs, ys_local, logdet_local)`` as :meth:`InvertibleModule.reconstruct` (``logdet_local``
+            is ``None`` for a volume-preserving block).
         """
         # NOTE [fused pyramid reconstruct]
         # The untouched levels are the same in input and output, so they become
@@ -213,7 +232,7 @@ class PyramidCoupling(InvertibleModule):
         xs[k] = x
         ys_local = list(leaves)
         ys_local[k] = self.conv(y_affine_local)
-        return tuple(xs), tuple(ys_local), None
+        return tuple(xs), tuple(ys_local), self._logdet(r)
 
 
 class TwoLevelCoupling(PyramidCoupling):

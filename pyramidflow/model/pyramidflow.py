@@ -3,7 +3,8 @@
 ``images (N, 3, H, W) -> lift -> features (N, C, H, W) -> Laplacian pyramid
 (L levels) -> flow -> latent pyramid (L tensors, finest first)``. The lift may be
 replaced by a frozen pretrained encoder (the paper's ResNet18 variant, :mod:`.encoder`). Every block
-preserves volume, so the model has no log-determinant; training pulls the
+preserves volume, so the model has no log-determinant (except in the
+``volume_norm=None`` ablation, see ``forward(..., return_logdet=True)``); training pulls the
 latents of normal images together (:mod:`.loss`) and inference compares a
 latent with the mean latent of the training images (:mod:`.anomaly_map`).
 ImageNet normalisation of the images is the data pipeline's job.
@@ -22,11 +23,13 @@ from torch import Tensor, nn
 
 from ..engine.sequential import MODES, InvertibleSequential
 from ..kernels import BACKENDS
+from .anomaly_map import DIFFERENCES, TEMPLATES
 from .conv1x1 import CONV1X1_INITS
 from .coupling import PyramidCoupling, ThreeLevelCoupling, TwoLevelCoupling
 from .encoder import ENCODER_CHANNELS, ENCODER_STRIDES, ENCODERS, build_encoder
+from .loss import LOSSES
 from .pyramid import DOWNSAMPLES, LaplacianPyramid
-from .volume_norm import VOLUME_NORM_MODES
+from .volume_norm import VOLUME_NORM_CHOICES
 
 __all__ = ["PyramidFlowConfig", "PyramidFlow", "InputLift", "stack_layout"]
 
@@ -52,7 +55,9 @@ class PyramidFlowConfig:
         kernel_size: odd kernel size k of the couplings' networks (7).
         num_stacks: number of stacks; each stack transforms every level once (4).
         num_levels: L, levels of the Laplacian pyramid, at least 2 (4).
-        volume_norm: ``"CVN"`` (per-pixel, resolution-bound) or ``"SVN"`` (per-channel).
+        volume_norm: ``"CVN"`` (per-pixel, resolution-bound), ``"SVN"`` (per-channel), or ``None``
+            (ablation: no volume normalisation; the flow has a log-det and trains with the Gaussian
+            negative log-likelihood instead of ``loss``, see :attr:`objective`).
         mode: the engine's mode, ``"invertible"``, ``"checkpoint"`` or ``"autograd"``.
         hidden_channels: hidden width of the networks; ``None`` for 2C.
         clamp: soft-clamp bound of the log-scales (2.0).
@@ -67,6 +72,15 @@ class PyramidFlowConfig:
             image side, C = 64; see :mod:`.encoder`).
         encoder_weights: with an encoder, ``"imagenet"`` (torchvision's weights, downloaded)
             or the path of a local ResNet18 state dict; ``None`` without one.
+        template: ``"mean"`` (the mean training latent, the method) or ``"zero"`` (ablation:
+            the map is the latent's own magnitude).
+        difference: ``"pyramid"`` (subtract the template per level, then compose, the method) or
+            ``"composed"`` (ablation: compose latent and template first, then subtract).
+        loss: ``"fourier"`` (the method) or ``"spatial"`` (ablation: the pairwise difference map's
+            plain mean, no FFT). Used with volume normalisation only.
+
+    ``volume_norm=None``, ``template``, ``difference`` and ``loss`` are the paper's ablations
+    (Table 2); each changes one thing, and the defaults are the method's.
 
     Example:
         >>> PyramidFlowConfig.for_category("screw").num_levels
@@ -77,7 +91,7 @@ class PyramidFlowConfig:
     kernel_size: int = 7
     num_stacks: int = 4
     num_levels: int = 4
-    volume_norm: str = "CVN"
+    volume_norm: Optional[str] = "CVN"
     mode: str = "invertible"
     hidden_channels: Optional[int] = None
     clamp: float = 2.0
@@ -88,6 +102,9 @@ class PyramidFlowConfig:
     kernels: str = "auto"
     encoder: str = "none"
     encoder_weights: Optional[str] = None
+    template: str = "mean"
+    difference: str = "pyramid"
+    loss: str = "fourier"
 
     def __post_init__(self) -> None:
         self._check_encoder()
@@ -110,8 +127,16 @@ class PyramidFlowConfig:
         _check_int("in_channels", self.in_channels, 1)
         if self.hidden_channels is not None:
             _check_int("hidden_channels", self.hidden_channels, 1)
-        if self.volume_norm not in VOLUME_NORM_MODES:
-            raise ValueError(f"PyramidFlowConfig: volume_norm must be one of {VOLUME_NORM_MODES}, got {self.volume_norm!r}.")
+        if self.volume_norm not in VOLUME_NORM_CHOICES:
+            raise ValueError(f"PyramidFlowConfig: volume_norm must be one of {VOLUME_NORM_CHOICES}, got {self.volume_norm!r}.")
+        for name, choices in (("template", TEMPLATES), ("difference", DIFFERENCES), ("loss", LOSSES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"PyramidFlowConfig: {name} must be one of {choices}, got {getattr(self, name)!r}.")
+        if self.volume_norm is None and self.loss != "fourier":
+            raise ValueError(
+                f"PyramidFlowConfig: loss={self.loss!r} needs volume normalisation; without it (volume_norm=None) "
+                "the flow trains with the Gaussian negative log-likelihood, so keep loss='fourier' or set volume_norm."
+            )
         if self.mode not in MODES:
             raise ValueError(f"PyramidFlowConfig: mode must be one of {MODES}, got {self.mode!r}.")
         if not (isinstance(self.clamp, (int, float)) and self.clamp > 0):
@@ -156,6 +181,13 @@ class PyramidFlowConfig:
     def input_stride(self) -> int:
         """Image side over feature side: 1 for the lift, 4 for ``"resnet18"``."""
         return ENCODER_STRIDES.get(self.encoder, 1)
+
+    @property
+    def objective(self) -> str:
+        """What training minimises: ``loss`` (``"fourier"`` or ``"spatial"``) with volume normalisation,
+        ``"gaussian_nll"`` without it (a flow that may change volume would shrink every latent to zero under a
+        pairwise loss; the paper's "without VN" ablation trains it as a plain flow)."""
+        return "gaussian_nll" if self.volume_norm is None else self.loss
 
     @property
     def size_multiple(self) -> int:
@@ -361,15 +393,18 @@ class PyramidFlow(nn.Module):
             )
         return features
 
-    def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
+    def forward(self, images: Tensor, return_logdet: bool = False):
         """Map images to their latent pyramid.
 
         Args:
             images: ``(N, 3, H, W)``, ImageNet-normalised; ``H`` and ``W`` divisible
                 by ``2**(num_levels - 1)`` (after the encoder, if any).
+            return_logdet: also return the flow's log-determinant ``(N,)`` (zeros with volume
+                normalisation; the lift or encoder, frozen, is not counted).
 
         Returns:
-            ``num_levels`` latents, finest first; level ``i`` is ``(N, C, H / 2**i, W / 2**i)``.
+            ``num_levels`` latents, finest first; level ``i`` is ``(N, C, H / 2**i, W / 2**i)``;
+            with ``return_logdet``, the pair ``(latents, logdet)``.
 
         Raises:
             ValueError: for a bad image size (naming the nearest valid one), or
@@ -378,8 +413,8 @@ class PyramidFlow(nn.Module):
         features = self.features(images)
         self.pyramid.check_size(features.shape[-2], features.shape[-1])
         self._check_resolution(features.shape[-2], features.shape[-1])
-        latents, _ = self.flow(self.pyramid.decompose(features))
-        return tuple(latents)
+        latents, logdet = self.flow(self.pyramid.decompose(features))
+        return (tuple(latents), logdet) if return_logdet else tuple(latents)
 
     def inverse_features(self, latents: Sequence[Tensor]) -> Tensor:
         """Latent pyramid -> the features ``(N, C, H, W)`` it came from (flow inverse, then composition)."""

@@ -11,6 +11,8 @@ mean used in eval mode and updates it in training, like batch norm.
   was trained at.
 * ``"SVN"`` (spatial VN): mean over batch and space, per channel; the running
   mean has shape ``(1, C, 1, 1)`` and works at any resolution.
+* ``None`` (the paper's "without VN" ablation): nothing is subtracted and no
+  running mean is kept; the coupling then has a log-determinant.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from torch import Tensor, nn
 from .. import kernels
 from ..kernels.reference import volume_norm_dims
 
-__all__ = ["VOLUME_NORM_MODES", "VolumeNorm"]
+__all__ = ["VOLUME_NORM_MODES", "VOLUME_NORM_CHOICES", "VolumeNorm"]
 
 VOLUME_NORM_MODES = ("CVN", "SVN")
+# The modes a model may be built with: the two VN modes, or None for no volume normalisation (ablation).
+VOLUME_NORM_CHOICES = (*VOLUME_NORM_MODES, None)
 
 
 # NOTE [running mean updated once per step]
@@ -56,8 +60,8 @@ class VolumeNorm(nn.Module):
 
     def __init__(self, mode: str, channels: int, momentum: float = 0.1) -> None:
         super().__init__()
-        if mode not in VOLUME_NORM_MODES:
-            raise ValueError(f"VolumeNorm: mode must be one of {VOLUME_NORM_MODES}, got {mode!r}.")
+        if mode not in VOLUME_NORM_CHOICES:
+            raise ValueError(f"VolumeNorm: mode must be one of {VOLUME_NORM_CHOICES}, got {mode!r}.")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"VolumeNorm: momentum must lie in (0, 1], got {momentum}.")
         self.mode = mode
@@ -95,6 +99,8 @@ class VolumeNorm(nn.Module):
         Raises:
             ValueError: in eval with CVN at a resolution other than the trained one.
         """
+        if self.mode is None:
+            return None
         if self.training:
             return None if self.process_group is None else self._global_batch_mean(r, clamp)
         if self.mode == "SVN":
@@ -114,7 +120,7 @@ class VolumeNorm(nn.Module):
     @torch.no_grad()
     def update(self, batch_mean: Optional[Tensor]) -> None:
         """Fold a batch mean (from :func:`pyramidflow.kernels.log_scale` or :meth:`mean_for`) into the running mean."""
-        if batch_mean is None or not self.training:
+        if batch_mean is None or not self.training or self.mode is None:
             return
         batch_mean = batch_mean.detach()
         if self.mode == "CVN":
