@@ -159,17 +159,18 @@ class CallSite:
 
 
 def drift_message(where: str, drifts: Sequence[float], tolerance: float, names: Sequence[str]) -> str:
-    """The one message of :class:`DriftWarning` and :class:`DriftError`: the worst block, its error, the way out."""
+    """The one message of :class:`DriftWarning` and :class:`DriftError`: where drift starts, how large, the way out.
+
+    Backward runs from the last block down, so the highest block over the
+    tolerance is where the drift starts; the blocks below usually carry it on.
+    """
     over = [i for i, d in enumerate(drifts) if not d <= tolerance]
-    worst = max(over, key=lambda i: float("inf") if d_is_nan(drifts[i]) else drifts[i])
+    first = over[-1]
+    worst = max(over, key=lambda i: float("inf") if drifts[i] != drifts[i] else drifts[i])
     return (
-        f"{where}: block {worst} ({names[worst]}) input rebuilt in backward differs from the forward's by a "
-        f"relative error of {drifts[worst]:.3g} (tolerance {tolerance:.3g}; {len(over)} of {len(drifts)} blocks "
-        "over it), so this step's gradients are inexact. Set drift='recompute' to rebuild drifting blocks "
-        "exactly from the forward's input (anchor_every=k bounds the compounding to k blocks), or clamp the "
-        "scales or run in float64."
+        f"{where}: block {first} ({names[first]}) is where backward's rebuilt input first drifts past the "
+        f"tolerance: relative error {drifts[first]:.3g} (tolerance {tolerance:.3g}); the worst is "
+        f"{drifts[worst]:.3g} at block {worst} ({len(over)} of {len(drifts)} blocks over), so this step's gradients "
+        "are inexact. Set drift='recompute' to rebuild drifting blocks exactly from the forward's input "
+        "(anchor_every=k bounds the compounding to k blocks), or clamp the scales, or run in float64."
     )
-
-
-def d_is_nan(value: float) -> bool:
-    return value != value
