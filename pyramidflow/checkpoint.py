@@ -77,6 +77,8 @@ class Checkpoint:
         finished: whether training reached its budget (template and score statistics are then set).
         template: the latent template, one tensor ``(1, C, H_i, W_i)`` per level, or ``None``.
         score_stats: statistics of the training images' anomaly maps (see ``pyramidflow.train``), or ``None``.
+        drift: ``[step, largest reconstruction drift]`` per logging interval (``None`` for an interval
+            without measurement), or ``None`` in checkpoints written before drift was recorded.
     """
 
     path: Path
@@ -92,6 +94,7 @@ class Checkpoint:
     finished: bool = False
     template: list | None = None
     score_stats: dict | None = None
+    drift: list | None = None
 
     def build_model(self, map_location: str | torch.device = "cpu") -> torch.nn.Module:
         """A ``PyramidFlow`` with this checkpoint's config and weights, in eval mode."""
@@ -237,4 +240,4 @@ def load_checkpoint(
                 f"load_checkpoint: {path} was written for another model config: {'; '.join(differences)}; "
                 f"use the checkpoint's settings or another output folder."
             )
-    return Checkpoint(path=path, **{key: state[key] for key in CHECKPOINT_KEYS})
+    return Checkpoint(path=path, drift=state.get("drift"), **{key: state[key] for key in CHECKPOINT_KEYS})

@@ -43,6 +43,8 @@ def _add_smoothing(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine.drift import DRIFT_POLICIES
+
     parser = argparse.ArgumentParser(
         prog="pyramidflow",
         description="PyramidFlow anomaly localisation: train on good images, get anomaly maps and scores.",
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
     train.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
+    train.add_argument("--drift", choices=DRIFT_POLICIES, default="recompute",
+                       help="what backward does when reconstruction drifts (recompute: rebuild exactly)")
     _add_device(train)
     _add_model_options(train)
 
@@ -157,6 +161,7 @@ def _train(args: argparse.Namespace, model_config, steps: Optional[int], epochs:
         seed=args.seed,
         checkpoint_every=getattr(args, "checkpoint_every", 500),
         device=args.device,
+        drift=getattr(args, "drift", "recompute"),
     )
     result = train(model_config, train_config, dataset, args.out, resume=getattr(args, "resume", False))
     return result.checkpoint_path

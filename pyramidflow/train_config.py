@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .engine.drift import DRIFT_POLICIES
+
 __all__ = ["DEVICES", "DTYPES", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,6 +46,10 @@ class TrainConfig:
         log_every: update the progress bar, and check the loss for NaN/inf, every this many steps.
         dtype: ``"float32"`` or ``"float64"`` (for exact comparisons in tests).
         score_quantile: quantile of the training images' pixel scores stored in the checkpoint.
+        drift: the engine's reconstruction-drift policy (``InvertibleSequential(drift=...)``):
+            ``"recompute"`` (default: a long run never trains on silently wrong gradients),
+            ``"warn"``, ``"raise"`` or ``"off"``. May change on resume: it changes the
+            gradients only of steps whose reconstruction drifted.
     """
 
     steps: int | None = None
@@ -61,6 +67,7 @@ class TrainConfig:
     log_every: int = 10
     dtype: str = "float32"
     score_quantile: float = 0.99
+    drift: str = "recompute"
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -99,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: device must be one of {DEVICES}, got {self.device!r}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
+        if self.drift not in DRIFT_POLICIES:
+            raise ValueError(f"TrainConfig: drift must be one of {DRIFT_POLICIES}, got {self.drift!r}.")
         if not 0.0 < self.score_quantile < 1.0:
             raise ValueError(f"TrainConfig: score_quantile must lie in (0, 1), got {self.score_quantile!r}.")
 
