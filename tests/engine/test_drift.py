@@ -175,3 +175,51 @@ def test_anchor_modified_in_place_raises():
     x.add_(1.0)
     with pytest.raises(RuntimeError, match="input of block 0, kept for drift='recompute'.*modified in place"):
         loss_of(y, logdet).backward()
+
+
+def _bf16_chain():
+    torch.manual_seed(0)
+    seq = InvertibleSequential(*[AffineCoupling(4, 8, parity=i % 2) for i in range(6)])
+    for block in seq.blocks:
+        nn.init.normal_(block.net[-1].weight, std=0.1)
+    return seq
+
+
+def _bf16_gradients(seq, x, mode, drift="warn"):
+    seq.mode, seq.drift = mode, drift
+    seq.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, logdet = seq(x)
+        loss = loss_of(y.float(), logdet.float())
+    loss.backward()
+    return [p.grad for p in seq.parameters()]
+
+
+def test_bf16_autocast_monitoring_against_autograd_under_the_same_autocast():
+    seq = _bf16_chain()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    reference = _bf16_gradients(seq, x, "autograd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DriftWarning)  # the bf16 default tolerance: no false warning
+        monitored = _bf16_gradients(seq, x, "invertible")
+    assert len(seq.last_drift) == 6 and max(seq.last_drift) < default_tolerance(torch.bfloat16)
+    # bf16 has 8 bits of mantissa: the networks' (s, t) round at that level in both runs.
+    assert max_relative_error(monitored, reference) <= 0.1
+    # "recompute" with a tight tolerance rebuilds every drifting input exactly: checkpoint mode's gradients.
+    seq.drift_tolerance = 0.0
+    healed = _bf16_gradients(seq, x, "invertible", drift="recompute")
+    assert len(seq.last_recomputed) > 0
+    assert max_relative_error(healed, _bf16_gradients(seq, x, "checkpoint")) <= 1e-6
+
+
+def test_inverse_affine_step_runs_in_float32_for_16_bit_operands():
+    from pyramidflow import kernels
+
+    generator = torch.Generator().manual_seed(0)
+    y, s, t = (torch.randn(2, 3, 5, 7, generator=generator) for _ in range(3))
+    y16, s16, t16 = y.bfloat16(), s.bfloat16(), t.bfloat16()
+    x = kernels.reference.scale_shift_inverse(y16, s16, t16)
+    assert x.dtype == torch.bfloat16
+    once = ((y16.float() - t16.float()) / torch.exp(s16).float()).bfloat16()  # one rounding, at the end
+    assert torch.equal(x, once)
+    assert not torch.equal(x, (y16 - t16) / torch.exp(s16))  # bf16 arithmetic rounds twice
