@@ -199,7 +199,25 @@ def freia_table(seeds: Sequence[int], clamp: float) -> None:
         _print_rows(f"FrEIA-style flow, 16 couplings (clamp {clamp}) + 16 swaps, 16 ch, 64 px, batch 2, seed {seed}", compare(seq, seq, loss, loss, settings))
 
 
-def cost_table(size: int, pairs: int) -> None:
+def _monitoring_ops_seconds(model: PyramidFlow, images: Tensor, repeats: int = 20) -> float:
+    """Wall time of the monitoring's own work in one step, alone: fingerprint every block's input in
+    forward, compare a rebuilt input with it in backward (the Fingerprinter and the comparison the engine runs)."""
+    from pyramidflow.engine.drift import Fingerprinter, fingerprint_drift
+
+    with torch.no_grad():
+        xs = model.pyramid.decompose(model.features(images))
+    fingerprinter = Fingerprinter()
+    blocks = len(model.flow.blocks)
+    fingerprints = [fingerprinter.fingerprint(xs) for _ in range(blocks)]  # warm the index cache
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fingerprints = [fingerprinter.fingerprint(xs) for _ in range(blocks)]
+        drifts = [fingerprint_drift(fingerprinter, xs, fp) for fp in fingerprints]
+        torch.stack(drifts).tolist()
+    return (time.perf_counter() - start) / repeats
+
+
+def cost_table(size: int, pairs: int, memory: bool = True) -> None:
     torch.manual_seed(0)
     model = PyramidFlow(PyramidFlowConfig())
     model.train()
@@ -210,26 +228,35 @@ def cost_table(size: int, pairs: int) -> None:
         fourier_loss(model(images)).backward()
 
     times: Dict[str, List[float]] = {"warn": [], "off": []}
+    cpu_times: Dict[str, List[float]] = {"warn": [], "off": []}
     peaks: Dict[str, int] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for policy in ("warn", "off"):  # warm-up, and the peaks (deterministic)
             model.flow.drift = policy
             step()
-            peaks[policy] = peak_memory_cpu(step)[0]
+            if memory:
+                peaks[policy] = peak_memory_cpu(step)[0]
         for _ in range(pairs):
             for policy in ("warn", "off"):
                 model.flow.drift = policy
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 step()
                 times[policy].append(time.perf_counter() - start)
+                cpu_times[policy].append(time.process_time() - cpu_start)
     model.flow.drift = "warn"
     step()
     false_warnings = sum(issubclass(w.category, DriftWarning) for w in caught)
     med = {p: statistics.median(t) for p, t in times.items()}
     print(f"\nCost of monitoring, paper configuration, {size} px, batch 2, fresh initialisation ({pairs} interleaved pairs)")
-    print(f"  step time: warn {med['warn']:.3f} s, off {med['off']:.3f} s, ratio {med['warn'] / med['off']:.3f}")
-    print(f"  peak memory: warn {peaks['warn'] / 2**20:.1f} MiB, off {peaks['off'] / 2**20:.1f} MiB, ratio {peaks['warn'] / peaks['off']:.4f}")
+    cpu = {p: statistics.median(t) for p, t in cpu_times.items()}
+    print(f"  step wall time: warn {med['warn']:.3f} s, off {med['off']:.3f} s, ratio {med['warn'] / med['off']:.3f}")
+    print(f"  step CPU time (process): warn {cpu['warn']:.3f} s, off {cpu['off']:.3f} s, ratio {cpu['warn'] / cpu['off']:.3f}")
+    ops = _monitoring_ops_seconds(model, images)
+    print(f"  monitoring ops alone (fingerprints + comparisons of every block): {ops * 1e3:.2f} ms per step, "
+          f"{ops / med['off']:.2e} of the 'off' step")
+    if memory:
+        print(f"  peak memory: warn {peaks['warn'] / 2**20:.1f} MiB, off {peaks['off'] / 2**20:.1f} MiB, ratio {peaks['warn'] / peaks['off']:.4f}")
     print(f"  DriftWarnings on the healthy model: {false_warnings}; largest last_drift {max(model.flow.last_drift):.2e}")
 
 
@@ -240,6 +267,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image size of the ill-conditioned PyramidFlow")
     parser.add_argument("--cost-size", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--skip-memory", action="store_true", help="cost table: time only (the profiler pass is slow)")
     parser.add_argument("--clamp", type=float, default=2.0, help="tanh bound of the FrEIA-style couplings' log-scales")
     args = parser.parse_args()
     only = args.only or ["pyramidflow", "freia", "cost"]
@@ -248,7 +276,7 @@ def main() -> None:
     if "freia" in only:
         freia_table(args.seeds, args.clamp)
     if "cost" in only:
-        cost_table(args.cost_size, args.pairs)
+        cost_table(args.cost_size, args.pairs, memory=not args.skip_memory)
 
 
 if __name__ == "__main__":

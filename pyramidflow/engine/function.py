@@ -178,7 +178,7 @@ class _InvertibleFunction(torch.autograd.Function):
             if monitor:
                 drifts.append(drift)
         if monitor and run.report is not None:
-            values = tuple(torch.stack(drifts[::-1]).tolist())  # the one host sync of "warn" and "raise"
+            values = tuple(torch.stack(drifts[::-1]).tolist()) if drifts else ()  # the one host sync of "warn" and "raise"
             run.report(DriftReport(values, run.drift_tolerance, tuple(sorted(recomputed)), run.fwd_call_site, run.drift))
         input_grads = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(grad_ys)]
         return (None, None, *input_grads, *param_grads)
