@@ -27,6 +27,7 @@ __all__ = [
     "FINGERPRINT_SIZE",
     "CallSite",
     "Fingerprinter",
+    "compute_dtype",
     "default_tolerance",
     "drift_message",
     "fingerprint_drift",
