@@ -99,8 +99,11 @@ class Checkpoint:
     def build_model(self, map_location: str | torch.device = "cpu") -> torch.nn.Module:
         """A ``PyramidFlow`` with this checkpoint's config and weights, in eval mode."""
         from pyramidflow.model import PyramidFlow, PyramidFlowConfig
+        from pyramidflow.model.encoder import encoder_skeleton
 
-        model = PyramidFlow(PyramidFlowConfig(**self.model_config))
+        config = PyramidFlowConfig(**self.model_config)
+        # The encoder's weights are in the state dict (NOTE [frozen encoder]): no weights file needed here.
+        model = PyramidFlow(config, encoder=encoder_skeleton(config.encoder))
         model.load_state_dict(self.model)
         return model.to(map_location).eval()
 

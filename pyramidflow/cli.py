@@ -32,6 +32,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kernel-size", type=int, help="kernel size of the coupling networks (7)")
     group.add_argument("--volume-norm", choices=("CVN", "SVN"), help="volume normalisation (CVN; SVN for some categories)")
     group.add_argument("--mode", choices=("invertible", "checkpoint", "autograd"), help="backprop engine mode (invertible)")
+    group.add_argument("--encoder", choices=("none", "resnet18"), help="frozen pretrained stem in place of the lift (none)")
+    group.add_argument("--encoder-weights", metavar="imagenet|PATH",
+                       help="weights of --encoder: 'imagenet' (download, needs the encoders extra) or a local state dict")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +125,8 @@ def _model_config(args: argparse.Namespace):
 
     overrides = {
         name: getattr(args, name)
-        for name in ("channels", "num_levels", "num_stacks", "kernel_size", "volume_norm", "mode")
+        for name in ("channels", "num_levels", "num_stacks", "kernel_size", "volume_norm", "mode", "encoder",
+                     "encoder_weights")
         if getattr(args, name, None) is not None
     }
     return PyramidFlowConfig.for_category(args.category, **overrides)
@@ -131,12 +135,11 @@ def _model_config(args: argparse.Namespace):
 def _check_size(size: int, config) -> None:
     from .model.pyramid import nearest_valid_side
 
-    multiple = config.size_multiple
+    multiple, stride = config.size_multiple, config.input_stride
     if size < multiple or size % multiple:
-        nearest = nearest_valid_side(size, config.num_levels)
-        raise ValueError(
-            f"--size {size} is not divisible by 2^(levels-1) = {multiple} (levels={config.num_levels}); use --size {nearest}."
-        )
+        nearest = stride * nearest_valid_side((size + stride // 2) // stride, config.num_levels)
+        factor = f"2^(levels-1) = {multiple}" if stride == 1 else f"{stride}·2^(levels-1) = {multiple} (--encoder {config.encoder})"
+        raise ValueError(f"--size {size} is not divisible by {factor} (levels={config.num_levels}); use --size {nearest}.")
 
 
 # -- commands ----------------------------------------------------------------------------

@@ -64,8 +64,9 @@ class Inference:
 
     @property
     def image_size(self) -> Tuple[int, int]:
-        """The input resolution the template belongs to: that of its finest level."""
-        return tuple(int(s) for s in self.template[0].shape[-2:])
+        """The input resolution the template belongs to: its finest level's, times the encoder's stride."""
+        stride = getattr(getattr(self.model, "config", None), "input_stride", 1)
+        return tuple(int(s) * stride for s in self.template[0].shape[-2:])
 
 
 def load_for_inference(path: str | Path, device: torch.device) -> Inference:
@@ -111,7 +112,8 @@ def predict_dataset(
     maps, images, masks, labels, paths, kinds = [], [], [], [], [], []
     for batch in tqdm(loader, desc="anomaly maps", unit="batch", disable=not progress, leave=False):
         latents = model(batch["image"].to(device))
-        maps.append(anomaly_map(latents, template)[:, 0].float().cpu().numpy())
+        size = tuple(batch["image"].shape[-2:])  # an encoder's maps are upsampled to the images'
+        maps.append(anomaly_map(latents, template, size)[:, 0].float().cpu().numpy())
         images.append(denormalize(batch["image"]))
         masks.append(batch["mask"][:, 0].numpy())
         labels.append(np.asarray(batch["label"]))

@@ -170,7 +170,8 @@ def _template_and_score_stats(
         total = len(dataset) * int(np.prod(_image_size(dataset)))
         stride = max(1, math.ceil(total / (1 << 22)))
         for batch in _plain_loader(dataset, config):
-            maps = anomaly_map(_latents(model, _images(batch, device, dtype)), template)  # (N, 1, H, W)
+            images = _images(batch, device, dtype)
+            maps = anomaly_map(_latents(model, images), template, images.shape[-2:])  # (N, 1, H, W)
             image_scores.append(image_score(maps).double().cpu())
             pixels.append(maps.reshape(-1)[::stride].double().cpu())
         scores = torch.cat(image_scores)

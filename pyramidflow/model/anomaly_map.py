@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .pyramid import laplacian_compose
@@ -80,7 +81,7 @@ def fit_template(
     return tuple((s / count).to(dtype) for s in sums)
 
 
-def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor]) -> Tensor:
+def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor], size: Optional[Tuple[int, int]] = None) -> Tensor:
     """Per-pixel anomaly map at the input's resolution.
 
     Per level ``|z_i - template_i|``, averaged over channels (which commutes
@@ -90,6 +91,9 @@ def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor]) -> Tensor
     Args:
         latents: latent pyramid of the test images, ``L`` tensors ``(N, C, H_i, W_i)``.
         template: from :func:`fit_template`, ``L`` tensors ``(1, C, H_i, W_i)``.
+        size: ``(H, W)`` of the images, when the finest level is smaller (an encoder's
+            features at 1/4 of the image side): the map is then upsampled bilinearly to it,
+            so that it lines up with the images and their masks. ``None``: the finest level's size.
 
     Returns:
         ``(N, 1, H, W)``; larger means more anomalous.
@@ -110,7 +114,10 @@ def anomaly_map(latents: Sequence[Tensor], template: Sequence[Tensor]) -> Tensor
                 f"{tuple(t.shape[1:])}; run the test images at the template's resolution."
             )
         diffs.append((z - t.to(z.dtype)).abs().mean(dim=1, keepdim=True))
-    return laplacian_compose(diffs)
+    composed = laplacian_compose(diffs)
+    if size is not None and tuple(size) != tuple(composed.shape[-2:]):
+        composed = F.interpolate(composed, size=tuple(size), mode="bilinear", align_corners=False)
+    return composed
 
 
 def image_score(anomaly_map: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """PyramidFlow: lift, Laplacian pyramid, and stacks of pyramid couplings in one InvertibleSequential.
 
 ``images (N, 3, H, W) -> lift -> features (N, C, H, W) -> Laplacian pyramid
-(L levels) -> flow -> latent pyramid (L tensors, finest first)``. Every block
+(L levels) -> flow -> latent pyramid (L tensors, finest first)``. The lift may be
+replaced by a frozen pretrained encoder (the paper's ResNet18 variant, :mod:`.encoder`). Every block
 preserves volume, so the model has no log-determinant; training pulls the
 latents of normal images together (:mod:`.loss`) and inference compares a
 latent with the mean latent of the training images (:mod:`.anomaly_map`).
@@ -11,6 +12,7 @@ ImageNet normalisation of the images is the data pipeline's job.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,6 +24,7 @@ from ..engine.sequential import MODES, InvertibleSequential
 from ..kernels import BACKENDS
 from .conv1x1 import CONV1X1_INITS
 from .coupling import PyramidCoupling, ThreeLevelCoupling, TwoLevelCoupling
+from .encoder import ENCODER_CHANNELS, ENCODER_STRIDES, ENCODERS, build_encoder
 from .pyramid import DOWNSAMPLES, LaplacianPyramid
 from .volume_norm import VOLUME_NORM_MODES
 
@@ -44,7 +47,8 @@ class PyramidFlowConfig:
     """Settings of a :class:`PyramidFlow`; the defaults are the method's.
 
     Args:
-        channels: C, channels of the lifted features and of every level (16).
+        channels: C, channels of the lifted features and of every level; ``None`` (the default)
+            for 16, or the encoder's width (64 for ``"resnet18"``).
         kernel_size: odd kernel size k of the couplings' networks (7).
         num_stacks: number of stacks; each stack transforms every level once (4).
         num_levels: L, levels of the Laplacian pyramid, at least 2 (4).
@@ -58,13 +62,18 @@ class PyramidFlowConfig:
         in_channels: channels of the images (3).
         kernels: backend of the coupling op: ``"auto"`` (Triton on CUDA when
             available, else the PyTorch reference), ``"reference"`` or ``"triton"``.
+        encoder: ``"none"`` (the frozen 1×1 lift, training from scratch) or ``"resnet18"``
+            (the paper's ResNet18 variant: a frozen ImageNet stem, features at 1/4 of the
+            image side, C = 64; see :mod:`.encoder`).
+        encoder_weights: with an encoder, ``"imagenet"`` (torchvision's weights, downloaded)
+            or the path of a local ResNet18 state dict; ``None`` without one.
 
     Example:
         >>> PyramidFlowConfig.for_category("screw").num_levels
         2
     """
 
-    channels: int = 16
+    channels: Optional[int] = None
     kernel_size: int = 7
     num_stacks: int = 4
     num_levels: int = 4
@@ -77,9 +86,19 @@ class PyramidFlowConfig:
     conv1x1_init: str = "orthogonal"
     in_channels: int = 3
     kernels: str = "auto"
+    encoder: str = "none"
+    encoder_weights: Optional[str] = None
 
     def __post_init__(self) -> None:
+        self._check_encoder()
+        if self.channels is None:
+            self.channels = ENCODER_CHANNELS.get(self.encoder, 16)
         _check_int("channels", self.channels, 1)
+        if self.encoder != "none" and self.channels != ENCODER_CHANNELS[self.encoder]:
+            raise ValueError(
+                f"PyramidFlowConfig: encoder={self.encoder!r} gives {ENCODER_CHANNELS[self.encoder]} feature channels "
+                f"but channels={self.channels}; set channels={ENCODER_CHANNELS[self.encoder]} or leave it unset."
+            )
         _check_int("kernel_size", self.kernel_size, 1)
         if self.kernel_size % 2 != 1:
             raise ValueError(
@@ -106,10 +125,42 @@ class PyramidFlowConfig:
         if self.conv1x1_init not in CONV1X1_INITS:
             raise ValueError(f"PyramidFlowConfig: conv1x1_init must be one of {CONV1X1_INITS}, got {self.conv1x1_init!r}.")
 
+    def _check_encoder(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"PyramidFlowConfig: encoder must be one of {ENCODERS}, got {self.encoder!r}.")
+        if isinstance(self.encoder_weights, os.PathLike):
+            self.encoder_weights = os.fspath(self.encoder_weights)  # plain values only: checkpoints load weights_only
+        if self.encoder_weights is not None and not isinstance(self.encoder_weights, str):
+            raise TypeError(
+                f"PyramidFlowConfig: encoder_weights must be 'imagenet', a path or None, got "
+                f"{type(self.encoder_weights).__name__} ({self.encoder_weights!r})."
+            )
+        if self.encoder == "none" and self.encoder_weights is not None:
+            raise ValueError(
+                f"PyramidFlowConfig: encoder_weights={self.encoder_weights!r} is set but encoder='none'; set "
+                "encoder='resnet18' or drop encoder_weights."
+            )
+        if self.encoder != "none" and not self.encoder_weights:
+            raise ValueError(
+                f"PyramidFlowConfig: encoder={self.encoder!r} needs encoder_weights: 'imagenet' (torchvision's ImageNet "
+                "weights, downloaded; `pip install -e '.[encoders]'`) or the PATH of a local ResNet18 state dict "
+                "(offline machines)."
+            )
+        if self.encoder != "none" and self.in_channels != 3:
+            raise ValueError(
+                f"PyramidFlowConfig: encoder={self.encoder!r} takes RGB images but in_channels={self.in_channels}; "
+                "set in_channels=3."
+            )
+
+    @property
+    def input_stride(self) -> int:
+        """Image side over feature side: 1 for the lift, 4 for ``"resnet18"``."""
+        return ENCODER_STRIDES.get(self.encoder, 1)
+
     @property
     def size_multiple(self) -> int:
-        """Image height and width must be multiples of this: ``2**(num_levels - 1)``."""
-        return 2 ** (self.num_levels - 1)
+        """Image height and width must be multiples of this: ``input_stride * 2**(num_levels - 1)``."""
+        return self.input_stride * 2 ** (self.num_levels - 1)
 
     @classmethod
     def for_category(cls, name: str, **overrides) -> "PyramidFlowConfig":
@@ -226,6 +277,8 @@ class PyramidFlow(nn.Module):
             CNN stem). Its parameters are frozen, it stays in eval mode and
             runs under no-grad. It has no inverse: :meth:`inverse` then raises
             NotImplementedError, and :meth:`inverse_features` gives the features.
+            ``None`` builds the one the config names (``config.encoder``, loading
+            ``config.encoder_weights``), or the lift for ``encoder="none"``.
 
     Example:
         >>> model = PyramidFlow(PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=2))
@@ -243,6 +296,8 @@ class PyramidFlow(nn.Module):
         if encoder is not None and not isinstance(encoder, nn.Module):
             raise TypeError(f"PyramidFlow: encoder must be an nn.Module or None, got {type(encoder).__name__}.")
         self.config = config
+        if encoder is None:
+            encoder = build_encoder(config.encoder, config.encoder_weights)  # None for encoder="none"
         if encoder is None:
             self.lift: Optional[InputLift] = InputLift(config.in_channels, config.channels)
             self.encoder: Optional[nn.Module] = None
@@ -287,6 +342,8 @@ class PyramidFlow(nn.Module):
         """Lift (or encode) images ``(N, in, H, W)`` to features ``(N, C, H, W)``, without a graph."""
         if images.dim() != 4:
             raise ValueError(f"PyramidFlow: expected images of shape (N, C, H, W), got {tuple(images.shape)}.")
+        if self.config.encoder != "none":
+            self._check_input_size(images.shape[-2], images.shape[-1])
         if self.encoder is None:
             if images.shape[1] != self.config.in_channels:
                 raise ValueError(
@@ -345,14 +402,27 @@ class PyramidFlow(nn.Module):
             )
         return self.lift.inverse(self.inverse_features(latents))
 
+    def _check_input_size(self, height: int, width: int) -> None:
+        """With an encoder the pyramid's rule applies to the features: images must be multiples of ``size_multiple``."""
+        multiple = self.config.size_multiple
+        if height % multiple == 0 and width % multiple == 0 and height > 0 and width > 0:
+            return
+        near = [max(multiple, (side + multiple // 2) // multiple * multiple) for side in (height, width)]
+        raise ValueError(
+            f"PyramidFlow: image size {height}×{width} does not fit encoder={self.config.encoder!r} with "
+            f"{self.num_levels} levels: height and width must be divisible by {self.config.input_stride}·2**"
+            f"{self.num_levels - 1} = {multiple}; resize the images to {near[0]}×{near[1]}."
+        )
+
     # NOTE [CVN resolution] (volume_norm.py): the same check, with image sizes in the message.
     def _check_resolution(self, height: int, width: int) -> None:
         if self.training or self.config.volume_norm != "CVN":
             return
+        height, width = height * self.config.input_stride, width * self.config.input_stride  # features -> images
         for block in self.flow.blocks:
             trained = tuple(block.volume_norm.running_mean.shape)
             if len(trained) == 4:
-                scale = 2**block.level
+                scale = 2**block.level * self.config.input_stride
                 trained_size = (trained[-2] * scale, trained[-1] * scale)
                 if trained_size != (height, width):
                     raise ValueError(
