@@ -12,5 +12,17 @@ __all__ = [
     "DriftError",
     "PyramidFlow",
     "PyramidFlowConfig",
+    "Detector",
+    "Prediction",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Detector pulls in the data, metrics and inference modules (Pillow, scipy, scikit-learn): imported
+    # on first use, so that engine-only users do not pay for them.
+    if name in ("Detector", "Prediction"):
+        from . import detector
+
+        return getattr(detector, name)
+    raise AttributeError(f"module 'pyramidflow' has no attribute {name!r}")

@@ -52,6 +52,9 @@ CHECKPOINT_KEYS = (
     "score_stats",
 )
 
+# Keys added after format version 1 was fixed; older files lack them and load with None.
+OPTIONAL_KEYS = ("calibration", "drift")
+
 _EXECUTION_ONLY = ("mode", "kernels")  # how to run, not what was trained
 
 
@@ -79,6 +82,9 @@ class Checkpoint:
         score_stats: statistics of the training images' anomaly maps (see ``pyramidflow.train``), or ``None``.
         drift: ``[step, largest reconstruction drift]`` per logging interval (``None`` for an interval
             without measurement), or ``None`` in checkpoints written before drift was recorded.
+        calibration: the held-out split (``seed``, ``fraction``, ``held_out`` indices and names) and, once
+            training has finished, the decision thresholds set on it (see ``pyramidflow.calibration``);
+            ``None`` in checkpoints written before calibration existed.
     """
 
     path: Path
@@ -95,6 +101,7 @@ class Checkpoint:
     template: list | None = None
     score_stats: dict | None = None
     drift: list | None = None
+    calibration: dict | None = None
 
     def build_model(self, map_location: str | torch.device = "cpu") -> torch.nn.Module:
         """A ``PyramidFlow`` with this checkpoint's config and weights, in eval mode."""
@@ -243,4 +250,5 @@ def load_checkpoint(
                 f"load_checkpoint: {path} was written for another model config: {'; '.join(differences)}; "
                 f"use the checkpoint's settings or another output folder."
             )
-    return Checkpoint(path=path, drift=state.get("drift"), **{key: state[key] for key in CHECKPOINT_KEYS})
+    optional = {key: state.get(key) for key in OPTIONAL_KEYS}
+    return Checkpoint(path=path, **{key: state[key] for key in CHECKPOINT_KEYS}, **optional)

@@ -37,6 +37,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="weights of --encoder: 'imagenet' (download, needs the encoders extra) or a local state dict")
 
 
+def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decision thresholds (set on held-out good images, never on test data)")
+    group.add_argument("--calibration-fraction", type=float, default=0.1, metavar="F",
+                       help="share of train/good held out to set the thresholds (0.1, at least 4 images; 0: none)")
+    group.add_argument("--image-fpr", type=float, default=0.01, help="target false-positive rate on good parts (0.01)")
+    group.add_argument("--pixel-fpr", type=float, default=0.001, help="target false-positive rate on good pixels (0.001)")
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto picks CUDA when present")
 
@@ -58,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path, metavar="ROOT")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=256)
+    synth.add_argument("--num-train", type=int, default=32, help="good training images per category (32)")
+    synth.add_argument("--num-test", type=int, default=4, help="test images per defect type, and good ones (4)")
 
     demo = commands.add_parser("demo", help="synthetic data, training, evaluation and overlays in one go")
     demo.add_argument("--out", required=True, type=Path, metavar="DIR")
@@ -81,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
     train.add_argument("--drift", choices=DRIFT_POLICIES, default="recompute",
                        help="what backward does when reconstruction drifts (recompute: rebuild exactly)")
+    _add_calibration_options(train)
     _add_device(train)
     _add_model_options(train)
 
@@ -97,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", required=True, type=Path)
     predict.add_argument("--out", required=True, type=Path, metavar="DIR")
     predict.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--image-threshold", type=float, help="override the calibrated image threshold")
+    predict.add_argument("--pixel-threshold", type=float, help="override the calibrated pixel threshold")
+    predict.add_argument("--tile", action="store_true",
+                         help="images larger than the trained size: overlapping tiles at native resolution")
     _add_device(predict)
     _add_smoothing(predict)
     return parser
@@ -148,7 +163,7 @@ def _check_size(size: int, config) -> None:
 def _cmd_synth(args: argparse.Namespace) -> None:
     from .data import synthetic
 
-    root = synthetic.generate(args.out, seed=args.seed, size=args.size)
+    root = synthetic.generate(args.out, seed=args.seed, size=args.size, num_train=args.num_train, num_test=args.num_test)
     print(f"synthetic data set written to {root} (categories: {', '.join(synthetic.CATEGORIES)})")
 
 
@@ -165,6 +180,9 @@ def _train(args: argparse.Namespace, model_config, steps: Optional[int], epochs:
         checkpoint_every=getattr(args, "checkpoint_every", 500),
         device=args.device,
         drift=getattr(args, "drift", "recompute"),
+        calibration_fraction=getattr(args, "calibration_fraction", 0.1),
+        image_fpr=getattr(args, "image_fpr", 0.01),
+        pixel_fpr=getattr(args, "pixel_fpr", 0.001),
     )
     result = train(model_config, train_config, dataset, args.out, resume=getattr(args, "resume", False))
     return result.checkpoint_path
@@ -182,6 +200,11 @@ def _print_table(rows: Sequence[dict]) -> None:
     print(f"{'category':<12} {'pixel AUROC':>11} {'AUPRO@0.3':>10} {'image AUROC':>11}")
     for row in rows:
         print(f"{row['category']:<12} {row['pixel_auroc']:>11.4f} {row['aupro']:>10.4f} {row['image_auroc']:>11.4f}")
+    print(f"\nat the calibrated thresholds:\n{'category':<12} {'image FPR':>9} {'recall':>7} {'precision':>9} "
+          f"{'pixel F1':>8} {'pixel IoU':>9}")
+    for row in rows:
+        print(f"{row['category']:<12} {row['image_fpr']:>9.3f} {row['image_recall']:>7.3f} {row['image_precision']:>9.3f} "
+              f"{row['pixel_f1']:>8.3f} {row['pixel_iou']:>9.3f}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -200,11 +223,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from .train import resolve_device
 
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
-    rows = predict(inference, args.inputs, args.out, smoothing_sigma=args.smooth)
+    rows = predict(inference, args.inputs, args.out, smoothing_sigma=args.smooth, image_threshold=args.image_threshold,
+                   pixel_threshold=args.pixel_threshold, tile=args.tile)
     for row in rows:
-        flag = "  (above every training image)" if row["above_training_max"] else ""
-        print(f"{row['score']:10.4f}  {row['path']}{flag}")
-    print(f"maps, overlays and scores written to {args.out}")
+        verdict = f"ANOMALOUS, {len(row['regions'])} region(s)" if row["is_anomalous"] else "good"
+        print(f"{row['score']:10.4f}  {verdict:<26} {row['path']}")
+    print(f"masks, maps, overlays, predictions.json and predictions.csv written to {args.out}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -233,14 +257,33 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     summary = {
         key: sum(r[key] for r in rows) / len(rows) for key in ("pixel_auroc", "image_auroc", "aupro")
     }
+    decided = ("image_fpr", "image_recall", "image_precision", "pixel_f1", "pixel_iou", "image_threshold", "pixel_threshold")
+    summary.update(demo_decisions(rows))
     summary.update(
-        categories={r["category"]: {k: r[k] for k in ("pixel_auroc", "image_auroc", "aupro")} for r in rows},
+        categories={r["category"]: {k: r[k] for k in ("pixel_auroc", "image_auroc", "aupro") + decided} for r in rows},
         steps=args.steps, size=args.size, seed=args.seed, seconds=round(time.perf_counter() - start, 1),
     )
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
-    _print_table(rows + [dict(summary, category="mean")])
+    _print_table(rows + [dict(summary, category="all")])
     print(f"\nmetrics: {out / 'metrics.json'}; overlays: {out}/<category>/overlays/ ({summary['seconds']} s)")
+
+
+def demo_decisions(reports: Sequence[dict]) -> dict:
+    """Decision metrics over all categories: image counts pooled (each category has its own thresholds)."""
+    good = sum(r["num_images"] - r["num_anomalous"] for r in reports)
+    bad = sum(r["num_anomalous"] for r in reports)
+    false_alarms = sum(round(r["image_fpr"] * (r["num_images"] - r["num_anomalous"])) for r in reports)
+    found = sum(round(r["image_recall"] * r["num_anomalous"]) for r in reports)
+    return {
+        "image_fpr": false_alarms / max(good, 1),
+        "image_recall": found / max(bad, 1),
+        "image_precision": found / max(found + false_alarms, 1),
+        "pixel_f1": sum(r["pixel_f1"] for r in reports) / len(reports),
+        "pixel_iou": sum(r["pixel_iou"] for r in reports) / len(reports),
+        "false_alarms": f"{false_alarms}/{good}",
+        "defects_found": f"{found}/{bad}",
+    }
 
 
 def demo_overrides(category: str) -> dict:

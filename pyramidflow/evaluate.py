@@ -2,9 +2,10 @@
 
 ``evaluate`` runs a labelled test set (MVTec / BTAD / folder layout) and writes
 ``metrics.json`` plus one overlay panel per test image; ``predict`` runs any
-images and writes their heat maps, overlays and scores. The template and the
-score statistics come from the checkpoint: they were computed on training
-images only, so nothing here is tuned on the test set.
+images and writes their decisions, masks, heat maps and overlays. The template,
+the score statistics and the decision thresholds come from the checkpoint: they
+were computed on training and held-out good images only, so nothing here is
+tuned on the test set.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from typing import Iterable, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
+from .calibration import stored_thresholds
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .data import UNKNOWN_LABEL, AnomalyDataset, Sample, denormalize
-from .data._io import list_images
-from .metrics import compute_metrics, image_auroc, pixel_auroc
+from .data import denormalize
+from .data._io import _header_size, list_images, load_rgb
+from .metrics import compute_metrics, image_auroc, image_decision_metrics, pixel_auroc, pixel_decision_metrics
 from .model import anomaly_map, image_score
-from .visualize import colorize, overlay_panel, save_panel
+from .tiling import check_tileable
+from .visualize import overlay_panel, save_panel
 
 __all__ = ["Inference", "Predictions", "load_for_inference", "predict_dataset", "evaluate", "predict"]
 
@@ -94,6 +96,13 @@ def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @torch.no_grad()
+def anomaly_maps(model: torch.nn.Module, template: Sequence[torch.Tensor], images: torch.Tensor) -> np.ndarray:
+    """``(N, H, W)`` float32 maps of normalised images ``(N, 3, H, W)`` at the model's resolution (eval, no grad)."""
+    size = tuple(images.shape[-2:])  # an encoder's maps are upsampled to the images'
+    return anomaly_map(model(images), template, size)[:, 0].float().cpu().numpy()
+
+
+@torch.no_grad()
 def predict_dataset(
     model: torch.nn.Module,
     template: Sequence[torch.Tensor],
@@ -111,9 +120,7 @@ def predict_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     maps, images, masks, labels, paths, kinds = [], [], [], [], [], []
     for batch in tqdm(loader, desc="anomaly maps", unit="batch", disable=not progress, leave=False):
-        latents = model(batch["image"].to(device))
-        size = tuple(batch["image"].shape[-2:])  # an encoder's maps are upsampled to the images'
-        maps.append(anomaly_map(latents, template, size)[:, 0].float().cpu().numpy())
+        maps.append(anomaly_maps(model, template, batch["image"].to(device)))
         images.append(denormalize(batch["image"]))
         masks.append(batch["mask"][:, 0].numpy())
         labels.append(np.asarray(batch["label"]))
@@ -165,6 +172,18 @@ def _per_defect_type(predictions: Predictions) -> dict:
     return table
 
 
+def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions) -> dict:
+    """Image precision / recall / F1 / FPR and pixel F1 / IoU at the checkpoint's calibrated thresholds."""
+    image_threshold, pixel_threshold, source = stored_thresholds(checkpoint)
+    return {
+        "image_threshold": image_threshold,
+        "pixel_threshold": pixel_threshold,
+        "thresholds_from": source,
+        **image_decision_metrics(predictions.scores, predictions.labels, image_threshold),
+        **pixel_decision_metrics(predictions.maps, predictions.masks, pixel_threshold),
+    }
+
+
 def evaluate(
     inference: Inference,
     dataset: Dataset,
@@ -182,7 +201,9 @@ def evaluate(
 
     Returns:
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
-        and ``per_defect_type``.
+        ``per_defect_type``, and at the checkpoint's calibrated thresholds ``image_precision``,
+        ``image_recall``, ``image_f1``, ``image_fpr``, ``pixel_f1``, ``pixel_iou`` (``pixel_precision``,
+        ``pixel_recall``).
     """
     checkpoint = inference.checkpoint
     predictions = predict_dataset(
@@ -207,6 +228,7 @@ def evaluate(
         "checkpoint": str(checkpoint.path),
         "checkpoint_step": checkpoint.step,
         "per_defect_type": _per_defect_type(predictions),
+        **_decision_metrics(checkpoint, predictions),
         "overlays": overlays,
     }
     _write_json(report, out_dir / "metrics.json")
@@ -220,38 +242,69 @@ def predict(
     *,
     smoothing_sigma: float = 0.0,
     progress: bool = True,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    tile: bool = False,
 ) -> List[dict]:
-    """Anomaly maps and scores of unlabelled images (files or folders of images).
+    """Decisions for unlabelled images (files or folders of images), at each image's resolution.
 
-    Writes ``maps/<name>.png`` (the heat map alone), ``overlays/<name>.png`` and
-    ``metrics.json`` (per-image scores, and the training score statistics to
-    judge them against) under ``out_dir``.
+    Writes under ``out_dir``, per image: ``masks/<name>.png`` (the binary defect mask),
+    ``maps/<name>.png`` (the heat map), ``overlays/<name>.png`` (with the predicted outline); and
+    ``predictions.json`` / ``predictions.csv`` (score, is_anomalous, regions). See
+    :mod:`pyramidflow.decisions`.
+
+    Args:
+        image_threshold, pixel_threshold: override the checkpoint's calibrated thresholds.
+        tile: tiled inference at native resolution (:mod:`pyramidflow.tiling`).
 
     Returns:
-        One ``{"path", "score", "above_training_max"}`` dict per image.
+        One ``{"path", "score", "is_anomalous", "regions"}`` dict per image.
     """
-    checkpoint = inference.checkpoint
+    from tqdm.auto import tqdm
+
+    from .calibration import check_threshold
+    from .decisions import write_predictions
+    from .detector import Detector
+
+    image_threshold = check_threshold(image_threshold, "--image-threshold")
+    pixel_threshold = check_threshold(pixel_threshold, "--pixel-threshold")
     files = _expand(inputs)
-    samples = [Sample(path, None, UNKNOWN_LABEL, "") for path in files]
-    dataset = AnomalyDataset(
-        samples, name="predict", split="test", size=inference.image_size,
-        texture=False, augment=False, generator=None, verify=True,
-    )
-    predictions = predict_dataset(
-        inference.model, inference.template, dataset,
-        device=inference.device, smoothing_sigma=smoothing_sigma, progress=progress,
-    )
-    out_dir = Path(out_dir)
-    vmin, vmax = _colour_range(checkpoint, predictions)
-    _write_panels(predictions, out_dir, vmin, vmax, with_masks=False)
-    training_max = (checkpoint.score_stats or {}).get("image_max")
-    rows = []
-    for i, path in enumerate(predictions.paths):
-        save_panel(Image.fromarray(colorize(predictions.maps[i], vmin, vmax)), out_dir / "maps" / f"{Path(path).stem}.png")
-        score = float(predictions.scores[i])
-        rows.append({"path": path, "score": score, "above_training_max": bool(training_max is not None and score > training_max)})
-    _write_json({"images": rows, "score_stats": checkpoint.score_stats, "checkpoint": str(checkpoint.path)}, out_dir / "metrics.json")
-    return rows
+    for path in files:  # a damaged file stops the run before any work (NOTE [fail at start] in data/_io.py)
+        _header_size(path, "predict")
+    detector = Detector(inference, tile=tile, smoothing_sigma=smoothing_sigma)
+    if image_threshold is not None:
+        detector.threshold = image_threshold
+    if pixel_threshold is not None:
+        detector.pixel_threshold = pixel_threshold
+    if tile:
+        for path in files:
+            width, height = _header_size(path, "predict")
+            check_tileable(height, width, inference.image_size, f"predict --tile: {path}")
+    vmax = float((inference.checkpoint.score_stats or {}).get("image_max") or detector.threshold or 1.0)
+    # A bar only after a second, so that an error on the first images stays the only line on stderr.
+    files = tqdm(files, desc="predict", unit="image", disable=not progress, leave=False, delay=1.0)
+    decided = _decide_each(detector, files)
+    return write_predictions(decided, Path(out_dir), vmax=vmax, image_threshold=detector.threshold,
+                             pixel_threshold=detector.pixel_threshold, checkpoint=str(inference.checkpoint.path))
+
+
+def _decide_each(detector, files: Iterable[Path]) -> Iterable[tuple]:
+    """``(prediction, pixels)`` per file, ``detector.batch_size`` files at a time; each file is decoded once."""
+    chunk: list = []
+
+    def flush() -> Iterable[tuple]:
+        predictions = detector([image for _, image in chunk])
+        for (name, image), prediction in zip(chunk, predictions):
+            prediction.path = name
+            yield prediction, np.asarray(image)
+        chunk.clear()
+
+    for path in files:
+        chunk.append((str(path), load_rgb(Path(path), "predict")))
+        if len(chunk) == detector.batch_size:
+            yield from flush()
+    if chunk:
+        yield from flush()
 
 
 def _expand(inputs: Iterable[str | Path]) -> List[Path]:

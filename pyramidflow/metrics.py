@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-__all__ = ["pixel_auroc", "image_auroc", "aupro", "compute_metrics"]
+__all__ = ["pixel_auroc", "image_auroc", "aupro", "compute_metrics", "image_decision_metrics", "pixel_decision_metrics"]
 
 # 8-connectivity, as in the official MVTec AD evaluation.
 _STRUCTURE = np.ones((3, 3), dtype=np.int8)
@@ -319,4 +319,79 @@ def compute_metrics(
         "pixel_auroc": _auroc_from_ranked(ranked),
         "image_auroc": image_auroc(scores, labels),
         "aupro": _aupro_from_ranked(ranked, fpr_limit),
+    }
+
+
+# NOTE [decision metrics]
+# At a fixed threshold a score strictly above it is a positive (``is_anomalous``, a mask pixel). From
+# the counts tp, fp, fn: precision tp / (tp + fp) and recall tp / (tp + fn), 0 when their denominator is
+# 0; F1 2tp / (2tp + fp + fn) and IoU tp / (tp + fp + fn), 1 when nothing is to be found and nothing is
+# found. The pixel counts are pooled over all images (one confusion matrix for the whole set).
+
+
+def _ratio(num: int, den: int, empty: float) -> float:
+    return float(num) / float(den) if den else empty
+
+
+def image_decision_metrics(scores: Any, labels: Any, threshold: float) -> dict[str, float]:
+    """Image-level precision, recall, F1 and false-positive rate at ``threshold`` (``NOTE [decision metrics]``).
+
+    Args:
+        scores: image scores ``(N,)``.
+        labels: ``(N,)`` 0 good, 1 defect.
+        threshold: an image is predicted anomalous when its score is above it.
+
+    Returns:
+        ``image_precision``, ``image_recall``, ``image_f1``, ``image_fpr`` (share of good images flagged).
+
+    Example:
+        >>> m = image_decision_metrics([0.1, 0.5, 0.9, 0.3], [0, 0, 1, 1], threshold=0.4)
+        >>> m["image_precision"], m["image_recall"], m["image_fpr"]
+        (0.5, 0.5, 0.5)
+    """
+    scores = _to_numpy(scores, "scores", "image_decision_metrics").reshape(-1).astype(np.float64)
+    labels = _to_numpy(labels, "labels", "image_decision_metrics").reshape(-1)
+    if scores.shape != labels.shape:
+        raise ValueError(
+            f"image_decision_metrics: {scores.size} scores but {labels.size} labels; give one label per image."
+        )
+    predicted, actual = scores > float(threshold), labels == 1
+    tp, fp = int((predicted & actual).sum()), int((predicted & ~actual).sum())
+    fn, tn = int((~predicted & actual).sum()), int((~predicted & ~actual).sum())
+    return {
+        "image_precision": _ratio(tp, tp + fp, 0.0),
+        "image_recall": _ratio(tp, tp + fn, 0.0),
+        "image_f1": _ratio(2 * tp, 2 * tp + fp + fn, 1.0),
+        "image_fpr": _ratio(fp, fp + tn, 0.0),
+    }
+
+
+def pixel_decision_metrics(maps: Any, masks: Any, threshold: float) -> dict[str, float]:
+    """Pixel-level F1, IoU, precision and recall of the masks ``maps > threshold`` (``NOTE [decision metrics]``).
+
+    Args:
+        maps: anomaly maps ``(N, H, W)`` or ``(N, 1, H, W)``.
+        masks: ground truth of the same shape (values > 0.5 are defects).
+        threshold: a pixel is predicted defective when its score is above it.
+
+    Returns:
+        ``pixel_f1``, ``pixel_iou``, ``pixel_precision``, ``pixel_recall``, over all pixels of all images.
+
+    Example:
+        >>> masks = np.zeros((1, 4, 4)); masks[0, :2, :2] = 1
+        >>> maps = np.zeros((1, 4, 4)); maps[0, :2, :1] = 1; maps[0, 3, 3] = 1
+        >>> m = pixel_decision_metrics(maps, masks, threshold=0.5)
+        >>> m["pixel_iou"], m["pixel_f1"]
+        (0.4, 0.5714285714285714)
+    """
+    maps, defects = _maps_and_masks(maps, masks, "pixel_decision_metrics")
+    predicted = maps > float(threshold)
+    tp = int((predicted & defects).sum())
+    fp = int((predicted & ~defects).sum())
+    fn = int((~predicted & defects).sum())
+    return {
+        "pixel_f1": _ratio(2 * tp, 2 * tp + fp + fn, 1.0),
+        "pixel_iou": _ratio(tp, tp + fp + fn, 1.0),
+        "pixel_precision": _ratio(tp, tp + fp, 0.0),
+        "pixel_recall": _ratio(tp, tp + fn, 0.0),
     }

@@ -4,8 +4,10 @@ One function, :func:`train`, runs the method's training ("Training" in the metho
 ``batch_size`` normal images, the pairwise Fourier loss over every pair of the batch, Adam with the
 method's settings and gradient-norm clipping, for a budget of steps or epochs. Then, in eval mode and
 without gradients, it computes the latent template (mean latent pyramid of the training images) and
-statistics of the training images' anomaly scores, and stores both in the checkpoint, so that
-evaluation can normalise and threshold maps without ever looking at the test set.
+statistics of the training images' anomaly scores, and stores both in the checkpoint. A seeded share of
+the good images (``calibration_fraction``, default 10%, at least 4) is held out of all of this and
+sets the image and pixel decision thresholds (:mod:`pyramidflow.calibration`), so that evaluation and
+prediction threshold maps without ever looking at the test set.
 
 The same function runs data-parallel under ``torchrun`` (see :mod:`pyramidflow.distributed`). Seeded
 runs are reproducible on CPU, and a resumed run continues bit for bit (``NOTE [resume bit for bit]``).
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pyramidflow.calibration import CalibrationSplit, calibrate, calibration_split
 from pyramidflow.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     CHECKPOINT_NAME,
@@ -184,6 +187,7 @@ def _template_and_score_stats(
             "quantile": float(config.score_quantile),
             "pixel_quantile": float(np.quantile(pixel_values, config.score_quantile)),
             "pixel_max": float(pixel_values.max()),
+            "image_scores": [float(s) for s in scores],
         }
         return [level.detach().cpu() for level in template], stats
     finally:
@@ -259,6 +263,8 @@ class _Run:
         self.saved_step: int | None = None  # step of the checkpoint on disk written by this run
         self.step_rng: dict | None = None  # RNG state at the end of the last completed step
         self.step_buffers: dict | None = None  # model buffers (running means) at the end of the last step
+        self.held_out: Dataset | None = None  # good images kept out of training for the thresholds
+        self.calibration: dict | None = None  # the split, and the thresholds once training has finished
 
         torch.manual_seed(config.seed)
         self.model = _build_model(model_config).to(device=device, dtype=self.dtype)
@@ -314,6 +320,12 @@ class _Run:
         rng = ckpt.rng["ranks"]
         _set_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else _fresh_rng(self.config.seed, self.step, self.ctx.rank), self.device)
         self.saved_step = self.step
+        recorded = (ckpt.calibration or {}).get("held_out")
+        if recorded is not None and self.calibration is not None and recorded != self.calibration["held_out"]:
+            raise CheckpointError(
+                f"train: cannot resume from {self.path}: its calibration split held out images {recorded} but the "
+                f"data set now gives {self.calibration['held_out']} (the folder changed); resume with the same images."
+            )
         self.drift_tracker.history = [list(h) for h in (ckpt.drift or [])]
         if self.ctx.is_main:
             trim_log(self.log_path, self.step)
@@ -336,6 +348,7 @@ class _Run:
             "finished": template is not None,
             "template": template,
             "score_stats": stats,
+            "calibration": self.calibration,
             "drift": [list(h) for h in self.drift_tracker.history],
         }
 
@@ -458,7 +471,8 @@ def train(
     the flow, takes the pairwise Fourier loss over all pairs of the batch, and updates with Adam after
     clipping the gradient norm. Checkpoints are written atomically every ``checkpoint_every`` steps
     and at the end; the final one also holds the latent template and the score statistics of the
-    training images. Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains data-parallel, the
+    training images, and the decision thresholds set on the held-out calibration split (the seeded
+    ``calibration_fraction`` of ``dataset``, never trained on; see :mod:`pyramidflow.calibration`). Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains data-parallel, the
     global batch split across ranks; rank 0 writes checkpoints and shows the progress bar.
 
     Args:
@@ -475,7 +489,7 @@ def train(
         The :class:`TrainResult`.
 
     Raises:
-        ValueError, TypeError: bad configs or data set.
+        ValueError, TypeError: bad configs or data set, or too few images to hold out a calibration split.
         FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is False.
         FileNotFoundError: ``resume`` is True but there is no checkpoint.
         CheckpointError: the checkpoint is damaged or from another model or train config.
@@ -507,7 +521,9 @@ def train(
                 f"train: {out_dir / CHECKPOINT_NAME} already exists; pass resume=True (--resume) to continue "
                 "it, or choose another output folder."
             )
-        run = _Run(model_config, train_config, dataset, out_dir, ctx, device, progress)
+        training_images, held_out, split = _hold_out(dataset, train_config)
+        run = _Run(model_config, train_config, training_images, out_dir, ctx, device, progress)
+        run.held_out, run.calibration = held_out, split
         if resume:
             run.restore()
         return _loop(run)
@@ -557,6 +573,7 @@ def _loop(run: _Run) -> TrainResult:
             rng = _rng_state(run.device)
             with _without_augmentation(run.dataset):
                 template, stats = _template_and_score_stats(run.model, run.dataset, config, run.device, run.dtype)
+                _set_thresholds(run, template, stats)
             _set_rng_state(rng, run.device)
         run.save(template=template, stats=stats)
         if run.ctx.is_distributed:
@@ -566,6 +583,31 @@ def _loop(run: _Run) -> TrainResult:
     run.model.eval()
     return TrainResult(checkpoint_path=run.path, step=run.step, losses=list(run.losses), model=run.model,
                        template=template, score_stats=stats)
+
+
+def _hold_out(dataset: Dataset, config: TrainConfig) -> tuple[Dataset, Dataset | None, dict]:
+    """The seeded calibration split (``pyramidflow.calibration``): training images, held-out images, record."""
+    train_indices, held_out = calibration_split(len(dataset), config.calibration_fraction, config.seed)
+    samples = getattr(dataset, "samples", None)
+    names = [str(getattr(samples[i], "image", samples[i])) for i in held_out] if samples is not None else None
+    record = {"seed": config.seed, "fraction": config.calibration_fraction, "held_out": held_out,
+              "held_out_names": names}
+    if not held_out:
+        return dataset, None, record
+    return CalibrationSplit(dataset, train_indices), CalibrationSplit(dataset, held_out), record
+
+
+def _set_thresholds(run: _Run, template: list[Tensor], stats: dict) -> None:
+    """Image and pixel thresholds on the held-out good images (the training images if none were held out)."""
+    config = run.config
+    images = run.held_out if run.held_out is not None else run.dataset
+    thresholds = calibrate(
+        run.model, [level.to(run.device) for level in template], images, image_fpr=config.image_fpr,
+        pixel_fpr=config.pixel_fpr, batch_size=config.batch_size, device=run.device, dtype=run.dtype,
+        source="held-out" if run.held_out is not None else "training images",
+        training_scores=stats["image_scores"] if run.held_out is not None else None,
+    )
+    run.calibration = {**(run.calibration or {}), **thresholds}
 
 
 def _save_on_interrupt(run: _Run, interrupt: KeyboardInterrupt, bar: Any) -> None:

@@ -50,6 +50,11 @@ class TrainConfig:
             ``"recompute"`` (default: a long run never trains on silently wrong gradients),
             ``"warn"``, ``"raise"`` or ``"off"``. May change on resume: it changes the
             gradients only of steps whose reconstruction drifted.
+        calibration_fraction: share of the good images held out of training to set the decision
+            thresholds (at least 4 images; 0 holds out none and sets them on the training images,
+            optimistically); see :mod:`pyramidflow.calibration`.
+        image_fpr: target false-positive rate of the image threshold on good parts.
+        pixel_fpr: target false-positive rate of the pixel threshold on good pixels.
     """
 
     steps: int | None = None
@@ -68,6 +73,9 @@ class TrainConfig:
     dtype: str = "float32"
     score_quantile: float = 0.99
     drift: str = "recompute"
+    calibration_fraction: float = 0.1
+    image_fpr: float = 0.01
+    pixel_fpr: float = 0.001
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -110,6 +118,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: drift must be one of {DRIFT_POLICIES}, got {self.drift!r}.")
         if not 0.0 < self.score_quantile < 1.0:
             raise ValueError(f"TrainConfig: score_quantile must lie in (0, 1), got {self.score_quantile!r}.")
+        if not (isinstance(self.calibration_fraction, (int, float)) and 0.0 <= self.calibration_fraction < 1.0):
+            raise ValueError(
+                f"TrainConfig: calibration_fraction must lie in [0, 1), got {self.calibration_fraction!r}; 0.1 holds out 10%."
+            )
+        for name in ("image_fpr", "pixel_fpr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+                raise ValueError(f"TrainConfig: {name} must be a false-positive rate in (0, 1), got {value!r}.")
 
 
 @dataclass

@@ -21,6 +21,7 @@ _RAMP = np.array(
     [[0, 0, 4], [60, 15, 110], [150, 40, 100], [225, 80, 50], [250, 170, 20], [252, 255, 164]], dtype=np.float64
 )
 _CONTOUR = (0, 255, 120)
+_PREDICTED = (0, 200, 255)  # outline of the predicted defect mask
 _MIN_TILE = 256  # pixels: smaller images are enlarged by an integer factor
 
 
@@ -53,6 +54,7 @@ def overlay_panel(
     mask: Optional[np.ndarray] = None,
     title: str = "",
     alpha: float = 0.55,
+    predicted: Optional[np.ndarray] = None,
 ) -> Image.Image:
     """Three tiles side by side: the image, its heat map, and the heat map blended over the image.
 
@@ -64,6 +66,7 @@ def overlay_panel(
         mask: optional ``(H, W)`` ground truth; its contour is drawn on every tile.
         title: a line written above the tiles (file name, score).
         alpha: weight of the heat map in the blended tile.
+        predicted: optional ``(H, W)`` predicted defect mask; its outline is drawn in cyan on the blended tile.
 
     Returns:
         An RGB :class:`PIL.Image.Image`.
@@ -78,13 +81,17 @@ def overlay_panel(
         outline = _contour(_enlarge(mask, scale))
         for tile in tiles:
             tile[outline] = _CONTOUR
+    with_prediction = predicted is not None and predicted.any()
+    if with_prediction:
+        tiles[2][_contour(_enlarge(predicted, scale))] = _PREDICTED
     height, width = tiles[0].shape[:2]
     gap, header, footer = 4, 16, 16
     panel = Image.new("RGB", (3 * width + 2 * gap, header + height + footer), (255, 255, 255))
     for i, tile in enumerate(tiles):
         panel.paste(Image.fromarray(tile), (i * (width + gap), header))
     draw = ImageDraw.Draw(panel)
-    labels = ["image", "anomaly map", "overlay" + (" (green: ground truth)" if with_truth else "")]
+    labels = ["image", "anomaly map", "overlay" + (" (green: ground truth)" if with_truth else "")
+              + (" (cyan: predicted)" if with_prediction else "")]
     for i, label in enumerate(labels):
         draw.text((i * (width + gap) + 2, 2), label, fill=(0, 0, 0))
     if title:

@@ -1,6 +1,7 @@
 """The command line end to end on synthetic data, and its one-line errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,9 +50,10 @@ def test_train_eval_predict(trained, data_root, tmp_path, capsys):
 
     images = data_root / "nut" / "test" / "spot"
     assert main(["predict", "--checkpoint", str(trained), "--out", str(tmp_path / "pred"), str(images), "--device", "cpu"]) == 0
-    scores = json.loads((tmp_path / "pred" / "metrics.json").read_text())["images"]
+    scores = json.loads((tmp_path / "pred" / "predictions.json").read_text())["images"]
     assert len(scores) == len(list(images.iterdir()))
     assert len(list((tmp_path / "pred" / "maps").glob("*.png"))) == len(scores)
+    assert len(list((tmp_path / "pred" / "masks").glob("*.png"))) == len(scores)
     assert len(list((tmp_path / "pred" / "overlays").rglob("*.png"))) == len(scores)
 
 
@@ -138,3 +140,62 @@ def test_short_training_beats_the_mean_image_baseline_on_the_texture(tmp_path):
     baseline = pixel_auroc(maps, masks)
     print(f"pixel AUROC: PyramidFlow {ours:.4f}, mean-image baseline {baseline:.4f}")
     assert ours > baseline, (ours, baseline)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decisions: calibrated thresholds in eval, masks / regions / CSV from predict, and their one-line errors.
+
+
+def test_eval_reports_decisions_at_the_calibrated_thresholds(trained, data_root, tmp_path):
+    from pyramidflow.checkpoint import load_checkpoint
+    from pyramidflow.metrics import image_decision_metrics
+
+    assert main(["eval", "--checkpoint", str(trained), "--data", str(data_root), "--category", "nut",
+                 "--out", str(tmp_path), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    calibration = load_checkpoint(trained).calibration
+    assert report["image_threshold"] == calibration["image_threshold"] and report["thresholds_from"] == "held-out"
+    for key in ("image_precision", "image_recall", "image_f1", "image_fpr", "pixel_f1", "pixel_iou"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert len(calibration["held_out"]) == 4  # 8 good training images: 10% but at least 4
+
+
+def test_predict_writes_masks_regions_and_a_csv(trained, data_root, tmp_path, capsys):
+    import csv
+
+    images = data_root / "nut" / "test" / "missing"
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(out), str(images), "--device", "cpu",
+                 "--pixel-threshold", "0"]) == 0
+    report = json.loads((out / "predictions.json").read_text())
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["path"] for r in rows] == [r["path"] for r in report["images"]] and report["pixel_threshold"] == 0.0
+    for row, image in zip(report["images"], rows):
+        mask = np.asarray(Image.open(out / "masks" / f"{Path(row['path']).stem}.png"))
+        assert mask.shape == (SIZE, SIZE) and (mask == 255).all()  # threshold 0: every pixel is above it
+        assert row["regions"] == [{"bbox": [0, 0, SIZE, SIZE], "area": SIZE * SIZE, "peak": row["regions"][0]["peak"]}]
+        assert int(image["num_regions"]) == 1 and int(image["is_anomalous"]) == int(row["is_anomalous"])
+    assert "region(s)" in capsys.readouterr().out or not any(r["is_anomalous"] for r in report["images"])
+
+
+def test_predict_errors_are_one_line(trained, data_root, tmp_path, capsys):
+    good = data_root / "nut" / "test" / "good" / "000.png"
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(good.read_bytes()[:200])  # a truncated PNG: the header reads, the pixels do not
+    base = ["predict", "--checkpoint", str(trained), "--out", str(tmp_path / "p"), "--device", "cpu"]
+    assert main(base + [str(corrupt)]) == 1
+    assert "corrupt.png" in _error_line(capsys)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (SIZE - 8, SIZE + 16)).save(small)
+    assert main(base + ["--tile", str(small)]) == 1
+    assert f"at least the trained size {SIZE}x{SIZE}" in _error_line(capsys)
+    assert main(base + ["--image-threshold", "-2", str(good)]) == 1
+    assert "--image-threshold -2.0 is outside the score range" in _error_line(capsys)
+    assert main(base + ["--pixel-threshold", "nan", str(good)]) == 1
+    assert "--pixel-threshold nan is outside the score range" in _error_line(capsys)
+
+
+def test_train_with_too_few_images_to_hold_out_is_one_line(data_root, tmp_path, capsys):
+    assert main(["train", "--data", str(data_root), "--category", "nut", "--out", str(tmp_path), "--size", str(SIZE),
+                 "--steps", "1", "--device", "cpu", "--calibration-fraction", "0.9", *SMALL]) == 1
+    assert "--calibration-fraction 0" in _error_line(capsys)

@@ -267,3 +267,49 @@ def test_errors_are_clear():
         image_auroc([0.1, 0.2, 0.3], [0, 1, -1])
     with pytest.raises(ValueError, match="different shapes"):
         pixel_auroc([np.zeros((4, 4)), np.zeros((4, 5))], [np.zeros((4, 4)), np.zeros((4, 5))])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decisions at a fixed threshold (NOTE [decision metrics]).
+
+
+def test_image_decision_metrics_hand_built_and_against_sklearn():
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    from pyramidflow.metrics import image_decision_metrics
+
+    scores = np.array([0.1, 0.2, 0.35, 0.4, 0.5, 0.8, 0.9])
+    labels = np.array([0, 0, 1, 0, 1, 1, 0])
+    m = image_decision_metrics(scores, labels, threshold=0.4)  # flagged: 0.5, 0.8, 0.9 (0.4 is not above)
+    assert m == {"image_precision": 2 / 3, "image_recall": 2 / 3, "image_f1": 2 / 3, "image_fpr": 0.25}
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        scores, labels = rng.random(40), rng.integers(0, 2, 40)
+        predicted = (scores > 0.6).astype(int)
+        m = image_decision_metrics(scores, labels, 0.6)
+        assert m["image_precision"] == pytest.approx(precision_score(labels, predicted, zero_division=0))
+        assert m["image_recall"] == pytest.approx(recall_score(labels, predicted, zero_division=0))
+        assert m["image_f1"] == pytest.approx(f1_score(labels, predicted, zero_division=0))
+    with pytest.raises(ValueError, match="3 scores but 2 labels"):
+        image_decision_metrics([1, 2, 3], [0, 1], 0.5)
+
+
+def test_pixel_decision_metrics_hand_built_and_against_sklearn():
+    from sklearn.metrics import f1_score, jaccard_score
+
+    from pyramidflow.metrics import pixel_decision_metrics
+
+    masks = np.zeros((2, 5, 5))
+    masks[0, 1:3, 1:3] = 1  # 4 defect pixels
+    maps = np.zeros((2, 5, 5))
+    maps[0, 1:3, 1:2] = 1.0  # 2 found
+    maps[1, 4, 4] = 1.0  # 1 false alarm on the other image
+    m = pixel_decision_metrics(maps, masks, threshold=0.5)
+    # tp 2, fp 1, fn 2: F1 4/7, IoU 2/5, precision 2/3, recall 1/2.
+    assert m == pytest.approx({"pixel_f1": 4 / 7, "pixel_iou": 0.4, "pixel_precision": 2 / 3, "pixel_recall": 0.5})
+    rng = np.random.default_rng(1)
+    maps, masks = rng.random((3, 9, 11)), rng.random((3, 9, 11)) > 0.8
+    m = pixel_decision_metrics(maps, masks, 0.7)
+    assert m["pixel_f1"] == pytest.approx(f1_score(masks.ravel(), maps.ravel() > 0.7))
+    assert m["pixel_iou"] == pytest.approx(jaccard_score(masks.ravel(), maps.ravel() > 0.7))
+    assert pixel_decision_metrics(np.zeros((1, 3, 3)), np.zeros((1, 3, 3)), 0.5)["pixel_iou"] == 1.0

@@ -171,18 +171,22 @@ def test_final_checkpoint_holds_template_and_training_score_stats(tmp_path):
     ckpt = load_checkpoint(tmp_path / CHECKPOINT_NAME, model_config())
     assert ckpt.finished and ckpt.step == 4 and ckpt.losses == result.losses
     assert [tuple(t.shape) for t in ckpt.template] == [(1, 4, 32, 32), (1, 4, 16, 16), (1, 4, 8, 8)]
-    # The template is the mean latent of the (unaugmented order of the) training images, in eval mode.
+    # The template is the mean latent of the (unaugmented order of the) training images, in eval mode;
+    # the held-out calibration images (10%, at least 4) are not among them.
+    held_out = ckpt.calibration["held_out"]
+    kept = [i for i in range(8) if i not in held_out]
+    assert len(held_out) == 4 and ckpt.calibration["source"] == "held-out"
     model = ckpt.build_model()
     data = RandomImages(augment=False)
     with torch.no_grad():
-        latents = model(data.images)
+        latents = model(data.images[kept])
     for level, template in zip(latents, ckpt.template):
         torch.testing.assert_close(level.mean(dim=0, keepdim=True), template, rtol=1e-5, atol=1e-6)
     # Score statistics: image scores are the maxima of the training images' maps.
     maps = anomaly_map(latents, ckpt.template)
     scores = maps.flatten(1).amax(dim=1).double()
     stats = ckpt.score_stats
-    assert stats["num_images"] == 8
+    assert stats["num_images"] == 4
     assert stats["image_max"] == pytest.approx(float(scores.max()), rel=1e-5)
     assert stats["image_mean"] == pytest.approx(float(scores.mean()), rel=1e-5)
     assert 0 < stats["pixel_quantile"] <= stats["pixel_max"] == pytest.approx(stats["image_max"])
@@ -387,7 +391,9 @@ def test_trains_on_the_synthetic_set_through_the_data_package(tmp_path):
     root = synthetic.generate(tmp_path / "data", size=SIZE, categories=("fabric",), num_train=4, num_test=1)
     dataset = MVTecDataset(root, "fabric", split="train", size=SIZE)  # a texture: augmented in training
     assert dataset.augment
-    result = train(model_config(), TrainConfig(epochs=2, device="cpu"), dataset, tmp_path / "run", progress=False)
+    result = train(model_config(), TrainConfig(epochs=2, device="cpu", calibration_fraction=0.0), dataset,
+                   tmp_path / "run", progress=False)
     assert result.step == 4 and dataset.augment  # augmentation switched back on after the template pass
     ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME, model_config())
     assert ckpt.finished and ckpt.score_stats["num_images"] == 4
+    assert ckpt.calibration["source"] == "training images" and ckpt.calibration["num_images"] == 4
