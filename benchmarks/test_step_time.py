@@ -8,7 +8,8 @@ minutes; the table says so in its note column, and ``--bench-channels 16``
 runs the paper's width. Sweeps time one round only: their point is memory.
 Groups:
 
-* ``step``: the three modes (four on CUDA) at ``--bench-resolution`` (1024).
+* ``step``: the three modes (four on CUDA) at ``--bench-resolution`` (1024), invertible with the
+  default drift monitoring (``"warn"``), and invertible with ``drift="off"`` and ``"recompute"``.
 * ``depth``: peak memory against the number of stacks (1, 2, 4, 8) at 256 px.
 * ``resolution``: peak memory against the image side (256, 512, 1024; 2048 on CUDA) at 4 stacks.
 * ``step`` also holds the peer row: memcnn's ``InvertibleModuleWrapper`` around each block, when memcnn is installed.
@@ -42,10 +43,11 @@ def _training_step(model: torch.nn.Module, images: torch.Tensor):
     return step
 
 
-def _setup(device, channels, mode, resolution, num_stacks=4):
+def _setup(device, channels, mode, resolution, num_stacks=4, drift="warn"):
     torch.manual_seed(0)
     config, note = _config(channels, mode, num_stacks)
     model = PyramidFlow(config).to(device).train()
+    model.flow.drift = drift
     images = torch.randn(2, 3, resolution, resolution, device=device)
     return _training_step(model, images), note
 
@@ -69,6 +71,15 @@ def test_step(benchmark, measure_step, device, channels, resolution, kernel_back
     step, note = _setup(device, channels, mode, resolution)
     name = mode if backend == "reference" else "invertible+triton"
     measure_step(step, row=dict(mode=name, resolution=resolution, depth=4, note=note))
+
+
+@pytest.mark.benchmark(group="step")
+@pytest.mark.parametrize("drift", ["off", "recompute"])
+def test_step_drift_policy(benchmark, measure_step, device, channels, resolution, kernel_backend, drift):
+    """Invertible mode under the other drift policies (the ``test_step`` row runs the default, ``"warn"``)."""
+    kernel_backend("reference")
+    step, note = _setup(device, channels, "invertible", resolution, drift=drift)
+    measure_step(step, row=dict(mode=f"invertible, {drift}", resolution=resolution, depth=4, note=note))
 
 
 @pytest.mark.benchmark(group="depth")

@@ -107,7 +107,17 @@ def _affine(scale: Tensor, x: Tensor, t: Tensor) -> Tensor:
     return scale * x + t
 
 
+# NOTE [inverse in float32]
+# The inverse rebuilds a block's input, and its rounding error is what invertible
+# backward carries from block to block (reconstruction drift). In 16-bit (a state
+# in bfloat16 or float16, as under autocast) `(y - t) / scale` would round twice
+# at 8 or 11 bits; computed in float32 and rounded once to the result dtype, the
+# rebuilt input is as close to the true one as that dtype allows. The forward map
+# keeps the operands' dtype: it is what autograd under the same autocast computes.
 def _affine_inverse(scale: Tensor, y: Tensor, t: Tensor) -> Tensor:
+    dtype = torch.promote_types(torch.promote_types(scale.dtype, y.dtype), t.dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        return ((y.float() - t.float()) / scale.float()).to(dtype)
     return (y - t) / scale
 
 

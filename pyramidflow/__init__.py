@@ -1,11 +1,19 @@
 """pyramidflow: invertible backprop for normalizing flows, and PyramidFlow anomaly localisation."""
 
-from .engine import InvertibleModule, InvertibleSequential, check_inverse, wrap
+from .engine import DriftError, DriftWarning, InvertibleModule, InvertibleSequential, check_inverse, wrap
 from .model import PyramidFlow, PyramidFlowConfig
 
 __all__ = [
-    "InvertibleModule", "InvertibleSequential", "wrap", "check_inverse", "PyramidFlow", "PyramidFlowConfig",
-    "Detector", "Prediction",
+    "InvertibleModule",
+    "InvertibleSequential",
+    "wrap",
+    "check_inverse",
+    "DriftWarning",
+    "DriftError",
+    "PyramidFlow",
+    "PyramidFlowConfig",
+    "Detector",
+    "Prediction",
 ]
 __version__ = "0.1.0"
 

@@ -53,7 +53,7 @@ CHECKPOINT_KEYS = (
 )
 
 # Keys added after format version 1 was fixed; older files lack them and load with None.
-OPTIONAL_KEYS = ("calibration",)
+OPTIONAL_KEYS = ("calibration", "drift")
 
 _EXECUTION_ONLY = ("mode", "kernels")  # how to run, not what was trained
 
@@ -80,6 +80,8 @@ class Checkpoint:
         finished: whether training reached its budget (template and score statistics are then set).
         template: the latent template, one tensor ``(1, C, H_i, W_i)`` per level, or ``None``.
         score_stats: statistics of the training images' anomaly maps (see ``pyramidflow.train``), or ``None``.
+        drift: ``[step, largest reconstruction drift]`` per logging interval (``None`` for an interval
+            without measurement), or ``None`` in checkpoints written before drift was recorded.
         calibration: the held-out split (``seed``, ``fraction``, ``held_out`` indices and names) and, once
             training has finished, the decision thresholds set on it (see ``pyramidflow.calibration``);
             ``None`` in checkpoints written before calibration existed.
@@ -98,6 +100,7 @@ class Checkpoint:
     finished: bool = False
     template: list | None = None
     score_stats: dict | None = None
+    drift: list | None = None
     calibration: dict | None = None
 
     def build_model(self, map_location: str | torch.device = "cpu") -> torch.nn.Module:

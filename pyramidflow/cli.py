@@ -62,6 +62,8 @@ def _add_smoothing(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine.drift import DRIFT_POLICIES
+
     parser = argparse.ArgumentParser(
         prog="pyramidflow",
         description="PyramidFlow anomaly localisation: train on good images, get anomaly maps and scores.",
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
     train.add_argument("--no-augment", action="store_true",
                        help="no flips/rotations of texture images (on by default for textures, as the authors)")
+    train.add_argument("--drift", choices=DRIFT_POLICIES, default="recompute",
+                       help="what backward does when reconstruction drifts (recompute: rebuild exactly)")
     _add_calibration_options(train)
     train.add_argument("--no-plan", action="store_true", help="on CUDA, skip the check that the predicted peak memory fits the GPU")
     _add_device(train)
@@ -235,6 +239,7 @@ def _train(args: argparse.Namespace, model_config, steps: Optional[int], epochs:
         checkpoint_every=getattr(args, "checkpoint_every", 500),
         device=args.device,
         augment=False if getattr(args, "no_augment", False) else bool(getattr(dataset, "augment", False)),
+        drift=getattr(args, "drift", "recompute"),
         calibration_fraction=getattr(args, "calibration_fraction", 0.1),
         image_fpr=getattr(args, "image_fpr", 0.01),
         pixel_fpr=getattr(args, "pixel_fpr", 0.001),

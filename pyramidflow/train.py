@@ -44,11 +44,12 @@ from pyramidflow.checkpoint import (
 from pyramidflow.distributed import DistributedContext, EpochBatchSampler, gather_levels, init_distributed
 from pyramidflow.interrupts import STOP_SIGNALS, TrainingTerminated, interrupt_for
 from pyramidflow.train_config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
+from pyramidflow.train_log import LOG_NAME, DriftTracker, append_log, trim_log
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device", "train"]
 
 # Train settings a resumed run may change: they do not alter the trajectory of the weights.
-_RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "log_every", "num_workers", "device")
+_RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "log_every", "num_workers", "device", "drift")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,6 +286,10 @@ class _Run:
 
         torch.manual_seed(config.seed)
         self.model = _build_model(model_config).to(device=device, dtype=self.dtype)
+        if hasattr(self.model, "flow"):
+            self.model.flow.drift = config.drift
+        self.drift_tracker = DriftTracker(self.model)
+        self.log_path = out_dir / LOG_NAME
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
                                           weight_decay=config.weight_decay)
@@ -341,6 +346,9 @@ class _Run:
                 f"train: cannot resume from {self.path}: its calibration split held out images {recorded} but the "
                 f"data set now gives {self.calibration['held_out']} (the folder changed); resume with the same images."
             )
+        self.drift_tracker.history = [list(h) for h in (ckpt.drift or [])]
+        if self.ctx.is_main:
+            trim_log(self.log_path, self.step)
 
     def _state(self, rng_states: list[dict], template: list[Tensor] | None, stats: dict | None,
                buffers: dict | None = None) -> dict:
@@ -361,6 +369,7 @@ class _Run:
             "template": template,
             "score_stats": stats,
             "calibration": self.calibration,
+            "drift": [list(h) for h in self.drift_tracker.history],
         }
 
     def save(self, *, template: list[Tensor] | None = None, stats: dict | None = None, collective: bool = True) -> None:
@@ -419,6 +428,7 @@ class _Run:
             loss = _pairwise_loss(levels) if objective == "fourier" else _pairwise_loss(levels, objective)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.drift_tracker.observe()
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)  # no host sync
         with guard.critical():
@@ -571,7 +581,12 @@ def _loop(run: _Run) -> TrainResult:
                             now = time.perf_counter()
                             rate = (run.step - window_step) * config.batch_size / max(now - window_start, 1e-9)
                             window_start, window_step = now, run.step
-                            bar.set_postfix(loss=f"{run.losses[-1]:.4g}", img_s=f"{rate:.1f}")
+                            drift = run.drift_tracker.close_interval(run.step)
+                            bar.set_postfix(loss=f"{run.losses[-1]:.4g}", img_s=f"{rate:.1f}",
+                                            drift="-" if drift is None else f"{drift:.1e}")
+                            if run.ctx.is_main:
+                                append_log(run.log_path, step=run.step, loss=run.losses[-1], images_per_s=rate,
+                                           max_drift=drift)
                         if config.checkpoint_every and run.step % config.checkpoint_every == 0 and run.step < total:
                             run.save()
                         if run.step >= total:

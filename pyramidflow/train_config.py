@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .engine.drift import DRIFT_POLICIES
+
 __all__ = ["DEVICES", "DTYPES", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,6 +50,10 @@ class TrainConfig:
             ``None`` keeps the data set's choice (on for textures, off for objects, as the authors),
             ``False`` turns it off (``--no-augment``), ``True`` forces it. The template and score
             statistics never use it.
+        drift: the engine's reconstruction-drift policy (``InvertibleSequential(drift=...)``):
+            ``"recompute"`` (default: a long run never trains on silently wrong gradients),
+            ``"warn"``, ``"raise"`` or ``"off"``. May change on resume: it changes the
+            gradients only of steps whose reconstruction drifted.
         calibration_fraction: share of the good images held out of training to set the decision
             thresholds (at least 4 images; 0 holds out none and sets them on the training images,
             optimistically); see :mod:`pyramidflow.calibration`.
@@ -71,6 +77,7 @@ class TrainConfig:
     dtype: str = "float32"
     score_quantile: float = 0.99
     augment: bool | None = None
+    drift: str = "recompute"
     calibration_fraction: float = 0.1
     image_fpr: float = 0.01
     pixel_fpr: float = 0.001
@@ -114,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
         if self.augment is not None and not isinstance(self.augment, bool):
             raise TypeError(f"TrainConfig: augment must be True, False or None, got {self.augment!r}.")
+        if self.drift not in DRIFT_POLICIES:
+            raise ValueError(f"TrainConfig: drift must be one of {DRIFT_POLICIES}, got {self.drift!r}.")
         if not 0.0 < self.score_quantile < 1.0:
             raise ValueError(f"TrainConfig: score_quantile must lie in (0, 1), got {self.score_quantile!r}.")
         if not (isinstance(self.calibration_fraction, (int, float)) and 0.0 <= self.calibration_fraction < 1.0):

@@ -6,8 +6,10 @@ import pyramidflow
 def test_public_names():
     assert set(pyramidflow.__all__) == {
         "InvertibleModule", "InvertibleSequential", "wrap", "check_inverse", "PyramidFlow", "PyramidFlowConfig",
-        "Detector", "Prediction",
+        "DriftWarning", "DriftError", "Detector", "Prediction",
     }
+    assert issubclass(pyramidflow.DriftWarning, UserWarning)
+    assert pyramidflow.DriftError is pyramidflow.engine.DriftError
     for name in pyramidflow.__all__:
         assert getattr(pyramidflow, name) is not None
 

@@ -15,6 +15,7 @@ from pyramidflow.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkp
 from pyramidflow.distributed import EpochBatchSampler
 from pyramidflow.model import PyramidFlowConfig, anomaly_map
 from pyramidflow.train import TrainConfig, TrainingDivergedError, resolve_device, train
+from pyramidflow.train_log import LOG_NAME
 
 SIZE = 32
 
@@ -214,7 +215,7 @@ def test_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tmp_
     with pytest.raises(OSError, match="No space left"):
         run(tmp_path, steps=6, checkpoint_every=2)
     assert calls == [2, 4]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_NAME, LOG_NAME])  # no temp file
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME).step == 2
 
 
@@ -367,7 +368,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     single = train(**_ddp_settings(tmp_path / "single"))
 
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [CHECKPOINT_NAME]  # rank 0 wrote it alone
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted([CHECKPOINT_NAME, LOG_NAME])  # rank 0 wrote them alone
     ckpt = load_checkpoint(tmp_path / "ddp" / CHECKPOINT_NAME)
     assert ckpt.step == DDP_STEPS and ckpt.finished
     for rank in range(2):

@@ -6,16 +6,21 @@ imports the model, data or training code.
 
 from .adapters import FrEIAAdapter, NormflowsAdapter, wrap
 from .block import InvertibleModule
-from .checks import BlockReport, check_inverse, reconstruction_error
+from .checks import BlockReport, InverseCheck, check_inverse, reconstruction_error
 from .coupling import AffineCoupling
-from .errors import InvertibleError
+from .drift import DRIFT_POLICIES
+from .errors import DriftError, DriftWarning, InvertibleError
 from .sequential import MODES, InvertibleSequential
 
 __all__ = [
+    "DRIFT_POLICIES",
     "MODES",
     "AffineCoupling",
     "BlockReport",
+    "DriftError",
+    "DriftWarning",
     "FrEIAAdapter",
+    "InverseCheck",
     "InvertibleError",
     "InvertibleModule",
     "InvertibleSequential",

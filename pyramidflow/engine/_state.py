@@ -86,7 +86,9 @@ class AutocastState:
 # We snapshot its buffers before and restore them after, through `.data`, which
 # does not bump the version counter: a buffer that the local graph saved
 # (batch norm in eval mode saves its running statistics) is restored to the
-# very values it held, so backward does not see a spurious modification.
+# very values it held, so backward does not see a spurious modification. A
+# buffer resized during the recomputation (a lazily sized running mean, empty
+# until the first training step) gets its old storage back, shape included.
 @contextlib.contextmanager
 def recomputation(block: nn.Module) -> Iterator[None]:
     """Recompute ``block`` without letting it change its buffers."""
@@ -96,4 +98,7 @@ def recomputation(block: nn.Module) -> Iterator[None]:
         yield
     finally:
         for buffer, value in zip(buffers, saved):
-            buffer.data.copy_(value)
+            if buffer.shape == value.shape:
+                buffer.data.copy_(value)
+            else:  # a lazily sized buffer (CVN's running mean) was resized: undo the resize too
+                buffer.data = value

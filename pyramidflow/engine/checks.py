@@ -17,7 +17,7 @@ from .adapters import wrap
 from .block import InvertibleModule, LogDet, Tensors
 from .errors import InvertibleError
 
-__all__ = ["BlockReport", "check_inverse", "reconstruction_error", "captured_grad_tensors"]
+__all__ = ["BlockReport", "InverseCheck", "check_inverse", "reconstruction_error", "captured_grad_tensors"]
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,31 @@ class BlockReport:
         name: class name of the block.
         error: relative reconstruction error ``|inverse(forward(x)) - x| / |x|`` over all tensors.
         logdet_error: largest ``|logdet_forward + logdet_inverse|`` over the batch (0 without log-dets).
+        chain_error: relative error of this block's input rebuilt from the *last* block's output by
+            inverting every block after it, as invertible backward rebuilds it: where compounding shows.
     """
 
     index: int
     name: str
     error: float
     logdet_error: float
+    chain_error: float = float("nan")
+
+
+class InverseCheck(list):
+    """The result of :func:`check_inverse`: a list of :class:`BlockReport`, one per block, plus the whole chain.
+
+    Indexes and iterates as the list of per-block reports that earlier versions returned.
+
+    Attributes:
+        end_to_end: relative error of the whole chain's round trip, ``inverse(forward(x))``
+            against ``x`` (the first block's ``chain_error``). A chain of blocks that each
+            invert to 1e-6 may still lose every digit here when errors compound.
+    """
+
+    @property
+    def end_to_end(self) -> float:
+        return self[0].chain_error if self else 0.0
 
 
 def reconstruction_error(xs: Sequence[Tensor], xs_rebuilt: Sequence[Tensor]) -> float:
@@ -64,38 +83,52 @@ def _round_trip(block: InvertibleModule, xs: Tensors) -> BlockReport:
 def check_inverse(
     blocks: Union[nn.Module, Iterable[nn.Module]],
     inputs: Union[Tensor, Sequence[Tensor]],
-) -> List[BlockReport]:
-    """Report, block by block, how exactly each block's inverse undoes its forward.
+) -> InverseCheck:
+    """Report, block by block and for the whole chain, how exactly the inverses undo the forwards.
 
     Runs the blocks in sequence on ``inputs`` without a graph; for each block
     compares ``inverse(forward(x))`` with ``x`` and the two log-determinants.
-    Running statistics are left as they were.
+    Then inverts the whole chain from the last output, block by block (what
+    invertible backward does) and compares every rebuilt input with the true
+    one (``chain_error``; the first block's is ``end_to_end``). Each block sees
+    the RNG draws of its forward in both directions; running statistics (also
+    lazily sized ones) are left as they were.
 
     Args:
         blocks: an :class:`InvertibleSequential` or an iterable of blocks.
         inputs: the first block's input, a tensor or a tuple of tensors.
 
     Returns:
-        One :class:`BlockReport` per block, in order.
+        An :class:`InverseCheck`: one :class:`BlockReport` per block, in order, and ``end_to_end``.
 
     Example:
         >>> import torch
         >>> from pyramidflow import InvertibleSequential, check_inverse
         >>> from pyramidflow.engine.coupling import AffineCoupling
         >>> seq = InvertibleSequential(AffineCoupling(4, 8), AffineCoupling(4, 8, parity=1))
-        >>> [r.error < 1e-6 for r in check_inverse(seq, torch.randn(2, 4, 8, 8))]
-        [True, True]
+        >>> report = check_inverse(seq, torch.randn(2, 4, 8, 8))
+        >>> [r.error < 1e-6 for r in report], report.end_to_end < 1e-6
+        ([True, True], True)
     """
-    block_list = list(getattr(blocks, "blocks", blocks))
+    block_list = [wrap(block, where=f"check_inverse: block {i}") for i, block in enumerate(getattr(blocks, "blocks", blocks))]
     xs: Tensors = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    reports = []
+    reports, states, rngs = [], [], []
     for index, block in enumerate(block_list):
-        block = wrap(block, where=f"check_inverse: block {index}")
+        rng = RngState.capture(xs)
         report = _round_trip(block, xs)
-        reports.append(BlockReport(index, report.name, report.error, report.logdet_error))
-        with torch.no_grad(), recomputation(block):
+        reports.append(report)
+        states.append(xs)
+        rngs.append(rng)
+        with torch.no_grad(), recomputation(block), rng.replay():
             xs = tuple(block(xs)[0])
-    return reports
+    chain_errors = [0.0] * len(block_list)
+    for index in range(len(block_list) - 1, -1, -1):  # NOTE [drift monitoring]: what backward rebuilds
+        with torch.no_grad(), recomputation(block_list[index]), rngs[index].replay():
+            xs = tuple(block_list[index].inverse(xs)[0])
+        chain_errors[index] = reconstruction_error(states[index], xs)
+    return InverseCheck(
+        BlockReport(i, r.name, r.error, r.logdet_error, chain_errors[i]) for i, r in enumerate(reports)
+    )
 
 
 def check_reconstruction(block: InvertibleModule, xs: Tensors, tolerance: float, *, where: str) -> None:

@@ -7,6 +7,12 @@ with a local graph, the upstream gradient is pushed through that graph, and the
 graph is dropped before the next block. Peak activation memory is one block's
 working set, whatever the depth.
 
+Drift (NOTE [drift monitoring]): forward also keeps a small fingerprint of each
+block's input, and, when asked, the exact inputs of some blocks (anchors);
+backward compares every rebuilt input with its fingerprint and, under
+``drift="recompute"``, rebuilds a drifting block's input exactly from the
+nearest anchor by running forward again, as checkpoint mode would.
+
 Parameters are inputs of the Function, so their gradients come out of its
 backward and reach ``param.grad`` through autograd's own accumulation: the
 hooks of ``DistributedDataParallel`` fire as for any other module.
@@ -14,17 +20,19 @@ hooks of ``DistributedDataParallel`` fire as for any other module.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ._state import AutocastState, RngState, recomputation
-from .block import InvertibleModule, LogDet, Tensors, add_optional
+from .block import InvertibleModule, LogDet, Tensors, _leaf, add_optional
+from .drift import CallSite, Fingerprinter, compute_dtype, default_tolerance, fingerprint_drift
 from .errors import InvertibleError, _internal_assert
 
-__all__ = ["InvertibleRun", "run_invertible"]
+__all__ = ["DriftReport", "InvertibleRun", "run_invertible"]
 
 
 @dataclass
@@ -38,6 +46,61 @@ class InvertibleRun:
     fwd_rng: List[Optional[RngState]] = field(default_factory=list)
     fwd_autocast: Optional[AutocastState] = None
     has_logdet: bool = False
+    # Drift monitoring (NOTE [drift monitoring]); the sequence fills these in.
+    drift: str = "off"
+    drift_tolerance: Optional[float] = None  # None: default_tolerance() of the forward's compute dtype
+    anchor_every: Optional[int] = None
+    fingerprinter: Optional[Fingerprinter] = None
+    where: str = "InvertibleSequential"
+    report: Optional[Callable[["DriftReport"], None]] = None
+    fwd_fingerprints: List[Tuple[Optional[Tensor], ...]] = field(default_factory=list)
+    fwd_anchors: Dict[int, Tensors] = field(default_factory=dict)
+    fwd_anchor_versions: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
+    fwd_call_site: Optional[CallSite] = None
+
+    def keeps_anchor(self, index: int) -> bool:
+        """Whether forward keeps block ``index``'s exact input (always block 0 under ``"recompute"``)."""
+        if self.anchor_every is not None and index % self.anchor_every == 0:
+            return True
+        return index == 0 and self.drift == "recompute"
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """What one invertible backward found, handed to the sequence (``last_drift`` and the policy).
+
+    Attributes:
+        drifts: per block, the relative error of its rebuilt input against forward's fingerprint
+            (0.0 where an anchor supplied the exact input).
+        tolerance: the tolerance applied.
+        recomputed: indices of the blocks whose input was rebuilt exactly by running forward again.
+        call_site: the user's line that called the sequence in forward.
+        policy: the ``drift`` setting forward ran with.
+    """
+
+    drifts: Tuple[float, ...]
+    tolerance: float
+    recomputed: Tuple[int, ...]
+    call_site: Optional[CallSite]
+    policy: str
+
+
+# NOTE [drift monitoring]
+# Forward: before each block, `fingerprinter.fingerprint(xs)` samples a fixed
+# few hundred elements per level (no copy of the level, no host sync); blocks
+# that `keeps_anchor` also keep their exact input by reference (block 0's is the
+# caller's input, which the caller holds anyway). Backward, per block: the
+# input is rebuilt as before (or taken from an anchor: exact, drift 0), the
+# local backward runs, and the rebuilt input is compared with the fingerprint
+# as a device tensor. "warn" and "raise" sync once, after the last block.
+# "recompute" must branch on the value, so it syncs once per block (and, under
+# torch.distributed, takes the largest drift over ranks first, so that every
+# rank recomputes the same blocks: blocks may hold collectives). A drifting
+# block's local result is dropped and redone from its exact input, computed by
+# running forward (no grad, RNG and autocast replayed, buffers restored) from
+# the nearest anchor at or below it; the block below then starts from an exact
+# state. Anchors cost one state each and bound a recomputation to
+# `anchor_every - 1` forward blocks; without them it may run up to `index`.
 
 
 class _InvertibleFunction(torch.autograd.Function):
@@ -47,9 +110,18 @@ class _InvertibleFunction(torch.autograd.Function):
         xs: Tensors = tuple(tensors[:num_inputs])
         run.fwd_autocast = AutocastState.capture()
         run.fwd_rng = []
+        monitor = run.drift != "off"
+        if monitor and run.drift_tolerance is None:
+            dtype = compute_dtype(xs, [dtype for _, dtype in run.fwd_autocast.regions])
+            run.drift_tolerance = default_tolerance(dtype)
         total: LogDet = None
-        for block in run.blocks:
+        for index, block in enumerate(run.blocks):
             run.fwd_rng.append(RngState.capture(xs) if run.preserve_rng_state else None)
+            if monitor:
+                run.fwd_fingerprints.append(run.fingerprinter.fingerprint(xs))
+            if run.keeps_anchor(index):
+                run.fwd_anchors[index] = tuple(x.detach() for x in xs)
+                run.fwd_anchor_versions[index] = tuple(x._version for x in xs)
             xs, logdet = block(xs)
             total = add_optional(total, logdet)
         ys = tuple(xs)
@@ -78,16 +150,87 @@ class _InvertibleFunction(torch.autograd.Function):
                 "InvertibleSequential: the output was modified in place after forward; backward "
                 "rebuilds every block's input from it. Clone the output before changing it."
             ) from error
+        _check_anchors_unchanged(run)
         grad_ys: List[Optional[Tensor]] = list(grads[:-1])
         grad_logdet = grads[-1] if run.has_logdet else None
         param_grads: List[Optional[Tensor]] = [None] * len(run.params)
         inputs_need_grad = any(ctx.needs_input_grad[2 : 2 + len(ys)])
+        monitor = run.drift != "off"
+        drifts: List[Tensor] = []
+        recomputed: List[int] = []
         for index in range(len(run.blocks) - 1, -1, -1):
             # The first block's input gradient is only worth computing if the caller's inputs need it.
             need_input_grad = index > 0 or inputs_need_grad
-            ys, grad_ys = _block_backward(run, index, ys, grad_ys, grad_logdet, param_grads, need_input_grad)
+            args = (run, index, ys, grad_ys, grad_logdet, need_input_grad)
+            if index in run.fwd_anchors:  # the exact input is at hand: no reconstruction, no drift
+                new_ys, new_grad_ys, block_grads = _block_backward(*args, rebuild=_from_exact(run.fwd_anchors[index]))
+                drift = torch.zeros((), device=new_ys[0].device)
+            else:
+                new_ys, new_grad_ys, block_grads = _block_backward(*args)
+                drift = fingerprint_drift(run.fingerprinter, new_ys, run.fwd_fingerprints[index]) if monitor else None
+                if run.drift == "recompute" and _exceeds(drift, run.drift_tolerance):
+                    exact = _exact_input(run, index)
+                    new_ys, new_grad_ys, block_grads = _block_backward(*args, rebuild=_from_exact(exact))
+                    recomputed.append(index)
+            for i, grad in zip(run.block_params[index], block_grads):
+                param_grads[i] = add_optional(param_grads[i], grad)
+            ys, grad_ys = new_ys, new_grad_ys
+            if monitor:
+                drifts.append(drift)
+        if monitor and run.report is not None:
+            values = tuple(torch.stack(drifts[::-1]).tolist()) if drifts else ()  # the one host sync of "warn" and "raise"
+            run.report(DriftReport(values, run.drift_tolerance, tuple(sorted(recomputed)), run.fwd_call_site, run.drift))
         input_grads = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(grad_ys)]
         return (None, None, *input_grads, *param_grads)
+
+
+def _check_anchors_unchanged(run: InvertibleRun) -> None:
+    for index, xs in run.fwd_anchors.items():
+        if tuple(x._version for x in xs) != run.fwd_anchor_versions[index]:
+            raise InvertibleError(
+                f"{run.where}: the input of block {index}, kept for drift={run.drift!r} / anchor_every="
+                f"{run.anchor_every}, was modified in place after forward; clone it before changing it."
+            )
+
+
+def _exceeds(drift: Tensor, tolerance: float) -> bool:
+    """Whether ``drift`` is over ``tolerance`` on any rank (NaN counts as over); syncs the host."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        drift = drift.clone()
+        torch.distributed.all_reduce(drift, op=torch.distributed.ReduceOp.MAX)
+    return not float(drift) <= tolerance
+
+
+def _replay(run: InvertibleRun, index: int):
+    rng = run.fwd_rng[index]
+    return rng.replay() if rng is not None else contextlib.nullcontext()
+
+
+def _exact_input(run: InvertibleRun, index: int) -> Tensors:
+    """Block ``index``'s exact input: forward again from the nearest anchor at or below it."""
+    start = max(i for i in run.fwd_anchors if i <= index)
+    xs = run.fwd_anchors[start]
+    with torch.no_grad(), run.fwd_autocast.replay():
+        for j in range(start, index):
+            block = run.blocks[j]
+            with recomputation(block), _replay(run, j):
+                xs = tuple(block(xs)[0])
+    return xs
+
+
+def _from_exact(xs: Tensors) -> Callable[[InvertibleModule, Tensors], Tuple[Tensors, Tensors, LogDet]]:
+    """A ``rebuild`` for :func:`_block_backward` that ignores the outputs and runs forward from ``xs``."""
+
+    def rebuild(block: InvertibleModule, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
+        leaves = tuple(_leaf(x) for x in xs)
+        ys_local, logdet_local = block(leaves)
+        return leaves, tuple(ys_local), logdet_local
+
+    return rebuild
+
+
+def _reconstruct(block: InvertibleModule, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
+    return block.reconstruct(ys)
 
 
 def _block_backward(
@@ -96,19 +239,20 @@ def _block_backward(
     ys: Tensors,
     grad_ys: List[Optional[Tensor]],
     grad_logdet: Optional[Tensor],
-    param_grads: List[Optional[Tensor]],
     need_input_grad: bool = True,
-) -> Tuple[Tensors, List[Optional[Tensor]]]:
-    """Rebuild block ``index``'s inputs and push the gradient through it, once."""
+    rebuild: Callable[[InvertibleModule, Tensors], Tuple[Tensors, Tensors, LogDet]] = _reconstruct,
+) -> Tuple[Tensors, List[Optional[Tensor]], List[Optional[Tensor]]]:
+    """Rebuild block ``index``'s inputs and push the gradient through it, once.
+
+    Returns:
+        ``(xs, grad_xs, grads)``: the block's inputs (detached), their
+        gradients, and the gradients of the block's parameters in the order of
+        ``run.block_params[index]`` (the caller accumulates them).
+    """
     block = run.blocks[index]
     params = [run.params[i] for i in run.block_params[index]]
-    rng = run.fwd_rng[index]
-    with torch.enable_grad(), recomputation(block), run.fwd_autocast.replay():
-        if rng is None:
-            xs, ys_local, logdet_local = block.reconstruct(tuple(y.detach() for y in ys))
-        else:
-            with rng.replay():
-                xs, ys_local, logdet_local = block.reconstruct(tuple(y.detach() for y in ys))
+    with torch.enable_grad(), recomputation(block), run.fwd_autocast.replay(), _replay(run, index):
+        xs, ys_local, logdet_local = rebuild(block, tuple(y.detach() for y in ys))
     _internal_assert(len(ys_local) == len(ys), f"block {index} reconstructed {len(ys_local)} outputs for {len(ys)}")
     # Outputs that are one of the inputs (levels a block passes through) take
     # their gradient directly, without a trip through autograd.
@@ -126,17 +270,17 @@ def _block_backward(
         grad_outputs.append(grad_logdet)
     inputs = [j for j, x in enumerate(xs) if x.requires_grad] if need_input_grad else []
     wrt = [xs[j] for j in inputs] + list(params)
+    block_grads: List[Optional[Tensor]] = [None] * len(params)
     if outputs and wrt:
         computed = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True)
         computed_iter = iter(computed)
         for j in inputs:
             grad_xs[j] = add_optional(grad_xs[j], next(computed_iter))
-        for i, grad in zip(run.block_params[index], computed_iter):
-            param_grads[i] = add_optional(param_grads[i], grad)
+        block_grads = list(computed_iter)
     # Read xs only now: a fused reconstruct may fill them during the local backward.
     new_ys = tuple(x.detach() for x in xs)
     grad_xs = [g if g is not None else torch.zeros_like(x) for g, x in zip(grad_xs, new_ys)]
-    return new_ys, grad_xs
+    return new_ys, grad_xs, block_grads
 
 
 def run_invertible(run: InvertibleRun, xs: Tensors) -> Tuple[Tensors, Tensor]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import contextlib
+import warnings
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
@@ -14,7 +15,9 @@ from ._state import recomputation
 from .adapters import wrap
 from .block import InvertibleModule, LogDet, Tensors, add_optional
 from .checks import captured_grad_tensors, check_finite, check_reconstruction
-from .function import InvertibleRun, run_invertible
+from .drift import DRIFT_POLICIES, CallSite, Fingerprinter, drift_message
+from .errors import DriftError, DriftWarning
+from .function import DriftReport, InvertibleRun, run_invertible
 
 __all__ = ["InvertibleSequential", "MODES"]
 
@@ -44,6 +47,39 @@ class InvertibleSequential(nn.Module):
             (relative error at most ``debug_tolerance``) and that outputs are
             finite. Each check syncs the device: for debugging only.
         debug_tolerance: largest relative reconstruction error accepted in debug mode.
+        drift: what invertible backward does when a rebuilt block input differs
+            from the true one by more than ``drift_tolerance`` (relative error,
+            estimated from a fingerprint of a few hundred elements per level kept
+            in forward): ``"warn"`` (default) issues a :class:`DriftWarning`
+            once per sequence and call site; ``"raise"`` raises
+            :class:`DriftError`; ``"recompute"`` rebuilds that block's input
+            exactly by running forward again from the nearest exact state kept in
+            forward (so its gradients are those of checkpoint mode; this syncs the
+            host once per block); ``"off"`` monitors nothing and costs nothing.
+            Memory: the fingerprints (~1 KiB per level and block) for all but
+            ``"off"``; ``"recompute"`` also keeps the sequence's input (a
+            reference to the caller's tensor). See NOTE [drift monitoring] in
+            :mod:`.function`.
+        drift_tolerance: largest relative error of a rebuilt input that passes;
+            ``None`` picks it from the compute dtype (the autocast dtype under
+            autocast, else the input's): 1e-9 for float64, 1e-4 for float32,
+            5e-2 for bfloat16 and float16 (NOTE [default drift tolerances] in
+            :mod:`.drift`: healthy float32 flows rebuild to ~1e-6).
+        anchor_every: keep the exact input of every ``k``-th block (0, k, 2k, ...);
+            backward uses it instead of the rebuilt one, so drift cannot compound
+            over more than ``k`` blocks and ``"recompute"`` restarts at most
+            ``k - 1`` blocks back. Costs one state (the levels a block changes)
+            per anchor. ``None``: no anchors.
+
+    Attributes:
+        last_drift: after each invertible backward with monitoring on, one float per
+            block, the estimated relative error of that block's rebuilt input
+            (0.0 where an anchor or the recomputation supplied the exact input);
+            ``None`` before the first such backward, and after a backward with
+            ``drift="off"``. Checkpoint and autograd modes rebuild nothing and
+            leave it as it was.
+        last_recomputed: indices of the blocks ``"recompute"`` rebuilt in the last
+            backward (empty tuple otherwise).
 
     Example:
         >>> import torch
@@ -64,6 +100,9 @@ class InvertibleSequential(nn.Module):
         preserve_rng_state: bool = True,
         debug: bool = False,
         debug_tolerance: float = 1e-4,
+        drift: str = "warn",
+        drift_tolerance: Optional[float] = None,
+        anchor_every: Optional[int] = None,
     ) -> None:
         super().__init__()
         if len(blocks) == 1 and isinstance(blocks[0], (list, tuple)):
@@ -73,6 +112,45 @@ class InvertibleSequential(nn.Module):
         self.preserve_rng_state = preserve_rng_state
         self.debug = debug
         self.debug_tolerance = debug_tolerance
+        self.drift = drift
+        self.drift_tolerance = drift_tolerance
+        self.anchor_every = anchor_every
+        self.last_drift: Optional[Tuple[float, ...]] = None
+        self.last_recomputed: Tuple[int, ...] = ()
+        self._fingerprinter = Fingerprinter()
+        self._warned_sites: set = set()
+
+    @property
+    def drift(self) -> str:
+        return self._drift
+
+    @drift.setter
+    def drift(self, drift: str) -> None:
+        if drift not in DRIFT_POLICIES:
+            raise ValueError(f"InvertibleSequential: drift must be one of {DRIFT_POLICIES}, got {drift!r}.")
+        self._drift = drift
+
+    @property
+    def drift_tolerance(self) -> Optional[float]:
+        return self._drift_tolerance
+
+    @drift_tolerance.setter
+    def drift_tolerance(self, tolerance: Optional[float]) -> None:
+        if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0):
+            raise ValueError(
+                f"InvertibleSequential: drift_tolerance must be a relative error >= 0 or None (per-dtype default), got {tolerance!r}."
+            )
+        self._drift_tolerance = None if tolerance is None else float(tolerance)
+
+    @property
+    def anchor_every(self) -> Optional[int]:
+        return self._anchor_every
+
+    @anchor_every.setter
+    def anchor_every(self, every: Optional[int]) -> None:
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"InvertibleSequential: anchor_every must be a block count >= 1 or None, got {every!r}.")
+        self._anchor_every = every
 
     @property
     def mode(self) -> str:
@@ -91,7 +169,7 @@ class InvertibleSequential(nn.Module):
         return self.blocks[index]
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}"
+        return f"mode={self.mode!r}, drift={self.drift!r}"
 
     def forward(self, x: TensorOrTensors) -> Tuple[TensorOrTensors, Tensor]:
         """Map ``x`` (a tensor or a tuple of tensors) to ``(y, logdet)``.
@@ -143,7 +221,35 @@ class InvertibleSequential(nn.Module):
                         params.append(p)
                     ids.append(index[id(p)])
             block_params.append(tuple(dict.fromkeys(ids)))
-        return InvertibleRun(list(self.blocks), params, block_params, preserve_rng_state=self.preserve_rng_state)
+        run = InvertibleRun(list(self.blocks), params, block_params, preserve_rng_state=self.preserve_rng_state)
+        run.drift = self.drift
+        run.drift_tolerance = self.drift_tolerance
+        run.anchor_every = self.anchor_every
+        run.where = "InvertibleSequential"
+        if self.drift == "off":
+            self.last_drift = None  # nothing measured this step: a stale value would mislead
+            self.last_recomputed = ()
+        else:
+            run.fingerprinter = self._fingerprinter
+            run.report = self._report_drift
+            if self.drift == "warn":
+                run.fwd_call_site = CallSite.find()
+        return run
+
+    def _report_drift(self, report: DriftReport) -> None:
+        """Called once at the end of an invertible backward: record, then warn or raise per the policy."""
+        self.last_drift = report.drifts
+        self.last_recomputed = report.recomputed
+        if report.policy == "recompute" or all(d <= report.tolerance for d in report.drifts):
+            return
+        names = [type(block).__name__ for block in self.blocks]
+        message = drift_message("InvertibleSequential", report.drifts, report.tolerance, names)
+        if report.policy == "raise":
+            raise DriftError(message)
+        site = report.call_site
+        if report.policy == "warn" and site is not None and site not in self._warned_sites:
+            self._warned_sites.add(site)
+            warnings.warn_explicit(message, DriftWarning, site.filename, site.lineno, module=site.module)
 
     def _forward_blocks(self, xs: Tensors, call) -> Tuple[Tensors, LogDet]:
         total: LogDet = None

@@ -296,3 +296,23 @@ def test_template_anomaly_map_and_score():
         fit_template(model, [])
     with pytest.raises(ValueError, match="levels"):
         anomaly_map(latents[:2], template)
+
+
+def test_no_false_drift_warning_and_one_drift_per_block():
+    """A healthy float32 model (fresh, and slightly perturbed) rebuilds far inside the default tolerance."""
+    import warnings
+
+    from pyramidflow import DriftWarning
+
+    for std in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = PyramidFlow(small())
+        if std:
+            perturb(model, std=std)
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DriftWarning)
+            fourier_loss(model(torch.randn(2, 3, 32, 32))).backward()
+        drifts = model.flow.last_drift
+        assert len(drifts) == len(model.flow.blocks)
+        assert max(drifts) < 1e-5, drifts
