@@ -156,6 +156,9 @@ class _InvertibleFunction(torch.autograd.Function):
         param_grads: List[Optional[Tensor]] = [None] * len(run.params)
         inputs_need_grad = any(ctx.needs_input_grad[2 : 2 + len(ys)])
         monitor = run.drift != "off"
+        # Meta tensors (pyramidflow.plan counts memory on them) have shapes but no values: keep the
+        # fingerprints and anchors (their memory counts) but make no value-dependent decision.
+        measurable = not ys[0].is_meta
         drifts: List[Tensor] = []
         recomputed: List[int] = []
         for index in range(len(run.blocks) - 1, -1, -1):
@@ -168,7 +171,7 @@ class _InvertibleFunction(torch.autograd.Function):
             else:
                 new_ys, new_grad_ys, block_grads = _block_backward(*args)
                 drift = fingerprint_drift(run.fingerprinter, new_ys, run.fwd_fingerprints[index]) if monitor else None
-                if run.drift == "recompute" and _exceeds(drift, run.drift_tolerance):
+                if run.drift == "recompute" and measurable and _exceeds(drift, run.drift_tolerance):
                     exact = _exact_input(run, index)
                     new_ys, new_grad_ys, block_grads = _block_backward(*args, rebuild=_from_exact(exact))
                     recomputed.append(index)
@@ -177,7 +180,7 @@ class _InvertibleFunction(torch.autograd.Function):
             ys, grad_ys = new_ys, new_grad_ys
             if monitor:
                 drifts.append(drift)
-        if monitor and run.report is not None:
+        if monitor and measurable and run.report is not None:
             values = tuple(torch.stack(drifts[::-1]).tolist()) if drifts else ()  # the one host sync of "warn" and "raise"
             run.report(DriftReport(values, run.drift_tolerance, tuple(sorted(recomputed)), run.fwd_call_site, run.drift))
         input_grads = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(grad_ys)]
