@@ -23,12 +23,7 @@ def data_root(tmp_path_factory):
                               categories=("nut", "fabric"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _error_line(capsys):

@@ -13,12 +13,7 @@ from pyramidflow.train_log import LOG_NAME, trim_log
 from test_train import run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _log(out_dir):
