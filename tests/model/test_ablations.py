@@ -15,19 +15,11 @@ from pyramidflow.model import (
     laplacian_compose,
     pairwise_difference_maps,
 )
-from pyramidflow.model.coupling import ThreeLevelCoupling, TwoLevelCoupling
 from pyramidflow.model.loss import gaussian_nll, objective_loss, spatial_loss
 
+from test_blocks import BLOCKS, pyramid  # the block kinds and pyramids the block tests use
+
 DTYPE = torch.float64
-BLOCKS = {
-    "up": lambda c, **kw: TwoLevelCoupling(0, "up", c, **kw),
-    "down12": lambda c, **kw: TwoLevelCoupling(1, "down", c, **kw),
-    "three": lambda c, **kw: ThreeLevelCoupling(0, c, **kw),
-}
-
-
-def pyramid(batch=2, channels=2, size=8, num_levels=3):
-    return tuple(torch.randn(batch, channels, size // 2**i, size // 2**i, dtype=DTYPE) for i in range(num_levels))
 
 
 def perturb(module, std=0.3):
@@ -52,7 +44,7 @@ def small(**overrides):
 def test_block_without_volume_norm_returns_its_exact_logdet(kind):
     """Per sample, logdet equals log|det| of the brute-force Jacobian; inverse returns minus it."""
     block = perturb(BLOCKS[kind](2, kernel_size=3, volume_norm=None).to(DTYPE))
-    xs = pyramid(size=4)
+    xs = pyramid(channels=2, size=4)
     ys, logdet = block(xs)
     assert logdet.shape == (2,) and logdet.abs().min() > 1e-3
     shapes, sizes = [x[:1].shape for x in xs], [x[:1].numel() for x in xs]
