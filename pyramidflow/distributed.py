@@ -1,5 +1,5 @@
 """Helpers for data-parallel training: the process group from ``torchrun``'s environment, a resumable
-rank-aware batch sampler, and the differentiable gather of latents for the pairwise loss.
+rank-aware batch sampler, the differentiable gather of latents for the pairwise loss, and the DDP wrapper.
 
 # NOTE [global batch under DDP]
 The pairwise loss couples every pair of images in a batch, so a data-parallel run must see the pairs
@@ -18,14 +18,14 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Sampler
 
-__all__ = ["DistributedContext", "EpochBatchSampler", "gather_levels", "init_distributed"]
+__all__ = ["DistributedContext", "EpochBatchSampler", "gather_levels", "init_distributed", "wrap_data_parallel"]
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,42 @@ def gather_levels(levels: Sequence[Tensor], group=None) -> tuple[Tensor, ...]:
 
     with _quiet_deprecation():
         return tuple(torch.cat(all_gather(level.contiguous(), group=group), dim=0) for level in levels)
+
+
+def wrap_data_parallel(model: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """``model`` in DistributedDataParallel, and the process group of its own collectives.
+
+    A separate group carries the latent gather and the volume-normalisation means, so that these
+    collectives never interleave with DDP's gradient buckets on the default group.
+
+    Args:
+        model: a PyramidFlow (its running means are synchronised over the new group).
+        device: this rank's device.
+
+    Returns:
+        The wrapped model (for the training forward) and the group (for :func:`gather_levels`).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    group = dist.new_group()
+    model.synchronize_volume_norm(group)  # NOTE [volume normalisation across ranks]
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  **_no_buffer_broadcast())
+    return net, group
+
+
+def _no_buffer_broadcast() -> dict:
+    """DDP option to skip the per-forward buffer broadcast: the synced running means agree on every rank.
+
+    Newer torch names it ``forward_sync_buffers`` (``broadcast_buffers`` is deprecated there).
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 @contextlib.contextmanager

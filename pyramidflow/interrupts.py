@@ -4,14 +4,18 @@ Schedulers (Slurm, Kubernetes), ``docker stop`` and ``kill`` stop a process with
 default action ends it on the spot. Training turns SIGTERM into :class:`TrainingTerminated`, a
 ``KeyboardInterrupt``, so every path written for Ctrl-C (finish the parameter update, write the
 checkpoint atomically, say how to resume) serves both; the command line then exits with the
-conventional status ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM).
+conventional status ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM). :class:`InterruptGuard`
+defers both while the optimizer updates the weights, so a stopped run always holds a completed step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
+from typing import Iterator
 
-__all__ = ["STOP_SIGNALS", "TrainingTerminated", "exit_status", "interrupt_for", "signal_name"]
+__all__ = ["STOP_SIGNALS", "InterruptGuard", "TrainingTerminated", "exit_status", "interrupt_for", "signal_name"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -46,3 +50,49 @@ def interrupt_for(signum: int) -> KeyboardInterrupt:
 def exit_status(interrupt: KeyboardInterrupt) -> int:
     """``128 + signal number``, as shells report a process ended by that signal (130 for Ctrl-C)."""
     return 128 + getattr(interrupt, "signum", int(signal.SIGINT))
+
+
+# Ctrl-C between a parameter update and its bookkeeping would leave weights one step ahead of `step`.
+class InterruptGuard:
+    """Defers SIGINT and SIGTERM while the optimizer updates the weights and the step counter.
+
+    Outside the guarded section Ctrl-C raises KeyboardInterrupt at once (SIGTERM raises
+    :class:`TrainingTerminated`, a KeyboardInterrupt, so both are handled alike); inside, it is raised
+    as soon as the section ends, so the in-memory state is always that of a completed step. Only the
+    main thread can install signal handlers; elsewhere the guard does nothing. Use as
+    ``with InterruptGuard() as guard:`` around the loop, and ``with guard.critical():`` around the update.
+    """
+
+    def __init__(self) -> None:
+        self._active = threading.current_thread() is threading.main_thread()
+        self._critical = False
+        self._pending: int | None = None  # the signal that arrived inside the critical section
+        self._previous: dict = {}
+
+    def __enter__(self) -> "InterruptGuard":
+        if self._active:
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self._critical:
+            self._pending = signum
+        else:
+            raise interrupt_for(signum)
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        """The section a stop signal must not cut: a signal arriving inside is raised when it ends."""
+        self._critical = True
+        try:
+            yield
+        finally:
+            self._critical = False
+        if self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise interrupt_for(signum)

@@ -11,45 +11,42 @@ prediction threshold maps without ever looking at the test set.
 
 The same function runs data-parallel under ``torchrun`` (see :mod:`pyramidflow.distributed`). Seeded
 runs are reproducible on CPU, and a resumed run continues bit for bit (``NOTE [resume bit for bit]``).
+
+This module holds the run's state and the loop; the pieces it uses live in their own modules: the data
+side (:mod:`pyramidflow.train_data`), the RNG state (:mod:`pyramidflow.rng_state`), the stop-signal
+guard (:mod:`pyramidflow.interrupts`), the NaN/inf stop (:mod:`pyramidflow.divergence`), the resume
+checks (:mod:`pyramidflow.train_resume`) and the statistics after training (:mod:`pyramidflow.train_stats`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import os
-import random
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pyramidflow.calibration import CalibrationSplit, calibrate, calibration_split
-from pyramidflow.checkpoint import (
-    CHECKPOINT_FORMAT_VERSION,
-    CHECKPOINT_NAME,
-    CheckpointError,
-    config_differences,
-    load_checkpoint,
-    save_checkpoint_atomic,
+from pyramidflow.checkpoint import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
+from pyramidflow.distributed import (
+    DistributedContext, EpochBatchSampler, gather_levels, init_distributed, wrap_data_parallel,
 )
-from pyramidflow.distributed import DistributedContext, EpochBatchSampler, gather_levels, init_distributed
-from pyramidflow.interrupts import STOP_SIGNALS, TrainingTerminated, interrupt_for
+from pyramidflow.divergence import stop_if_not_finite
+from pyramidflow.interrupts import InterruptGuard, TrainingTerminated
+from pyramidflow.rng_state import capture_rng_state, fresh_rng_state, restore_rng_state
 from pyramidflow.train_config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
+from pyramidflow.train_data import (
+    apply_augmentation_setting, batch_images, check_dataset, epoch_loader, hold_out, without_augmentation,
+)
 from pyramidflow.train_log import LOG_NAME, DriftTracker, append_log, trim_log
+from pyramidflow.train_resume import check_same_settings, check_same_split
+from pyramidflow.train_stats import decision_thresholds, template_and_score_stats
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device", "train"]
-
-# Train settings a resumed run may change: they do not alter the trajectory of the weights.
-_RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "log_every", "num_workers", "device", "drift")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,190 +73,7 @@ def _pairwise_loss(levels: Sequence[Tensor], objective: str = "fourier") -> Tens
 
 
 # ----------------------------------------------------------------------------------------------------
-# RNG state: every generator the run draws from (NOTE [resume bit for bit]).
-
-
-def _rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        # numpy's state as tensors and ints, so the checkpoint loads with weights_only=True.
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": list(random.getstate()[1]) + [random.getstate()[2]],
-        "python_version": random.getstate()[0],
-    }
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-    numpy = state["numpy"]
-    np.random.set_state(
-        ("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
-    )
-    python = state["python"]
-    random.setstate((state["python_version"], tuple(python[:-1]), python[-1]))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Ctrl-C between a parameter update and its bookkeeping would leave weights one step ahead of `step`.
-
-
-class _InterruptGuard:
-    """Defers SIGINT and SIGTERM while the optimizer updates the weights and the step counter.
-
-    Outside the guarded section Ctrl-C raises KeyboardInterrupt at once (SIGTERM raises
-    :class:`~pyramidflow.interrupts.TrainingTerminated`, a KeyboardInterrupt, so both are handled
-    alike); inside, it is raised as soon as the section ends, so the in-memory state is always that
-    of a completed step. Only the main thread can install signal handlers; elsewhere the guard does nothing.
-    """
-
-    def __init__(self) -> None:
-        self._active = threading.current_thread() is threading.main_thread()
-        self._critical = False
-        self._pending: int | None = None  # the signal that arrived inside the critical section
-        self._previous: dict = {}
-
-    def __enter__(self) -> "_InterruptGuard":
-        if self._active:
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self._critical:
-            self._pending = signum
-        else:
-            raise interrupt_for(signum)
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        self._critical = True
-        try:
-            yield
-        finally:
-            self._critical = False
-        if self._pending is not None:
-            signum, self._pending = self._pending, None
-            raise interrupt_for(signum)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Template and score statistics (eval mode, no grad, training images only: no test data, ever).
-
-
-@torch.no_grad()
-def _template_and_score_stats(
-    model: torch.nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device, dtype: torch.dtype
-) -> tuple[list[Tensor], dict]:
-    """The latent template and score statistics of the training images (eval mode, no grad).
-
-    Only training (normal) images are used: thresholds derived from these statistics never see the
-    test set.
-    """
-    from pyramidflow.model import anomaly_map, fit_template, image_score
-
-    was_training = model.training
-    model.eval()
-    try:
-        kind = getattr(getattr(model, "config", None), "template", "mean")
-        difference = getattr(getattr(model, "config", None), "difference", "pyramid")
-        template = fit_template(model, (_images(b, device, dtype) for b in _plain_loader(dataset, config)), kind=kind)
-        image_scores, pixels = [], []
-        # NOTE [pixel quantile sample]: a fixed-stride sample of at most ~4M pixel scores keeps the
-        # quantile's memory bounded for large training sets; it is deterministic, never random.
-        total = len(dataset) * int(np.prod(_image_size(dataset)))
-        stride = max(1, math.ceil(total / (1 << 22)))
-        for batch in _plain_loader(dataset, config):
-            images = _images(batch, device, dtype)
-            maps = anomaly_map(_latents(model, images), template, images.shape[-2:], difference=difference)  # (N, 1, H, W)
-            image_scores.append(image_score(maps).double().cpu())
-            pixels.append(maps.reshape(-1)[::stride].double().cpu())
-        scores = torch.cat(image_scores)
-        pixel_values = torch.cat(pixels).numpy()
-        stats = {
-            "num_images": int(scores.numel()),
-            "image_mean": float(scores.mean()),
-            "image_std": float(scores.std(unbiased=False)),
-            "image_max": float(scores.max()),
-            "quantile": float(config.score_quantile),
-            "pixel_quantile": float(np.quantile(pixel_values, config.score_quantile)),
-            "pixel_max": float(pixel_values.max()),
-            "image_scores": [float(s) for s in scores],
-        }
-        return [level.detach().cpu() for level in template], stats
-    finally:
-        model.train(was_training)
-
-
-def _apply_augmentation_setting(dataset: Dataset, augment: bool | None) -> None:
-    """``TrainConfig.augment``: ``None`` keeps the data set's own choice (textures on), a bool forces it."""
-    if augment is None:
-        return
-    if not isinstance(getattr(dataset, "augment", None), bool):
-        raise ValueError(
-            f"train: TrainConfig.augment={augment} but the data set ({type(dataset).__name__}) has no boolean "
-            "'augment' attribute to switch; use a pyramidflow.data data set or leave augment=None."
-        )
-    dataset.augment = bool(augment)
-
-
-@contextlib.contextmanager
-def _without_augmentation(dataset: Dataset) -> Iterator[None]:
-    """Template and statistics describe the training images as they are, not random flips of them.
-
-    Data sets of :mod:`pyramidflow.data` switch augmentation with their ``augment`` attribute; other
-    data sets are used as given.
-    """
-    augment = getattr(dataset, "augment", None)
-    if isinstance(augment, bool):
-        dataset.augment = False
-    try:
-        yield
-    finally:
-        if isinstance(augment, bool):
-            dataset.augment = augment
-
-
-def _image_size(dataset: Dataset) -> tuple[int, int]:
-    return tuple(dataset[0]["image"].shape[-2:])
-
-
-def _images(batch: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
-    images = batch["image"] if isinstance(batch, dict) else batch
-    return images.to(device=device, dtype=dtype, non_blocking=True)
-
-
-def _plain_loader(dataset: Dataset, config: TrainConfig) -> DataLoader:
-    generator = torch.Generator()
-    generator.manual_seed(config.seed)
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
-                      generator=generator)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The loop.
-
-
-def _check_dataset(dataset: Any) -> None:
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise TypeError(f"train: dataset must be a map-style torch Dataset of dicts with 'image', got {type(dataset).__name__}.")
-    if len(dataset) == 0:
-        raise ValueError("train: the training data set is empty; point it at a folder of normal images.")
-    item = dataset[0]
-    if not isinstance(item, dict) or "image" not in item:
-        raise TypeError(
-            f"train: dataset items must be dicts with an 'image' tensor (3, H, W), got {type(item).__name__}; "
-            "use a pyramidflow.data data set."
-        )
 
 
 class _Run:
@@ -295,18 +109,9 @@ class _Run:
                                           weight_decay=config.weight_decay)
         self.sampler = EpochBatchSampler(len(dataset), config.batch_size, seed=config.seed,
                                          rank=ctx.rank, world_size=ctx.world_size)
-        self.net = self.model
-        self.group = None
+        self.net, self.group = self.model, None  # the group of the latent gather under DDP
         if ctx.is_distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # A separate group for the latent gather and the VN means, so that these collectives
-            # never interleave with DDP's gradient buckets on the default group.
-            self.group = torch.distributed.new_group()
-            self.model.synchronize_volume_norm(self.group)  # NOTE [volume normalisation across ranks]
-            self.net = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_broadcast()
-            )
+            self.net, self.group = wrap_data_parallel(self.model, device)
 
     # --- budget ---------------------------------------------------------------------------------
     @property
@@ -322,30 +127,16 @@ class _Run:
                 f"train: resume=True but there is no checkpoint at {self.path}; start without resume."
             )
         ckpt = load_checkpoint(self.path, self.model_config, map_location=self.device)
-        # Settings newer than the checkpoint (absent from it) are not compared: the run predates them.
-        differing = config_differences(
-            {k: v for k, v in ckpt.train_config.items() if k not in _RESUMABLE_CHANGES},
-            {k: v for k, v in dataclasses.asdict(self.config).items()
-             if k not in _RESUMABLE_CHANGES and k in ckpt.train_config},
-        )
-        if differing:
-            raise CheckpointError(
-                f"train: cannot resume from {self.path}: the train config differs in {'; '.join(differing)}; "
-                f"resume with the same settings (only {', '.join(_RESUMABLE_CHANGES)} may change) or use a new folder."
-            )
+        check_same_settings(ckpt.train_config, self.config, self.path)
         self.model.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.step = int(ckpt.step)
         self.losses = [float(x) for x in ckpt.losses]
         rng = ckpt.rng["ranks"]
-        _set_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else _fresh_rng(self.config.seed, self.step, self.ctx.rank), self.device)
+        restore_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else fresh_rng_state(self.config.seed, self.step, self.ctx.rank), self.device)
         self.saved_step = self.step
-        recorded = (ckpt.calibration or {}).get("held_out")
-        if recorded is not None and self.calibration is not None and recorded != self.calibration["held_out"]:
-            raise CheckpointError(
-                f"train: cannot resume from {self.path}: its calibration split held out images {recorded} but the "
-                f"data set now gives {self.calibration['held_out']} (the folder changed); resume with the same images."
-            )
+        split = self.calibration
+        check_same_split((ckpt.calibration or {}).get("held_out"), None if split is None else split["held_out"], self.path)
         self.drift_tracker.history = [list(h) for h in (ckpt.drift or [])]
         if self.ctx.is_main:
             trim_log(self.log_path, self.step)
@@ -376,11 +167,11 @@ class _Run:
         """Check, then write the checkpoint of the current step (rank 0). ``collective``: all ranks are here."""
         self.check_finite(weights=True)
         # Not collective: a Ctrl-C, possibly mid-step; save the state of the end of the last step.
-        states = [_rng_state(self.device) if collective or self.step_rng is None else self.step_rng]
+        states = [capture_rng_state(self.device) if collective or self.step_rng is None else self.step_rng]
         buffers = None if collective else self.step_buffers
         if self.ctx.is_distributed and collective:
             states = [None] * self.ctx.world_size
-            torch.distributed.all_gather_object(states, _rng_state(self.device))
+            torch.distributed.all_gather_object(states, capture_rng_state(self.device))
         if self.ctx.is_main:
             save_checkpoint_atomic(self._state(states, template, stats, buffers), self.path)
         self.saved_step = self.step
@@ -388,33 +179,13 @@ class _Run:
     # --- NaN / inf --------------------------------------------------------------------------------
     def check_finite(self, *, weights: bool = False) -> None:
         """Move pending losses to the host (one sync) and stop on a non-finite loss or weight."""
-        if self.pending:
-            values = torch.stack(self.pending).double().cpu()
-            first = self.step - len(self.pending) + 1
-            self.pending = []
-            bad = (~torch.isfinite(values)).nonzero()
-            self.losses.extend(values.tolist())
-            if bad.numel():
-                at = first + int(bad[0, 0])
-                self._diverged(f"the loss became {values[int(bad[0, 0])].item()} at step {at}")
-        if weights:
-            finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
-            if not bool(finite):
-                self._diverged(f"a weight became NaN/inf by step {self.step}")
-
-    def _diverged(self, what: str) -> None:
-        kept = (
-            f"the last good checkpoint {self.path} (step {self.saved_step}) is kept"
-            if self.saved_step is not None
-            else f"no checkpoint was written ({self.path} untouched)"
-        )
-        raise TrainingDivergedError(
-            f"train: {what}; stopped without saving, {kept}; lower lr (now {self.config.lr}) or check the data."
-        )
+        pending, self.pending = self.pending, []
+        stop_if_not_finite(pending, self.losses, self.step, params=self.params if weights else None, path=self.path,
+                           saved_step=self.saved_step, lr=self.config.lr)
 
     # --- one step ---------------------------------------------------------------------------------
-    def train_step(self, batch: Any, guard: _InterruptGuard) -> None:
-        images = _images(batch, self.device, self.dtype)
+    def train_step(self, batch: Any, guard: InterruptGuard) -> None:
+        images = batch_images(batch, self.device, self.dtype)
         objective = getattr(self.model_config, "objective", "fourier")
         if objective == "gaussian_nll":  # volume_norm=None ablation: per sample, so no gather under DDP
             from pyramidflow.model.loss import gaussian_nll
@@ -437,39 +208,12 @@ class _Run:
             self.step += 1
             # An interrupt may come after the next batch was drawn (and augmented): a checkpoint
             # written then must hold the RNG state of the end of this step, not the current one.
-            self.step_rng = _rng_state(self.device)
+            self.step_rng = capture_rng_state(self.device)
             # Likewise the next step's forward updates the running means before its update is done.
             self.step_buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
 
     def loader(self) -> DataLoader:
-        epoch, batch = divmod(self.step, self.sampler.batches_per_epoch)
-        self.sampler.set_position(epoch, batch)
-        # Its own generator: building the iterator draws worker base seeds from it, never from the
-        # global RNG that augmentation uses (NOTE [resume bit for bit]).
-        generator = torch.Generator()
-        generator.manual_seed((self.config.seed * 1_000_003 + epoch * 7919 + self.ctx.rank) & 0x7FFF_FFFF)
-        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.config.num_workers,
-                          pin_memory=self.device.type == "cuda", generator=generator)
-
-
-def _no_buffer_broadcast() -> dict:
-    """DDP option to skip the per-forward buffer broadcast: the synced running means agree on every rank.
-
-    Newer torch names it ``forward_sync_buffers`` (``broadcast_buffers`` is deprecated there).
-    """
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-        return {"forward_sync_buffers": False}
-    return {"broadcast_buffers": False}
-
-
-def _fresh_rng(seed: int, step: int, rank: int) -> dict:
-    """A deterministic RNG state for a rank whose state the checkpoint lacks (an interrupted DDP run)."""
-    torch.manual_seed(seed * 1_000_003 + step * 7919 + rank)
-    return _rng_state(torch.device("cpu"))
+        return epoch_loader(self.dataset, self.sampler, self.step, self.config, self.ctx.rank, self.device)
 
 
 # NOTE [resume bit for bit]
@@ -534,8 +278,8 @@ def train(
         raise TypeError(f"train: train_config must be a TrainConfig, got {type(train_config).__name__}.")
     if not dataclasses.is_dataclass(model_config) or isinstance(model_config, type):
         raise TypeError(f"train: model_config must be a PyramidFlowConfig, got {type(model_config).__name__}.")
-    _check_dataset(dataset)
-    _apply_augmentation_setting(dataset, train_config.augment)
+    check_dataset(dataset)
+    apply_augmentation_setting(dataset, train_config.augment)
     device = resolve_device(train_config.device)
     ctx = init_distributed(device.type)
     try:
@@ -550,7 +294,7 @@ def train(
                 f"train: {out_dir / CHECKPOINT_NAME} already exists; pass resume=True (--resume) to continue "
                 "it, or choose another output folder."
             )
-        training_images, held_out, split = _hold_out(dataset, train_config)
+        training_images, held_out, split = hold_out(dataset, train_config)
         run = _Run(model_config, train_config, training_images, out_dir, ctx, device, progress)
         run.held_out, run.calibration = held_out, split
         if resume:
@@ -570,7 +314,7 @@ def _loop(run: _Run) -> TrainResult:
     run.model.train()
     window_start, window_step = time.perf_counter(), run.step
     try:
-        with _InterruptGuard() as guard:
+        with InterruptGuard() as guard:
             try:
                 while run.step < total:
                     for batch in run.loader():
@@ -599,11 +343,14 @@ def _loop(run: _Run) -> TrainResult:
         if run.ctx.is_main:
             # The template pass must leave no trace in the RNG state the checkpoint stores: a run
             # resumed with a larger budget continues from the end of the last step.
-            rng = _rng_state(run.device)
-            with _without_augmentation(run.dataset):
-                template, stats = _template_and_score_stats(run.model, run.dataset, config, run.device, run.dtype)
-                _set_thresholds(run, template, stats)
-            _set_rng_state(rng, run.device)
+            rng = capture_rng_state(run.device)
+            with without_augmentation(run.dataset):
+                template, stats = template_and_score_stats(run.model, run.dataset, config, run.device, run.dtype)
+                thresholds = decision_thresholds(run.model, template, stats, held_out=run.held_out,
+                                                 training_images=run.dataset, config=config, device=run.device,
+                                                 dtype=run.dtype)
+                run.calibration = {**(run.calibration or {}), **thresholds}
+            restore_rng_state(rng, run.device)
         run.save(template=template, stats=stats)
         if run.ctx.is_distributed:
             torch.distributed.barrier()
@@ -612,31 +359,6 @@ def _loop(run: _Run) -> TrainResult:
     run.model.eval()
     return TrainResult(checkpoint_path=run.path, step=run.step, losses=list(run.losses), model=run.model,
                        template=template, score_stats=stats)
-
-
-def _hold_out(dataset: Dataset, config: TrainConfig) -> tuple[Dataset, Dataset | None, dict]:
-    """The seeded calibration split (``pyramidflow.calibration``): training images, held-out images, record."""
-    train_indices, held_out = calibration_split(len(dataset), config.calibration_fraction, config.seed)
-    samples = getattr(dataset, "samples", None)
-    names = [str(getattr(samples[i], "image", samples[i])) for i in held_out] if samples is not None else None
-    record = {"seed": config.seed, "fraction": config.calibration_fraction, "held_out": held_out,
-              "held_out_names": names}
-    if not held_out:
-        return dataset, None, record
-    return CalibrationSplit(dataset, train_indices), CalibrationSplit(dataset, held_out), record
-
-
-def _set_thresholds(run: _Run, template: list[Tensor], stats: dict) -> None:
-    """Image and pixel thresholds on the held-out good images (the training images if none were held out)."""
-    config = run.config
-    images = run.held_out if run.held_out is not None else run.dataset
-    thresholds = calibrate(
-        run.model, [level.to(run.device) for level in template], images, image_fpr=config.image_fpr,
-        pixel_fpr=config.pixel_fpr, batch_size=config.batch_size, device=run.device, dtype=run.dtype,
-        source="held-out" if run.held_out is not None else "training images",
-        training_scores=stats["image_scores"] if run.held_out is not None else None,
-    )
-    run.calibration = {**(run.calibration or {}), **thresholds}
 
 
 def _save_on_interrupt(run: _Run, interrupt: KeyboardInterrupt, bar: Any) -> None:

@@ -15,8 +15,7 @@ import torch
 from pyramidflow.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pyramidflow.cli import main
 from pyramidflow.data import synthetic
-from pyramidflow.interrupts import TrainingTerminated, exit_status, interrupt_for
-from pyramidflow.train import _InterruptGuard
+from pyramidflow.interrupts import InterruptGuard, TrainingTerminated, exit_status, interrupt_for
 
 SIZE = 32
 SMALL = ["--channels", "4", "--kernel-size", "3", "--stacks", "2", "--levels", "3", "--size", str(SIZE), "--device", "cpu"]
@@ -37,7 +36,7 @@ def test_guard_defers_sigterm_past_the_critical_section_and_restores_the_handler
     done = []
     try:
         with pytest.raises(TrainingTerminated):
-            with _InterruptGuard() as guard:
+            with InterruptGuard() as guard:
                 with guard.critical():
                     os.kill(os.getpid(), signal.SIGTERM)
                     time.sleep(0.05)  # the handler runs here, inside the section: it must only take note
