@@ -379,7 +379,7 @@ class WouldNotFitError(RuntimeError):
     """A training run's predicted peak does not fit the GPU (raised before any allocation)."""
 
 
-def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype: torch.dtype = torch.float32) -> Optional[PeakPrediction]:
+def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype: torch.dtype = torch.float32) -> PeakPrediction:
     """Check that a training step fits ``gpu_memory`` bytes; raise naming a batch size or mode that fits.
 
     The encoder variant is checked too, without reading its weights (NOTE [planning without encoder weights]).
