@@ -106,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(train)
     _add_model_options(train)
 
-    plan = commands.add_parser("plan", help="predicted peak training memory per mode, and what fits on a GPU")
+    plan = commands.add_parser("plan", help="predicted peak training memory per mode, and what fits on a GPU",
+                               description="Predicted peak memory of one training step per mode, and what fits on a GPU. "
+                               "--encoder resnet18 needs no --encoder-weights here: memory does not depend on the "
+                               "weights' values, so plan never reads them (any given are ignored).")  # fmt: skip
     plan.add_argument("--size", type=int, required=True, help="image side")
     plan.add_argument("--batch-size", type=int, default=2)
     plan.add_argument("--category", default="", help="take the authors' settings for this category (default: the defaults)")
@@ -264,8 +267,10 @@ def _preflight(args: argparse.Namespace, model_config, train_config) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from .plan import MODES, format_plan, parse_bytes, plan
+    from .plan import MODES, WEIGHTS_NOT_READ, format_plan, parse_bytes, plan
 
+    if args.encoder not in (None, "none") and args.encoder_weights is None:
+        args.encoder_weights = WEIGHTS_NOT_READ  # plan never reads them: NOTE [planning without encoder weights]
     config = _model_config(args)
     memory = parse_bytes(args.gpu_memory) if args.gpu_memory is not None else None
     modes = (args.mode,) if args.mode else MODES

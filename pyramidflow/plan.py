@@ -19,6 +19,9 @@ outputs in invertible mode, every block's input in checkpoint mode, every
 saved activation in autograd mode; an option that keeps more shows up here),
 and the largest block's working set (the rest of the peak).
 
+The encoder variant (``encoder="resnet18"``) is planned without its weights:
+memory does not depend on their values (NOTE [planning without encoder weights]).
+
 On CUDA, cuDNN's workspace and the caching allocator's rounding come on top:
 :data:`CUDA_MARGIN` of the peak, and :data:`CUDA_RESERVED` of the card for
 the CUDA context, which the allocator never sees.
@@ -40,6 +43,7 @@ __all__ = [
     "CUDA_RESERVED",
     "MODES",
     "MemoryPlan",
+    "WEIGHTS_NOT_READ",
     "parse_bytes",
     "predict_peak",
     "plan",
@@ -50,6 +54,22 @@ __all__ = [
 MODES = ("invertible", "checkpoint", "autograd")
 CUDA_MARGIN = 0.10  # of the predicted peak: cuDNN workspaces and the allocator's 512-byte rounding
 CUDA_RESERVED = 512 * 2**20  # of the card: the CUDA context and kernels, outside the allocator
+# NOTE [planning without encoder weights]
+# A step's memory does not depend on the values of the weights, so the planner
+# builds the encoder variant's stem with ``encoder_skeleton`` (random weights;
+# on ``meta`` not even those exist) and hands it to ``PyramidFlow(config,
+# encoder=...)``, the constructor's documented way to pass an encoder:
+# ``config.encoder_weights`` is never read, so planning needs neither the file
+# nor a download. Training builds ``PyramidFlow(config)``, which loads them;
+# only :func:`_planning_model` takes this path. The stem is frozen, so its
+# parameters count as parameters only (no gradient, no Adam state), and it
+# runs under no-grad (``PyramidFlow.features``): its activations are freed as
+# it goes, only the features it returns live on, and its forward's working set
+# (the first conv's and batch norm's outputs, at half the image side) is in
+# ``working_set`` when it is the step's largest. A config made only to be
+# planned (``pyramidflow plan --encoder resnet18`` without --encoder-weights)
+# names :data:`WEIGHTS_NOT_READ`; building it for real stops with "no file at".
+WEIGHTS_NOT_READ = "<encoder weights: not read by pyramidflow plan>"  # for configs made only to be planned
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -116,6 +136,15 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, imag
     optimizer.step()
 
 
+def _planning_model(config: Any) -> torch.nn.Module:
+    """``PyramidFlow(config)`` as training builds it, but with the encoder's weights not read
+    (NOTE [planning without encoder weights]); the plain model (``encoder="none"``) is built as is."""
+    from .model import PyramidFlow  # noqa: PLC0415
+    from .model.encoder import encoder_skeleton  # noqa: PLC0415
+
+    return PyramidFlow(config, encoder=encoder_skeleton(getattr(config, "encoder", "none")))
+
+
 def _adam(params: Sequence[torch.nn.Parameter]) -> torch.optim.Adam:
     # the method's settings (pyramidflow.train_config.TrainConfig)
     return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.9), eps=1e-4, weight_decay=1e-5)
@@ -136,7 +165,8 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
     """Predict the peak bytes of a training step of a ``PyramidFlow(config)`` on ``size`` px images.
 
     Args:
-        config: a :class:`pyramidflow.model.PyramidFlowConfig` (its ``mode`` is the one predicted).
+        config: a :class:`pyramidflow.model.PyramidFlowConfig` (its ``mode`` is the one predicted); with
+            an encoder, its ``encoder_weights`` are not read (NOTE [planning without encoder weights]).
         size: image side, a valid size for the pyramid.
         batch_size: images per step (at least 2: the loss compares pairs).
         dtype: the model's and images' dtype.
@@ -144,13 +174,11 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
     Returns:
         The :class:`PeakPrediction`, without the CUDA margin.
     """
-    from .model import PyramidFlow  # noqa: PLC0415
-
     counter = _LiveBytes()
     at_forward = {}
     with torch.device("meta"), counter:
         torch.manual_seed(0)
-        model = PyramidFlow(config).to(dtype).train()
+        model = _planning_model(config).to(dtype).train()  # NOTE [planning without encoder weights]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _adam(params)
         for p in params:  # NOTE: as after a first step: gradients and Adam's state exist
@@ -170,6 +198,8 @@ def measure_training_peak(config: Any, size: int, batch_size: int, device: str |
 
     On CPU the probe is the profiler's allocation events in time order
     (:func:`pyramidflow.memory.peak_memory_cpu`), on CUDA ``max_memory_allocated``.
+    The model is built as training builds it: with an encoder, its weights are loaded from
+    ``config.encoder_weights`` (a file, or ``"imagenet"``).
     """
     from .memory import peak_memory_cpu, peak_memory_cuda  # noqa: PLC0415
     from .model import PyramidFlow  # noqa: PLC0415
@@ -193,7 +223,7 @@ class MemoryPlan:
     """What ``pyramidflow plan`` prints: per mode, the prediction and what fits on the card.
 
     Attributes:
-        size, batch_size: the planned step.
+        size, batch_size: the planned step (``size``: the image side, before any encoder).
         predictions: mode -> :class:`PeakPrediction`.
         gpu_memory: the card's bytes, or ``None``.
         max_batch_size, max_size: mode -> the largest batch at ``size`` and the largest valid
@@ -206,6 +236,7 @@ class MemoryPlan:
     gpu_memory: Optional[int] = None
     max_batch_size: Optional[Dict[str, int]] = None
     max_size: Optional[Dict[str, int]] = None
+    encoder: str = "none"
 
     def cuda_need(self, mode: str) -> int:
         """Bytes of the card a run in ``mode`` needs: the peak plus the CUDA margin plus the reserve."""
@@ -215,6 +246,7 @@ class MemoryPlan:
         out = dict(
             size=self.size,
             batch_size=self.batch_size,
+            encoder=self.encoder,
             predicted_peak_bytes={m: p.peak for m, p in self.predictions.items()},
             breakdown_bytes={m: {k: v for k, v in vars(p).items() if k != "peak"} for m, p in self.predictions.items()},
             cuda_margin=dict(fraction_of_peak=CUDA_MARGIN, reserved_bytes=CUDA_RESERVED),
@@ -235,8 +267,11 @@ def cuda_need(peak: int) -> int:
     return int(peak * (1 + CUDA_MARGIN)) + CUDA_RESERVED
 
 
-def _largest_on_grid(peak: Callable[[int], int], budget: int, points: Sequence[int], step: int, basis: Callable[[int], list]) -> int:
-    """The largest ``v`` on the grid ``step, 2 step, ...`` with ``peak(v) <= budget``, 0 if none.
+def _largest_on_grid(peak: Callable[[int], int], budget: int, points: Sequence[int], step: int, basis: Callable[[int], list],
+                     first: Optional[int] = None) -> int:  # fmt: skip
+    """The largest ``v`` on the grid ``first, first + step, ...`` with ``peak(v) <= budget``, 0 if none.
+
+    ``first`` (default ``step``) is the smallest value ``peak`` accepts (a batch of 2: the loss compares pairs).
 
     The peak is linear in ``basis(v)`` (the batch: 1, images, pairs of
     images; the side: 1, its square): fitted through ``points``, searched on
@@ -251,9 +286,12 @@ def _largest_on_grid(peak: Callable[[int], int], budget: int, points: Sequence[i
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if float(np.dot(basis(middle * step), coeffs)) <= budget else (low, middle)
-    value = low * step
-    while value >= step and peak(value) > budget:
+    first = step if first is None else first
+    value = max(low * step, first)
+    while value > first and peak(value) > budget:
         value -= step
+    if peak(value) > budget:  # not even the first fits
+        return 0
     while peak(value + step) <= budget:  # the fit may be pessimistic by a grid step
         value += step
     return value
@@ -264,7 +302,9 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
     """Predict each mode's peak at ``size`` px and ``batch_size``, and with ``gpu_memory`` what fits.
 
     The largest batch and side are searched with the same prediction (a few
-    seconds each); a side is a multiple of ``2**(num_levels - 1)``.
+    seconds each); a side is a multiple of ``config.size_multiple``
+    (``2**(num_levels - 1)``, times 4 with the ResNet18 encoder, whose weights
+    are not read: NOTE [planning without encoder weights]).
 
     Example:
         >>> from pyramidflow.model import PyramidFlowConfig
@@ -275,17 +315,14 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
     import dataclasses  # noqa: PLC0415
     import functools  # noqa: PLC0415
 
-    if getattr(config, "encoder", None) not in (None, "none"):
-        raise NotImplementedError(
-            f"plan: the --encoder {config.encoder} variant is not planned yet (its stem is not counted); plan without --encoder."
-        )
     if batch_size < 2:
         raise ValueError(f"plan: --batch-size must be at least 2 (the loss compares pairs of images), got {batch_size}.")
     multiple = config.size_multiple
     if size < multiple or size % multiple:
-        from .model.pyramid import nearest_valid_side  # noqa: PLC0415
-
-        raise ValueError(f"plan: --size {size} is not divisible by 2^(levels-1) = {multiple}; use --size {nearest_valid_side(size, config.num_levels)}.")
+        stride = config.input_stride  # 4 with the ResNet18 encoder: the pyramid's rule applies to its features
+        nearest = max(multiple, (size + multiple // 2) // multiple * multiple)  # ties round up
+        factor = "2^(levels-1)" if stride == 1 else f"{stride}·2^(levels-1) (--encoder {config.encoder})"
+        raise ValueError(f"plan: --size {size} is not divisible by {factor} = {multiple}; use --size {nearest}.")
     predictions, max_batch, max_size = {}, {}, {}
     for mode in modes:
         mode_config = dataclasses.replace(config, mode=mode)
@@ -296,18 +333,25 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
         budget = int((gpu_memory - CUDA_RESERVED) / (1 + CUDA_MARGIN))
         at_size = functools.lru_cache(None)(lambda b: predict_peak(mode_config, size, b, dtype=dtype).peak)
         at_batch = functools.lru_cache(None)(lambda s: predict_peak(mode_config, s, batch_size, dtype=dtype).peak)
-        batch_fit = _largest_on_grid(at_size, budget, (2, 4, 8), 1, lambda b: [1.0, b, b * (b - 1) / 2])
-        max_batch[mode] = batch_fit if batch_fit >= 2 else 0
+        batch_fit = _largest_on_grid(at_size, budget, (2, 4, 8), 1, lambda b: [1.0, b, b * (b - 1) / 2], first=2)
+        max_batch[mode] = batch_fit
         sides = (size, 2 * size) if size // 2 < multiple or (size // 2) % multiple else (size // 2, size)
         max_size[mode] = _largest_on_grid(at_batch, budget, sides, multiple, lambda v: [1.0, float(v) ** 2])
-    return MemoryPlan(size, batch_size, predictions, gpu_memory, max_batch if gpu_memory else None, max_size if gpu_memory else None)
+    return MemoryPlan(size, batch_size, predictions, gpu_memory, max_batch if gpu_memory else None, max_size if gpu_memory else None,
+                      encoder=getattr(config, "encoder", "none"))  # fmt: skip
 
 
 def format_plan(result: MemoryPlan) -> str:
     """The human-readable table of ``pyramidflow plan``."""
+    from .model.encoder import ENCODER_CHANNELS, ENCODER_STRIDES  # noqa: PLC0415
+
     mib = 2**20
+    through = ""
+    if result.encoder != "none":
+        side = result.size // ENCODER_STRIDES[result.encoder]
+        through = f", through the {result.encoder} stem (features {side}x{side}x{ENCODER_CHANNELS[result.encoder]})"
     lines = [
-        f"predicted peak memory of one training step at {result.size}x{result.size} px, batch {result.batch_size}",
+        f"predicted peak memory of one training step at {result.size}x{result.size} px, batch {result.batch_size}{through}",
         f"{'mode':<11} {'peak MiB':>10} {'params+Adam':>12} {'batch':>8} {'kept':>10} {'working set':>12}",
     ]
     for mode, p in result.predictions.items():
@@ -335,8 +379,10 @@ class WouldNotFitError(RuntimeError):
     """A training run's predicted peak does not fit the GPU (raised before any allocation)."""
 
 
-def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype: torch.dtype = torch.float32) -> Optional[PeakPrediction]:
+def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype: torch.dtype = torch.float32) -> PeakPrediction:
     """Check that a training step fits ``gpu_memory`` bytes; raise naming a batch size or mode that fits.
+
+    The encoder variant is checked too, without reading its weights (NOTE [planning without encoder weights]).
 
     Raises:
         WouldNotFitError: the predicted need exceeds the card; the message
@@ -345,8 +391,6 @@ def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype
     """
     import dataclasses  # noqa: PLC0415
 
-    if getattr(config, "encoder", None) not in (None, "none"):
-        return None  # the encoder variant is not planned yet: no check rather than a wrong one
     predicted = predict_peak(config, size, batch_size, dtype=dtype)
     if cuda_need(predicted.peak) <= gpu_memory:
         return predicted
@@ -364,5 +408,6 @@ def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype
         elif found.max_size[config.mode]:
             fix = f"use --size {found.max_size[config.mode]}"
         else:
-            fix = "use a smaller model (--channels, --stacks)"
+            smaller = "--stacks, --kernel-size" if getattr(config, "encoder", "none") != "none" else "--channels, --stacks"
+            fix = f"use a smaller model ({smaller})"  # the encoder fixes C at its width
     raise WouldNotFitError(f"{what}; {fix} (or --no-plan to try anyway).")

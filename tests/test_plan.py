@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -117,3 +118,71 @@ def test_train_has_the_preflight_switch():
     common = ["train", "--data", "d", "--category", "c", "--out", "o"]
     assert build_parser().parse_args(common).no_plan is False
     assert build_parser().parse_args(common + ["--no-plan"]).no_plan is True
+
+
+# -- the encoder variant (NOTE [planning without encoder weights]) ------------------------------
+
+ENCODER_TINY = dict(encoder="resnet18", kernel_size=3, num_stacks=1, num_levels=2)  # 128 px -> 32² × 64 features
+
+
+def test_encoder_variant_plans_without_its_weights(tmp_path):
+    """No weights file and no download: the file named does not exist; the frozen stem counts as parameters only."""
+    from pyramidflow.model import PyramidFlow
+    from pyramidflow.model.encoder import ResNet18Stem
+
+    config = PyramidFlowConfig(encoder_weights=str(tmp_path / "absent.pt"), **ENCODER_TINY)
+    with pytest.raises(FileNotFoundError):
+        PyramidFlow(config)  # training would read them
+    predicted = planning.predict_peak(config, 128, 2)
+    model = PyramidFlow(config, encoder=ResNet18Stem())
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)  # the stem's weights
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # the stem's batch-norm statistics, ...
+    assert frozen == sum(p.numel() * 4 for p in model.encoder.parameters()) > 0
+    assert predicted.peak == predicted.parameters_and_optimizer + predicted.input_batch + predicted.kept_state + predicted.working_set
+    assert predicted.input_batch == 2 * 3 * 128 * 128 * 4
+    # the flow's weights, gradients and Adam moments; the stem's weights once (no gradient, no Adam: 3x more);
+    # the buffers; Adam's step counters
+    once = 4 * trainable + frozen + buffers
+    assert once <= predicted.parameters_and_optimizer <= once + 4 * 1024
+    result = planning.plan(config, 128, 2, modes=("invertible",))
+    assert result.predictions["invertible"] == predicted and result.to_json()["encoder"] == "resnet18"
+    assert "through the resnet18 stem (features 32x32x64)" in planning.format_plan(result)
+
+
+@pytest.mark.parametrize("mode", planning.MODES)
+def test_encoder_prediction_matches_the_measured_peak(mode, tmp_path):
+    """As the plain model's test: two training steps (128 px images, random stem weights from a file), within 15%."""
+    from pyramidflow.model.encoder import ResNet18Stem
+
+    weights = tmp_path / "stem.pt"
+    torch.save(ResNet18Stem().state_dict(), weights)
+    config = PyramidFlowConfig(mode=mode, encoder_weights=str(weights), **ENCODER_TINY)
+    predicted = planning.predict_peak(config, 128, 2).peak
+    measured = planning.measure_training_peak(config, 128, 2)
+    assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+def test_preflight_checks_the_encoder_variant():
+    config = PyramidFlowConfig(encoder_weights=planning.WEIGHTS_NOT_READ, **ENCODER_TINY)
+    card = planning.CUDA_RESERVED + 24 * 2**20
+    with pytest.raises(planning.WouldNotFitError, match=r"at 128 px, batch 8, mode invertible needs .*; use --batch-size (\d+) \(or --no-plan") as error:
+        planning.preflight(config, 128, 8, card)
+    batch = int(re.search(r"--batch-size (\d+)", str(error.value)).group(1))
+    need = lambda b: planning.cuda_need(planning.predict_peak(config, 128, b).peak)  # noqa: E731
+    assert 2 <= batch < 8 and need(batch) <= card < need(batch + 1)  # the largest that fits
+    assert planning.preflight(config, 128, batch, card).peak > 0  # fits: no error
+    # the stem's and the flow's weights alone exceed the card: C is the encoder's, so --channels is not offered
+    with pytest.raises(planning.WouldNotFitError, match=r"use a smaller model \(--stacks, --kernel-size\)"):
+        planning.preflight(config, 128, 2, planning.CUDA_RESERVED + 2**20)
+
+
+def test_plan_command_with_an_encoder_needs_no_weights(capsys):
+    tiny = ["--encoder", "resnet18", "--levels", "2", "--stacks", "1", "--kernel-size", "3", "--mode", "invertible"]
+    assert main(["plan", "--size", "128", *tiny, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    config = PyramidFlowConfig(encoder_weights="imagenet", **ENCODER_TINY)  # any weights: they are not read
+    assert out["encoder"] == "resnet18"
+    assert out["predicted_peak_bytes"] == {"invertible": planning.predict_peak(config, 128, 2).peak}
+    with pytest.raises(ValueError, match=r"plan: --size 90 is not divisible by 4·2\^\(levels-1\) \(--encoder resnet18\) = 8; use --size 88\."):
+        planning.plan(config, 90)
