@@ -30,6 +30,12 @@ def pytest_addoption(parser):
         default=None,
         help="image side of the training-step benchmarks (default 1024); the smoke test uses 128",
     )
+    group.addoption(
+        "--bench-encoder-resolution",
+        type=int,
+        default=None,
+        help="input side of the ResNet18-variant rows (default: --bench-resolution on CUDA, half of it on CPU)",
+    )
     group.addoption("--bench-rounds", type=int, default=None, help="timed rounds per benchmark (default 3 on CPU, 10 on CUDA)")
     group.addoption(
         "--bench-channels",
@@ -53,6 +59,12 @@ def device() -> torch.device:
 @pytest.fixture(scope="session")
 def resolution(request) -> int:
     return request.config.getoption("--bench-resolution") or 1024
+
+
+@pytest.fixture(scope="session")
+def encoder_resolution(request, device, resolution) -> int:
+    """Input side of the encoder rows: a 1024 px step of the ResNet18 variant costs minutes on 2 CPU cores."""
+    return request.config.getoption("--bench-encoder-resolution") or (resolution if device.type == "cuda" else resolution // 2)
 
 
 @pytest.fixture(scope="session")

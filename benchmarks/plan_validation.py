@@ -1,7 +1,7 @@
 """``pyramidflow plan``'s predicted peak against the measured one, per mode (the README's table).
 
 Measured: profiler allocation events in time order on CPU
-(:func:`pyramidflow.memory.peak_memory_cpu_timeline`), ``max_memory_allocated``
+(:func:`pyramidflow.memory.peak_memory_cpu`), ``max_memory_allocated``
 on CUDA, over a run that builds the model and Adam inside the probe and takes
 two training steps with the Fourier loss (:func:`pyramidflow.plan.measure_training_peak`).
 

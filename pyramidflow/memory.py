@@ -11,7 +11,7 @@ from typing import Any, Callable, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["peak_memory", "peak_memory_cpu", "peak_memory_cpu_timeline", "peak_memory_cuda", "saved_tensor_bytes"]
+__all__ = ["peak_memory", "peak_memory_cpu", "peak_memory_cuda", "saved_tensor_bytes"]
 
 
 def peak_memory_cuda(fn: Callable[[], Any], device: torch.device | None = None) -> Tuple[int, Any]:
@@ -29,48 +29,26 @@ def peak_memory_cuda(fn: Callable[[], Any], device: torch.device | None = None) 
 
 
 def peak_memory_cpu(fn: Callable[[], Any]) -> Tuple[int, Any]:
-    """Peak live CPU bytes while ``fn`` runs, from the profiler's allocation events.
-
-    The profiler attributes every allocation (positive) and free (negative)
-    to the op that made it (an event's *self* memory, children excluded), or
-    to a bare ``[memory]`` event outside any op. Their running sum in start-time
-    order is the live memory and its maximum the peak. An op that allocates
-    and frees a scratch buffer inside itself shows only the net change.
-
-    Returns:
-        ``(peak_bytes, fn's result)``.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        result = fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak, result
-
-
-def peak_memory_cpu_timeline(fn: Callable[[], Any]) -> Tuple[int, Any]:
     """Peak live CPU bytes while ``fn`` runs, from the profiler's allocation events at their own times.
 
     Every allocation and free is a ``[memory]`` event of the profiler with its
     own timestamp; their running sum in time order is the live memory and its
-    maximum the peak, scratch buffers inside ops included. Unlike
-    :func:`peak_memory_cpu`, a free is not moved to the start of the op that
-    encloses it: NOTE [frees inside a long op].
+    maximum the peak, scratch buffers inside ops included (NOTE [frees inside
+    a long op]).
 
     Returns:
         ``(peak_bytes, fn's result)``.
     """
     # NOTE [frees inside a long op]
-    # peak_memory_cpu sums each op's *self* memory at the op's start. A free
-    # that happens inside a long op but in none of its children (a Python
-    # variable of an autograd Function's backward going out of scope) is thus
-    # counted at the start of that op, before the allocations of its
-    # children: the running sum then drops too early and the peak is
-    # underestimated. The engine's invertible backward is one such op: at
-    # 64 px (C = 4, k = 3, 1 stack, L = 2, two training steps) peak_memory_cpu
-    # gives 0.91 MB where the events in time order give 2.60 MB.
+    # Summing each profiler op's *self* memory at the op's start (what this
+    # function did before 2026-11) moves a free that happens inside a long op,
+    # but in none of its children, to that op's start: before the allocations
+    # of its children. The running sum then drops too early and the peak comes
+    # out low. The engine's invertible backward is such an op (its Python
+    # locals are freed block by block), so invertible mode was undercounted
+    # most: 8 couplings at 256 px read 18.2 MiB that way against 68.2 MiB in
+    # time order. The [memory] events carry their own times and need no
+    # attribution to ops.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         result = fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")

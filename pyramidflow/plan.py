@@ -169,9 +169,9 @@ def measure_training_peak(config: Any, size: int, batch_size: int, device: str |
     """Measured peak bytes of training: model and Adam built, then ``steps`` steps, all inside the probe.
 
     On CPU the probe is the profiler's allocation events in time order
-    (:func:`pyramidflow.memory.peak_memory_cpu_timeline`), on CUDA ``max_memory_allocated``.
+    (:func:`pyramidflow.memory.peak_memory_cpu`), on CUDA ``max_memory_allocated``.
     """
-    from .memory import peak_memory_cpu_timeline, peak_memory_cuda  # noqa: PLC0415
+    from .memory import peak_memory_cpu, peak_memory_cuda  # noqa: PLC0415
     from .model import PyramidFlow  # noqa: PLC0415
 
     device = torch.device(device)
@@ -184,7 +184,7 @@ def measure_training_peak(config: Any, size: int, batch_size: int, device: str |
         for _ in range(steps):
             training_step(model, optimizer, images)
 
-    peak, _ = peak_memory_cuda(run, device) if device.type == "cuda" else peak_memory_cpu_timeline(run)
+    peak, _ = peak_memory_cuda(run, device) if device.type == "cuda" else peak_memory_cpu(run)
     return peak
 
 

@@ -59,7 +59,7 @@ class AffineParameterNet(nn.Module):
             raise ValueError(f"AffineParameterNet: kernel_size must be a positive odd number, got {kernel_size}.")
         padding = kernel_size // 2
         self.conv_in = nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding, bias=False)
-        self.activation = nn.LeakyReLU()
+        self.activation = nn.LeakyReLU(inplace=True)  # saves its output only: one hidden activation less per block
         self.conv_out = nn.Conv2d(hidden_channels, 2 * channels, kernel_size, padding=padding, bias=False)
         nn.init.zeros_(self.conv_out.weight)
 
