@@ -2,7 +2,7 @@
 
 Sizes as in a PyramidFlow level at full resolution: batch 2, C = 16,
 1024 x 1024, float32. The bandwidth is the *minimum* bytes each op must read
-and write (module docstring of kernels/affine_coupling.py: forward reads
+and write (module docstring of kernels/triton/affine_coupling.py: forward reads
 x, r, t and writes y, 4 tensors; the fused backward reads y, r, t, g and
 writes x, grad_x, grad_r, grad_t, 8 tensors) divided by the median time, so
 the two backends are compared on the same work; it goes to

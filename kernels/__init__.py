@@ -1,8 +1,8 @@
 """Kernel ops of pyramidflow, installed as ``pyramidflow.kernels``.
 
-Each public op dispatches to a Triton kernel when its inputs are on CUDA and
-Triton is importable, and to the PyTorch reference in :mod:`.reference`
-otherwise. The choice never changes results beyond float tolerance.
+Each public op dispatches to a Triton kernel (:mod:`.triton`) when its inputs
+are on CUDA and Triton is importable, and to the PyTorch reference in
+:mod:`.reference` otherwise. The choice never changes results beyond float tolerance.
 
 Choosing the backend, strongest first:
 
@@ -27,12 +27,10 @@ Example:
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import os
-import sys
-import types
-from typing import Any, Optional, Tuple
+from types import ModuleType
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -56,7 +54,6 @@ __all__ = [
 
 BACKENDS = ("auto", "triton", "reference")
 _ENV = "PYRAMIDFLOW_KERNELS"
-_OPS = ("affine_coupling", "affine_coupling_inverse", "affine_coupling_reconstruct", "affine_coupling_bwd")
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,9 +61,11 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_module() -> Any:
-    """The Triton implementation module, imported on first use (imports triton)."""
-    return importlib.import_module(f"{__name__}.affine_coupling")
+def _triton_module() -> ModuleType:
+    """The Triton implementation of the ops, imported on first use (it imports triton)."""
+    from .triton import affine_coupling as implementation  # noqa: PLC0415  (lazy: see the module docstring)
+
+    return implementation
 
 
 def _choice(name: str, value: Optional[str], where: str) -> str:
@@ -139,7 +138,7 @@ def affine_coupling(
     """Forward of the coupling's affine transform, ``y = exp(s) * x + t``, differentiable in ``x``, ``r``, ``t``.
 
     See :func:`.reference.affine_coupling` for the maths and
-    :func:`.affine_coupling.affine_coupling` for the kernel (``backend`` as in the module docstring).
+    :func:`.triton.affine_coupling.affine_coupling` for the kernel (``backend`` as in the module docstring).
     """
     kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
     if resolve_backend("affine_coupling", backend, x, r, t, running_mean, constant=running_mean) == "triton":
@@ -181,7 +180,7 @@ def affine_coupling_reconstruct(
     """The engine's fused path: ``(x, y_local)`` (see :func:`.reference.affine_coupling_reconstruct`).
 
     On the Triton backend ``x`` is filled during the backward through
-    ``y_local`` (NOTE [lazy reconstruction] in :mod:`.affine_coupling`).
+    ``y_local`` (NOTE [lazy reconstruction] in :mod:`.triton.affine_coupling`).
     """
     kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
     if resolve_backend("affine_coupling_reconstruct", backend, y, r, t, running_mean, constant=running_mean) == "triton":
@@ -205,23 +204,3 @@ def affine_coupling_bwd(
     if resolve_backend("affine_coupling_bwd", backend, y, r, t, grad_y, running_mean, constant=running_mean) == "triton":
         return _triton_module().affine_coupling_bwd(y, r, t, grad_y, **kwargs)
     return reference.affine_coupling_bwd(y, r, t, grad_y, **kwargs)
-
-
-# NOTE [op and module share a name]
-# The public op `affine_coupling` and the Triton module `affine_coupling.py`
-# share a name. When a submodule is first imported, Python sets it as an
-# attribute of its package, which would replace the op by the module (and
-# break `kernels.affine_coupling(...)` everywhere) as soon as anything
-# imports the Triton module. The package's class below ignores that one
-# assignment for the names of public ops; the module stays reachable through
-# `sys.modules` and `importlib.import_module("pyramidflow.kernels.affine_coupling")`.
-# (`import pyramidflow.kernels.affine_coupling as m` binds the op, not the
-# module: use importlib.)
-class _KernelsPackage(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _OPS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage

@@ -2,7 +2,7 @@
 
 A memory-bound kernel cannot beat (bytes read + bytes written) / bandwidth.
 The counts are tensor-sized passes (one pass = N*C*H*W elements of the
-dtype), as the module docstring of :mod:`.affine_coupling` states them; the
+dtype), as the module docstring of :mod:`.triton.affine_coupling` states them; the
 roofline section of ``pytest benchmarks/ --benchmark-only`` prints the
 predicted times from here, and on CUDA the measured GB/s beside them.
 No triton import: the numbers are needed on machines without it.

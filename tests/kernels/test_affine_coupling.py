@@ -1,4 +1,4 @@
-"""The Triton affine-coupling kernels against the PyTorch reference (kernels/affine_coupling.py).
+"""The Triton affine-coupling kernels against the PyTorch reference (kernels/triton/affine_coupling.py).
 
 Without CUDA every kernel runs under Triton's interpreter on CPU tensors
 (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported), so the
@@ -13,8 +13,8 @@ and is the less accurate of the two.
 
 from __future__ import annotations
 
-import importlib
 import math
+import os
 import subprocess
 import sys
 
@@ -26,9 +26,9 @@ triton = pytest.importorskip("triton", reason="triton cannot be imported: the Tr
 from pyramidflow import kernels  # noqa: E402
 from pyramidflow.kernels import reference  # noqa: E402
 
-_impl = importlib.import_module("pyramidflow.kernels.affine_coupling")  # NOTE [op and module share a name]
-_math = importlib.import_module("pyramidflow.kernels._math")
-_launch = importlib.import_module("pyramidflow.kernels._launch")
+from pyramidflow.kernels.triton import _launch, _math  # noqa: E402
+from pyramidflow.kernels.triton import affine_coupling as _impl  # noqa: E402
+from pyramidflow.kernels.triton import volume_norm as _vn  # noqa: E402
 
 SHAPES = [(1, 3, 5, 7), (2, 4, 37, 53)]
 # (volume_norm, eval): eval passes a running mean, training uses the batch mean
@@ -213,8 +213,7 @@ def test_reconstruct_is_one_pass_in_backward(volume_norm, monkeypatch):
     """Counting launches: reconstruct launches nothing; its backward one fused pass (plus the VN reduction)."""
     launches = []
     monkeypatch.setattr(_launch, "elementwise_launch", _counting(launches, _launch.elementwise_launch))
-    vn_module = importlib.import_module("pyramidflow.kernels.volume_norm")
-    monkeypatch.setattr(_impl, "volume_norm_means", _counting(launches, vn_module.volume_norm_means, "reduction"))
+    monkeypatch.setattr(_impl, "volume_norm_means", _counting(launches, _vn.volume_norm_means, "reduction"))
     y, r, t, g = _operands((2, 3, 5, 7), torch.float32, "contiguous", n=4)
     r.requires_grad_(True)
     x, y_local = kernels.affine_coupling_reconstruct(y, r, t, volume_norm=volume_norm, backend="triton")
@@ -281,15 +280,28 @@ def test_dispatch(monkeypatch):
         kernels.affine_coupling(x, r, t, backend="gpu")
 
 
-def test_op_names_survive_importing_the_triton_module():
-    """NOTE [op and module share a name]: importing the module does not replace the op."""
-    assert sys.modules["pyramidflow.kernels.affine_coupling"] is _impl
-    assert callable(kernels.affine_coupling) and kernels.affine_coupling.__module__ == "pyramidflow.kernels"
+def test_importing_the_triton_module_keeps_the_op():
+    """The Triton module (imported above) lives in pyramidflow.kernels.triton: no package attribute named like an op changes."""
+    assert sys.modules["pyramidflow.kernels.triton.affine_coupling"] is _impl is kernels.triton.affine_coupling
+    assert kernels.affine_coupling.__module__ == "pyramidflow.kernels" and kernels.affine_coupling is not _impl.affine_coupling
+    assert kernels._triton_module() is _impl
 
 
 def test_importing_kernels_does_not_import_triton():
-    code = "import sys, pyramidflow.kernels; sys.exit(1 if 'triton' in sys.modules else 0)"
+    """Neither the ops' package nor the Triton subpackage and its host-side modules import triton."""
+    code = (
+        "import sys, pyramidflow.kernels; sys.exit(1) if 'triton' in sys.modules else None; "
+        "import pyramidflow.kernels.triton._launch, pyramidflow.kernels.triton._compile; sys.exit(2 if 'triton' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_triton_subpackage_shadowing_triton_says_so():
+    """NOTE [a subpackage named triton]: with kernels/ on sys.path, `import triton` fails with the reason, not later."""
+    folder = os.path.dirname(kernels.__file__)
+    result = subprocess.run([sys.executable, "-c", "import triton"], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "found pyramidflow's kernels/triton/" in result.stderr and "run Python from another folder" in result.stderr
 
 
 # ----------------------------------------------------------------------------- the compiled path (no GPU needed)

@@ -1,7 +1,7 @@
 """The compile matrix: every Triton kernel compiled for sm_80, sm_86, sm_89 and sm_90, without a GPU.
 
 The interpreter the other kernel tests use skips Triton's compiler; here the
-variants the launchers can start go through the real one (kernels/_compile.py)
+variants the launchers can start go through the real one (kernels/triton/_compile.py)
 in fresh processes without ``TRITON_INTERPRET``. A compile error, a register
 spill or an approximate division fails the test. Where this triton has no
 NVIDIA backend the test skips, unless ``PYRAMIDFLOW_REQUIRE_COMPILE=1`` (CI
@@ -21,11 +21,7 @@ import torch
 pytest.importorskip("triton", reason="triton cannot be imported: the Triton kernels cannot run here")
 
 from pyramidflow import kernels  # noqa: E402
-
-_compile = importlib.import_module("pyramidflow.kernels._compile")
-_launch = importlib.import_module("pyramidflow.kernels._launch")
-_impl = importlib.import_module("pyramidflow.kernels.affine_coupling")  # NOTE [op and module share a name]
-_vn = importlib.import_module("pyramidflow.kernels.volume_norm")
+from pyramidflow.kernels.triton import _compile, _launch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +60,7 @@ def test_every_kernel_of_the_package_has_variants(all_variants):
     listed = {(v.module.rsplit(".", 1)[-1], v.kernel) for v in all_variants}
     jitted = set()
     for name in ("affine_coupling", "volume_norm", "_math"):
-        module = importlib.import_module(f"pyramidflow.kernels.{name}")
+        module = importlib.import_module(f"pyramidflow.kernels.triton.{name}")
         for attr, value in vars(module).items():
             if attr.endswith("_kernel") and hasattr(value, "arg_names"):
                 jitted.add((name, attr))

@@ -1,8 +1,6 @@
-"""The VN reduction kernels (kernels/volume_norm.py) against torch means, under the interpreter without CUDA."""
+"""The VN reduction kernels (kernels/triton/volume_norm.py) against torch means, under the interpreter without CUDA."""
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
@@ -11,8 +9,8 @@ pytest.importorskip("triton", reason="triton cannot be imported: the Triton kern
 
 from pyramidflow.kernels import reference  # noqa: E402
 
-_vn = importlib.import_module("pyramidflow.kernels.volume_norm")
-_launch = importlib.import_module("pyramidflow.kernels._launch")
+from pyramidflow.kernels.triton import _launch  # noqa: E402
+from pyramidflow.kernels.triton import volume_norm as _vn  # noqa: E402
 
 # (dtype, atol, rtol): inputs are rounded to the dtype, the sums run in float32 in both
 DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-6, 1e-5), (torch.float16, 1e-6, 1e-5)]

@@ -4,7 +4,7 @@ notation: ``x`` the level being transformed, ``r`` the raw log-scale, ``t``
 the shift, ``g = dL/dy`` (all ``(N, C, H, W)``), ``c`` the clamp,
 ``m`` the VN mean (a batch mean in training, the running mean in eval, 0 without VN).
 
-Maths (:mod:`.reference` is the definition):
+Maths (:mod:`..reference` is the definition):
 ``s = c (2/pi) atan(r/c) - m``, forward ``y = exp(s) x + t``, inverse
 ``x = (y - t) exp(-s)``; the fused backward rebuilds ``x`` from ``y`` and
 writes ``grad_x = g exp(s)``, ``grad_t = g`` and
@@ -367,7 +367,7 @@ def affine_coupling_inverse(
     Not differentiable: call it under ``torch.no_grad()`` (the engine does).
 
     Returns:
-        ``(x, batch_mean)`` as :func:`.reference.affine_coupling_inverse`.
+        ``(x, batch_mean)`` as :func:`..reference.affine_coupling_inverse`.
 
     Raises:
         TypeError, ValueError: a bad argument (the message names it and the fix).
@@ -398,7 +398,7 @@ def affine_coupling_bwd(
     like the reference.
 
     Returns:
-        ``(x, grad_x, grad_r, grad_t)`` as :func:`.reference.affine_coupling_bwd`.
+        ``(x, grad_x, grad_r, grad_t)`` as :func:`..reference.affine_coupling_bwd`.
 
     Raises:
         TypeError, ValueError: a bad argument (the message names it and the fix).
@@ -478,7 +478,7 @@ def affine_coupling(
             mean to subtract (eval), broadcastable to ``(1, 1, H, W)`` (CVN) or ``(1, C, 1, 1)`` (SVN).
 
     Returns:
-        ``(y, batch_mean)`` as :func:`.reference.affine_coupling`; ``y`` has the
+        ``(y, batch_mean)`` as :func:`..reference.affine_coupling`; ``y`` has the
         promoted dtype of the operands and the memory format of ``x``.
 
     Raises:

@@ -16,7 +16,7 @@ warps) appears together in at least one compiled variant, and for every
 block configuration the variant with the most work (every flag on, strided,
 64-bit offsets), where registers run out first.
 
-Run ``python -m pyramidflow.kernels._compile`` for the table of kernels/README.md
+Run ``python -m pyramidflow.kernels.triton._compile`` for the table of kernels/README.md
 (``--full`` compiles the whole product).
 """
 
@@ -296,7 +296,7 @@ def resource_table(results: Sequence[CompileResult]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyramidflow.kernels._compile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pyramidflow.kernels.triton._compile", description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="compile every variant, not the covering subset (hours on 2 cores)")
     parser.add_argument("--workers", type=int, default=None, help="compiling processes (default: one per core)")
     args = parser.parse_args(argv)

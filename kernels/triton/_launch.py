@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .reference import VOLUME_NORMS
+from ..reference import VOLUME_NORMS
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -51,7 +51,7 @@ class KernelVariant:
     """One compiled form of a kernel, as a launcher can start it on a GPU (the compile matrix's unit).
 
     Attributes:
-        module: the kernel's module in ``pyramidflow.kernels``, e.g. ``"affine_coupling"``.
+        module: the kernel's module, e.g. ``"pyramidflow.kernels.triton.affine_coupling"``.
         kernel: the ``@triton.jit`` function's name.
         constexprs: the compile-time arguments, as sorted ``(name, value)`` pairs.
         dtype: element type of the tensor operands (``"fp32"``, ``"bf16"``, ``"fp16"``).
@@ -85,7 +85,7 @@ _INTERPRETER_BLOCK = 4096
 _INTERPRETER_TILE = 4096
 # Candidates benchmarked once per (size, variant) on a GPU: (BLOCK_SIZE, num_warps).
 # NOTE [elements per thread]: at most 8 elements per thread (BLOCK_SIZE / (32
-# num_warps)). The compile matrix (kernels/_compile.py) found that 32 per
+# num_warps)). The compile matrix (kernels/triton/_compile.py) found that 32 per
 # thread (4096 with 4 warps) spills registers in the fused backward on sm_80
 # to sm_90 (255 registers and a 184-byte stack frame), and 16 per thread
 # needs up to 247 registers, which leaves one warp group per multiprocessor.
@@ -227,7 +227,7 @@ def needs_int64(*tensors: Tensor) -> bool:
 
 
 def _elementwise_configs():
-    import triton  # noqa: PLC0415  (lazy: importing pyramidflow.kernels must not import triton)
+    import triton  # noqa: PLC0415  (lazy: importing this module must not import triton)
 
     return [triton.Config({"BLOCK_SIZE": b}, num_warps=w) for b, w in _AUTOTUNE_CONFIGS]
 

@@ -3,7 +3,7 @@
 In training, VN subtracts the batch mean of the clamped log-scale,
 ``mean(soft_clamp(r))``, and the backward subtracts the batch mean of
 ``grad_s = g * (y - t)``; both run over the VN dimensions of an
-``(N, C, H, W)`` tensor (see :mod:`.reference`):
+``(N, C, H, W)`` tensor (see :mod:`..reference`):
 
 * CVN: over batch and channel, one mean per pixel (``H * W`` groups of ``N * C`` members);
 * SVN: over batch and space, one mean per channel (``C`` groups of ``N * H * W`` members).
