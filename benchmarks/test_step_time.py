@@ -10,7 +10,7 @@ Groups:
 
 * ``step``: the three modes (four on CUDA) at ``--bench-resolution`` (1024), invertible with the
   default drift monitoring (``"warn"``), and invertible with ``drift="off"`` and ``"recompute"``.
-* ``depth``: peak memory against the number of stacks (1, 2, 4, 8) at 256 px.
+* ``depth``: peak memory against the number of stacks (1, 2, 4, 8, 16) at 256 px, in the three modes.
 * ``resolution``: peak memory against the image side (256, 512, 1024; 2048 on CUDA) at 4 stacks.
 * ``step`` also holds the peer row: memcnn's ``InvertibleModuleWrapper`` around each block, when memcnn is installed.
 * ``encoder``: the ResNet18 variant (features at 1/4 of the input side, C = 64) at
@@ -88,8 +88,8 @@ def test_step_drift_policy(benchmark, measure_step, device, channels, resolution
 
 
 @pytest.mark.benchmark(group="depth")
-@pytest.mark.parametrize("num_stacks", [1, 2, 4, 8])
-@pytest.mark.parametrize("mode", ["autograd", "invertible"])
+@pytest.mark.parametrize("num_stacks", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("mode", ["autograd", "checkpoint", "invertible"])
 def test_memory_against_depth(benchmark, measure_step, device, channels, mode, num_stacks, kernel_backend):
     kernel_backend("reference")
     step, note = _setup(device, channels, mode, 256, num_stacks)
