@@ -210,11 +210,9 @@ def _model_config(args: argparse.Namespace):
 
 
 def _check_size(size: int, config) -> None:
-    from .model.pyramid import nearest_valid_side
-
     multiple, stride = config.size_multiple, config.input_stride
     if size < multiple or size % multiple:
-        nearest = stride * nearest_valid_side((size + stride // 2) // stride, config.num_levels)
+        nearest = config.nearest_valid_size(size)
         factor = f"2^(levels-1) = {multiple}" if stride == 1 else f"{stride}·2^(levels-1) = {multiple} (--encoder {config.encoder})"
         raise ValueError(f"--size {size} is not divisible by {factor} (levels={config.num_levels}); use --size {nearest}.")
 

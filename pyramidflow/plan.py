@@ -320,7 +320,7 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
     multiple = config.size_multiple
     if size < multiple or size % multiple:
         stride = config.input_stride  # 4 with the ResNet18 encoder: the pyramid's rule applies to its features
-        nearest = max(multiple, (size + multiple // 2) // multiple * multiple)  # ties round up
+        nearest = config.nearest_valid_size(size)
         factor = "2^(levels-1)" if stride == 1 else f"{stride}·2^(levels-1) (--encoder {config.encoder})"
         raise ValueError(f"plan: --size {size} is not divisible by {factor} = {multiple}; use --size {nearest}.")
     predictions, max_batch, max_size = {}, {}, {}

@@ -112,3 +112,11 @@ def test_size_must_fit_the_encoder_stride(data_root, tmp_path, capsys):
                    "--steps", "1", "--encoder", "resnet18", "--encoder-weights", "imagenet", *TINY])
     assert status != 0
     assert "divisible by 4·2^(levels-1) = 8 (--encoder resnet18)" in _error_line(capsys)
+
+
+def test_size_hint_is_the_nearest_valid_size(data_root, tmp_path, capsys):
+    """90 px with 8 px steps (stride 4, two levels): 88 is nearer than 96 (rounding to the stride first gave 96)."""
+    status = main(["train", "--data", str(data_root), "--category", "nut", "--out", str(tmp_path), "--size", "90",
+                   "--steps", "1", "--encoder", "resnet18", "--encoder-weights", "imagenet", *TINY])
+    assert status != 0
+    assert _error_line(capsys).endswith("use --size 88.")

@@ -194,6 +194,11 @@ class PyramidFlowConfig:
         """Image height and width must be multiples of this: ``input_stride * 2**(num_levels - 1)``."""
         return self.input_stride * 2 ** (self.num_levels - 1)
 
+    def nearest_valid_size(self, size: int) -> int:
+        """The multiple of :attr:`size_multiple` nearest to ``size`` (ties round up), at least one multiple."""
+        multiple = self.size_multiple
+        return max(multiple, (size + multiple // 2) // multiple * multiple)
+
     @classmethod
     def for_category(cls, name: str, **overrides) -> "PyramidFlowConfig":
         """The authors' settings for an MVTec AD category, with ``overrides`` on top.
