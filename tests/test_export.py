@@ -67,8 +67,20 @@ def _pytorch(checkpoint, images):
     return maps.numpy(), image_score(maps).numpy()
 
 
-def _run_in_fresh_process(script: str, tmp_path) -> dict:
-    """Run ``script`` in a new interpreter; it must not import pyramidflow. Returns the arrays it saved."""
+def _assert_matches_pytorch(maps, scores, checkpoint, images) -> np.ndarray:
+    """The exported graph's maps and scores equal PyTorch's on ``images``; returns PyTorch's maps."""
+    expected_maps, expected_scores = _pytorch(checkpoint, images)
+    np.testing.assert_allclose(maps, expected_maps, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(scores, expected_scores, rtol=0, atol=ATOL)
+    return expected_maps
+
+
+def _run_in_fresh_process(script: str, tmp_path, images: torch.Tensor) -> dict:
+    """Run ``script`` in a new interpreter, with ``images`` saved as ``images.npy`` in its working directory.
+
+    The script must not import pyramidflow. Returns the arrays it saved.
+    """
+    np.save(tmp_path / "images.npy", images.numpy())
     code = textwrap.dedent(script) + textwrap.dedent(
         f"""
         import sys
@@ -88,10 +100,8 @@ def test_onnx_matches_pytorch_for_every_batch_size(volume_norm, checkpoints, onn
     for batch in (1, 3):
         images = test_images[:batch]
         maps, scores = session.run(["anomaly_map", "score"], {"images": images.numpy()})
-        expected_maps, expected_scores = _pytorch(checkpoints[volume_norm], images)
         assert maps.shape == (batch, 1, SIZE, SIZE) and scores.shape == (batch,)
-        np.testing.assert_allclose(maps, expected_maps, rtol=0, atol=ATOL)
-        np.testing.assert_allclose(scores, expected_scores, rtol=0, atol=ATOL)
+        expected_maps = _assert_matches_pytorch(maps, scores, checkpoints[volume_norm], images)
     assert np.ptp(expected_maps) > 10 * ATOL  # the maps are not flat: the comparison means something
 
 
@@ -114,7 +124,6 @@ def test_onnx_graph_is_straight_line_eval_with_the_stated_opset(onnx_files, chec
 
 @pytest.mark.slow
 def test_exported_onnx_runs_in_a_fresh_process_without_pyramidflow(checkpoints, onnx_files, test_images, tmp_path):
-    np.save(tmp_path / "images.npy", test_images.numpy())
     out = _run_in_fresh_process(
         f"""
         import numpy as np, onnxruntime
@@ -122,10 +131,9 @@ def test_exported_onnx_runs_in_a_fresh_process_without_pyramidflow(checkpoints, 
         maps, scores = session.run(None, {{'images': np.load('images.npy')}})
         """,
         tmp_path,
+        test_images,
     )
-    expected_maps, expected_scores = _pytorch(checkpoints["SVN"], test_images)
-    np.testing.assert_allclose(out["maps"], expected_maps, rtol=0, atol=ATOL)
-    np.testing.assert_allclose(out["scores"], expected_scores, rtol=0, atol=ATOL)
+    _assert_matches_pytorch(out["maps"], out["scores"], checkpoints["SVN"], test_images)
 
 
 @pytest.mark.slow
@@ -133,7 +141,6 @@ def test_torchscript_from_the_cli_runs_in_a_fresh_process_at_any_batch(checkpoin
     target = tmp_path / "model.pt"
     assert main(["export", "--checkpoint", str(checkpoints["CVN"]), "--out", str(target), "--format", "torchscript"]) == 0
     assert f"torchscript graph written to {target}" in capsys.readouterr().out
-    np.save(tmp_path / "images.npy", test_images.numpy())
     out = _run_in_fresh_process(
         f"""
         import numpy as np, torch
@@ -142,10 +149,9 @@ def test_torchscript_from_the_cli_runs_in_a_fresh_process_at_any_batch(checkpoin
             maps, scores = (t.numpy() for t in graph(torch.from_numpy(np.load('images.npy'))))
         """,
         tmp_path,
+        test_images,
     )
-    expected_maps, expected_scores = _pytorch(checkpoints["CVN"], test_images)
-    np.testing.assert_allclose(out["maps"], expected_maps, rtol=0, atol=ATOL)
-    np.testing.assert_allclose(out["scores"], expected_scores, rtol=0, atol=ATOL)
+    _assert_matches_pytorch(out["maps"], out["scores"], checkpoints["CVN"], test_images)
 
 
 @pytest.mark.slow
