@@ -2,8 +2,6 @@
 
 import torch
 
-from pyramidflow import InvertibleSequential
-from pyramidflow.engine import AffineCoupling
 from pyramidflow.memory import peak_memory_cpu, saved_tensor_bytes
 
 from _blocks import loss_of, perturbed_couplings
@@ -29,9 +27,7 @@ def test_saved_bytes_flat_in_depth():
 def _measured_peak(depth: int, mode: str) -> int:
     """Peak bytes of one backward step of ``depth`` couplings (16 channels, hidden 32, 128x128, batch 1)."""
     torch.manual_seed(0)
-    seq = InvertibleSequential(*[AffineCoupling(16, 32, parity=i % 2) for i in range(depth)])
-    for block in seq.blocks:
-        torch.nn.init.normal_(block.net[-1].weight, std=0.01)
+    seq = perturbed_couplings(depth, channels=16, hidden=32, std=0.01, dtype=torch.float32)
     seq.mode = mode
     x = torch.randn(1, 16, 128, 128)
 
