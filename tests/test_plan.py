@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -38,13 +39,41 @@ def test_cpu_peak_sees_a_buffer_freed_inside_the_call():
     assert 2 * 2**20 <= peak < 2 * 2**20 + 2**16
 
 
+# NOTE [oneDNN channel padding]
+# On CPU, oneDNN's convolutions reorder activations into blocked layouts whose
+# channel block is the vector width: 8 channels with AVX2, 16 with AVX-512 / AMX.
+# A tensor with fewer channels than the block is padded up to it, so at C = 4 the
+# measured CPU peak is about 1.37x the prediction on AVX-512 (1.13x on AVX2;
+# measured with C = 4, k = 3, one stack, two levels, 32 to 256 px),
+# whatever the image size; at the channel counts PyramidFlow trains with (C = 16
+# and multiples, hidden 2C) nothing is padded and the measurement is the same on
+# both. ``plan`` predicts what a caching-free allocator holds, which is what CUDA
+# sees; the accuracy tests therefore measure at C = 16, where the CPU's vector
+# width does not change the figure.
+MEASURED = dict(channels=16, kernel_size=3, num_stacks=1, num_levels=2)
+
+
 @pytest.mark.parametrize("mode", planning.MODES)
 def test_prediction_matches_the_measured_peak(mode):
-    """Two training steps at 32 px, measured with the profiler's allocation events in time order: within 15%."""
-    config = PyramidFlowConfig(mode=mode, **TINY)
-    predicted = planning.predict_peak(config, 32, 2).peak
-    measured = planning.measure_training_peak(config, 32, 2)
+    """Two training steps at 64 px, C = 16, measured with the profiler's allocation events in time order: within 15%."""
+    config = PyramidFlowConfig(mode=mode, **MEASURED)
+    predicted = planning.predict_peak(config, 64, 2).peak
+    measured = planning.measure_training_peak(config, 64, 2)
     assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+def test_prediction_holds_with_avx2_convolutions():
+    """On an AVX-512 machine the suite above runs AVX-512 kernels; this runs the AVX2 ones (NOTE [oneDNN channel padding])."""
+    code = (
+        "from pyramidflow import plan as p; from pyramidflow.model import PyramidFlowConfig as C; "
+        f"print(*[p.predict_peak(C(mode=m, **{MEASURED!r}), 64, 2).peak / p.measure_training_peak(C(mode=m, **{MEASURED!r}), 64, 2) "
+        "for m in p.MODES])"
+    )
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ratios = [float(v) for v in done.stdout.split()]
+    assert len(ratios) == len(planning.MODES) and all(abs(r - 1) <= 0.15 for r in ratios), ratios
 
 
 def test_breakdown_adds_up_and_follows_the_modes():
