@@ -82,7 +82,7 @@ def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: i
 
     from pyramidflow.memory import peak_memory
     from pyramidflow.model import PyramidFlow, PyramidFlowConfig
-    from pyramidflow.plan import _adam, training_step
+    from pyramidflow.memory.plan import _adam, training_step
 
     rows = []
     for side, mode, backend in cases:
@@ -110,7 +110,7 @@ def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: i
 def plan_rows(device: str, cases: Sequence[tuple], tolerance: float = 0.15) -> List[Dict[str, str]]:
     """``plan``'s prediction against the measured peak (``max_memory_allocated`` on CUDA) per ``(side, channels, mode)``."""
     from pyramidflow.model import PyramidFlowConfig
-    from pyramidflow.plan import CUDA_MARGIN, measure_training_peak, predict_peak
+    from pyramidflow.memory.plan import CUDA_MARGIN, measure_training_peak, predict_peak
 
     rows = []
     for side, channels, mode in cases:

@@ -255,7 +255,7 @@ def _preflight(args: argparse.Namespace, model_config, train_config) -> None:
     """On CUDA: stop before the first step if the predicted peak memory does not fit the GPU."""
     import torch
 
-    from .plan import preflight
+    from .memory.plan import preflight
     from .train import resolve_device
 
     device = resolve_device(train_config.device)
@@ -265,7 +265,7 @@ def _preflight(args: argparse.Namespace, model_config, train_config) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from .plan import MODES, WEIGHTS_NOT_READ, format_plan, parse_bytes, plan
+    from .memory.plan import MODES, WEIGHTS_NOT_READ, format_plan, parse_bytes, plan
 
     if args.encoder not in (None, "none") and args.encoder_weights is None:
         args.encoder_weights = WEIGHTS_NOT_READ  # plan never reads them: NOTE [planning without encoder weights]
@@ -285,7 +285,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
-    from .ablation import resolve_variants, run_ablation
+    from .experiments.ablation import resolve_variants, run_ablation
     from .train import TrainConfig
 
     variants = [v.name for v in resolve_variants(args.variants)]  # unknown names fail before any data is read
@@ -320,7 +320,7 @@ def _print_table(rows: Sequence[dict]) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate, load_for_inference
+    from .inference.evaluate import evaluate, load_for_inference
     from .train import resolve_device
 
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
@@ -331,7 +331,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from .evaluate import load_for_inference, predict
+    from .inference.evaluate import load_for_inference, predict
     from .train import resolve_device
 
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
@@ -344,7 +344,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .export import ONNX_OPSET, export_checkpoint
+    from .inference.export import ONNX_OPSET, export_checkpoint
 
     try:
         path = export_checkpoint(args.checkpoint, args.out, format=args.format, batch_size=args.batch_size)
@@ -358,7 +358,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .data import synthetic
-    from .evaluate import evaluate, load_for_inference
+    from .inference.evaluate import evaluate, load_for_inference
     from .model import PyramidFlowConfig
     from .train import resolve_device
 
@@ -430,7 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         _COMMANDS[args.command](args)
     except KeyboardInterrupt as interrupt:
-        from .interrupts import TrainingTerminated, exit_status
+        from .train.interrupts import TrainingTerminated, exit_status
 
         what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
         print(f"error: {what} (a training run has written its checkpoint; continue it with --resume)", file=sys.stderr)

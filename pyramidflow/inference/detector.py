@@ -4,7 +4,7 @@
 images (paths, PIL images, ``(H, W, 3)`` uint8 arrays, ``(N, 3, H, W)`` tensors, or a list of them)
 returns one :class:`Prediction` per image: the score, the yes/no against the calibrated image
 threshold, the anomaly map at the input's resolution, the binary mask at the pixel threshold, and
-the defect regions. Maps come from :func:`pyramidflow.evaluate.anomaly_maps`, as in ``eval`` and
+the defect regions. Maps come from :func:`pyramidflow.inference.evaluate.anomaly_maps`, as in ``eval`` and
 ``predict``.
 """
 
@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .calibration import check_threshold, stored_thresholds
-from .data._io import load_rgb
-from .data.transforms import image_to_tensor
-from .decisions import find_regions
+from ..calibration import check_threshold, stored_thresholds
+from ..data._io import load_rgb
+from ..data.transforms import image_to_tensor
+from .outputs import find_regions
 from .evaluate import Inference, anomaly_maps, load_for_inference, smooth
 from .tiling import check_tileable, tiled_anomaly_map
 
@@ -40,7 +40,7 @@ class Prediction:
         anomaly_map: ``(H, W)`` float32 map at the input's resolution.
         mask: ``(H, W)`` bool, ``anomaly_map > pixel threshold``.
         regions: connected regions of ``mask``: ``{"bbox": [x0, y0, x1, y1], "area", "peak"}``, largest
-            peak first (see :func:`pyramidflow.decisions.find_regions`).
+            peak first (see :func:`pyramidflow.inference.outputs.find_regions`).
         path: the source file, or ``"<array 3>"`` style names for in-memory inputs.
     """
 
@@ -99,11 +99,11 @@ class Detector:
     The thresholds default to those calibrated on held-out good images at training time
     (:mod:`pyramidflow.calibration`); set ``detector.threshold`` (image) or ``detector.pixel_threshold``
     to change them. Images are resized to the trained size, unless ``tile=True``: then an image at least
-    the trained size is processed at its own resolution in overlapping tiles (:mod:`pyramidflow.tiling`).
+    the trained size is processed at its own resolution in overlapping tiles (:mod:`pyramidflow.inference.tiling`).
     Runs in batches under ``torch.inference_mode``.
 
     Args:
-        inference: from :func:`pyramidflow.evaluate.load_for_inference`.
+        inference: from :func:`pyramidflow.inference.evaluate.load_for_inference`.
         tile: tiled inference at the input's resolution.
         batch_size: images (or tiles) per forward pass.
         smoothing_sigma: Gaussian smoothing of the maps in pixels (0: off, as at calibration).
@@ -139,7 +139,7 @@ class Detector:
     @classmethod
     def load(cls, path: str | Path, device: Optional[str | torch.device] = None, **options: Any) -> "Detector":
         """Open a finished checkpoint; ``device`` ``None`` picks CUDA when present. ``options`` as in the class."""
-        from .train_config import resolve_device
+        from ..train.config import resolve_device
 
         device = resolve_device("auto") if device is None else torch.device(device)
         return cls(load_for_inference(path, device), **options)

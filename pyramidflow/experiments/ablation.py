@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import CHECKPOINT_NAME
+from ..checkpoint import CHECKPOINT_NAME
 
 __all__ = ["VARIANTS", "PAPER_TABLE_2", "Variant", "run_ablation", "variant_config", "step_peak_memory", "ablation_markdown"]
 
@@ -82,9 +82,9 @@ def step_peak_memory(model_config: Any, images: torch.Tensor, device: torch.devi
     Measured as the README's benchmarks: above what was live before the step, from the CUDA
     allocator's statistics, or on CPU from the profiler's allocation events (deterministic).
     """
-    from .memory import peak_memory
-    from .model import PyramidFlow
-    from .model.loss import objective_loss
+    from ..memory import peak_memory
+    from ..model import PyramidFlow
+    from ..model.loss import objective_loss
 
     torch.manual_seed(seed)
     model = PyramidFlow(model_config).to(device=device, dtype=images.dtype).train()
@@ -133,8 +133,8 @@ def _check_settings(path: Path, settings: dict) -> None:
 
 
 def _evaluate(checkpoint: Path, test_set: Dataset, device: torch.device) -> dict:
-    from .evaluate import load_for_inference, predict_dataset
-    from .metrics import compute_metrics
+    from ..inference.evaluate import load_for_inference, predict_dataset
+    from ..metrics import compute_metrics
 
     inference = load_for_inference(checkpoint, device)
     predictions = predict_dataset(inference.model, inference.template, test_set, device=device, progress=False)
@@ -156,7 +156,7 @@ def _first_batch(dataset: Dataset, batch_size: int) -> torch.Tensor:
 
 def _run_variant(variant: Variant, base: Any, train_config: Any, train_set: Dataset, test_set: Dataset,
                  folder: Path, settings: dict, progress: bool) -> dict:
-    from .train import resolve_device, train
+    from ..train import resolve_device, train
 
     config = variant_config(base, variant)
     device = resolve_device(train_config.device)

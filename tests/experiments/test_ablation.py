@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyramidflow.train as train_module
-from pyramidflow.ablation import PAPER_TABLE_2, VARIANTS, run_ablation, variant_config
+from pyramidflow.experiments.ablation import PAPER_TABLE_2, VARIANTS, run_ablation, variant_config
 from pyramidflow.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
 from pyramidflow.cli import main
 from pyramidflow.data import MVTecDataset, synthetic

@@ -15,7 +15,7 @@ import torch
 from pyramidflow.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pyramidflow.cli import main
 from pyramidflow.data import synthetic
-from pyramidflow.interrupts import InterruptGuard, TrainingTerminated, exit_status, interrupt_for
+from pyramidflow.train.interrupts import InterruptGuard, TrainingTerminated, exit_status, interrupt_for
 
 SIZE = 32
 SMALL = ["--channels", "4", "--kernel-size", "3", "--stacks", "2", "--levels", "3", "--size", str(SIZE), "--device", "cpu"]

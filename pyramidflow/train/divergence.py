@@ -3,7 +3,7 @@
 The loss of each step stays on the device (reading it every step would make the host wait for the
 device every step). :func:`stop_if_not_finite` moves the pending losses to the host in one sync, at
 each logging interval and before every checkpoint, and raises
-:class:`~pyramidflow.train_config.TrainingDivergedError` with the step, the last good checkpoint
+:class:`~pyramidflow.train.config.TrainingDivergedError` with the step, the last good checkpoint
 and the way out.
 """
 
@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from pyramidflow.train_config import TrainingDivergedError
+from pyramidflow.train.config import TrainingDivergedError
 
 __all__ = ["stop_if_not_finite"]
 

@@ -18,8 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pyramidflow.calibration import CalibrationSplit, calibration_split
-from pyramidflow.distributed import EpochBatchSampler
-from pyramidflow.train_config import TrainConfig
+from pyramidflow.train.distributed import EpochBatchSampler
+from pyramidflow.train.config import TrainConfig
 
 __all__ = [
     "apply_augmentation_setting",

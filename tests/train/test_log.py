@@ -8,7 +8,7 @@ import torch
 from pyramidflow.checkpoint import load_checkpoint
 from pyramidflow.cli import build_parser
 from pyramidflow.train import TrainConfig
-from pyramidflow.train_log import LOG_NAME, trim_log
+from pyramidflow.train.log import LOG_NAME, trim_log
 
 from test_train import run
 

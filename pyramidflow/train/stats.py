@@ -18,8 +18,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pyramidflow.calibration import calibrate
-from pyramidflow.train_config import TrainConfig
-from pyramidflow.train_data import batch_images, image_size, plain_loader
+from pyramidflow.train.config import TrainConfig
+from pyramidflow.train.data import batch_images, image_size, plain_loader
 
 __all__ = ["decision_thresholds", "template_and_score_stats"]
 

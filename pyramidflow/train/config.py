@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .engine.drift import DRIFT_POLICIES
+from ..engine.drift import DRIFT_POLICIES
 
 __all__ = ["DEVICES", "DTYPES", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
 

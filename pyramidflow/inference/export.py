@@ -35,8 +35,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .model import anomaly_map, image_score
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..model import anomaly_map, image_score
 
 __all__ = ["EXPORT_FORMATS", "ONNX_OPSET", "InferenceGraph", "export_checkpoint", "export_graph"]
 
@@ -211,8 +211,8 @@ def _probe_images(batch: int, height: int, width: int) -> Tensor:
 
 
 def _metadata(inference, format: str, batch_size: Optional[int], size: Tuple[int, int]) -> dict:
-    from . import __version__
-    from .calibration import stored_thresholds
+    from .. import __version__
+    from ..calibration import stored_thresholds
 
     checkpoint = inference.checkpoint
     image_threshold, pixel_threshold, thresholds_from = stored_thresholds(checkpoint)

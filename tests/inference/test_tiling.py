@@ -7,7 +7,7 @@ import torch
 from pyramidflow import Detector
 from pyramidflow.data import MVTecDataset, synthetic
 from pyramidflow.model import PyramidFlowConfig
-from pyramidflow.tiling import check_tileable, tile_starts, tile_window, tiled_anomaly_map
+from pyramidflow.inference.tiling import check_tileable, tile_starts, tile_window, tiled_anomaly_map
 from pyramidflow.train import TrainConfig, train
 
 SIZE = 64

@@ -74,7 +74,7 @@ def write_predictions(
 
     Args:
         decided: ``(prediction, image)`` pairs, consumed one at a time: a
-            :class:`pyramidflow.detector.Prediction` (with ``path`` set) and its ``(H, W, 3)`` uint8
+            :class:`pyramidflow.inference.detector.Prediction` (with ``path`` set) and its ``(H, W, 3)`` uint8
             image at the map's resolution.
         out_dir: output folder (created if needed).
         vmax: top of the heat-map colour range (the bottom is 0).

@@ -9,13 +9,13 @@ the good images (``calibration_fraction``, default 10%, at least 4) is held out 
 sets the image and pixel decision thresholds (:mod:`pyramidflow.calibration`), so that evaluation and
 prediction threshold maps without ever looking at the test set.
 
-The same function runs data-parallel under ``torchrun`` (see :mod:`pyramidflow.distributed`). Seeded
+The same function runs data-parallel under ``torchrun`` (see :mod:`pyramidflow.train.distributed`). Seeded
 runs are reproducible on CPU, and a resumed run continues bit for bit (``NOTE [resume bit for bit]``).
 
 This module holds the run's state and the loop; the pieces it uses live in their own modules: the data
-side (:mod:`pyramidflow.train_data`), the RNG state (:mod:`pyramidflow.rng_state`), the stop-signal
-guard (:mod:`pyramidflow.interrupts`), the NaN/inf stop (:mod:`pyramidflow.divergence`), the resume
-checks (:mod:`pyramidflow.train_resume`) and the statistics after training (:mod:`pyramidflow.train_stats`).
+side (:mod:`pyramidflow.train.data`), the RNG state (:mod:`pyramidflow.train.rng_state`), the stop-signal
+guard (:mod:`pyramidflow.train.interrupts`), the NaN/inf stop (:mod:`pyramidflow.train.divergence`), the resume
+checks (:mod:`pyramidflow.train.resume`) and the statistics after training (:mod:`pyramidflow.train.stats`).
 """
 
 from __future__ import annotations
@@ -32,19 +32,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pyramidflow.checkpoint import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
-from pyramidflow.distributed import (
-    DistributedContext, EpochBatchSampler, gather_levels, init_distributed, wrap_data_parallel,
-)
-from pyramidflow.divergence import stop_if_not_finite
-from pyramidflow.interrupts import InterruptGuard, TrainingTerminated
-from pyramidflow.rng_state import capture_rng_state, fresh_rng_state, restore_rng_state
-from pyramidflow.train_config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
-from pyramidflow.train_data import (
+from pyramidflow.train.config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
+from pyramidflow.train.data import (
     apply_augmentation_setting, batch_images, check_dataset, epoch_loader, hold_out, without_augmentation,
 )
-from pyramidflow.train_log import LOG_NAME, DriftTracker, append_log, trim_log
-from pyramidflow.train_resume import check_same_settings, check_same_split
-from pyramidflow.train_stats import decision_thresholds, template_and_score_stats
+from pyramidflow.train.distributed import (
+    DistributedContext, EpochBatchSampler, gather_levels, init_distributed, wrap_data_parallel,
+)
+from pyramidflow.train.divergence import stop_if_not_finite
+from pyramidflow.train.interrupts import InterruptGuard, TrainingTerminated
+from pyramidflow.train.log import LOG_NAME, DriftTracker, append_log, trim_log
+from pyramidflow.train.resume import check_same_settings, check_same_split
+from pyramidflow.train.rng_state import capture_rng_state, fresh_rng_state, restore_rng_state
+from pyramidflow.train.stats import decision_thresholds, template_and_score_stats
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device", "train"]
 
@@ -266,7 +266,7 @@ def train(
         CheckpointError: the checkpoint is damaged or from another model or train config.
         TrainingDivergedError: the loss or a weight became NaN/inf (the last good checkpoint is kept).
         KeyboardInterrupt: re-raised after writing a checkpoint of the last completed step (SIGTERM
-            raises its subclass :class:`~pyramidflow.interrupts.TrainingTerminated` the same way).
+            raises its subclass :class:`~pyramidflow.train.interrupts.TrainingTerminated` the same way).
 
     Example:
         >>> from pyramidflow.data import MVTecDataset  # doctest: +SKIP

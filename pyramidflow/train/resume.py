@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pyramidflow.checkpoint import CheckpointError, config_differences
-from pyramidflow.train_config import TrainConfig
+from pyramidflow.train.config import TrainConfig
 
 __all__ = ["RESUMABLE_CHANGES", "check_same_settings", "check_same_split"]
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import pyramidflow.export as export_module
+import pyramidflow.inference.export as export_module
 from pyramidflow.calibration import stored_thresholds
 from pyramidflow.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
 from pyramidflow.cli import main
 from pyramidflow.data import MVTecDataset, synthetic
-from pyramidflow.evaluate import load_for_inference
-from pyramidflow.export import ONNX_OPSET, export_checkpoint
+from pyramidflow.inference.evaluate import load_for_inference
+from pyramidflow.inference.export import ONNX_OPSET, export_checkpoint
 from pyramidflow.model import PyramidFlowConfig, anomaly_map, image_score
 from pyramidflow.train import TrainConfig, train
 

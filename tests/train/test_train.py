@@ -10,12 +10,12 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 import pyramidflow.checkpoint as checkpoint_module
-import pyramidflow.train as train_module
+import pyramidflow.train.loop as train_module
 from pyramidflow.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint_atomic
-from pyramidflow.distributed import EpochBatchSampler
+from pyramidflow.train.distributed import EpochBatchSampler
 from pyramidflow.model import PyramidFlowConfig, anomaly_map
 from pyramidflow.train import TrainConfig, TrainingDivergedError, resolve_device, train
-from pyramidflow.train_log import LOG_NAME
+from pyramidflow.train.log import LOG_NAME
 
 SIZE = 32
 

@@ -124,7 +124,7 @@ class _LiveBytes(TorchDispatchMode):
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, on_forward: Optional[Callable[[], None]] = None) -> None:
     """One step of the training loop: forward, Fourier loss, zero_grad, backward, clip at 1.0, Adam."""
-    from .model import fourier_loss  # noqa: PLC0415
+    from ..model import fourier_loss  # noqa: PLC0415
 
     params = [p for p in model.parameters() if p.requires_grad]
     loss = fourier_loss(tuple(model(images)))
@@ -139,14 +139,14 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, imag
 def _planning_model(config: Any) -> torch.nn.Module:
     """``PyramidFlow(config)`` as training builds it, but with the encoder's weights not read
     (NOTE [planning without encoder weights]); the plain model (``encoder="none"``) is built as is."""
-    from .model import PyramidFlow  # noqa: PLC0415
-    from .model.encoder import encoder_skeleton  # noqa: PLC0415
+    from ..model import PyramidFlow  # noqa: PLC0415
+    from ..model.encoder import encoder_skeleton  # noqa: PLC0415
 
     return PyramidFlow(config, encoder=encoder_skeleton(getattr(config, "encoder", "none")))
 
 
 def _adam(params: Sequence[torch.nn.Parameter]) -> torch.optim.Adam:
-    # the method's settings (pyramidflow.train_config.TrainConfig)
+    # the method's settings (pyramidflow.train.config.TrainConfig)
     return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.9), eps=1e-4, weight_decay=1e-5)
 
 
@@ -201,8 +201,8 @@ def measure_training_peak(config: Any, size: int, batch_size: int, device: str |
     The model is built as training builds it: with an encoder, its weights are loaded from
     ``config.encoder_weights`` (a file, or ``"imagenet"``).
     """
-    from .memory import peak_memory_cpu, peak_memory_cuda  # noqa: PLC0415
-    from .model import PyramidFlow  # noqa: PLC0415
+    from .probes import peak_memory_cpu, peak_memory_cuda  # noqa: PLC0415
+    from ..model import PyramidFlow  # noqa: PLC0415
 
     device = torch.device(device)
 
@@ -343,7 +343,7 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
 
 def format_plan(result: MemoryPlan) -> str:
     """The human-readable table of ``pyramidflow plan``."""
-    from .model.encoder import ENCODER_CHANNELS, ENCODER_STRIDES  # noqa: PLC0415
+    from ..model.encoder import ENCODER_CHANNELS, ENCODER_STRIDES  # noqa: PLC0415
 
     mib = 2**20
     through = ""

@@ -20,12 +20,12 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
-from .calibration import stored_thresholds
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .data import denormalize
-from .data._io import _header_size, list_images, load_rgb
-from .metrics import compute_metrics, image_auroc, image_decision_metrics, pixel_auroc, pixel_decision_metrics
-from .model import anomaly_map, image_score
+from ..calibration import stored_thresholds
+from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from ..data import denormalize
+from ..data._io import _header_size, list_images, load_rgb
+from ..metrics import compute_metrics, image_auroc, image_decision_metrics, pixel_auroc, pixel_decision_metrics
+from ..model import anomaly_map, image_score
 from .tiling import check_tileable
 from .visualize import overlay_panel, save_panel
 
@@ -252,19 +252,19 @@ def predict(
     Writes under ``out_dir``, per image: ``masks/<name>.png`` (the binary defect mask),
     ``maps/<name>.png`` (the heat map), ``overlays/<name>.png`` (with the predicted outline); and
     ``predictions.json`` / ``predictions.csv`` (score, is_anomalous, regions). See
-    :mod:`pyramidflow.decisions`.
+    :mod:`pyramidflow.inference.outputs`.
 
     Args:
         image_threshold, pixel_threshold: override the checkpoint's calibrated thresholds.
-        tile: tiled inference at native resolution (:mod:`pyramidflow.tiling`).
+        tile: tiled inference at native resolution (:mod:`pyramidflow.inference.tiling`).
 
     Returns:
         One ``{"path", "score", "is_anomalous", "regions"}`` dict per image.
     """
     from tqdm.auto import tqdm
 
-    from .calibration import check_threshold
-    from .decisions import write_predictions
+    from ..calibration import check_threshold
+    from .outputs import write_predictions
     from .detector import Detector
 
     image_threshold = check_threshold(image_threshold, "--image-threshold")

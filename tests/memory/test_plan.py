@@ -1,4 +1,4 @@
-"""pyramidflow.plan: the predicted peak against the measured one, what fits on a card, and the command."""
+"""pyramidflow.memory.plan: the predicted peak against the measured one, what fits on a card, and the command."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from pyramidflow import plan as planning
+from pyramidflow.memory import plan as planning
 from pyramidflow.cli import main
 from pyramidflow.memory import peak_memory_cpu
 from pyramidflow.model import PyramidFlowConfig
