@@ -256,7 +256,7 @@ def _preflight(args: argparse.Namespace, model_config, train_config) -> None:
     import torch
 
     from .memory.plan import preflight
-    from .train import resolve_device
+    from ._utils import resolve_device
 
     device = resolve_device(train_config.device)
     if device.type == "cuda":
@@ -320,8 +320,9 @@ def _print_table(rows: Sequence[dict]) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .inference.evaluate import evaluate, load_for_inference
-    from .train import resolve_device
+    from .inference.evaluate import evaluate
+    from .inference.maps import load_for_inference
+    from ._utils import resolve_device
 
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
     dataset = _dataset(args.data, args.category, "test", inference.image_size, args.layout)
@@ -331,8 +332,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from .inference.evaluate import load_for_inference, predict
-    from .train import resolve_device
+    from .inference.evaluate import predict
+    from .inference.maps import load_for_inference
+    from ._utils import resolve_device
 
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
     rows = predict(inference, args.inputs, args.out, smoothing_sigma=args.smooth, image_threshold=args.image_threshold,
@@ -358,9 +360,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .data import synthetic
-    from .inference.evaluate import evaluate, load_for_inference
+    from .inference.evaluate import evaluate
+    from .inference.maps import load_for_inference
     from .model import PyramidFlowConfig
-    from .train import resolve_device
+    from ._utils import resolve_device
 
     start = time.perf_counter()
     out = Path(args.out)

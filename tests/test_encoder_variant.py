@@ -10,7 +10,7 @@ from PIL import Image
 from pyramidflow.checkpoint import load_checkpoint
 from pyramidflow.cli import main
 from pyramidflow.data import MVTecDataset, synthetic
-from pyramidflow.inference.evaluate import load_for_inference
+from pyramidflow.inference.maps import load_for_inference
 from pyramidflow.model import PyramidFlowConfig
 from pyramidflow.model.encoder import ResNet18Stem
 from pyramidflow.train import TrainConfig, train

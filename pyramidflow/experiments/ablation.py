@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .._utils import write_text_atomic
 from ..checkpoint import CHECKPOINT_NAME
 
 __all__ = ["VARIANTS", "PAPER_TABLE_2", "Variant", "run_ablation", "variant_config", "step_peak_memory", "ablation_markdown"]
@@ -103,13 +104,6 @@ def step_peak_memory(model_config: Any, images: torch.Tensor, device: torch.devi
     return int(peak)
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (NOTE [atomic checkpoint])."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _settings(base: Any, train_config: Any, category: str) -> dict:
     return {
         "category": category,
@@ -129,11 +123,11 @@ def _check_settings(path: Path, settings: dict) -> None:
                 "use the same options to resume it, or another --out folder."
             )
     else:
-        _write_json_atomic(settings, path)
+        write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def _evaluate(checkpoint: Path, test_set: Dataset, device: torch.device) -> dict:
-    from ..inference.evaluate import load_for_inference, predict_dataset
+    from ..inference.maps import load_for_inference, predict_dataset
     from ..metrics import compute_metrics
 
     inference = load_for_inference(checkpoint, device)
@@ -156,7 +150,8 @@ def _first_batch(dataset: Dataset, batch_size: int) -> torch.Tensor:
 
 def _run_variant(variant: Variant, base: Any, train_config: Any, train_set: Dataset, test_set: Dataset,
                  folder: Path, settings: dict, progress: bool) -> dict:
-    from ..train import resolve_device, train
+    from .._utils import resolve_device
+    from ..train import train
 
     config = variant_config(base, variant)
     device = resolve_device(train_config.device)
@@ -240,13 +235,11 @@ def run_ablation(
         else:
             folder.mkdir(parents=True, exist_ok=True)
             result = _run_variant(variant, base, train_config, train_set, test_set, folder, settings, progress)
-            _write_json_atomic(result, done)
+            write_text_atomic(done, json.dumps(result, indent=2) + "\n")
         results.append(result)
     bar.close()
-    _write_json_atomic({"settings": settings, "variants": results}, out_dir / "ablation.json")
-    tmp = out_dir / ".ablation.md.tmp"
-    tmp.write_text(ablation_markdown(results))
-    os.replace(tmp, out_dir / "ablation.md")
+    write_text_atomic(out_dir / "ablation.json", json.dumps({"settings": settings, "variants": results}, indent=2) + "\n")
+    write_text_atomic(out_dir / "ablation.md", ablation_markdown(results))
     return results
 
 

@@ -4,7 +4,7 @@
 images (paths, PIL images, ``(H, W, 3)`` uint8 arrays, ``(N, 3, H, W)`` tensors, or a list of them)
 returns one :class:`Prediction` per image: the score, the yes/no against the calibrated image
 threshold, the anomaly map at the input's resolution, the binary mask at the pixel threshold, and
-the defect regions. Maps come from :func:`pyramidflow.inference.evaluate.anomaly_maps`, as in ``eval`` and
+the defect regions. Maps come from :func:`pyramidflow.inference.maps.anomaly_maps`, as in ``eval`` and
 ``predict``.
 """
 
@@ -22,8 +22,9 @@ from PIL import Image
 from ..calibration import check_threshold, stored_thresholds
 from ..data._io import load_rgb
 from ..data.transforms import image_to_tensor
-from .outputs import find_regions
-from .evaluate import Inference, anomaly_maps, load_for_inference, smooth
+from .._utils import resolve_device
+from .maps import Inference, anomaly_maps, load_for_inference, smooth
+from .regions import find_regions
 from .tiling import check_tileable, tiled_anomaly_map
 
 __all__ = ["Detector", "Prediction"]
@@ -139,8 +140,6 @@ class Detector:
     @classmethod
     def load(cls, path: str | Path, device: Optional[str | torch.device] = None, **options: Any) -> "Detector":
         """Open a finished checkpoint; ``device`` ``None`` picks CUDA when present. ``options`` as in the class."""
-        from ..train.config import resolve_device
-
         device = resolve_device("auto") if device is None else torch.device(device)
         return cls(load_for_inference(path, device), **options)
 

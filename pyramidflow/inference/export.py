@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
@@ -35,8 +34,9 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._utils import atomic_write
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..model import anomaly_map, image_score
+from ..model import PyramidFlow, image_score
 
 __all__ = ["EXPORT_FORMATS", "ONNX_OPSET", "InferenceGraph", "export_checkpoint", "export_graph"]
 
@@ -70,7 +70,7 @@ class InferenceGraph(nn.Module):
         ((2, 1, 16, 16), (2,))
     """
 
-    def __init__(self, model: nn.Module, template: Sequence[Tensor]) -> None:
+    def __init__(self, model: PyramidFlow, template: Sequence[Tensor]) -> None:
         super().__init__()
         self.model = model.eval()
         for block in getattr(getattr(model, "flow", None), "blocks", ()):
@@ -85,7 +85,7 @@ class InferenceGraph(nn.Module):
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """``(N, 3, H, W)`` normalised images -> anomaly map ``(N, 1, H, W)`` and score ``(N,)``."""
-        maps = anomaly_map(self.model(images), self.template(), tuple(images.shape[-2:]))
+        maps = self.model.anomaly_map(images, self.template())  # the maps `eval` computes
         return maps, image_score(maps)
 
 
@@ -123,7 +123,7 @@ def export_checkpoint(
         >>> export_checkpoint("runs/nut/checkpoint.pt", "nut.onnx", batch_size=None)  # doctest: +SKIP
         PosixPath('nut.onnx')
     """
-    from .evaluate import load_for_inference
+    from .maps import load_for_inference
 
     _check_settings(format, batch_size)
     inference = load_for_inference(checkpoint, torch.device("cpu"))
@@ -162,7 +162,7 @@ def export_graph(
     probe = _probe_images(2 if batch_size is None else batch_size, height, width)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_target(out) as tmp:
+    with atomic_write(out) as tmp:
         if format == "onnx":
             _export_onnx(graph, probe, tmp, dynamic_batch=batch_size is None, metadata=metadata or {})
         else:
@@ -235,22 +235,6 @@ def _metadata(inference, format: str, batch_size: Optional[int], size: Tuple[int
         "pixel_threshold": pixel_threshold,
         "thresholds_from": thresholds_from,
     }
-
-
-@contextlib.contextmanager
-def _atomic_target(out: Path) -> Iterator[Path]:
-    """A temporary path beside ``out``, moved over it when the block succeeds, removed otherwise."""
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary file, not the result
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

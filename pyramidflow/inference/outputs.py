@@ -1,9 +1,8 @@
-"""From an anomaly map to what an inspection line ships: a yes/no, a binary mask and its defect regions.
+"""The prediction files: what an inspection line ships for every image.
 
-:func:`find_regions` turns a binary mask into connected regions (8-connectivity, as the metrics use)
-with a bounding box, an area and a peak score each. :func:`write_predictions` writes what
-``pyramidflow predict`` promises for every image: ``masks/<name>.png``, ``maps/<name>.png``, the
-overlay with the predicted outline, and ``predictions.json`` / ``predictions.csv``.
+:func:`write_predictions` writes what ``pyramidflow predict`` promises for every image:
+``masks/<name>.png``, ``maps/<name>.png``, the overlay with the predicted outline, and
+``predictions.json`` / ``predictions.csv`` (the regions come from :mod:`.regions`).
 """
 
 from __future__ import annotations
@@ -15,41 +14,14 @@ from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
+from .._utils import atomic_write, write_text_atomic
 from .visualize import colorize, overlay_panel, save_panel
 
-__all__ = ["find_regions", "write_predictions", "CSV_COLUMNS"]
+__all__ = ["write_predictions", "CSV_COLUMNS"]
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=np.int8)
 CSV_COLUMNS = ("path", "score", "is_anomalous", "num_regions", "defect_area", "largest_region_bbox",
                "image_threshold", "pixel_threshold")
-
-
-def find_regions(mask: np.ndarray, anomaly_map: np.ndarray) -> list[dict]:
-    """Connected regions of a binary ``(H, W)`` mask, largest peak first.
-
-    Each region is ``{"bbox": [x0, y0, x1, y1], "area": pixels, "peak": highest map value}``, the box
-    in pixel coordinates with exclusive ends (``image[y0:y1, x0:x1]`` crops it).
-
-    Example:
-        >>> mask = np.zeros((6, 6), bool); mask[1:3, 1:4] = True; mask[5, 5] = True
-        >>> values = np.arange(36.0).reshape(6, 6)
-        >>> find_regions(mask, values)
-        [{'bbox': [5, 5, 6, 6], 'area': 1, 'peak': 35.0}, {'bbox': [1, 1, 4, 3], 'area': 6, 'peak': 15.0}]
-    """
-    labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT_CONNECTED)
-    if count == 0:
-        return []
-    index = np.arange(1, count + 1)
-    areas = ndimage.sum_labels(np.ones_like(labels), labels, index)
-    peaks = ndimage.maximum(np.asarray(anomaly_map, dtype=np.float64), labels, index)
-    regions = []
-    for box, area, peak in zip(ndimage.find_objects(labels), areas, peaks):
-        rows, cols = box
-        regions.append({"bbox": [int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)],
-                        "area": int(area), "peak": float(peak)})
-    return sorted(regions, key=lambda region: -region["peak"])
 
 
 def _summary(prediction: Any) -> dict:
@@ -98,10 +70,8 @@ def write_predictions(
         rows.append(_summary(prediction))
     report = {"images": rows, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
               "checkpoint": checkpoint}
-    tmp = out_dir / "predictions.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out_dir / "predictions.json")
-    with open(out_dir / "predictions.csv", "w", newline="") as handle:
+    write_text_atomic(out_dir / "predictions.json", json.dumps(report, indent=2) + "\n")
+    with atomic_write(out_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for row in rows:

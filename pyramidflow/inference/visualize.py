@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .._utils import atomic_write
+
 __all__ = ["colorize", "overlay_panel", "save_panel"]
 
 # Anchors of the ramp, from 0 (normal) to 1 (most anomalous).
@@ -100,7 +102,6 @@ def overlay_panel(
 
 
 def save_panel(panel: Image.Image, path: Path) -> None:
-    """Write a panel as PNG, creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    panel.save(path)
+    """Write a panel as PNG (NOTE [atomic write]; the folder is created)."""
+    with atomic_write(path) as tmp:
+        panel.save(tmp, format="PNG")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..engine.sequential import MODES, InvertibleSequential
 from ..kernels import BACKENDS
-from .anomaly_map import DIFFERENCES, TEMPLATES
+from .anomaly_map import DIFFERENCES, TEMPLATES, anomaly_map
 from .conv1x1 import CONV1X1_INITS
 from .coupling import PyramidCoupling, ThreeLevelCoupling, TwoLevelCoupling
 from .encoder import ENCODER_CHANNELS, ENCODER_STRIDES, ENCODERS, build_encoder
@@ -441,6 +441,15 @@ class PyramidFlow(nn.Module):
                 "model.inverse_features(latents) to get the encoder's feature map instead."
             )
         return self.lift.inverse(self.inverse_features(latents))
+
+    def anomaly_map(self, images: Tensor, template: Sequence[Tensor]) -> Tensor:
+        """The anomaly map of ``images`` ``(N, 3, H, W)`` against ``template``: ``(N, 1, H, W)``.
+
+        The one place that reads the config's ``difference`` switch: training statistics,
+        calibration, evaluation, the Detector and the exported graph all take their maps from here,
+        so that none of them can forget it.
+        """
+        return anomaly_map(self(images), template, tuple(images.shape[-2:]), difference=self.config.difference)
 
     def _check_input_size(self, height: int, width: int) -> None:
         """With an encoder the pyramid's rule applies to the features: images must be multiples of ``size_multiple``."""

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._utils import DEVICES, resolve_device
 from ..engine.drift import DRIFT_POLICIES
 
 __all__ = ["DEVICES", "DTYPES", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
 
-DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -156,22 +156,3 @@ class TrainResult:
     model: torch.nn.Module
     template: list[Tensor] | None = None
     score_stats: dict | None = None
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """The device to train on: ``"auto"`` picks CUDA when present, else the CPU.
-
-    Raises:
-        ValueError: an unknown device name.
-        RuntimeError: ``"cuda"`` asked for but no CUDA device is usable.
-    """
-    if device not in DEVICES:
-        raise ValueError(f"resolve_device: device must be one of {DEVICES}, got {device!r}.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "resolve_device: device='cuda' was asked for but torch sees no CUDA device "
-            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu' or 'auto'."
-        )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)

@@ -17,6 +17,8 @@ from typing import Optional
 
 from torch import nn
 
+from .._utils import write_text_atomic
+
 __all__ = ["LOG_NAME", "DriftTracker", "append_log", "trim_log"]
 
 LOG_NAME = "train_log.jsonl"
@@ -55,9 +57,7 @@ def trim_log(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(kept))
 
 
 def append_log(path: Path, **record) -> None:

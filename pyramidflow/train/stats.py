@@ -37,14 +37,13 @@ def template_and_score_stats(
         The template (one CPU tensor ``(1, C, H_i, W_i)`` per level) and the statistics: image score
         mean, std, max and every score, the pixel score at ``config.score_quantile`` and the pixel max.
     """
-    from pyramidflow.model import anomaly_map, fit_template, image_score
+    from pyramidflow.model import fit_template, image_score
 
     was_training = model.training
     model.eval()
     try:
-        kind = getattr(getattr(model, "config", None), "template", "mean")
-        difference = getattr(getattr(model, "config", None), "difference", "pyramid")
-        template = fit_template(model, (batch_images(b, device, dtype) for b in plain_loader(dataset, config)), kind=kind)
+        batches = (batch_images(b, device, dtype) for b in plain_loader(dataset, config))
+        template = fit_template(model, batches, kind=model.config.template)
         image_scores, pixels = [], []
         # NOTE [pixel quantile sample]: a fixed-stride sample of at most ~4M pixel scores keeps the
         # quantile's memory bounded for large training sets; it is deterministic, never random.
@@ -52,7 +51,7 @@ def template_and_score_stats(
         stride = max(1, math.ceil(total / (1 << 22)))
         for batch in plain_loader(dataset, config):
             images = batch_images(batch, device, dtype)
-            maps = anomaly_map(tuple(model(images)), template, images.shape[-2:], difference=difference)  # (N, 1, H, W)
+            maps = model.anomaly_map(images, template)  # (N, 1, H, W)
             image_scores.append(image_score(maps).double().cpu())
             pixels.append(maps.reshape(-1)[::stride].double().cpu())
         scores = torch.cat(image_scores)

@@ -8,7 +8,7 @@ from PIL import Image
 import pyramidflow.inference.detector as detector_module
 from pyramidflow import Detector, Prediction
 from pyramidflow.data import MVTecDataset, synthetic
-from pyramidflow.inference.evaluate import load_for_inference, predict_dataset
+from pyramidflow.inference.maps import load_for_inference, predict_dataset
 from pyramidflow.model import PyramidFlowConfig
 from pyramidflow.train import TrainConfig, train
 
@@ -57,7 +57,7 @@ def test_map_and_mask_at_the_input_resolution_and_the_score_at_the_model_resolut
     assert p.anomaly_map.shape == p.mask.shape == (45, 70) and p.mask.dtype == bool
     inference = detector.inference
     from pyramidflow.data.transforms import image_to_tensor
-    from pyramidflow.inference.evaluate import anomaly_maps
+    from pyramidflow.inference.maps import anomaly_maps
 
     model_map = anomaly_maps(inference.model, inference.template, image_to_tensor(Image.fromarray(image), (SIZE, SIZE))[None])[0]
     assert p.score == pytest.approx(float(model_map.max()), rel=1e-6)

@@ -15,9 +15,9 @@ from pyramidflow.calibration import stored_thresholds
 from pyramidflow.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
 from pyramidflow.cli import main
 from pyramidflow.data import MVTecDataset, synthetic
-from pyramidflow.inference.evaluate import load_for_inference
+from pyramidflow.inference.maps import anomaly_maps, load_for_inference, predict_dataset
 from pyramidflow.inference.export import ONNX_OPSET, export_checkpoint
-from pyramidflow.model import PyramidFlowConfig, anomaly_map, image_score
+from pyramidflow.model import PyramidFlowConfig, image_score
 from pyramidflow.train import TrainConfig, train
 
 onnx = pytest.importorskip("onnx")
@@ -61,9 +61,9 @@ def test_images(data_root):
 
 
 def _pytorch(checkpoint, images):
+    """The maps and scores `pyramidflow eval` computes for ``images``, ``(N, 1, H, W)`` and ``(N,)``."""
     inference = load_for_inference(checkpoint, torch.device("cpu"))
-    with torch.no_grad():
-        maps = anomaly_map(inference.model(images), inference.template, tuple(images.shape[-2:]))
+    maps = torch.from_numpy(anomaly_maps(inference.model, inference.template, images))[:, None]
     return maps.numpy(), image_score(maps).numpy()
 
 
@@ -184,6 +184,30 @@ def test_a_graph_that_disagrees_with_pytorch_is_not_written(checkpoints, tmp_pat
     with pytest.raises(RuntimeError, match="differs from PyTorch"):
         export_checkpoint(checkpoints["CVN"], tmp_path / "model.pt", format="torchscript")
     assert list(tmp_path.iterdir()) == []
+
+
+# The ablation switches that change the map of a trained checkpoint (``loss`` changes training only).
+MAP_SWITCHES = {"difference": "composed", "template": "zero", "volume_norm": None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", sorted(MAP_SWITCHES))
+def test_export_of_an_ablation_checkpoint_gives_evals_maps(switch, data_root, tmp_path):
+    """The exported graph's maps are `eval`'s, whatever map the checkpoint's ablation switch asks for."""
+    config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=2, num_levels=3, **{switch: MAP_SWITCHES[switch]})
+    train_set = MVTecDataset(data_root, "nut", split="train", size=SIZE)
+    checkpoint = train(config, TrainConfig(steps=4, checkpoint_every=None, device="cpu"), train_set, tmp_path / "run",
+                       progress=False).checkpoint_path
+    target = export_checkpoint(checkpoint, tmp_path / "model.onnx", batch_size=None)
+    test_set = MVTecDataset(data_root, "nut", split="test", size=SIZE)
+    inference = load_for_inference(checkpoint, torch.device("cpu"))
+    evals = predict_dataset(inference.model, inference.template, test_set, device=inference.device, progress=False)
+    images = torch.stack([test_set[i]["image"] for i in range(len(test_set))])
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    maps, scores = session.run(["anomaly_map", "score"], {"images": images.numpy()})
+    np.testing.assert_allclose(maps[:, 0], evals.maps, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(scores, evals.scores, rtol=0, atol=ATOL)
+    assert np.ptp(evals.maps) > 10 * ATOL  # the maps are not flat: the comparison means something
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "many", "1.5"])

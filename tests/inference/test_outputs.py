@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pyramidflow.inference.outputs import find_regions
+from pyramidflow.inference.regions import find_regions
 
 
 def test_regions_are_eight_connected_with_box_area_and_peak():
