@@ -132,8 +132,8 @@ def save_checkpoint_atomic(state: Mapping[str, Any], path: str | os.PathLike) ->
             ``path``, if any, is left as it was and no temporary file remains.
     """
     path = Path(path)
-    with atomic_write(path) as tmp:
-        torch.save(dict(state), tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(dict(state), handle)
     return path
 
 

@@ -111,7 +111,7 @@ def test_size_must_fit_the_encoder_stride(data_root, tmp_path, capsys):
     status = main(["train", "--data", str(data_root), "--category", "nut", "--out", str(tmp_path), "--size", "60",
                    "--steps", "1", "--encoder", "resnet18", "--encoder-weights", "imagenet", *TINY])
     assert status != 0
-    assert "divisible by 4·2^(levels-1) = 8 (--encoder resnet18)" in _error_line(capsys)
+    assert "--size: image size 60×60" in (line := _error_line(capsys)) and "divisible by 4·2**1 (the encoder's stride 4) = 8" in line
 
 
 def test_size_hint_is_the_nearest_valid_size(data_root, tmp_path, capsys):
@@ -119,4 +119,4 @@ def test_size_hint_is_the_nearest_valid_size(data_root, tmp_path, capsys):
     status = main(["train", "--data", str(data_root), "--category", "nut", "--out", str(tmp_path), "--size", "90",
                    "--steps", "1", "--encoder", "resnet18", "--encoder-weights", "imagenet", *TINY])
     assert status != 0
-    assert _error_line(capsys).endswith("use --size 88.")
+    assert "the nearest valid size is 88×88" in _error_line(capsys)

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from .._utils import write_text_atomic
 from ..checkpoint import CHECKPOINT_NAME
+from ..train.config import TrainConfig
 
 __all__ = ["VARIANTS", "PAPER_TABLE_2", "Variant", "run_ablation", "variant_config", "step_peak_memory", "ablation_markdown"]
 
@@ -64,7 +65,7 @@ def resolve_variants(names: Optional[Sequence[str]]) -> list[Variant]:
         return list(VARIANTS)
     unknown = [n for n in names if n not in _BY_NAME]
     if unknown:
-        raise ValueError(f"--variants: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(_BY_NAME)}.")
+        raise ValueError(f"variants: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(_BY_NAME)}.")
     return [_BY_NAME[n] for n in dict.fromkeys(names)]
 
 
@@ -77,28 +78,25 @@ def variant_config(base: Any, variant: Variant) -> Any:
     return dataclasses.replace(base, **changes)
 
 
-def step_peak_memory(model_config: Any, images: torch.Tensor, device: torch.device, seed: int = 0) -> int:
-    """Peak bytes of one training step (forward, the variant's loss, backward) of a fresh model.
+def step_peak_memory(model_config: Any, images: torch.Tensor, device: torch.device, train_config: TrainConfig,
+                     seed: int = 0) -> int:
+    """Peak bytes of one training step (:func:`pyramidflow.train.step.training_step`: forward, the
+    variant's loss, backward, clipping, Adam) of a fresh model.
 
-    Measured as the README's benchmarks: above what was live before the step, from the CUDA
+    Measured as the benchmarks measure: above what was live before the step, from the CUDA
     allocator's statistics, or on CPU from the profiler's allocation events (deterministic).
     """
     from ..memory import peak_memory
     from ..model import PyramidFlow
-    from ..model.loss import objective_loss
+    from ..train.step import make_optimizer, training_step
 
     torch.manual_seed(seed)
     model = PyramidFlow(model_config).to(device=device, dtype=images.dtype).train()
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train_config)
     images = images.to(device)
-    objective = model_config.objective
 
     def step() -> None:
-        if objective == "gaussian_nll":
-            latents, logdet = model(images, return_logdet=True)
-            loss = objective_loss(objective, latents, logdet)
-        else:
-            loss = objective_loss(objective, model(images))
-        loss.backward()
+        training_step(model, optimizer, images, objective=model_config.objective, config=train_config)
 
     peak, _ = peak_memory(step, device)
     return int(peak)
@@ -160,7 +158,8 @@ def _run_variant(variant: Variant, base: Any, train_config: Any, train_set: Data
     result = train(config, train_config, train_set, folder, resume=resumed, progress=progress)
     seconds = time.perf_counter() - start
     metrics = _evaluate(result.checkpoint_path, test_set, device)
-    peak = step_peak_memory(config, _first_batch(train_set, train_config.batch_size), device, seed=train_config.seed)
+    peak = step_peak_memory(config, _first_batch(train_set, train_config.batch_size), device, train_config,
+                            seed=train_config.seed)
     paper = PAPER_TABLE_2[variant.name]
     return {
         "variant": variant.name,

@@ -38,6 +38,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..engine import MODES
+from ..train.config import TrainConfig
+
 __all__ = [
     "CUDA_MARGIN",
     "CUDA_RESERVED",
@@ -51,7 +54,6 @@ __all__ = [
     "training_step",
 ]
 
-MODES = ("invertible", "checkpoint", "autograd")
 CUDA_MARGIN = 0.10  # of the predicted peak: cuDNN workspaces and the allocator's 512-byte rounding
 CUDA_RESERVED = 512 * 2**20  # of the card: the CUDA context and kernels, outside the allocator
 # NOTE [planning without encoder weights]
@@ -122,18 +124,17 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, on_forward: Optional[Callable[[], None]] = None) -> None:
-    """One step of the training loop: forward, Fourier loss, zero_grad, backward, clip at 1.0, Adam."""
-    from ..model import fourier_loss  # noqa: PLC0415
+# The settings `pyramidflow train` uses when none are given: the method's (the budget is not read).
+_TRAINING = TrainConfig(steps=1)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = fourier_loss(tuple(model(images)))
-    if on_forward is not None:
-        on_forward()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                  train_config: Optional[TrainConfig] = None, on_forward: Optional[Callable[[], None]] = None) -> None:
+    """One step of the training loop (:func:`pyramidflow.train.step.training_step`), with the model config's objective."""
+    from ..train.step import training_step as step  # noqa: PLC0415
+
+    step(model, optimizer, images, objective=model.config.objective, config=train_config or _TRAINING,
+         on_forward=on_forward)
 
 
 def _planning_model(config: Any) -> torch.nn.Module:
@@ -145,9 +146,10 @@ def _planning_model(config: Any) -> torch.nn.Module:
     return PyramidFlow(config, encoder=encoder_skeleton(getattr(config, "encoder", "none")))
 
 
-def _adam(params: Sequence[torch.nn.Parameter]) -> torch.optim.Adam:
-    # the method's settings (pyramidflow.train.config.TrainConfig)
-    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.9), eps=1e-4, weight_decay=1e-5)
+def _optimizer(model: torch.nn.Module, train_config: Optional[TrainConfig]) -> torch.optim.Optimizer:
+    from ..train.step import make_optimizer  # noqa: PLC0415
+
+    return make_optimizer([p for p in model.parameters() if p.requires_grad], train_config or _TRAINING)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,8 @@ class PeakPrediction:
     working_set: int
 
 
-def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype = torch.float32) -> PeakPrediction:
+def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype = torch.float32,
+                 train_config: Optional[TrainConfig] = None) -> PeakPrediction:
     """Predict the peak bytes of a training step of a ``PyramidFlow(config)`` on ``size`` px images.
 
     Args:
@@ -170,6 +173,8 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
         size: image side, a valid size for the pyramid.
         batch_size: images per step (at least 2: the loss compares pairs).
         dtype: the model's and images' dtype.
+        train_config: the training settings whose step is predicted (clipping, Adam); ``None``: the
+            method's defaults, as ``pyramidflow train`` uses them.
 
     Returns:
         The :class:`PeakPrediction`, without the CUDA margin.
@@ -180,7 +185,7 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
         torch.manual_seed(0)
         model = _planning_model(config).to(dtype).train()  # NOTE [planning without encoder weights]
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = _adam(params)
+        optimizer = _optimizer(model, train_config)
         for p in params:  # NOTE: as after a first step: gradients and Adam's state exist
             p.grad = torch.zeros_like(p)
         optimizer.step()
@@ -188,12 +193,14 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
         images = torch.empty(batch_size, 3, size, size, dtype=dtype)
         batch = counter.live - state
         counter.peak = counter.live
-        training_step(model, optimizer, images, on_forward=lambda: at_forward.setdefault("live", counter.live))
+        training_step(model, optimizer, images, train_config,
+                      on_forward=lambda: at_forward.setdefault("live", counter.live))
     kept = at_forward["live"] - state - batch
     return PeakPrediction(counter.peak, state, batch, kept, counter.peak - state - batch - kept)
 
 
-def measure_training_peak(config: Any, size: int, batch_size: int, device: str | torch.device = "cpu", steps: int = 2) -> int:
+def measure_training_peak(config: Any, size: int, batch_size: int, device: str | torch.device = "cpu", steps: int = 2,
+                          train_config: Optional[TrainConfig] = None) -> int:
     """Measured peak bytes of training: model and Adam built, then ``steps`` steps, all inside the probe.
 
     On CPU the probe is the profiler's allocation events in time order
@@ -209,10 +216,10 @@ def measure_training_peak(config: Any, size: int, batch_size: int, device: str |
     def run() -> None:
         torch.manual_seed(0)
         model = PyramidFlow(config).to(device).train()
-        optimizer = _adam([p for p in model.parameters() if p.requires_grad])
+        optimizer = _optimizer(model, train_config)
         images = torch.randn(batch_size, 3, size, size, device=device)
         for _ in range(steps):
-            training_step(model, optimizer, images)
+            training_step(model, optimizer, images, train_config)
 
     peak, _ = peak_memory_cuda(run, device) if device.type == "cuda" else peak_memory_cpu(run)
     return peak
@@ -298,13 +305,14 @@ def _largest_on_grid(peak: Callable[[int], int], budget: int, points: Sequence[i
 
 
 def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = MODES, gpu_memory: Optional[int] = None,
-         dtype: torch.dtype = torch.float32) -> MemoryPlan:  # fmt: skip
+         dtype: torch.dtype = torch.float32, train_config: Optional[TrainConfig] = None) -> MemoryPlan:  # fmt: skip
     """Predict each mode's peak at ``size`` px and ``batch_size``, and with ``gpu_memory`` what fits.
 
     The largest batch and side are searched with the same prediction (a few
     seconds each); a side is a multiple of ``config.size_multiple``
     (``2**(num_levels - 1)``, times 4 with the ResNet18 encoder, whose weights
-    are not read: NOTE [planning without encoder weights]).
+    are not read: NOTE [planning without encoder weights]). ``train_config``: the training settings
+    whose step is planned (``None``: the method's defaults).
 
     Example:
         >>> from pyramidflow.model import PyramidFlowConfig
@@ -316,23 +324,19 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
     import functools  # noqa: PLC0415
 
     if batch_size < 2:
-        raise ValueError(f"plan: --batch-size must be at least 2 (the loss compares pairs of images), got {batch_size}.")
+        raise ValueError(f"plan: batch_size must be at least 2 (the loss compares pairs of images), got {batch_size}.")
     multiple = config.size_multiple
-    if size < multiple or size % multiple:
-        stride = config.input_stride  # 4 with the ResNet18 encoder: the pyramid's rule applies to its features
-        nearest = config.nearest_valid_size(size)
-        factor = "2^(levels-1)" if stride == 1 else f"{stride}·2^(levels-1) (--encoder {config.encoder})"
-        raise ValueError(f"plan: --size {size} is not divisible by {factor} = {multiple}; use --size {nearest}.")
+    config.check_image_size(size, size, where="plan")
     predictions, max_batch, max_size = {}, {}, {}
     for mode in modes:
         mode_config = dataclasses.replace(config, mode=mode)
-        predictions[mode] = predict_peak(mode_config, size, batch_size, dtype=dtype)
+        predictions[mode] = predict_peak(mode_config, size, batch_size, dtype=dtype, train_config=train_config)
         if gpu_memory is None:
             continue
 
         budget = int((gpu_memory - CUDA_RESERVED) / (1 + CUDA_MARGIN))
-        at_size = functools.lru_cache(None)(lambda b: predict_peak(mode_config, size, b, dtype=dtype).peak)
-        at_batch = functools.lru_cache(None)(lambda s: predict_peak(mode_config, s, batch_size, dtype=dtype).peak)
+        at_size = functools.lru_cache(None)(lambda b: predict_peak(mode_config, size, b, dtype=dtype, train_config=train_config).peak)
+        at_batch = functools.lru_cache(None)(lambda s: predict_peak(mode_config, s, batch_size, dtype=dtype, train_config=train_config).peak)
         batch_fit = _largest_on_grid(at_size, budget, (2, 4, 8), 1, lambda b: [1.0, b, b * (b - 1) / 2], first=2)
         max_batch[mode] = batch_fit
         sides = (size, 2 * size) if size // 2 < multiple or (size // 2) % multiple else (size // 2, size)
@@ -379,7 +383,8 @@ class WouldNotFitError(RuntimeError):
     """A training run's predicted peak does not fit the GPU (raised before any allocation)."""
 
 
-def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype: torch.dtype = torch.float32) -> PeakPrediction:
+def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype: torch.dtype = torch.float32,
+              train_config: Optional[TrainConfig] = None) -> PeakPrediction:
     """Check that a training step fits ``gpu_memory`` bytes; raise naming a batch size or mode that fits.
 
     The encoder variant is checked too, without reading its weights (NOTE [planning without encoder weights]).
@@ -391,10 +396,10 @@ def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype
     """
     import dataclasses  # noqa: PLC0415
 
-    predicted = predict_peak(config, size, batch_size, dtype=dtype)
+    predicted = predict_peak(config, size, batch_size, dtype=dtype, train_config=train_config)
     if cuda_need(predicted.peak) <= gpu_memory:
         return predicted
-    found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype)
+    found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype, train_config=train_config)
     what = (
         f"pyramidflow plan: training at {size} px, batch {batch_size}, mode {config.mode} needs about "
         f"{cuda_need(predicted.peak) / 2**30:.2f} GiB but the GPU has {gpu_memory / 2**30:.2f} GiB"
@@ -402,7 +407,7 @@ def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype
     if found.max_batch_size[config.mode] >= 2:
         fix = f"use --batch-size {found.max_batch_size[config.mode]}"
     else:
-        other = [m for m in MODES if m != config.mode and cuda_need(predict_peak(dataclasses.replace(config, mode=m), size, batch_size, dtype=dtype).peak) <= gpu_memory]
+        other = [m for m in MODES if m != config.mode and cuda_need(predict_peak(dataclasses.replace(config, mode=m), size, batch_size, dtype=dtype, train_config=train_config).peak) <= gpu_memory]
         if other:
             fix = f"use --mode {other[0]}"
         elif found.max_size[config.mode]:

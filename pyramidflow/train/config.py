@@ -12,9 +12,10 @@ from torch import Tensor
 from .._utils import DEVICES, resolve_device
 from ..engine.drift import DRIFT_POLICIES
 
-__all__ = ["DEVICES", "DTYPES", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
+__all__ = ["DEVICES", "DTYPES", "REFERENCE_EPOCHS", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+REFERENCE_EPOCHS = 15  # the budget of the reference run, when neither steps nor epochs is given
 
 
 class TrainingDivergedError(RuntimeError):

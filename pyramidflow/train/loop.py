@@ -21,17 +21,19 @@ checks (:mod:`pyramidflow.train.resume`) and the statistics after training (:mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pyramidflow.checkpoint import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
+from pyramidflow.model import PyramidFlow, PyramidFlowConfig
 from pyramidflow.train.config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
 from pyramidflow.train.data import (
     apply_augmentation_setting, batch_images, check_dataset, epoch_loader, hold_out, without_augmentation,
@@ -45,31 +47,9 @@ from pyramidflow.train.log import LOG_NAME, DriftTracker, append_log, trim_log
 from pyramidflow.train.resume import check_same_settings, check_same_split
 from pyramidflow.train.rng_state import capture_rng_state, fresh_rng_state, restore_rng_state
 from pyramidflow.train.stats import decision_thresholds, template_and_score_stats
+from pyramidflow.train.step import make_optimizer, training_step
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device", "train"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model-side pieces (the model package owns the maths; these wrappers only adapt calling conventions).
-
-
-def _build_model(model_config: Any) -> torch.nn.Module:
-    from pyramidflow.model import PyramidFlow
-
-    return PyramidFlow(model_config)
-
-
-def _latents(model: torch.nn.Module, images: Tensor) -> tuple[Tensor, ...]:
-    """The latent pyramid of ``images`` ``(N, 3, H, W)``: a tuple of ``(N, C, H_i, W_i)``."""
-    return tuple(model(images))
-
-
-def _pairwise_loss(levels: Sequence[Tensor], objective: str = "fourier") -> Tensor:
-    """The loss over every pair of the (global) batch: the method's :func:`pyramidflow.model.fourier_loss`,
-    or the ``"spatial"`` ablation (:func:`pyramidflow.model.loss.objective_loss`)."""
-    from pyramidflow.model.loss import objective_loss
-
-    return objective_loss(objective, levels)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,7 +59,7 @@ def _pairwise_loss(levels: Sequence[Tensor], objective: str = "fourier") -> Tens
 class _Run:
     """The state of one training run, shared by the loop, the checks and the checkpoint writer."""
 
-    def __init__(self, model_config: Any, config: TrainConfig, dataset: Dataset, out_dir: Path,
+    def __init__(self, model_config: PyramidFlowConfig, config: TrainConfig, dataset: Dataset, out_dir: Path,
                  ctx: DistributedContext, device: torch.device, progress: bool) -> None:
         self.model_config = model_config
         self.config = config
@@ -99,14 +79,12 @@ class _Run:
         self.calibration: dict | None = None  # the split, and the thresholds once training has finished
 
         torch.manual_seed(config.seed)
-        self.model = _build_model(model_config).to(device=device, dtype=self.dtype)
-        if hasattr(self.model, "flow"):
-            self.model.flow.drift = config.drift
+        self.model = PyramidFlow(model_config).to(device=device, dtype=self.dtype)
+        self.model.flow.drift = config.drift
         self.drift_tracker = DriftTracker(self.model)
         self.log_path = out_dir / LOG_NAME
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                          weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.params, config)
         self.sampler = EpochBatchSampler(len(dataset), config.batch_size, seed=config.seed,
                                          rank=ctx.rank, world_size=ctx.world_size)
         self.net, self.group = self.model, None  # the group of the latent gather under DDP
@@ -185,32 +163,20 @@ class _Run:
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, batch: Any, guard: InterruptGuard) -> None:
-        images = batch_images(batch, self.device, self.dtype)
-        objective = getattr(self.model_config, "objective", "fourier")
-        if objective == "gaussian_nll":  # volume_norm=None ablation: per sample, so no gather under DDP
-            from pyramidflow.model.loss import gaussian_nll
+        gather = functools.partial(gather_levels, group=self.group) if self.ctx.is_distributed else None
+        training_step(self.net, self.optimizer, batch_images(batch, self.device, self.dtype),
+                      objective=self.model_config.objective, config=self.config, gather=gather,
+                      on_backward=self.drift_tracker.observe, critical=guard.critical, after_update=self._completed)
 
-            levels, logdet = self.net(images, return_logdet=True)
-            loss = gaussian_nll(levels, logdet)
-        else:
-            levels = _latents(self.net, images)
-            if self.ctx.is_distributed:
-                levels = gather_levels(levels, self.group)  # NOTE [global batch under DDP]
-            loss = _pairwise_loss(levels) if objective == "fourier" else _pairwise_loss(levels, objective)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.drift_tracker.observe()
-        if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)  # no host sync
-        with guard.critical():
-            self.optimizer.step()
-            self.pending.append(loss.detach())
-            self.step += 1
-            # An interrupt may come after the next batch was drawn (and augmented): a checkpoint
-            # written then must hold the RNG state of the end of this step, not the current one.
-            self.step_rng = capture_rng_state(self.device)
-            # Likewise the next step's forward updates the running means before its update is done.
-            self.step_buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+    def _completed(self, loss: Tensor) -> None:
+        """The bookkeeping of a finished update (inside the step's critical section)."""
+        self.pending.append(loss.detach())
+        self.step += 1
+        # An interrupt may come after the next batch was drawn (and augmented): a checkpoint
+        # written then must hold the RNG state of the end of this step, not the current one.
+        self.step_rng = capture_rng_state(self.device)
+        # Likewise the next step's forward updates the running means before its update is done.
+        self.step_buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
 
     def loader(self) -> DataLoader:
         return epoch_loader(self.dataset, self.sampler, self.step, self.config, self.ctx.rank, self.device)
@@ -228,7 +194,7 @@ class _Run:
 
 
 def train(
-    model_config: Any,
+    model_config: PyramidFlowConfig,
     train_config: TrainConfig,
     dataset: Dataset,
     out_dir: str | os.PathLike,

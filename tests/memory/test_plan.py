@@ -103,7 +103,7 @@ def test_plan_command_json(capsys):
 
 def test_plan_command_errors_are_one_line():
     for argv, message in [
-        (["--size", "31", "--levels", "2", "--stacks", "1"], "error: plan: --size 31 is not divisible by 2^(levels-1) = 2; use --size 32."),
+        (["--size", "31", "--levels", "2", "--stacks", "1"], "error: --size: image size 31×31 cannot be split into 2 levels: height and width must be divisible by 2**1 = 2; the nearest valid size is 32×32"),
         (["--size", "32", "--gpu-memory", "lots"], "error: --gpu-memory 'lots' is not a memory size"),
     ]:
         done = subprocess.run([sys.executable, "-m", "pyramidflow.cli", "plan", *argv], capture_output=True, text=True, timeout=300)
@@ -184,5 +184,5 @@ def test_plan_command_with_an_encoder_needs_no_weights(capsys):
     config = PyramidFlowConfig(encoder_weights="imagenet", **ENCODER_TINY)  # any weights: they are not read
     assert out["encoder"] == "resnet18"
     assert out["predicted_peak_bytes"] == {"invertible": planning.predict_peak(config, 128, 2).peak}
-    with pytest.raises(ValueError, match=r"plan: --size 90 is not divisible by 4·2\^\(levels-1\) \(--encoder resnet18\) = 8; use --size 88\."):
+    with pytest.raises(ValueError, match=r"plan: image size 90×90 .* divisible by 4·2\*\*1 \(the encoder's stride 4\) = 8; the nearest valid size is 88×88"):
         planning.plan(config, 90)

@@ -195,7 +195,7 @@ def test_model_builds_the_config_encoder(weights_file):
 
 def test_image_size_error_names_the_nearest_valid_size(weights_file):
     model = PyramidFlow(PyramidFlowConfig(encoder="resnet18", encoder_weights=str(weights_file), **TINY))
-    with pytest.raises(ValueError, match="divisible by 4·2\\*\\*1 = 8; resize the images to 40×32"):
+    with pytest.raises(ValueError, match="divisible by 4·2\\*\\*1 \\(the encoder's stride 4\\) = 8; the nearest valid size is 40×32"):
         model(torch.randn(1, 3, 36, 32))
 
 

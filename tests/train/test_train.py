@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 import pyramidflow.checkpoint as checkpoint_module
-import pyramidflow.train.loop as train_module
+import pyramidflow.train.step as step_module
 from pyramidflow.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint_atomic
 from pyramidflow.train.distributed import EpochBatchSampler
 from pyramidflow.model import PyramidFlowConfig, anomaly_map
@@ -248,15 +248,15 @@ def test_load_checkpoint_errors_name_the_file_and_the_setting(tmp_path):
 
 
 def _loss_that_turns_nan_at(step: int, monkeypatch):
-    real = train_module._pairwise_loss
+    real = step_module.objective_loss
     calls = []
 
-    def loss(levels):
+    def loss(objective, levels, logdet=None):
         calls.append(1)
-        value = real(levels)
+        value = real(objective, levels, logdet)
         return value * float("nan") if len(calls) == step else value
 
-    monkeypatch.setattr(train_module, "_pairwise_loss", loss)
+    monkeypatch.setattr(step_module, "objective_loss", loss)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -288,23 +288,23 @@ def test_huge_learning_rate_never_saves_nan_weights(tmp_path):
 
 
 def test_keyboard_interrupt_writes_the_last_completed_step_and_resumes_exactly(tmp_path, monkeypatch, capsys):
-    real = train_module._pairwise_loss
+    real = step_module.objective_loss
     calls = []
 
-    def interrupted(levels):
+    def interrupted(objective, levels, logdet=None):
         calls.append(1)
         if len(calls) == 4:  # during step 4, after its batch was drawn and augmented
             raise KeyboardInterrupt
-        return real(levels)
+        return real(objective, levels, logdet)
 
-    monkeypatch.setattr(train_module, "_pairwise_loss", interrupted)
+    monkeypatch.setattr(step_module, "objective_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", steps=6, checkpoint_every=None)
     path = tmp_path / "cut" / CHECKPOINT_NAME
     assert f"checkpoint of step 3 written to {path}" in capsys.readouterr().err
     ckpt = load_checkpoint(path)
     assert ckpt.step == 3 and not ckpt.finished and len(ckpt.losses) == 3
-    monkeypatch.setattr(train_module, "_pairwise_loss", real)
+    monkeypatch.setattr(step_module, "objective_loss", real)
     resumed = run(tmp_path / "cut", steps=6, resume=True)
     straight = run(tmp_path / "straight", steps=6)
     assert resumed.losses == straight.losses
