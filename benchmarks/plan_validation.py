@@ -1,4 +1,4 @@
-"""``pyramidflow plan``'s predicted peak against the measured one, per mode (the README's table).
+"""``pyramidflow plan``'s predicted peak against the measured one, per mode (the table in benchmarks/README.md).
 
 Measured: profiler allocation events in time order on CPU
 (:func:`pyramidflow.memory.peak_memory_cpu`), ``max_memory_allocated``

@@ -65,7 +65,7 @@ def resolve_variants(names: Optional[Sequence[str]]) -> list[Variant]:
         return list(VARIANTS)
     unknown = [n for n in names if n not in _BY_NAME]
     if unknown:
-        raise ValueError(f"variants: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(_BY_NAME)}.")
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(_BY_NAME)}.")
     return [_BY_NAME[n] for n in dict.fromkeys(names)]
 
 
