@@ -186,3 +186,17 @@ def test_plan_command_with_an_encoder_needs_no_weights(capsys):
     assert out["predicted_peak_bytes"] == {"invertible": planning.predict_peak(config, 128, 2).peak}
     with pytest.raises(ValueError, match=r"plan: image size 90×90 .* divisible by 4·2\*\*1 \(the encoder's stride 4\) = 8; the nearest valid size is 88×88"):
         planning.plan(config, 90)
+
+
+@pytest.mark.parametrize("volume_norm, objective", [("CVN", "fourier"), (None, "gaussian_nll")])
+def test_plan_predicts_the_step_training_takes(volume_norm, objective, monkeypatch):
+    """The planned step is training's own (pyramidflow.train.step): its loss, clipping and Adam settings."""
+    import pyramidflow.train.step as step_module
+    from pyramidflow.train import TrainConfig
+
+    losses, clips = [], []
+    real_loss, real_clip = step_module.objective_loss, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(step_module, "objective_loss", lambda name, *a: losses.append(name) or real_loss(name, *a))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, c: clips.append(c) or real_clip(p, c))
+    planning.predict_peak(PyramidFlowConfig(volume_norm=volume_norm, **TINY), 32, 2, train_config=TrainConfig(steps=1, grad_clip=0.5))
+    assert losses == [objective] and clips == [0.5]
