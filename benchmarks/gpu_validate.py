@@ -82,18 +82,20 @@ def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: i
 
     from pyramidflow.memory import peak_memory
     from pyramidflow.model import PyramidFlow, PyramidFlowConfig
-    from pyramidflow.plan import _adam, training_step
+    from pyramidflow.train import TrainConfig
+    from pyramidflow.train.step import make_optimizer, training_step
 
     rows = []
     for side, mode, backend in cases:
         os.environ["PYRAMIDFLOW_KERNELS"] = backend
         torch.manual_seed(0)
         model = PyramidFlow(PyramidFlowConfig(channels=channels, mode=mode)).to(device).train()
-        optimizer = _adam([p for p in model.parameters() if p.requires_grad])
+        settings = TrainConfig(steps=1)  # the method's optimizer and clipping
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
         images = torch.randn(2, 3, side, side, device=device)
 
         def step():
-            training_step(model, optimizer, images)
+            training_step(model, optimizer, images, objective=model.config.objective, config=settings)
 
         step()  # warm-up: autotuning, Adam's state
         peak, _ = peak_memory(step, device)
@@ -110,7 +112,7 @@ def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: i
 def plan_rows(device: str, cases: Sequence[tuple], tolerance: float = 0.15) -> List[Dict[str, str]]:
     """``plan``'s prediction against the measured peak (``max_memory_allocated`` on CUDA) per ``(side, channels, mode)``."""
     from pyramidflow.model import PyramidFlowConfig
-    from pyramidflow.plan import CUDA_MARGIN, measure_training_peak, predict_peak
+    from pyramidflow.memory.plan import CUDA_MARGIN, measure_training_peak, predict_peak
 
     rows = []
     for side, channels, mode in cases:

@@ -1,9 +1,9 @@
-"""``pyramidflow plan``'s predicted peak against the measured one, per mode (the README's table).
+"""``pyramidflow plan``'s predicted peak against the measured one, per mode (the table in benchmarks/README.md).
 
 Measured: profiler allocation events in time order on CPU
 (:func:`pyramidflow.memory.peak_memory_cpu`), ``max_memory_allocated``
 on CUDA, over a run that builds the model and Adam inside the probe and takes
-two training steps with the Fourier loss (:func:`pyramidflow.plan.measure_training_peak`).
+two training steps with the Fourier loss (:func:`pyramidflow.memory.plan.measure_training_peak`).
 
 Run: ``python benchmarks/plan_validation.py 256:16 512:16 1024:4`` (side:channels;
 the paper's k = 7, 4 stacks, L = 4, batch 2). ``--json FILE`` appends one line per row.
@@ -18,7 +18,7 @@ import time
 import torch
 
 from pyramidflow.model import PyramidFlowConfig
-from pyramidflow.plan import MODES, measure_training_peak, predict_peak
+from pyramidflow.memory.plan import MODES, measure_training_peak, predict_peak
 
 
 def rows(cases, device: str, modes=MODES, batch_size: int = 2):

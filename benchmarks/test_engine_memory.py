@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from pyramidflow import InvertibleSequential
-from pyramidflow.engine import AffineCoupling
+from pyramidflow.engine import MODES, AffineCoupling
 from pyramidflow.memory import peak_memory
 
 from conftest import record_row
 
-MODES = ("autograd", "checkpoint", "invertible")
 
 
 def _couplings(device, depth=8):

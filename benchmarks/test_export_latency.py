@@ -1,6 +1,6 @@
 """Inference latency of one 256 px image: the exported ONNX graph in onnxruntime against PyTorch, on the CPU.
 
-The graph is :class:`pyramidflow.export.InferenceGraph` (image -> anomaly map and score, template baked
+The graph is :class:`pyramidflow.inference.export.InferenceGraph` (image -> anomaly map and score, template baked
 in) for the method's architecture at ``--bench-channels`` width (C = 4 by default on CPU, the paper's
 16 with ``--bench-channels 16``), 4 stacks, L = 4, CVN, batch 1. Both runtimes get the same number of
 threads (torch's). The two are timed in alternation, round after round, so that a shared machine's
@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from pyramidflow.export import InferenceGraph, export_graph
+from pyramidflow.inference.export import InferenceGraph, export_graph
 from pyramidflow.model import PyramidFlow, PyramidFlowConfig
 
 onnxruntime = pytest.importorskip("onnxruntime")

@@ -22,7 +22,7 @@ def __getattr__(name: str):
     # Detector pulls in the data, metrics and inference modules (Pillow, scipy, scikit-learn): imported
     # on first use, so that engine-only users do not pay for them.
     if name in ("Detector", "Prediction"):
-        from . import detector
+        from .inference import detector
 
         return getattr(detector, name)
     raise AttributeError(f"module 'pyramidflow' has no attribute {name!r}")

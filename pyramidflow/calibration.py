@@ -229,7 +229,7 @@ def calibrate(
         rules used, ``num_images``, the held-out image ``scores``, and ``source`` (``"held-out"``, or
         ``"training images"`` when nothing was held out).
     """
-    from pyramidflow.model import anomaly_map, image_score
+    from pyramidflow.model import image_score
 
     was_training = model.training
     model.eval()
@@ -237,8 +237,7 @@ def calibrate(
         scores, pixels = [], []
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             images = (batch["image"] if isinstance(batch, dict) else batch).to(device=device, dtype=dtype)
-            difference = getattr(getattr(model, "config", None), "difference", "pyramid")  # the ablation switch
-            maps = anomaly_map(tuple(model(images)), template, images.shape[-2:], difference=difference)  # (N, 1, H, W)
+            maps = model.anomaly_map(images, template)  # (N, 1, H, W)
             scores.append(image_score(maps).double().cpu())
             pixels.append(maps.double().cpu().reshape(-1))
     finally:

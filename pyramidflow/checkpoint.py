@@ -6,24 +6,22 @@ draws from, the sampler's position, the per-step losses and, once training has f
 template and the score statistics of the training images. It contains only tensors and plain Python
 values, so it loads with ``torch.load(..., weights_only=True)``: opening a checkpoint never runs code.
 
-# NOTE [atomic checkpoint]
 A crash, a full disk or Ctrl-C in the middle of ``torch.save`` must never leave a truncated
-``checkpoint.pt`` behind, or destroy the previous good one. The file is written to a temporary file
-in the same folder (same file system, so the rename is atomic), flushed and fsync'ed, then moved over
-the old one with ``os.replace``. On any failure the temporary file is removed and the old checkpoint
-is untouched.
+``checkpoint.pt`` behind, or destroy the previous good one: the file is written through
+:func:`pyramidflow._utils.atomic_write` (NOTE [atomic write]).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from ._utils import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -120,7 +118,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def save_checkpoint_atomic(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (see ``NOTE [atomic checkpoint]``).
+    """Write ``state`` to ``path`` atomically (NOTE [atomic write] in :mod:`pyramidflow._utils`).
 
     Args:
         state: the dict to save (tensors and plain Python values only).
@@ -134,36 +132,9 @@ def save_checkpoint_atomic(state: Mapping[str, Any], path: str | os.PathLike) ->
             ``path``, if any, is left as it was and no temporary file remains.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # BaseException: a Ctrl-C during the write must not leave the temporary file either.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(dict(state), handle)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (best effort: not every platform can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

@@ -73,7 +73,8 @@ def test_missing_data_folder(tmp_path, capsys):
 def test_size_not_divisible(data_root, tmp_path, capsys):
     status = main(["train", "--data", str(data_root), "--category", "nut", "--out", str(tmp_path), "--size", "60", "--steps", "1"])
     assert status != 0
-    assert "--size 64" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert line.startswith("error: --size: image size 60×60") and "the nearest valid size is 64×64" in line
 
 
 def test_truncated_image_is_named(data_root, tmp_path, capsys):

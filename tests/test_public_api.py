@@ -26,6 +26,6 @@ def test_detector_is_imported_on_first_use_only():
     import subprocess
     import sys
 
-    code = ("import sys, pyramidflow; assert 'pyramidflow.detector' not in sys.modules; "
-            "from pyramidflow import Detector; assert Detector.__module__ == 'pyramidflow.detector'")
+    code = ("import sys, pyramidflow; assert 'pyramidflow.inference.detector' not in sys.modules; "
+            "from pyramidflow import Detector; assert Detector.__module__ == 'pyramidflow.inference.detector'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .._utils import atomic_write
+
 __all__ = ["TEXTURES", "OBJECTS", "CATEGORIES", "DEFECT_TYPES", "generate", "is_texture"]
 
 TEXTURES = ("fabric",)
@@ -364,7 +366,8 @@ def _finish(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 
 
 def _save(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+    with atomic_write(path) as tmp:  # NOTE [atomic write]
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
 
 
 def generate(

@@ -156,7 +156,7 @@ class _InvertibleFunction(torch.autograd.Function):
         param_grads: List[Optional[Tensor]] = [None] * len(run.params)
         inputs_need_grad = any(ctx.needs_input_grad[2 : 2 + len(ys)])
         monitor = run.drift != "off"
-        # Meta tensors (pyramidflow.plan counts memory on them) have shapes but no values: keep the
+        # Meta tensors (pyramidflow.memory.plan counts memory on them) have shapes but no values: keep the
         # fingerprints and anchors (their memory counts) but make no value-dependent decision.
         measurable = not ys[0].is_meta
         drifts: List[Tensor] = []

@@ -21,7 +21,7 @@ from .function import DriftReport, InvertibleRun, run_invertible
 
 __all__ = ["InvertibleSequential", "MODES"]
 
-MODES = ("invertible", "autograd", "checkpoint")
+MODES = ("invertible", "checkpoint", "autograd")  # the engine's own first; also the order plan reports them in
 TensorOrTensors = Union[Tensor, Tensors]
 
 

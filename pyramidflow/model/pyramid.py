@@ -48,26 +48,28 @@ def _up(x: Tensor, size: Tuple[int, int]) -> Tensor:
     return _blur(F.interpolate(x, size=size, mode="nearest"))
 
 
-def nearest_valid_side(side: int, num_levels: int) -> int:
-    """The multiple of ``2**(num_levels - 1)`` nearest to ``side`` (ties round up), at least one multiple."""
-    factor = 2 ** (num_levels - 1)
+def nearest_valid_side(side: int, num_levels: int, stride: int = 1) -> int:
+    """The multiple of ``stride * 2**(num_levels - 1)`` nearest to ``side`` (ties round up), at least one multiple."""
+    factor = stride * 2 ** (num_levels - 1)
     return max(factor, (side + factor // 2) // factor * factor)
 
 
-def check_image_size(height: int, width: int, num_levels: int, *, where: str = "LaplacianPyramid") -> None:
-    """Raise a ValueError naming the nearest valid size when ``num_levels`` levels do not fit.
+def check_image_size(height: int, width: int, num_levels: int, *, where: str = "LaplacianPyramid", stride: int = 1) -> None:
+    """Raise a ValueError naming the nearest valid size when ``num_levels`` levels do not fit (the one size rule).
 
     Both sides must be divisible by ``2**(num_levels - 1)`` so that every
     level has exactly half the sides of the previous one and composition is
-    exact.
+    exact; images that an encoder shrinks by ``stride`` first must be divisible
+    by ``stride * 2**(num_levels - 1)``.
     """
-    factor = 2 ** (num_levels - 1)
+    factor = stride * 2 ** (num_levels - 1)
     if height % factor == 0 and width % factor == 0 and height > 0 and width > 0:
         return
-    near_h, near_w = nearest_valid_side(height, num_levels), nearest_valid_side(width, num_levels)
+    near_h, near_w = nearest_valid_side(height, num_levels, stride), nearest_valid_side(width, num_levels, stride)
+    written = f"2**{num_levels - 1}" if stride == 1 else f"{stride}·2**{num_levels - 1} (the encoder's stride {stride})"
     raise ValueError(
         f"{where}: image size {height}×{width} cannot be split into {num_levels} levels: height and width must "
-        f"be divisible by 2**{num_levels - 1} = {factor}; the nearest valid size is {near_h}×{near_w} "
+        f"be divisible by {written} = {factor}; the nearest valid size is {near_h}×{near_w} "
         "(resize or crop the images to it, or use fewer levels)."
     )
 

@@ -23,12 +23,12 @@ from torch import Tensor, nn
 
 from ..engine.sequential import MODES, InvertibleSequential
 from ..kernels import BACKENDS
-from .anomaly_map import DIFFERENCES, TEMPLATES
+from .anomaly_map import DIFFERENCES, TEMPLATES, anomaly_map
 from .conv1x1 import CONV1X1_INITS
 from .coupling import PyramidCoupling, ThreeLevelCoupling, TwoLevelCoupling
 from .encoder import ENCODER_CHANNELS, ENCODER_STRIDES, ENCODERS, build_encoder
 from .loss import LOSSES
-from .pyramid import DOWNSAMPLES, LaplacianPyramid
+from .pyramid import DOWNSAMPLES, LaplacianPyramid, check_image_size, nearest_valid_side
 from .volume_norm import VOLUME_NORM_CHOICES
 
 __all__ = ["PyramidFlowConfig", "PyramidFlow", "InputLift", "stack_layout"]
@@ -196,8 +196,11 @@ class PyramidFlowConfig:
 
     def nearest_valid_size(self, size: int) -> int:
         """The multiple of :attr:`size_multiple` nearest to ``size`` (ties round up), at least one multiple."""
-        multiple = self.size_multiple
-        return max(multiple, (size + multiple // 2) // multiple * multiple)
+        return nearest_valid_side(size, self.num_levels, self.input_stride)
+
+    def check_image_size(self, height: int, width: int, where: str = "PyramidFlow") -> None:
+        """Raise a ValueError naming the nearest valid size when images of ``height×width`` do not fit."""
+        check_image_size(height, width, self.num_levels, where=where, stride=self.input_stride)
 
     @classmethod
     def for_category(cls, name: str, **overrides) -> "PyramidFlowConfig":
@@ -442,17 +445,18 @@ class PyramidFlow(nn.Module):
             )
         return self.lift.inverse(self.inverse_features(latents))
 
+    def anomaly_map(self, images: Tensor, template: Sequence[Tensor]) -> Tensor:
+        """The anomaly map of ``images`` ``(N, 3, H, W)`` against ``template``: ``(N, 1, H, W)``.
+
+        The one place that reads the config's ``difference`` switch: training statistics,
+        calibration, evaluation, the Detector and the exported graph all take their maps from here,
+        so that none of them can forget it.
+        """
+        return anomaly_map(self(images), template, tuple(images.shape[-2:]), difference=self.config.difference)
+
     def _check_input_size(self, height: int, width: int) -> None:
         """With an encoder the pyramid's rule applies to the features: images must be multiples of ``size_multiple``."""
-        multiple = self.config.size_multiple
-        if height % multiple == 0 and width % multiple == 0 and height > 0 and width > 0:
-            return
-        near = [max(multiple, (side + multiple // 2) // multiple * multiple) for side in (height, width)]
-        raise ValueError(
-            f"PyramidFlow: image size {height}×{width} does not fit encoder={self.config.encoder!r} with "
-            f"{self.num_levels} levels: height and width must be divisible by {self.config.input_stride}·2**"
-            f"{self.num_levels - 1} = {multiple}; resize the images to {near[0]}×{near[1]}."
-        )
+        self.config.check_image_size(height, width)
 
     # NOTE [CVN resolution] (volume_norm.py): the same check, with image sizes in the message.
     def _check_resolution(self, height: int, width: int) -> None:

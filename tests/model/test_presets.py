@@ -1,4 +1,4 @@
-"""The README's per-category defaults table says what the code does, for all 15 MVTec AD and 3 BTAD classes."""
+"""The per-category defaults table of docs/categories.md says what the code does, for all 15 MVTec AD and 3 BTAD classes."""
 
 import inspect
 from pathlib import Path
@@ -8,11 +8,11 @@ from pyramidflow.data.btad import BTAD_CATEGORIES
 from pyramidflow.data.mvtec import MVTEC_CATEGORIES
 from pyramidflow.model import PyramidFlowConfig
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CATEGORIES = Path(__file__).resolve().parents[2] / "docs" / "categories.md"
 
 
 def _rows():
-    text = README.read_text()
+    text = CATEGORIES.read_text()
     start = text.index("<!-- presets:")
     table = text[start:text.index("<!-- end presets -->")]
     rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ") and "---" not in line]

@@ -1,0 +1,102 @@
+"""Two rules every wing shares: which device to run on, and how a file is written.
+
+NOTE [atomic write]: every file the project writes (checkpoints, exported graphs, metrics and
+prediction files, pictures, logs it rewrites, ablation tables) goes through :func:`atomic_write`: the
+bytes go to a temporary file in the same folder (same file system, so the rename is atomic), are
+flushed and fsync'ed, then moved over the target with ``os.replace``. A crash, a full disk or Ctrl-C
+leaves either the old file or the new one, never a truncated one, and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+__all__ = ["DEVICES", "resolve_device", "atomic_write", "write_text_atomic"]
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device to run on: ``"auto"`` picks CUDA when present, else the CPU.
+
+    Raises:
+        ValueError: an unknown device name.
+        RuntimeError: ``"cuda"`` asked for but no CUDA device is usable.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"resolve_device: device must be one of {DEVICES}, got {device!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "resolve_device: device='cuda' was asked for but torch sees no CUDA device "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu' or 'auto'."
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; moved over ``path`` when the block succeeds (NOTE [atomic write]).
+
+    The folder of ``path`` is created. On any exception (Ctrl-C included) the temporary file is
+    removed, the previous file at ``path``, if any, is left as it was, and the exception goes on.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "out.txt"
+        >>> with atomic_write(target) as tmp:
+        ...     _ = tmp.write_text("done")
+        >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
+        ('done', ['out.txt'])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary file, not the result
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_write`; returns ``Path(path)``."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

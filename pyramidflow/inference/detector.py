@@ -1,0 +1,208 @@
+"""The Python API for inspection: a trained checkpoint as a callable that returns decisions.
+
+``Detector.load("runs/nut/checkpoint.pt")`` opens a finished checkpoint; calling the detector on
+images (paths, PIL images, ``(H, W, 3)`` uint8 arrays, ``(N, 3, H, W)`` tensors, or a list of them)
+returns one :class:`Prediction` per image: the score, the yes/no against the calibrated image
+threshold, the anomaly map at the input's resolution, the binary mask at the pixel threshold, and
+the defect regions. Maps come from :func:`pyramidflow.inference.maps.anomaly_maps`, as in ``eval`` and
+``predict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..calibration import check_threshold, stored_thresholds
+from ..data._io import load_rgb
+from ..data.transforms import image_to_tensor
+from .._utils import resolve_device
+from .maps import Inference, anomaly_maps, load_for_inference, smooth
+from .regions import find_regions
+from .tiling import check_tileable, tiled_anomaly_map
+
+__all__ = ["Detector", "Prediction"]
+
+
+@dataclass
+class Prediction:
+    """The decision for one image.
+
+    Attributes:
+        score: the image score (maximum of the map at the model's resolution, or of the blended map
+            when tiled).
+        is_anomalous: ``score > image threshold``.
+        anomaly_map: ``(H, W)`` float32 map at the input's resolution.
+        mask: ``(H, W)`` bool, ``anomaly_map > pixel threshold``.
+        regions: connected regions of ``mask``: ``{"bbox": [x0, y0, x1, y1], "area", "peak"}``, largest
+            peak first (see :func:`pyramidflow.inference.outputs.find_regions`).
+        path: the source file, or ``"<array 3>"`` style names for in-memory inputs.
+    """
+
+    score: float
+    is_anomalous: bool
+    anomaly_map: np.ndarray = field(repr=False)
+    mask: np.ndarray = field(repr=False)
+    regions: List[dict]
+    path: str = ""
+
+
+def _to_rgb(item: Any, name: str) -> Image.Image:
+    """One input as an RGB PIL image (tensors and arrays in [0, 1] or uint8 become 8-bit pixels)."""
+    if isinstance(item, (str, Path)):
+        return load_rgb(Path(item), "Detector")
+    if isinstance(item, Image.Image):
+        return item if item.mode == "RGB" else item.convert("RGB")
+    if isinstance(item, torch.Tensor):
+        if item.ndim != 3 or item.shape[0] != 3:
+            raise ValueError(f"Detector: {name} is a tensor of shape {tuple(item.shape)}; give (3, H, W) or (N, 3, H, W).")
+        array = item.detach().cpu()
+        if array.dtype != torch.uint8:
+            array = (array.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return Image.fromarray(array.permute(1, 2, 0).contiguous().numpy())
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise ValueError(
+                f"Detector: {name} is an array of shape {item.shape} and dtype {item.dtype}; give (H, W, 3) uint8 RGB."
+            )
+        return Image.fromarray(item)
+    raise TypeError(
+        f"Detector: cannot read {name} of type {type(item).__name__}; give a path, a PIL image, an (H, W, 3) uint8 "
+        "array, an (N, 3, H, W) tensor (RGB in [0, 1] or uint8), or a list of them."
+    )
+
+
+def _flatten(images: Any) -> List[Tuple[str, Any]]:
+    """``(name, item)`` for every image in ``images``; a 4-D tensor is N images."""
+    items = images if isinstance(images, (list, tuple)) else [images]
+    out: List[Tuple[str, Any]] = []
+    for item in items:
+        if isinstance(item, torch.Tensor) and item.ndim == 4:
+            out.extend((f"<tensor {len(out) + i}>", image) for i, image in enumerate(item))
+        elif isinstance(item, (str, Path)):
+            out.append((str(item), item))
+        else:
+            out.append((f"<{type(item).__name__} {len(out)}>", item))
+    if not out:
+        raise ValueError("Detector: no images given.")
+    return out
+
+
+class Detector:
+    """A finished checkpoint that turns images into decisions.
+
+    The thresholds default to those calibrated on held-out good images at training time
+    (:mod:`pyramidflow.calibration`); set ``detector.threshold`` (image) or ``detector.pixel_threshold``
+    to change them. Images are resized to the trained size, unless ``tile=True``: then an image at least
+    the trained size is processed at its own resolution in overlapping tiles (:mod:`pyramidflow.inference.tiling`).
+    Runs in batches under ``torch.inference_mode``.
+
+    Args:
+        inference: from :func:`pyramidflow.inference.evaluate.load_for_inference`.
+        tile: tiled inference at the input's resolution.
+        batch_size: images (or tiles) per forward pass.
+        smoothing_sigma: Gaussian smoothing of the maps in pixels (0: off, as at calibration).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from pyramidflow import Detector
+        >>> from pyramidflow.data import MVTecDataset, synthetic
+        >>> from pyramidflow.model import PyramidFlowConfig
+        >>> from pyramidflow.train import TrainConfig, train
+        >>> root = synthetic.generate(tempfile.mkdtemp(), size=32, categories=("nut",), num_train=6, num_test=1)
+        >>> config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=3)
+        >>> run = train(config, TrainConfig(steps=2, device="cpu"), MVTecDataset(root, "nut", split="train", size=32),
+        ...             tempfile.mkdtemp(), progress=False)
+        >>> detector = Detector.load(run.checkpoint_path)
+        >>> [p] = detector(np.zeros((48, 40, 3), dtype=np.uint8))
+        >>> p.anomaly_map.shape, p.mask.shape, type(p.is_anomalous)
+        ((48, 40), (48, 40), <class 'bool'>)
+        >>> detector.threshold = p.score + 1.0
+        >>> detector(np.zeros((48, 40, 3), dtype=np.uint8))[0].is_anomalous
+        False
+    """
+
+    def __init__(self, inference: Inference, *, tile: bool = False, batch_size: int = 8, smoothing_sigma: float = 0.0) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Detector: batch_size must be a positive int, got {batch_size!r}.")
+        self.inference = inference
+        self.tile = bool(tile)
+        self.batch_size = batch_size
+        self.smoothing_sigma = float(smoothing_sigma)
+        self._threshold, self._pixel_threshold, _ = stored_thresholds(inference.checkpoint)
+
+    @classmethod
+    def load(cls, path: str | Path, device: Optional[str | torch.device] = None, **options: Any) -> "Detector":
+        """Open a finished checkpoint; ``device`` ``None`` picks CUDA when present. ``options`` as in the class."""
+        device = resolve_device("auto") if device is None else torch.device(device)
+        return cls(load_for_inference(path, device), **options)
+
+    @property
+    def threshold(self) -> float:
+        """The image threshold: an image whose score is above it is anomalous."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = check_threshold(value, "Detector.threshold")
+
+    @property
+    def pixel_threshold(self) -> float:
+        """The pixel threshold: pixels whose map value is above it form the mask."""
+        return self._pixel_threshold
+
+    @pixel_threshold.setter
+    def pixel_threshold(self, value: float) -> None:
+        self._pixel_threshold = check_threshold(value, "Detector.pixel_threshold")
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """The trained input size ``(height, width)``."""
+        return self.inference.image_size
+
+    def _maps(self, images: torch.Tensor) -> np.ndarray:
+        inference = self.inference
+        return anomaly_maps(inference.model, inference.template, images.to(inference.device))
+
+    def _decide(self, path: str, score: float, native_map: np.ndarray) -> Prediction:
+        mask = native_map > self._pixel_threshold
+        return Prediction(score=float(score), is_anomalous=bool(score > self._threshold), anomaly_map=native_map,
+                          mask=mask, regions=find_regions(mask, native_map), path=path)
+
+    def __call__(self, images: Any) -> List[Prediction]:
+        """One :class:`Prediction` per image, in order (a ``(N, 3, H, W)`` tensor counts as N images).
+
+        Raises:
+            ValueError: an unreadable image file (named), an input of the wrong shape, or (``tile=True``)
+                an image smaller than the trained size.
+            TypeError: an input of another type.
+        """
+        named = [(name, _to_rgb(item, name)) for name, item in _flatten(images)]
+        with torch.inference_mode():
+            if self.tile:
+                return [self._tiled(name, image) for name, image in named]
+            predictions = []
+            for first in range(0, len(named), self.batch_size):
+                chunk = named[first:first + self.batch_size]
+                batch = torch.stack([image_to_tensor(image, self.image_size) for _, image in chunk])
+                maps = smooth(self._maps(batch), self.smoothing_sigma)
+                for (name, image), model_map in zip(chunk, maps):
+                    width, height = image.size
+                    native = F.interpolate(torch.from_numpy(model_map)[None, None], size=(height, width),
+                                           mode="bilinear", align_corners=False)[0, 0].numpy()
+                    predictions.append(self._decide(name, float(model_map.max()), native))
+            return predictions
+
+    def _tiled(self, name: str, image: Image.Image) -> Prediction:
+        width, height = image.size
+        check_tileable(height, width, self.image_size, name)
+        tensor = image_to_tensor(image, (height, width))
+        native = tiled_anomaly_map(tensor, self.image_size, self._maps, batch_size=self.batch_size, name=name)
+        native = smooth(native[None], self.smoothing_sigma)[0]
+        return self._decide(name, float(native.max()), native)

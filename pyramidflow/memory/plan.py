@@ -1,0 +1,418 @@
+"""Peak training memory predicted before any allocation: will it fit on my card?
+
+The prediction runs one training step of the real model, loss and optimizer
+on the ``meta`` device, where tensors have shapes and no storage, and counts
+bytes as a caching-free allocator would: every new storage an op returns is
+added when it is made and removed when it is freed (:class:`_LiveBytes`). So
+it follows the model's code, whatever the engine mode or option, and costs
+the same at 2048 px as at 64 px (a few seconds: no arithmetic is done).
+
+The step is the training loop's (:mod:`pyramidflow.train`): forward, Fourier
+loss, ``zero_grad(set_to_none=True)``, backward, gradient clipping, Adam. It
+is simulated as a *second* step (Adam's state and the previous gradients
+exist), which is the peak of training: the first step lacks Adam's state.
+
+The peak is broken down into parameters and optimizer state (weights,
+gradients, Adam's two moments, buffers), the input batch, the state the mode
+keeps from forward to backward (measured at the end of forward: the
+outputs in invertible mode, every block's input in checkpoint mode, every
+saved activation in autograd mode; an option that keeps more shows up here),
+and the largest block's working set (the rest of the peak).
+
+The encoder variant (``encoder="resnet18"``) is planned without its weights:
+memory does not depend on their values (NOTE [planning without encoder weights]).
+
+On CUDA, cuDNN's workspace and the caching allocator's rounding come on top:
+:data:`CUDA_MARGIN` of the peak, and :data:`CUDA_RESERVED` of the card for
+the CUDA context, which the allocator never sees.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..engine import MODES
+from ..train.config import TrainConfig
+
+__all__ = [
+    "CUDA_MARGIN",
+    "CUDA_RESERVED",
+    "MODES",
+    "MemoryPlan",
+    "WEIGHTS_NOT_READ",
+    "parse_bytes",
+    "predict_peak",
+    "plan",
+    "measure_training_peak",
+    "training_step",
+]
+
+CUDA_MARGIN = 0.10  # of the predicted peak: cuDNN workspaces and the allocator's 512-byte rounding
+CUDA_RESERVED = 512 * 2**20  # of the card: the CUDA context and kernels, outside the allocator
+# NOTE [planning without encoder weights]
+# A step's memory does not depend on the values of the weights, so the planner
+# builds the encoder variant's stem with ``encoder_skeleton`` (random weights;
+# on ``meta`` not even those exist) and hands it to ``PyramidFlow(config,
+# encoder=...)``, the constructor's documented way to pass an encoder:
+# ``config.encoder_weights`` is never read, so planning needs neither the file
+# nor a download. Training builds ``PyramidFlow(config)``, which loads them;
+# only :func:`_planning_model` takes this path. The stem is frozen, so its
+# parameters count as parameters only (no gradient, no Adam state), and it
+# runs under no-grad (``PyramidFlow.features``): its activations are freed as
+# it goes, only the features it returns live on, and its forward's working set
+# (the first conv's and batch norm's outputs, at half the image side) is in
+# ``working_set`` when it is the step's largest. A config made only to be
+# planned (``pyramidflow plan --encoder resnet18`` without --encoder-weights)
+# names :data:`WEIGHTS_NOT_READ`; building it for real stops with "no file at".
+WEIGHTS_NOT_READ = "<encoder weights: not read by pyramidflow plan>"  # for configs made only to be planned
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"12GiB"``, ``"16 GB"``, ``"800MiB"`` or a plain number of bytes, as bytes.
+
+    Raises:
+        ValueError: not a size.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"--gpu-memory {text!r} is not a memory size; write it like 12GiB, 16GB or 800MiB.")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages alive, counted at every op (NOTE [counting live bytes])."""
+
+    # NOTE [counting live bytes]
+    # Every tensor an op returns is looked at; a storage not seen before is
+    # new: its bytes are added and a finalizer on it subtracts them when it is
+    # freed. Views and in-place results share a seen storage and add nothing.
+    # Storages made before the mode started (none here) are not counted.
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: Dict[int, int] = {}
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._seen:
+            return
+        nbytes = storage.nbytes()
+        self._seen[key] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        if self._seen.pop(key, None) is not None:
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._count(value)
+        return out
+
+
+# The settings `pyramidflow train` uses when none are given: the method's (the budget is not read).
+_TRAINING = TrainConfig(steps=1)
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                  train_config: Optional[TrainConfig] = None, on_forward: Optional[Callable[[], None]] = None) -> None:
+    """One step of the training loop (:func:`pyramidflow.train.step.training_step`), with the model config's objective."""
+    from ..train.step import training_step as step  # noqa: PLC0415
+
+    step(model, optimizer, images, objective=model.config.objective, config=train_config or _TRAINING,
+         on_forward=on_forward)
+
+
+def _planning_model(config: Any) -> torch.nn.Module:
+    """``PyramidFlow(config)`` as training builds it, but with the encoder's weights not read
+    (NOTE [planning without encoder weights]); the plain model (``encoder="none"``) is built as is."""
+    from ..model import PyramidFlow  # noqa: PLC0415
+    from ..model.encoder import encoder_skeleton  # noqa: PLC0415
+
+    return PyramidFlow(config, encoder=encoder_skeleton(getattr(config, "encoder", "none")))
+
+
+def _optimizer(model: torch.nn.Module, train_config: Optional[TrainConfig]) -> torch.optim.Optimizer:
+    from ..train.step import make_optimizer  # noqa: PLC0415
+
+    return make_optimizer([p for p in model.parameters() if p.requires_grad], train_config or _TRAINING)
+
+
+@dataclass(frozen=True)
+class PeakPrediction:
+    """Predicted peak of one training step, in bytes, and its parts (they add up to ``peak``)."""
+
+    peak: int
+    parameters_and_optimizer: int
+    input_batch: int
+    kept_state: int
+    working_set: int
+
+
+def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype = torch.float32,
+                 train_config: Optional[TrainConfig] = None) -> PeakPrediction:
+    """Predict the peak bytes of a training step of a ``PyramidFlow(config)`` on ``size`` px images.
+
+    Args:
+        config: a :class:`pyramidflow.model.PyramidFlowConfig` (its ``mode`` is the one predicted); with
+            an encoder, its ``encoder_weights`` are not read (NOTE [planning without encoder weights]).
+        size: image side, a valid size for the pyramid.
+        batch_size: images per step (at least 2: the loss compares pairs).
+        dtype: the model's and images' dtype.
+        train_config: the training settings whose step is predicted (clipping, Adam); ``None``: the
+            method's defaults, as ``pyramidflow train`` uses them.
+
+    Returns:
+        The :class:`PeakPrediction`, without the CUDA margin.
+    """
+    counter = _LiveBytes()
+    at_forward = {}
+    with torch.device("meta"), counter:
+        torch.manual_seed(0)
+        model = _planning_model(config).to(dtype).train()  # NOTE [planning without encoder weights]
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(model, train_config)
+        for p in params:  # NOTE: as after a first step: gradients and Adam's state exist
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        state = counter.live
+        images = torch.empty(batch_size, 3, size, size, dtype=dtype)
+        batch = counter.live - state
+        counter.peak = counter.live
+        training_step(model, optimizer, images, train_config,
+                      on_forward=lambda: at_forward.setdefault("live", counter.live))
+    kept = at_forward["live"] - state - batch
+    return PeakPrediction(counter.peak, state, batch, kept, counter.peak - state - batch - kept)
+
+
+def measure_training_peak(config: Any, size: int, batch_size: int, device: str | torch.device = "cpu", steps: int = 2,
+                          train_config: Optional[TrainConfig] = None) -> int:
+    """Measured peak bytes of training: model and Adam built, then ``steps`` steps, all inside the probe.
+
+    On CPU the probe is the profiler's allocation events in time order
+    (:func:`pyramidflow.memory.peak_memory_cpu`), on CUDA ``max_memory_allocated``.
+    The model is built as training builds it: with an encoder, its weights are loaded from
+    ``config.encoder_weights`` (a file, or ``"imagenet"``).
+    """
+    from .probes import peak_memory_cpu, peak_memory_cuda  # noqa: PLC0415
+    from ..model import PyramidFlow  # noqa: PLC0415
+
+    device = torch.device(device)
+
+    def run() -> None:
+        torch.manual_seed(0)
+        model = PyramidFlow(config).to(device).train()
+        optimizer = _optimizer(model, train_config)
+        images = torch.randn(batch_size, 3, size, size, device=device)
+        for _ in range(steps):
+            training_step(model, optimizer, images, train_config)
+
+    peak, _ = peak_memory_cuda(run, device) if device.type == "cuda" else peak_memory_cpu(run)
+    return peak
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What ``pyramidflow plan`` prints: per mode, the prediction and what fits on the card.
+
+    Attributes:
+        size, batch_size: the planned step (``size``: the image side, before any encoder).
+        predictions: mode -> :class:`PeakPrediction`.
+        gpu_memory: the card's bytes, or ``None``.
+        max_batch_size, max_size: mode -> the largest batch at ``size`` and the largest valid
+            side at ``batch_size`` that fit the card (0 when none does); empty without ``gpu_memory``.
+    """
+
+    size: int
+    batch_size: int
+    predictions: Dict[str, PeakPrediction]
+    gpu_memory: Optional[int] = None
+    max_batch_size: Optional[Dict[str, int]] = None
+    max_size: Optional[Dict[str, int]] = None
+    encoder: str = "none"
+
+    def cuda_need(self, mode: str) -> int:
+        """Bytes of the card a run in ``mode`` needs: the peak plus the CUDA margin plus the reserve."""
+        return cuda_need(self.predictions[mode].peak)
+
+    def to_json(self) -> dict:
+        out = dict(
+            size=self.size,
+            batch_size=self.batch_size,
+            encoder=self.encoder,
+            predicted_peak_bytes={m: p.peak for m, p in self.predictions.items()},
+            breakdown_bytes={m: {k: v for k, v in vars(p).items() if k != "peak"} for m, p in self.predictions.items()},
+            cuda_margin=dict(fraction_of_peak=CUDA_MARGIN, reserved_bytes=CUDA_RESERVED),
+        )
+        if self.gpu_memory is not None:
+            out.update(
+                gpu_memory_bytes=self.gpu_memory,
+                fits={m: self.cuda_need(m) <= self.gpu_memory for m in self.predictions},
+                margin_bytes={m: self.gpu_memory - self.cuda_need(m) for m in self.predictions},
+                max_batch_size=dict(self.max_batch_size or {}),
+                max_size=dict(self.max_size or {}),
+            )
+        return out
+
+
+def cuda_need(peak: int) -> int:
+    """Card bytes needed for a predicted peak: ``peak * (1 + CUDA_MARGIN) + CUDA_RESERVED``."""
+    return int(peak * (1 + CUDA_MARGIN)) + CUDA_RESERVED
+
+
+def _largest_on_grid(peak: Callable[[int], int], budget: int, points: Sequence[int], step: int, basis: Callable[[int], list],
+                     first: Optional[int] = None) -> int:  # fmt: skip
+    """The largest ``v`` on the grid ``first, first + step, ...`` with ``peak(v) <= budget``, 0 if none.
+
+    ``first`` (default ``step``) is the smallest value ``peak`` accepts (a batch of 2: the loss compares pairs).
+
+    The peak is linear in ``basis(v)`` (the batch: 1, images, pairs of
+    images; the side: 1, its square): fitted through ``points``, searched on
+    the fit, then checked with ``peak`` itself and stepped until it is the
+    largest that fits (a few predictions instead of a bisection's dozen).
+    """
+    import numpy as np  # noqa: PLC0415
+
+    design = np.array([basis(v) for v in points], dtype=float)
+    coeffs = np.linalg.lstsq(design, np.array([peak(v) for v in points], dtype=float), rcond=None)[0]
+    low, high = 0, 1 << 20  # on the fit: the largest grid index whose fitted peak is within budget
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if float(np.dot(basis(middle * step), coeffs)) <= budget else (low, middle)
+    first = step if first is None else first
+    value = max(low * step, first)
+    while value > first and peak(value) > budget:
+        value -= step
+    if peak(value) > budget:  # not even the first fits
+        return 0
+    while peak(value + step) <= budget:  # the fit may be pessimistic by a grid step
+        value += step
+    return value
+
+
+def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = MODES, gpu_memory: Optional[int] = None,
+         dtype: torch.dtype = torch.float32, train_config: Optional[TrainConfig] = None) -> MemoryPlan:  # fmt: skip
+    """Predict each mode's peak at ``size`` px and ``batch_size``, and with ``gpu_memory`` what fits.
+
+    The largest batch and side are searched with the same prediction (a few
+    seconds each); a side is a multiple of ``config.size_multiple``
+    (``2**(num_levels - 1)``, times 4 with the ResNet18 encoder, whose weights
+    are not read: NOTE [planning without encoder weights]). ``train_config``: the training settings
+    whose step is planned (``None``: the method's defaults).
+
+    Example:
+        >>> from pyramidflow.model import PyramidFlowConfig
+        >>> p = plan(PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=2), 32, modes=("invertible",))
+        >>> p.predictions["invertible"].peak > 0
+        True
+    """
+    import dataclasses  # noqa: PLC0415
+    import functools  # noqa: PLC0415
+
+    if batch_size < 2:
+        raise ValueError(f"plan: batch_size must be at least 2 (the loss compares pairs of images), got {batch_size}.")
+    multiple = config.size_multiple
+    config.check_image_size(size, size, where="plan")
+    predictions, max_batch, max_size = {}, {}, {}
+    for mode in modes:
+        mode_config = dataclasses.replace(config, mode=mode)
+        predictions[mode] = predict_peak(mode_config, size, batch_size, dtype=dtype, train_config=train_config)
+        if gpu_memory is None:
+            continue
+
+        budget = int((gpu_memory - CUDA_RESERVED) / (1 + CUDA_MARGIN))
+        at_size = functools.lru_cache(None)(lambda b: predict_peak(mode_config, size, b, dtype=dtype, train_config=train_config).peak)
+        at_batch = functools.lru_cache(None)(lambda s: predict_peak(mode_config, s, batch_size, dtype=dtype, train_config=train_config).peak)
+        batch_fit = _largest_on_grid(at_size, budget, (2, 4, 8), 1, lambda b: [1.0, b, b * (b - 1) / 2], first=2)
+        max_batch[mode] = batch_fit
+        sides = (size, 2 * size) if size // 2 < multiple or (size // 2) % multiple else (size // 2, size)
+        max_size[mode] = _largest_on_grid(at_batch, budget, sides, multiple, lambda v: [1.0, float(v) ** 2])
+    return MemoryPlan(size, batch_size, predictions, gpu_memory, max_batch if gpu_memory else None, max_size if gpu_memory else None,
+                      encoder=getattr(config, "encoder", "none"))  # fmt: skip
+
+
+def format_plan(result: MemoryPlan) -> str:
+    """The human-readable table of ``pyramidflow plan``."""
+    from ..model.encoder import ENCODER_CHANNELS, ENCODER_STRIDES  # noqa: PLC0415
+
+    mib = 2**20
+    through = ""
+    if result.encoder != "none":
+        side = result.size // ENCODER_STRIDES[result.encoder]
+        through = f", through the {result.encoder} stem (features {side}x{side}x{ENCODER_CHANNELS[result.encoder]})"
+    lines = [
+        f"predicted peak memory of one training step at {result.size}x{result.size} px, batch {result.batch_size}{through}",
+        f"{'mode':<11} {'peak MiB':>10} {'params+Adam':>12} {'batch':>8} {'kept':>10} {'working set':>12}",
+    ]
+    for mode, p in result.predictions.items():
+        lines.append(
+            f"{mode:<11} {p.peak / mib:>10.1f} {p.parameters_and_optimizer / mib:>12.1f} {p.input_batch / mib:>8.1f} "
+            f"{p.kept_state / mib:>10.1f} {p.working_set / mib:>12.1f}"
+        )
+    if result.gpu_memory is not None:
+        lines.append("")
+        lines.append(
+            f"on a {result.gpu_memory / 2**30:.1f} GiB card (needs peak x {1 + CUDA_MARGIN:.2f} for cuDNN workspace and "
+            f"allocator rounding, plus {CUDA_RESERVED // mib} MiB for the CUDA context):"
+        )
+        for mode in result.predictions:
+            margin = result.gpu_memory - result.cuda_need(mode)
+            verdict = "fits" if margin >= 0 else "does NOT fit"
+            lines.append(
+                f"{mode:<11} {verdict}, margin {margin / 2**30:+.2f} GiB; largest batch at {result.size} px: "
+                f"{result.max_batch_size[mode]}; largest side at batch {result.batch_size}: {result.max_size[mode]} px"
+            )
+    return "\n".join(lines)
+
+
+class WouldNotFitError(RuntimeError):
+    """A training run's predicted peak does not fit the GPU (raised before any allocation)."""
+
+
+def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype: torch.dtype = torch.float32,
+              train_config: Optional[TrainConfig] = None) -> PeakPrediction:
+    """Check that a training step fits ``gpu_memory`` bytes; raise naming a batch size or mode that fits.
+
+    The encoder variant is checked too, without reading its weights (NOTE [planning without encoder weights]).
+
+    Raises:
+        WouldNotFitError: the predicted need exceeds the card; the message
+            names the largest batch size that fits in this mode, else a mode
+            that fits at this batch size, else the largest side, and ``--no-plan``.
+    """
+    import dataclasses  # noqa: PLC0415
+
+    predicted = predict_peak(config, size, batch_size, dtype=dtype, train_config=train_config)
+    if cuda_need(predicted.peak) <= gpu_memory:
+        return predicted
+    found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype, train_config=train_config)
+    what = (
+        f"pyramidflow plan: training at {size} px, batch {batch_size}, mode {config.mode} needs about "
+        f"{cuda_need(predicted.peak) / 2**30:.2f} GiB but the GPU has {gpu_memory / 2**30:.2f} GiB"
+    )
+    if found.max_batch_size[config.mode] >= 2:
+        fix = f"use --batch-size {found.max_batch_size[config.mode]}"
+    else:
+        other = [m for m in MODES if m != config.mode and cuda_need(predict_peak(dataclasses.replace(config, mode=m), size, batch_size, dtype=dtype, train_config=train_config).peak) <= gpu_memory]
+        if other:
+            fix = f"use --mode {other[0]}"
+        elif found.max_size[config.mode]:
+            fix = f"use --size {found.max_size[config.mode]}"
+        else:
+            smaller = "--stacks, --kernel-size" if getattr(config, "encoder", "none") != "none" else "--channels, --stacks"
+            fix = f"use a smaller model ({smaller})"  # the encoder fixes C at its width
+    raise WouldNotFitError(f"{what}; {fix} (or --no-plan to try anyway).")

@@ -1,0 +1,134 @@
+"""The data side of training: the data-set check, the augmentation switch, the hold-out split, the loaders.
+
+:func:`pyramidflow.train.train` takes any map-style data set of dicts with an ``image`` tensor. Before
+the run, :func:`check_dataset` rejects anything else with one clear line, :func:`apply_augmentation_setting`
+applies ``TrainConfig.augment`` and :func:`hold_out` sets the seeded calibration images aside
+(:mod:`pyramidflow.calibration`). During the run, :func:`epoch_loader` serves the seeded shuffle from
+any step on (``NOTE [resume bit for bit]`` in :mod:`pyramidflow.train`); after it, the template pass
+reads the training images in order (:func:`plain_loader`) and unaugmented (:func:`without_augmentation`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pyramidflow.calibration import CalibrationSplit, calibration_split
+from pyramidflow.train.distributed import EpochBatchSampler
+from pyramidflow.train.config import TrainConfig
+
+__all__ = [
+    "apply_augmentation_setting",
+    "batch_images",
+    "check_dataset",
+    "epoch_loader",
+    "hold_out",
+    "image_size",
+    "plain_loader",
+    "without_augmentation",
+]
+
+
+def check_dataset(dataset: Any) -> None:
+    """Reject anything but a non-empty map-style data set of dicts with ``image``.
+
+    Raises:
+        TypeError: not a map-style data set, or items that are not dicts with ``image``.
+        ValueError: the data set is empty.
+    """
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError(f"train: dataset must be a map-style torch Dataset of dicts with 'image', got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise ValueError("train: the training data set is empty; point it at a folder of normal images.")
+    item = dataset[0]
+    if not isinstance(item, dict) or "image" not in item:
+        raise TypeError(
+            f"train: dataset items must be dicts with an 'image' tensor (3, H, W), got {type(item).__name__}; "
+            "use a pyramidflow.data data set."
+        )
+
+
+def apply_augmentation_setting(dataset: Dataset, augment: bool | None) -> None:
+    """``TrainConfig.augment``: ``None`` keeps the data set's own choice (textures on), a bool forces it.
+
+    Raises:
+        ValueError: ``augment`` is a bool but the data set has no boolean ``augment`` attribute.
+    """
+    if augment is None:
+        return
+    if not isinstance(getattr(dataset, "augment", None), bool):
+        raise ValueError(
+            f"train: TrainConfig.augment={augment} but the data set ({type(dataset).__name__}) has no boolean "
+            "'augment' attribute to switch; use a pyramidflow.data data set or leave augment=None."
+        )
+    dataset.augment = bool(augment)
+
+
+@contextlib.contextmanager
+def without_augmentation(dataset: Dataset) -> Iterator[None]:
+    """Template and statistics describe the training images as they are, not random flips of them.
+
+    Data sets of :mod:`pyramidflow.data` switch augmentation with their ``augment`` attribute; other
+    data sets are used as given.
+    """
+    augment = getattr(dataset, "augment", None)
+    if isinstance(augment, bool):
+        dataset.augment = False
+    try:
+        yield
+    finally:
+        if isinstance(augment, bool):
+            dataset.augment = augment
+
+
+def hold_out(dataset: Dataset, config: TrainConfig) -> tuple[Dataset, Dataset | None, dict]:
+    """The seeded calibration split (``pyramidflow.calibration``): training images, held-out images, record.
+
+    The held-out images are ``None`` when ``config.calibration_fraction`` is 0; the record (seed,
+    fraction, held-out indices and, where the data set has ``samples``, their file names) goes into
+    the checkpoint.
+    """
+    train_indices, held_out = calibration_split(len(dataset), config.calibration_fraction, config.seed)
+    samples = getattr(dataset, "samples", None)
+    names = [str(getattr(samples[i], "image", samples[i])) for i in held_out] if samples is not None else None
+    record = {"seed": config.seed, "fraction": config.calibration_fraction, "held_out": held_out,
+              "held_out_names": names}
+    if not held_out:
+        return dataset, None, record
+    return CalibrationSplit(dataset, train_indices), CalibrationSplit(dataset, held_out), record
+
+
+def image_size(dataset: Dataset) -> tuple[int, int]:
+    """``(H, W)`` of the data set's first image."""
+    return tuple(dataset[0]["image"].shape[-2:])
+
+
+def batch_images(batch: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The images ``(N, 3, H, W)`` of a loader's batch (a dict with ``image``, or the tensor), on ``device``."""
+    images = batch["image"] if isinstance(batch, dict) else batch
+    return images.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def plain_loader(dataset: Dataset, config: TrainConfig) -> DataLoader:
+    """The data set in order, in batches of ``config.batch_size`` (the passes after training)."""
+    generator = torch.Generator()
+    generator.manual_seed(config.seed)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
+                      generator=generator)
+
+
+def epoch_loader(dataset: Dataset, sampler: EpochBatchSampler, step: int, config: TrainConfig, rank: int,
+                 device: torch.device) -> DataLoader:
+    """This rank's training batches from ``step`` to the end of its epoch, in the epoch's seeded shuffle."""
+    epoch, batch = divmod(step, sampler.batches_per_epoch)
+    sampler.set_position(epoch, batch)
+    # Its own generator: building the iterator draws worker base seeds from it, never from the
+    # global RNG that augmentation uses (NOTE [resume bit for bit] in train.py).
+    generator = torch.Generator()
+    generator.manual_seed((config.seed * 1_000_003 + epoch * 7919 + rank) & 0x7FFF_FFFF)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                      pin_memory=device.type == "cuda", generator=generator)

@@ -1,0 +1,56 @@
+"""Whether a training run may continue from a checkpoint: the same settings and the same held-out images.
+
+A resumed run continues bit for bit (``NOTE [resume bit for bit]`` in :mod:`pyramidflow.train`) only
+if nothing that shapes the trajectory of the weights changed. :data:`RESUMABLE_CHANGES` names the
+train settings that may change (the budget, logging, workers, device, drift checks);
+:func:`check_same_settings` and :func:`check_same_split` refuse a resume with one clear line otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+from pyramidflow.checkpoint import CheckpointError, config_differences
+from pyramidflow.train.config import TrainConfig
+
+__all__ = ["RESUMABLE_CHANGES", "check_same_settings", "check_same_split"]
+
+# Train settings a resumed run may change: they do not alter the trajectory of the weights.
+RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "log_every", "num_workers", "device", "drift")
+
+
+def check_same_settings(saved: Mapping[str, Any], config: TrainConfig, path: Path) -> None:
+    """Refuse to resume the checkpoint at ``path`` (train config ``saved``) with other settings than ``config``.
+
+    Settings newer than the checkpoint (absent from it) are not compared: the run predates them.
+
+    Raises:
+        CheckpointError: a setting outside :data:`RESUMABLE_CHANGES` differs.
+    """
+    differing = config_differences(
+        {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES},
+        {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES and k in saved},
+    )
+    if differing:
+        raise CheckpointError(
+            f"train: cannot resume from {path}: the train config differs in {'; '.join(differing)}; "
+            f"resume with the same settings (only {', '.join(RESUMABLE_CHANGES)} may change) or use a new folder."
+        )
+
+
+def check_same_split(recorded: list[int] | None, current: list[int] | None, path: Path) -> None:
+    """Refuse to resume the checkpoint at ``path`` if its held-out images differ from the data set's now.
+
+    ``recorded`` and ``current`` are the held-out indices of the checkpoint and of this run; ``None``
+    (not recorded) is not compared.
+
+    Raises:
+        CheckpointError: the calibration split changed (the image folder changed).
+    """
+    if recorded is not None and current is not None and recorded != current:
+        raise CheckpointError(
+            f"train: cannot resume from {path}: its calibration split held out images {recorded} but the "
+            f"data set now gives {current} (the folder changed); resume with the same images."
+        )

@@ -1,0 +1,136 @@
+"""The Python API: inputs of every kind, maps at the input's resolution, thresholds, batching, errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pyramidflow.inference.detector as detector_module
+from pyramidflow import Detector, Prediction
+from pyramidflow.data import MVTecDataset, synthetic
+from pyramidflow.inference.maps import load_for_inference, predict_dataset
+from pyramidflow.model import PyramidFlowConfig
+from pyramidflow.train import TrainConfig, train
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = synthetic.generate(tmp_path_factory.mktemp("data"), seed=5, size=SIZE, categories=("nut",), num_train=6, num_test=1)
+    config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=3)
+    run = train(config, TrainConfig(steps=2, device="cpu"), MVTecDataset(root, "nut", split="train", size=SIZE),
+                tmp_path_factory.mktemp("run"), progress=False)
+    return run.checkpoint_path, root
+
+
+def test_every_input_kind_gives_the_same_prediction(trained):
+    checkpoint, root = trained
+    path = root / "nut" / "test" / "spot" / "000.png"
+    pixels = np.array(Image.open(path).convert("RGB"))
+    detector = Detector.load(checkpoint, device="cpu")
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0
+    results = detector([path, str(path), Image.open(path), pixels, tensor, tensor[0]])
+    assert len(results) == 6 and all(isinstance(p, Prediction) for p in results)
+    for p in results[1:]:
+        np.testing.assert_allclose(p.anomaly_map, results[0].anomaly_map, rtol=1e-6, atol=1e-7)
+        assert p.score == pytest.approx(results[0].score, rel=1e-6)
+    assert results[0].path == str(path)
+
+
+def test_maps_equal_those_of_eval_at_the_trained_size(trained):
+    """One way to compute maps: the detector's equal predict_dataset's (eval and the old predict)."""
+    checkpoint, root = trained
+    inference = load_for_inference(checkpoint, torch.device("cpu"))
+    test = MVTecDataset(root, "nut", split="test", size=SIZE)
+    expected = predict_dataset(inference.model, inference.template, test, device=torch.device("cpu"), progress=False)
+    got = Detector(inference)([item for item in expected.paths])
+    np.testing.assert_allclose(np.stack([p.anomaly_map for p in got]), expected.maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([p.score for p in got], expected.scores, rtol=1e-5)
+
+
+def test_map_and_mask_at_the_input_resolution_and_the_score_at_the_model_resolution(trained):
+    checkpoint, _ = trained
+    detector = Detector.load(checkpoint, device="cpu")
+    image = np.random.default_rng(0).integers(0, 256, size=(45, 70, 3), dtype=np.uint8)
+    [p] = detector(image)
+    assert p.anomaly_map.shape == p.mask.shape == (45, 70) and p.mask.dtype == bool
+    inference = detector.inference
+    from pyramidflow.data.transforms import image_to_tensor
+    from pyramidflow.inference.maps import anomaly_maps
+
+    model_map = anomaly_maps(inference.model, inference.template, image_to_tensor(Image.fromarray(image), (SIZE, SIZE))[None])[0]
+    assert p.score == pytest.approx(float(model_map.max()), rel=1e-6)
+    np.testing.assert_array_equal(p.mask, p.anomaly_map > detector.pixel_threshold)
+    assert sum(r["area"] for r in p.regions) == int(p.mask.sum())
+
+
+def test_thresholds_default_to_the_calibrated_ones_and_can_be_changed(trained):
+    checkpoint, root = trained
+    detector = Detector.load(checkpoint, device="cpu")
+    calibration = detector.inference.checkpoint.calibration
+    assert detector.threshold == calibration["image_threshold"] and detector.pixel_threshold == calibration["pixel_threshold"]
+    images = sorted((root / "nut" / "test").rglob("*.png"))
+    scores = [p.score for p in detector(images)]
+    detector.threshold = float(np.median(scores))
+    flags = [p.is_anomalous for p in detector(images)]
+    assert flags == [s > detector.threshold for s in scores] and any(flags) and not all(flags)
+    detector.pixel_threshold = 0.0
+    assert all(p.mask.all() for p in detector(images[:2]))
+    with pytest.raises(ValueError, match="Detector.threshold -1.0 is outside the score range"):
+        detector.threshold = -1.0
+
+
+def test_batched_under_inference_mode(trained, monkeypatch):
+    checkpoint, root = trained
+    calls = []
+    original = detector_module.anomaly_maps
+
+    def spy(model, template, images):
+        calls.append((images.shape[0], torch.is_inference_mode_enabled()))
+        return original(model, template, images)
+
+    monkeypatch.setattr(detector_module, "anomaly_maps", spy)
+    images = sorted((root / "nut" / "test").rglob("*.png"))[:5]
+    one_by_one = Detector.load(checkpoint, device="cpu", batch_size=1)(images)
+    calls.clear()
+    batched = Detector.load(checkpoint, device="cpu", batch_size=2)(images)
+    assert calls == [(2, True), (2, True), (1, True)]
+    for a, b in zip(one_by_one, batched):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_are_named(trained, tmp_path):
+    checkpoint, _ = trained
+    detector = Detector.load(checkpoint, device="cpu")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match="broken.png"):
+        detector(broken)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        detector(np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(TypeError, match="cannot read"):
+        detector(3.5)
+
+
+def test_tiled_refuses_an_image_smaller_than_the_trained_size(trained):
+    checkpoint, _ = trained
+    detector = Detector.load(checkpoint, device="cpu", tile=True)
+    with pytest.raises(ValueError, match=r"at least the trained size 32x32.*this one is 40x20"):
+        detector(np.zeros((20, 40, 3), dtype=np.uint8))
+    [p] = detector(np.zeros((32, 48, 3), dtype=np.uint8))
+    assert p.anomaly_map.shape == (32, 48)
+
+
+def test_a_checkpoint_from_before_calibration_still_loads(trained, tmp_path):
+    """No ``calibration`` key: the thresholds fall back to the training score statistics."""
+    checkpoint, _ = trained
+    state = torch.load(checkpoint, weights_only=True)
+    del state["calibration"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    detector = Detector.load(old, device="cpu")
+    assert detector.inference.checkpoint.calibration is None
+    assert detector.threshold == state["score_stats"]["image_max"]
+    assert detector.pixel_threshold == state["score_stats"]["pixel_quantile"]
+    assert len(detector(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))) == 1
