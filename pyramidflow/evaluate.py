@@ -11,9 +11,10 @@ tuned on the test set.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +30,9 @@ from .model import anomaly_map, image_score
 from .tiling import check_tileable
 from .visualize import overlay_panel, save_panel
 
-__all__ = ["Inference", "Predictions", "load_for_inference", "predict_dataset", "evaluate", "predict"]
+__all__ = [
+    "Inference", "Predictions", "load_for_inference", "predict_dataset", "evaluate", "predict", "check_smoothing_sigma",
+]
 
 
 @dataclass
@@ -70,6 +73,14 @@ class Inference:
         stride = getattr(getattr(self.model, "config", None), "input_stride", 1)
         return tuple(int(s) * stride for s in self.template[0].shape[-2:])
 
+    @property
+    def bit_depth(self) -> Optional[int]:
+        """The bit depth training read 16-bit images at (``NOTE [bit depth]`` in :mod:`pyramidflow.data._io`).
+
+        ``None``: each file's own depth, also for checkpoints that predate the setting.
+        """
+        return (self.checkpoint.train_config or {}).get("bit_depth")
+
 
 def load_for_inference(path: str | Path, device: torch.device) -> Inference:
     """Model (eval mode) and template of a finished checkpoint, on ``device``.
@@ -86,6 +97,24 @@ def load_for_inference(path: str | Path, device: torch.device) -> Inference:
     model = checkpoint.build_model(device)
     template = tuple(level.to(device) for level in checkpoint.template)
     return Inference(checkpoint, model, template, device)
+
+
+def check_smoothing_sigma(sigma: float, image_size: Sequence[int], where: str) -> float:
+    """``sigma`` as a float: finite, at least 0, and at most the image's larger side (in pixels).
+
+    A larger sigma flattens a map to its mean and makes scipy build a kernel of ``8 * sigma`` pixels
+    (``1e9`` asks for tens of GiB); a negative or NaN one would silently mean no smoothing.
+
+    Raises:
+        ValueError: any other value, naming ``--smooth``.
+    """
+    bound = max(int(s) for s in image_size)
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 <= sigma <= bound:
+        raise ValueError(
+            f"{where}: smoothing_sigma (--smooth) must be a number of pixels from 0 (off) to {bound} (the image's "
+            f"larger side), got {sigma!r}."
+        )
+    return float(sigma)
 
 
 def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -207,6 +236,7 @@ def evaluate(
         ``pixel_recall``).
     """
     checkpoint = inference.checkpoint
+    smoothing_sigma = check_smoothing_sigma(smoothing_sigma, inference.image_size, "evaluate")
     predictions = predict_dataset(
         inference.model, inference.template, dataset,
         device=inference.device, smoothing_sigma=smoothing_sigma, progress=progress,
@@ -246,25 +276,29 @@ def predict(
     image_threshold: float | None = None,
     pixel_threshold: float | None = None,
     tile: bool = False,
+    bit_depth: int | None = None,
 ) -> List[dict]:
     """Decisions for unlabelled images (files or folders of images), at each image's resolution.
 
     Writes under ``out_dir``, per image: ``masks/<name>.png`` (the binary defect mask),
     ``maps/<name>.png`` (the heat map), ``overlays/<name>.png`` (with the predicted outline); and
-    ``predictions.json`` / ``predictions.csv`` (score, is_anomalous, regions). See
-    :mod:`pyramidflow.decisions`.
+    ``predictions.json`` / ``predictions.csv`` (score, is_anomalous, regions, the three files). The
+    name is the image's path under the inputs' common folder (:func:`pyramidflow.decisions.output_names`),
+    so images of different folders never overwrite each other. See :mod:`pyramidflow.decisions`.
 
     Args:
         image_threshold, pixel_threshold: override the checkpoint's calibrated thresholds.
         tile: tiled inference at native resolution (:mod:`pyramidflow.tiling`).
+        bit_depth: significant bits of 16-bit images; ``None`` reads them as training did
+            (:attr:`Inference.bit_depth`).
 
     Returns:
-        One ``{"path", "score", "is_anomalous", "regions"}`` dict per image.
+        One ``{"path", "score", "is_anomalous", "regions", "mask", "map", "overlay"}`` dict per image.
     """
     from tqdm.auto import tqdm
 
     from .calibration import check_threshold
-    from .decisions import write_predictions
+    from .decisions import output_names, write_predictions
     from .detector import Detector
 
     image_threshold = check_threshold(image_threshold, "--image-threshold")
@@ -272,7 +306,7 @@ def predict(
     files = _expand(inputs)
     for path in files:  # a damaged file stops the run before any work (NOTE [fail at start] in data/_io.py)
         _header_size(path, "predict")
-    detector = Detector(inference, tile=tile, smoothing_sigma=smoothing_sigma)
+    detector = Detector(inference, tile=tile, smoothing_sigma=smoothing_sigma, bit_depth=bit_depth)
     if image_threshold is not None:
         detector.threshold = image_threshold
     if pixel_threshold is not None:
@@ -283,15 +317,24 @@ def predict(
             check_tileable(height, width, inference.image_size, f"predict --tile: {path}")
     vmax = float((inference.checkpoint.score_stats or {}).get("image_max") or detector.threshold or 1.0)
     # A bar only after a second, so that an error on the first images stays the only line on stderr.
-    files = tqdm(files, desc="predict", unit="image", disable=not progress, leave=False, delay=1.0)
-    decided = _decide_each(detector, files)
-    return write_predictions(decided, Path(out_dir), vmax=vmax, image_threshold=detector.threshold,
-                             pixel_threshold=detector.pixel_threshold, checkpoint=str(inference.checkpoint.path))
+    with tqdm(total=len(files), desc="predict", unit="image", disable=not progress, leave=False, delay=1.0) as bar:
+        return write_predictions(_ticking(_decide_each(detector, files), bar), Path(out_dir), names=output_names(files),
+                                 vmax=vmax, image_threshold=detector.threshold, pixel_threshold=detector.pixel_threshold,
+                                 checkpoint=str(inference.checkpoint.path))
+
+
+def _ticking(items: Iterable[tuple], bar) -> Iterable[tuple]:
+    """``items``, ticking ``bar`` once an item has been consumed (decided and written), not when it was read."""
+    for item in items:
+        yield item
+        bar.update(1)
 
 
 def _decide_each(detector, files: Iterable[Path]) -> Iterable[tuple]:
-    """``(prediction, pixels)`` per file, ``detector.batch_size`` files at a time; each file is decoded once."""
+    """``(prediction, pixels)`` per file, ``detector.batch_size`` files at a time (one at a time when tiled,
+    so that progress follows each large image); each file is decoded once."""
     chunk: list = []
+    chunk_size = 1 if detector.tile else detector.batch_size
 
     def flush() -> Iterable[tuple]:
         predictions = detector([image for _, image in chunk])
@@ -301,8 +344,8 @@ def _decide_each(detector, files: Iterable[Path]) -> Iterable[tuple]:
         chunk.clear()
 
     for path in files:
-        chunk.append((str(path), load_rgb(Path(path), "predict")))
-        if len(chunk) == detector.batch_size:
+        chunk.append((str(path), load_rgb(Path(path), "predict", detector.bit_depth)))
+        if len(chunk) == chunk_size:
             yield from flush()
     if chunk:
         yield from flush()

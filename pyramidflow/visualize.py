@@ -100,7 +100,11 @@ def overlay_panel(
 
 
 def save_panel(panel: Image.Image, path: Path) -> None:
-    """Write a panel as PNG, creating the folder."""
+    """Write a panel as PNG, creating the folder.
+
+    The format is given, not guessed from the name: a name such as ``..png`` has no extension to
+    Python's ``os.path.splitext``, which Pillow uses.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    panel.save(path)
+    panel.save(path, format="PNG")
