@@ -40,7 +40,8 @@ from pyramidflow.interrupts import InterruptGuard, TrainingTerminated
 from pyramidflow.rng_state import capture_rng_state, fresh_rng_state, restore_rng_state
 from pyramidflow.train_config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
 from pyramidflow.train_data import (
-    apply_augmentation_setting, apply_bit_depth_setting, batch_images, check_dataset, epoch_loader, hold_out, without_augmentation,
+    apply_augmentation_setting, apply_bit_depth_setting, batch_images, check_dataset, epoch_loader, hold_out,
+    without_augmentation,
 )
 from pyramidflow.train_log import LOG_NAME, DriftTracker, append_log, trim_log
 from pyramidflow.train_resume import check_same_settings, check_same_split

@@ -126,8 +126,8 @@ def _decode(path: Path, where: str) -> tuple[Image.Image, bool]:
 # then 1023 or 4095 is full brightness, and a larger value is refused rather than clipped. The setting
 # concerns 16-bit files only (8-bit files are read as they are); it is stored in the checkpoint, so
 # that inference reads images as training did. Float images must hold values in [0, 1].
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-BIT_DEPTHS = range(8, 17)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_BIT_DEPTHS = range(8, 17)
 
 
 def check_bit_depth(bit_depth: int | None, where: str) -> int | None:
@@ -138,7 +138,7 @@ def check_bit_depth(bit_depth: int | None, where: str) -> int | None:
     """
     if bit_depth is None:
         return None
-    if isinstance(bit_depth, bool) or not isinstance(bit_depth, (int, np.integer)) or bit_depth not in BIT_DEPTHS:
+    if isinstance(bit_depth, bool) or not isinstance(bit_depth, (int, np.integer)) or bit_depth not in _BIT_DEPTHS:
         raise ValueError(
             f"{where}: bit_depth (--bit-depth) must be the significant bits of 16-bit images, an int from 8 to 16, "
             f"or None for the files' own depth; got {bit_depth!r}."
@@ -154,7 +154,7 @@ def _to_8bit(image: Image.Image, high_bytes_only: bool, path: Path, where: str, 
             f"bit_depth={bit_depth} cannot be applied to it; save the images as 16-bit grey-scale, or as 8-bit "
             f"colour scaled from {bit_depth} bits."
         )
-    if image.mode not in SIXTEEN_BIT_MODES + ("I", "F"):
+    if image.mode not in _SIXTEEN_BIT_MODES + ("I", "F"):
         return image
     array = np.asarray(image, dtype=np.float64)
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)

@@ -175,7 +175,8 @@ def captured_grad_tensors(block: nn.Module) -> Optional[str]:
 # batch first, with as many elements in all as the block took (a bijection keeps the dimension);
 # logdet None or of shape (N,). InvertibleSequential runs it on every block (forward hooks, removed
 # afterwards) the first time it sees an input signature, in every mode; later calls with the same
-# shapes cost one signature lookup.
+# shapes cost one signature lookup. Under torch.compile and torch.export nothing is checked: comparing
+# symbolic shapes would pin them (an ONNX graph with a dynamic batch would lose it).
 
 
 def _shapes(tensors: Sequence[Any]) -> str:

@@ -181,8 +181,8 @@ class InvertibleSequential(nn.Module):
             (zeros when every block preserves volume).
         """
         xs, single = _as_tuple(x, "forward")
-        signature = (tuple(map(id, self.blocks)), tuple((x.shape, x.dtype, x.device) for x in xs))
-        if signature in self._checked_signatures or torch.compiler.is_compiling():
+        signature = self._unchecked_signature(xs)
+        if signature is None:
             return self._forward(xs, single)
         with contract_checks(self.blocks, lambda i: self._where(self.blocks[i])):
             result = self._forward(xs, single)
@@ -190,6 +190,18 @@ class InvertibleSequential(nn.Module):
             self._checked_signatures.clear()
         self._checked_signatures.add(signature)
         return result
+
+    def _unchecked_signature(self, xs: Tensors) -> Optional[tuple]:
+        """The signature of ``xs`` if its contract check is due (NOTE [contract checks] in .checks), else None.
+
+        Never under torch.compile or torch.export: comparing symbolic shapes would pin a dynamic batch.
+        """
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return None
+        if not all(isinstance(size, int) for x in xs for size in x.shape):
+            return None
+        signature = (tuple(map(id, self.blocks)), tuple((x.shape, x.dtype, x.device) for x in xs))
+        return None if signature in self._checked_signatures else signature
 
     def _forward(self, xs: Tensors, single: bool) -> Tuple[TensorOrTensors, Tensor]:
         if self.debug:
