@@ -227,7 +227,8 @@ def evaluate(
 
     Args:
         inference: from :func:`load_for_inference`.
-        dataset: the test set, at ``inference.image_size``.
+        dataset: the test set, at ``inference.image_size`` and read at ``inference.bit_depth`` (give it to the
+            data set: ``MVTecDataset(..., bit_depth=inference.bit_depth)``), as training read its images.
 
     Returns:
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
