@@ -15,6 +15,7 @@ No test image is ever used.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -176,20 +177,31 @@ def pixel_threshold(values: Any, fpr: float = 0.001) -> float:
     return float(np.partition(flat, rank - 1)[rank - 1])
 
 
-def check_threshold(value: float | None, name: str) -> float | None:
-    """A user-given threshold, or ``None``; refuses values outside the score range [0, inf).
+def check_threshold(value: Any, name: str, *, optional: bool = True) -> float | None:
+    """A user-given threshold as a float; ``None`` passes through when ``optional``.
 
-    Anomaly maps are means of absolute latent differences, so scores are finite and non-negative: a
-    negative or non-finite threshold would flag everything or nothing.
+    Any real number is accepted: Python and numpy ints and floats, and 0-d tensors or arrays. Anomaly
+    maps are means of absolute latent differences, so scores are finite and non-negative: a negative or
+    non-finite threshold would flag everything or nothing.
+
+    Raises:
+        TypeError: not a real number (``None`` too, unless ``optional``).
+        ValueError: outside the score range [0, inf).
     """
-    if value is None:
+    if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    number = value.item() if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0 else value
+    if isinstance(number, (bool, np.bool_)) or not isinstance(number, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number, got {value!r} ({type(value).__name__}); give a non-negative number"
+            + (", or leave it out to use the calibrated threshold." if optional else ".")
+        )
+    if not math.isfinite(number) or number < 0:
         raise ValueError(
             f"{name} {value!r} is outside the score range [0, inf) (anomaly scores are finite and non-negative); "
             "give a non-negative number, or leave it out to use the calibrated threshold."
         )
-    return float(value)
+    return float(number)
 
 
 def stored_thresholds(checkpoint: Any) -> tuple[float, float, str]:

@@ -85,6 +85,11 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=DEVICES[0], choices=DEVICES, help="auto picks CUDA when present")
 
 
+def _add_bit_depth(parser: argparse.ArgumentParser, default_is: str) -> None:
+    parser.add_argument("--bit-depth", type=int, metavar="BITS",
+                        help=f"significant bits of 16-bit images, 8..16, e.g. 12 for a 12-bit camera ({default_is})")
+
+
 def _add_smoothing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA", help="Gaussian smoothing of the maps, in pixels (0: off)")
 
@@ -130,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what backward does when reconstruction drifts (recompute: rebuild exactly)")
     _add_calibration_options(train, defaults)
     train.add_argument("--no-plan", action="store_true", help="on CUDA, skip the check that the predicted peak memory fits the GPU")
+    _add_bit_depth(train, "default: the file's own, 16; stored in the checkpoint")
     _add_device(train)
     _add_model_options(train)
 
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--category", required=True)
     evaluate.add_argument("--out", required=True, type=Path, metavar="DIR")
     evaluate.add_argument("--layout", choices=LAYOUTS, default="auto")
+    _add_bit_depth(evaluate, "default: as in training")
     _add_device(evaluate)
     _add_smoothing(evaluate)
 
@@ -172,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--pixel-threshold", type=float, help="override the calibrated pixel threshold")
     predict.add_argument("--tile", action="store_true",
                          help="images larger than the trained size: overlapping tiles at native resolution")
+    _add_bit_depth(predict, "default: as in training")
     _add_device(predict)
     _add_smoothing(predict)
 
@@ -213,11 +221,11 @@ def _layout(root: Path, category: str, layout: str) -> str:
     return "mvtec"
 
 
-def _dataset(root: Path, category: str, split: str, size, layout: str):
+def _dataset(root: Path, category: str, split: str, size, layout: str, bit_depth: Optional[int] = None):
     from .data import BTADDataset, MVTecDataset
 
     cls = BTADDataset if _layout(root, category, layout) == "btad" else MVTecDataset
-    return cls(root, category, split=split, size=size)
+    return cls(root, category, split=split, size=size, bit_depth=bit_depth)
 
 
 def _model_config(args: argparse.Namespace):
@@ -301,7 +309,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     model_config = _model_config(args)
     _check_size(args.size, model_config)
-    dataset = _dataset(args.data, args.category, "train", args.size, args.layout)
+    dataset = _dataset(args.data, args.category, "train", args.size, args.layout, args.bit_depth)
     train_config = _train_config(args, dataset, drift=args.drift, calibration_fraction=args.calibration_fraction,
                                  image_fpr=args.image_fpr, pixel_fpr=args.pixel_fpr)
     if not args.no_plan:
@@ -344,7 +352,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from ._utils import resolve_device
 
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
-    dataset = _dataset(args.data, args.category, "test", inference.image_size, args.layout)
+    bit_depth = inference.bit_depth if args.bit_depth is None else args.bit_depth
+    dataset = _dataset(args.data, args.category, "test", inference.image_size, args.layout, bit_depth)
     report = evaluate(inference, dataset, args.out, smoothing_sigma=args.smooth, category=args.category)
     _print_table([report])
     print(f"metrics and overlays written to {args.out}")
@@ -357,7 +366,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
     rows = predict(inference, args.inputs, args.out, smoothing_sigma=args.smooth, image_threshold=args.image_threshold,
-                   pixel_threshold=args.pixel_threshold, tile=args.tile)
+                   pixel_threshold=args.pixel_threshold, tile=args.tile, bit_depth=args.bit_depth)
     for row in rows:
         verdict = f"ANOMALOUS, {len(row['regions'])} region(s)" if row["is_anomalous"] else "good"
         print(f"{row['score']:10.4f}  {verdict:<26} {row['path']}")

@@ -200,3 +200,144 @@ def test_train_with_too_few_images_to_hold_out_is_one_line(data_root, tmp_path, 
     assert main(["train", "--data", str(data_root), "--category", "nut", "--out", str(tmp_path), "--size", str(SIZE),
                  "--steps", "1", "--device", "cpu", "--calibration-fraction", "0.9", *SMALL]) == 1
     assert "--calibration-fraction 0" in _error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------
+# predict: one output per input, rows that point at their files, safe names and cells, the bar.
+
+
+def test_predict_gives_inputs_of_the_same_name_their_own_outputs(trained, data_root, tmp_path):
+    import csv
+
+    from pyramidflow import Detector
+
+    inputs = [data_root / "nut" / "test" / kind / f"{i:03d}.png" for kind in ("good", "spot") for i in range(2)]
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(out), *map(str, inputs), "--device", "cpu",
+                 "--pixel-threshold", "0.05"]) == 0
+    rows = json.loads((out / "predictions.json").read_text())["images"]
+    assert [r["path"] for r in rows] == list(map(str, inputs))
+    assert [r["mask"] for r in rows] == ["masks/good/000.png", "masks/good/001.png", "masks/spot/000.png", "masks/spot/001.png"]
+    assert len(list((out / "masks").rglob("*.png"))) == len(list((out / "overlays").rglob("*.png"))) == len(inputs)
+    detector = Detector.load(trained, device="cpu")
+    detector.pixel_threshold = 0.05
+    for row, prediction in zip(rows, detector(inputs)):
+        assert np.array_equal(np.asarray(Image.open(out / row["mask"])) > 0, prediction.mask), row
+        assert (out / row["map"]).is_file() and (out / row["overlay"]).is_file()
+    table = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [(r["path"], r["mask"], r["map"], r["overlay"]) for r in table] == [
+        (r["path"], r["mask"], r["map"], r["overlay"]) for r in rows]
+
+
+def test_output_names_are_unique_and_stable():
+    from pyramidflow.inference.outputs import output_names
+
+    assert output_names(["in/a.png", "in/b.png"]) == ["a", "b"]
+    assert output_names(["in/crack/000.png", "in/good/000.png"]) == ["crack/000", "good/000"]
+    # Names that differ only in case would merge on a case-insensitive file system; one file given twice.
+    assert output_names(["x/a.png", "x/a.bmp", "x/A.png", "x/a.png"]) == ["a.png", "a.bmp", "A.png~2", "a.png~3"]
+    assert output_names(["x/..png", "x/...png"]) == ["..png", "...png"]  # never a "." or ".." name
+
+
+def test_predict_writes_every_output_of_a_file_named_dot_dot_png(trained, data_root, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "..png").write_bytes((data_root / "nut" / "test" / "good" / "000.png").read_bytes())
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(out), str(folder), "--device", "cpu"]) == 0
+    [row] = json.loads((out / "predictions.json").read_text())["images"]
+    assert row["mask"] == "masks/..png.png"
+    for kind in ("mask", "map", "overlay"):
+        assert Image.open(out / row[kind]).format == "PNG"
+
+
+def test_predict_csv_cells_cannot_start_a_formula(trained, data_root, tmp_path, monkeypatch):
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("=1+2.png", "+a.png", "-b.png", "@c.png"):
+        (tmp_path / name).write_bytes((data_root / "nut" / "test" / "good" / "000.png").read_bytes())
+    assert main(["predict", "--checkpoint", str(trained), "--out", "pred", "--device", "cpu",
+                 "--", "=1+2.png", "+a.png", "-b.png", "@c.png"]) == 0
+    table = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert [r["path"] for r in table] == ["'=1+2.png", "'+a.png", "'-b.png", "'@c.png"]
+    assert json.loads((tmp_path / "pred" / "predictions.json").read_text())["images"][0]["path"] == "=1+2.png"
+
+
+def test_predict_progress_ticks_when_an_image_is_done(trained, data_root, tmp_path, monkeypatch):
+    """Not when it is read: the bar must not say 4/4 while the work is still ahead."""
+    import pyramidflow.inference.outputs as decisions
+    import tqdm.auto
+
+    from pyramidflow.inference.evaluate import load_for_inference, predict
+
+    class Bar:
+        last = None
+
+        def __init__(self, iterable=None, **options):
+            self.iterable, self.n = iterable, 0
+            Bar.last = self
+
+        def __iter__(self):
+            for item in self.iterable:
+                yield item
+                self.n += 1
+
+        def update(self, n=1):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+    ticks_at_write, save = [], decisions.save_panel
+
+    def saving(panel, path):
+        if "masks" in Path(path).parts:
+            ticks_at_write.append(Bar.last.n)
+        save(panel, path)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(decisions, "save_panel", saving)
+    images = sorted((data_root / "nut" / "test" / "good").iterdir()) + sorted((data_root / "nut" / "test" / "spot").iterdir())
+    predict(load_for_inference(trained, torch.device("cpu")), images, tmp_path / "pred")
+    assert ticks_at_write == list(range(len(images))) and Bar.last.n == len(images)
+
+
+@pytest.mark.parametrize("sigma", ["1e9", "-1", "nan"])
+def test_smooth_out_of_range_is_one_line_naming_it(trained, data_root, tmp_path, capsys, sigma):
+    good = data_root / "nut" / "test" / "good" / "000.png"
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(tmp_path / "p"), str(good), "--device", "cpu",
+                 "--smooth", sigma]) == 1
+    assert f"smoothing_sigma (--smooth) must be a number of pixels from 0 (off) to {SIZE}" in _error_line(capsys)
+    assert main(["eval", "--checkpoint", str(trained), "--data", str(data_root), "--category", "nut",
+                 "--out", str(tmp_path / "e"), "--device", "cpu", "--smooth", sigma]) == 1
+    assert "(--smooth)" in _error_line(capsys)
+
+
+def test_an_image_too_large_to_open_is_one_line_naming_it(trained, tmp_path, capsys):
+    from test_data import _too_large_png
+
+    huge = _too_large_png(tmp_path / "huge.png")
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(tmp_path / "p"), str(huge), "--device", "cpu"]) == 1
+    assert f"image {huge} is too large to open" in _error_line(capsys)
+
+
+def test_bit_depth_flag(trained, data_root, tmp_path, capsys):
+    good = data_root / "nut" / "test" / "good" / "000.png"
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(tmp_path / "p"), str(good), "--device", "cpu",
+                 "--bit-depth", "20"]) == 1
+    assert "bit_depth (--bit-depth) must be" in _error_line(capsys)
+    bright = tmp_path / "bright.png"
+    Image.fromarray(np.full((SIZE, SIZE), 5000, dtype=np.uint16)).save(bright)
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(tmp_path / "p"), str(bright), "--device", "cpu",
+                 "--bit-depth", "12"]) == 1
+    assert f"{bright} holds pixel values up to 5000" in _error_line(capsys)
+    assert main(["train", "--data", str(data_root), "--category", "nut", "--out", str(tmp_path / "t"), "--size", str(SIZE),
+                 "--steps", "1", "--device", "cpu", "--bit-depth", "7", *SMALL]) == 1
+    assert "bit_depth (--bit-depth) must be" in _error_line(capsys)

@@ -23,7 +23,9 @@ from torch.utils.data import Dataset
 
 from pyramidflow.data.transforms import image_to_tensor, mask_to_tensor, normalize_size, random_flip_rotate
 
-__all__ = ["IMAGE_EXTENSIONS", "UNKNOWN_LABEL", "Sample", "AnomalyDataset", "list_images", "find_by_stem"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "UNKNOWN_LABEL", "Sample", "AnomalyDataset", "list_images", "find_by_stem", "check_bit_depth",
+]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 UNKNOWN_LABEL = -1
@@ -82,52 +84,125 @@ def find_by_stem(folder: Path, stems: tuple[str, ...]) -> Path | None:
     return None
 
 
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _unreadable(error: BaseException, path: Path, where: str, otherwise: str) -> ValueError:
+    """The one-line error for an image Pillow refused: too large, else ``otherwise``."""
+    if isinstance(error, Image.DecompressionBombError):
+        return ValueError(
+            f"{where}: image {path} is too large to open ({_one_line(error)}); Pillow refuses images over "
+            f"{2 * Image.MAX_IMAGE_PIXELS} pixels as a guard against decompression bombs: downscale or crop it "
+            f"(images are resized to the trained size anyway), or from Python raise PIL.Image.MAX_IMAGE_PIXELS."
+        )
+    return ValueError(f"{where}: {otherwise.format(path=path, error=_one_line(error))}")
+
+
 def _header_size(path: Path, where: str) -> tuple[int, int]:
     """(width, height) from the file header, without decoding pixels."""
     try:
         with Image.open(path) as image:
             return image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(
-            f"{where}: cannot read image {path} ({_one_line(error)}); replace or delete the file."
-        ) from None
+    except _DECODE_ERRORS as error:
+        raise _unreadable(error, path, where, "cannot read image {path} ({error}); replace or delete the file.") from None
 
 
-def _decode(path: Path, where: str) -> Image.Image:
+def _decode(path: Path, where: str) -> tuple[Image.Image, bool]:
+    """The decoded image, and whether it is a 16-bit colour file that Pillow kept only the high bytes of."""
     try:
         with Image.open(path) as image:
+            high_bytes_only = image.mode in ("RGB", "RGBA") and any(";16" in str(tile.args) for tile in image.tile)
             image.load()
-            return image.copy() if image.mode != "P" else image.convert("RGBA")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            return (image.copy() if image.mode != "P" else image.convert("RGBA")), high_bytes_only
+    except _DECODE_ERRORS as error:
+        raise _unreadable(error, path, where, "cannot decode image {path} ({error}); the file is damaged or "
+                          "truncated, replace or delete it.") from None
+
+
+# NOTE [bit depth]
+# A pixel's brightness is its value over the largest value of the file's bit depth: 255 for 8-bit
+# files, 65535 for 16-bit ones, whatever the image holds (a dark 16-bit image stays dark). A camera
+# whose 10- or 12-bit samples sit in a 16-bit container says so with ``bit_depth`` (``--bit-depth``):
+# then 1023 or 4095 is full brightness, and a larger value is refused rather than clipped. The setting
+# concerns 16-bit files only (8-bit files are read as they are); it is stored in the checkpoint, so
+# that inference reads images as training did. Float images must hold values in [0, 1].
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_BIT_DEPTHS = range(8, 17)
+
+
+def check_bit_depth(bit_depth: int | None, where: str) -> int | None:
+    """``bit_depth`` as an int in 8..16, or ``None`` (the file's own depth); see ``NOTE [bit depth]``.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if bit_depth is None:
+        return None
+    if isinstance(bit_depth, bool) or not isinstance(bit_depth, (int, np.integer)) or bit_depth not in _BIT_DEPTHS:
         raise ValueError(
-            f"{where}: cannot decode image {path} ({_one_line(error)}); the file is damaged or truncated, "
-            f"replace or delete it."
-        ) from None
+            f"{where}: bit_depth (--bit-depth) must be the significant bits of 16-bit images, an int from 8 to 16, "
+            f"or None for the files' own depth; got {bit_depth!r}."
+        )
+    return int(bit_depth)
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and float grey-scale images scaled to 8 bits (Pillow's convert would clip them)."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-        if image.mode == "F":
-            peak = max(float(array.max(initial=0)), 1.0)
-        image = Image.fromarray(np.clip(np.rint(array / peak * 255.0), 0, 255).astype(np.uint8), mode="L")
-    return image
+def _to_8bit(image: Image.Image, high_bytes_only: bool, path: Path, where: str, bit_depth: int | None) -> Image.Image:
+    """16-bit, 32-bit integer and float grey-scale images scaled to 8 bits (see ``NOTE [bit depth]``)."""
+    if high_bytes_only and bit_depth not in (None, 16):
+        raise ValueError(
+            f"{where}: {path} is a 16-bit colour image, which Pillow decodes to 8 bits per channel, so "
+            f"bit_depth={bit_depth} cannot be applied to it; save the images as 16-bit grey-scale, or as 8-bit "
+            f"colour scaled from {bit_depth} bits."
+        )
+    if image.mode not in _SIXTEEN_BIT_MODES + ("I", "F"):
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not (np.isfinite(array).all() and low >= 0.0 and high <= 1.0):
+            raise ValueError(
+                f"{where}: {path} holds float pixels in [{low:g}, {high:g}], but float images must be in [0, 1]; "
+                f"scale them to [0, 1] or save them as 8- or 16-bit integers."
+            )
+        peak = 1.0
+    else:
+        if image.mode == "I" and bit_depth is None:
+            raise ValueError(
+                f"{where}: {path} holds 32-bit integer pixels and its bit depth is unknown; pass bit_depth "
+                f"(--bit-depth) with the sensor's bit depth, or save the images as 8- or 16-bit."
+            )
+        depth = 16 if bit_depth is None else bit_depth
+        peak = float(2**depth - 1)
+        if low < 0 or high > peak:
+            raise ValueError(
+                f"{where}: {path} holds pixel values up to {high:g} (lowest {low:g}), outside the {depth}-bit "
+                f"range 0..{peak:g}; pass the sensor's true bit depth (--bit-depth), or none for 16 bits."
+            )
+    return Image.fromarray(np.rint(array / peak * 255.0).astype(np.uint8), mode="L")
 
 
-def load_rgb(path: Path, where: str) -> Image.Image:
-    """Decode an image as RGB; grey-scale, palette, RGBA, CMYK and 16-bit images are converted."""
-    image = _to_8bit(_decode(path, where))
+def load_rgb(path: Path, where: str, bit_depth: int | None = None) -> Image.Image:
+    """Decode an image as RGB; grey-scale, palette, RGBA, CMYK and 16-bit images are converted.
+
+    Args:
+        bit_depth: significant bits of 16-bit images, ``None`` for the file's own (``NOTE [bit depth]``).
+    """
+    image = _to_8bit(*_decode(path, where), path, where, bit_depth)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_mask(path: Path, where: str) -> Image.Image:
-    """Decode a mask as 8-bit grey-scale (``1``, palette, RGB and 16-bit masks are converted)."""
-    image = _to_8bit(_decode(path, where))
-    if image.mode == "1":
-        return image.convert("L")
-    return image if image.mode == "L" else image.convert("L")
+    """Decode a mask as 0/255 grey-scale: any non-zero pixel (in any colour channel) is a defect.
+
+    This is MVTec AD's convention, and it holds for 0/1, 0/255 and 16-bit masks and for label images
+    whose classes are numbered 1, 2, ...; an alpha channel is ignored.
+    """
+    image, _ = _decode(path, where)
+    array = np.asarray(image)
+    if array.ndim == 3:
+        colour = [i for i, band in enumerate(image.getbands()) if band != "A"]
+        array = array[..., colour].any(axis=2)
+    return Image.fromarray(np.where(array != 0, 255, 0).astype(np.uint8), mode="L")
 
 
 class AnomalyDataset(Dataset):
@@ -149,6 +224,8 @@ class AnomalyDataset(Dataset):
             worker. Pass a generator only with ``num_workers=0``: every worker would get a copy of it
             and draw the same augmentations.
         verify: open every file header at construction (see ``NOTE [fail at start]``).
+        bit_depth: significant bits of 16-bit images (8..16), ``None`` for the files' own depth
+            (``NOTE [bit depth]``).
     """
 
     def __init__(
@@ -162,8 +239,10 @@ class AnomalyDataset(Dataset):
         augment: bool | None,
         generator: torch.Generator | None,
         verify: bool,
+        bit_depth: int | None = None,
     ) -> None:
         self.name = name
+        self.bit_depth = check_bit_depth(bit_depth, name)
         self.split = split
         self.size = normalize_size(size, f"{name}: size")
         self.texture = bool(texture)
@@ -198,12 +277,19 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = load_rgb(sample.image, self.name)
+        image = load_rgb(sample.image, self.name, self.bit_depth)
         mask_image = None
         if sample.mask is not None:
             mask_image = load_mask(sample.mask, self.name)
             if mask_image.size != image.size:
                 raise ValueError(self._size_message(sample, image.size, mask_image.size))
+            if sample.label == 1 and mask_image.getbbox() is None:
+                warnings.warn(
+                    f"{self.name}: mask {sample.mask} of defect image {sample.image} is empty (no non-zero pixel), "
+                    f"so its pixel metrics compare against nothing; mark the defect in the mask, or move the image "
+                    f"to the good images.",
+                    stacklevel=2,
+                )
         image_tensor = image_to_tensor(image, self.size)
         mask_tensor = mask_to_tensor(mask_image, self.size)
         if self.augment:

@@ -31,6 +31,8 @@ class BTADDataset(AnomalyDataset):
         augment: ``None`` follows ``texture`` on the train split; ``True``/``False`` force it.
         generator: torch generator for the augmentation (``None``: torch's global generator).
         verify: open every file header now, so bad files fail at construction (default ``True``).
+        bit_depth: significant bits of 16-bit images (8..16); ``None`` (default) reads each file at its own
+            depth (see ``NOTE [bit depth]`` in :mod:`pyramidflow.data._io`).
 
     Raises:
         FileNotFoundError: a missing root, class, split folder or mask; an empty folder.
@@ -48,6 +50,7 @@ class BTADDataset(AnomalyDataset):
         augment: bool | None = None,
         generator: torch.Generator | None = None,
         verify: bool = True,
+        bit_depth: int | None = None,
     ) -> None:
         where = f"BTADDataset({category}, {split})"
         check_split(split, where)
@@ -77,4 +80,5 @@ class BTADDataset(AnomalyDataset):
             augment=augment,
             generator=generator,
             verify=verify,
+            bit_depth=bit_depth,
         )

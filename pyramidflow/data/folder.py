@@ -41,6 +41,8 @@ class FolderDataset(AnomalyDataset):
         augment: ``None`` follows ``texture`` on the train split; ``True``/``False`` force it.
         generator: torch generator for the augmentation (``None``: torch's global generator).
         verify: open every file header now, so bad files fail at construction (default ``True``).
+        bit_depth: significant bits of 16-bit images (8..16); ``None`` (default) reads each file at its own
+            depth (see ``NOTE [bit depth]`` in :mod:`pyramidflow.data._io`).
 
     Raises:
         FileNotFoundError: a missing or empty image folder, a missing mask folder.
@@ -67,6 +69,7 @@ class FolderDataset(AnomalyDataset):
         augment: bool | None = None,
         generator: torch.Generator | None = None,
         verify: bool = True,
+        bit_depth: int | None = None,
     ) -> None:
         image_dir = Path(image_dir)
         where = f"FolderDataset({image_dir.name}, {split})"
@@ -105,4 +108,5 @@ class FolderDataset(AnomalyDataset):
             augment=augment,
             generator=generator,
             verify=verify,
+            bit_depth=bit_depth,
         )

@@ -72,6 +72,8 @@ class MVTecDataset(AnomalyDataset):
             ``True``/``False`` force it.
         generator: torch generator for the augmentation (``None``: torch's global generator).
         verify: open every file header now, so bad files fail at construction (default ``True``).
+        bit_depth: significant bits of 16-bit images (8..16); ``None`` (default) reads each file at its own
+            depth (see ``NOTE [bit depth]`` in :mod:`pyramidflow.data._io`).
 
     Raises:
         FileNotFoundError: a missing root, category, split folder or mask; an empty folder.
@@ -96,6 +98,7 @@ class MVTecDataset(AnomalyDataset):
         augment: bool | None = None,
         generator: torch.Generator | None = None,
         verify: bool = True,
+        bit_depth: int | None = None,
     ) -> None:
         where = f"MVTecDataset({category}, {split})"
         check_split(split, where)
@@ -112,6 +115,7 @@ class MVTecDataset(AnomalyDataset):
             augment=augment,
             generator=generator,
             verify=verify,
+            bit_depth=bit_depth,
         )
 
     @staticmethod

@@ -70,9 +70,9 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 
 def mask_to_tensor(mask: Image.Image | None, size: tuple[int, int]) -> torch.Tensor:
-    """Resize a mask with nearest neighbour and binarise it to {0, 1}.
+    """Resize a mask with nearest neighbour and binarise it to {0, 1}: any non-zero pixel is a defect.
 
-    Masks stored as 0/255 are thresholded at 127; masks whose maximum is 1 (stored as 0/1) at 0.
+    That is MVTec AD's convention; it holds for masks stored as 0/255 or 0/1 and for label images.
 
     Args:
         mask: a Pillow image in mode ``L``, or ``None`` for an all-good mask.
@@ -86,9 +86,7 @@ def mask_to_tensor(mask: Image.Image | None, size: tuple[int, int]) -> torch.Ten
         return torch.zeros(1, height, width, dtype=torch.float32)
     if mask.size != (width, height):
         mask = mask.resize((width, height), resample=Image.Resampling.NEAREST)
-    array = np.asarray(mask)
-    threshold = 0 if array.size and array.max() <= 1 else 127
-    return torch.from_numpy((array > threshold).astype(np.float32))[None]
+    return torch.from_numpy((np.asarray(mask) != 0).astype(np.float32))[None]
 
 
 def random_flip_rotate(

@@ -1,13 +1,15 @@
-"""Checks for users debugging their blocks, and for the engine's debug mode.
+"""Checks for users debugging their blocks, for the engine's debug mode, and of the block contract.
 
-Every check here syncs the device (it reads a value back): none of them runs
-in the engine's hot loop unless ``debug=True``.
+Every check here but :func:`check_block_result` and :func:`contract_checks` syncs the device (it
+reads a value back): none of those runs in the engine's hot loop unless ``debug=True``. The contract
+checks compare structure and shapes only (NOTE [contract checks]).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +19,10 @@ from .adapters import wrap
 from .block import InvertibleModule, LogDet, Tensors
 from .errors import InvertibleError
 
-__all__ = ["BlockReport", "InverseCheck", "check_inverse", "reconstruction_error", "captured_grad_tensors"]
+__all__ = [
+    "BlockReport", "InverseCheck", "check_inverse", "reconstruction_error", "captured_grad_tensors", "check_block_result",
+    "contract_checks",
+]
 
 
 @dataclass(frozen=True)
@@ -160,3 +165,68 @@ def captured_grad_tensors(block: nn.Module) -> Optional[str]:
             if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and value.requires_grad:
                 return f"{module_name}.{name}" if module_name else name
     return None
+
+
+# NOTE [contract checks]
+# A block that breaks the contract (InvertibleModule's docstring) otherwise shows up as a raw torch
+# error in a later block, or not at all: AffineCoupling(4, ...) given 3 channels returned 4, and a
+# (N, 1) log-det broadcasts against the (N,) sum into an (N, N) one. The check reads shapes only
+# (no value, so no device sync): the result is a pair (ys, logdet); ys a non-empty tuple of tensors,
+# batch first, with as many elements in all as the block took (a bijection keeps the dimension);
+# logdet None or of shape (N,). InvertibleSequential runs it on every block (forward hooks, removed
+# afterwards) the first time it sees an input signature, in every mode; later calls with the same
+# shapes cost one signature lookup. Under torch.compile and torch.export nothing is checked: comparing
+# symbolic shapes would pin them (an ONNX graph with a dynamic batch would lose it).
+
+
+def _shapes(tensors: Sequence[Any]) -> str:
+    return ", ".join(str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__ for t in tensors)
+
+
+def check_block_result(result: Any, xs: Sequence[Tensor], *, where: str) -> None:
+    """Raise when one block's ``forward(xs)`` result breaks the contract (NOTE [contract checks]).
+
+    Raises:
+        TypeError: not ``(ys, logdet)`` with ``ys`` a non-empty tuple of tensors.
+        ValueError: ``ys`` with another element count or batch size than ``xs``; ``logdet`` not ``(N,)``.
+    """
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise TypeError(
+            f"{where}: forward() returned {type(result).__name__}; it must return (ys, logdet), ys a tuple of "
+            "tensors and logdet a tensor of shape (N,) or None."
+        )
+    ys, logdet = result
+    if not (isinstance(ys, (tuple, list)) and ys and all(isinstance(y, Tensor) for y in ys)):
+        raise TypeError(
+            f"{where}: forward() returned ys of type {type(ys).__name__}; ys must be a non-empty tuple of tensors."
+        )
+    batch = xs[0].shape[0]
+    taken, given = sum(x.numel() for x in xs), sum(y.numel() for y in ys)
+    if given != taken or any(y.dim() == 0 or y.shape[0] != batch for y in ys):
+        raise ValueError(
+            f"{where}: forward() took shapes {_shapes(xs)} ({taken} elements) but returned {_shapes(ys)} ({given}); "
+            "an invertible block returns as many elements as it takes, batch first: check the block's channel "
+            "count against its input."
+        )
+    if logdet is not None and (not isinstance(logdet, Tensor) or tuple(logdet.shape) != (batch,)):
+        shape = tuple(logdet.shape) if isinstance(logdet, Tensor) else type(logdet).__name__
+        raise ValueError(
+            f"{where}: forward() returned a log-determinant of shape {shape}; it must be a tensor of shape "
+            f"({batch},), one value per sample (sum over the other dimensions), or None for a volume-preserving block."
+        )
+
+
+@contextlib.contextmanager
+def contract_checks(blocks: Sequence[nn.Module], where: Callable[[int], str]) -> Iterator[None]:
+    """Check the result of every call of each block while open (NOTE [contract checks]); ``where(i)`` names block i."""
+    handles = []
+    for index, block in enumerate(blocks):
+        def hook(module: nn.Module, args: tuple, result: Any, index: int = index) -> None:
+            check_block_result(result, args[0], where=where(index))
+
+        handles.append(block.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

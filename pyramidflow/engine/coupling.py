@@ -55,6 +55,7 @@ class AffineCoupling(InvertibleModule):
         if parity not in (0, 1):
             raise ValueError(f"AffineCoupling: parity must be 0 or 1, got {parity}.")
         half = channels // 2
+        self.channels = channels
         self.parity = parity
         self.clamp = clamp
         # notation: a the conditioning channels, b the transformed ones.
@@ -76,16 +77,26 @@ class AffineCoupling(InvertibleModule):
         s, _ = kernels.log_scale(r, volume_norm=None, clamp=self.clamp)
         return s, t, s.flatten(1).sum(dim=1)
 
+    def _check_channels(self, x: Tensor, method: str) -> None:
+        """A shape comparison only: the channel slices would otherwise silently cut another input."""
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"AffineCoupling.{method}: built for (N, {self.channels}, H, W) inputs, got shape {tuple(x.shape)}; "
+                f"build it with channels={x.shape[1] if x.dim() == 4 else '<C>'} or fix the input."
+            )
+
     def _join(self, y_a: Tensor, y_b: Tensor) -> Tensor:
         return torch.cat((y_a, y_b) if self.parity == 0 else (y_b, y_a), dim=1)
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         (x,) = xs
+        self._check_channels(x, "forward")
         s, t, logdet = self._log_scale(x[:, self._a])
         return (self._join(x[:, self._a], kernels.scale_shift(x[:, self._b], s, t)),), logdet
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         (y,) = ys
+        self._check_channels(y, "inverse")
         s, t, logdet = self._log_scale(y[:, self._a])
         return (self._join(y[:, self._a], kernels.scale_shift_inverse(y[:, self._b], s, t)),), -logdet
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ._state import recomputation
 from .adapters import wrap
 from .block import InvertibleModule, LogDet, Tensors, add_optional
-from .checks import captured_grad_tensors, check_finite, check_reconstruction
+from .checks import captured_grad_tensors, check_finite, check_reconstruction, contract_checks
 from .drift import DRIFT_POLICIES, CallSite, Fingerprinter, drift_message
 from .errors import DriftError, DriftWarning
 from .function import DriftReport, InvertibleRun, run_invertible
@@ -22,6 +22,7 @@ from .function import DriftReport, InvertibleRun, run_invertible
 __all__ = ["InvertibleSequential", "MODES"]
 
 MODES = ("invertible", "checkpoint", "autograd")  # the engine's own first; also the order plan reports them in
+_MAX_CHECKED_SIGNATURES = 64
 TensorOrTensors = Union[Tensor, Tensors]
 
 
@@ -119,6 +120,7 @@ class InvertibleSequential(nn.Module):
         self.last_recomputed: Tuple[int, ...] = ()
         self._fingerprinter = Fingerprinter()
         self._warned_sites: set = set()
+        self._checked_signatures: set = set()  # NOTE [contract checks] in .checks
 
     @property
     def drift(self) -> str:
@@ -179,6 +181,29 @@ class InvertibleSequential(nn.Module):
             (zeros when every block preserves volume).
         """
         xs, single = _as_tuple(x, "forward")
+        signature = self._unchecked_signature(xs)
+        if signature is None:
+            return self._forward(xs, single)
+        with contract_checks(self.blocks, lambda i: self._where(self.blocks[i])):
+            result = self._forward(xs, single)
+        if len(self._checked_signatures) >= _MAX_CHECKED_SIGNATURES:  # many input sizes: forget, check again
+            self._checked_signatures.clear()
+        self._checked_signatures.add(signature)
+        return result
+
+    def _unchecked_signature(self, xs: Tensors) -> Optional[tuple]:
+        """The signature of ``xs`` if its contract check is due (NOTE [contract checks] in .checks), else None.
+
+        Never under torch.compile or torch.export: comparing symbolic shapes would pin a dynamic batch.
+        """
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return None
+        if not all(isinstance(size, int) for x in xs for size in x.shape):
+            return None
+        signature = (tuple(map(id, self.blocks)), tuple((x.shape, x.dtype, x.device) for x in xs))
+        return None if signature in self._checked_signatures else signature
+
+    def _forward(self, xs: Tensors, single: bool) -> Tuple[TensorOrTensors, Tensor]:
         if self.debug:
             ys, logdet = self._forward_debug(xs)
         elif self.mode == "invertible" and torch.is_grad_enabled():

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..calibration import check_threshold, stored_thresholds
-from ..data._io import load_rgb
+from ..data._io import check_bit_depth, load_rgb
 from ..data.transforms import image_to_tensor
 from .._utils import resolve_device
-from .maps import Inference, anomaly_maps, load_for_inference, smooth
+from .maps import Inference, anomaly_maps, check_smoothing_sigma, load_for_inference, smooth
 from .regions import find_regions
 from .tiling import check_tileable, tiled_anomaly_map
 
@@ -53,18 +53,22 @@ class Prediction:
     path: str = ""
 
 
-def _to_rgb(item: Any, name: str) -> Image.Image:
-    """One input as an RGB PIL image (tensors and arrays in [0, 1] or uint8 become 8-bit pixels)."""
+def _to_rgb(item: Any, name: str, bit_depth: Optional[int]) -> Image.Image:
+    """One input as an RGB PIL image (uint8 tensors and arrays, and float tensors in [0, 1], become 8-bit pixels)."""
     if isinstance(item, (str, Path)):
-        return load_rgb(Path(item), "Detector")
+        return load_rgb(Path(item), "Detector", bit_depth)
     if isinstance(item, Image.Image):
         return item if item.mode == "RGB" else item.convert("RGB")
     if isinstance(item, torch.Tensor):
         if item.ndim != 3 or item.shape[0] != 3:
             raise ValueError(f"Detector: {name} is a tensor of shape {tuple(item.shape)}; give (3, H, W) or (N, 3, H, W).")
         array = item.detach().cpu()
-        if array.dtype != torch.uint8:
-            array = (array.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        if array.is_floating_point():
+            array = _float_pixels(array, name)
+        elif array.dtype != torch.uint8:
+            raise TypeError(
+                f"Detector: {name} is a {array.dtype} tensor; give RGB as uint8 (0-255) or as a float tensor in [0, 1]."
+            )
         return Image.fromarray(array.permute(1, 2, 0).contiguous().numpy())
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
@@ -76,6 +80,23 @@ def _to_rgb(item: Any, name: str) -> Image.Image:
         f"Detector: cannot read {name} of type {type(item).__name__}; give a path, a PIL image, an (H, W, 3) uint8 "
         "array, an (N, 3, H, W) tensor (RGB in [0, 1] or uint8), or a list of them."
     )
+
+
+def _float_pixels(image: torch.Tensor, name: str) -> torch.Tensor:
+    """A float ``(3, H, W)`` image in [0, 1] as uint8; anything else is refused rather than clamped.
+
+    Clamping would read a 0-255 image as white and NaN as black: a wrong answer without a word.
+    """
+    image = image.float()
+    if image.isnan().any():
+        raise ValueError(f"Detector: {name} holds NaN pixels; give finite RGB values in [0, 1].")
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"Detector: {name} is a float tensor with values in [{low:g}, {high:g}], but float images must be RGB "
+            f"in [0, 1]; divide 0-255 pixels by 255 (or pass a uint8 tensor), and undo any normalisation."
+        )
+    return (image * 255).round().to(torch.uint8)
 
 
 def _flatten(images: Any) -> List[Tuple[str, Any]]:
@@ -107,7 +128,10 @@ class Detector:
         inference: from :func:`pyramidflow.inference.evaluate.load_for_inference`.
         tile: tiled inference at the input's resolution.
         batch_size: images (or tiles) per forward pass.
-        smoothing_sigma: Gaussian smoothing of the maps in pixels (0: off, as at calibration).
+        smoothing_sigma: Gaussian smoothing of the maps in pixels (0: off, as at calibration; at most the
+            trained image's larger side).
+        bit_depth: significant bits of 16-bit image files (8..16); ``None`` reads them as training did
+            (``NOTE [bit depth]`` in :mod:`pyramidflow.data._io`).
 
     Example:
         >>> import tempfile, numpy as np
@@ -128,19 +152,23 @@ class Detector:
         False
     """
 
-    def __init__(self, inference: Inference, *, tile: bool = False, batch_size: int = 8, smoothing_sigma: float = 0.0) -> None:
+    def __init__(self, inference: Inference, *, tile: bool = False, batch_size: int = 8, smoothing_sigma: float = 0.0,
+                 bit_depth: Optional[int] = None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Detector: batch_size must be a positive int, got {batch_size!r}.")
         self.inference = inference
         self.tile = bool(tile)
         self.batch_size = batch_size
-        self.smoothing_sigma = float(smoothing_sigma)
+        self.smoothing_sigma = check_smoothing_sigma(smoothing_sigma, inference.image_size, "Detector")
+        self.bit_depth = inference.bit_depth if bit_depth is None else check_bit_depth(bit_depth, "Detector")
         self._threshold, self._pixel_threshold, _ = stored_thresholds(inference.checkpoint)
 
     @classmethod
     def load(cls, path: str | Path, device: Optional[str | torch.device] = None, **options: Any) -> "Detector":
         """Open a finished checkpoint; ``device`` ``None`` picks CUDA when present. ``options`` as in the class."""
         device = resolve_device("auto") if device is None else torch.device(device)
+        if device.type == "cuda":
+            resolve_device("cuda")  # one clear error when torch sees no CUDA device
         return cls(load_for_inference(path, device), **options)
 
     @property
@@ -150,7 +178,7 @@ class Detector:
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self._threshold = check_threshold(value, "Detector.threshold")
+        self._threshold = check_threshold(value, "Detector.threshold", optional=False)
 
     @property
     def pixel_threshold(self) -> float:
@@ -159,7 +187,7 @@ class Detector:
 
     @pixel_threshold.setter
     def pixel_threshold(self, value: float) -> None:
-        self._pixel_threshold = check_threshold(value, "Detector.pixel_threshold")
+        self._pixel_threshold = check_threshold(value, "Detector.pixel_threshold", optional=False)
 
     @property
     def image_size(self) -> Tuple[int, int]:
@@ -179,11 +207,11 @@ class Detector:
         """One :class:`Prediction` per image, in order (a ``(N, 3, H, W)`` tensor counts as N images).
 
         Raises:
-            ValueError: an unreadable image file (named), an input of the wrong shape, or (``tile=True``)
-                an image smaller than the trained size.
-            TypeError: an input of another type.
+            ValueError: an unreadable image file (named), an input of the wrong shape, a float tensor
+                outside [0, 1] or holding NaN, or (``tile=True``) an image smaller than the trained size.
+            TypeError: an input of another type (or a tensor neither uint8 nor float).
         """
-        named = [(name, _to_rgb(item, name)) for name, item in _flatten(images)]
+        named = [(name, _to_rgb(item, name, self.bit_depth)) for name, item in _flatten(images)]
         with torch.inference_mode():
             if self.tile:
                 return [self._tiled(name, image) for name, image in named]

@@ -22,7 +22,7 @@ from ..calibration import stored_thresholds
 from ..checkpoint import Checkpoint
 from ..data._io import _header_size, list_images, load_rgb
 from ..metrics import compute_metrics, image_auroc, image_decision_metrics, pixel_auroc, pixel_decision_metrics
-from .maps import Inference, Predictions, load_for_inference, predict_dataset
+from .maps import Inference, Predictions, check_smoothing_sigma, load_for_inference, predict_dataset
 from .tiling import check_tileable
 from .visualize import overlay_panel, save_panel
 
@@ -93,7 +93,8 @@ def evaluate(
 
     Args:
         inference: from :func:`load_for_inference`.
-        dataset: the test set, at ``inference.image_size``.
+        dataset: the test set, at ``inference.image_size`` and read at ``inference.bit_depth`` (give it to the
+            data set: ``MVTecDataset(..., bit_depth=inference.bit_depth)``), as training read its images.
 
     Returns:
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
@@ -102,6 +103,7 @@ def evaluate(
         ``pixel_recall``).
     """
     checkpoint = inference.checkpoint
+    smoothing_sigma = check_smoothing_sigma(smoothing_sigma, inference.image_size, "evaluate")
     predictions = predict_dataset(
         inference.model, inference.template, dataset,
         device=inference.device, smoothing_sigma=smoothing_sigma, progress=progress,
@@ -141,25 +143,29 @@ def predict(
     image_threshold: float | None = None,
     pixel_threshold: float | None = None,
     tile: bool = False,
+    bit_depth: int | None = None,
 ) -> List[dict]:
     """Decisions for unlabelled images (files or folders of images), at each image's resolution.
 
     Writes under ``out_dir``, per image: ``masks/<name>.png`` (the binary defect mask),
     ``maps/<name>.png`` (the heat map), ``overlays/<name>.png`` (with the predicted outline); and
-    ``predictions.json`` / ``predictions.csv`` (score, is_anomalous, regions). See
-    :mod:`pyramidflow.inference.outputs`.
+    ``predictions.json`` / ``predictions.csv`` (score, is_anomalous, regions, the three files). The
+    name is the image's path under the inputs' common folder (:func:`pyramidflow.inference.outputs.output_names`),
+    so images of different folders never overwrite each other. See :mod:`pyramidflow.inference.outputs`.
 
     Args:
         image_threshold, pixel_threshold: override the checkpoint's calibrated thresholds.
         tile: tiled inference at native resolution (:mod:`pyramidflow.inference.tiling`).
+        bit_depth: significant bits of 16-bit images; ``None`` reads them as training did
+            (:attr:`Inference.bit_depth`).
 
     Returns:
-        One ``{"path", "score", "is_anomalous", "regions"}`` dict per image.
+        One ``{"path", "score", "is_anomalous", "regions", "mask", "map", "overlay"}`` dict per image.
     """
     from tqdm.auto import tqdm
 
     from ..calibration import check_threshold
-    from .outputs import write_predictions
+    from .outputs import output_names, write_predictions
     from .detector import Detector
 
     image_threshold = check_threshold(image_threshold, "--image-threshold")
@@ -167,7 +173,7 @@ def predict(
     files = _expand(inputs)
     for path in files:  # a damaged file stops the run before any work (NOTE [fail at start] in data/_io.py)
         _header_size(path, "predict")
-    detector = Detector(inference, tile=tile, smoothing_sigma=smoothing_sigma)
+    detector = Detector(inference, tile=tile, smoothing_sigma=smoothing_sigma, bit_depth=bit_depth)
     if image_threshold is not None:
         detector.threshold = image_threshold
     if pixel_threshold is not None:
@@ -178,15 +184,24 @@ def predict(
             check_tileable(height, width, inference.image_size, f"predict --tile: {path}")
     vmax = float((inference.checkpoint.score_stats or {}).get("image_max") or detector.threshold or 1.0)
     # A bar only after a second, so that an error on the first images stays the only line on stderr.
-    files = tqdm(files, desc="predict", unit="image", disable=not progress, leave=False, delay=1.0)
-    decided = _decide_each(detector, files)
-    return write_predictions(decided, Path(out_dir), vmax=vmax, image_threshold=detector.threshold,
-                             pixel_threshold=detector.pixel_threshold, checkpoint=str(inference.checkpoint.path))
+    with tqdm(total=len(files), desc="predict", unit="image", disable=not progress, leave=False, delay=1.0) as bar:
+        return write_predictions(_ticking(_decide_each(detector, files), bar), Path(out_dir), names=output_names(files),
+                                 vmax=vmax, image_threshold=detector.threshold, pixel_threshold=detector.pixel_threshold,
+                                 checkpoint=str(inference.checkpoint.path))
+
+
+def _ticking(items: Iterable[tuple], bar) -> Iterable[tuple]:
+    """``items``, ticking ``bar`` once an item has been consumed (decided and written), not when it was read."""
+    for item in items:
+        yield item
+        bar.update(1)
 
 
 def _decide_each(detector, files: Iterable[Path]) -> Iterable[tuple]:
-    """``(prediction, pixels)`` per file, ``detector.batch_size`` files at a time; each file is decoded once."""
+    """``(prediction, pixels)`` per file, ``detector.batch_size`` files at a time (one at a time when tiled,
+    so that progress follows each large image); each file is decoded once."""
     chunk: list = []
+    chunk_size = 1 if detector.tile else detector.batch_size
 
     def flush() -> Iterable[tuple]:
         predictions = detector([image for _, image in chunk])
@@ -196,8 +211,8 @@ def _decide_each(detector, files: Iterable[Path]) -> Iterable[tuple]:
         chunk.clear()
 
     for path in files:
-        chunk.append((str(path), load_rgb(Path(path), "predict")))
-        if len(chunk) == detector.batch_size:
+        chunk.append((str(path), load_rgb(Path(path), "predict", detector.bit_depth)))
+        if len(chunk) == chunk_size:
             yield from flush()
     if chunk:
         yield from flush()

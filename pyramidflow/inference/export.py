@@ -25,6 +25,7 @@ The coupling op runs on its PyTorch reference (the Triton kernels are not export
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import warnings
@@ -275,8 +276,12 @@ def _export_onnx(graph: InferenceGraph, probe: Tensor, path: Path, *, dynamic_ba
 
 
 def _export_torchscript(graph: InferenceGraph, probe: Tensor, path: Path, *, metadata: dict) -> None:
+    # The file is for inference: outputs that required grad would make every plain call build a graph
+    # (and keep its activations) unless the caller remembers torch.no_grad(). A copy is frozen, since
+    # the trace shares the parameters of the module it records.
+    frozen = copy.deepcopy(graph).requires_grad_(False)
     with _quiet(), torch.no_grad():
-        traced = torch.jit.trace(graph, (probe,), check_trace=False)
+        traced = torch.jit.trace(frozen, (probe,), check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={"pyramidflow.json": json.dumps(metadata)})
 
 

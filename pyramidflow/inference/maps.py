@@ -8,9 +8,10 @@ place that reads the checkpoint's ablation switches. The exported graph calls th
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,6 +63,14 @@ class Inference:
         stride = self.model.config.input_stride
         return tuple(int(s) * stride for s in self.template[0].shape[-2:])
 
+    @property
+    def bit_depth(self) -> Optional[int]:
+        """The bit depth training read 16-bit images at (``NOTE [bit depth]`` in :mod:`pyramidflow.data._io`).
+
+        ``None``: each file's own depth, also for checkpoints that predate the setting.
+        """
+        return (self.checkpoint.train_config or {}).get("bit_depth")
+
 
 def load_for_inference(path: str | Path, device: torch.device) -> Inference:
     """Model (eval mode) and template of a finished checkpoint, on ``device``.
@@ -78,6 +87,24 @@ def load_for_inference(path: str | Path, device: torch.device) -> Inference:
     model = checkpoint.build_model(device)
     template = tuple(level.to(device) for level in checkpoint.template)
     return Inference(checkpoint, model, template, device)
+
+
+def check_smoothing_sigma(sigma: float, image_size: Sequence[int], where: str) -> float:
+    """``sigma`` as a float: finite, at least 0, and at most the image's larger side (in pixels).
+
+    A larger sigma flattens a map to its mean and makes scipy build a kernel of ``8 * sigma`` pixels
+    (``1e9`` asks for tens of GiB); a negative or NaN one would silently mean no smoothing.
+
+    Raises:
+        ValueError: any other value, naming ``--smooth``.
+    """
+    bound = max(int(s) for s in image_size)
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 <= sigma <= bound:
+        raise ValueError(
+            f"{where}: smoothing_sigma (--smooth) must be a number of pixels from 0 (off) to {bound} (the image's "
+            f"larger side), got {sigma!r}."
+        )
+    return float(sigma)
 
 
 def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:

@@ -102,6 +102,10 @@ def overlay_panel(
 
 
 def save_panel(panel: Image.Image, path: Path) -> None:
-    """Write a panel as PNG (NOTE [atomic write]; the folder is created)."""
+    """Write a panel as PNG (NOTE [atomic write]; the folder is created).
+
+    The format is given, not guessed from the name: a name such as ``..png`` has no extension to
+    Python's ``os.path.splitext``, which Pillow uses.
+    """
     with atomic_write(path) as tmp:
         panel.save(tmp, format="PNG")

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._utils import DEVICES, resolve_device
+from ..data._io import check_bit_depth
 from ..engine.drift import DRIFT_POLICIES
 
 __all__ = ["DEVICES", "DTYPES", "REFERENCE_EPOCHS", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
@@ -60,6 +61,10 @@ class TrainConfig:
             optimistically); see :mod:`pyramidflow.calibration`.
         image_fpr: target false-positive rate of the image threshold on good parts.
         pixel_fpr: target false-positive rate of the pixel threshold on good pixels.
+        bit_depth: significant bits of 16-bit training images (8..16; ``None``: the data set's setting,
+            by default each file's own depth). Stored in the checkpoint, so that ``eval``, ``predict`` and
+            :class:`~pyramidflow.Detector` read images as training did (``NOTE [bit depth]`` in
+            :mod:`pyramidflow.data._io`).
     """
 
     steps: int | None = None
@@ -82,6 +87,7 @@ class TrainConfig:
     calibration_fraction: float = 0.1
     image_fpr: float = 0.01
     pixel_fpr: float = 0.001
+    bit_depth: int | None = None
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -134,6 +140,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
                 raise ValueError(f"TrainConfig: {name} must be a false-positive rate in (0, 1), got {value!r}.")
+        self.bit_depth = check_bit_depth(self.bit_depth, "TrainConfig")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pyramidflow.train.config import TrainConfig
 
 __all__ = [
     "apply_augmentation_setting",
+    "apply_bit_depth_setting",
     "batch_images",
     "check_dataset",
     "epoch_loader",
@@ -66,6 +67,28 @@ def apply_augmentation_setting(dataset: Dataset, augment: bool | None) -> None:
             "'augment' attribute to switch; use a pyramidflow.data data set or leave augment=None."
         )
     dataset.augment = bool(augment)
+
+
+def apply_bit_depth_setting(dataset: Dataset, bit_depth: int | None) -> int | None:
+    """``TrainConfig.bit_depth``: the bit depth the training images are read at, to record in the checkpoint.
+
+    ``None`` keeps the data set's own (``NOTE [bit depth]`` in :mod:`pyramidflow.data._io`); an int is
+    applied to a data set that reads files and has none set.
+
+    Raises:
+        ValueError: the data set was built with another bit depth.
+    """
+    own = getattr(dataset, "bit_depth", None)
+    if bit_depth is None or own == bit_depth:
+        return own
+    if own is not None:
+        raise ValueError(
+            f"train: TrainConfig.bit_depth={bit_depth} but the data set reads images at bit_depth={own}; "
+            "give the same value to both, or leave TrainConfig.bit_depth=None."
+        )
+    if hasattr(dataset, "bit_depth"):
+        dataset.bit_depth = bit_depth
+    return bit_depth
 
 
 @contextlib.contextmanager

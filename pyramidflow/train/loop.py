@@ -36,7 +36,7 @@ from pyramidflow.checkpoint import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_NAME, l
 from pyramidflow.model import PyramidFlow, PyramidFlowConfig
 from pyramidflow.train.config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
 from pyramidflow.train.data import (
-    apply_augmentation_setting, batch_images, check_dataset, epoch_loader, hold_out, without_augmentation,
+    apply_augmentation_setting, apply_bit_depth_setting, batch_images, check_dataset, epoch_loader, hold_out, without_augmentation,
 )
 from pyramidflow.train.distributed import (
     DistributedContext, EpochBatchSampler, gather_levels, init_distributed, wrap_data_parallel,
@@ -246,6 +246,7 @@ def train(
         raise TypeError(f"train: model_config must be a PyramidFlowConfig, got {type(model_config).__name__}.")
     check_dataset(dataset)
     apply_augmentation_setting(dataset, train_config.augment)
+    train_config = dataclasses.replace(train_config, bit_depth=apply_bit_depth_setting(dataset, train_config.bit_depth))
     device = resolve_device(train_config.device)
     ctx = init_distributed(device.type)
     try:

@@ -358,3 +358,154 @@ def test_folder_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "empty"))):
         (tmp_path / "empty").mkdir()
         FolderDataset(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bit depth (NOTE [bit depth] in data/_io.py), masks, and images too large to open.
+
+
+def _grey(path: Path, values: np.ndarray) -> Path:
+    Image.fromarray(values).save(path)
+    return path
+
+
+def _write_rgb_png(path: Path, width: int, height: int, bits: int, scanlines: bytes) -> Path:
+    """An RGB PNG written chunk by chunk: Pillow writes neither 16 bits per channel nor a size it cannot open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, bits, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _png_48_bit(path: Path, value: int, size: int = 4) -> Path:
+    """A 16-bit-per-channel RGB PNG, every sample ``value``."""
+    row = b"\x00" + np.full((size, 3), value, dtype=">u2").tobytes()
+    return _write_rgb_png(path, size, size, 16, row * size)
+
+
+def _pixel(image: Image.Image) -> int:
+    values = np.asarray(image)
+    assert values.shape[2] == 3 and (values == values[0, 0, 0]).all()
+    return int(values[0, 0, 0])
+
+
+def test_16_bit_images_are_scaled_by_the_file_depth_not_their_maximum(tmp_path):
+    from pyramidflow.data._io import load_rgb
+
+    at_255 = _grey(tmp_path / "max255.png", np.full((4, 4), 255, dtype=np.uint16))
+    at_256 = _grey(tmp_path / "max256.png", np.full((4, 4), 256, dtype=np.uint16))
+    full = _grey(tmp_path / "full.png", np.full((4, 4), 65535, dtype=np.uint16))
+    assert Image.open(at_255).mode == "I;16"
+    assert _pixel(load_rgb(at_255, "t")) == _pixel(load_rgb(at_256, "t")) == 1  # 255 / 65535 and 256 / 65535 of white
+    assert _pixel(load_rgb(full, "t")) == 255
+
+
+def test_a_stated_bit_depth_makes_12_bit_data_full_range(tmp_path):
+    from pyramidflow.data._io import load_rgb
+
+    twelve = _grey(tmp_path / "twelve.png", np.full((4, 4), 4095, dtype=np.uint16))
+    assert _pixel(load_rgb(twelve, "t")) == 16  # as a 16-bit file: 4095 / 65535 of white
+    assert _pixel(load_rgb(twelve, "t", bit_depth=12)) == 255
+    assert _pixel(load_rgb(_grey(tmp_path / "half.png", np.full((4, 4), 2048, dtype=np.uint16)), "t", 12)) == 128
+    eight = tmp_path / "eight.png"
+    Image.new("L", (4, 4), 200).save(eight)
+    assert _pixel(load_rgb(eight, "t", bit_depth=12)) == 200  # 8-bit files are read as they are
+
+
+def test_values_beyond_the_stated_bit_depth_are_refused(tmp_path):
+    from pyramidflow.data._io import load_rgb
+
+    path = _grey(tmp_path / "bright.png", np.full((4, 4), 5000, dtype=np.uint16))
+    with pytest.raises(ValueError, match=re.escape(f"t: {path} holds pixel values up to 5000") + r".*12-bit range 0\.\.4095"):
+        load_rgb(path, "t", bit_depth=12)
+
+
+@pytest.mark.parametrize("bit_depth", [7, 17, 12.0, True, "12"])
+def test_bit_depth_must_be_an_int_from_8_to_16(tmp_path, bit_depth, synthetic_root):
+    with pytest.raises(ValueError, match=r"bit_depth \(--bit-depth\) must be .* an int from 8 to 16"):
+        MVTecDataset(synthetic_root, "nut", split="train", size=SIZE, bit_depth=bit_depth)
+
+
+def test_a_data_set_reads_its_16_bit_images_at_its_bit_depth(tmp_path):
+    folder = tmp_path / "twelve"
+    folder.mkdir()
+    _grey(folder / "a.png", np.full((8, 8), 4095, dtype=np.uint16))
+    dataset = FolderDataset(folder, size=8, bit_depth=12)
+    assert dataset.bit_depth == 12 and (denormalize(dataset[0]["image"]) == 255).all()
+    assert (denormalize(FolderDataset(folder, size=8)[0]["image"]) == 16).all()
+
+
+def test_16_bit_colour_files_refuse_a_bit_depth_below_16(tmp_path):
+    from pyramidflow.data._io import load_rgb
+
+    path = _png_48_bit(tmp_path / "colour48.png", 65535)
+    assert _pixel(load_rgb(path, "t")) == 255 and _pixel(load_rgb(path, "t", bit_depth=16)) == 255
+    with pytest.raises(ValueError, match=re.escape(f"t: {path} is a 16-bit colour image") + ".*bit_depth=12 cannot be applied"):
+        load_rgb(path, "t", bit_depth=12)
+
+
+def test_float_images_must_be_in_0_1_and_32_bit_integers_need_a_bit_depth(tmp_path):
+    from pyramidflow.data._io import load_rgb
+
+    unit = tmp_path / "unit.tif"
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(unit)
+    assert _pixel(load_rgb(unit, "t")) == 128
+    wide = tmp_path / "wide.tif"
+    Image.fromarray(np.full((4, 4), 3.0, dtype=np.float32)).save(wide)
+    with pytest.raises(ValueError, match=re.escape(f"t: {wide} holds float pixels in [3, 3]") + r".*must be in \[0, 1\]"):
+        load_rgb(wide, "t")
+    integers = tmp_path / "int32.tif"
+    Image.fromarray(np.full((4, 4), 4095, dtype=np.int32)).save(integers)
+    with pytest.raises(ValueError, match=re.escape(f"t: {integers} holds 32-bit integer pixels") + ".*--bit-depth"):
+        load_rgb(integers, "t")
+    assert _pixel(load_rgb(integers, "t", bit_depth=12)) == 255
+
+
+@pytest.mark.parametrize("marked", [
+    np.uint8(100),  # a mask marked 100: under the old 127 cut-off
+    np.uint8(2),  # a label image's class 2
+    np.uint16(1),  # a 16-bit 0/1 mask
+])
+def test_any_non_zero_mask_pixel_is_a_defect(tmp_path, marked):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(images / "a.png")
+    mask = np.zeros((16, 16), dtype=np.asarray(marked).dtype)
+    mask[2:6, 3:8] = marked
+    Image.fromarray(mask).save(masks / "a.png")
+    [item] = FolderDataset(images, split="test", mask_dir=masks, size=16)
+    assert item["label"] == 1 and int(item["mask"].sum()) == 20
+    assert torch.equal(item["mask"][0] > 0, torch.from_numpy(mask > 0))
+
+
+def test_an_empty_mask_of_a_defect_image_warns_naming_the_file(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    Image.new("RGB", (16, 16)).save(images / "a.png")
+    Image.new("L", (16, 16), 0).save(masks / "a.png")
+    dataset = FolderDataset(images, split="test", mask_dir=masks, size=16)
+    with pytest.warns(UserWarning, match=re.escape(f"mask {masks / 'a.png'} of defect image {images / 'a.png'} is empty")) as caught:
+        dataset[0]
+    assert caught[0].filename == __file__  # stacklevel=2: the caller's line
+
+
+def _too_large_png(path: Path) -> Path:
+    """A 20000 x 10000 PNG header (the pixel data are never reached)."""
+    return _write_rgb_png(path, 20000, 10000, 8, b"\x00" * 64)
+
+
+def test_an_image_too_large_to_open_is_one_value_error_naming_it(tmp_path):
+    from pyramidflow.data._io import _header_size, load_rgb
+
+    path = _too_large_png(tmp_path / "huge.png")
+    for read in (_header_size, load_rgb):
+        with pytest.raises(ValueError, match=re.escape(f"t: image {path} is too large to open") + ".*downscale or crop it"):
+            read(path, "t")

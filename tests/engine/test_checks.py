@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyramidflow import InvertibleSequential, check_inverse
-from pyramidflow.engine import InvertibleError
+from pyramidflow.engine import InvertibleError, InvertibleModule
 
 from _blocks import NormflowsStyleAffine, perturbed_couplings
 
@@ -64,3 +64,78 @@ def test_check_inverse_on_a_fresh_cvn_pyramidflow_in_training_mode():
     assert len(report) == len(model.flow) and max(r.error for r in report) < 1e-5
     assert report.end_to_end < 1e-5
     assert all(block.volume_norm.running_mean.numel() == 0 for block in model.flow.blocks)  # left as it was
+
+
+# ----------------------------------------------------------------------------------------------------
+# The block contract (NOTE [contract checks]): structure and shapes of every block's result.
+
+
+class _Returns(InvertibleModule):
+    """A volume-preserving identity whose forward result is replaced by ``result(xs)``."""
+
+    def __init__(self, result):
+        super().__init__()
+        self.result = result
+
+    def forward(self, xs):
+        return self.result(xs)
+
+    def inverse(self, ys):
+        return tuple(ys), None
+
+
+def _identity(xs):
+    return tuple(xs), None
+
+
+@pytest.mark.parametrize("mode", ["invertible", "checkpoint", "autograd"])
+def test_a_block_that_changes_the_element_count_is_named(mode):
+    grow = _Returns(lambda xs: ((torch.cat([xs[0], xs[0][:, :1]], dim=1),), None))
+    seq = InvertibleSequential(_Returns(_identity), grow, mode=mode)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    with pytest.raises(ValueError, match=r"block 1 \(_Returns\): forward\(\) took shapes \(2, 3, 5, 5\) \(150 elements\) "
+                                         r"but returned \(2, 4, 5, 5\) \(200\)"):
+        seq(x)
+    assert not grow._forward_hooks  # the checks leave nothing behind
+
+
+@pytest.mark.parametrize("logdet", [lambda x: torch.zeros(x.shape[0], 1), lambda x: torch.zeros(()), lambda x: 0.0])
+def test_a_log_determinant_of_the_wrong_shape_is_named(logdet):
+    seq = InvertibleSequential(_Returns(_identity), _Returns(lambda xs: (tuple(xs), logdet(xs[0]))))
+    with pytest.raises(ValueError, match=r"block 1 \(_Returns\): forward\(\) returned a log-determinant of shape .*"
+                                         r"must be a tensor of shape \(2,\)"):
+        seq(torch.randn(2, 3, 4, 4, requires_grad=True))
+
+
+@pytest.mark.parametrize("result", [lambda xs: xs[0], lambda xs: (xs[0], None), lambda xs: ((), None)])
+def test_a_result_of_the_wrong_structure_is_a_type_error(result):
+    seq = InvertibleSequential(_Returns(result))
+    with pytest.raises(TypeError, match=r"block 0 \(_Returns\): forward\(\) returned"):
+        seq(torch.randn(2, 3, 4, 4))
+
+
+def test_checked_once_per_input_signature():
+    """Later calls with the same shapes run no check; new shapes are checked again."""
+    calls = []
+
+    def odd_width_breaks(xs):
+        calls.append(xs[0].shape[-1])
+        return ((xs[0][..., :-1],) if xs[0].shape[-1] % 2 else tuple(xs)), None
+
+    block = _Returns(odd_width_breaks)
+    seq = InvertibleSequential(block)
+    seq(torch.randn(2, 3, 4, 4))
+    seq(torch.randn(2, 3, 4, 4))
+    assert calls == [4, 4] and not block._forward_hooks and len(seq._checked_signatures) == 1
+    with pytest.raises(ValueError, match=r"block 0 \(_Returns\).*\(2, 3, 4, 5\) \(120 elements\)"):
+        seq(torch.randn(2, 3, 4, 5))
+
+
+def test_affine_coupling_refuses_another_channel_count():
+    from pyramidflow.engine.coupling import AffineCoupling
+
+    block = AffineCoupling(4, 8)
+    with pytest.raises(ValueError, match=r"AffineCoupling.forward: built for \(N, 4, H, W\) inputs, got shape \(2, 3, 6, 6\)"):
+        block((torch.randn(2, 3, 6, 6),))
+    with pytest.raises(ValueError, match=r"AffineCoupling.inverse: built for \(N, 4, H, W\)"):
+        block.inverse((torch.randn(2, 5, 6, 6),))

@@ -134,3 +134,97 @@ def test_a_checkpoint_from_before_calibration_still_loads(trained, tmp_path):
     assert detector.threshold == state["score_stats"]["image_max"]
     assert detector.pixel_threshold == state["score_stats"]["pixel_quantile"]
     assert len(detector(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs read as the user meant: float pixels, thresholds, the device, smoothing, the bit depth.
+
+
+@pytest.mark.parametrize("values, message", [
+    (lambda: torch.full((3, SIZE, SIZE), 128.0), r"is a float tensor with values in \[128, 128\].*divide 0-255 pixels by 255"),
+    (lambda: torch.full((3, SIZE, SIZE), -0.5), r"is a float tensor with values in \[-0.5, -0.5\]"),
+    (lambda: torch.full((3, SIZE, SIZE), float("nan")), "holds NaN pixels"),
+])
+def test_float_pixels_outside_0_1_or_nan_are_refused(trained, values, message):
+    detector = Detector.load(trained[0], device="cpu")
+    with pytest.raises(ValueError, match="Detector: <tensor 0> " + message):
+        detector(values()[None])
+
+
+def test_integer_tensors_other_than_uint8_are_a_type_error(trained):
+    detector = Detector.load(trained[0], device="cpu")
+    with pytest.raises(TypeError, match=r"torch.int64 tensor; give RGB as uint8"):
+        detector(torch.full((3, SIZE, SIZE), 200, dtype=torch.int64))
+
+
+def test_threshold_none_is_refused_on_assignment(trained):
+    detector = Detector.load(trained[0], device="cpu")
+    before = detector.threshold
+    with pytest.raises(TypeError, match="Detector.threshold must be a real number, got None"):
+        detector.threshold = None
+    with pytest.raises(TypeError, match="Detector.pixel_threshold must be a real number, got None"):
+        detector.pixel_threshold = None
+    assert detector.threshold == before and len(detector(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))) == 1
+
+
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), torch.tensor(0.25), np.int64(3)])
+def test_thresholds_of_any_real_number_type_are_accepted(trained, value):
+    detector = Detector.load(trained[0], device="cpu")
+    detector.threshold = value
+    detector.pixel_threshold = value
+    assert detector.threshold == detector.pixel_threshold == float(value) and type(detector.threshold) is float
+    [p] = detector(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
+    assert p.is_anomalous == (p.score > float(value))
+
+
+def test_load_on_cuda_without_cuda_is_one_clear_error(trained, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="device='cuda' was asked for but torch sees no CUDA device"):
+        Detector.load(trained[0], device="cuda")
+
+
+@pytest.mark.parametrize("sigma", [1e9, -1.0, float("nan"), float("inf")])
+def test_smoothing_outside_0_to_the_image_side_is_refused_naming_smooth(trained, sigma):
+    inference = load_for_inference(trained[0], torch.device("cpu"))
+    with pytest.raises(ValueError, match=rf"smoothing_sigma \(--smooth\) must be a number of pixels from 0 \(off\) to {SIZE}"):
+        Detector(inference, smoothing_sigma=sigma)
+
+
+def _with_bit_depth(checkpoint, bit_depth, path):
+    from pyramidflow.checkpoint import save_checkpoint_atomic
+
+    state = torch.load(checkpoint, weights_only=True)
+    if bit_depth is None:
+        del state["train_config"]["bit_depth"]  # as in a checkpoint that predates the setting
+    else:
+        state["train_config"]["bit_depth"] = bit_depth
+    return save_checkpoint_atomic(state, path)
+
+
+def test_inference_reads_16_bit_files_at_the_checkpoints_bit_depth(trained, tmp_path):
+    checkpoint, root = trained
+    eight = np.asarray(Image.open(root / "nut" / "test" / "spot" / "000.png").convert("L"))
+    twelve = tmp_path / "twelve.png"
+    Image.fromarray(np.rint(eight.astype(np.float64) * 4095 / 255).astype(np.uint16)).save(twelve)
+    reference = Detector.load(checkpoint, device="cpu")(eight[..., None].repeat(3, axis=2))[0]
+
+    detector = Detector.load(_with_bit_depth(checkpoint, 12, tmp_path / "twelve.pt"), device="cpu")
+    assert detector.bit_depth == 12 and detector.inference.bit_depth == 12
+    np.testing.assert_allclose(detector(twelve)[0].anomaly_map, reference.anomaly_map, rtol=1e-5, atol=1e-6)
+    assert Detector.load(checkpoint, device="cpu", bit_depth=12)(twelve)[0].score == pytest.approx(reference.score, rel=1e-5)
+
+    old = Detector.load(_with_bit_depth(checkpoint, None, tmp_path / "old.pt"), device="cpu")
+    assert old.bit_depth is None  # an old checkpoint: every file at its own depth
+    assert old(twelve)[0].score != pytest.approx(reference.score, rel=1e-3)
+
+
+def test_training_records_the_data_sets_bit_depth(tmp_path):
+    from pyramidflow.checkpoint import load_checkpoint
+
+    root = synthetic.generate(tmp_path / "data", seed=6, size=SIZE, categories=("nut",), num_train=6, num_test=1)
+    config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=3)
+    data = MVTecDataset(root, "nut", split="train", size=SIZE, bit_depth=12)
+    run = train(config, TrainConfig(steps=1, device="cpu", calibration_fraction=0), data, tmp_path / "run", progress=False)
+    assert load_checkpoint(run.checkpoint_path).train_config["bit_depth"] == 12
+    with pytest.raises(ValueError, match="TrainConfig.bit_depth=10 but the data set reads images at bit_depth=12"):
+        train(config, TrainConfig(steps=1, device="cpu", bit_depth=10), data, tmp_path / "other", progress=False)

@@ -215,3 +215,15 @@ def test_bad_batch_size_is_refused(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--checkpoint", "c.pt", "--out", "m.onnx", "--batch-size", value])
     assert exit_info.value.code == 2 and "expected a positive integer or 'dynamic'" in capsys.readouterr().err
+
+
+def test_torchscript_outputs_do_not_require_grad(checkpoints, test_images, tmp_path):
+    """A plain call of the file must not build a graph; the module it was traced from keeps its parameters."""
+    inference = load_for_inference(checkpoints["CVN"], torch.device("cpu"))
+    graph = export_module.InferenceGraph(inference.model, inference.template)
+    flags = [p.requires_grad for p in graph.parameters()]
+    assert any(flags)
+    target = export_module.export_graph(graph, tmp_path / "model.pt", image_size=(SIZE, SIZE), format="torchscript")
+    maps, scores = torch.jit.load(str(target))(test_images)
+    assert not maps.requires_grad and not scores.requires_grad
+    assert [p.requires_grad for p in graph.parameters()] == flags

@@ -94,14 +94,31 @@ def test_pixel_threshold_is_the_conformal_order_statistic():
     assert pixel_threshold(values[:50], 0.001) == values[:50].max()  # too few pixels for the rate
 
 
-@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), True, "1"])
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), np.float32(-1.0), torch.tensor(float("nan"))])
 def test_thresholds_outside_the_score_range_are_refused(value):
     with pytest.raises(ValueError, match=r"outside the score range \[0, inf\)"):
         check_threshold(value, "--image-threshold")
 
 
+@pytest.mark.parametrize("value", [True, "1", torch.tensor([1.0]), 1j])
+def test_thresholds_that_are_not_real_numbers_are_type_errors(value):
+    with pytest.raises(TypeError, match="--image-threshold must be a real number"):
+        check_threshold(value, "--image-threshold")
+
+
 def test_thresholds_in_range_pass():
     assert check_threshold(0, "t") == 0.0 and check_threshold(2.5, "t") == 2.5 and check_threshold(None, "t") is None
+
+
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float64(0.5), np.int64(2), torch.tensor(0.5), np.array(0.5)])
+def test_thresholds_of_any_real_number_type_pass(value):
+    result = check_threshold(value, "t")
+    assert type(result) is float and result == float(value)
+
+
+def test_a_required_threshold_refuses_none():
+    with pytest.raises(TypeError, match="Detector.threshold must be a real number, got None"):
+        check_threshold(None, "Detector.threshold", optional=False)
 
 
 def test_train_sets_the_thresholds_on_the_held_out_images_only(tmp_path):
