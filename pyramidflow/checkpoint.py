@@ -17,6 +17,7 @@ is untouched.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "save_checkpoint_atomic",
+    "stale_temp_files",
 ]
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -53,7 +55,7 @@ CHECKPOINT_KEYS = (
 )
 
 # Keys added after format version 1 was fixed; older files lack them and load with None.
-OPTIONAL_KEYS = ("calibration", "drift")
+OPTIONAL_KEYS = ("calibration", "drift", "data")
 
 _EXECUTION_ONLY = ("mode", "kernels")  # how to run, not what was trained
 
@@ -85,6 +87,8 @@ class Checkpoint:
         calibration: the held-out split (``seed``, ``fraction``, ``held_out`` indices and names) and, once
             training has finished, the decision thresholds set on it (see ``pyramidflow.calibration``);
             ``None`` in checkpoints written before calibration existed.
+        data: what the run was trained on (``dataset``, ``root``, ``category``, ``image_size``,
+            ``num_images``; see :func:`pyramidflow.train_data.data_record`), or ``None`` in older checkpoints.
     """
 
     path: Path
@@ -102,6 +106,7 @@ class Checkpoint:
     score_stats: dict | None = None
     drift: list | None = None
     calibration: dict | None = None
+    data: dict | None = None
 
     def build_model(self, map_location: str | torch.device = "cpu") -> torch.nn.Module:
         """A ``PyramidFlow`` with this checkpoint's config and weights, in eval mode."""
@@ -119,6 +124,21 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """Prefix and suffix of the temporary files :func:`save_checkpoint_atomic` writes next to ``path``."""
+    return f".{path.name}.", ".tmp"
+
+
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temporary files of :func:`save_checkpoint_atomic` next to ``path`` (left only by a killed process).
+
+    Only names that ``tempfile.mkstemp`` gives with our prefix and suffix (8 random characters) match.
+    """
+    path = Path(path)
+    prefix, suffix = _temp_affixes(path)
+    return sorted(path.parent.glob(f"{glob.escape(prefix)}{'?' * 8}{suffix}"))
+
+
 def save_checkpoint_atomic(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically (see ``NOTE [atomic checkpoint]``).
 
@@ -134,7 +154,8 @@ def save_checkpoint_atomic(state: Mapping[str, Any], path: str | os.PathLike) ->
             ``path``, if any, is left as it was and no temporary file remains.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temp_affixes(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(dict(state), handle)
