@@ -61,6 +61,42 @@ def _add_smoothing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA", help="Gaussian smoothing of the maps, in pixels (0: off)")
 
 
+def _add_augment(parser: argparse.ArgumentParser) -> None:
+    augment = parser.add_mutually_exclusive_group()
+    augment.add_argument("--augment", action="store_true",
+                         help="random flips/rotations of the training images, for a texture category of your own")
+    augment.add_argument("--no-augment", action="store_true",
+                         help="no flips/rotations of texture images (default: on for textures, as the authors)")
+
+
+def _augment(args: argparse.Namespace, dataset) -> bool:
+    """``--augment`` / ``--no-augment``, else the data set's preset (on for known texture categories)."""
+    if getattr(args, "augment", False):
+        return True
+    return False if getattr(args, "no_augment", False) else bool(getattr(dataset, "augment", False))
+
+
+def _seed(text: str) -> int:
+    """``--seed``: a non-negative int (the shuffle's and the data's generators take no negative seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _version() -> str:
+    """The installed package's version (from its metadata, so it is the one pip installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyramidflow")
+    except PackageNotFoundError:
+        return "(not installed as a package)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .engine.drift import DRIFT_POLICIES
 
@@ -68,11 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyramidflow",
         description="PyramidFlow anomaly localisation: train on good images, get anomaly maps and scores.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser("synth", help="write the synthetic data set (MVTec layout)")
     synth.add_argument("--out", required=True, type=Path, metavar="ROOT")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=_seed, default=0)
     synth.add_argument("--size", type=int, default=256)
     synth.add_argument("--num-train", type=int, default=32, help="good training images per category (32)")
     synth.add_argument("--num-test", type=int, default=4, help="test images per defect type, and good ones (4)")
@@ -81,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, type=Path, metavar="DIR")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per category ({DEMO_STEPS})")
     demo.add_argument("--size", type=int, default=DEMO_SIZE, help=f"image side ({DEMO_SIZE})")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     _add_device(demo)
 
     train = commands.add_parser("train", help="train on the good images of one category")
@@ -94,11 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=int)
     budget.add_argument("--epochs", type=int, help="passes over the training images (15 if no budget is given)")
     train.add_argument("--batch-size", type=int, default=2)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
     train.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
-    train.add_argument("--no-augment", action="store_true",
-                       help="no flips/rotations of texture images (on by default for textures, as the authors)")
+    _add_augment(train)
     train.add_argument("--drift", choices=DRIFT_POLICIES, default="recompute",
                        help="what backward does when reconstruction drifts (recompute: rebuild exactly)")
     _add_calibration_options(train)
@@ -129,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--variants", nargs="+", metavar="NAME",
                         help="baseline no_volume_norm zero_template composed_difference spatial_loss (default: all)")
     ablate.add_argument("--batch-size", type=int, default=2)
-    ablate.add_argument("--seed", type=int, default=0)
+    ablate.add_argument("--seed", type=_seed, default=0)
     ablate.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
-    ablate.add_argument("--no-augment", action="store_true", help="no flips/rotations of texture images")
+    _add_augment(ablate)
     _add_device(ablate)
     _add_model_options(ablate, ablation_switches=False)
 
@@ -239,7 +275,7 @@ def _train(args: argparse.Namespace, model_config, steps: Optional[int], epochs:
         seed=args.seed,
         checkpoint_every=getattr(args, "checkpoint_every", 500),
         device=args.device,
-        augment=False if getattr(args, "no_augment", False) else bool(getattr(dataset, "augment", False)),
+        augment=_augment(args, dataset),
         drift=getattr(args, "drift", "recompute"),
         calibration_fraction=getattr(args, "calibration_fraction", 0.1),
         image_fpr=getattr(args, "image_fpr", 0.01),
@@ -299,7 +335,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
     train_config = TrainConfig(
         steps=steps, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every, device=args.device,
-        augment=False if args.no_augment else bool(getattr(train_set, "augment", False)),
+        augment=_augment(args, train_set),
     )
     results = run_ablation(base, train_config, train_set, test_set, args.out, category=args.category, variants=variants)
     print(f"{'variant':<20} {'pixel AUROC':>11} {'AUPRO@0.3':>10} {'image AUROC':>11}")
