@@ -469,7 +469,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .interrupts import TrainingTerminated, exit_status
 
         what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
-        print(f"error: {what} (a training run has written its checkpoint; continue it with --resume)", file=sys.stderr)
+        notes = getattr(interrupt, "__notes__", None)  # a training run's note: what it wrote, how to go on
+        print(f"error: {notes[-1] if notes else what}", file=sys.stderr)
         return exit_status(interrupt)
     except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as error:
         message = " ".join(str(error).split()) or type(error).__name__

@@ -395,5 +395,4 @@ def _save_on_interrupt(run: _Run | None, interrupt: KeyboardInterrupt, path: Pat
     except TrainingDivergedError as error:
         note = f"train: {what}; not saved: {error}"
     tqdm.write(note, file=sys.stderr)
-    if hasattr(interrupt, "add_note"):
-        interrupt.add_note(note)
+    interrupt.__notes__ = [*getattr(interrupt, "__notes__", []), note]  # add_note, also on Python 3.10
