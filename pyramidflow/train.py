@@ -132,6 +132,8 @@ class _Run:
             )
         ckpt = load_checkpoint(self.path, self.model_config, map_location=self.device)
         check_same_settings(ckpt.train_config, self.config, self.path)
+        split = self.calibration
+        check_same_split((ckpt.calibration or {}).get("held_out"), None if split is None else split["held_out"], self.path)
         check_same_data(ckpt.data, self.data, self.path)
         self.model.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.optimizer)
@@ -140,8 +142,6 @@ class _Run:
         rng = ckpt.rng["ranks"]
         restore_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else fresh_rng_state(self.config.seed, self.step, self.ctx.rank), self.device)
         self.saved_step = self.step
-        split = self.calibration
-        check_same_split((ckpt.calibration or {}).get("held_out"), None if split is None else split["held_out"], self.path)
         self.drift_tracker.history = [list(h) for h in (ckpt.drift or [])]
         if self.ctx.is_main:
             trim_log(self.log_path, self.step)
