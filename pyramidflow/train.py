@@ -257,7 +257,8 @@ def train(
         train_config: the :class:`TrainConfig`.
         dataset: map-style data set of dicts with ``image`` ``(3, H, W)`` (e.g.
             ``MVTecDataset(root, category, "train")``); only normal images belong here.
-        out_dir: folder for ``checkpoint.pt`` (created if needed).
+        out_dir: folder for ``checkpoint.pt`` (created if needed; locked for the run, see
+            :mod:`pyramidflow.train_folder`).
         resume: continue from ``<out_dir>/checkpoint.pt`` (bit for bit, see ``NOTE [resume bit for bit]``);
             a finished run may be resumed with a larger budget.
         progress: show a tqdm bar (loss, images/s) on rank 0.
@@ -266,10 +267,13 @@ def train(
         The :class:`TrainResult`.
 
     Raises:
-        ValueError, TypeError: bad configs or data set, or too few images to hold out a calibration split.
+        ValueError, TypeError: bad configs or data set, an image that does not decode (found before
+            the first step), or too few images to hold out a calibration split.
         FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is False.
+        RunFolderLockedError: another live run is writing to ``out_dir`` (a ``RuntimeError``).
         FileNotFoundError: ``resume`` is True but there is no checkpoint.
-        CheckpointError: the checkpoint is damaged or from another model or train config.
+        CheckpointError: the checkpoint is damaged, or from another model or train config, or from
+            other data (category, root, image size, number of images, calibration split).
         TrainingDivergedError: the loss or a weight became NaN/inf (the last good checkpoint is kept).
         KeyboardInterrupt: re-raised after writing a checkpoint of the last completed step (SIGTERM
             raises its subclass :class:`~pyramidflow.interrupts.TrainingTerminated` the same way).
