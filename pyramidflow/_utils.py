@@ -10,6 +10,7 @@ leaves either the old file or the new one, never a truncated one, and no tempora
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["DEVICES", "resolve_device", "atomic_write", "write_text_atomic"]
+__all__ = ["DEVICES", "resolve_device", "atomic_write", "write_text_atomic", "stale_temp_files"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -58,7 +59,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temp_affixes(path)
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -78,6 +80,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """Prefix and suffix of the temporary files :func:`atomic_write` makes beside ``path``."""
+    return f".{path.name}.", ".tmp"
+
+
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temporary files of :func:`atomic_write` beside ``path`` (only a killed process leaves them).
+
+    Only names that ``tempfile.mkstemp`` gives with our prefix and suffix (8 random characters) match.
+    """
+    path = Path(path)
+    prefix, suffix = _temp_affixes(path)
+    return sorted(path.parent.glob(f"{glob.escape(prefix)}{'?' * 8}{suffix}"))
 
 
 def _fsync(path: Path) -> None:

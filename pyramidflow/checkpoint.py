@@ -51,7 +51,7 @@ CHECKPOINT_KEYS = (
 )
 
 # Keys added after format version 1 was fixed; older files lack them and load with None.
-OPTIONAL_KEYS = ("calibration", "drift")
+OPTIONAL_KEYS = ("calibration", "drift", "data")
 
 _EXECUTION_ONLY = ("mode", "kernels")  # how to run, not what was trained
 
@@ -83,6 +83,8 @@ class Checkpoint:
         calibration: the held-out split (``seed``, ``fraction``, ``held_out`` indices and names) and, once
             training has finished, the decision thresholds set on it (see ``pyramidflow.calibration``);
             ``None`` in checkpoints written before calibration existed.
+        data: what the run was trained on (``dataset``, ``root``, ``category``, ``image_size``,
+            ``num_images``; see :func:`pyramidflow.train.data.data_record`), or ``None`` in older checkpoints.
     """
 
     path: Path
@@ -100,6 +102,7 @@ class Checkpoint:
     score_stats: dict | None = None
     drift: list | None = None
     calibration: dict | None = None
+    data: dict | None = None
 
     def build_model(self, map_location: str | torch.device = "cpu") -> torch.nn.Module:
         """A ``PyramidFlow`` with this checkpoint's config and weights, in eval mode."""

@@ -73,10 +73,13 @@ def _add_training_options(parser: argparse.ArgumentParser, defaults, what: str =
     budget.add_argument("--epochs", type=int,
                         help=f"passes over the training images{what} ({REFERENCE_EPOCHS} if no budget is given)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=_seed, default=defaults.seed)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="STEPS")
-    parser.add_argument("--no-augment", action="store_true",
-                        help="no flips/rotations of texture images (on by default for textures, as the authors)")
+    augment = parser.add_mutually_exclusive_group()
+    augment.add_argument("--augment", action="store_true",
+                         help="random flips/rotations of the training images, for a texture category of your own")
+    augment.add_argument("--no-augment", action="store_true",
+                         help="no flips/rotations of texture images (default: on for textures, as the authors)")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +97,27 @@ def _add_smoothing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA", help="Gaussian smoothing of the maps, in pixels (0: off)")
 
 
+def _seed(text: str) -> int:
+    """``--seed``: a non-negative int (the shuffle's and the data's generators take no negative seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _version() -> str:
+    """The installed package's version (from its metadata, so it is the one pip installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyramidflow")
+    except PackageNotFoundError:
+        return "(not installed as a package)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import synthetic
     from .engine.drift import DRIFT_POLICIES
@@ -107,11 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyramidflow",
         description="PyramidFlow anomaly localisation: train on good images, get anomaly maps and scores.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser("synth", help="write the synthetic data set (MVTec layout)")
     synth.add_argument("--out", required=True, type=Path, metavar="ROOT")
-    synth.add_argument("--seed", type=int, default=_default_of(synthetic.generate, "seed"))
+    synth.add_argument("--seed", type=_seed, default=_default_of(synthetic.generate, "seed"))
     synth.add_argument("--size", type=int, default=_default_of(synthetic.generate, "size"))
     num_train, num_test = _default_of(synthetic.generate, "num_train"), _default_of(synthetic.generate, "num_test")
     synth.add_argument("--num-train", type=int, default=num_train, help=f"good training images per category ({num_train})")
@@ -121,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, type=Path, metavar="DIR")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per category ({DEMO_STEPS})")
     demo.add_argument("--size", type=int, default=DEMO_SIZE, help=f"image side ({DEMO_SIZE})")
-    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument("--seed", type=_seed, default=defaults.seed)
     _add_device(demo)
 
     train = commands.add_parser("train", help="train on the good images of one category")
@@ -253,6 +278,13 @@ def _check_size(size: int, config) -> None:
     config.check_image_size(size, size, where="--size")
 
 
+def _augment(args: argparse.Namespace, dataset) -> bool:
+    """``--augment`` / ``--no-augment``, else the data set's preset (on for known texture categories)."""
+    if args.augment or args.no_augment:
+        return bool(args.augment)
+    return bool(dataset.augment)
+
+
 def _train_config(args: argparse.Namespace, dataset, **options):
     """The TrainConfig of ``train`` and ``ablate`` from their shared options (``_add_training_options``)."""
     from .train import TrainConfig
@@ -264,7 +296,7 @@ def _train_config(args: argparse.Namespace, dataset, **options):
     return TrainConfig(
         steps=steps, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every, device=args.device,
-        augment=False if args.no_augment else bool(dataset.augment), **options,
+        augment=_augment(args, dataset), **options,
     )
 
 
@@ -410,7 +442,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .train.interrupts import TrainingTerminated, exit_status
 
         what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
-        print(f"error: {what} (a training run has written its checkpoint; continue it with --resume)", file=sys.stderr)
+        notes = getattr(interrupt, "__notes__", None)  # a training run's note: what it wrote, how to go on
+        print(f"error: {notes[-1] if notes else what}", file=sys.stderr)
         return exit_status(interrupt)
     except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as error:
         message = " ".join(str(error).split()) or type(error).__name__

@@ -341,3 +341,129 @@ def test_bit_depth_flag(trained, data_root, tmp_path, capsys):
     assert main(["train", "--data", str(data_root), "--category", "nut", "--out", str(tmp_path / "t"), "--size", str(SIZE),
                  "--steps", "1", "--device", "cpu", "--bit-depth", "7", *SMALL]) == 1
     assert "bit_depth (--bit-depth) must be" in _error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs that must match their data (issue 19, item 5 and 7) and the flags around them.
+
+
+def _copy_run(trained, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(trained, out / "checkpoint.pt")
+    return out
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--category", "pcb", "category 'nut' (checkpoint) vs 'pcb' (this run, --category)"),
+    ("--data", None, "(this run, --data)"),
+    ("--size", "32", "image_size [64, 64] (checkpoint) vs [32, 32] (this run, --size)"),
+])
+def test_resume_on_other_data_is_refused(trained, data_root, tmp_path, capsys, flag, value, named):
+    import shutil
+
+    out = _copy_run(trained, tmp_path)
+    if flag == "--data":  # the same images under another root: still another data set
+        value = str(tmp_path / "elsewhere")
+        shutil.copytree(data_root / "nut", Path(value) / "nut")
+    args = ["train", "--data", str(data_root), "--category", "nut", "--out", str(out), "--size", str(SIZE),
+            "--steps", "6", "--device", "cpu", "--resume", *SMALL]
+    args[args.index(flag) + 1] = value
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(args) == 1
+    line = _error_line(capsys)
+    assert "cannot resume from" in line and named in line and "--out" in line, line
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_of_an_svn_model_at_another_size_is_refused(data_root, tmp_path, capsys):
+    args = ["train", "--data", str(data_root), "--category", "fabric", "--out", str(tmp_path / "svn"), "--steps", "2",
+            "--device", "cpu", "--volume-norm", "SVN", *SMALL]
+    assert main([*args, "--size", str(SIZE)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--size", "32", "--resume"]) == 1
+    assert "image_size [64, 64] (checkpoint) vs [32, 32] (this run, --size)" in _error_line(capsys)
+
+
+def test_eval_with_another_categorys_checkpoint_is_refused(trained, data_root, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(trained), "--data", str(data_root), "--category", "pcb",
+                 "--out", str(out), "--device", "cpu"]) == 1
+    line = _error_line(capsys)
+    assert "trained on category 'nut' but the test set is 'pcb' (--category)" in line and "--category nut" in line
+    assert not (out / "metrics.json").exists()
+
+
+def test_damaged_held_out_image_is_named_before_the_first_step(data_root, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import pyramidflow.train.loop as train_loop
+    from pyramidflow.calibration import calibration_split
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "nut", root / "nut")
+    images = sorted((root / "nut" / "train" / "good").iterdir())
+    _, held_out = calibration_split(len(images), 0.1, seed=0)
+    victim = images[held_out[-1]]
+    victim.write_bytes(victim.read_bytes()[:200])  # the header reads, the pixels do not decode
+    def no_step(self, *args):
+        raise AssertionError("a training step ran before the damaged image was found")
+
+    monkeypatch.setattr(train_loop._Run, "train_step", no_step)
+    out = tmp_path / "o"
+    assert main(["train", "--data", str(root), "--category", "nut", "--out", str(out), "--size", str(SIZE),
+                 "--steps", "4", "--device", "cpu", *SMALL]) == 1
+    line = _error_line(capsys)
+    assert str(victim) in line and "cannot decode" in line, line
+    assert not out.exists()  # the folder this run made is gone
+
+
+def test_failed_train_keeps_a_folder_it_did_not_create(data_root, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    assert main(["train", "--data", str(data_root), "--category", "nut", "--out", str(out), "--size", str(SIZE),
+                 "--steps", "1", "--device", "cpu", "--calibration-fraction", "0.9", *SMALL]) == 1
+    _error_line(capsys)
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_negative_seed_names_the_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(tmp_path), "--category", "nut", "--out", str(tmp_path / "o"), "--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --seed: expected a non-negative integer, got '-1'" in capsys.readouterr().err
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pyramidflow {version('pyramidflow')}"
+
+
+@pytest.mark.parametrize("category, flags, expected", [
+    ("nut", [], False), ("nut", ["--augment"], True), ("fabric", [], True), ("fabric", ["--no-augment"], False),
+])
+def test_augment_flags_and_the_category_preset(data_root, tmp_path, monkeypatch, category, flags, expected):
+    import pyramidflow.train as train_module
+
+    seen = []
+
+    def fake_train(model_config, train_config, dataset, out_dir, resume=False):
+        seen.append(train_config.augment)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    assert main(["train", "--data", str(data_root), "--category", category, "--out", str(tmp_path / "o"),
+                 "--size", str(SIZE), "--steps", "1", "--device", "cpu", *flags, *SMALL]) == 1
+    assert seen == [expected]
+
+
+def test_augment_and_no_augment_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "d", "--category", "c", "--out", "o", "--augment", "--no-augment"])
+    assert "not allowed with argument" in capsys.readouterr().err

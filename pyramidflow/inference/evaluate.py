@@ -80,6 +80,20 @@ def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions) -> dict:
     }
 
 
+def _check_category(checkpoint: Checkpoint, category: str | None) -> None:
+    """Metrics of one category's model on another's test set mean nothing: refuse them.
+
+    Checkpoints older than the data record (``checkpoint.data``) name no category and are not checked.
+    """
+    trained = (checkpoint.data or {}).get("category")
+    if trained is not None and category and category != trained:
+        raise ValueError(
+            f"evaluate: the checkpoint {checkpoint.path} was trained on category {trained!r} but the test set is "
+            f"{category!r} (--category); evaluate it with --category {trained}, or pass the checkpoint trained on "
+            f"{category}."
+        )
+
+
 def evaluate(
     inference: Inference,
     dataset: Dataset,
@@ -95,15 +109,21 @@ def evaluate(
         inference: from :func:`load_for_inference`.
         dataset: the test set, at ``inference.image_size`` and read at ``inference.bit_depth`` (give it to the
             data set: ``MVTecDataset(..., bit_depth=inference.bit_depth)``), as training read its images.
+        category: the test set's category (default: the data set's ``category``); refused when the
+            checkpoint was trained on another one.
 
     Returns:
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
         ``per_defect_type``, and at the checkpoint's calibrated thresholds ``image_precision``,
         ``image_recall``, ``image_f1``, ``image_fpr``, ``pixel_f1``, ``pixel_iou`` (``pixel_precision``,
         ``pixel_recall``).
+
+    Raises:
+        ValueError: the checkpoint was trained on another category, or test images have no label.
     """
     checkpoint = inference.checkpoint
     smoothing_sigma = check_smoothing_sigma(smoothing_sigma, inference.image_size, "evaluate")
+    _check_category(checkpoint, category or getattr(dataset, "category", None))
     predictions = predict_dataset(
         inference.model, inference.template, dataset,
         device=inference.device, smoothing_sigma=smoothing_sigma, progress=progress,

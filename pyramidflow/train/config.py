@@ -103,6 +103,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TrainConfig: {name} must be at least 1, got {value}.")
+        if self.seed < 0:
+            raise ValueError(f"TrainConfig: seed must be >= 0 (the shuffle's generators take no negative seed), got {self.seed}.")
         if self.batch_size < 2:
             raise ValueError(
                 f"TrainConfig: batch_size must be at least 2 (the loss compares pairs of images), got {self.batch_size}."

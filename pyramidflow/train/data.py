@@ -1,8 +1,10 @@
 """The data side of training: the data-set check, the augmentation switch, the hold-out split, the loaders.
 
 :func:`pyramidflow.train.train` takes any map-style data set of dicts with an ``image`` tensor. Before
-the run, :func:`check_dataset` rejects anything else with one clear line, :func:`apply_augmentation_setting`
-applies ``TrainConfig.augment`` and :func:`hold_out` sets the seeded calibration images aside
+the run, :func:`check_dataset` rejects anything else with one clear line, :func:`check_images` decodes
+every image once (so a damaged file fails before the first step, not after the last),
+:func:`apply_augmentation_setting` applies ``TrainConfig.augment``, :func:`data_record` says what the
+run trains on (for the resume check) and :func:`hold_out` sets the seeded calibration images aside
 (:mod:`pyramidflow.calibration`). During the run, :func:`epoch_loader` serves the seeded shuffle from
 any step on (``NOTE [resume bit for bit]`` in :mod:`pyramidflow.train`); after it, the template pass
 reads the training images in order (:func:`plain_loader`) and unaugmented (:func:`without_augmentation`).
@@ -11,6 +13,7 @@ reads the training images in order (:func:`plain_loader`) and unaugmented (:func
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -26,6 +29,8 @@ __all__ = [
     "apply_bit_depth_setting",
     "batch_images",
     "check_dataset",
+    "check_images",
+    "data_record",
     "epoch_loader",
     "hold_out",
     "image_size",
@@ -51,6 +56,54 @@ def check_dataset(dataset: Any) -> None:
             f"train: dataset items must be dicts with an 'image' tensor (3, H, W), got {type(item).__name__}; "
             "use a pyramidflow.data data set."
         )
+
+
+def _item_name(dataset: Any, index: int) -> str:
+    """``image <file>`` where the data set lists its files (``samples``), else ``item <index>``."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        return f"image {getattr(samples[index], 'image', samples[index])}"
+    return f"item {index}"
+
+
+def check_images(dataset: Dataset) -> None:
+    """Decode every image (training and held-out) once, unaugmented, before the first step.
+
+    The held-out calibration images are otherwise first read after the last step: a damaged one
+    would cost the whole run, and deleting it then changes the split that a resume needs. The data
+    sets of :mod:`pyramidflow.data` raise one line naming the file; a shape unlike the first image's
+    (which would stop the loader mid-run) is refused here, naming the file.
+
+    Raises:
+        ValueError: an image that cannot be decoded, or of another shape than the first.
+    """
+    expected = None
+    with without_augmentation(dataset):
+        for index in range(len(dataset)):
+            shape = tuple(dataset[index]["image"].shape)
+            if expected is None:
+                expected = shape
+            elif shape != expected:
+                raise ValueError(
+                    f"train: {_item_name(dataset, index)} has shape {shape} but {_item_name(dataset, 0)} has "
+                    f"{expected}; training images must share one size (the pyramidflow.data data sets resize them)."
+                )
+
+
+def data_record(dataset: Dataset) -> dict:
+    """What a run trains on, stored in its checkpoint so that a resume on other data is refused.
+
+    ``dataset`` (the class, i.e. the layout), ``root`` (absolute) and ``category`` where the data set
+    has them (``None`` otherwise), ``image_size`` ``[H, W]`` and ``num_images``.
+    """
+    root = getattr(dataset, "root", None)
+    return {
+        "dataset": type(dataset).__name__,
+        "root": None if root is None else str(Path(root).resolve()),
+        "category": getattr(dataset, "category", None),
+        "image_size": list(image_size(dataset)),
+        "num_images": len(dataset),
+    }
 
 
 def apply_augmentation_setting(dataset: Dataset, augment: bool | None) -> None:

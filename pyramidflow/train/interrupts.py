@@ -5,7 +5,9 @@ default action ends it on the spot. Training turns SIGTERM into :class:`Training
 ``KeyboardInterrupt``, so every path written for Ctrl-C (finish the parameter update, write the
 checkpoint atomically, say how to resume) serves both; the command line then exits with the
 conventional status ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM). :class:`InterruptGuard`
-defers both while the optimizer updates the weights, so a stopped run always holds a completed step.
+is installed for the whole run, from decoding the images to the final checkpoint (``NOTE [stop
+signals in every phase]`` in :mod:`pyramidflow.train`), and defers both while the optimizer updates
+the weights or a checkpoint is restored or finished, so a stopped run always holds a completed step.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class InterruptGuard:
     :class:`TrainingTerminated`, a KeyboardInterrupt, so both are handled alike); inside, it is raised
     as soon as the section ends, so the in-memory state is always that of a completed step. Only the
     main thread can install signal handlers; elsewhere the guard does nothing. Use as
-    ``with InterruptGuard() as guard:`` around the loop, and ``with guard.critical():`` around the update.
+    ``with InterruptGuard() as guard:`` around the whole run, and ``with guard.critical():`` around the update.
     """
 
     def __init__(self) -> None:

@@ -4,7 +4,8 @@
 second over the interval and the largest reconstruction drift the engine measured in it (``null``
 when the engine measured none: ``drift="off"`` or a mode that rebuilds nothing). Lines are only
 appended; a resumed run first drops the lines of steps past its checkpoint, so the log always
-describes the trajectory the weights followed.
+describes the trajectory the weights followed. A torn last line (a crash in the middle of a write)
+is dropped with a warning; a damaged line elsewhere stops the resume with an error naming the file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -50,14 +52,38 @@ class DriftTracker:
         return worst
 
 
+def _steps(path: Path, lines: list[str]) -> list[int]:
+    """The step of every line; a torn last line (a crash mid-write) is dropped with a warning.
+
+    Raises:
+        ValueError: a line other than the last is not a JSON record.
+    """
+    steps = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            steps.append(int(record.get("step", 0)))
+        except (ValueError, TypeError, AttributeError):
+            if number == len(lines):
+                warnings.warn(f"train: the last line of {path} is torn (a crash while it was written); it is dropped.",
+                              stacklevel=3)
+                break
+            raise ValueError(
+                f"train: line {number} of {path} is not a JSON record ({line.strip()[:40]!r}); repair or delete the "
+                "file (it is only the run log) and resume again."
+            ) from None
+    return steps
+
+
 def trim_log(path: Path, step: int) -> None:
     """Drop the lines of steps after ``step`` (written after the checkpoint a run resumes from)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        write_text_atomic(path, "".join(kept))
+    text = path.read_text()
+    lines = [line.rstrip("\n") + "\n" for line in text.splitlines(keepends=True) if line.strip()]
+    kept = "".join(line for line, line_step in zip(lines, _steps(path, lines)) if line_step <= step)
+    if kept != text:  # also when only a newline was missing: the next append must start a line
+        write_text_atomic(path, kept)
 
 
 def append_log(path: Path, **record) -> None:

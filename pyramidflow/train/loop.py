@@ -15,7 +15,8 @@ runs are reproducible on CPU, and a resumed run continues bit for bit (``NOTE [r
 This module holds the run's state and the loop; the pieces it uses live in their own modules: the data
 side (:mod:`pyramidflow.train.data`), the RNG state (:mod:`pyramidflow.train.rng_state`), the stop-signal
 guard (:mod:`pyramidflow.train.interrupts`), the NaN/inf stop (:mod:`pyramidflow.train.divergence`), the resume
-checks (:mod:`pyramidflow.train.resume`) and the statistics after training (:mod:`pyramidflow.train.stats`).
+checks (:mod:`pyramidflow.train.resume`), the statistics after training (:mod:`pyramidflow.train.stats`)
+and the output folder's lock (:mod:`pyramidflow.train.folder`).
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ from pyramidflow.checkpoint import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_NAME, l
 from pyramidflow.model import PyramidFlow, PyramidFlowConfig
 from pyramidflow.train.config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
 from pyramidflow.train.data import (
-    apply_augmentation_setting, apply_bit_depth_setting, batch_images, check_dataset, epoch_loader, hold_out, without_augmentation,
+    apply_augmentation_setting, apply_bit_depth_setting, batch_images, check_dataset, check_images, data_record, epoch_loader,
+    hold_out, without_augmentation,
 )
 from pyramidflow.train.distributed import (
     DistributedContext, EpochBatchSampler, gather_levels, init_distributed, wrap_data_parallel,
 )
 from pyramidflow.train.divergence import stop_if_not_finite
 from pyramidflow.train.interrupts import InterruptGuard, TrainingTerminated
+from pyramidflow.train.folder import RunFolder
 from pyramidflow.train.log import LOG_NAME, DriftTracker, append_log, trim_log
-from pyramidflow.train.resume import check_same_settings, check_same_split
+from pyramidflow.train.resume import check_same_data, check_same_settings, check_same_split
 from pyramidflow.train.rng_state import capture_rng_state, fresh_rng_state, restore_rng_state
 from pyramidflow.train.stats import decision_thresholds, template_and_score_stats
 from pyramidflow.train.step import make_optimizer, training_step
@@ -77,6 +80,7 @@ class _Run:
         self.step_buffers: dict | None = None  # model buffers (running means) at the end of the last step
         self.held_out: Dataset | None = None  # good images kept out of training for the thresholds
         self.calibration: dict | None = None  # the split, and the thresholds once training has finished
+        self.data: dict | None = None  # what the run trains on (train_data.data_record)
 
         torch.manual_seed(config.seed)
         self.model = PyramidFlow(model_config).to(device=device, dtype=self.dtype)
@@ -106,6 +110,9 @@ class _Run:
             )
         ckpt = load_checkpoint(self.path, self.model_config, map_location=self.device)
         check_same_settings(ckpt.train_config, self.config, self.path)
+        split = self.calibration
+        check_same_split((ckpt.calibration or {}).get("held_out"), None if split is None else split["held_out"], self.path)
+        check_same_data(ckpt.data, self.data, self.path)
         self.model.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.step = int(ckpt.step)
@@ -113,8 +120,6 @@ class _Run:
         rng = ckpt.rng["ranks"]
         restore_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else fresh_rng_state(self.config.seed, self.step, self.ctx.rank), self.device)
         self.saved_step = self.step
-        split = self.calibration
-        check_same_split((ckpt.calibration or {}).get("held_out"), None if split is None else split["held_out"], self.path)
         self.drift_tracker.history = [list(h) for h in (ckpt.drift or [])]
         if self.ctx.is_main:
             trim_log(self.log_path, self.step)
@@ -139,6 +144,7 @@ class _Run:
             "score_stats": stats,
             "calibration": self.calibration,
             "drift": [list(h) for h in self.drift_tracker.history],
+            "data": self.data,
         }
 
     def save(self, *, template: list[Tensor] | None = None, stats: dict | None = None, collective: bool = True) -> None:
@@ -217,7 +223,8 @@ def train(
         train_config: the :class:`TrainConfig`.
         dataset: map-style data set of dicts with ``image`` ``(3, H, W)`` (e.g.
             ``MVTecDataset(root, category, "train")``); only normal images belong here.
-        out_dir: folder for ``checkpoint.pt`` (created if needed).
+        out_dir: folder for ``checkpoint.pt`` (created if needed; locked for the run, see
+            :mod:`pyramidflow.train.folder`).
         resume: continue from ``<out_dir>/checkpoint.pt`` (bit for bit, see ``NOTE [resume bit for bit]``);
             a finished run may be resumed with a larger budget.
         progress: show a tqdm bar (loss, images/s) on rank 0.
@@ -226,10 +233,13 @@ def train(
         The :class:`TrainResult`.
 
     Raises:
-        ValueError, TypeError: bad configs or data set, or too few images to hold out a calibration split.
+        ValueError, TypeError: bad configs or data set, an image that does not decode (found before
+            the first step), or too few images to hold out a calibration split.
         FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is False.
+        RunFolderLockedError: another live run is writing to ``out_dir`` (a ``RuntimeError``).
         FileNotFoundError: ``resume`` is True but there is no checkpoint.
-        CheckpointError: the checkpoint is damaged or from another model or train config.
+        CheckpointError: the checkpoint is damaged, or from another model or train config, or from
+            other data (category, root, image size, number of images, calibration split).
         TrainingDivergedError: the loss or a weight became NaN/inf (the last good checkpoint is kept).
         KeyboardInterrupt: re-raised after writing a checkpoint of the last completed step (SIGTERM
             raises its subclass :class:`~pyramidflow.train.interrupts.TrainingTerminated` the same way).
@@ -254,24 +264,33 @@ def train(
             device = torch.device("cuda", ctx.local_rank)
             torch.cuda.set_device(device)
         out_dir = Path(out_dir)
-        if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and (out_dir / CHECKPOINT_NAME).exists():
-            raise FileExistsError(
-                f"train: {out_dir / CHECKPOINT_NAME} already exists; pass resume=True (--resume) to continue "
-                "it, or choose another output folder."
-            )
-        training_images, held_out, split = hold_out(dataset, train_config)
-        run = _Run(model_config, train_config, training_images, out_dir, ctx, device, progress)
-        run.held_out, run.calibration = held_out, split
-        if resume:
-            run.restore()
-        return _loop(run)
+        # NOTE [stop signals in every phase]: the guard covers the whole run, from decoding the images
+        # to the final checkpoint, so Ctrl-C or SIGTERM in any phase ends with a checkpoint of the last
+        # completed step (or the one on disk, untouched) and one line saying so.
+        with InterruptGuard() as guard, RunFolder(out_dir, lock=ctx.is_main):
+            run = None
+            try:
+                if not resume and (out_dir / CHECKPOINT_NAME).exists():
+                    raise FileExistsError(
+                        f"train: {out_dir / CHECKPOINT_NAME} already exists; pass resume=True (--resume) to "
+                        "continue it, or choose another output folder."
+                    )
+                check_images(dataset)
+                training_images, held_out, split = hold_out(dataset, train_config)
+                run = _Run(model_config, train_config, training_images, out_dir, ctx, device, progress)
+                run.held_out, run.calibration, run.data = held_out, split, data_record(dataset)
+                if resume:
+                    with guard.critical():  # a half-restored run must never be saved
+                        run.restore()
+                return _loop(run, guard)
+            except KeyboardInterrupt as interrupt:
+                _save_on_interrupt(run, interrupt, out_dir / CHECKPOINT_NAME, ctx.is_main)
+                raise
     finally:
         ctx.close()
 
 
-def _loop(run: _Run) -> TrainResult:
+def _loop(run: _Run, guard: InterruptGuard) -> TrainResult:
     from tqdm.auto import tqdm
 
     config = run.config
@@ -281,30 +300,25 @@ def _loop(run: _Run) -> TrainResult:
     run.model.train()
     window_start, window_step = time.perf_counter(), run.step
     try:
-        with InterruptGuard() as guard:
-            try:
-                while run.step < total:
-                    for batch in run.loader():
-                        run.train_step(batch, guard)
-                        bar.update(1)
-                        if run.step % config.log_every == 0 or run.step == total:
-                            run.check_finite()
-                            now = time.perf_counter()
-                            rate = (run.step - window_step) * config.batch_size / max(now - window_start, 1e-9)
-                            window_start, window_step = now, run.step
-                            drift = run.drift_tracker.close_interval(run.step)
-                            bar.set_postfix(loss=f"{run.losses[-1]:.4g}", img_s=f"{rate:.1f}",
-                                            drift="-" if drift is None else f"{drift:.1e}")
-                            if run.ctx.is_main:
-                                append_log(run.log_path, step=run.step, loss=run.losses[-1], images_per_s=rate,
-                                           max_drift=drift)
-                        if config.checkpoint_every and run.step % config.checkpoint_every == 0 and run.step < total:
-                            run.save()
-                        if run.step >= total:
-                            break
-            except KeyboardInterrupt as interrupt:
-                _save_on_interrupt(run, interrupt, bar)
-                raise
+        while run.step < total:
+            for batch in run.loader():
+                run.train_step(batch, guard)
+                bar.update(1)
+                if run.step % config.log_every == 0 or run.step == total:
+                    run.check_finite()
+                    now = time.perf_counter()
+                    rate = (run.step - window_step) * config.batch_size / max(now - window_start, 1e-9)
+                    window_start, window_step = now, run.step
+                    drift = run.drift_tracker.close_interval(run.step)
+                    bar.set_postfix(loss=f"{run.losses[-1]:.4g}", img_s=f"{rate:.1f}",
+                                    drift="-" if drift is None else f"{drift:.1e}")
+                    if run.ctx.is_main:
+                        append_log(run.log_path, step=run.step, loss=run.losses[-1], images_per_s=rate,
+                                   max_drift=drift)
+                if config.checkpoint_every and run.step % config.checkpoint_every == 0 and run.step < total:
+                    run.save()
+                if run.step >= total:
+                    break
         run.check_finite(weights=True)
         template = stats = None
         if run.ctx.is_main:
@@ -316,9 +330,10 @@ def _loop(run: _Run) -> TrainResult:
                 thresholds = decision_thresholds(run.model, template, stats, held_out=run.held_out,
                                                  training_images=run.dataset, config=config, device=run.device,
                                                  dtype=run.dtype)
-                run.calibration = {**(run.calibration or {}), **thresholds}
             restore_rng_state(rng, run.device)
-        run.save(template=template, stats=stats)
+            run.calibration = {**(run.calibration or {}), **thresholds}
+        with guard.critical():  # a stop signal now is raised once the finished checkpoint is on disk
+            run.save(template=template, stats=stats)
         if run.ctx.is_distributed:
             torch.distributed.barrier()
     finally:
@@ -328,21 +343,27 @@ def _loop(run: _Run) -> TrainResult:
                        template=template, score_stats=stats)
 
 
-def _save_on_interrupt(run: _Run, interrupt: KeyboardInterrupt, bar: Any) -> None:
-    """Write the checkpoint of the last completed step (rank 0), and say where it is."""
-    if not run.ctx.is_main:
+def _save_on_interrupt(run: _Run | None, interrupt: KeyboardInterrupt, path: Path, is_main: bool) -> None:
+    """Write the checkpoint of the last completed step (rank 0), and say where it is, in one line.
+
+    ``run`` is ``None`` when the signal came before the run was set up (while the images were decoded).
+    """
+    if not is_main:
         return
+    from tqdm.auto import tqdm
+
     what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
     try:
-        if run.step != run.saved_step and run.step > 0:
+        if run is not None and run.step != run.saved_step and run.step > 0:
             run.save(collective=False)  # other ranks are being interrupted too: no collectives
-            note = f"train: {what}; checkpoint of step {run.step} written to {run.path}; resume with resume=True (--resume)."
-        elif run.saved_step is not None:
-            note = f"train: {what}; the checkpoint {run.path} (step {run.saved_step}) is up to date; resume with resume=True (--resume)."
+            note = f"train: {what}; checkpoint of step {run.step} written to {path}; resume with resume=True (--resume)."
+        elif run is not None and run.saved_step is not None:
+            note = f"train: {what}; the checkpoint {path} (step {run.saved_step}) is up to date; resume with resume=True (--resume)."
+        elif path.is_file():
+            note = f"train: {what} before the first step; the checkpoint {path} is untouched; resume with resume=True (--resume)."
         else:
             note = f"train: {what} before the first step; no checkpoint written."
     except TrainingDivergedError as error:
         note = f"train: {what}; not saved: {error}"
-    bar.write(note, file=sys.stderr)
-    if hasattr(interrupt, "add_note"):
-        interrupt.add_note(note)
+    tqdm.write(note, file=sys.stderr)
+    interrupt.__notes__ = [*getattr(interrupt, "__notes__", []), note]  # add_note, also on Python 3.10

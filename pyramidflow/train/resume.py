@@ -1,9 +1,10 @@
-"""Whether a training run may continue from a checkpoint: the same settings and the same held-out images.
+"""Whether a training run may continue from a checkpoint: the same settings, data and held-out images.
 
 A resumed run continues bit for bit (``NOTE [resume bit for bit]`` in :mod:`pyramidflow.train`) only
 if nothing that shapes the trajectory of the weights changed. :data:`RESUMABLE_CHANGES` names the
 train settings that may change (the budget, logging, workers, device, drift checks);
-:func:`check_same_settings` and :func:`check_same_split` refuse a resume with one clear line otherwise.
+:func:`check_same_settings`, :func:`check_same_data` (category, data root, image size, number of
+images) and :func:`check_same_split` refuse a resume with one clear line otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 from pyramidflow.checkpoint import CheckpointError, config_differences
 from pyramidflow.train.config import TrainConfig
 
-__all__ = ["RESUMABLE_CHANGES", "check_same_settings", "check_same_split"]
+__all__ = ["RESUMABLE_CHANGES", "check_same_data", "check_same_settings", "check_same_split"]
 
 # Train settings a resumed run may change: they do not alter the trajectory of the weights.
 RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "log_every", "num_workers", "device", "drift")
@@ -37,6 +38,32 @@ def check_same_settings(saved: Mapping[str, Any], config: TrainConfig, path: Pat
         raise CheckpointError(
             f"train: cannot resume from {path}: the train config differs in {'; '.join(differing)}; "
             f"resume with the same settings (only {', '.join(RESUMABLE_CHANGES)} may change) or use a new folder."
+        )
+
+
+# How a user changes each field of the data record (train_data.data_record) from the command line.
+_DATA_FLAGS = {"dataset": "--layout", "root": "--data", "category": "--category", "image_size": "--size",
+               "num_images": "images added or removed"}
+
+
+def check_same_data(saved: Mapping[str, Any] | None, current: Mapping[str, Any], path: Path) -> None:
+    """Refuse to resume the checkpoint at ``path`` on other data than it was trained on.
+
+    ``saved`` and ``current`` are :func:`pyramidflow.train.data.data_record` of the checkpoint and of
+    this run; ``None`` (a checkpoint older than the record) is not compared.
+
+    Raises:
+        CheckpointError: the category, data root, layout, image size or number of images differs.
+    """
+    if saved is None:
+        return
+    differing = [key for key in _DATA_FLAGS if key in saved and saved[key] != current.get(key)]
+    if differing:
+        what = "; ".join(f"{key} {saved[key]!r} (checkpoint) vs {current.get(key)!r} (this run, {_DATA_FLAGS[key]})"
+                         for key in differing)
+        raise CheckpointError(
+            f"train: cannot resume from {path}: it was trained on other data: {what}; resume with the checkpoint's "
+            "data, or train into another folder (--out)."
         )
 
 

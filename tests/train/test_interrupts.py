@@ -122,3 +122,74 @@ def test_sigterm_to_a_training_process_checkpoints_and_resumes_bit_for_bit(data_
         assert torch.equal(resumed.model[key], straight.model[key]), key
     for a, b in zip(resumed.template, straight.template):
         assert torch.equal(a, b)
+
+
+# A training process that stops at the start of one phase of the run, says so, and waits for the signal:
+# the signal lands in that phase every time (no race with a timer).
+_PAUSED_RUN = """
+import sys, time
+import pyramidflow.train as train_module
+from pyramidflow.cli import main
+
+phase = sys.argv[1]
+real = getattr(train_module, phase)
+
+def paused(*args, **kwargs):
+    print("PAUSED in " + phase, file=sys.stderr, flush=True)
+    time.sleep(120)
+    return real(*args, **kwargs)
+
+setattr(train_module, phase, paused)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _stop_in_phase(phase: str, train_args: list) -> tuple[int, list]:
+    """Run ``train`` in a subprocess, SIGTERM it once it reached ``phase``; exit status and stderr lines."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-c", _PAUSED_RUN, phase, *train_args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env)
+    reader = _StderrReader(process.stderr)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while f"PAUSED in {phase}" not in reader.text and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None and f"PAUSED in {phase}" in reader.text, reader.text[-2000:]
+    process.send_signal(signal.SIGTERM)
+    status = process.wait(timeout=120)
+    reader.join(timeout=10)
+    return status, [line for line in re.split(r"[\r\n]+", reader.text) if line.strip()]
+
+
+@pytest.mark.parametrize("phase", ["template_and_score_stats", "decision_thresholds"])
+def test_sigterm_in_the_post_training_pass_checkpoints_and_resume_finishes_it(phase, data_root, tmp_path, _one_thread):
+    run_dir = tmp_path / "stopped"
+    train_args = ["train", "--data", str(data_root), "--category", "nut", "--steps", "3", *SMALL]
+    status, lines = _stop_in_phase(phase, [*train_args, "--out", str(run_dir)])
+    path = run_dir / CHECKPOINT_NAME
+    errors = [line for line in lines if line.startswith("error:")]
+    assert status == 143, lines[-5:]
+    assert errors == [lines[-1]] and "terminated (SIGTERM)" in errors[0], lines[-3:]
+    assert lines[-2] == f"train: terminated (SIGTERM); checkpoint of step 3 written to {path}; resume with resume=True (--resume)."
+    assert lines[-1] == f"error: {lines[-2]}"
+    stopped = load_checkpoint(path)
+    assert stopped.step == 3 and not stopped.finished and stopped.template is None
+    assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME, "train_log.jsonl"]  # no lock, no temp file
+
+    assert main([*train_args, "--out", str(run_dir), "--resume"]) == 0  # no step left: only the pass runs
+    assert main([*train_args, "--out", str(tmp_path / "straight")]) == 0
+    resumed, straight = load_checkpoint(path), load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
+    assert resumed.finished and resumed.step == straight.step == 3 and resumed.losses == straight.losses
+    for a, b in zip(resumed.template, straight.template):
+        assert torch.equal(a, b)
+    assert resumed.calibration["image_threshold"] == straight.calibration["image_threshold"]
+
+
+def test_sigterm_while_the_images_are_decoded_says_nothing_was_written(data_root, tmp_path):
+    run_dir = tmp_path / "new"
+    status, lines = _stop_in_phase("check_images", ["train", "--data", str(data_root), "--category", "nut",
+                                                    "--steps", "3", "--out", str(run_dir), *SMALL])
+    assert status == 143, lines[-5:]
+    note = "train: terminated (SIGTERM) before the first step; no checkpoint written."
+    assert lines[-2:] == [note, f"error: {note}"]
+    assert not run_dir.exists()  # the folder it had made was empty: removed

@@ -1,6 +1,7 @@
 """The run log and the drift policy of training: train_log.jsonl, the checkpoint's drift record, --drift."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -61,3 +62,30 @@ def test_bad_policy_and_cli_flag():
     args = parser.parse_args(["train", "--data", "d", "--category", "c", "--out", "o", "--drift", "warn"])
     assert args.drift == "warn"
     assert parser.parse_args(["train", "--data", "d", "--category", "c", "--out", "o"]).drift == "recompute"
+
+
+def test_resume_drops_a_torn_last_line_with_a_warning(tmp_path):
+    out = tmp_path / "torn"
+    run(out, steps=2)
+    with open(out / LOG_NAME, "a") as handle:  # killed in the middle of writing the line of step 3
+        handle.write('{"step": 3, "loss": 0.1')
+    with pytest.warns(UserWarning, match=rf"the last line of {re.escape(str(out / LOG_NAME))} is torn"):
+        run(out, steps=4, resume=True)
+    assert [r["step"] for r in _log(out)] == [2, 4]
+
+
+def test_a_last_line_without_its_newline_is_kept_and_the_next_starts_a_line(tmp_path):
+    out = tmp_path / "nl"
+    run(out, steps=2)
+    (out / LOG_NAME).write_text((out / LOG_NAME).read_text().rstrip("\n"))
+    run(out, steps=4, resume=True)
+    assert [r["step"] for r in _log(out)] == [2, 4]
+
+
+def test_a_damaged_line_before_the_last_is_named(tmp_path):
+    path = tmp_path / LOG_NAME
+    path.write_text('{"step": 2}\nnot json\n{"step": 4}\n')
+    with pytest.raises(ValueError, match=rf"train: line 2 of {re.escape(str(path))} is not a JSON record \('not json'\); repair or "
+                                         "delete the file"):
+        trim_log(path, 3)
+    assert path.read_text() == '{"step": 2}\nnot json\n{"step": 4}\n'

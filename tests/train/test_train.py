@@ -76,6 +76,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         (dict(steps=3, betas=(0.5, 1.5)), "betas"),
         (dict(steps=3, grad_clip=0.0), "grad_clip"),
         (dict(steps=3, dtype="float16"), "dtype"),
+        (dict(steps=3, seed=-1), r"seed must be >= 0"),
     ],
 )
 def test_train_config_refuses_bad_values(settings, match):
@@ -155,6 +156,12 @@ def test_resume_refuses_other_train_settings(tmp_path):
     run(tmp_path, steps=2)
     with pytest.raises(CheckpointError, match=r"lr=0\.0002 \(checkpoint\) vs 0\.001 \(asked\)"):
         run(tmp_path, steps=4, resume=True, lr=1e-3)
+
+
+def test_resume_refuses_another_number_of_images(tmp_path):
+    run(tmp_path, steps=2, calibration_fraction=0)  # no split: the split check cannot see the count
+    with pytest.raises(CheckpointError, match=r"num_images 8 \(checkpoint\) vs 9 \(this run, images added or removed\)"):
+        run(tmp_path, steps=4, resume=True, dataset=RandomImages(count=9), calibration_fraction=0)
 
 
 # ----------------------------------------------------------------------------------------------------
