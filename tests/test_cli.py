@@ -321,7 +321,7 @@ def test_smooth_out_of_range_is_one_line_naming_it(trained, data_root, tmp_path,
 
 
 def test_an_image_too_large_to_open_is_one_line_naming_it(trained, tmp_path, capsys):
-    from test_data import _too_large_png
+    from data.test_data import _too_large_png
 
     huge = _too_large_png(tmp_path / "huge.png")
     assert main(["predict", "--checkpoint", str(trained), "--out", str(tmp_path / "p"), str(huge), "--device", "cpu"]) == 1

@@ -128,7 +128,7 @@ def test_sigterm_to_a_training_process_checkpoints_and_resumes_bit_for_bit(data_
 # the signal lands in that phase every time (no race with a timer).
 _PAUSED_RUN = """
 import sys, time
-import pyramidflow.train as train_module
+import pyramidflow.train.loop as train_module
 from pyramidflow.cli import main
 
 phase = sys.argv[1]
