@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .engine.drift import DRIFT_POLICIES
+from .pixel_threshold import DEFAULT_PIXEL_RULE, check_pixel_rule
 
 __all__ = ["DEVICES", "DTYPES", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
 
@@ -58,7 +59,9 @@ class TrainConfig:
             thresholds (at least 4 images; 0 holds out none and sets them on the training images,
             optimistically); see :mod:`pyramidflow.calibration`.
         image_fpr: target false-positive rate of the image threshold on good parts.
-        pixel_fpr: target false-positive rate of the pixel threshold on good pixels.
+        pixel_fpr: target false-positive rate of the pixel threshold on good pixels (the ``"fpr"`` rule's,
+            and the floor of the ``"synthetic"`` rule's).
+        pixel_rule: ``"synthetic"`` (the mask's outline) or ``"fpr"``; see :mod:`pyramidflow.pixel_threshold`.
     """
 
     steps: int | None = None
@@ -81,6 +84,7 @@ class TrainConfig:
     calibration_fraction: float = 0.1
     image_fpr: float = 0.01
     pixel_fpr: float = 0.001
+    pixel_rule: str = DEFAULT_PIXEL_RULE
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -133,6 +137,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
                 raise ValueError(f"TrainConfig: {name} must be a false-positive rate in (0, 1), got {value!r}.")
+        check_pixel_rule(self.pixel_rule)
 
 
 @dataclass
