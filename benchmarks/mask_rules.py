@@ -45,6 +45,11 @@ def _peak_fraction(maps: np.ndarray, floor: float, fraction: float) -> np.ndarra
     return out
 
 
+def _seeded_peak_fraction(maps: np.ndarray, low: float, seed: float, fraction: float) -> np.ndarray:
+    """Regions of ``maps > low`` that reach ``seed``; within each, pixels above ``fraction`` of its peak."""
+    return _hysteresis(maps, low, seed) & _peak_fraction(maps, low, fraction)
+
+
 def _hysteresis(maps: np.ndarray, low: float, high: float) -> np.ndarray:
     """Regions of ``maps > low`` that reach ``high`` somewhere."""
     out = np.zeros(maps.shape, dtype=bool)
@@ -61,7 +66,7 @@ def run(category: str, data: Path, runs: Path) -> dict:
     inference = load_for_inference(runs / category / "checkpoint.pt", device)
     size = inference.image_size
     held_idx = inference.checkpoint.calibration["held_out"]
-    train_set = MVTecDataset(data, category, split="train", size=size)
+    train_set = MVTecDataset(data, category, split="train", size=size, augment=False)  # as calibration sees them
     held = predict_dataset(inference.model, inference.template, CalibrationSplit(train_set, held_idx),
                            device=device, progress=False)
 
@@ -84,6 +89,9 @@ def run(category: str, data: Path, runs: Path) -> dict:
     fractions = np.round(np.arange(0.2, 0.85, 0.05), 2)
     frac = max(fractions, key=lambda f: _f1_of_masks(_peak_fraction(pasted_maps, t_fpr, f), pasted_masks))
 
+    frac_seeded = max(fractions, key=lambda f: _f1_of_masks(_seeded_peak_fraction(pasted_maps, t_fpr, t_synth, f), pasted_masks))
+    frac_synth = max(fractions, key=lambda f: _f1_of_masks(_peak_fraction(pasted_maps, t_synth, f), pasted_masks))
+
     test = predict_dataset(inference.model, inference.template, MVTecDataset(data, category, split="test", size=size),
                            device=device, progress=False)
     truth = test.masks > 0.5
@@ -96,6 +104,9 @@ def run(category: str, data: Path, runs: Path) -> dict:
         "standardised + synthetic": (test.maps - mu) / sd > z_synth["threshold"],
         "peak x 0.5 (floor fpr)": _peak_fraction(test.maps, t_fpr, 0.5),
         f"peak x {frac} (chosen on drawn)": _peak_fraction(test.maps, t_fpr, frac),
+        f"seeded synth, peak x {frac_seeded} floor fpr": _seeded_peak_fraction(test.maps, t_fpr, t_synth, frac_seeded),
+        "seeded synth, peak x 0.5 floor fpr": _seeded_peak_fraction(test.maps, t_fpr, t_synth, 0.5),
+        f"peak x {frac_synth} floor synth": _peak_fraction(test.maps, t_synth, frac_synth),
         "hysteresis fpr -> synthetic": _hysteresis(test.maps, t_fpr, t_synth),
         "hysteresis synthetic -> max held-out": _hysteresis(test.maps, t_synth, float(held.maps.max())),
     }

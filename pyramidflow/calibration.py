@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pyramidflow.data.transforms import image_to_tensor
-from pyramidflow.pixel_threshold import DEFAULT_PIXEL_RULE, PIXEL_RULES, check_pixel_rule, synthetic_threshold
+from pyramidflow.pixel_threshold import DEFAULT_PIXEL_RULE, PIXEL_RULES, MaskRule, check_pixel_rule, synthetic_rule
 
 __all__ = [
     "MIN_CALIBRATION_IMAGES",
@@ -38,6 +38,7 @@ __all__ = [
     "check_threshold",
     "stored_thresholds",
     "stored_pixel_rule",
+    "stored_mask_rule",
     "calibrate",
 ]
 
@@ -213,6 +214,15 @@ def stored_thresholds(checkpoint: Any) -> tuple[float, float, str]:
     return float(stats.get("image_max", 0.0)), float(stats.get("pixel_quantile", 0.0)), "training score statistics"
 
 
+def stored_mask_rule(checkpoint: Any) -> MaskRule:
+    """How a checkpoint's maps become masks; checkpoints without a peak fraction use one threshold."""
+    calibration = getattr(checkpoint, "calibration", None) or {}
+    pixel = stored_thresholds(checkpoint)[1]
+    if "pixel_peak_fraction" not in calibration:
+        return MaskRule.plain(pixel)
+    return MaskRule(pixel, float(calibration["pixel_fpr_threshold"]), float(calibration["pixel_peak_fraction"]))
+
+
 def stored_pixel_rule(checkpoint: Any) -> str:
     """The name of the rule that set a checkpoint's pixel threshold.
 
@@ -248,8 +258,9 @@ def calibrate(
 
     Returns:
         ``image_threshold``, ``pixel_threshold``, the targets ``image_fpr`` and ``pixel_fpr``, the
-        rules used (``pixel_rule`` is the rule's name, ``pixel_fpr_threshold`` the false-positive
-        rule's threshold), ``num_images``, the held-out image ``scores``, and ``source``
+        rules used (``pixel_rule`` the rule's name; ``pixel_threshold``, ``pixel_fpr_threshold`` and
+        ``pixel_peak_fraction`` the :class:`~pyramidflow.pixel_threshold.MaskRule`'s ``seed``,
+        ``low`` and ``fraction``), ``num_images``, the held-out image ``scores``, and ``source``
         (``"held-out"``, or ``"training images"`` when nothing was held out).
     """
     from pyramidflow.data.transforms import denormalize
@@ -272,7 +283,7 @@ def calibrate(
         pixel_values = torch.cat(pixels).numpy()
         pixel_values = pixel_values[:: max(1, math.ceil(pixel_values.size / _MAX_PIXELS))]
         fpr_threshold = pixel_threshold(pixel_values, pixel_fpr)
-        chosen = fpr_threshold
+        rule = MaskRule.plain(fpr_threshold)
         if pixel_rule == "synthetic":
             def maps_of(drawn: np.ndarray) -> np.ndarray:
                 out = []
@@ -281,7 +292,7 @@ def calibrate(
                     out.append(_maps(model, template, batch.to(device=device, dtype=dtype), difference)[:, 0].double().cpu().numpy())
                 return np.concatenate(out)
 
-            chosen = synthetic_threshold(np.concatenate(good_images), maps_of, fpr_threshold, seed)
+            rule = synthetic_rule(np.concatenate(good_images), maps_of, fpr_threshold, seed)
     finally:
         model.train(was_training)
     return {
@@ -291,8 +302,9 @@ def calibrate(
         "image_fpr": float(image_fpr),
         "pixel_fpr": float(pixel_fpr),
         "image_threshold": image_threshold(image_scores, image_fpr, spread_from=training_scores),
-        "pixel_threshold": chosen,
-        "pixel_fpr_threshold": fpr_threshold,
+        "pixel_threshold": rule.seed,
+        "pixel_fpr_threshold": rule.low,
+        "pixel_peak_fraction": rule.fraction,
         "image_rule": "log-normal one-sided prediction bound (Student t)"
         + (", spread pooled with the training images" if training_scores is not None else ""),
         "pixel_rule": pixel_rule,

@@ -25,7 +25,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 __all__ = ["pixel_auroc", "image_auroc", "aupro", "compute_metrics", "image_decision_metrics", "pixel_decision_metrics",
-           "best_pixel_f1"]
+           "mask_decision_metrics", "best_pixel_f1"]
 
 # 8-connectivity, as in the official MVTec AD evaluation.
 _STRUCTURE = np.ones((3, 3), dtype=np.int8)
@@ -386,7 +386,23 @@ def pixel_decision_metrics(maps: Any, masks: Any, threshold: float) -> dict[str,
         (0.4, 0.5714285714285714)
     """
     maps, defects = _maps_and_masks(maps, masks, "pixel_decision_metrics")
-    predicted = maps > float(threshold)
+    return mask_decision_metrics(maps > float(threshold), defects)
+
+
+def mask_decision_metrics(predicted: Any, masks: Any) -> dict[str, float]:
+    """Pixel-level F1, IoU, precision and recall of predicted binary masks (``NOTE [decision metrics]``).
+
+    Args:
+        predicted: predicted masks ``(N, H, W)`` (true: defect), e.g. from a :class:`pyramidflow.pixel_threshold.MaskRule`.
+        masks: ground truth of the same shape (values > 0.5 are defects).
+
+    Example:
+        >>> truth = np.zeros((1, 2, 2)); truth[0, 0] = 1
+        >>> mask_decision_metrics(truth > 0, truth)["pixel_f1"]
+        1.0
+    """
+    predicted, defects = _maps_and_masks(predicted, masks, "mask_decision_metrics")
+    predicted = predicted > 0.5
     tp = int((predicted & defects).sum())
     fp = int((predicted & ~defects).sum())
     fn = int((~predicted & defects).sum())

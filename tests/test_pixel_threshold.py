@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 from pyramidflow import pixel_threshold as rules
-from pyramidflow.calibration import pixel_threshold
+from pyramidflow.calibration import pixel_threshold, stored_mask_rule
 from pyramidflow.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pyramidflow.data import MVTecDataset, synthetic
 from pyramidflow.evaluate import load_for_inference, predict_dataset
-from pyramidflow.metrics import best_pixel_f1, pixel_decision_metrics
+from pyramidflow.metrics import best_pixel_f1, mask_decision_metrics, pixel_decision_metrics
 from pyramidflow.train import TrainConfig, train
 
 from test_train import model_config
@@ -58,16 +58,32 @@ def test_pasted_defects_change_exactly_their_masks_and_are_seeded():
         rules.paste_defects(good.astype(np.float32), seed=0)
 
 
-def test_the_synthetic_rule_is_the_best_threshold_for_the_drawn_defects_and_never_below_the_floor():
+def test_the_synthetic_rule_is_the_best_rule_for_the_drawn_defects_and_never_below_the_floor():
     good = _good_images()
-    # A map that is the colour change itself: the ideal threshold separates changed from unchanged pixels.
-    def maps_of(images):
+
+    def maps_of(images):  # the colour change itself: defects stand out by the drawn amount
         return np.abs(images.astype(np.float64) - np.repeat(good, len(images) // len(good), axis=0)).max(axis=-1)
 
     drawn, masks = rules.paste_defects(good, seed=0)
-    threshold = rules.synthetic_threshold(good, maps_of, floor=0.0, seed=0)
-    assert pixel_decision_metrics(maps_of(drawn), masks, threshold)["pixel_f1"] == best_pixel_f1(maps_of(drawn), masks)["pixel_f1"]
-    assert rules.synthetic_threshold(good, maps_of, floor=1e6, seed=0) == 1e6
+    maps = maps_of(drawn)
+    rule = rules.synthetic_rule(good, maps_of, floor=0.5, seed=0)
+    assert rule.low == 0.5 and rule.seed == max(0.5, best_pixel_f1(maps, masks)["threshold"])
+    f1 = {f: mask_decision_metrics(rules.MaskRule(rule.seed, 0.5, f)(maps), masks)["pixel_f1"] for f in rules.FRACTIONS}
+    assert f1[rule.fraction] == max(f1.values())
+    assert rules.synthetic_rule(good, maps_of, floor=1e6, seed=0) == rules.MaskRule(1e6, 1e6, 0.0)
+
+
+def test_a_mask_rule_keeps_regions_that_reach_the_seed_and_pixels_above_a_share_of_their_peak():
+    maps = np.zeros((1, 6, 9))
+    maps[0, 1:4, 1:4] = [[0.3, 0.5, 0.3], [0.5, 1.0, 0.5], [0.3, 0.5, 0.3]]  # a defect peaking at 1.0
+    maps[0, 4:6, 6:9] = 0.4  # a faint blob that never reaches the seed
+    mask = rules.MaskRule(seed=0.6, low=0.2, fraction=0.45)(maps)
+    expected = np.zeros_like(mask)
+    expected[0, 1:4, 1:4] = maps[0, 1:4, 1:4] > 0.45
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(rules.MaskRule.plain(0.35)(maps), maps > 0.35)
+    # never more than the false-positive rule's mask at ``low``
+    assert not (rules.MaskRule(seed=0.3, low=0.2, fraction=0.0)(maps) & ~(maps > 0.2)).any()
 
 
 def test_unknown_pixel_rules_are_refused():
@@ -113,11 +129,14 @@ def test_the_default_rule_is_stored_and_keeps_good_masks_empty_at_least_as_often
     inference = load_for_inference(checkpoint, torch.device("cpu"))
     test = predict_dataset(inference.model, inference.template, MVTecDataset(root, "nut", split="test", size=SIZE),
                            device=torch.device("cpu"), progress=False)
+    rule = stored_mask_rule(load_checkpoint(checkpoint))
+    assert rule == rules.MaskRule(calibration["pixel_threshold"], calibration["pixel_fpr_threshold"],
+                                  calibration["pixel_peak_fraction"])
     good = test.maps[test.labels == 0]
-    empty_now = [not (m > calibration["pixel_threshold"]).any() for m in good]
-    empty_fpr = [not (m > calibration["pixel_fpr_threshold"]).any() for m in good]
+    empty_now = [not rule(m).any() for m in good]
+    empty_fpr = [not rules.MaskRule.plain(calibration["pixel_fpr_threshold"])(m).any() for m in good]
     assert all(now or not fpr for now, fpr in zip(empty_now, empty_fpr))
     held = predict_dataset(inference.model, inference.template,
-                           torch.utils.data.Subset(MVTecDataset(root, "nut", split="train", size=SIZE), calibration["held_out"]),
+                           torch.utils.data.Subset(MVTecDataset(root, "nut", split="train", size=SIZE, augment=False), calibration["held_out"]),
                            device=torch.device("cpu"), progress=False)
     assert calibration["pixel_fpr_threshold"] == pytest.approx(pixel_threshold(held.maps, 0.001), rel=1e-5)
