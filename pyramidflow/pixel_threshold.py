@@ -16,7 +16,8 @@ copies, and sets a :class:`MaskRule` on them:
   defect's outline lies at a share of its own peak, not at one threshold for all defects.
 
 Every mask is a subset of the false-positive rule's mask, so a good part's mask is empty at least as
-often. No test image or label is read.
+often. No test image or label is read. The drawn defects are the synthetic test sets' own kinds, so
+on those sets the rule meets its calibration defects (a best case for the figures measured there).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def paste_defects(images: np.ndarray, seed: int, per_image: int = DEFECTS_PER_IM
     """Copies of good ``(N, H, W, 3)`` uint8 images with one drawn defect each, and their masks.
 
     Each image gets ``per_image`` copies, cycling through the synthetic defect kinds; a ``missing``
-    piece shows a shifted copy of the next image (the image itself when there is one). Deterministic
+    piece shows a shifted copy of the next image (the image itself when it is the only one). Deterministic
     in ``seed``.
 
     Returns:
