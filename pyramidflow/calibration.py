@@ -7,7 +7,10 @@ and sets the thresholds on the held-out images only (:func:`calibrate`):
 
 - the image threshold at a target false-positive rate ``image_fpr`` on good parts
   (:func:`image_threshold`, ``NOTE [image threshold rule]``);
-- the pixel threshold at ``pixel_fpr`` over the held-out pixels (:func:`pixel_threshold`).
+- the pixel threshold by ``pixel_rule``: ``"synthetic"`` (the default) for the defect mask's outline,
+  the best F1 on defects drawn into the held-out images, never below the false-positive threshold;
+  ``"fpr"`` at ``pixel_fpr`` over the held-out pixels (:func:`pixel_threshold`). NOTE [pixel
+  threshold rules] in pixel_threshold.py.
 
 No test image is ever used.
 """
@@ -21,7 +24,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from scipy import stats as scipy_stats
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from pyramidflow.data.transforms import image_to_tensor
+from pyramidflow.pixel_threshold import DEFAULT_PIXEL_RULE, PIXEL_RULES, MaskRule, check_pixel_rule, synthetic_rule
 
 __all__ = [
     "MIN_CALIBRATION_IMAGES",
@@ -31,6 +38,8 @@ __all__ = [
     "pixel_threshold",
     "check_threshold",
     "stored_thresholds",
+    "stored_pixel_rule",
+    "stored_mask_rule",
     "calibrate",
 ]
 
@@ -217,6 +226,25 @@ def stored_thresholds(checkpoint: Any) -> tuple[float, float, str]:
     return float(stats.get("image_max", 0.0)), float(stats.get("pixel_quantile", 0.0)), "training score statistics"
 
 
+def stored_mask_rule(checkpoint: Any) -> MaskRule:
+    """How a checkpoint's maps become masks; checkpoints without a peak fraction use one threshold."""
+    calibration = getattr(checkpoint, "calibration", None) or {}
+    pixel = stored_thresholds(checkpoint)[1]
+    if "pixel_peak_fraction" not in calibration:
+        return MaskRule.plain(pixel)
+    return MaskRule(pixel, float(calibration["pixel_fpr_threshold"]), float(calibration["pixel_peak_fraction"]))
+
+
+def stored_pixel_rule(checkpoint: Any) -> str:
+    """The name of the rule that set a checkpoint's pixel threshold.
+
+    Checkpoints calibrated before the rule could be chosen record a description of the false-positive
+    rule (or nothing), so anything but a known name reads as ``"fpr"``.
+    """
+    rule = (getattr(checkpoint, "calibration", None) or {}).get("pixel_rule")
+    return rule if rule in PIXEL_RULES else "fpr"
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
@@ -230,33 +258,54 @@ def calibrate(
     dtype: torch.dtype,
     source: str,
     training_scores: Sequence[float] | None = None,
+    pixel_rule: str = DEFAULT_PIXEL_RULE,
+    seed: int = 0,
 ) -> dict:
     """Both thresholds from the anomaly maps of ``dataset`` (good images; eval mode, no grad).
 
     ``training_scores``: image scores of the training images, for the spread of the image rule
     (``NOTE [image threshold rule]``); leave out when ``dataset`` is the training set itself.
+    ``pixel_rule``: ``"synthetic"`` or ``"fpr"`` (``NOTE [pixel threshold rules]``); ``seed`` seeds
+    the defects the synthetic rule draws.
 
     Returns:
         ``image_threshold``, ``pixel_threshold``, the targets ``image_fpr`` and ``pixel_fpr``, the
-        rules used, ``num_images``, the held-out image ``scores``, and ``source`` (``"held-out"``, or
-        ``"training images"`` when nothing was held out).
+        rules used (``pixel_rule`` the rule's name; ``pixel_threshold``, ``pixel_fpr_threshold`` and
+        ``pixel_peak_fraction`` the :class:`~pyramidflow.pixel_threshold.MaskRule`'s ``seed``,
+        ``low`` and ``fraction``), ``num_images``, the held-out image ``scores``, and ``source``
+        (``"held-out"``, or ``"training images"`` when nothing was held out).
     """
+    from pyramidflow.data.transforms import denormalize
     from pyramidflow.model import image_score
 
+    pixel_rule = check_pixel_rule(pixel_rule)
     was_training = model.training
     model.eval()
     try:
-        scores, pixels = [], []
+        scores, pixels, good_images = [], [], []
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             images = (batch["image"] if isinstance(batch, dict) else batch).to(device=device, dtype=dtype)
             maps = model.anomaly_map(images, template)  # (N, 1, H, W)
             scores.append(image_score(maps).double().cpu())
             pixels.append(maps.double().cpu().reshape(-1))
+            if pixel_rule == "synthetic":
+                good_images.append(denormalize(images.float().cpu()))
+        image_scores = torch.cat(scores).numpy()
+        pixel_values = torch.cat(pixels).numpy()
+        pixel_values = pixel_values[:: max(1, math.ceil(pixel_values.size / _MAX_PIXELS))]
+        fpr_threshold = pixel_threshold(pixel_values, pixel_fpr)
+        rule = MaskRule.plain(fpr_threshold)
+        if pixel_rule == "synthetic":
+            def maps_of(drawn: np.ndarray) -> np.ndarray:
+                out = []
+                for first in range(0, len(drawn), batch_size):
+                    batch = torch.stack([image_to_tensor(Image.fromarray(im), im.shape[:2]) for im in drawn[first:first + batch_size]])
+                    out.append(model.anomaly_map(batch.to(device=device, dtype=dtype), template)[:, 0].double().cpu().numpy())
+                return np.concatenate(out)
+
+            rule = synthetic_rule(np.concatenate(good_images), maps_of, fpr_threshold, seed)
     finally:
         model.train(was_training)
-    image_scores = torch.cat(scores).numpy()
-    pixel_values = torch.cat(pixels).numpy()
-    pixel_values = pixel_values[:: max(1, math.ceil(pixel_values.size / _MAX_PIXELS))]
     return {
         "source": source,
         "num_images": int(image_scores.size),
@@ -264,8 +313,10 @@ def calibrate(
         "image_fpr": float(image_fpr),
         "pixel_fpr": float(pixel_fpr),
         "image_threshold": image_threshold(image_scores, image_fpr, spread_from=training_scores),
-        "pixel_threshold": pixel_threshold(pixel_values, pixel_fpr),
+        "pixel_threshold": rule.seed,
+        "pixel_fpr_threshold": rule.low,
+        "pixel_peak_fraction": rule.fraction,
         "image_rule": "log-normal one-sided prediction bound (Student t)"
         + (", spread pooled with the training images" if training_scores is not None else ""),
-        "pixel_rule": "conformal order statistic",
+        "pixel_rule": pixel_rule,
     }

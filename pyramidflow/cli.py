@@ -51,6 +51,8 @@ def _add_model_options(parser: argparse.ArgumentParser, ablation_switches: bool 
 
 
 def _add_calibration_options(parser: argparse.ArgumentParser, defaults) -> None:
+    from .pixel_threshold import PIXEL_RULES
+
     group = parser.add_argument_group("decision thresholds (set on held-out good images, never on test data)")
     group.add_argument("--calibration-fraction", type=float, default=defaults.calibration_fraction, metavar="F",
                        help=f"share of train/good held out to set the thresholds ({defaults.calibration_fraction}, "
@@ -59,6 +61,9 @@ def _add_calibration_options(parser: argparse.ArgumentParser, defaults) -> None:
                        help=f"target false-positive rate on good parts ({defaults.image_fpr})")
     group.add_argument("--pixel-fpr", type=float, default=defaults.pixel_fpr,
                        help=f"target false-positive rate on good pixels ({defaults.pixel_fpr})")
+    group.add_argument("--pixel-rule", choices=PIXEL_RULES, default=defaults.pixel_rule,
+                       help="pixel threshold: 'synthetic' fits the mask to defects drawn into the held-out images, "
+                            f"never below the 'fpr' threshold; 'fpr' bounds false-positive pixels only ({defaults.pixel_rule})")
 
 
 def _add_training_options(parser: argparse.ArgumentParser, defaults, what: str = "") -> None:
@@ -343,7 +348,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     _check_size(args.size, model_config)
     dataset = _dataset(args.data, args.category, "train", args.size, args.layout, args.bit_depth)
     train_config = _train_config(args, dataset, drift=args.drift, calibration_fraction=args.calibration_fraction,
-                                 image_fpr=args.image_fpr, pixel_fpr=args.pixel_fpr)
+                                 image_fpr=args.image_fpr, pixel_fpr=args.pixel_fpr, pixel_rule=args.pixel_rule)
     if not args.no_plan:
         _preflight(args, model_config, train_config)
     result = train(model_config, train_config, dataset, args.out, resume=args.resume)
@@ -372,10 +377,12 @@ def _print_table(rows: Sequence[dict]) -> None:
     for row in rows:
         print(f"{row['category']:<12} {row['pixel_auroc']:>11.4f} {row['aupro']:>10.4f} {row['image_auroc']:>11.4f}")
     print(f"\nat the calibrated thresholds:\n{'category':<12} {'image FPR':>9} {'recall':>7} {'precision':>9} "
-          f"{'pixel F1':>8} {'pixel IoU':>9}")
+          f"{'pixel F1':>8} {'pixel IoU':>9}   {'best pixel F1 (uses test labels)':>32}")
     for row in rows:
+        best = row.get("best_pixel_f1_using_test_labels")
+        best = "n/a" if best is None else f"{best:.3f} at {row['best_pixel_threshold_using_test_labels']:.4g}"
         print(f"{row['category']:<12} {row['image_fpr']:>9.3f} {row['image_recall']:>7.3f} {row['image_precision']:>9.3f} "
-              f"{row['pixel_f1']:>8.3f} {row['pixel_iou']:>9.3f}")
+              f"{row['pixel_f1']:>8.3f} {row['pixel_iou']:>9.3f}   {best:>32}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-__all__ = ["pixel_auroc", "image_auroc", "aupro", "compute_metrics", "image_decision_metrics", "pixel_decision_metrics"]
+__all__ = ["pixel_auroc", "image_auroc", "aupro", "compute_metrics", "image_decision_metrics", "pixel_decision_metrics",
+           "mask_decision_metrics", "best_pixel_f1"]
 
 # 8-connectivity, as in the official MVTec AD evaluation.
 _STRUCTURE = np.ones((3, 3), dtype=np.int8)
@@ -385,7 +386,23 @@ def pixel_decision_metrics(maps: Any, masks: Any, threshold: float) -> dict[str,
         (0.4, 0.5714285714285714)
     """
     maps, defects = _maps_and_masks(maps, masks, "pixel_decision_metrics")
-    predicted = maps > float(threshold)
+    return mask_decision_metrics(maps > float(threshold), defects)
+
+
+def mask_decision_metrics(predicted: Any, masks: Any) -> dict[str, float]:
+    """Pixel-level F1, IoU, precision and recall of predicted binary masks (``NOTE [decision metrics]``).
+
+    Args:
+        predicted: predicted masks ``(N, H, W)`` (true: defect), e.g. from a :class:`pyramidflow.pixel_threshold.MaskRule`.
+        masks: ground truth of the same shape (values > 0.5 are defects).
+
+    Example:
+        >>> truth = np.zeros((1, 2, 2)); truth[0, 0] = 1
+        >>> mask_decision_metrics(truth > 0, truth)["pixel_f1"]
+        1.0
+    """
+    predicted, defects = _maps_and_masks(predicted, masks, "mask_decision_metrics")
+    predicted = predicted > 0.5
     tp = int((predicted & defects).sum())
     fp = int((predicted & ~defects).sum())
     fn = int((~predicted & defects).sum())
@@ -395,3 +412,29 @@ def pixel_decision_metrics(maps: Any, masks: Any, threshold: float) -> dict[str,
         "pixel_precision": _ratio(tp, tp + fp, 0.0),
         "pixel_recall": _ratio(tp, tp + fn, 0.0),
     }
+
+
+def best_pixel_f1(maps: Any, masks: Any) -> dict[str, float]:
+    """The highest pixel F1 over all thresholds, and a threshold that reaches it.
+
+    It reads the labels, so it is a diagnosis (how far a calibrated threshold is from the best the maps
+    allow) or, on masks one drew oneself, a calibration target; never a threshold for test data. The
+    threshold returned is midway between the lowest score kept and the next lower one, so that
+    ``maps > threshold`` is exactly the best mask (``NOTE [decision metrics]``).
+
+    Returns:
+        ``{"pixel_f1": best F1, "threshold": t}``.
+
+    Example:
+        >>> masks = np.zeros((1, 4, 4)); masks[0, :2, :2] = 1
+        >>> maps = np.full((1, 4, 4), 0.1); maps[0, :2, :2] = 0.8; maps[0, 3, 3] = 0.5
+        >>> best_pixel_f1(maps, masks)
+        {'pixel_f1': 1.0, 'threshold': 0.65}
+    """
+    maps, defects = _maps_and_masks(maps, masks, "best_pixel_f1")
+    ranked = _RankedPixels(maps, defects, with_regions=False, where="best_pixel_f1")
+    f1 = 2.0 * ranked.tp / (ranked.tp + ranked.fp + ranked.num_defect)
+    best = int(np.argmax(f1))
+    distinct = np.unique(maps)[::-1]  # the distinct scores, highest first, as ranked counts them
+    lower = distinct[best + 1] if best + 1 < distinct.size else np.nextafter(distinct[best], -np.inf)
+    return {"pixel_f1": float(f1[best]), "threshold": float(0.5 * (distinct[best] + lower))}

@@ -349,6 +349,21 @@ def _apply_defect(
     return np.clip(out, 0.0, 1.0), strength > 0
 
 
+def draw_defect(rng: np.random.Generator, kind: str, image: np.ndarray, behind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One defect of ``kind`` drawn anywhere on a square float ``(S, S, 3)`` image in [0, 1], as in the test sets.
+
+    ``behind`` is what a ``missing`` piece reveals (where it hardly differs from ``image``, a stain is
+    drawn instead, since nothing would change). Returns the defective image and the mask of the
+    changed pixels. Calibration draws these into held-out good images (``pyramidflow.pixel_threshold``).
+    """
+    if kind not in _SHAPES:
+        raise ValueError(f"draw_defect: kind must be one of {DEFECT_TYPES}, got {kind!r}.")
+    region = np.ones(image.shape[:2], dtype=bool)
+    if kind == "missing" and not (np.abs(image - behind).max(axis=2) > 0.05).any():
+        kind = "stain"
+    return _apply_defect(rng, "", kind, image, behind, region)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Writing the set.
 

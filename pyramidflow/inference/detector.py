@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..calibration import check_threshold, stored_thresholds
+from ..calibration import check_threshold, stored_mask_rule, stored_thresholds
 from ..data._io import check_bit_depth, load_rgb
 from ..data.transforms import image_to_tensor
 from .._utils import resolve_device
+from ..pixel_threshold import MaskRule
 from .maps import Inference, anomaly_maps, check_smoothing_sigma, load_for_inference, smooth
 from .regions import find_regions
 from .tiling import check_tileable, tiled_anomaly_map
@@ -162,6 +163,7 @@ class Detector:
         self.smoothing_sigma = check_smoothing_sigma(smoothing_sigma, inference.image_size, "Detector")
         self.bit_depth = inference.bit_depth if bit_depth is None else check_bit_depth(bit_depth, "Detector")
         self._threshold, self._pixel_threshold, _ = stored_thresholds(inference.checkpoint)
+        self._mask_rule = stored_mask_rule(inference.checkpoint)
 
     @classmethod
     def load(cls, path: str | Path, device: Optional[str | torch.device] = None, **options: Any) -> "Detector":
@@ -188,6 +190,7 @@ class Detector:
     @pixel_threshold.setter
     def pixel_threshold(self, value: float) -> None:
         self._pixel_threshold = check_threshold(value, "Detector.pixel_threshold", optional=False)
+        self._mask_rule = MaskRule.plain(self._pixel_threshold)  # a threshold one sets is the whole rule
 
     @property
     def image_size(self) -> Tuple[int, int]:
@@ -199,7 +202,7 @@ class Detector:
         return anomaly_maps(inference.model, inference.template, images.to(inference.device))
 
     def _decide(self, path: str, score: float, native_map: np.ndarray) -> Prediction:
-        mask = native_map > self._pixel_threshold
+        mask = self._mask_rule(native_map)
         return Prediction(score=float(score), is_anomalous=bool(score > self._threshold), anomaly_map=native_map,
                           mask=mask, regions=find_regions(mask, native_map), path=path)
 

@@ -18,10 +18,11 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .._utils import write_text_atomic
-from ..calibration import stored_thresholds
+from ..calibration import stored_mask_rule, stored_pixel_rule, stored_thresholds
 from ..checkpoint import Checkpoint
 from ..data._io import _header_size, list_images, load_rgb
-from ..metrics import compute_metrics, image_auroc, image_decision_metrics, pixel_auroc, pixel_decision_metrics
+from ..metrics import (best_pixel_f1, compute_metrics, image_auroc, image_decision_metrics, mask_decision_metrics,
+                       pixel_auroc)
 from .maps import Inference, Predictions, check_smoothing_sigma, load_for_inference, predict_dataset
 from .tiling import check_tileable
 from .visualize import overlay_panel, save_panel
@@ -69,14 +70,25 @@ def _per_defect_type(predictions: Predictions) -> dict:
 
 
 def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions) -> dict:
-    """Image precision / recall / F1 / FPR and pixel F1 / IoU at the checkpoint's calibrated thresholds."""
+    """Image precision / recall / F1 / FPR and pixel F1 / IoU at the checkpoint's calibrated thresholds.
+
+    Beside them, the best pixel F1 over all thresholds and its threshold, read off the test masks: a
+    diagnosis of how far the calibrated mask is from the best these maps allow, never used to decide.
+    """
     image_threshold, pixel_threshold, source = stored_thresholds(checkpoint)
+    rule = stored_mask_rule(checkpoint)
+    best = best_pixel_f1(predictions.maps, predictions.masks) if predictions.masks.any() else None
     return {
         "image_threshold": image_threshold,
         "pixel_threshold": pixel_threshold,
+        "pixel_rule": stored_pixel_rule(checkpoint),
+        "pixel_low_threshold": rule.low,
+        "pixel_peak_fraction": rule.fraction,
         "thresholds_from": source,
         **image_decision_metrics(predictions.scores, predictions.labels, image_threshold),
-        **pixel_decision_metrics(predictions.maps, predictions.masks, pixel_threshold),
+        **mask_decision_metrics(rule(predictions.maps), predictions.masks),
+        "best_pixel_f1_using_test_labels": None if best is None else best["pixel_f1"],
+        "best_pixel_threshold_using_test_labels": None if best is None else best["threshold"],
     }
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from .._utils import DEVICES, resolve_device
 from ..data._io import check_bit_depth
 from ..engine.drift import DRIFT_POLICIES
+from ..pixel_threshold import DEFAULT_PIXEL_RULE, check_pixel_rule
 
 __all__ = ["DEVICES", "DTYPES", "REFERENCE_EPOCHS", "TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device"]
 
@@ -60,7 +61,9 @@ class TrainConfig:
             thresholds (at least 4 images; 0 holds out none and sets them on the training images,
             optimistically); see :mod:`pyramidflow.calibration`.
         image_fpr: target false-positive rate of the image threshold on good parts.
-        pixel_fpr: target false-positive rate of the pixel threshold on good pixels.
+        pixel_fpr: target false-positive rate of the pixel threshold on good pixels (the ``"fpr"`` rule's,
+            and the floor of the ``"synthetic"`` rule's).
+        pixel_rule: ``"synthetic"`` (the mask's outline) or ``"fpr"``; see :mod:`pyramidflow.pixel_threshold`.
         bit_depth: significant bits of 16-bit training images (8..16; ``None``: the data set's setting,
             by default each file's own depth). Stored in the checkpoint, so that ``eval``, ``predict`` and
             :class:`~pyramidflow.Detector` read images as training did (``NOTE [bit depth]`` in
@@ -88,6 +91,7 @@ class TrainConfig:
     image_fpr: float = 0.01
     pixel_fpr: float = 0.001
     bit_depth: int | None = None
+    pixel_rule: str = DEFAULT_PIXEL_RULE
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -143,6 +147,7 @@ class TrainConfig:
             if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
                 raise ValueError(f"TrainConfig: {name} must be a false-positive rate in (0, 1), got {value!r}.")
         self.bit_depth = check_bit_depth(self.bit_depth, "TrainConfig")
+        check_pixel_rule(self.pixel_rule)
 
 
 @dataclass

@@ -93,4 +93,5 @@ def decision_thresholds(
         pixel_fpr=config.pixel_fpr, batch_size=config.batch_size, device=device, dtype=dtype,
         source="held-out" if held_out is not None else "training images",
         training_scores=stats["image_scores"] if held_out is not None else None,
+        pixel_rule=config.pixel_rule, seed=config.seed,
     )

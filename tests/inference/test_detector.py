@@ -7,6 +7,7 @@ from PIL import Image
 
 import pyramidflow.inference.detector as detector_module
 from pyramidflow import Detector, Prediction
+from pyramidflow.calibration import stored_mask_rule
 from pyramidflow.data import MVTecDataset, synthetic
 from pyramidflow.inference.maps import load_for_inference, predict_dataset
 from pyramidflow.model import PyramidFlowConfig
@@ -61,7 +62,8 @@ def test_map_and_mask_at_the_input_resolution_and_the_score_at_the_model_resolut
 
     model_map = anomaly_maps(inference.model, inference.template, image_to_tensor(Image.fromarray(image), (SIZE, SIZE))[None])[0]
     assert p.score == pytest.approx(float(model_map.max()), rel=1e-6)
-    np.testing.assert_array_equal(p.mask, p.anomaly_map > detector.pixel_threshold)
+    np.testing.assert_array_equal(p.mask, stored_mask_rule(inference.checkpoint)(p.anomaly_map))
+    assert not (p.mask & ~(p.anomaly_map > inference.checkpoint.calibration["pixel_fpr_threshold"])).any()
     assert sum(r["area"] for r in p.regions) == int(p.mask.sum())
 
 

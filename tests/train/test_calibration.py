@@ -141,6 +141,21 @@ def test_train_sets_the_thresholds_on_the_held_out_images_only(tmp_path):
     np.testing.assert_allclose(calibration["scores"], scores, rtol=1e-5)
     expected = image_threshold(scores, 0.05, spread_from=training_scores)
     assert calibration["image_threshold"] == pytest.approx(expected, rel=1e-5)
+    assert calibration["pixel_fpr_threshold"] == pytest.approx(pixel_threshold(maps.double().numpy(), 0.01), rel=1e-5)
+    assert calibration["pixel_rule"] == "synthetic" and calibration["pixel_threshold"] >= calibration["pixel_fpr_threshold"]
+
+
+def test_the_fpr_pixel_rule_is_one_threshold_at_the_target_rate(tmp_path):
+    data = RandomImages(count=10, augment=False)
+    config = TrainConfig(steps=2, checkpoint_every=None, device="cpu", pixel_fpr=0.01, pixel_rule="fpr")
+    train(model_config(), config, data, tmp_path, progress=False)
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    _, held_out = calibration_split(10, 0.1, seed=0)
+    with torch.no_grad():
+        maps = anomaly_map(ckpt.build_model()(data.images[held_out]), ckpt.template)
+    calibration = ckpt.calibration
+    assert calibration["pixel_rule"] == "fpr" and calibration["pixel_peak_fraction"] == 0.0
+    assert calibration["pixel_threshold"] == calibration["pixel_fpr_threshold"]
     assert calibration["pixel_threshold"] == pytest.approx(pixel_threshold(maps.double().numpy(), 0.01), rel=1e-5)
 
 

@@ -1,0 +1,142 @@
+"""Pixel-threshold rules: where a defect mask's outline lies, set on held-out good images only.
+
+``NOTE [pixel threshold rules]``: the false-positive rule (``"fpr"``, :func:`pyramidflow.calibration.pixel_threshold`)
+bounds the share of good pixels above one threshold, which says nothing about a defect's outline: on
+the demo its masks are several times the defects' area. The ``"synthetic"`` rule (the default) draws
+defects of known extent into copies of the held-out good images (the synthetic data set's own defect
+drawing, :func:`pyramidflow.data.synthetic.draw_defect`, with a shifted copy of another held-out
+image as what a missing piece reveals, in the spirit of CutPaste), takes the anomaly maps of those
+copies, and sets a :class:`MaskRule` on them:
+
+- ``low``: the false-positive threshold, the floor of every mask;
+- ``seed``: the threshold of the best pixel F1 on the drawn masks (:func:`pyramidflow.metrics.best_pixel_f1`),
+  never below ``low``; a region of ``map > low`` is a defect only if it reaches ``seed`` (hysteresis);
+- ``fraction``: within such a region, only pixels above ``fraction`` of the region's peak are kept, the
+  fraction of the best F1 on the drawn masks. The map is a blurred copy of the defect, so a strong
+  defect's outline lies at a share of its own peak, not at one threshold for all defects.
+
+Every mask is a subset of the false-positive rule's mask, so a good part's mask is empty at least as
+often. No test image or label is read. The drawn defects are the synthetic test sets' own kinds, so
+on those sets the rule meets its calibration defects (a best case for the figures measured there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["PIXEL_RULES", "DEFAULT_PIXEL_RULE", "MaskRule", "check_pixel_rule", "paste_defects", "synthetic_rule"]
+
+PIXEL_RULES = ("synthetic", "fpr")
+DEFAULT_PIXEL_RULE = "synthetic"
+DEFECTS_PER_IMAGE = 10  # two of each of the five kinds: 40 drawn defects from the minimum 4 held-out images
+FRACTIONS = tuple(round(0.05 * k, 2) for k in range(17))  # the peak fractions tried: 0 (hysteresis only) to 0.8
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # as the regions of decisions.py and the metrics
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How an anomaly map becomes a defect mask (``NOTE [pixel threshold rules]``).
+
+    The pixels of each 8-connected region of ``map > low`` whose peak is above ``seed``, and within
+    it above ``fraction`` of that peak. ``MaskRule.plain(t)`` is the single threshold ``map > t``.
+    """
+
+    seed: float
+    low: float
+    fraction: float = 0.0
+
+    @classmethod
+    def plain(cls, threshold: float) -> "MaskRule":
+        """The mask ``map > threshold``."""
+        return cls(float(threshold), float(threshold), 0.0)
+
+    def __call__(self, maps: np.ndarray) -> np.ndarray:
+        """The bool mask of an ``(H, W)`` map, or of each of ``(N, H, W)`` maps.
+
+        Example:
+            >>> row = np.array([[0.0, 0.3, 0.9, 0.5, 0.2, 0.35, 0.0]])
+            >>> MaskRule(seed=0.6, low=0.25, fraction=0.5)(row).astype(int).tolist()
+            [[0, 0, 1, 1, 0, 0, 0]]
+        """
+        maps = np.asarray(maps)
+        if self.seed == self.low and self.fraction == 0.0:
+            return maps > self.low
+        if maps.ndim == 3:
+            return np.stack([self(m) for m in maps]) if len(maps) else maps > self.low
+        labels, count = ndimage.label(maps > self.low, structure=_EIGHT_CONNECTED)
+        if count == 0:
+            return labels > 0
+        peaks = np.concatenate(([0.0], ndimage.maximum(maps, labels, np.arange(1, count + 1))))  # 0: outside every region
+        kept = np.concatenate(([False], peaks[1:] > self.seed))
+        return kept[labels] & (maps > self.fraction * peaks[labels])
+
+
+def check_pixel_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`PIXEL_RULES`, else a ValueError naming them."""
+    if rule not in PIXEL_RULES:
+        raise ValueError(f"pixel_rule must be one of {', '.join(PIXEL_RULES)}, got {rule!r}; "
+                         f"{DEFAULT_PIXEL_RULE!r} sets the threshold for the mask's outline, 'fpr' bounds false-positive pixels.")
+    return rule
+
+
+def paste_defects(images: np.ndarray, seed: int, per_image: int = DEFECTS_PER_IMAGE) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of good ``(N, H, W, 3)`` uint8 images with one drawn defect each, and their masks.
+
+    Each image gets ``per_image`` copies, cycling through the synthetic defect kinds; a ``missing``
+    piece shows a shifted copy of the next image (the image itself when it is the only one). Deterministic
+    in ``seed``.
+
+    Returns:
+        ``(N * per_image, H, W, 3)`` uint8 images and ``(N * per_image, H, W)`` bool masks.
+    """
+    from pyramidflow.data.synthetic import DEFECT_TYPES, draw_defect
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or images.shape[0] == 0:
+        raise ValueError(f"paste_defects: give (N, H, W, 3) uint8 good images, got shape {images.shape} {images.dtype}.")
+    rng = np.random.default_rng(seed)
+    count, height, width = images.shape[:3]
+    side = min(height, width)  # the drawing is square: a square window at a random place takes the defect
+    out, masks = [], []
+    for i in range(count):
+        for k in range(per_image):
+            kind = DEFECT_TYPES[k % len(DEFECT_TYPES)]
+            image = images[i].astype(np.float64) / 255.0
+            other = images[(i + 1) % count].astype(np.float64) / 255.0
+            behind = np.roll(other, tuple(rng.integers(side // 8, side // 2, size=2)), axis=(0, 1))
+            y, x = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+            window = (slice(y, y + side), slice(x, x + side))
+            drawn, mask = draw_defect(rng, kind, image[window], behind[window])
+            image[window] = drawn
+            full = np.zeros((height, width), dtype=bool)
+            full[window] = mask
+            out.append(np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8))
+            masks.append(full)
+    return np.stack(out), np.stack(masks)
+
+
+def synthetic_rule(
+    good_images: np.ndarray, maps_of: Callable[[np.ndarray], np.ndarray], floor: float, seed: int
+) -> MaskRule:
+    """The ``"synthetic"`` rule's :class:`MaskRule`, set on defects drawn into ``good_images`` (``NOTE [pixel threshold rules]``).
+
+    Args:
+        good_images: held-out good images ``(N, H, W, 3)`` uint8 at the model's resolution.
+        maps_of: anomaly maps ``(M, H, W)`` of uint8 images ``(M, H, W, 3)``.
+        floor: the false-positive rule's threshold on the same images (the rule's ``low``).
+        seed: seeds the drawing.
+    """
+    from pyramidflow.metrics import best_pixel_f1, mask_decision_metrics
+
+    defective, masks = paste_defects(good_images, seed)
+    maps = maps_of(defective)
+    threshold = max(float(floor), best_pixel_f1(maps, masks)["threshold"])
+
+    def f1(fraction: float) -> float:
+        return mask_decision_metrics(MaskRule(threshold, float(floor), fraction)(maps), masks)["pixel_f1"]
+
+    return MaskRule(threshold, float(floor), max(FRACTIONS, key=f1))  # the first of equal F1s: the smallest fraction
