@@ -399,7 +399,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from .inference.evaluate import predict
+    from .inference.predict import predict
     from .inference.maps import load_for_inference
     from ._utils import resolve_device
 

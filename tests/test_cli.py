@@ -269,7 +269,8 @@ def test_predict_progress_ticks_when_an_image_is_done(trained, data_root, tmp_pa
     import pyramidflow.inference.outputs as decisions
     import tqdm.auto
 
-    from pyramidflow.inference.evaluate import load_for_inference, predict
+    from pyramidflow.inference.maps import load_for_inference
+    from pyramidflow.inference.predict import predict
 
     class Bar:
         last = None

@@ -13,10 +13,10 @@ The same function runs data-parallel under ``torchrun`` (see :mod:`pyramidflow.t
 runs are reproducible on CPU, and a resumed run continues bit for bit (``NOTE [resume bit for bit]``).
 
 This module holds the run's state and the loop; the pieces it uses live in their own modules: the data
-side (:mod:`pyramidflow.train.data`), the RNG state (:mod:`pyramidflow.train.rng_state`), the stop-signal
-guard (:mod:`pyramidflow.train.interrupts`), the NaN/inf stop (:mod:`pyramidflow.train.divergence`), the resume
-checks (:mod:`pyramidflow.train.resume`), the statistics after training (:mod:`pyramidflow.train.stats`)
-and the output folder's lock (:mod:`pyramidflow.train.folder`).
+side (:mod:`pyramidflow.train.data`), the step (:mod:`pyramidflow.train.step`), the stop-signal guard
+(:mod:`pyramidflow.train.interrupts`), the NaN/inf stop (:mod:`pyramidflow.train.divergence`), the resume
+checks and the RNG state (:mod:`pyramidflow.train.resume`), the statistics after training
+(:mod:`pyramidflow.train.stats`) and the output folder's lock (:mod:`pyramidflow.train.folder`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ from pyramidflow.train.divergence import stop_if_not_finite
 from pyramidflow.train.interrupts import InterruptGuard, TrainingTerminated
 from pyramidflow.train.folder import RunFolder
 from pyramidflow.train.log import LOG_NAME, DriftTracker, append_log, trim_log
-from pyramidflow.train.resume import check_same_data, check_same_settings, check_same_split
-from pyramidflow.train.rng_state import capture_rng_state, fresh_rng_state, restore_rng_state
+from pyramidflow.train.resume import (
+    capture_rng_state, check_same_data, check_same_settings, check_same_split, fresh_rng_state, restore_rng_state,
+)
 from pyramidflow.train.stats import decision_thresholds, template_and_score_stats
 from pyramidflow.train.step import make_optimizer, training_step
 
