@@ -1,5 +1,6 @@
 """pyramidflow: invertible backprop for normalizing flows, and PyramidFlow anomaly localisation."""
 
+from ._utils import VERSION as __version__
 from .engine import DriftError, DriftWarning, InvertibleModule, InvertibleSequential, check_inverse, wrap
 from .model import PyramidFlow, PyramidFlowConfig
 
@@ -15,7 +16,6 @@ __all__ = [
     "Detector",
     "Prediction",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

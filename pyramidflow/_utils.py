@@ -1,4 +1,4 @@
-"""Two rules every wing shares: which device to run on, and how a file is written.
+"""What every wing shares: the version, which device to run on, and how a file is written.
 
 NOTE [atomic write]: every file the project writes (checkpoints, exported graphs, metrics and
 prediction files, pictures, logs it rewrites, ablation tables) goes through :func:`atomic_write`: the
@@ -18,8 +18,9 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["DEVICES", "resolve_device", "atomic_write", "write_text_atomic", "stale_temp_files"]
+__all__ = ["VERSION", "DEVICES", "resolve_device", "atomic_write", "write_text_atomic", "stale_temp_files"]
 
+VERSION = "0.1.0"  # the package version; pyproject.toml reads it from here
 DEVICES = ("auto", "cpu", "cuda")
 
 

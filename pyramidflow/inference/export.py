@@ -212,13 +212,13 @@ def _probe_images(batch: int, height: int, width: int) -> Tensor:
 
 
 def _metadata(inference, format: str, batch_size: Optional[int], size: Tuple[int, int]) -> dict:
-    from .. import __version__
+    from .._utils import VERSION
     from ..calibration import stored_thresholds
 
     checkpoint = inference.checkpoint
     image_threshold, pixel_threshold, thresholds_from = stored_thresholds(checkpoint)
     return {
-        "producer": f"pyramidflow {__version__}",
+        "producer": f"pyramidflow {VERSION}",
         "format": format,
         "opset": ONNX_OPSET if format == "onnx" else None,
         "input": f"{INPUT_NAME}: float32 ({batch_size or 'N'}, 3, {size[0]}, {size[1]}), RGB, ImageNet-normalised",
