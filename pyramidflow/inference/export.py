@@ -213,10 +213,11 @@ def _probe_images(batch: int, height: int, width: int) -> Tensor:
 
 def _metadata(inference, format: str, batch_size: Optional[int], size: Tuple[int, int]) -> dict:
     from .._utils import VERSION
-    from ..calibration import stored_thresholds
+    from ..calibration import stored_mask_rule, stored_pixel_rule, stored_thresholds
 
     checkpoint = inference.checkpoint
     image_threshold, pixel_threshold, thresholds_from = stored_thresholds(checkpoint)
+    mask_rule = stored_mask_rule(checkpoint)
     return {
         "producer": f"pyramidflow {VERSION}",
         "format": format,
@@ -230,10 +231,15 @@ def _metadata(inference, format: str, batch_size: Optional[int], size: Tuple[int
         "checkpoint_step": int(checkpoint.step),
         "model_config": checkpoint.model_config,
         "score_stats": checkpoint.score_stats,
-        # The decisions stay outside the graph: score > image_threshold flags a part, map > pixel_threshold
-        # marks its defect pixels (the thresholds `predict` uses, set on held-out good images).
+        # The decisions stay outside the graph: score > image_threshold flags a part; the defect pixels are
+        # those of each 8-connected region of map > pixel_mask_low whose peak is above pixel_threshold,
+        # and within it above pixel_mask_peak_fraction of that peak (pyramidflow.pixel_threshold.MaskRule:
+        # the rule `predict` uses, set on held-out good images; with the "fpr" rule, map > pixel_threshold).
         "image_threshold": image_threshold,
         "pixel_threshold": pixel_threshold,
+        "pixel_rule": stored_pixel_rule(checkpoint),
+        "pixel_mask_low": mask_rule.low,
+        "pixel_mask_peak_fraction": mask_rule.fraction,
         "thresholds_from": thresholds_from,
     }
 

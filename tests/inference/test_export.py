@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pyramidflow.inference.export as export_module
-from pyramidflow.calibration import stored_thresholds
+from pyramidflow.calibration import stored_mask_rule, stored_pixel_rule, stored_thresholds
 from pyramidflow.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
 from pyramidflow.cli import main
 from pyramidflow.data import MVTecDataset, synthetic
@@ -118,6 +118,9 @@ def test_onnx_graph_is_straight_line_eval_with_the_stated_opset(onnx_files, chec
     assert metadata["pyramidflow.image_size"] == [SIZE, SIZE]
     image_threshold, pixel_threshold, _ = stored_thresholds(load_checkpoint(checkpoints["CVN"]))
     assert (metadata["pyramidflow.image_threshold"], metadata["pyramidflow.pixel_threshold"]) == (image_threshold, pixel_threshold)
+    rule = stored_mask_rule(load_checkpoint(checkpoints["CVN"]))  # the whole mask rule predict applies
+    assert (metadata["pyramidflow.pixel_mask_low"], metadata["pyramidflow.pixel_mask_peak_fraction"]) == (rule.low, rule.fraction)
+    assert metadata["pyramidflow.pixel_rule"] == stored_pixel_rule(load_checkpoint(checkpoints["CVN"]))
     assert image_threshold > 0
     assert metadata["pyramidflow.normalize_mean"] == [0.485, 0.456, 0.406]
 
