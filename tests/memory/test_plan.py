@@ -65,7 +65,7 @@ def test_prediction_matches_the_measured_peak(mode):
 def test_prediction_holds_with_avx2_convolutions():
     """On an AVX-512 machine the suite above runs AVX-512 kernels; this runs the AVX2 ones (NOTE [oneDNN channel padding])."""
     code = (
-        "from pyramidflow import plan as p; from pyramidflow.model import PyramidFlowConfig as C; "
+        "from pyramidflow.memory import plan as p; from pyramidflow.model import PyramidFlowConfig as C; "
         f"print(*[p.predict_peak(C(mode=m, **{MEASURED!r}), 64, 2).peak / p.measure_training_peak(C(mode=m, **{MEASURED!r}), 64, 2) "
         "for m in p.MODES])"
     )
