@@ -127,7 +127,7 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, imag
     from .model import fourier_loss  # noqa: PLC0415
 
     params = [p for p in model.parameters() if p.requires_grad]
-    loss = fourier_loss(tuple(model(images)))
+    loss = fourier_loss(tuple(model(images, release_outputs=True)))
     if on_forward is not None:
         on_forward()
     optimizer.zero_grad(set_to_none=True)
