@@ -64,7 +64,7 @@ class AffineParameterNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
 
     #: hidden channels are recomputed in backward in this many chunks (NOTE [hidden activation recomputed]).
-    recompute_chunks: int = 2
+    recompute_chunks: int = 1
 
     def forward(self, cond: Tensor) -> Tuple[Tensor, Tensor]:
         """``cond`` ``(N, in, H, W)`` -> ``(r, t)``, each ``(N, C, H, W)``."""

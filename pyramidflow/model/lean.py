@@ -45,6 +45,14 @@ def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, mask: 
     return grad_x, grad_w
 
 
+def _leaky_relu_backward_(grad: Tensor, positive: Tensor, slope: float) -> None:
+    """LeakyReLU's backward over ``grad`` in place, as autograd computes it (``grad`` where the input was
+    positive, ``grad * slope`` elsewhere), a channel at a time so the temporaries stay small."""
+    for c in range(grad.shape[1]):
+        part = grad[:, c : c + 1]
+        torch.ops.aten.leaky_relu_backward.grad_input(part, positive[:, c : c + 1].to(grad.dtype), slope, True, grad_input=part)
+
+
 # NOTE [hidden activation recomputed]
 # F's hidden activation is 2C channels at the level's resolution: twice the
 # level itself, and autograd keeps it for conv_out's weight gradient. Here
@@ -89,10 +97,13 @@ class _RecomputedNetwork(torch.autograd.Function):
             for start in range(0, hidden, step):
                 chunk = slice(start, min(start + step, hidden))
                 a = F.leaky_relu(F.conv2d(cond.detach(), w_in[chunk], padding=padding), slope, inplace=True)
-                grad_a, grad_w = _conv_backward(g, a, w_out[:, chunk], padding, (True, True))
-                grad_w_out[:, chunk] += grad_w
-                grad_h = torch.ops.aten.leaky_relu_backward(grad_a, a, slope, True)  # as autograd, from the result
-                del a, grad_a
+                grad_w_out[:, chunk] += _conv_backward(g, a, w_out[:, chunk], padding, (False, True))[1]
+                positive = a > 0  # all LeakyReLU's backward needs of a: a and its gradient never coexist
+                shape = a.shape
+                del a
+                grad_h = _conv_backward(g, g.new_empty(1).expand(shape), w_out[:, chunk], padding, (True, False))[0]
+                _leaky_relu_backward_(grad_h, positive, slope)
+                del positive
                 grad_c, grad_w = _conv_backward(grad_h, cond.detach(), w_in[chunk], padding, (want_cond, True))
                 del grad_h
                 grad_w_in[chunk] += grad_w
