@@ -227,11 +227,11 @@ def affine_coupling_bwd(
 # over r, grad_t over t); the temporaries are one slice's. A batch mean
 # (training VN) needs every sample first: a read-only pass sums the clamped r
 # and grad_s, then the pass that writes.
-_SLICE_FRACTION = 16  # a slice holds at most 1/16 of a tensor (and at least one channel plane)
+_SLICE_FRACTION = 8  # a slice holds at most 1/8 of a tensor (and at least one channel plane)
 
 
 def _slices(shape: Tuple[int, ...]):
-    """``(n, channel slice)`` pairs covering an ``(N, C, H, W)`` tensor, each about 1/16 of it or one plane."""
+    """``(n, channel slice)`` pairs covering an ``(N, C, H, W)`` tensor, each about 1/8 of it or one plane."""
     batch, channels = shape[0], shape[1]
     step = max(1, (batch * channels) // _SLICE_FRACTION)
     step = min(step, channels)

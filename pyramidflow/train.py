@@ -60,8 +60,9 @@ def _build_model(model_config: Any) -> torch.nn.Module:
 
 
 def _latents(model: torch.nn.Module, images: Tensor) -> tuple[Tensor, ...]:
-    """The latent pyramid of ``images`` ``(N, 3, H, W)``: a tuple of ``(N, C, H_i, W_i)``."""
-    return tuple(model(images))
+    """The latent pyramid of ``images`` ``(N, 3, H, W)``: a tuple of ``(N, C, H_i, W_i)``, given up to the loss
+    (``release_outputs``: invertible backward may reuse their storage; the step never reads them again)."""
+    return tuple(model(images, release_outputs=True))
 
 
 def _pairwise_loss(levels: Sequence[Tensor], objective: str = "fourier") -> Tensor:
