@@ -62,8 +62,8 @@ class InvertibleModule(nn.Module):
           conditioning input passes through unchanged, so one grad-enabled
           evaluation of its network gives both the input and the local graph;
           see :class:`pyramidflow.engine.coupling.AffineCoupling`.
-        * ``reconstructs_in_place = True`` and ``reconstruct(ys, writable=...)``
-          taking a :class:`Writable`: the engine then says which output
+        * ``reconstruct(ys, writable=...)`` taking a :class:`Writable` (the
+          engine looks for the keyword): the engine then says which output
           storages and incoming gradients the block may overwrite, so that it
           can rebuild its input and its input's gradient without new memory.
 
@@ -76,8 +76,6 @@ class InvertibleModule(nn.Module):
     #: ``True`` when every call returns ``logdet=None``; lets the engine skip
     #: log-det bookkeeping. Informational only: ``None`` at run time is what counts.
     volume_preserving: bool = False
-    #: ``True`` when :meth:`reconstruct` takes ``writable=`` (a :class:`Writable`).
-    reconstructs_in_place: bool = False
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(xs) -> (ys, logdet).")

@@ -21,6 +21,7 @@ hooks of ``DistributedDataParallel`` fire as for any other module.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -361,8 +362,16 @@ def _from_exact(xs: Tensors) -> Callable[[InvertibleModule, Tensors], Tuple[Tens
     return rebuild
 
 
+def _takes_writable(block: InvertibleModule) -> bool:
+    """Whether the block's ``reconstruct`` accepts ``writable=`` (so it may rebuild in place)."""
+    try:
+        return "writable" in inspect.signature(block.reconstruct).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _reconstruct(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
-    if writable is not None and block.reconstructs_in_place:
+    if writable is not None and _takes_writable(block):
         return block.reconstruct(ys, writable=writable)
     return block.reconstruct(ys)
 

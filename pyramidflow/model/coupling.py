@@ -134,8 +134,6 @@ class PyramidCoupling(InvertibleModule):
     """
 
     volume_preserving = True
-    reconstructs_in_place = True
-
     def __init__(
         self,
         level: int,
