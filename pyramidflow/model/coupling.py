@@ -134,6 +134,7 @@ class PyramidCoupling(InvertibleModule):
     """
 
     volume_preserving = True
+
     def __init__(
         self,
         level: int,
