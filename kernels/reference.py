@@ -184,6 +184,10 @@ def affine_coupling_reconstruct(
     return x, _affine(scale, x, t)
 
 
+def _promote(*tensors: Tensor) -> torch.dtype:
+    return functools.reduce(torch.promote_types, (x.dtype for x in tensors))
+
+
 def affine_coupling_bwd(
     y: Tensor,
     r: Tensor,
@@ -206,10 +210,10 @@ def affine_coupling_bwd(
     Returns:
         ``(x, grad_x, grad_r, grad_t)``.
     """
-    promote = functools.reduce
-    x = torch.empty_like(y, dtype=promote(torch.promote_types, (y.dtype, t.dtype, r.dtype)))
-    grad_x = torch.empty_like(grad_y, dtype=torch.promote_types(grad_y.dtype, r.dtype))
-    grad_r = torch.empty_like(r, dtype=promote(torch.promote_types, (grad_y.dtype, y.dtype, t.dtype, r.dtype)))
+    # the dtypes the eager expressions give: x = (y - t) exp(-s), grad_x = g exp(s), grad_r = g (y - t) clamp'(r)
+    x = torch.empty_like(y, dtype=_promote(y, t, r))
+    grad_x = torch.empty_like(grad_y, dtype=_promote(grad_y, r))
+    grad_r = torch.empty_like(r, dtype=_promote(grad_y, y, t, r))
     grad_t = torch.empty_like(grad_y)
     affine_coupling_bwd_into(
         y, r, t, grad_y, out=(x, grad_x, grad_r, grad_t), volume_norm=volume_norm, clamp=clamp, running_mean=running_mean
