@@ -123,7 +123,8 @@ class _LiveBytes(TorchDispatchMode):
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, on_forward: Optional[Callable[[], None]] = None) -> None:
-    """One step of the training loop: forward, Fourier loss, zero_grad, backward, clip at 1.0, Adam."""
+    """One step of the training loop: forward (the latents given up to the loss, as training does), Fourier loss,
+    zero_grad, backward, clip at 1.0, Adam."""
     from .model import fourier_loss  # noqa: PLC0415
 
     params = [p for p in model.parameters() if p.requires_grad]

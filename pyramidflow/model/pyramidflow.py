@@ -424,7 +424,6 @@ class PyramidFlow(nn.Module):
         levels = self.pyramid.decompose(features)
         del features  # the pyramid holds the same information: free the features before the flow runs
         latents, logdet = self.flow(levels, release_outputs=release_outputs)
-        del levels
         return (tuple(latents), logdet) if return_logdet else tuple(latents)
 
     def inverse_features(self, latents: Sequence[Tensor]) -> Tensor:
