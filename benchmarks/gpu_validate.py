@@ -5,12 +5,13 @@ It prints one table (``check | case | result | detail``) that a note can quote:
 
 1. kernels: every Triton op against the PyTorch reference on CUDA, in float32,
    bfloat16 and float16, dense and channels-last, each VN mode
-   (tolerances as in tests/kernels/test_affine_coupling.py);
-2. step: one training step of the paper's configuration (C = 16, k = 7, 4
+   (tolerances as in tests/kernels/test_affine_coupling.py), the ops that write into their operands included;
+2. gradients: a small model's step on CUDA (float32, Triton, latents given up) against autograd in float64;
+3. step: one training step of the paper's configuration (C = 16, k = 7, 4
    stacks, L = 4, batch 2) at 1024 and 2048 px, invertible with the Triton
    kernels and with the reference, and autograd at 1024 px: peak memory
    (``max_memory_allocated``) and median step time;
-3. plan: ``pyramidflow plan``'s predicted peak against ``max_memory_allocated``
+4. plan: ``pyramidflow plan``'s predicted peak against ``max_memory_allocated``
    over a run that builds the model and Adam and takes two steps (the
    prediction has no CUDA margin; the check passes within +-15%, or when the
    measurement stays within the margin above the prediction).
@@ -54,6 +55,13 @@ def kernel_checks(device: str, shape: Sequence[int] = KERNEL_SHAPE, dtypes=DTYPE
             ]  # fmt: skip
             pairs += list(zip(kernels.affine_coupling_bwd(x, r, t, g, volume_norm=volume_norm, backend="triton"),
                               reference.affine_coupling_bwd(*up, volume_norm=volume_norm)))  # fmt: skip
+            # the ops invertible backward and the lean forward call, writing into their operands
+            into = [a.clone() for a in (x, g, r, t)]
+            kernels.affine_coupling_bwd_into(into[0], into[2], into[3], into[1], out=tuple(into), volume_norm=volume_norm, backend="triton")
+            pairs += list(zip(into, reference.affine_coupling_bwd(*up, volume_norm=volume_norm)))
+            y_into = x.clone()
+            kernels.affine_coupling_into(y_into, r, t, out=y_into, volume_norm=volume_norm, backend="triton")
+            pairs.append((y_into, reference.affine_coupling(*up[:3], volume_norm=volume_norm)[0]))
         ok = True
         for got, want in pairs:
             error = (got.float() - want).abs()
@@ -62,6 +70,36 @@ def kernel_checks(device: str, shape: Sequence[int] = KERNEL_SHAPE, dtypes=DTYPE
             worst = max(worst, float((error / allowed).max()))
         name = f"{str(dtype).replace('torch.', '')} {'channels-last' if channels_last else 'dense'} {volume_norm or 'noVN'}"
         rows.append(dict(check="kernels", case=name, result="pass" if ok else "FAIL", detail=f"max error / tolerance {worst:.2f}"))
+    return rows
+
+
+def gradient_rows(device: str, side: int = 64) -> List[Dict[str, str]]:
+    """One training step's parameter gradients on ``device`` (float32, Triton kernels, the latents given up)
+    against plain autograd in float64 on the CPU: the lean reconstruct ops as the GPU runs them."""
+    import copy
+    import os
+
+    from pyramidflow.model import PyramidFlow, PyramidFlowConfig, fourier_loss
+
+    rows = []
+    for volume_norm in ("CVN", "SVN"):
+        torch.manual_seed(0)
+        model = PyramidFlow(PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=2, volume_norm=volume_norm)).train()
+        with torch.no_grad():
+            for block in model.flow.blocks:
+                block.net.conv_out.weight.normal_(std=0.02)
+        images = torch.randn(2, 3, side, side)
+        grads = {}
+        for mode, dtype, where in (("autograd", torch.float64, "cpu"), ("invertible", torch.float32, device)):
+            m = copy.deepcopy(model).to(device=where, dtype=dtype)
+            m.mode = mode
+            os.environ["PYRAMIDFLOW_KERNELS"] = "triton" if where != "cpu" else "reference"
+            fourier_loss(m(images.to(where, dtype), release_outputs=True)).backward()
+            os.environ.pop("PYRAMIDFLOW_KERNELS", None)
+            grads[mode] = [p.grad.detach().double().cpu() for p in m.parameters() if p.requires_grad]
+        error = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(grads["invertible"], grads["autograd"]))
+        rows.append(dict(check="gradients", case=f"{side} px {volume_norm} invertible triton float32", result="pass" if error <= 1e-3 else "FAIL",
+                         detail=f"largest relative error vs autograd float64 {error:.1e}"))  # fmt: skip
     return rows
 
 
@@ -152,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans = [(256, 16, m) for m in ("invertible", "checkpoint", "autograd")]
     if not args.quick:
         plans += [(512, 16, m) for m in ("invertible", "checkpoint", "autograd")] + [(1024, 16, "invertible"), (2048, 16, "invertible")]
-    rows = kernel_checks(device) + step_rows(device, steps, rounds=2 if args.quick else 5) + plan_rows(device, plans)
+    rows = kernel_checks(device) + gradient_rows(device) + step_rows(device, steps, rounds=2 if args.quick else 5) + plan_rows(device, plans)
     print(f"\npyramidflow GPU validation on {name}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s\n")
     print(format_table(rows))
     return 1 if any(r["result"] == "FAIL" for r in rows) else 0

@@ -11,6 +11,7 @@ Groups:
 * ``step``: the three modes (four on CUDA) at ``--bench-resolution`` (1024), invertible with the
   default drift monitoring (``"warn"``), and invertible with ``drift="off"`` and ``"recompute"``.
 * ``depth``: peak memory against the number of stacks (1, 2, 4, 8, 16) at 256 px, in the three modes.
+* ``depth, paper width``: the same sweep at the paper's C = 16 on every device, with memcnn's wrapper as the peer.
 * ``resolution``: peak memory against the image side (256, 512, 1024; 2048 on CUDA) at 4 stacks.
 * ``step`` also holds the peer row: memcnn's ``InvertibleModuleWrapper`` around each block, when memcnn is installed.
 * ``encoder``: the ResNet18 variant (features at 1/4 of the input side, C = 64) at
@@ -39,7 +40,7 @@ def _training_step(model: torch.nn.Module, images: torch.Tensor):
 
     def step():
         optimizer.zero_grad(set_to_none=False)
-        loss = fourier_loss(model(images))
+        loss = fourier_loss(model(images, release_outputs=True))  # as the training loop: the latents die after the loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -96,6 +97,19 @@ def test_memory_against_depth(benchmark, measure_step, device, channels, mode, n
     measure_step(step, row=dict(mode=mode, resolution=256, depth=num_stacks, note=note), timed_rounds=1)
 
 
+@pytest.mark.benchmark(group="depth, paper width")
+@pytest.mark.parametrize("num_stacks", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("mode", ["autograd", "checkpoint", "invertible", "memcnn wrapper"])
+def test_memory_against_depth_paper_width(benchmark, measure_step, device, mode, num_stacks, kernel_backend):
+    """The depth sweep at the paper's width (C = 16) on every device: invertible must be the lowest at each depth."""
+    kernel_backend("reference")
+    if mode == "memcnn wrapper":
+        step, note = _memcnn_step(device, 16, 256, num_stacks)
+    else:
+        step, note = _setup(device, 16, mode, 256, num_stacks)
+    measure_step(step, row=dict(mode=mode, resolution=256, depth=num_stacks, note=note), timed_rounds=1)
+
+
 def _resolutions(device):
     return [256, 512, 1024] + ([2048] if device.type == "cuda" else [])
 
@@ -115,15 +129,21 @@ def test_memory_against_resolution(benchmark, measure_step, device, channels, re
 
 @pytest.mark.benchmark(group="step")
 def test_memcnn_peer(benchmark, measure_step, device, channels, resolution):
+    step, note = _memcnn_step(device, channels, resolution)
+    measure_step(step, row=dict(mode="memcnn wrapper", resolution=resolution, depth=4, note=note))
+
+
+def _memcnn_step(device, channels, resolution, num_stacks=4):
+    """A training step of PyramidFlow whose blocks each run under memcnn's wrapper (skips without memcnn)."""
     memcnn = pytest.importorskip("memcnn", reason="memcnn is not installed (it is an optional peer, not a dependency)")
     torch.manual_seed(0)
-    config, note = _config(channels, "autograd")
+    config, note = _config(channels, "autograd", num_stacks)
     model = PyramidFlow(config).to(device).train()
     model.flow.blocks = torch.nn.ModuleList(
         _MemcnnBlock(memcnn, block) for block in model.flow.blocks
     )
     images = torch.randn(2, 3, resolution, resolution, device=device)
-    measure_step(_training_step(model, images), row=dict(mode="memcnn wrapper", resolution=resolution, depth=4, note=note))
+    return _training_step(model, images), note
 
 
 class _MemcnnBlock(torch.nn.Module):

@@ -5,7 +5,7 @@ imports the model, data or training code.
 """
 
 from .adapters import FrEIAAdapter, NormflowsAdapter, wrap
-from .block import InvertibleModule
+from .block import InvertibleModule, Writable
 from .checks import BlockReport, InverseCheck, check_inverse, reconstruction_error
 from .coupling import AffineCoupling
 from .drift import DRIFT_POLICIES
@@ -23,6 +23,7 @@ __all__ = [
     "InverseCheck",
     "InvertibleError",
     "InvertibleModule",
+    "Writable",
     "InvertibleSequential",
     "NormflowsAdapter",
     "check_inverse",

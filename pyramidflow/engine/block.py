@@ -8,6 +8,7 @@ when the block preserves volume, so that no log-det tensor is carried at all.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -16,7 +17,24 @@ from torch import Tensor, nn
 Tensors = Tuple[Tensor, ...]
 LogDet = Optional[Tensor]
 
-__all__ = ["InvertibleModule", "Tensors", "LogDet", "add_optional"]
+__all__ = ["InvertibleModule", "Tensors", "LogDet", "Writable", "add_optional"]
+
+
+@dataclass(frozen=True)
+class Writable:
+    """What a block's :meth:`~InvertibleModule.reconstruct` may overwrite, per level of its outputs.
+
+    The engine sets these only where no one else can read the tensor (NOTE [writing in
+    place in backward] in :mod:`.function`).
+
+    Attributes:
+        outputs: the storage of output level ``j`` may be reused (e.g. for the rebuilt input).
+        gradients: the gradient that the local backward receives for output level ``j`` may be
+            overwritten (e.g. with the input's gradient).
+    """
+
+    outputs: Tuple[bool, ...]
+    gradients: Tuple[bool, ...]
 
 
 class InvertibleModule(nn.Module):
@@ -44,6 +62,10 @@ class InvertibleModule(nn.Module):
           conditioning input passes through unchanged, so one grad-enabled
           evaluation of its network gives both the input and the local graph;
           see :class:`pyramidflow.engine.coupling.AffineCoupling`.
+        * ``reconstruct(ys, writable=...)`` taking a :class:`Writable` (the
+          engine looks for the keyword): the engine then says which output
+          storages and incoming gradients the block may overwrite, so that it
+          can rebuild its input and its input's gradient without new memory.
 
         Buffers changed in ``forward`` (running statistics) are restored by
         the engine after every recomputation, so they change once per step.
@@ -79,9 +101,13 @@ class InvertibleModule(nn.Module):
 
         Returns:
             ``(xs, ys_local, logdet_local)``: the inputs as leaves that
-            require grad (floating tensors only), the outputs recomputed from
-            them as a differentiable function of ``xs`` and the parameters, and
-            the log-determinant recomputed the same way (or ``None``).
+            require grad (floating tensors only), the outputs as a
+            differentiable function of ``xs`` and the parameters, and the
+            log-determinant recomputed the same way (or ``None``). The engine
+            only backpropagates through ``ys_local`` and never reads their
+            values, so a fused path may return placeholders of the right shape
+            whose backward is exact (NOTE [placeholder outputs] in
+            :mod:`pyramidflow.model.coupling`).
         """
         with torch.no_grad():
             xs, _ = self.inverse(ys)

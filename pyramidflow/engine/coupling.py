@@ -7,13 +7,13 @@ log-scale is computed once per call and serves the map and the log-determinant.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from .block import InvertibleModule, LogDet, Tensors
+from .block import InvertibleModule, LogDet, Tensors, Writable
 
 __all__ = ["AffineCoupling"]
 
@@ -100,17 +100,36 @@ class AffineCoupling(InvertibleModule):
         s, t, logdet = self._log_scale(y[:, self._a])
         return (self._join(y[:, self._a], kernels.scale_shift_inverse(y[:, self._b], s, t)),), -logdet
 
-    def reconstruct(self, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
+    def reconstruct(self, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
         (y,) = ys
         # NOTE [filling the input leaf]
-        # The input leaf x starts as a copy of y: its conditioning half is
-        # already right. The network runs once, with grad, on that half; the
-        # transformed half is then written into x through `.data`, which does
-        # not bump x's version counter that the network's graph has recorded
-        # (the conditioning half it saved is not touched by the write).
-        x = y.detach().clone().requires_grad_(True)
+        # The input leaf x starts as y (its storage when the engine owns it,
+        # else a copy): its conditioning half is already right. The network
+        # runs once, with grad, on that half; the transformed half is then
+        # written into x through `.data`, which does not bump x's version
+        # counter that the network's graph has recorded (the conditioning half
+        # it saved is not touched by the write). The local output is a
+        # placeholder view of y whose backward routes the two halves of the
+        # gradient (NOTE [placeholder outputs] in pyramidflow.model.lean): the
+        # concatenation is never made again.
+        owned = writable is not None and writable.outputs[0]
+        x = (y.detach() if owned else y.detach().clone()).requires_grad_(True)
         s, t, logdet = self._log_scale(x[:, self._a])
         with torch.no_grad():
             x.data[:, self._b].copy_(kernels.scale_shift_inverse(y[:, self._b], s, t))
         y_b = kernels.scale_shift(x[:, self._b], s, t)
-        return (x,), (self._join(x[:, self._a], y_b),), logdet
+        y_local = _Join.apply(self._a, self._b, x[:, self._a], y_b, y.detach())
+        return (x,), (y_local,), logdet
+
+
+class _Join(torch.autograd.Function):
+    """``y`` from its halves for backward only: returns a view of the given ``y`` and splits the gradient."""
+
+    @staticmethod
+    def forward(ctx, a, b, y_a, y_b, y):  # type: ignore[override]
+        ctx.a, ctx.b = a, b
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return None, None, grad[:, ctx.a], grad[:, ctx.b], None

@@ -21,6 +21,8 @@ hooks of ``DistributedDataParallel`` fire as for any other module.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._state import AutocastState, RngState, recomputation
-from .block import InvertibleModule, LogDet, Tensors, _leaf, add_optional
+from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf, add_optional
 from .drift import CallSite, Fingerprinter, compute_dtype, default_tolerance, fingerprint_drift
 from .errors import InvertibleError, _internal_assert
 
@@ -57,6 +59,12 @@ class InvertibleRun:
     fwd_anchors: Dict[int, Tensors] = field(default_factory=dict)
     fwd_anchor_versions: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     fwd_call_site: Optional[CallSite] = None
+    # NOTE [outputs kept as aliases]: the outputs, detached (same storage and version counter), until backward starts.
+    release_outputs: bool = False
+    fwd_outputs: Optional[Tensors] = None
+    fwd_output_refs: Tuple["weakref.ref[Tensor]", ...] = ()
+    fwd_output_versions: Tuple[int, ...] = ()
+    fwd_input_storages: Tuple[int, ...] = ()
 
     def keeps_anchor(self, index: int) -> bool:
         """Whether forward keeps block ``index``'s exact input (always block 0 under ``"recompute"``)."""
@@ -108,6 +116,7 @@ class _InvertibleFunction(torch.autograd.Function):
     def forward(ctx, run: InvertibleRun, num_inputs: int, *tensors: Tensor):  # type: ignore[override]
         # notation: xs the current state (a tuple of level tensors), total the summed logdet.
         xs: Tensors = tuple(tensors[:num_inputs])
+        run.fwd_input_storages = tuple(_storage(x) for x in xs)
         run.fwd_autocast = AutocastState.capture()
         run.fwd_rng = []
         monitor = run.drift != "off"
@@ -130,7 +139,9 @@ class _InvertibleFunction(torch.autograd.Function):
             total = ys[0].new_zeros(ys[0].shape[0])
             ctx.mark_non_differentiable(total)
         ctx.run = run
-        ctx.save_for_backward(*ys)
+        run.fwd_outputs = tuple(y.detach() for y in ys)
+        run.fwd_output_refs = tuple(weakref.ref(y) for y in ys)
+        run.fwd_output_versions = tuple(y._version for y in ys)
         return (*ys, total)
 
     @staticmethod
@@ -141,17 +152,13 @@ class _InvertibleFunction(torch.autograd.Function):
                 "InvertibleSequential does not support double backward or torch.autograd.grad(..., "
                 "create_graph=True); call .backward() once, or use mode='autograd' for higher derivatives."
             )
-        try:
-            ys: Tensors = ctx.saved_tensors
-        except RuntimeError as error:
-            if "inplace" not in str(error):
-                raise
-            raise InvertibleError(
-                "InvertibleSequential: the output was modified in place after forward; backward "
-                "rebuilds every block's input from it. Clone the output before changing it."
-            ) from error
+        ys = _take_outputs(run)
         _check_anchors_unchanged(run)
         grad_ys: List[Optional[Tensor]] = list(grads[:-1])
+        owned = _owned_outputs(run, ys)
+        grad_buffers = _writable_gradients(run, ys, grad_ys)
+        # Incoming gradients not given up are the caller's: never written (NOTE [writing in place in backward]).
+        foreign_grads = {_storage(g) for g, b in zip(grad_ys, grad_buffers) if g is not None and b is None}
         grad_logdet = grads[-1] if run.has_logdet else None
         param_grads: List[Optional[Tensor]] = [None] * len(run.params)
         inputs_need_grad = any(ctx.needs_input_grad[2 : 2 + len(ys)])
@@ -161,6 +168,8 @@ class _InvertibleFunction(torch.autograd.Function):
         measurable = not ys[0].is_meta
         drifts: List[Tensor] = []
         recomputed: List[int] = []
+        # A block whose local result may be redone ("recompute") must leave its incoming gradients intact.
+        may_redo = run.drift == "recompute" and measurable
         for index in range(len(run.blocks) - 1, -1, -1):
             # The first block's input gradient is only worth computing if the caller's inputs need it.
             need_input_grad = index > 0 or inputs_need_grad
@@ -169,7 +178,9 @@ class _InvertibleFunction(torch.autograd.Function):
                 new_ys, new_grad_ys, block_grads = _block_backward(*args, rebuild=_from_exact(run.fwd_anchors[index]))
                 drift = torch.zeros((), device=new_ys[0].device)
             else:
-                new_ys, new_grad_ys, block_grads = _block_backward(*args)
+                gradients = (False,) * len(grad_ys) if may_redo else _gradient_flags(grad_ys, foreign_grads)
+                writable = Writable(tuple(owned), gradients)
+                new_ys, new_grad_ys, block_grads = _block_backward(*args, writable=writable)
                 drift = fingerprint_drift(run.fingerprinter, new_ys, run.fwd_fingerprints[index]) if monitor else None
                 if run.drift == "recompute" and measurable and _exceeds(drift, run.drift_tolerance):
                     exact = _exact_input(run, index)
@@ -177,7 +188,10 @@ class _InvertibleFunction(torch.autograd.Function):
                     recomputed.append(index)
             for i, grad in zip(run.block_params[index], block_grads):
                 param_grads[i] = add_optional(param_grads[i], grad)
+            owned = _owned_after(run, ys, owned, new_ys)
+            new_grad_ys = _into_buffers(new_grad_ys, grad_buffers)
             ys, grad_ys = new_ys, new_grad_ys
+            del args, new_ys, new_grad_ys
             if monitor:
                 drifts.append(drift)
         if monitor and measurable and run.report is not None:
@@ -185,6 +199,122 @@ class _InvertibleFunction(torch.autograd.Function):
             run.report(DriftReport(values, run.drift_tolerance, tuple(sorted(recomputed)), run.fwd_call_site, run.drift))
         input_grads = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(grad_ys)]
         return (None, None, *input_grads, *param_grads)
+
+
+# NOTE [outputs kept as aliases]
+# Forward keeps the outputs as detached aliases (same storage, same version
+# counter) instead of `save_for_backward`, and backward drops them from the run
+# as it starts: a level the caller no longer holds then dies at its first
+# rebuild instead of living until the whole backward returns. The version
+# counter is shared, so an in-place change by the caller is still caught.
+#
+# NOTE [writing in place in backward]
+# Two kinds of tensor may be overwritten in backward, and only when no one
+# else can read them:
+# * a level's storage ("owned"): one the engine rebuilt itself, or, when the
+#   caller gave its outputs up (`release_outputs`), an output; never one that
+#   shares storage with the sequence's inputs, an anchor or another level.
+# * a level's gradient ("writable"): one the engine computed, or, when the
+#   caller gave its outputs up, an incoming gradient; it must be dense (not an
+#   expanded scalar), not shared with another level's gradient, and not an
+#   incoming gradient the caller did not give up (autograd may route the same
+#   tensor to another branch of the graph). Under drift="recompute" a block
+#   may be redone with the same gradients, so none is writable.
+# The incoming gradients the caller gave up are held by autograd until this
+# backward returns, whatever we do; each level's new gradient is written into
+# its incoming buffer, so that the buffer carries it instead of sitting stale.
+def _storage(x: Tensor) -> int:
+    """An id of ``x``'s storage; a tensor without one (a vmap-batched gradient) gets its own, never writable."""
+    try:
+        return x.untyped_storage()._cdata
+    except (NotImplementedError, RuntimeError):
+        return -id(x)
+
+
+def _is_dense(x: Tensor) -> bool:
+    """Whether ``x`` covers its whole storage, each element once (an expanded scalar does not)."""
+    if _storage(x) < 0 or x.untyped_storage().nbytes() != x.numel() * x.element_size():
+        return False
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _take_outputs(run: InvertibleRun) -> Tensors:
+    """The outputs kept by forward (NOTE [outputs kept as aliases]), dropped from the run, checked unchanged."""
+    ys, run.fwd_outputs = run.fwd_outputs, None
+    if ys is None:  # a second backward (retain_graph=True): the outputs, if the caller still holds them
+        held = tuple(ref() for ref in run.fwd_output_refs)
+        if run.release_outputs or any(y is None for y in held):
+            raise InvertibleError(
+                "InvertibleSequential: backward ran a second time, but the outputs it rebuilds from were "
+                + ("given up (release_outputs=True)" if run.release_outputs else "freed")
+                + "; keep them (and do not pass release_outputs) to backpropagate twice, or run forward again."
+            )
+        ys = tuple(y.detach() for y in held)
+    if tuple(y._version for y in ys) != run.fwd_output_versions:
+        raise InvertibleError(
+            "InvertibleSequential: the output was modified in place after forward; backward "
+            "rebuilds every block's input from it. Clone the output before changing it."
+        )
+    return ys
+
+
+def _foreign_storages(run: InvertibleRun) -> set:
+    """Storages backward must never overwrite: the sequence's inputs and the anchors."""
+    anchored = {_storage(x) for xs in run.fwd_anchors.values() for x in xs}
+    return anchored | set(run.fwd_input_storages)
+
+
+def _unique_and_free(tensors: Sequence[Tensor], foreign: set) -> List[bool]:
+    ids = [_storage(x) for x in tensors]
+    return [ids.count(i) == 1 and i not in foreign for i in ids]
+
+
+def _owned_outputs(run: InvertibleRun, ys: Tensors) -> List[bool]:
+    """Which outputs backward may overwrite (NOTE [writing in place in backward])."""
+    if not run.release_outputs:
+        return [False] * len(ys)
+    return [free and _is_dense(y) for free, y in zip(_unique_and_free(ys, _foreign_storages(run)), ys)]
+
+
+def _owned_after(run: InvertibleRun, ys: Tensors, owned: Sequence[bool], new_ys: Tensors) -> List[bool]:
+    """Ownership of the rebuilt levels: a level sharing an old level's storage inherits it, a fresh one is owned."""
+    old = {}
+    for y, own in zip(ys, owned):
+        old[_storage(y)] = own and _storage(y) not in old
+    free = _unique_and_free(new_ys, _foreign_storages(run))
+    return [ok and old.get(_storage(y), True) for ok, y in zip(free, new_ys)]
+
+
+def _writable_gradients(run: InvertibleRun, ys: Tensors, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """The incoming gradients backward may overwrite, per level (``None``: not this one)."""
+    if not run.release_outputs:
+        return [None] * len(grads)
+    present = [g for g in grads if g is not None]
+    free = iter(_unique_and_free(present, set()))
+    return [
+        g if g is not None and next(free) and _is_dense(g) and g.shape == y.shape and g.dtype == y.dtype else None
+        for g, y in zip(grads, ys)
+    ]
+
+
+def _gradient_flags(grads: Sequence[Optional[Tensor]], foreign: set) -> Tuple[bool, ...]:
+    """Per level, whether its current gradient may be overwritten (NOTE [writing in place in backward])."""
+    present = [g for g in grads if g is not None]
+    free = iter(_unique_and_free(present, foreign))
+    return tuple(g is not None and next(free) and _is_dense(g) for g in grads)
+
+
+def _into_buffers(grads: List[Optional[Tensor]], buffers: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """Write each level's new gradient into its incoming buffer where it may, and carry the buffer instead."""
+    in_use = {_storage(g) for g in grads if g is not None}
+    out = list(grads)
+    for j, (grad, buffer) in enumerate(zip(grads, buffers)):
+        if grad is None or buffer is None or _storage(buffer) in in_use:
+            continue
+        if grad.shape == buffer.shape and grad.dtype == buffer.dtype:
+            buffer.copy_(grad)
+            out[j] = buffer
+    return out
 
 
 def _check_anchors_unchanged(run: InvertibleRun) -> None:
@@ -224,7 +354,7 @@ def _exact_input(run: InvertibleRun, index: int) -> Tensors:
 def _from_exact(xs: Tensors) -> Callable[[InvertibleModule, Tensors], Tuple[Tensors, Tensors, LogDet]]:
     """A ``rebuild`` for :func:`_block_backward` that ignores the outputs and runs forward from ``xs``."""
 
-    def rebuild(block: InvertibleModule, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
+    def rebuild(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
         leaves = tuple(_leaf(x) for x in xs)
         ys_local, logdet_local = block(leaves)
         return leaves, tuple(ys_local), logdet_local
@@ -232,7 +362,17 @@ def _from_exact(xs: Tensors) -> Callable[[InvertibleModule, Tensors], Tuple[Tens
     return rebuild
 
 
-def _reconstruct(block: InvertibleModule, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
+def _takes_writable(block: InvertibleModule) -> bool:
+    """Whether the block's ``reconstruct`` accepts ``writable=`` (so it may rebuild in place)."""
+    try:
+        return "writable" in inspect.signature(block.reconstruct).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _reconstruct(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
+    if writable is not None and _takes_writable(block):
+        return block.reconstruct(ys, writable=writable)
     return block.reconstruct(ys)
 
 
@@ -243,7 +383,8 @@ def _block_backward(
     grad_ys: List[Optional[Tensor]],
     grad_logdet: Optional[Tensor],
     need_input_grad: bool = True,
-    rebuild: Callable[[InvertibleModule, Tensors], Tuple[Tensors, Tensors, LogDet]] = _reconstruct,
+    rebuild: Callable[..., Tuple[Tensors, Tensors, LogDet]] = _reconstruct,
+    writable: Optional[Writable] = None,
 ) -> Tuple[Tensors, List[Optional[Tensor]], List[Optional[Tensor]]]:
     """Rebuild block ``index``'s inputs and push the gradient through it, once.
 
@@ -255,7 +396,9 @@ def _block_backward(
     block = run.blocks[index]
     params = [run.params[i] for i in run.block_params[index]]
     with torch.enable_grad(), recomputation(block), run.fwd_autocast.replay(), _replay(run, index):
-        xs, ys_local, logdet_local = rebuild(block, tuple(y.detach() for y in ys))
+        detached = tuple(y.detach() for y in ys)
+        xs, ys_local, logdet_local = rebuild(block, detached) if writable is None else rebuild(block, detached, writable)
+        del detached
     _internal_assert(len(ys_local) == len(ys), f"block {index} reconstructed {len(ys_local)} outputs for {len(ys)}")
     # Outputs that are one of the inputs (levels a block passes through) take
     # their gradient directly, without a trip through autograd.

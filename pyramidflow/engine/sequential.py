@@ -173,8 +173,18 @@ class InvertibleSequential(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, drift={self.drift!r}"
 
-    def forward(self, x: TensorOrTensors) -> Tuple[TensorOrTensors, Tensor]:
+    def forward(self, x: TensorOrTensors, *, release_outputs: bool = False) -> Tuple[TensorOrTensors, Tensor]:
         """Map ``x`` (a tensor or a tuple of tensors) to ``(y, logdet)``.
+
+        Args:
+            x: the input, a tensor or a tuple of tensors (levels).
+            release_outputs: the caller gives the outputs up: it will not read them
+                after backward has started, and their gradients come from this
+                use alone (not also routed to another branch of the graph).
+                Invertible backward may then reuse their storage and that of
+                their incoming gradients in place (less memory; NOTE [writing in
+                place in backward]). Changing an output in place before backward
+                still raises. Ignored by the other modes.
 
         Returns:
             ``y`` with the structure of ``x``, and ``logdet`` of shape ``(N,)``
@@ -207,7 +217,9 @@ class InvertibleSequential(nn.Module):
         if self.debug:
             ys, logdet = self._forward_debug(xs)
         elif self.mode == "invertible" and torch.is_grad_enabled():
-            ys, logdet = run_invertible(self._make_run(), xs)
+            run = self._make_run()
+            run.release_outputs = bool(release_outputs)
+            ys, logdet = run_invertible(run, xs)
         elif self.mode == "checkpoint" and torch.is_grad_enabled():
             ys, logdet = self._forward_blocks(xs, self._checkpointed)
         else:  # plain autograd, or any mode under no_grad: nothing to save either way

@@ -43,6 +43,8 @@ __all__ = [
     "VOLUME_NORMS",
     "affine_coupling",
     "affine_coupling_bwd",
+    "affine_coupling_bwd_into",
+    "affine_coupling_into",
     "affine_coupling_inverse",
     "affine_coupling_reconstruct",
     "log_scale",
@@ -146,6 +148,31 @@ def affine_coupling(
     return reference.affine_coupling(x, r, t, **kwargs)
 
 
+def affine_coupling_into(
+    x: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    out: Tensor,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Optional[Tensor]:
+    """:func:`affine_coupling` without grad, into ``out`` (may be ``x``); returns the detached batch mean.
+
+    The reference works a slice at a time (:func:`.reference.affine_coupling_into`); the Triton
+    kernel, one pass, writes a new tensor that is copied into ``out``.
+    """
+    kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    if resolve_backend("affine_coupling_into", backend, x, r, t, running_mean, constant=running_mean) == "triton":
+        with torch.no_grad():
+            y, batch_mean = _triton_module().affine_coupling(x, r, t, **kwargs)
+            out.copy_(y)
+        return batch_mean
+    return reference.affine_coupling_into(x, r, t, out=out, **kwargs)
+
+
 def affine_coupling_inverse(
     y: Tensor,
     r: Tensor,
@@ -204,3 +231,29 @@ def affine_coupling_bwd(
     if resolve_backend("affine_coupling_bwd", backend, y, r, t, grad_y, running_mean, constant=running_mean) == "triton":
         return _triton_module().affine_coupling_bwd(y, r, t, grad_y, **kwargs)
     return reference.affine_coupling_bwd(y, r, t, grad_y, **kwargs)
+
+
+def affine_coupling_bwd_into(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    grad_y: Tensor,
+    *,
+    out: Tuple[Tensor, Tensor, Tensor, Tensor],
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> None:
+    """:func:`affine_coupling_bwd` into ``out = (x, grad_x, grad_r, grad_t)``, which may alias ``(y, grad_y, r, t)``.
+
+    The reference works sample by sample in place (NOTE [backward into the operands] in
+    :mod:`.reference`); the Triton backend runs the fused backward kernel once and copies its results
+    into ``out``.
+    """
+    kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    if resolve_backend("affine_coupling_bwd_into", backend, y, r, t, grad_y, running_mean, constant=running_mean) == "triton":
+        for target, result in zip(out, _triton_module().affine_coupling_bwd(y, r, t, grad_y, **kwargs)):
+            target.copy_(result)
+        return
+    reference.affine_coupling_bwd_into(y, r, t, grad_y, out=out, **kwargs)

@@ -20,6 +20,7 @@ can update its running mean); in eval the caller passes ``running_mean``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -34,9 +35,11 @@ __all__ = [
     "scale_shift",
     "scale_shift_inverse",
     "affine_coupling",
+    "affine_coupling_into",
     "affine_coupling_inverse",
     "affine_coupling_reconstruct",
     "affine_coupling_bwd",
+    "affine_coupling_bwd_into",
 ]
 
 VOLUME_NORMS = (None, "CVN", "SVN")
@@ -181,6 +184,10 @@ def affine_coupling_reconstruct(
     return x, _affine(scale, x, t)
 
 
+def _promote(*tensors: Tensor) -> torch.dtype:
+    return functools.reduce(torch.promote_types, (x.dtype for x in tensors))
+
+
 def affine_coupling_bwd(
     y: Tensor,
     r: Tensor,
@@ -197,18 +204,137 @@ def affine_coupling_bwd(
     ``grad_x = g * exp(s)``, ``grad_t = g``, ``grad_s = g * (y - t)`` (no need
     for ``x``), then through the batch mean (training VN only):
     ``grad_c = grad_s - mean(grad_s)`` over the VN dimensions, and through the
-    clamp: ``grad_r = grad_c * (2/pi) / (1 + (r/c)^2)``.
+    clamp: ``grad_r = grad_c * (2/pi) / (1 + (r/c)^2)``. Written once, in
+    :func:`affine_coupling_bwd_into`; this allocates the results.
 
     Returns:
         ``(x, grad_x, grad_r, grad_t)``.
     """
+    # the dtypes the eager expressions give: x = (y - t) exp(-s), grad_x = g exp(s), grad_r = g (y - t) clamp'(r)
+    x = torch.empty_like(y, dtype=_promote(y, t, r))
+    grad_x = torch.empty_like(grad_y, dtype=_promote(grad_y, r))
+    grad_r = torch.empty_like(r, dtype=_promote(grad_y, y, t, r))
+    grad_t = torch.empty_like(grad_y)
+    affine_coupling_bwd_into(
+        y, r, t, grad_y, out=(x, grad_x, grad_r, grad_t), volume_norm=volume_norm, clamp=clamp, running_mean=running_mean
+    )
+    return x, grad_x, grad_r, grad_t
+
+
+# NOTE [backward into the operands]
+# Invertible backward holds y (here W^-1 of the block output), r and t (the
+# network's output) and g only to turn them into x, grad_r, grad_t and grad_x:
+# each result may take the storage of the operand it replaces. The work runs
+# over slices (a sample and a few channels at a time, _slices), and a slice's
+# operands are all read before any of its results is written, so `out` may
+# alias the operands element for element (x over y, grad_x over grad_y, grad_r
+# over r, grad_t over t); the temporaries are one slice's. A batch mean
+# (training VN) needs every sample first: a read-only pass sums the clamped r
+# and grad_s, then the pass that writes.
+_SLICE_FRACTION = 8  # a slice holds at most 1/8 of a tensor (and at least one channel plane)
+
+
+def _slices(shape: Tuple[int, ...]):
+    """``(n, channel slice)`` pairs covering an ``(N, C, H, W)`` tensor, each about 1/8 of it or one plane."""
+    batch, channels = shape[0], shape[1]
+    step = max(1, (batch * channels) // _SLICE_FRACTION)
+    step = min(step, channels)
+    for n in range(batch):
+        for start in range(0, channels, step):
+            yield n, slice(start, min(start + step, channels))
+
+
+def _channel_part(mean: Tensor, c: slice) -> Tensor:
+    """The part of a VN mean ``(1, 1, H, W)`` (CVN) or ``(1, C, 1, 1)`` (SVN) that channels ``c`` use."""
+    return mean[:, c] if mean.shape[1] > 1 else mean
+
+
+def _sliced_mean(value, shape: Tuple[int, ...], dims: Tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """Mean over ``dims`` of ``value(index)``, summed a slice at a time (:func:`_slices`)."""
+    reduce_channels = 1 in dims
+    mean_shape = [1, 1 if reduce_channels else shape[1], 1 if 2 in dims else shape[2], 1 if 3 in dims else shape[3]]
+    total = torch.zeros(mean_shape, dtype=dtype, device=device)
+    for n, c in _slices(shape):
+        total[:, slice(None) if reduce_channels else c] += value((slice(n, n + 1), c)).sum(dim=dims, keepdim=True)
+    return total / math.prod(shape[d] for d in dims)
+
+
+def _batch_means(y: Tensor, r: Tensor, t: Tensor, grad_y: Tensor, dims: Tuple[int, ...], clamp: float) -> Tuple[Tensor, Tensor]:
+    """Batch means of the clamped ``r`` and of ``grad_s = g (y - t)`` over ``dims``, a slice at a time."""
+    shape = tuple(r.shape)
+    clamped = _sliced_mean(lambda i: soft_clamp(r[i], clamp), shape, dims, r.dtype, r.device)
+    dtype = torch.promote_types(r.dtype, grad_y.dtype)
+    return clamped, _sliced_mean(lambda i: grad_y[i] * (y[i] - t[i]), shape, dims, dtype, r.device)
+
+
+def affine_coupling_into(
+    x: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    out: Tensor,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Optional[Tensor]:
+    """:func:`affine_coupling` without grad, into ``out`` (which may be ``x``), a slice at a time.
+
+    Returns:
+        The detached batch mean, as :func:`affine_coupling` (``None`` in eval or without VN).
+    """
+    dims = volume_norm_dims(volume_norm)
     with torch.no_grad():
-        s, _ = log_scale(r, volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
-        x = (y - t) * torch.exp(-s)
-        grad_x = grad_y * torch.exp(s)
-        grad_s = grad_y * (y - t)
-        dims = volume_norm_dims(volume_norm)
+        batch_mean = None
         if dims and running_mean is None:
-            grad_s = grad_s - grad_s.mean(dim=dims, keepdim=True)
-        grad_r = grad_s * _soft_clamp_grad(r, clamp)
-        return x, grad_x, grad_r, grad_y.clone()
+            batch_mean = _sliced_mean(lambda i: soft_clamp(r[i], clamp), tuple(r.shape), dims, r.dtype, r.device)
+        mean = batch_mean if batch_mean is not None else (running_mean if dims else None)
+        for n, c in _slices(tuple(r.shape)):
+            index = (slice(n, n + 1), c)
+            s = soft_clamp(r[index], clamp)
+            if mean is not None:
+                s = s - _channel_part(mean, c)
+            out[index].copy_(_affine(s.exp_(), x[index], t[index]))
+    return batch_mean
+
+
+def affine_coupling_bwd_into(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    grad_y: Tensor,
+    *,
+    out: Tuple[Tensor, Tensor, Tensor, Tensor],
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> None:
+    """:func:`affine_coupling_bwd` writing ``(x, grad_x, grad_r, grad_t)`` into ``out``, which may alias the operands.
+
+    ``out`` entries may be ``y``, ``grad_y``, ``r`` and ``t`` themselves (NOTE [backward into the operands]).
+    """
+    dims = volume_norm_dims(volume_norm)
+    x_out, grad_x_out, grad_r_out, grad_t_out = out
+    with torch.no_grad():
+        clamped_mean = grad_s_mean = None
+        if dims and running_mean is None:  # training VN: the batch means, from a read-only pass
+            clamped_mean, grad_s_mean = _batch_means(y, r, t, grad_y, dims, clamp)
+        elif dims:
+            clamped_mean = running_mean
+        for n, c in _slices(tuple(r.shape)):
+            index = (slice(n, n + 1), c)
+            r_n, g_n = r[index], grad_y[index]
+            s = soft_clamp(r_n, clamp)
+            if clamped_mean is not None:
+                s = s - _channel_part(clamped_mean, c)
+            shifted = y[index] - t[index]
+            grad_r = g_n * shifted  # grad_s
+            if grad_s_mean is not None:
+                grad_r = grad_r - _channel_part(grad_s_mean, c)
+            grad_r = grad_r * _soft_clamp_grad(r_n, clamp)
+            x = shifted.mul_(torch.exp(-s))
+            grad_x = g_n * s.exp_()
+            del s
+            grad_t_out[index].copy_(g_n)  # before grad_x may overwrite g
+            grad_r_out[index].copy_(grad_r)
+            x_out[index].copy_(x)
+            grad_x_out[index].copy_(grad_x)

@@ -22,15 +22,15 @@ the shift from the network F, ``s`` the clamped volume-normalised log-scale,
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from ..engine.block import InvertibleModule, LogDet, Tensors
+from ..engine.block import InvertibleModule, LogDet, Tensors, Writable
 from .conv1x1 import InvertibleConv1x1
+from .lean import conditioning, conv1x1_per_sample, recomputed_network, transformed_level
 from .volume_norm import VolumeNorm
 
 __all__ = ["AffineParameterNet", "PyramidCoupling", "TwoLevelCoupling", "ThreeLevelCoupling", "DIRECTIONS"]
@@ -63,22 +63,36 @@ class AffineParameterNet(nn.Module):
         self.conv_out = nn.Conv2d(hidden_channels, 2 * channels, kernel_size, padding=padding, bias=False)
         nn.init.zeros_(self.conv_out.weight)
 
+    #: hidden channels are recomputed in backward in this many chunks (NOTE [hidden activation recomputed]).
+    recompute_chunks: int = 1
+
     def forward(self, cond: Tensor) -> Tuple[Tensor, Tensor]:
         """``cond`` ``(N, in, H, W)`` -> ``(r, t)``, each ``(N, C, H, W)``."""
-        r, t = self.conv_out(self.activation(self.conv_in(cond))).chunk(2, dim=1)
+        r, t = self.joint(cond).chunk(2, dim=1)
         return r, t
 
+    def joint(self, cond: Tensor) -> Tensor:
+        """``cond`` ``(N, in, H, W)`` -> ``rt`` ``(N, 2C, H, W)``: ``r`` then ``t`` in one tensor."""
+        return self.conv_out(self.activation(self.conv_in(cond)))
 
-def _resize(x: Tensor, like: Tensor) -> Tensor:
-    """Nearest-resize ``x`` to the spatial size of ``like`` (up or down by powers of 2)."""
-    if x.shape[-2:] == like.shape[-2:]:
-        return x
-    return F.interpolate(x, size=like.shape[-2:], mode="nearest")
+    def lean(self, parts: Sequence[Tensor], size: Optional[Tuple[int, int]]) -> Tensor:
+        """``rt`` ``(N, 2C, H, W)`` from the conditioning levels (resized to ``size``, concatenated), as
+        :meth:`forward` computes it, keeping no hidden activation (:func:`.lean.recomputed_network`)."""
+        weights = (self.conv_in.weight, self.conv_out.weight)
+        return recomputed_network(parts, size, *weights, self.activation.negative_slope, self.recompute_chunks)
 
 
 def _leaf(y: Tensor) -> Tensor:
     """A detached, copy-free leaf of ``y`` that requires grad."""
     return y.detach().requires_grad_(True)
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (never for ``meta``, where the planner counts bytes)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
 
 
 # NOTE [volume preserving over the batch]
@@ -155,8 +169,24 @@ class PyramidCoupling(InvertibleModule):
     def extra_repr(self) -> str:
         return f"level={self.level}, cond_levels={self.cond_levels}, clamp={self.clamp}"
 
-    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+    def _conditioning(self, xs: Tensors) -> Tuple[Tuple[Tensor, ...], bool]:  # pragma: no cover - abstract
+        """F's input levels, and whether they are resized to the transformed level before F (else F's output after)."""
         raise NotImplementedError
+
+    def _rt(self, xs: Tensors, lean: bool) -> Tensor:
+        """F's output ``(N, 2C, H_k, W_k)`` (``r`` then ``t``), plain or lean (:meth:`AffineParameterNet.lean`)."""
+        parts, before = self._conditioning(xs)
+        target = tuple(xs[self.level].shape[-2:])
+        size = target if before else None
+        if lean:
+            rt = self.net.lean(parts, size)
+        else:
+            rt = self.net.joint(conditioning(parts, size))
+        return rt if before else conditioning((rt,), target)  # "interpolate after"
+
+    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:
+        r, t = self._rt(xs, lean=False).chunk(2, dim=1)
+        return r, t
 
     def _check(self, xs: Tensors) -> None:
         if len(xs) < self._needed:
@@ -184,14 +214,25 @@ class PyramidCoupling(InvertibleModule):
         """Transform level ``self.level``; every other level is returned as the same object."""
         self._check(xs)
         k = self.level
-        r, t = self._affine_parameters(xs)
+        # NOTE [lean forward]
+        # Without grad (invertible mode's forward, inference) nothing is kept for
+        # backward, so F runs sample by sample (no whole-batch hidden activation)
+        # and the 1x1 conv overwrites the affine output it reads, sample by sample.
+        lean = not torch.is_grad_enabled()
+        r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
-        y, batch_mean = kernels.affine_coupling(xs[k], r, t, **kwargs)
+        if lean:
+            y = torch.empty_like(xs[k], dtype=torch.promote_types(xs[k].dtype, r.dtype))
+            batch_mean = kernels.affine_coupling_into(xs[k], r, t, out=y, **kwargs)
+        else:
+            y, batch_mean = kernels.affine_coupling(xs[k], r, t, **kwargs)
         # NOTE [running mean updated once per step]; a synchronized mean comes in as `running_mean`.
         self.volume_norm.update(kwargs["running_mean"] if batch_mean is None else batch_mean)
+        logdet = self._logdet(r)
+        del r, t
         ys = list(xs)
-        ys[k] = self.conv(y)
-        return tuple(ys), self._logdet(r)
+        ys[k] = conv1x1_per_sample(y, self.conv.weight(), out=y) if lean else self.conv(y)
+        return tuple(ys), logdet
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         """Undo :meth:`forward`: undo ``W``, recompute ``(r, t)`` from the untouched levels, undo the affine map."""
@@ -204,8 +245,13 @@ class PyramidCoupling(InvertibleModule):
         logdet = self._logdet(r)
         return tuple(xs), None if logdet is None else -logdet
 
-    def reconstruct(self, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
+    def reconstruct(self, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
         """Fused reconstruct-and-backward path: the network F runs once (the generic path runs it twice).
+
+        Args:
+            ys: the block's outputs, detached.
+            writable: what the engine lets the block overwrite (:class:`~pyramidflow.engine.Writable`);
+                ``None``: nothing.
 
         Returns:
             ``(xs, ys_local, logdet_local)`` as :meth:`InvertibleModule.reconstruct` (``logdet_local``
@@ -214,25 +260,39 @@ class PyramidCoupling(InvertibleModule):
         # NOTE [fused pyramid reconstruct]
         # The untouched levels are the same in input and output, so they become
         # leaves that require grad and F runs once on them, with grad. Its (r, t)
-        # serve twice: the kernels' reconstruct op rebuilds x_k from W⁻¹ y_k (the
-        # 1×1 conv is undone without grad) and returns the affine output as a
-        # function of x_k, r and t; the 1×1 conv is then re-applied with grad so
-        # its parameters get their gradient. The untouched leaves are returned as
-        # the very objects in both tuples, so the engine routes their gradient
-        # directly. The running mean is not touched (NOTE [running mean updated
-        # once per step]); the batch mean of VN is recomputed from r, exactly.
+        # serve twice: x_k is rebuilt from u = W⁻¹ y_k, and the local graph of
+        # y_k = W · affine(x_k; r, t) gives the gradients of x_k, r, t and W.
+        # The lean path (float32 / float64 without autocast) keeps no hidden
+        # activation of F (NOTE [hidden activation recomputed]) and neither
+        # recomputes y_k nor keeps more than (r, t) and u (NOTE [placeholder
+        # outputs]), reusing the storages the engine allows. Under autocast, or
+        # with a volume-norm mean that carries a graph (synchronized over ranks),
+        # the kernels' reconstruct op and the 1×1 conv run under plain autograd.
+        # The untouched leaves are returned as the very objects in both tuples,
+        # so the engine routes their gradient directly. The running mean is not
+        # touched (NOTE [running mean updated once per step]); the batch mean of
+        # VN is recomputed from r, exactly.
         self._check(ys)
         k = self.level
         leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
-        r, t = self._affine_parameters(tuple(leaves))
+        lean = not _autocast_enabled(ys[k].device)
+        rt = self._rt(tuple(leaves), lean=lean)
+        r, t = rt.chunk(2, dim=1)
+        kwargs = self._coupling_kwargs(r)
+        logdet = self._logdet(r)
+        xs, ys_local = list(leaves), list(leaves)
+        mean = kwargs["running_mean"]
+        if lean and (mean is None or not mean.requires_grad):
+            del r, t
+            flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
+            weight = self.conv.weight().to(ys[k].dtype)
+            xs[k], ys_local[k] = transformed_level(leaves[k], rt, weight, self.conv.inverse_weight(), writable=flags, affine_kwargs=kwargs)
+            return tuple(xs), tuple(ys_local), logdet
         with torch.no_grad():
             y_affine = self.conv.inverse(ys[k].detach())
-        x, y_affine_local = kernels.affine_coupling_reconstruct(y_affine, r, t, **self._coupling_kwargs(r))
-        xs = list(leaves)
-        xs[k] = x
-        ys_local = list(leaves)
+        xs[k], y_affine_local = kernels.affine_coupling_reconstruct(y_affine, r, t, **kwargs)
         ys_local[k] = self.conv(y_affine_local)
-        return tuple(xs), tuple(ys_local), self._logdet(r)
+        return tuple(xs), tuple(ys_local), logdet
 
 
 class TwoLevelCoupling(PyramidCoupling):
@@ -260,12 +320,9 @@ class TwoLevelCoupling(PyramidCoupling):
     def extra_repr(self) -> str:
         return f"direction={self.direction!r}, " + super().extra_repr()
 
-    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:
-        target, cond = xs[self.level], xs[self.cond_levels[0]]
-        if self.direction == "up":
-            return self.net(_resize(cond, target))
-        r, t = self.net(cond)  # at the finer level's resolution, then interpolate after
-        return _resize(r, target), _resize(t, target)
+    def _conditioning(self, xs: Tensors) -> Tuple[Tuple[Tensor, ...], bool]:
+        # "down": F at the finer level's resolution, its output interpolated after
+        return (xs[self.cond_levels[0]],), self.direction == "up"
 
 
 class ThreeLevelCoupling(PyramidCoupling):
@@ -285,7 +342,5 @@ class ThreeLevelCoupling(PyramidCoupling):
             raise ValueError(f"ThreeLevelCoupling: start must be a level index >= 0, got {start}.")
         super().__init__(start + 1, (start, start + 2), 2 * channels, channels, **kwargs)
 
-    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:
-        target = xs[self.level]
-        finer, coarser = (xs[j] for j in self.cond_levels)
-        return self.net(torch.cat((_resize(finer, target), _resize(coarser, target)), dim=1))
+    def _conditioning(self, xs: Tensors) -> Tuple[Tuple[Tensor, ...], bool]:
+        return tuple(xs[j] for j in self.cond_levels), True

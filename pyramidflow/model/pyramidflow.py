@@ -401,7 +401,7 @@ class PyramidFlow(nn.Module):
             )
         return features
 
-    def forward(self, images: Tensor, return_logdet: bool = False):
+    def forward(self, images: Tensor, return_logdet: bool = False, *, release_outputs: bool = False):
         """Map images to their latent pyramid.
 
         Args:
@@ -409,6 +409,9 @@ class PyramidFlow(nn.Module):
                 by ``2**(num_levels - 1)`` (after the encoder, if any).
             return_logdet: also return the flow's log-determinant ``(N,)`` (zeros with volume
                 normalisation; the lift or encoder, frozen, is not counted).
+            release_outputs: the caller will not read the latents once backward has started and
+                feeds them to its loss alone (a training step): invertible backward then reuses
+                their storage and their gradients' (:meth:`InvertibleSequential.forward`).
 
         Returns:
             ``num_levels`` latents, finest first; level ``i`` is ``(N, C, H / 2**i, W / 2**i)``;
@@ -421,7 +424,9 @@ class PyramidFlow(nn.Module):
         features = self.features(images)
         self.pyramid.check_size(features.shape[-2], features.shape[-1])
         self._check_resolution(features.shape[-2], features.shape[-1])
-        latents, logdet = self.flow(self.pyramid.decompose(features))
+        levels = self.pyramid.decompose(features)
+        del features  # the pyramid holds the same information: free the features before the flow runs
+        latents, logdet = self.flow(levels, release_outputs=release_outputs)
         return (tuple(latents), logdet) if return_logdet else tuple(latents)
 
     def inverse_features(self, latents: Sequence[Tensor]) -> Tensor:

@@ -26,10 +26,12 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) ->
 
 def _loss(net: torch.nn.Module, images: Tensor, objective: str,
           gather: Optional[Callable[[tuple], tuple]]) -> Tensor:
+    # The latents feed the loss alone and are not read once backward starts: they are given up
+    # (``release_outputs``), so invertible backward reuses their storage and their gradients'.
     if objective == "gaussian_nll":  # volume_norm=None ablation: per sample, so no gather under DDP
-        levels, logdet = net(images, return_logdet=True)
+        levels, logdet = net(images, return_logdet=True, release_outputs=True)
         return objective_loss(objective, levels, logdet)
-    levels = tuple(net(images))
+    levels = tuple(net(images, release_outputs=True))
     if gather is not None:
         levels = gather(levels)  # NOTE [global batch under DDP]
     return objective_loss(objective, levels)

@@ -144,3 +144,18 @@ def test_inverse_round_trip():
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="mode must be one of"):
         InvertibleSequential(AffineCoupling(4, 4), mode="fast")
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+def test_outputs_given_up_keep_gradients_equal_to_autograd(depth):
+    """release_outputs=True: the rebuilt input goes into the output's storage, the gradient into its buffer."""
+    seq = perturbed_couplings(depth)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    reference = gradients(seq, (x,), "autograd")
+    seq.mode = "invertible"
+    seq.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_(True)
+    y, logdet = seq(leaf, release_outputs=True)
+    loss_of(y, logdet).backward()
+    assert max_relative_error([leaf.grad] + [p.grad for p in seq.parameters()], reference) <= 1e-10
+    assert torch.equal(leaf.detach(), x)  # the sequence's input is never written

@@ -18,7 +18,7 @@ def _saved_bytes(depth, mode):
 def test_saved_bytes_flat_in_depth():
     invertible = {depth: _saved_bytes(depth, "invertible") for depth in (4, 16)}
     autograd = {depth: _saved_bytes(depth, "autograd") for depth in (4, 16)}
-    assert invertible[4] > 0  # the final outputs are saved, through autograd's own mechanism
+    assert invertible[4] > 0  # what the loss saves (the outputs, for its square): the probe sees saved tensors
     assert invertible[16] <= 1.05 * invertible[4], invertible
     assert autograd[16] >= 3.5 * autograd[4], autograd
     assert invertible[16] < autograd[4]

@@ -91,6 +91,14 @@ def test_breakdown_adds_up_and_follows_the_modes():
     assert 3.5 <= bigger.kept_state / preds["invertible"].kept_state <= 4.5
 
 
+def test_invertible_plan_at_the_papers_configuration_is_a_fifth_of_autograd():
+    """The paper's model (C = 16, k = 7, 4 stacks, L = 4) at 1024 px, batch 2, counted on meta: at most 0.2."""
+    config = PyramidFlowConfig()
+    invertible = planning.predict_peak(config, 1024, 2).peak
+    autograd = planning.predict_peak(PyramidFlowConfig(mode="autograd"), 1024, 2).peak
+    assert invertible <= 0.2 * autograd, (invertible / 2**20, autograd / 2**20)
+
+
 def planning_model_params(config):
     from pyramidflow.model import PyramidFlow
 

@@ -7,6 +7,8 @@ import torch
 from torch.autograd.functional import jacobian
 
 from pyramidflow.engine.block import InvertibleModule
+
+from _counting import CountedNetwork
 from pyramidflow.model.conv1x1 import InvertibleConv1x1
 from pyramidflow.model.coupling import ThreeLevelCoupling, TwoLevelCoupling
 from pyramidflow.model.volume_norm import VolumeNorm
@@ -74,10 +76,9 @@ def test_zero_init_block_is_only_the_1x1_conv():
         torch.testing.assert_close(ys[1], block.conv(xs[1]))
 
 
-def _count_calls(module):
-    calls = []
-    handle = module.register_forward_hook(lambda *args: calls.append(1))
-    return calls, handle
+def _count_calls(net):
+    counted = CountedNetwork(net)
+    return counted.calls, counted
 
 
 def _grads(block, xs, ys_local, upstream):

@@ -17,6 +17,8 @@ from pyramidflow.model import (
     stack_layout,
 )
 
+from _counting import CountedNetwork
+
 
 def perturb(model, std=0.01):
     """Move every coupling away from its identity init so the flow is not a rotation.
@@ -234,11 +236,9 @@ def test_modes_agree_float32_within_autograd_error():
 def test_invertible_mode_evaluates_each_network_twice_per_step():
     """Once in forward, once in backward (the fused reconstruct); the generic path would need three."""
     model = perturb(PyramidFlow(small()), std=0.2)
-    calls = []
-    for block in model.flow.blocks:
-        block.net.register_forward_hook(lambda *args: calls.append(1))
+    counters = [CountedNetwork(block.net) for block in model.flow.blocks]
     fourier_loss(model(torch.randn(2, 3, 16, 16))).backward()
-    assert len(calls) == 2 * len(model.flow.blocks)
+    assert sum(len(c.calls) for c in counters) == 2 * len(model.flow.blocks)
 
 
 def test_mode_passes_through():
