@@ -193,9 +193,9 @@ class InvertibleSequential(nn.Module):
         xs, single = _as_tuple(x, "forward")
         signature = self._unchecked_signature(xs)
         if signature is None:
-            return self._forward(xs, single)
+            return self._forward(xs, single, release_outputs)
         with contract_checks(self.blocks, lambda i: self._where(self.blocks[i])):
-            result = self._forward(xs, single)
+            result = self._forward(xs, single, release_outputs)
         if len(self._checked_signatures) >= _MAX_CHECKED_SIGNATURES:  # many input sizes: forget, check again
             self._checked_signatures.clear()
         self._checked_signatures.add(signature)
@@ -213,7 +213,7 @@ class InvertibleSequential(nn.Module):
         signature = (tuple(map(id, self.blocks)), tuple((x.shape, x.dtype, x.device) for x in xs))
         return None if signature in self._checked_signatures else signature
 
-    def _forward(self, xs: Tensors, single: bool) -> Tuple[TensorOrTensors, Tensor]:
+    def _forward(self, xs: Tensors, single: bool, release_outputs: bool) -> Tuple[TensorOrTensors, Tensor]:
         if self.debug:
             ys, logdet = self._forward_debug(xs)
         elif self.mode == "invertible" and torch.is_grad_enabled():
