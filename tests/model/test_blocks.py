@@ -8,7 +8,7 @@ from torch.autograd.functional import jacobian
 
 from pyramidflow.engine.block import InvertibleModule
 
-from _counting import CountedNetwork
+from model._counting import CountedNetwork
 from pyramidflow.model.conv1x1 import InvertibleConv1x1
 from pyramidflow.model.coupling import ThreeLevelCoupling, TwoLevelCoupling
 from pyramidflow.model.volume_norm import VolumeNorm

@@ -17,7 +17,7 @@ from pyramidflow.model import (
     stack_layout,
 )
 
-from _counting import CountedNetwork
+from model._counting import CountedNetwork
 
 
 def perturb(model, std=0.01):
