@@ -82,6 +82,11 @@ class AffineParameterNet(nn.Module):
         return recomputed_network(parts, size, *weights, self.activation.negative_slope, self.recompute_chunks)
 
 
+def _tracing() -> bool:
+    """Whether the model runs under a tracer or exporter (``torch.jit.trace``, ``torch.export``, ``torch.compile``)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _leaf(y: Tensor) -> Tensor:
     """A detached, copy-free leaf of ``y`` that requires grad."""
     return y.detach().requires_grad_(True)
@@ -218,7 +223,9 @@ class PyramidCoupling(InvertibleModule):
         # Without grad (invertible mode's forward, inference) nothing is kept for
         # backward, so F runs sample by sample (no whole-batch hidden activation)
         # and the 1x1 conv overwrites the affine output it reads, sample by sample.
-        lean = not torch.is_grad_enabled()
+        # A graph being traced or exported (ONNX, TorchScript) takes the plain ops: the lean ones are
+        # autograd Functions and writes into given tensors, which tracers do not record.
+        lean = not torch.is_grad_enabled() and not _tracing()
         r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
         if lean:
