@@ -48,7 +48,7 @@ class BlockReport:
 class InverseCheck(list):
     """The result of :func:`check_inverse`: a list of :class:`BlockReport`, one per block, plus the whole chain.
 
-    Indexes and iterates as the list of per-block reports that earlier versions returned.
+    Indexes and iterates as a list of per-block reports, so code that reads it as a list keeps working.
 
     Attributes:
         end_to_end: relative error of the whole chain's round trip, ``inverse(forward(x))``

@@ -40,15 +40,13 @@ def peak_memory_cpu(fn: Callable[[], Any]) -> Tuple[int, Any]:
         ``(peak_bytes, fn's result)``.
     """
     # NOTE [frees inside a long op]
-    # Summing each profiler op's *self* memory at the op's start (what this
-    # function did before 2026-11) moves a free that happens inside a long op,
-    # but in none of its children, to that op's start: before the allocations
-    # of its children. The running sum then drops too early and the peak comes
-    # out low. The engine's invertible backward is such an op (its Python
-    # locals are freed block by block), so invertible mode was undercounted
-    # most: 8 couplings at 256 px read 18.2 MiB that way against 68.2 MiB in
-    # time order. The [memory] events carry their own times and need no
-    # attribution to ops.
+    # Summing each profiler op's *self* memory at the op's start would move a
+    # free that happens inside a long op, but in none of its children, to that
+    # op's start: before the allocations of its children. The running sum then
+    # drops too early and the peak comes out low. The engine's invertible
+    # backward is such an op (its Python locals are freed block by block), so
+    # invertible mode would be undercounted most. The [memory] events carry
+    # their own times and need no attribution to ops.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         result = fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
