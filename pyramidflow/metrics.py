@@ -25,10 +25,11 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 __all__ = ["pixel_auroc", "image_auroc", "aupro", "compute_metrics", "image_decision_metrics", "pixel_decision_metrics",
-           "mask_decision_metrics", "best_pixel_f1"]
+           "mask_decision_metrics", "best_pixel_f1", "EIGHT_CONNECTED"]
 
-# 8-connectivity, as in the official MVTec AD evaluation.
-_STRUCTURE = np.ones((3, 3), dtype=np.int8)
+# 8-connectivity, as in the official MVTec AD evaluation: the regions of the metrics, of a predicted
+# mask (pyramidflow.inference.regions) and of the mask rule (pyramidflow.pixel_threshold).
+EIGHT_CONNECTED = np.ones((3, 3), dtype=np.int8)
 
 
 def _to_numpy(x: Any, name: str, where: str) -> np.ndarray:
@@ -147,7 +148,7 @@ class _RankedPixels:
         for i in range(defects.shape[0]):
             if not defects[i].any():
                 continue
-            labels, count = ndimage.label(defects[i], structure=_STRUCTURE)
+            labels, count = ndimage.label(defects[i], structure=EIGHT_CONNECTED)
             region[i] = np.where(labels > 0, labels + offset, 0)
             offset += count
         return region

@@ -28,13 +28,14 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from pyramidflow.metrics import EIGHT_CONNECTED
+
 __all__ = ["PIXEL_RULES", "DEFAULT_PIXEL_RULE", "MaskRule", "check_pixel_rule", "paste_defects", "synthetic_rule"]
 
 PIXEL_RULES = ("synthetic", "fpr")
 DEFAULT_PIXEL_RULE = "synthetic"
 DEFECTS_PER_IMAGE = 10  # two of each of the five kinds: 40 drawn defects from the minimum 4 held-out images
 FRACTIONS = tuple(round(0.05 * k, 2) for k in range(17))  # the peak fractions tried: 0 (hysteresis only) to 0.8
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # as the regions of decisions.py and the metrics
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class MaskRule:
             return maps > self.low
         if maps.ndim == 3:
             return np.stack([self(m) for m in maps]) if len(maps) else maps > self.low
-        labels, count = ndimage.label(maps > self.low, structure=_EIGHT_CONNECTED)
+        labels, count = ndimage.label(maps > self.low, structure=EIGHT_CONNECTED)
         if count == 0:
             return labels > 0
         peaks = np.concatenate(([0.0], ndimage.maximum(maps, labels, np.arange(1, count + 1))))  # 0: outside every region

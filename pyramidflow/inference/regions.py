@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["find_regions"]
+from ..metrics import EIGHT_CONNECTED
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=np.int8)
+__all__ = ["find_regions"]
 
 
 def find_regions(mask: np.ndarray, anomaly_map: np.ndarray) -> list[dict]:
@@ -23,7 +23,7 @@ def find_regions(mask: np.ndarray, anomaly_map: np.ndarray) -> list[dict]:
         >>> find_regions(mask, values)
         [{'bbox': [5, 5, 6, 6], 'area': 1, 'peak': 35.0}, {'bbox': [1, 1, 4, 3], 'area': 6, 'peak': 15.0}]
     """
-    labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT_CONNECTED)
+    labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=EIGHT_CONNECTED)
     if count == 0:
         return []
     index = np.arange(1, count + 1)
