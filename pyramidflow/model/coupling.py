@@ -31,6 +31,7 @@ from .. import kernels
 from ..engine.block import InvertibleModule, LogDet, Tensors, Writable
 from .conv1x1 import InvertibleConv1x1
 from .lean import conditioning, conv1x1_per_sample, recomputed_network, transformed_level
+from .tiled import TileLayout, check_tile_support, tiled_forward, tiled_transformed_level
 from .volume_norm import VolumeNorm
 
 __all__ = ["AffineParameterNet", "PyramidCoupling", "TwoLevelCoupling", "ThreeLevelCoupling", "DIRECTIONS"]
@@ -136,6 +137,9 @@ class PyramidCoupling(InvertibleModule):
         momentum: running-mean momentum of the volume normalisation.
         conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
         backend: backend of the affine op, see :mod:`pyramidflow.kernels` (``"auto"``).
+        tile: ``None``, or the side T at level 0 of the tiles the no-grad forward and the
+            rebuild and backward run in (:mod:`.tiled`); T must be a multiple of ``2**level`` of
+            every level the block touches, and needs ``volume_norm="CVN"``.
     """
 
     volume_preserving = True
@@ -153,8 +157,10 @@ class PyramidCoupling(InvertibleModule):
         momentum: float = 0.1,
         conv1x1_init: str = "orthogonal",
         backend: str = "auto",
+        tile: Optional[int] = None,
     ) -> None:
         super().__init__()
+        check_tile_support(tile, volume_norm, type(self).__name__)
         if channels < 1:
             raise ValueError(f"{type(self).__name__}: channels must be at least 1, got {channels}.")
         if not clamp > 0:
@@ -170,9 +176,38 @@ class PyramidCoupling(InvertibleModule):
         self.volume_preserving = volume_norm is not None
         self.conv = InvertibleConv1x1(channels, init=conv1x1_init, volume_norm=volume_norm is not None)
         self._needed = max((level,) + self.cond_levels) + 1
+        if tile is not None and tile % 2 ** (self._needed - 1):
+            raise ValueError(
+                f"{type(self).__name__}: tile must be a multiple of 2**{self._needed - 1} = {2 ** (self._needed - 1)} "
+                f"(level {self._needed - 1}'s pixels are that wide at level 0), got {tile}."
+            )
+        self.tile = tile
 
     def extra_repr(self) -> str:
-        return f"level={self.level}, cond_levels={self.cond_levels}, clamp={self.clamp}"
+        tile = "" if self.tile is None else f", tile={self.tile}"
+        return f"level={self.level}, cond_levels={self.cond_levels}, clamp={self.clamp}{tile}"
+
+    def _tile_layout(self, xs: Tensors) -> Tuple[TileLayout, Tuple[int, int]]:
+        """Where this block's tiles fall (NOTE [tiles and halos] in :mod:`.tiled`), and the size of F's level."""
+        _, before = self._conditioning(xs)
+        net_level = self.level if before else self.cond_levels[0]
+        halo = 2 * (self.net.conv_in.weight.shape[-1] // 2)
+        layout = TileLayout(self.level, net_level, self.cond_levels, halo, self.tile)
+        return layout, tuple(xs[net_level].shape[-2:])
+
+    def _tiled_kwargs(self, xs: Tensors) -> dict:
+        """The affine op's settings for a tiled pass (the mean for a stand-in of ``r``'s shape)."""
+        if self.volume_norm.process_group is not None and self.volume_norm.training:
+            raise ValueError(
+                f"{type(self).__name__}: backward_tile does not support volume normalisation synchronised across "
+                "ranks; train in one process, or leave backward_tile=None."
+            )
+        x = xs[self.level]
+        r_like = torch.empty((), dtype=self.net.conv_in.weight.dtype, device=x.device).expand(x.shape)
+        return self._coupling_kwargs(r_like)
+
+    def _net_weights(self) -> Tuple[Tensor, Tensor, float]:
+        return self.net.conv_in.weight, self.net.conv_out.weight, self.net.activation.negative_slope
 
     def _conditioning(self, xs: Tensors) -> Tuple[Tuple[Tensor, ...], bool]:  # pragma: no cover - abstract
         """F's input levels, and whether they are resized to the transformed level before F (else F's output after)."""
@@ -226,6 +261,8 @@ class PyramidCoupling(InvertibleModule):
         # A graph being traced or exported (ONNX, TorchScript) takes the plain ops: the lean ones are
         # autograd Functions and writes into given tensors, which tracers do not record.
         lean = not torch.is_grad_enabled() and not _tracing()
+        if lean and self.tile is not None:
+            return self._tiled_forward(xs)
         r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
         if lean:
@@ -240,6 +277,17 @@ class PyramidCoupling(InvertibleModule):
         ys = list(xs)
         ys[k] = conv1x1_per_sample(y, self.conv.weight(), out=y) if lean else self.conv(y)
         return tuple(ys), logdet
+
+    def _tiled_forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        """The lean forward, tile by tile (:func:`.tiled.tiled_forward`); CVN only, so no log-det."""
+        layout, net_size = self._tile_layout(xs)
+        kwargs = self._tiled_kwargs(xs)
+        parts = [xs[j] for j in self.cond_levels]
+        y, batch_mean = tiled_forward(layout, xs[self.level], parts, net_size, *self._net_weights(), self.conv.weight(), kwargs)
+        self.volume_norm.update(kwargs["running_mean"] if batch_mean is None else batch_mean)
+        ys = list(xs)
+        ys[self.level] = y
+        return tuple(ys), None
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         """Undo :meth:`forward`: undo ``W``, recompute ``(r, t)`` from the untouched levels, undo the affine map."""
@@ -283,6 +331,17 @@ class PyramidCoupling(InvertibleModule):
         k = self.level
         leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
         lean = not _autocast_enabled(ys[k].device)
+        flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
+        if lean and self.tile is not None:
+            layout, net_size = self._tile_layout(ys)
+            parts = [leaves[j] for j in self.cond_levels]
+            weight = self.conv.weight().to(ys[k].dtype)
+            xs, ys_local = list(leaves), list(leaves)
+            xs[k], ys_local[k] = tiled_transformed_level(
+                layout, leaves[k], parts, net_size, *self._net_weights(), weight, self.conv.inverse_weight(),
+                writable=flags, affine_kwargs=self._tiled_kwargs(ys),
+            )
+            return tuple(xs), tuple(ys_local), None
         rt = self._rt(tuple(leaves), lean=lean)
         r, t = rt.chunk(2, dim=1)
         kwargs = self._coupling_kwargs(r)
@@ -291,7 +350,6 @@ class PyramidCoupling(InvertibleModule):
         mean = kwargs["running_mean"]
         if lean and (mean is None or not mean.requires_grad):
             del r, t
-            flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
             weight = self.conv.weight().to(ys[k].dtype)
             xs[k], ys_local[k] = transformed_level(leaves[k], rt, weight, self.conv.inverse_weight(), writable=flags, affine_kwargs=kwargs)
             return tuple(xs), tuple(ys_local), logdet

@@ -28,6 +28,7 @@ from .conv1x1 import CONV1X1_INITS
 from .coupling import PyramidCoupling, ThreeLevelCoupling, TwoLevelCoupling
 from .encoder import ENCODER_CHANNELS, ENCODER_STRIDES, ENCODERS, build_encoder
 from .loss import LOSSES
+from .tiled import check_tile_support
 from .pyramid import DOWNSAMPLES, LaplacianPyramid, check_image_size, nearest_valid_side
 from .volume_norm import VOLUME_NORM_CHOICES
 
@@ -78,6 +79,12 @@ class PyramidFlowConfig:
             ``"composed"`` (ablation: compose latent and template first, then subtract).
         loss: ``"fourier"`` (the method) or ``"spatial"`` (ablation: the pairwise difference map's
             plain mean, no FFT). Used with volume normalisation only.
+        backward_tile: ``None`` (the default) rebuilds and backpropagates each coupling over whole
+            levels; an int T runs each coupling's no-grad forward, rebuild and backward in tiles of
+            T×T pixels of level 0 (a multiple of ``2**(num_levels - 1)``), so their working set is one
+            tile's whatever the image size (:mod:`.tiled`). Results equal the untiled ones to
+            rounding. Needs ``volume_norm="CVN"`` (SVN's mean and the log-det without VN span the
+            whole level).
 
     ``volume_norm=None``, ``template``, ``difference`` and ``loss`` are the paper's ablations
     (Table 2); each changes one thing, and the defaults are the method's.
@@ -105,6 +112,7 @@ class PyramidFlowConfig:
     template: str = "mean"
     difference: str = "pyramid"
     loss: str = "fourier"
+    backward_tile: Optional[int] = None
 
     def __post_init__(self) -> None:
         self._check_encoder()
@@ -149,6 +157,20 @@ class PyramidFlowConfig:
             raise ValueError(f"PyramidFlowConfig: kernels must be one of {BACKENDS}, got {self.kernels!r}.")
         if self.conv1x1_init not in CONV1X1_INITS:
             raise ValueError(f"PyramidFlowConfig: conv1x1_init must be one of {CONV1X1_INITS}, got {self.conv1x1_init!r}.")
+        self._check_backward_tile()
+
+    def _check_backward_tile(self) -> None:
+        if self.backward_tile is None:
+            return
+        _check_int("backward_tile", self.backward_tile, 1)
+        check_tile_support(self.backward_tile, self.volume_norm, "PyramidFlowConfig")
+        align = 2 ** (self.num_levels - 1)
+        if self.backward_tile % align:
+            nearest = max(align, (self.backward_tile + align // 2) // align * align)
+            raise ValueError(
+                f"PyramidFlowConfig: backward_tile must be a multiple of 2**(num_levels - 1) = {align} pixels so that "
+                f"every level's tile edges are whole pixels, got {self.backward_tile}; use {nearest}."
+            )
 
     def _check_encoder(self) -> None:
         if self.encoder not in ENCODERS:
@@ -262,6 +284,7 @@ def _make_block(kind: str, start: int, config: PyramidFlowConfig) -> PyramidCoup
         momentum=config.momentum,
         conv1x1_init=config.conv1x1_init,
         backend=config.kernels,
+        tile=config.backward_tile,
     )
     if kind == "three":
         return ThreeLevelCoupling(start, config.channels, **kwargs)
@@ -375,6 +398,11 @@ class PyramidFlow(nn.Module):
 
     def synchronize_volume_norm(self, process_group) -> None:
         """Normalise every coupling with the batch mean of all ranks (data-parallel training; ``None`` undoes it)."""
+        if process_group is not None and self.config.backward_tile is not None:
+            raise ValueError(
+                "PyramidFlow: backward_tile does not support volume normalisation synchronised across ranks (the "
+                "per-pixel mean would need one all-reduce per tile); train in one process, or leave backward_tile=None."
+            )
         for block in self.flow.blocks:
             block.volume_norm.synchronize(process_group)
 

@@ -1,0 +1,264 @@
+"""A pyramid coupling run tile by tile: its no-grad forward, rebuild and backward in one tile's memory.
+
+A coupling is local (NOTE [tiles and halos]), so the transformed level can be
+cut into tiles of ``T / 2**k`` pixels (``T`` the tile side at level 0) and each
+tile done alone from a window of the conditioning levels: the no-grad forward
+writes ``y_k`` tile by tile (:func:`tiled_forward`), and invertible backward
+rebuilds ``x_k`` and backpropagates tile by tile (:func:`tiled_transformed_level`).
+No tensor of the network ever spans the whole level; what does is the state
+the engine keeps anyway (the levels and their gradients) and, for the
+conditioning levels, their gradients' accumulators.
+
+Only CVN is tiled: its mean runs over batch and channels at each pixel, so a
+tile holds all it needs. SVN's mean runs over the whole level per channel and
+the log-det without VN sums over it (:func:`check_tile_support`).
+
+notation: ``k`` the transformed level, ``f`` the level whose resolution the
+network F runs at (``k``, or ``k - 1`` for a ``"down"`` block, whose output is
+nearest-resized after), ``halo`` F's reach at level ``f`` (two k×k convs:
+``2 · (kernel // 2)``), ``u = W⁻¹ y_k``, ``g`` the incoming gradient of ``y_k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import kernels
+
+__all__ = ["TileLayout", "check_tile_support", "tiled_forward", "tiled_transformed_level"]
+
+
+def check_tile_support(tile: Optional[int], volume_norm: Optional[str], where: str) -> None:
+    """Raise a ValueError unless ``tile`` is ``None`` or a positive int with ``volume_norm="CVN"``."""
+    if tile is None:
+        return
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"{where}: backward_tile must be None or a positive int (pixels of level 0), got {tile!r}.")
+    if volume_norm != "CVN":
+        reason = "SVN's mean runs over the whole level" if volume_norm == "SVN" else "without VN the log-det sums over the whole level"
+        raise ValueError(
+            f"{where}: backward_tile needs volume_norm='CVN', got {volume_norm!r}: {reason}, so a tile cannot be done "
+            "alone; leave backward_tile=None (whole-level backward) or use volume_norm='CVN'."
+        )
+
+
+# NOTE [tiles and halos]
+# F is two k×k convs with zero padding, the affine step and CVN act pixel by
+# pixel, and the pyramid's resizes between levels are nearest by powers of
+# two. So F's output on a window of level f needs the conditioning input on
+# that window widened by `halo` pixels, cut at the true image border: there
+# the convs' zero padding is the model's own, and inside, the widened rows
+# are computed (wrongly, from the window's own zero padding) and cropped away.
+# The conditioning levels are read as the untiled code reads them: a finer
+# level by taking every m-th pixel (what nearest resizing by 1/m picks), a
+# coarser one by repeating each pixel m times from a window that starts on a
+# whole coarse pixel. A "down" block's F runs on level k-1 and its output is
+# resized after, so a tile of level k is rows 2a..2b of level k-1, of which
+# the even ones are kept. Tiles never overlap at level k; their windows of the
+# conditioning levels do, and their gradients add up there.
+@dataclass(frozen=True)
+class TileLayout:
+    """Where one coupling's tiles fall: the transformed level, F's level, the conditioning levels, the halo."""
+
+    level: int
+    net_level: int
+    cond_levels: Tuple[int, ...]
+    halo: int
+    tile: int
+
+    def tiles(self, height: int, width: int) -> Iterator[Tuple[slice, slice]]:
+        """The tiles of level ``k`` (``height×width``), row-major; the last row and column may be narrower."""
+        side = max(1, self.tile >> self.level)
+        for top in range(0, height, side):
+            for left in range(0, width, side):
+                yield slice(top, min(top + side, height)), slice(left, min(left + side, width))
+
+    def window(self, rows: slice, cols: slice, net_size: Tuple[int, int]) -> Tuple[slice, slice, slice, slice]:
+        """F's window at level f for a tile of level k, widened by the halo, and the tile's place inside it."""
+        scale = 2 ** (self.level - self.net_level)
+        out = []
+        for s, extent in ((rows, net_size[0]), (cols, net_size[1])):
+            start, stop = s.start * scale, s.stop * scale
+            lo, hi = max(0, start - self.halo), min(extent, stop + self.halo)
+            out.append((slice(lo, hi), slice(start - lo, stop - lo, scale)))
+        (wr, tr), (wc, tc) = out
+        return wr, wc, tr, tc
+
+
+def _part_window(part: Tensor, part_level: int, net_level: int, rows: slice, cols: slice) -> Tuple[Tensor, Tuple[slice, slice]]:
+    """The window of a conditioning level that F's window ``rows×cols`` of level f reads, and its slices of ``part``."""
+    if part_level <= net_level:  # finer (or the same): every m-th pixel, as nearest resizing by 1/m picks
+        m = 2 ** (net_level - part_level)
+        index = (slice(rows.start * m, rows.stop * m, m), slice(cols.start * m, cols.stop * m, m))
+        return part[(..., *index)], index
+    m = 2 ** (part_level - net_level)  # coarser: whole coarse pixels, each repeated m times, then cropped
+    index = (slice(rows.start // m, -(-rows.stop // m)), slice(cols.start // m, -(-cols.stop // m)))
+    return part[(..., *index)], index
+
+
+def _upsampled(window: Tensor, part_level: int, net_level: int, rows: slice, cols: slice) -> Tensor:
+    """A coarser level's window at F's resolution, cropped to ``rows×cols`` (identity for finer levels)."""
+    if part_level <= net_level:
+        return window
+    m = 2 ** (part_level - net_level)
+    big = window.repeat_interleave(m, dim=-2).repeat_interleave(m, dim=-1)
+    top, left = rows.start - (rows.start // m) * m, cols.start - (cols.start // m) * m
+    return big[..., top : top + rows.stop - rows.start, left : left + cols.stop - cols.start]
+
+
+def _tile_rt(layout: TileLayout, parts: Sequence[Tensor], net_size: Tuple[int, int], rows: slice, cols: slice,
+             w_in: Tensor, w_out: Tensor, slope: float, need_parts: Sequence[bool]):
+    """F's output ``rt`` on one tile of level k, and the conditioning windows it was computed from.
+
+    Runs with whatever grad mode is on; the windows are fresh leaves (requiring grad where
+    ``need_parts`` says), so a backward through ``rt`` gives tile-sized gradients.
+    """
+    wr, wc, tr, tc = layout.window(rows, cols, net_size)
+    leaves, indices, resized = [], [], []
+    for part, level, need in zip(parts, layout.cond_levels, need_parts):
+        window, index = _part_window(part, level, layout.net_level, wr, wc)
+        leaf = window.detach().requires_grad_(need and torch.is_grad_enabled())
+        leaves.append(leaf)
+        indices.append(index)
+        resized.append(_upsampled(leaf, level, layout.net_level, wr, wc))
+    cond = resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
+    padding = w_in.shape[-1] // 2
+    hidden = F.leaky_relu(F.conv2d(cond, w_in, padding=padding), slope, inplace=True)
+    rt = F.conv2d(hidden, w_out, padding=padding)[..., tr, tc]
+    return rt, leaves, indices
+
+
+def _mean_tile(mean: Optional[Tensor], rows: slice, cols: slice) -> Optional[Tensor]:
+    """A CVN mean ``(1, 1, H, W)`` cut to a tile (``None`` stays ``None``)."""
+    return None if mean is None else mean[..., rows, cols]
+
+
+def _apply_1x1(x: Tensor, weight: Tensor) -> Tensor:
+    """``weight · x`` at every pixel: ``(C, C)`` on ``(N, C, h, w)``."""
+    return F.conv2d(x, weight.to(x.dtype)[:, :, None, None])
+
+
+@torch.no_grad()
+def tiled_forward(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net_size: Tuple[int, int],
+                  w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, affine_kwargs: dict) -> Tuple[Tensor, Optional[Tensor]]:
+    """The coupling's no-grad forward, tile by tile: ``(y_k, batch_mean)``.
+
+    ``batch_mean`` is the CVN mean ``(1, 1, H, W)`` assembled from the tiles (``None`` when a mean was given).
+    """
+    dtype = torch.promote_types(x.dtype, w_in.dtype)
+    y = torch.empty_like(x, dtype=dtype)
+    mean = affine_kwargs.get("running_mean")
+    batch_mean = None
+    for rows, cols in layout.tiles(*x.shape[-2:]):
+        rt, _, _ = _tile_rt(layout, parts, net_size, rows, cols, w_in, w_out, slope, (False,) * len(parts))
+        r, t = rt.chunk(2, dim=1)
+        a = x[..., rows, cols].to(dtype).contiguous()
+        tile_mean = kernels.affine_coupling_into(a, r, t, out=a, **{**affine_kwargs, "running_mean": _mean_tile(mean, rows, cols)})
+        if tile_mean is not None:
+            if batch_mean is None:
+                batch_mean = tile_mean.new_empty((1, 1, *x.shape[-2:]))
+            batch_mean[..., rows, cols] = tile_mean
+        del rt, r, t
+        y[..., rows, cols] = _apply_1x1(a, weight)
+        del a
+    return y, batch_mean
+
+
+# NOTE [tiled backward]
+# As the untiled transformed level (NOTE [placeholder outputs] in lean.py),
+# the op returns a view of y_k, x_k is a leaf on u's storage filled during
+# backward, and F's output is never kept: it is recomputed per tile, with
+# grad, inside backward. Per tile: dW += g·uᵀ (u read before it becomes x),
+# grad_a = Wᵀg, the affine backward rebuilds x and gives grad_x, grad_r,
+# grad_t (CVN's batch mean is per pixel, so the tile's is exact), and
+# grad_(r, t) goes back through the tile's F into the conditioning windows
+# and F's weights. x and grad_x are written back into u's and (where the
+# engine allows) g's storage; the windows' gradients add into one buffer per
+# conditioning level.
+class _TiledLevel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, options, x, w_in, w_out, weight, y, *parts):  # type: ignore[override]
+        ctx.options = options
+        ctx.u = x.detach()  # x's storage holds u until backward turns it into x
+        ctx.save_for_backward(w_in, w_out, weight, *parts)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        w_in, w_out, weight, *parts = ctx.saved_tensors
+        layout, net_size, slope, gradient_writable, affine_kwargs = ctx.options
+        u = ctx.u
+        del ctx.u
+        need_parts = ctx.needs_input_grad[6:]
+        in_place = gradient_writable and g.dtype == u.dtype and g.is_contiguous() and not g.requires_grad
+        grad_x = g if in_place else torch.empty_like(u)
+        grad_parts: List[Optional[Tensor]] = [torch.zeros_like(p) if need else None for p, need in zip(parts, need_parts)]
+        grad_w_in, grad_w_out = torch.zeros_like(w_in), torch.zeros_like(w_out)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[4] else None
+        w_in_local, w_out_local = w_in.detach().requires_grad_(True), w_out.detach().requires_grad_(True)
+        weight_t = weight.detach().T
+        mean = affine_kwargs.get("running_mean")
+        for rows, cols in layout.tiles(*u.shape[-2:]):
+            a = u[..., rows, cols].contiguous()
+            g_tile = g[..., rows, cols].to(u.dtype).contiguous()
+            if grad_weight is not None:
+                grad_weight += torch.einsum("nihw,njhw->ij", g_tile, a)
+            grad_a = _apply_1x1(g_tile, weight_t)
+            del g_tile
+            with torch.enable_grad():
+                rt, leaves, indices = _tile_rt(layout, parts, net_size, rows, cols, w_in_local, w_out_local, slope, need_parts)
+            grad_rt = rt.detach().clone()
+            r, t = grad_rt.chunk(2, dim=1)
+            tile_kwargs = {**affine_kwargs, "running_mean": _mean_tile(mean, rows, cols)}
+            # NOTE [backward into the operands] (kernels/reference.py): x over a, grad_x over grad_a, grad_r, grad_t over r, t.
+            kernels.affine_coupling_bwd_into(a, r, t, grad_a, out=(a, grad_a, r, t), **tile_kwargs)
+            u[..., rows, cols] = a
+            grad_x[..., rows, cols] = grad_a
+            del a, grad_a, r, t
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = torch.autograd.grad(rt, [*wanted, w_in_local, w_out_local], grad_rt)
+            del rt, grad_rt
+            grad_w_in += grads[-2]
+            grad_w_out += grads[-1]
+            found = iter(grads[:-2])
+            for i, leaf in enumerate(leaves):
+                if leaf.requires_grad:
+                    grad_parts[i][(..., *indices[i])] += next(found)
+            del grads, found, leaves
+        return (None, grad_x, grad_w_in, grad_w_out, grad_weight, None, *grad_parts)
+
+
+def tiled_transformed_level(layout: TileLayout, y: Tensor, parts: Sequence[Tensor], net_size: Tuple[int, int],
+                            w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, inverse_weight: Tensor, *,
+                            writable: Tuple[bool, bool], affine_kwargs: dict) -> Tuple[Tensor, Tensor]:
+    """The tiled reconstruct of the transformed level: ``(x, y_local)``, as :func:`.lean.transformed_level`.
+
+    Args:
+        layout: the coupling's tiles.
+        y: the level's output ``(N, C, H, W)``, detached.
+        parts: the conditioning levels (leaves that require grad where their gradient is wanted).
+        net_size: the size of level f, where F runs.
+        w_in, w_out, slope: F's weights and LeakyReLU slope.
+        weight: ``W`` with its graph to the 1×1 conv's parameters; ``inverse_weight``: ``W⁻¹``.
+        writable: whether ``y``'s storage, and the gradient that comes for ``y_local``, may be overwritten.
+        affine_kwargs: ``volume_norm``, ``clamp``, ``running_mean``, ``backend`` of the affine op.
+
+    Returns:
+        ``x``, a leaf filled during the backward through ``y_local`` (NOTE [tiled backward]), and
+        ``y_local``, differentiable in ``x``, the conditioning levels, F's weights and ``weight``.
+    """
+    storage_writable, gradient_writable = writable
+    inverse = inverse_weight.detach()
+    with torch.no_grad():
+        u = y if storage_writable else torch.empty_like(y)
+        for rows, cols in layout.tiles(*y.shape[-2:]):
+            u[..., rows, cols] = _apply_1x1(y[..., rows, cols], inverse)
+    x = u.detach().requires_grad_(True)
+    options = (layout, tuple(net_size), slope, gradient_writable, affine_kwargs)
+    y_local = _TiledLevel.apply(options, x, w_in, w_out, weight, y, *parts)
+    return x, y_local
