@@ -168,8 +168,9 @@ class _InvertibleFunction(torch.autograd.Function):
         measurable = not ys[0].is_meta
         drifts: List[Tensor] = []
         recomputed: List[int] = []
-        # A block whose local result may be redone ("recompute") must leave its incoming gradients intact.
-        may_redo = run.drift == "recompute" and measurable
+        # A block whose local result may be redone ("recompute") must leave its incoming gradients intact
+        # (on meta too, where nothing is redone, so that the planner counts what a real step keeps).
+        may_redo = run.drift == "recompute"
         for index in range(len(run.blocks) - 1, -1, -1):
             # The first block's input gradient is only worth computing if the caller's inputs need it.
             need_input_grad = index > 0 or inputs_need_grad

@@ -184,6 +184,7 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
     with torch.device("meta"), counter:
         torch.manual_seed(0)
         model = _planning_model(config).to(dtype).train()  # NOTE [planning without encoder weights]
+        model.flow.drift = (train_config or _TRAINING).drift  # as the training loop sets it
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(model, train_config)
         for p in params:  # NOTE: as after a first step: gradients and Adam's state exist
@@ -216,6 +217,7 @@ def measure_training_peak(config: Any, size: int, batch_size: int, device: str |
     def run() -> None:
         torch.manual_seed(0)
         model = PyramidFlow(config).to(device).train()
+        model.flow.drift = (train_config or _TRAINING).drift  # as the training loop sets it
         optimizer = _optimizer(model, train_config)
         images = torch.randn(batch_size, 3, size, size, device=device)
         for _ in range(steps):

@@ -157,7 +157,8 @@ def tiled_forward(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net_si
     for rows, cols in layout.tiles(*x.shape[-2:]):
         rt, _, _ = _tile_rt(layout, parts, net_size, rows, cols, w_in, w_out, slope, (False,) * len(parts))
         r, t = rt.chunk(2, dim=1)
-        a = x[..., rows, cols].to(dtype).contiguous()
+        a = torch.empty_like(x[..., rows, cols], dtype=dtype, memory_format=torch.contiguous_format)
+        a.copy_(x[..., rows, cols])  # a copy even when the tile is the whole level: x is not ours to overwrite
         tile_mean = kernels.affine_coupling_into(a, r, t, out=a, **{**affine_kwargs, "running_mean": _mean_tile(mean, rows, cols)})
         if tile_mean is not None:
             if batch_mean is None:
