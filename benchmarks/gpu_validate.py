@@ -8,8 +8,9 @@ It prints one table (``check | case | result | detail``) that a note can quote:
    (tolerances as in tests/kernels/test_affine_coupling.py), the ops that write into their operands included;
 2. gradients: a small model's step on CUDA (float32, Triton, latents given up) against autograd in float64;
 3. step: one training step of the paper's configuration (C = 16, k = 7, 4
-   stacks, L = 4, batch 2) at 1024 and 2048 px, invertible with the Triton
-   kernels and with the reference, and autograd at 1024 px: peak memory
+   stacks, L = 4, batch 2, the training loop's drift policy) at 1024 and 2048 px, invertible with the
+   Triton kernels and with the reference, and autograd at 1024 px, and tiled
+   (``backward_tile=256``) at 2048 and 4096 px: peak memory
    (``max_memory_allocated``) and median step time;
 4. plan: ``pyramidflow plan``'s predicted peak against ``max_memory_allocated``
    over a run that builds the model and Adam and takes two steps (the
@@ -115,7 +116,7 @@ def _median_time(step: Callable[[], None], rounds: int, device: str) -> float:
 
 
 def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: int = 5) -> List[Dict[str, str]]:
-    """Peak memory and median time of one training step per ``(side, mode, kernels)`` case."""
+    """Peak memory and median time of one training step per ``(side, mode, kernels, backward_tile)`` case."""
     import os
 
     from pyramidflow.memory import peak_memory
@@ -124,11 +125,12 @@ def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: i
     from pyramidflow.train.step import make_optimizer, training_step
 
     rows = []
-    for side, mode, backend in cases:
+    for side, mode, backend, tile in cases:
         os.environ["PYRAMIDFLOW_KERNELS"] = backend
         torch.manual_seed(0)
-        model = PyramidFlow(PyramidFlowConfig(channels=channels, mode=mode)).to(device).train()
-        settings = TrainConfig(steps=1)  # the method's optimizer and clipping
+        model = PyramidFlow(PyramidFlowConfig(channels=channels, mode=mode, backward_tile=tile)).to(device).train()
+        settings = TrainConfig(steps=1)  # the method's optimizer, clipping and drift policy
+        model.flow.drift = settings.drift
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
         images = torch.randn(2, 3, side, side, device=device)
 
@@ -138,7 +140,8 @@ def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: i
         step()  # warm-up: autotuning, Adam's state
         peak, _ = peak_memory(step, device)
         median = _median_time(step, rounds, device)
-        rows.append(dict(check="step", case=f"{side} px {mode} {backend} C={channels}", result=f"{median:.3f} s",
+        tiled = "" if tile is None else f" tile {tile}"
+        rows.append(dict(check="step", case=f"{side} px {mode}{tiled} {backend} C={channels}", result=f"{median:.3f} s",
                          detail=f"peak {peak / 2**20:.0f} MiB above the model and Adam"))  # fmt: skip
         del model, optimizer, images
         os.environ.pop("PYRAMIDFLOW_KERNELS", None)
@@ -148,18 +151,19 @@ def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: i
 
 
 def plan_rows(device: str, cases: Sequence[tuple], tolerance: float = 0.15) -> List[Dict[str, str]]:
-    """``plan``'s prediction against the measured peak (``max_memory_allocated`` on CUDA) per ``(side, channels, mode)``."""
+    """``plan``'s prediction against the measured peak (``max_memory_allocated`` on CUDA) per ``(side, channels, mode, tile)``."""
     from pyramidflow.model import PyramidFlowConfig
     from pyramidflow.memory.plan import CUDA_MARGIN, measure_training_peak, predict_peak
 
     rows = []
-    for side, channels, mode in cases:
-        config = PyramidFlowConfig(channels=channels, mode=mode)
+    for side, channels, mode, tile in cases:
+        config = PyramidFlowConfig(channels=channels, mode=mode, backward_tile=tile)
         predicted = predict_peak(config, side, 2).peak
         measured = measure_training_peak(config, side, 2, device)
         ratio = measured / predicted - 1
         ok = abs(ratio) <= tolerance or (device == "cuda" and 0 <= ratio <= CUDA_MARGIN)
-        rows.append(dict(check="plan", case=f"{side} px C={channels} {mode}", result="pass" if ok else "FAIL",
+        tiled = "" if tile is None else f" tile {tile}"
+        rows.append(dict(check="plan", case=f"{side} px C={channels} {mode}{tiled}", result="pass" if ok else "FAIL",
                          detail=f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB ({ratio:+.1%})"))  # fmt: skip
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -183,13 +187,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     device = "cuda"
     name = torch.cuda.get_device_name()
-    steps = [(256, "invertible", "triton")] if args.quick else [
-        (1024, "autograd", "reference"), (1024, "invertible", "reference"), (1024, "invertible", "triton"),
-        (2048, "invertible", "reference"), (2048, "invertible", "triton"),
+    steps = [(256, "invertible", "triton", None), (256, "invertible", "triton", 64)] if args.quick else [
+        (1024, "autograd", "reference", None), (1024, "invertible", "reference", None), (1024, "invertible", "triton", None),
+        (2048, "invertible", "reference", None), (2048, "invertible", "triton", None),
+        (2048, "invertible", "triton", 256), (4096, "invertible", "triton", 256),
     ]  # fmt: skip
-    plans = [(256, 16, m) for m in ("invertible", "checkpoint", "autograd")]
+    plans = [(256, 16, m, None) for m in ("invertible", "checkpoint", "autograd")]
     if not args.quick:
-        plans += [(512, 16, m) for m in ("invertible", "checkpoint", "autograd")] + [(1024, 16, "invertible"), (2048, 16, "invertible")]
+        plans += [(512, 16, m, None) for m in ("invertible", "checkpoint", "autograd")]
+        plans += [(1024, 16, "invertible", None), (2048, 16, "invertible", None), (2048, 16, "invertible", 256), (4096, 16, "invertible", 256)]
     rows = kernel_checks(device) + gradient_rows(device) + step_rows(device, steps, rounds=2 if args.quick else 5) + plan_rows(device, plans)
     print(f"\npyramidflow GPU validation on {name}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s\n")
     print(format_table(rows))

@@ -12,7 +12,8 @@ Groups:
   default drift monitoring (``"warn"``), and invertible with ``drift="off"`` and ``"recompute"``.
 * ``depth``: peak memory against the number of stacks (1, 2, 4, 8, 16) at 256 px, in the three modes.
 * ``depth, paper width``: the same sweep at the paper's C = 16 on every device, with memcnn's wrapper as the peer.
-* ``resolution``: peak memory against the image side (256, 512, 1024; 2048 on CUDA) at 4 stacks.
+* ``resolution``: peak memory and time against the image side (256, 512, 1024; 2048 on CUDA) at 4 stacks,
+  autograd, invertible, and invertible with ``backward_tile=128`` (``"invertible, tile 128"``; up to 4096 on CUDA).
 * ``step`` also holds the peer row: memcnn's ``InvertibleModuleWrapper`` around each block, when memcnn is installed.
 * ``encoder``: the ResNet18 variant (features at 1/4 of the input side, C = 64) at
   ``--bench-encoder-resolution`` input: ``--bench-resolution`` on CUDA; on CPU half of it, k = 3 and one round.
@@ -30,9 +31,9 @@ import torch
 from pyramidflow.model import PyramidFlow, PyramidFlowConfig, fourier_loss
 
 
-def _config(channels: int, mode: str, num_stacks: int = 4) -> tuple[PyramidFlowConfig, str]:
+def _config(channels: int, mode: str, num_stacks: int = 4, backward_tile=None) -> tuple[PyramidFlowConfig, str]:
     note = "paper config" if channels == 16 else f"C={channels} (paper: 16)"
-    return PyramidFlowConfig(mode=mode, num_stacks=num_stacks, channels=channels), note
+    return PyramidFlowConfig(mode=mode, num_stacks=num_stacks, channels=channels, backward_tile=backward_tile), note
 
 
 def _training_step(model: torch.nn.Module, images: torch.Tensor):
@@ -48,9 +49,9 @@ def _training_step(model: torch.nn.Module, images: torch.Tensor):
     return step
 
 
-def _setup(device, channels, mode, resolution, num_stacks=4, drift="warn"):
+def _setup(device, channels, mode, resolution, num_stacks=4, drift="warn", backward_tile=None):
     torch.manual_seed(0)
-    config, note = _config(channels, mode, num_stacks)
+    config, note = _config(channels, mode, num_stacks, backward_tile)
     model = PyramidFlow(config).to(device).train()
     model.flow.drift = drift
     images = torch.randn(2, 3, resolution, resolution, device=device)
@@ -110,20 +111,24 @@ def test_memory_against_depth_paper_width(benchmark, measure_step, device, mode,
     measure_step(step, row=dict(mode=mode, resolution=256, depth=num_stacks, note=note), timed_rounds=1)
 
 
-def _resolutions(device):
-    return [256, 512, 1024] + ([2048] if device.type == "cuda" else [])
+TILE = 128  # the resolution sweep's tiled row (pixels of level 0)
+
+
+def _resolutions(device, tiled=False):
+    return [256, 512, 1024] + ([2048] + ([4096] if tiled else []) if device.type == "cuda" else [])
 
 
 @pytest.mark.benchmark(group="resolution")
-@pytest.mark.parametrize("side", [256, 512, 1024, 2048])
-@pytest.mark.parametrize("mode", ["autograd", "invertible"])
+@pytest.mark.parametrize("side", [256, 512, 1024, 2048, 4096])
+@pytest.mark.parametrize("mode", ["autograd", "invertible", f"invertible, tile {TILE}"])
 def test_memory_against_resolution(benchmark, measure_step, device, channels, resolution, mode, side, kernel_backend):
-    if side not in _resolutions(device):
-        pytest.skip("2048 px is measured on CUDA only (CPU time budget)")
-    if device.type == "cpu" and side == resolution:
+    tiled = mode.endswith(f"tile {TILE}")
+    if side not in _resolutions(device, tiled):
+        pytest.skip("2048 px (4096 px tiled) is measured on CUDA only (CPU time budget)")
+    if device.type == "cpu" and side == resolution and not tiled:
         pytest.skip("on CPU this point is the step group's row at --bench-resolution (the same run)")
     kernel_backend("reference")
-    step, note = _setup(device, channels, mode, side)
+    step, note = _setup(device, channels, mode.split(",")[0], side, backward_tile=TILE if tiled else None)
     measure_step(step, row=dict(mode=mode, resolution=side, depth=4, note=note), timed_rounds=1)
 
 

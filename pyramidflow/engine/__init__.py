@@ -4,6 +4,7 @@ It knows only the block contract (:class:`InvertibleModule`); it never
 imports the model, data or training code.
 """
 
+from ._state import is_rebuilding
 from .adapters import FrEIAAdapter, NormflowsAdapter, wrap
 from .block import InvertibleModule, Writable
 from .checks import BlockReport, InverseCheck, check_inverse, reconstruction_error
@@ -27,6 +28,7 @@ __all__ = [
     "InvertibleSequential",
     "NormflowsAdapter",
     "check_inverse",
+    "is_rebuilding",
     "reconstruction_error",
     "wrap",
 ]

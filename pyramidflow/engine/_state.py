@@ -9,13 +9,14 @@ per step however often a block is recomputed.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RngState", "AutocastState", "recomputation"]
+__all__ = ["RngState", "AutocastState", "recomputation", "rebuilding", "is_rebuilding"]
 
 
 @dataclass
@@ -102,3 +103,29 @@ def recomputation(block: nn.Module) -> Iterator[None]:
                 buffer.data.copy_(value)
             else:  # a lazily sized buffer (CVN's running mean) was resized: undo the resize too
                 buffer.data = value
+
+
+# NOTE [rebuilding in backward]
+# Invertible backward runs a block's forward with grad only to get its local
+# graph for one local backward (the exact-input path of drift="recompute" and
+# of anchors); the outputs' values are never read. A block may then build a
+# leaner graph whose backward is exact (a tiled one: pyramidflow.model.tiled).
+# Checkpoint mode's recomputation is not flagged: torch.utils.checkpoint checks
+# that it saves the same tensors as the first forward.
+_REBUILDING = threading.local()
+
+
+@contextlib.contextmanager
+def rebuilding() -> Iterator[None]:
+    """Mark the forward calls inside as invertible backward's rebuild of one block (NOTE [rebuilding in backward])."""
+    previous = getattr(_REBUILDING, "active", False)
+    _REBUILDING.active = True
+    try:
+        yield
+    finally:
+        _REBUILDING.active = previous
+
+
+def is_rebuilding() -> bool:
+    """Whether a block's forward runs as invertible backward's rebuild (NOTE [rebuilding in backward])."""
+    return getattr(_REBUILDING, "active", False)

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._state import AutocastState, RngState, recomputation
+from ._state import AutocastState, RngState, rebuilding, recomputation
 from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf, add_optional
 from .drift import CallSite, Fingerprinter, compute_dtype, default_tolerance, fingerprint_drift
 from .errors import InvertibleError, _internal_assert
@@ -52,6 +52,7 @@ class InvertibleRun:
     drift: str = "off"
     drift_tolerance: Optional[float] = None  # None: default_tolerance() of the forward's compute dtype
     anchor_every: Optional[int] = None
+    input_source: Optional[Callable[[], Tensors]] = None  # NOTE [input source]
     fingerprinter: Optional[Fingerprinter] = None
     where: str = "InvertibleSequential"
     report: Optional[Callable[["DriftReport"], None]] = None
@@ -67,10 +68,11 @@ class InvertibleRun:
     fwd_input_storages: Tuple[int, ...] = ()
 
     def keeps_anchor(self, index: int) -> bool:
-        """Whether forward keeps block ``index``'s exact input (always block 0 under ``"recompute"``)."""
+        """Whether forward keeps block ``index``'s exact input (block 0's under ``"recompute"``, unless the
+        caller can compute it again: NOTE [input source])."""
         if self.anchor_every is not None and index % self.anchor_every == 0:
             return True
-        return index == 0 and self.drift == "recompute"
+        return index == 0 and self.drift == "recompute" and self.input_source is None
 
 
 @dataclass(frozen=True)
@@ -340,10 +342,24 @@ def _replay(run: InvertibleRun, index: int):
     return rng.replay() if rng is not None else contextlib.nullcontext()
 
 
+# NOTE [input source]
+# Under drift="recompute" a drifting block is redone from an exact input, so
+# block 0's input is normally kept for the whole backward: one state more. A
+# caller that can compute the input again (PyramidFlow: the pyramid of the
+# images it holds anyway) passes `input_source`; then nothing is kept, block 0
+# is rebuilt like any other, and only a drift calls the source (its state
+# then exists while that block is redone). The source's values must be the
+# forward's: the caller checks its own inputs were not changed in between.
 def _exact_input(run: InvertibleRun, index: int) -> Tensors:
-    """Block ``index``'s exact input: forward again from the nearest anchor at or below it."""
-    start = max(i for i in run.fwd_anchors if i <= index)
-    xs = run.fwd_anchors[start]
+    """Block ``index``'s exact input: forward again from the nearest anchor at or below it (or from the source)."""
+    anchored = [i for i in run.fwd_anchors if i <= index]
+    if anchored:
+        start = max(anchored)
+        xs = run.fwd_anchors[start]
+    else:
+        start = 0
+        with torch.no_grad():
+            xs = tuple(run.input_source())
     with torch.no_grad(), run.fwd_autocast.replay():
         for j in range(start, index):
             block = run.blocks[j]
@@ -357,7 +373,8 @@ def _from_exact(xs: Tensors) -> Callable[[InvertibleModule, Tensors], Tuple[Tens
 
     def rebuild(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
         leaves = tuple(_leaf(x) for x in xs)
-        ys_local, logdet_local = block(leaves)
+        with rebuilding():  # NOTE [rebuilding in backward]
+            ys_local, logdet_local = block(leaves)
         return leaves, tuple(ys_local), logdet_local
 
     return rebuild

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import contextlib
 import warnings
@@ -173,7 +173,9 @@ class InvertibleSequential(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, drift={self.drift!r}"
 
-    def forward(self, x: TensorOrTensors, *, release_outputs: bool = False) -> Tuple[TensorOrTensors, Tensor]:
+    def forward(
+        self, x: TensorOrTensors, *, release_outputs: bool = False, input_source: Optional[Callable[[], TensorOrTensors]] = None
+    ) -> Tuple[TensorOrTensors, Tensor]:
         """Map ``x`` (a tensor or a tuple of tensors) to ``(y, logdet)``.
 
         Args:
@@ -185,6 +187,10 @@ class InvertibleSequential(nn.Module):
                 their incoming gradients in place (less memory; NOTE [writing in
                 place in backward]). Changing an output in place before backward
                 still raises. Ignored by the other modes.
+            input_source: a function that computes ``x`` again, with the same values (e.g. from
+                the images the caller holds anyway). Under ``drift="recompute"`` invertible mode
+                then keeps no copy of block 0's input for the whole backward (one state less) and
+                calls it only when a block drifts (NOTE [input source]). Ignored by the other modes.
 
         Returns:
             ``y`` with the structure of ``x``, and ``logdet`` of shape ``(N,)``
@@ -193,9 +199,9 @@ class InvertibleSequential(nn.Module):
         xs, single = _as_tuple(x, "forward")
         signature = self._unchecked_signature(xs)
         if signature is None:
-            return self._forward(xs, single, release_outputs)
+            return self._forward(xs, single, release_outputs, input_source)
         with contract_checks(self.blocks, lambda i: self._where(self.blocks[i])):
-            result = self._forward(xs, single, release_outputs)
+            result = self._forward(xs, single, release_outputs, input_source)
         if len(self._checked_signatures) >= _MAX_CHECKED_SIGNATURES:  # many input sizes: forget, check again
             self._checked_signatures.clear()
         self._checked_signatures.add(signature)
@@ -213,12 +219,15 @@ class InvertibleSequential(nn.Module):
         signature = (tuple(map(id, self.blocks)), tuple((x.shape, x.dtype, x.device) for x in xs))
         return None if signature in self._checked_signatures else signature
 
-    def _forward(self, xs: Tensors, single: bool, release_outputs: bool) -> Tuple[TensorOrTensors, Tensor]:
+    def _forward(self, xs: Tensors, single: bool, release_outputs: bool,
+                 input_source: Optional[Callable[[], TensorOrTensors]] = None) -> Tuple[TensorOrTensors, Tensor]:
         if self.debug:
             ys, logdet = self._forward_debug(xs)
         elif self.mode == "invertible" and torch.is_grad_enabled():
             run = self._make_run()
             run.release_outputs = bool(release_outputs)
+            if input_source is not None:
+                run.input_source = lambda: _as_tuple(input_source(), "input_source")[0]
             ys, logdet = run_invertible(run, xs)
         elif self.mode == "checkpoint" and torch.is_grad_enabled():
             ys, logdet = self._forward_blocks(xs, self._checkpointed)

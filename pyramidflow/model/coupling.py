@@ -28,10 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
+from ..engine import is_rebuilding
 from ..engine.block import InvertibleModule, LogDet, Tensors, Writable
 from .conv1x1 import InvertibleConv1x1
 from .lean import conditioning, conv1x1_per_sample, recomputed_network, transformed_level
-from .tiled import TileLayout, check_tile_support, tiled_forward, tiled_transformed_level
+from .tiled import TileLayout, check_tile_support, tiled_forward, tiled_from_input, tiled_transformed_level
 from .volume_norm import VolumeNorm
 
 __all__ = ["AffineParameterNet", "PyramidCoupling", "TwoLevelCoupling", "ThreeLevelCoupling", "DIRECTIONS"]
@@ -261,8 +262,8 @@ class PyramidCoupling(InvertibleModule):
         # A graph being traced or exported (ONNX, TorchScript) takes the plain ops: the lean ones are
         # autograd Functions and writes into given tensors, which tracers do not record.
         lean = not torch.is_grad_enabled() and not _tracing()
-        if lean and self.tile is not None:
-            return self._tiled_forward(xs)
+        if self.tile is not None and (lean or self._rebuilding(xs)):
+            return self._tiled_forward(xs, with_graph=not lean)
         r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
         if lean:
@@ -278,14 +279,25 @@ class PyramidCoupling(InvertibleModule):
         ys[k] = conv1x1_per_sample(y, self.conv.weight(), out=y) if lean else self.conv(y)
         return tuple(ys), logdet
 
-    def _tiled_forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
-        """The lean forward, tile by tile (:func:`.tiled.tiled_forward`); CVN only, so no log-det."""
+    def _rebuilding(self, xs: Tensors) -> bool:
+        """Whether invertible backward runs this forward for its local graph (NOTE [rebuilding in backward]),
+        with nothing that needs the untiled path (autocast, a tracer)."""
+        return is_rebuilding() and not _tracing() and not _autocast_enabled(xs[self.level].device)
+
+    def _tiled_forward(self, xs: Tensors, with_graph: bool = False) -> Tuple[Tensors, LogDet]:
+        """The forward, tile by tile (:mod:`.tiled`); CVN only, so no log-det. Without grad the lean
+        forward; ``with_graph`` the rebuild of an exact input (an anchor), whose graph is tiled too."""
         layout, net_size = self._tile_layout(xs)
         kwargs = self._tiled_kwargs(xs)
         parts = [xs[j] for j in self.cond_levels]
+        ys = list(xs)
+        if with_graph:  # buffers are restored by the engine after a rebuild: no update
+            local = tiled_from_input(layout, xs[self.level], parts, net_size, *self._net_weights(), self.conv.weight(), kwargs)
+            for j, y_local in zip((self.level, *self.cond_levels), local):
+                ys[j] = y_local
+            return tuple(ys), None
         y, batch_mean = tiled_forward(layout, xs[self.level], parts, net_size, *self._net_weights(), self.conv.weight(), kwargs)
         self.volume_norm.update(kwargs["running_mean"] if batch_mean is None else batch_mean)
-        ys = list(xs)
         ys[self.level] = y
         return tuple(ys), None
 
@@ -336,11 +348,14 @@ class PyramidCoupling(InvertibleModule):
             layout, net_size = self._tile_layout(ys)
             parts = [leaves[j] for j in self.cond_levels]
             weight = self.conv.weight().to(ys[k].dtype)
+            gradients = tuple(False if writable is None else writable.gradients[j] for j in self.cond_levels)
             xs, ys_local = list(leaves), list(leaves)
-            xs[k], ys_local[k] = tiled_transformed_level(
+            xs[k], local = tiled_transformed_level(
                 layout, leaves[k], parts, net_size, *self._net_weights(), weight, self.conv.inverse_weight(),
-                writable=flags, affine_kwargs=self._tiled_kwargs(ys),
+                writable=(*flags, *gradients), affine_kwargs=self._tiled_kwargs(ys),
             )
+            for j, y_local in zip((k, *self.cond_levels), local):
+                ys_local[j] = y_local
             return tuple(xs), tuple(ys_local), None
         rt = self._rt(tuple(leaves), lean=lean)
         r, t = rt.chunk(2, dim=1)

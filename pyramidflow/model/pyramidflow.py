@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -454,8 +454,26 @@ class PyramidFlow(nn.Module):
         self._check_resolution(features.shape[-2], features.shape[-1])
         levels = self.pyramid.decompose(features)
         del features  # the pyramid holds the same information: free the features before the flow runs
-        latents, logdet = self.flow(levels, release_outputs=release_outputs)
+        latents, logdet = self.flow(levels, release_outputs=release_outputs, input_source=self._pyramid_source(images))
         return (tuple(latents), logdet) if return_logdet else tuple(latents)
+
+    def _pyramid_source(self, images: Tensor) -> Optional[Callable[[], Tuple[Tensor, ...]]]:
+        """The flow's input computed again from ``images`` (NOTE [input source] in the engine): invertible
+        backward then keeps no copy of the pyramid for drift recomputation, only the images the caller holds.
+        ``None`` where no backward can follow (no grad, inference tensors)."""
+        if not torch.is_grad_enabled() or images.is_inference():
+            return None
+        version = images._version
+
+        def source() -> Tuple[Tensor, ...]:
+            if images._version != version:
+                raise ValueError(
+                    "PyramidFlow: the images were modified in place between forward and backward; the flow's input "
+                    "is computed again from them when a block drifts. Clone the images before changing them."
+                )
+            return self.pyramid.decompose(self.features(images))
+
+        return source
 
     def inverse_features(self, latents: Sequence[Tensor]) -> Tensor:
         """Latent pyramid -> the features ``(N, C, H, W)`` it came from (flow inverse, then composition)."""

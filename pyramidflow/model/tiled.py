@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import kernels
 
-__all__ = ["TileLayout", "check_tile_support", "tiled_forward", "tiled_transformed_level"]
+__all__ = ["TileLayout", "check_tile_support", "tiled_forward", "tiled_transformed_level", "tiled_from_input"]
 
 
 def check_tile_support(tile: Optional[int], volume_norm: Optional[str], where: str) -> None:
@@ -145,10 +145,12 @@ def _apply_1x1(x: Tensor, weight: Tensor) -> Tensor:
 
 @torch.no_grad()
 def tiled_forward(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net_size: Tuple[int, int],
-                  w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, affine_kwargs: dict) -> Tuple[Tensor, Optional[Tensor]]:
+                  w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, affine_kwargs: dict,
+                  affine_out: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """The coupling's no-grad forward, tile by tile: ``(y_k, batch_mean)``.
 
     ``batch_mean`` is the CVN mean ``(1, 1, H, W)`` assembled from the tiles (``None`` when a mean was given).
+    ``affine_out``, if given, receives the affine step's output ``u`` (before the 1×1 conv).
     """
     dtype = torch.promote_types(x.dtype, w_in.dtype)
     y = torch.empty_like(x, dtype=dtype)
@@ -165,6 +167,8 @@ def tiled_forward(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net_si
                 batch_mean = tile_mean.new_empty((1, 1, *x.shape[-2:]))
             batch_mean[..., rows, cols] = tile_mean
         del rt, r, t
+        if affine_out is not None:
+            affine_out[..., rows, cols] = a
         y[..., rows, cols] = _apply_1x1(a, weight)
         del a
     return y, batch_mean
@@ -172,41 +176,65 @@ def tiled_forward(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net_si
 
 # NOTE [tiled backward]
 # As the untiled transformed level (NOTE [placeholder outputs] in lean.py),
-# the op returns a view of y_k, x_k is a leaf on u's storage filled during
-# backward, and F's output is never kept: it is recomputed per tile, with
-# grad, inside backward. Per tile: dW += g·uᵀ (u read before it becomes x),
-# grad_a = Wᵀg, the affine backward rebuilds x and gives grad_x, grad_r,
-# grad_t (CVN's batch mean is per pixel, so the tile's is exact), and
-# grad_(r, t) goes back through the tile's F into the conditioning windows
-# and F's weights. x and grad_x are written back into u's and (where the
-# engine allows) g's storage; the windows' gradients add into one buffer per
-# conditioning level.
+# the op returns views of its inputs as the block's local outputs (y_k and the
+# conditioning levels), x_k is a leaf on u's storage filled during backward,
+# and F's output is never kept: it is recomputed per tile, with grad, inside
+# backward. Per tile: dW += g·uᵀ (u read before it becomes x), grad_a = Wᵀg,
+# the affine backward rebuilds x and gives grad_x, grad_r, grad_t (CVN's batch
+# mean is per pixel, so the tile's is exact), and grad_(r, t) goes back
+# through the tile's F into the conditioning windows and F's weights. x and
+# grad_x are written back into u's and (where the engine allows) g's storage.
+# The conditioning levels are outputs of the op too, so their incoming
+# gradients come in here and the windows' gradients add into them (into a
+# copy where the engine does not allow overwriting): no zero-filled buffer and
+# no second sum of a whole level.
+@dataclass(frozen=True)
+class _Options:
+    layout: TileLayout
+    net_size: Tuple[int, int]
+    slope: float
+    writable: Tuple[bool, ...]  # per input: x's gradient, then each conditioning level's
+    affine_kwargs: dict
+    u: Optional[Tensor] = None  # the affine output, when it is not held in x's storage (an exact input)
+
+
+def _gradient_into(g: Optional[Tensor], like: Tensor, writable: bool) -> Tensor:
+    """Where a level's gradient is accumulated: ``g`` itself if it may be overwritten, else a copy (zeros without ``g``)."""
+    if g is None:
+        return torch.zeros_like(like)
+    if writable and g.dtype == like.dtype and g.is_contiguous() and not g.requires_grad:
+        return g
+    return g.to(like.dtype, copy=True)
+
+
 class _TiledLevel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, options, x, w_in, w_out, weight, y, *parts):  # type: ignore[override]
         ctx.options = options
-        ctx.u = x.detach()  # x's storage holds u until backward turns it into x
+        ctx.u = x.detach() if options.u is None else options.u
         ctx.save_for_backward(w_in, w_out, weight, *parts)
-        return y.view_as(y)
+        return (y.view_as(y), *(p.view_as(p) for p in parts))
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g, *grad_levels):  # type: ignore[override]
         w_in, w_out, weight, *parts = ctx.saved_tensors
-        layout, net_size, slope, gradient_writable, affine_kwargs = ctx.options
+        options: _Options = ctx.options
+        layout, net_size, slope = options.layout, options.net_size, options.slope
         u = ctx.u
         del ctx.u
         need_parts = ctx.needs_input_grad[6:]
-        in_place = gradient_writable and g.dtype == u.dtype and g.is_contiguous() and not g.requires_grad
-        grad_x = g if in_place else torch.empty_like(u)
-        grad_parts: List[Optional[Tensor]] = [torch.zeros_like(p) if need else None for p, need in zip(parts, need_parts)]
+        grad_x = _gradient_into(g, u, options.writable[0])
+        grad_parts: List[Optional[Tensor]] = [
+            _gradient_into(gp, p, w) if need else None for gp, p, w, need in zip(grad_levels, parts, options.writable[1:], need_parts)
+        ]
         grad_w_in, grad_w_out = torch.zeros_like(w_in), torch.zeros_like(w_out)
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[4] else None
         w_in_local, w_out_local = w_in.detach().requires_grad_(True), w_out.detach().requires_grad_(True)
         weight_t = weight.detach().T
-        mean = affine_kwargs.get("running_mean")
+        mean = options.affine_kwargs.get("running_mean")
         for rows, cols in layout.tiles(*u.shape[-2:]):
             a = u[..., rows, cols].contiguous()
-            g_tile = g[..., rows, cols].to(u.dtype).contiguous()
+            g_tile = grad_x[..., rows, cols].contiguous()  # still the incoming gradient on this tile
             if grad_weight is not None:
                 grad_weight += torch.einsum("nihw,njhw->ij", g_tile, a)
             grad_a = _apply_1x1(g_tile, weight_t)
@@ -215,7 +243,7 @@ class _TiledLevel(torch.autograd.Function):
                 rt, leaves, indices = _tile_rt(layout, parts, net_size, rows, cols, w_in_local, w_out_local, slope, need_parts)
             grad_rt = rt.detach().clone()
             r, t = grad_rt.chunk(2, dim=1)
-            tile_kwargs = {**affine_kwargs, "running_mean": _mean_tile(mean, rows, cols)}
+            tile_kwargs = {**options.affine_kwargs, "running_mean": _mean_tile(mean, rows, cols)}
             # NOTE [backward into the operands] (kernels/reference.py): x over a, grad_x over grad_a, grad_r, grad_t over r, t.
             kernels.affine_coupling_bwd_into(a, r, t, grad_a, out=(a, grad_a, r, t), **tile_kwargs)
             u[..., rows, cols] = a
@@ -236,30 +264,44 @@ class _TiledLevel(torch.autograd.Function):
 
 def tiled_transformed_level(layout: TileLayout, y: Tensor, parts: Sequence[Tensor], net_size: Tuple[int, int],
                             w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, inverse_weight: Tensor, *,
-                            writable: Tuple[bool, bool], affine_kwargs: dict) -> Tuple[Tensor, Tensor]:
-    """The tiled reconstruct of the transformed level: ``(x, y_local)``, as :func:`.lean.transformed_level`.
+                            writable: Tuple[bool, ...], affine_kwargs: dict) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """The tiled reconstruct: ``(x, local_outputs)``, as :func:`.lean.transformed_level` (NOTE [tiled backward]).
 
     Args:
         layout: the coupling's tiles.
-        y: the level's output ``(N, C, H, W)``, detached.
-        parts: the conditioning levels (leaves that require grad where their gradient is wanted).
+        y: the transformed level's output ``(N, C, H, W)``, detached.
+        parts: the conditioning levels, leaves (requiring grad where their gradient is wanted).
         net_size: the size of level f, where F runs.
         w_in, w_out, slope: F's weights and LeakyReLU slope.
         weight: ``W`` with its graph to the 1×1 conv's parameters; ``inverse_weight``: ``W⁻¹``.
-        writable: whether ``y``'s storage, and the gradient that comes for ``y_local``, may be overwritten.
+        writable: whether ``y``'s storage may be overwritten, then whether the incoming gradient of
+            ``y`` and of each conditioning level may be.
         affine_kwargs: ``volume_norm``, ``clamp``, ``running_mean``, ``backend`` of the affine op.
 
     Returns:
-        ``x``, a leaf filled during the backward through ``y_local`` (NOTE [tiled backward]), and
-        ``y_local``, differentiable in ``x``, the conditioning levels, F's weights and ``weight``.
+        ``x``, a leaf filled during the local backward, and the local outputs ``(y_local, *parts_local)``,
+        differentiable in ``x``, the conditioning levels, F's weights and ``weight``.
     """
-    storage_writable, gradient_writable = writable
+    storage_writable, gradients = writable[0], tuple(writable[1:])
     inverse = inverse_weight.detach()
     with torch.no_grad():
         u = y if storage_writable else torch.empty_like(y)
         for rows, cols in layout.tiles(*y.shape[-2:]):
             u[..., rows, cols] = _apply_1x1(y[..., rows, cols], inverse)
     x = u.detach().requires_grad_(True)
-    options = (layout, tuple(net_size), slope, gradient_writable, affine_kwargs)
-    y_local = _TiledLevel.apply(options, x, w_in, w_out, weight, y, *parts)
-    return x, y_local
+    options = _Options(layout, tuple(net_size), slope, gradients, affine_kwargs)
+    return x, _TiledLevel.apply(options, x, w_in, w_out, weight, y, *parts)
+
+
+def tiled_from_input(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net_size: Tuple[int, int],
+                     w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, affine_kwargs: dict) -> Tuple[Tensor, ...]:
+    """The local outputs ``(y_local, *parts_local)`` from the exact input ``x`` (a leaf): the rebuild of an anchor.
+
+    The forward runs tile by tile without grad and keeps ``u`` (the affine output); backward is
+    :class:`_TiledLevel`'s from that ``u``, so its gradients are those at ``x`` and no whole-level
+    graph exists (NOTE [rebuilding in backward] in :mod:`pyramidflow.engine._state`).
+    """
+    u = torch.empty_like(x, dtype=torch.promote_types(x.dtype, w_in.dtype))
+    y, _ = tiled_forward(layout, x.detach(), parts, net_size, w_in, w_out, slope, weight.detach(), affine_kwargs, affine_out=u)
+    options = _Options(layout, tuple(net_size), slope, (False,) * (1 + len(parts)), affine_kwargs, u)
+    return _TiledLevel.apply(options, x, w_in, w_out, weight, y, *parts)
