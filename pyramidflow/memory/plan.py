@@ -46,16 +46,21 @@ __all__ = [
     "CUDA_RESERVED",
     "MODES",
     "MemoryPlan",
+    "TILE_CHOICES",
     "WEIGHTS_NOT_READ",
     "parse_bytes",
     "predict_peak",
     "plan",
     "measure_training_peak",
+    "suggest_backward_tile",
     "training_step",
 ]
 
 CUDA_MARGIN = 0.10  # of the predicted peak: cuDNN workspaces and the allocator's 512-byte rounding
 CUDA_RESERVED = 512 * 2**20  # of the card: the CUDA context and kernels, outside the allocator
+# The tiles (px of level 0) plan and the pre-flight try when the whole-level step does not fit, largest
+# first: a larger tile runs fewer, larger tiles, so it costs the least time of those that fit.
+TILE_CHOICES = (512, 256, 128)
 # NOTE [planning without encoder weights]
 # A step's memory does not depend on the values of the weights, so the planner
 # builds the encoder variant's stem with ``encoder_skeleton`` (random weights;
@@ -237,6 +242,9 @@ class MemoryPlan:
         gpu_memory: the card's bytes, or ``None``.
         max_batch_size, max_size: mode -> the largest batch at ``size`` and the largest valid
             side at ``batch_size`` that fit the card (0 when none does); empty without ``gpu_memory``.
+        backward_tile: the config's tile (``None``: whole-level backward).
+        suggested_tile: when the whole-level invertible step does not fit the card but a tiled one
+            does, the tile (from :data:`TILE_CHOICES`) and its prediction (:func:`suggest_backward_tile`).
     """
 
     size: int
@@ -246,6 +254,8 @@ class MemoryPlan:
     max_batch_size: Optional[Dict[str, int]] = None
     max_size: Optional[Dict[str, int]] = None
     encoder: str = "none"
+    backward_tile: Optional[int] = None
+    suggested_tile: Optional[Tuple[int, PeakPrediction]] = None
 
     def cuda_need(self, mode: str) -> int:
         """Bytes of the card a run in ``mode`` needs: the peak plus the CUDA margin plus the reserve."""
@@ -256,6 +266,7 @@ class MemoryPlan:
             size=self.size,
             batch_size=self.batch_size,
             encoder=self.encoder,
+            backward_tile=self.backward_tile,
             predicted_peak_bytes={m: p.peak for m, p in self.predictions.items()},
             breakdown_bytes={m: {k: v for k, v in vars(p).items() if k != "peak"} for m, p in self.predictions.items()},
             cuda_margin=dict(fraction_of_peak=CUDA_MARGIN, reserved_bytes=CUDA_RESERVED),
@@ -268,6 +279,9 @@ class MemoryPlan:
                 max_batch_size=dict(self.max_batch_size or {}),
                 max_size=dict(self.max_size or {}),
             )
+            if self.suggested_tile is not None:
+                tile, prediction = self.suggested_tile
+                out.update(suggested_backward_tile=tile, suggested_backward_tile_peak_bytes=prediction.peak)
         return out
 
 
@@ -343,8 +357,40 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
         max_batch[mode] = batch_fit
         sides = (size, 2 * size) if size // 2 < multiple or (size // 2) % multiple else (size // 2, size)
         max_size[mode] = _largest_on_grid(at_batch, budget, sides, multiple, lambda v: [1.0, float(v) ** 2])
+    suggested = None
+    if gpu_memory is not None and "invertible" in predictions and cuda_need(predictions["invertible"].peak) > gpu_memory:
+        suggested = suggest_backward_tile(dataclasses.replace(config, mode="invertible"), size, batch_size, gpu_memory,
+                                          dtype=dtype, train_config=train_config)  # fmt: skip
     return MemoryPlan(size, batch_size, predictions, gpu_memory, max_batch if gpu_memory else None, max_size if gpu_memory else None,
-                      encoder=getattr(config, "encoder", "none"))  # fmt: skip
+                      encoder=getattr(config, "encoder", "none"), backward_tile=getattr(config, "backward_tile", None),
+                      suggested_tile=suggested)  # fmt: skip
+
+
+def suggest_backward_tile(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype: torch.dtype = torch.float32,
+                          train_config: Optional[TrainConfig] = None) -> Optional[Tuple[int, PeakPrediction]]:  # fmt: skip
+    """The largest tile of :data:`TILE_CHOICES` with which a whole-level invertible step would fit.
+
+    Only a config that can take a tile is tried: invertible mode (the mode that rebuilds in tiles),
+    CVN, no tile yet. A tile is skipped unless it is a multiple of ``2**(num_levels - 1)`` and smaller
+    than the flow's level 0 (``size // input_stride``): a tile as large as the level is the whole level.
+
+    Returns:
+        ``(tile, prediction)`` for the first tile, largest first, whose CUDA need fits ``gpu_memory``;
+        ``None`` when the config cannot take one or no tile fits.
+    """
+    import dataclasses  # noqa: PLC0415
+
+    if config.mode != "invertible" or config.volume_norm != "CVN" or getattr(config, "backward_tile", None) is not None:
+        return None
+    side = size // config.input_stride
+    for tile in TILE_CHOICES:
+        if tile >= side or tile % 2 ** (config.num_levels - 1):
+            continue
+        prediction = predict_peak(dataclasses.replace(config, backward_tile=tile), size, batch_size, dtype=dtype,
+                                  train_config=train_config)  # fmt: skip
+        if cuda_need(prediction.peak) <= gpu_memory:
+            return tile, prediction
+    return None
 
 
 def format_plan(result: MemoryPlan) -> str:
@@ -357,7 +403,8 @@ def format_plan(result: MemoryPlan) -> str:
         side = result.size // ENCODER_STRIDES[result.encoder]
         through = f", through the {result.encoder} stem (features {side}x{side}x{ENCODER_CHANNELS[result.encoder]})"
     lines = [
-        f"predicted peak memory of one training step at {result.size}x{result.size} px, batch {result.batch_size}{through}",
+        f"predicted peak memory of one training step at {result.size}x{result.size} px, batch {result.batch_size}{through}"
+        + ("" if result.backward_tile is None else f", backward in {result.backward_tile}x{result.backward_tile} px tiles"),
         f"{'mode':<11} {'peak MiB':>10} {'params+Adam':>12} {'batch':>8} {'kept':>10} {'working set':>12}",
     ]
     for mode, p in result.predictions.items():
@@ -378,6 +425,12 @@ def format_plan(result: MemoryPlan) -> str:
                 f"{mode:<11} {verdict}, margin {margin / 2**30:+.2f} GiB; largest batch at {result.size} px: "
                 f"{result.max_batch_size[mode]}; largest side at batch {result.batch_size}: {result.max_size[mode]} px"
             )
+        if result.suggested_tile is not None:
+            tile, prediction = result.suggested_tile
+            lines.append(
+                f"invertible with --backward-tile {tile} fits: peak {prediction.peak / mib:.1f} MiB, margin "
+                f"{(result.gpu_memory - cuda_need(prediction.peak)) / 2**30:+.2f} GiB (more time per step, the same maths)"
+            )
     return "\n".join(lines)
 
 
@@ -393,19 +446,24 @@ def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype
 
     Raises:
         WouldNotFitError: the predicted need exceeds the card; the message
-            names the largest batch size that fits in this mode, else a mode
-            that fits at this batch size, else the largest side, and ``--no-plan``.
+            names a ``--backward-tile`` that fits (:func:`suggest_backward_tile`), else the largest
+            batch size that fits in this mode, else a mode that fits at this batch size, else the
+            largest side, and ``--no-plan``.
     """
     import dataclasses  # noqa: PLC0415
 
     predicted = predict_peak(config, size, batch_size, dtype=dtype, train_config=train_config)
     if cuda_need(predicted.peak) <= gpu_memory:
         return predicted
-    found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype, train_config=train_config)
     what = (
         f"pyramidflow plan: training at {size} px, batch {batch_size}, mode {config.mode} needs about "
         f"{cuda_need(predicted.peak) / 2**30:.2f} GiB but the GPU has {gpu_memory / 2**30:.2f} GiB"
     )
+    tiled = suggest_backward_tile(config, size, batch_size, gpu_memory, dtype=dtype, train_config=train_config)
+    if tiled is not None:  # keeps the batch and the size asked for; costs time only
+        raise WouldNotFitError(f"{what}; use --backward-tile {tiled[0]} (about {cuda_need(tiled[1].peak) / 2**30:.2f} GiB; "
+                               "or --no-plan to try anyway).")  # fmt: skip
+    found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype, train_config=train_config)
     if found.max_batch_size[config.mode] >= 2:
         fix = f"use --batch-size {found.max_batch_size[config.mode]}"
     else:
