@@ -5,7 +5,9 @@ on the ``meta`` device, where tensors have shapes and no storage, and counts
 bytes as a caching-free allocator would: every new storage an op returns is
 added when it is made and removed when it is freed (:class:`_LiveBytes`). So
 it follows the model's code, whatever the engine mode or option, and costs
-the same at 2048 px as at 64 px (a few seconds: no arithmetic is done).
+the same at 2048 px as at 64 px (a few seconds: no arithmetic is done), except
+with ``backward_tile``: every tile's ops are run, so the time grows with the
+number of tiles (the image's area over the tile's).
 
 The step is the training loop's (:mod:`pyramidflow.train`): forward, Fourier
 loss, ``zero_grad(set_to_none=True)``, backward, gradient clipping, Adam. It
@@ -346,13 +348,15 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
     predictions, max_batch, max_size = {}, {}, {}
     for mode in modes:
         mode_config = dataclasses.replace(config, mode=mode)
-        predictions[mode] = predict_peak(mode_config, size, batch_size, dtype=dtype, train_config=train_config)
+        # one cache for the searches: a tiled step's prediction takes time in proportion to its tiles
+        predict = functools.lru_cache(None)(lambda s, b: predict_peak(mode_config, s, b, dtype=dtype, train_config=train_config))
+        predictions[mode] = predict(size, batch_size)
         if gpu_memory is None:
             continue
 
         budget = int((gpu_memory - CUDA_RESERVED) / (1 + CUDA_MARGIN))
-        at_size = functools.lru_cache(None)(lambda b: predict_peak(mode_config, size, b, dtype=dtype, train_config=train_config).peak)
-        at_batch = functools.lru_cache(None)(lambda s: predict_peak(mode_config, s, batch_size, dtype=dtype, train_config=train_config).peak)
+        at_size = lambda b: predict(size, b).peak  # noqa: E731
+        at_batch = lambda s: predict(s, batch_size).peak  # noqa: E731
         batch_fit = _largest_on_grid(at_size, budget, (2, 4, 8), 1, lambda b: [1.0, b, b * (b - 1) / 2], first=2)
         max_batch[mode] = batch_fit
         sides = (size, 2 * size) if size // 2 < multiple or (size // 2) % multiple else (size // 2, size)
