@@ -323,14 +323,16 @@ def _largest_on_grid(peak: Callable[[int], int], budget: int, points: Sequence[i
 
 
 def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = MODES, gpu_memory: Optional[int] = None,
-         dtype: torch.dtype = torch.float32, train_config: Optional[TrainConfig] = None) -> MemoryPlan:  # fmt: skip
+         dtype: torch.dtype = torch.float32, train_config: Optional[TrainConfig] = None,
+         suggest_tile: bool = True) -> MemoryPlan:  # fmt: skip
     """Predict each mode's peak at ``size`` px and ``batch_size``, and with ``gpu_memory`` what fits.
 
     The largest batch and side are searched with the same prediction (a few
     seconds each); a side is a multiple of ``config.size_multiple``
     (``2**(num_levels - 1)``, times 4 with the ResNet18 encoder, whose weights
     are not read: NOTE [planning without encoder weights]). ``train_config``: the training settings
-    whose step is planned (``None``: the method's defaults).
+    whose step is planned (``None``: the method's defaults). ``suggest_tile``: when the whole-level
+    invertible step does not fit ``gpu_memory``, look for a tile that does (:func:`suggest_backward_tile`).
 
     Example:
         >>> from pyramidflow.model import PyramidFlowConfig
@@ -362,7 +364,7 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
         sides = (size, 2 * size) if size // 2 < multiple or (size // 2) % multiple else (size // 2, size)
         max_size[mode] = _largest_on_grid(at_batch, budget, sides, multiple, lambda v: [1.0, float(v) ** 2])
     suggested = None
-    if gpu_memory is not None and "invertible" in predictions and cuda_need(predictions["invertible"].peak) > gpu_memory:
+    if suggest_tile and gpu_memory is not None and "invertible" in predictions and cuda_need(predictions["invertible"].peak) > gpu_memory:
         suggested = suggest_backward_tile(dataclasses.replace(config, mode="invertible"), size, batch_size, gpu_memory,
                                           dtype=dtype, train_config=train_config)  # fmt: skip
     return MemoryPlan(size, batch_size, predictions, gpu_memory, max_batch if gpu_memory else None, max_size if gpu_memory else None,
@@ -375,8 +377,8 @@ def suggest_backward_tile(config: Any, size: int, batch_size: int, gpu_memory: i
     """The largest tile of :data:`TILE_CHOICES` with which a whole-level invertible step would fit.
 
     Only a config that can take a tile is tried: invertible mode (the mode that rebuilds in tiles),
-    CVN, no tile yet. A tile is skipped unless it is a multiple of ``2**(num_levels - 1)`` and smaller
-    than the flow's level 0 (``size // input_stride``): a tile as large as the level is the whole level.
+    CVN, no tile yet. A tile is skipped unless the config takes it (a multiple of ``2**(num_levels - 1)``)
+    and it is smaller than the flow's level 0 (``size // input_stride``): a tile as large is the whole level.
 
     Returns:
         ``(tile, prediction)`` for the first tile, largest first, whose CUDA need fits ``gpu_memory``;
@@ -388,10 +390,13 @@ def suggest_backward_tile(config: Any, size: int, batch_size: int, gpu_memory: i
         return None
     side = size // config.input_stride
     for tile in TILE_CHOICES:
-        if tile >= side or tile % 2 ** (config.num_levels - 1):
+        if tile >= side:
             continue
-        prediction = predict_peak(dataclasses.replace(config, backward_tile=tile), size, batch_size, dtype=dtype,
-                                  train_config=train_config)  # fmt: skip
+        try:
+            tiled = dataclasses.replace(config, backward_tile=tile)
+        except ValueError:  # not aligned to this model's levels: the config's own rule
+            continue
+        prediction = predict_peak(tiled, size, batch_size, dtype=dtype, train_config=train_config)
         if cuda_need(prediction.peak) <= gpu_memory:
             return tile, prediction
     return None
@@ -467,7 +472,8 @@ def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype
     if tiled is not None:  # keeps the batch and the size asked for; costs time only
         raise WouldNotFitError(f"{what}; use --backward-tile {tiled[0]} (about {cuda_need(tiled[1].peak) / 2**30:.2f} GiB; "
                                "or --no-plan to try anyway).")  # fmt: skip
-    found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype, train_config=train_config)
+    found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype, train_config=train_config,
+                 suggest_tile=False)  # fmt: skip
     if found.max_batch_size[config.mode] >= 2:
         fix = f"use --batch-size {found.max_batch_size[config.mode]}"
     else:
