@@ -53,7 +53,9 @@ CHECKPOINT_KEYS = (
 # Keys added after format version 1 was fixed; older files lack them and load with None.
 OPTIONAL_KEYS = ("calibration", "drift", "data")
 
-_EXECUTION_ONLY = ("mode", "kernels")  # how to run, not what was trained
+# How to run, not what was trained: a run may resume with another of these (they change memory and
+# rounding order, never the maths), and any checkpoint serves every one of them.
+_EXECUTION_ONLY = ("mode", "kernels", "backward_tile")
 
 
 class CheckpointError(ValueError):
@@ -222,8 +224,8 @@ def load_checkpoint(
             f"to {CHECKPOINT_FORMAT_VERSION}; upgrade pyramidflow."
         )
     if model_config is not None:
-        # The engine's mode (invertible / checkpoint / autograd) changes how gradients are computed,
-        # never the weights: a checkpoint serves every mode.
+        # The engine's mode (invertible / checkpoint / autograd) and the backward tile change how
+        # gradients are computed, never the weights: a checkpoint serves every one.
         saved = {k: v for k, v in state["model_config"].items() if k not in _EXECUTION_ONLY}
         # A setting added after the checkpoint was written had its default then: fill it in.
         saved = {**_defaults_of(model_config), **saved}

@@ -41,8 +41,11 @@ def _add_model_options(parser: argparse.ArgumentParser, ablation_switches: bool 
     group.add_argument("--encoder", choices=ENCODERS, help=f"frozen pretrained stem in place of the lift ({method.encoder})")
     group.add_argument("--encoder-weights", metavar="imagenet|PATH",
                        help="weights of --encoder: 'imagenet' (download, needs the encoders extra) or a local state dict")
-    if not ablation_switches:
+    if not ablation_switches:  # ablate's variants include SVN and no VN, which a tile cannot serve
         return
+    group.add_argument("--backward-tile", type=int, metavar="PX",
+                       help=f"rebuild and backpropagate each coupling in PX x PX tiles of level 0 ({method.backward_tile}: "
+                       "whole levels): less memory, more time; a multiple of 2**(levels - 1), CVN only")
     ablation = parser.add_argument_group("ablations of the paper's Table 2 (defaults: the method)")
     ablation.add_argument("--template", choices=TEMPLATES, help=f"latent template ({method.template})")
     ablation.add_argument("--difference", choices=DIFFERENCES,

@@ -33,3 +33,14 @@ def test_a_checkpoint_of_the_previous_layout_gives_the_same_maps():
     np.testing.assert_allclose(maps, saved["maps"], rtol=0, atol=1e-5)
     detector = Detector.load(CHECKPOINT, device="cpu")
     assert detector.image_size == (32, 32)
+
+
+def test_a_checkpoint_without_backward_tile_loads_with_any_tile():
+    """The field is newer than the file: it builds untiled, and a run may resume it tiled (execution-only, like mode)."""
+    from pyramidflow.model import PyramidFlowConfig
+
+    saved = load_checkpoint(CHECKPOINT).model_config
+    assert "backward_tile" not in saved
+    assert load_checkpoint(CHECKPOINT).build_model().config.backward_tile is None
+    for tile in (None, 2):
+        assert load_checkpoint(CHECKPOINT, PyramidFlowConfig(**saved, backward_tile=tile)).step == 2

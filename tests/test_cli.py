@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pyramidflow.checkpoint import load_checkpoint
 from pyramidflow.cli import main
 from pyramidflow.data import MVTecDataset, synthetic
 from pyramidflow.metrics import pixel_auroc
@@ -468,3 +469,42 @@ def test_augment_and_no_augment_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", "d", "--category", "c", "--out", "o", "--augment", "--no-augment"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# -- --backward-tile ------------------------------------------------------------------------------
+
+
+def test_train_backward_tile_reaches_the_model_and_the_checkpoint(data_root, tmp_path):
+    out = tmp_path / "tiled"
+    status = main(["train", "--data", str(data_root), "--category", "nut", "--out", str(out), "--size", str(SIZE),
+                   "--steps", "1", "--device", "cpu", *SMALL, "--backward-tile", "16"])
+    assert status == 0
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint.model_config["backward_tile"] == 16
+    assert {block.tile for block in checkpoint.build_model().flow.modules() if hasattr(block, "tile")} == {16}
+
+
+def test_plan_backward_tile_plans_the_tiled_step(capsys):
+    from pyramidflow.memory.plan import predict_peak
+    from pyramidflow.model import PyramidFlowConfig
+
+    assert main(["plan", "--size", str(SIZE), *SMALL, "--mode", "invertible", "--backward-tile", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["backward_tile"] == 16
+    config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=2, num_levels=3, backward_tile=16)
+    assert out["predicted_peak_bytes"]["invertible"] == predict_peak(config, SIZE, out["batch_size"]).peak
+    assert main(["plan", "--size", str(SIZE), *SMALL, "--mode", "invertible", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backward_tile"] is None
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--backward-tile", "6"], "multiple of 2**(num_levels - 1) = 4 pixels so that every level's tile edges are whole pixels, got 6; use 8."),
+    (["--backward-tile", "8", "--volume-norm", "SVN"], "backward_tile needs volume_norm='CVN', got 'SVN'"),
+    (["--backward-tile", "8", "--volume-norm", "none"], "backward_tile needs volume_norm='CVN', got None"),
+])
+@pytest.mark.parametrize("command", ["plan", "train"])
+def test_bad_backward_tile_is_one_line(command, flags, named, tmp_path, capsys):
+    where = ["--size", str(SIZE)] if command == "plan" else [
+        "--data", str(tmp_path), "--category", "nut", "--out", str(tmp_path / "run"), "--size", str(SIZE), "--device", "cpu"]
+    assert main([command, *where, *SMALL, *flags]) == 1
+    assert named in _error_line(capsys)

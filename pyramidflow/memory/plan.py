@@ -5,7 +5,9 @@ on the ``meta`` device, where tensors have shapes and no storage, and counts
 bytes as a caching-free allocator would: every new storage an op returns is
 added when it is made and removed when it is freed (:class:`_LiveBytes`). So
 it follows the model's code, whatever the engine mode or option, and costs
-the same at 2048 px as at 64 px (a few seconds: no arithmetic is done).
+the same at 2048 px as at 64 px (a few seconds: no arithmetic is done), except
+with ``backward_tile``: every tile's ops are run, so the time grows with the
+number of tiles (the image's area over the tile's).
 
 The step is the training loop's (:mod:`pyramidflow.train`): forward, Fourier
 loss, ``zero_grad(set_to_none=True)``, backward, gradient clipping, Adam. It
@@ -46,16 +48,21 @@ __all__ = [
     "CUDA_RESERVED",
     "MODES",
     "MemoryPlan",
+    "TILE_CHOICES",
     "WEIGHTS_NOT_READ",
     "parse_bytes",
     "predict_peak",
     "plan",
     "measure_training_peak",
+    "suggest_backward_tile",
     "training_step",
 ]
 
 CUDA_MARGIN = 0.10  # of the predicted peak: cuDNN workspaces and the allocator's 512-byte rounding
 CUDA_RESERVED = 512 * 2**20  # of the card: the CUDA context and kernels, outside the allocator
+# The tiles (px of level 0) plan and the pre-flight try when the whole-level step does not fit, largest
+# first: a larger tile runs fewer, larger tiles, so it costs the least time of those that fit.
+TILE_CHOICES = (512, 256, 128)
 # NOTE [planning without encoder weights]
 # A step's memory does not depend on the values of the weights, so the planner
 # builds the encoder variant's stem with ``encoder_skeleton`` (random weights;
@@ -237,6 +244,9 @@ class MemoryPlan:
         gpu_memory: the card's bytes, or ``None``.
         max_batch_size, max_size: mode -> the largest batch at ``size`` and the largest valid
             side at ``batch_size`` that fit the card (0 when none does); empty without ``gpu_memory``.
+        backward_tile: the config's tile (``None``: whole-level backward).
+        suggested_tile: when the whole-level invertible step does not fit the card but a tiled one
+            does, the tile (from :data:`TILE_CHOICES`) and its prediction (:func:`suggest_backward_tile`).
     """
 
     size: int
@@ -246,6 +256,8 @@ class MemoryPlan:
     max_batch_size: Optional[Dict[str, int]] = None
     max_size: Optional[Dict[str, int]] = None
     encoder: str = "none"
+    backward_tile: Optional[int] = None
+    suggested_tile: Optional[Tuple[int, PeakPrediction]] = None
 
     def cuda_need(self, mode: str) -> int:
         """Bytes of the card a run in ``mode`` needs: the peak plus the CUDA margin plus the reserve."""
@@ -256,6 +268,7 @@ class MemoryPlan:
             size=self.size,
             batch_size=self.batch_size,
             encoder=self.encoder,
+            backward_tile=self.backward_tile,
             predicted_peak_bytes={m: p.peak for m, p in self.predictions.items()},
             breakdown_bytes={m: {k: v for k, v in vars(p).items() if k != "peak"} for m, p in self.predictions.items()},
             cuda_margin=dict(fraction_of_peak=CUDA_MARGIN, reserved_bytes=CUDA_RESERVED),
@@ -268,6 +281,9 @@ class MemoryPlan:
                 max_batch_size=dict(self.max_batch_size or {}),
                 max_size=dict(self.max_size or {}),
             )
+            if self.suggested_tile is not None:
+                tile, prediction = self.suggested_tile
+                out.update(suggested_backward_tile=tile, suggested_backward_tile_peak_bytes=prediction.peak)
         return out
 
 
@@ -307,14 +323,16 @@ def _largest_on_grid(peak: Callable[[int], int], budget: int, points: Sequence[i
 
 
 def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = MODES, gpu_memory: Optional[int] = None,
-         dtype: torch.dtype = torch.float32, train_config: Optional[TrainConfig] = None) -> MemoryPlan:  # fmt: skip
+         dtype: torch.dtype = torch.float32, train_config: Optional[TrainConfig] = None,
+         suggest_tile: bool = True) -> MemoryPlan:  # fmt: skip
     """Predict each mode's peak at ``size`` px and ``batch_size``, and with ``gpu_memory`` what fits.
 
     The largest batch and side are searched with the same prediction (a few
     seconds each); a side is a multiple of ``config.size_multiple``
     (``2**(num_levels - 1)``, times 4 with the ResNet18 encoder, whose weights
     are not read: NOTE [planning without encoder weights]). ``train_config``: the training settings
-    whose step is planned (``None``: the method's defaults).
+    whose step is planned (``None``: the method's defaults). ``suggest_tile``: when the whole-level
+    invertible step does not fit ``gpu_memory``, look for a tile that does (:func:`suggest_backward_tile`).
 
     Example:
         >>> from pyramidflow.model import PyramidFlowConfig
@@ -332,19 +350,56 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
     predictions, max_batch, max_size = {}, {}, {}
     for mode in modes:
         mode_config = dataclasses.replace(config, mode=mode)
-        predictions[mode] = predict_peak(mode_config, size, batch_size, dtype=dtype, train_config=train_config)
+        # one cache for the searches: a tiled step's prediction takes time in proportion to its tiles
+        predict = functools.lru_cache(None)(lambda s, b: predict_peak(mode_config, s, b, dtype=dtype, train_config=train_config))
+        predictions[mode] = predict(size, batch_size)
         if gpu_memory is None:
             continue
 
         budget = int((gpu_memory - CUDA_RESERVED) / (1 + CUDA_MARGIN))
-        at_size = functools.lru_cache(None)(lambda b: predict_peak(mode_config, size, b, dtype=dtype, train_config=train_config).peak)
-        at_batch = functools.lru_cache(None)(lambda s: predict_peak(mode_config, s, batch_size, dtype=dtype, train_config=train_config).peak)
+        at_size = lambda b: predict(size, b).peak  # noqa: E731
+        at_batch = lambda s: predict(s, batch_size).peak  # noqa: E731
         batch_fit = _largest_on_grid(at_size, budget, (2, 4, 8), 1, lambda b: [1.0, b, b * (b - 1) / 2], first=2)
         max_batch[mode] = batch_fit
         sides = (size, 2 * size) if size // 2 < multiple or (size // 2) % multiple else (size // 2, size)
         max_size[mode] = _largest_on_grid(at_batch, budget, sides, multiple, lambda v: [1.0, float(v) ** 2])
+    suggested = None
+    if suggest_tile and gpu_memory is not None and "invertible" in predictions and cuda_need(predictions["invertible"].peak) > gpu_memory:
+        suggested = suggest_backward_tile(dataclasses.replace(config, mode="invertible"), size, batch_size, gpu_memory,
+                                          dtype=dtype, train_config=train_config)  # fmt: skip
     return MemoryPlan(size, batch_size, predictions, gpu_memory, max_batch if gpu_memory else None, max_size if gpu_memory else None,
-                      encoder=getattr(config, "encoder", "none"))  # fmt: skip
+                      encoder=getattr(config, "encoder", "none"), backward_tile=getattr(config, "backward_tile", None),
+                      suggested_tile=suggested)  # fmt: skip
+
+
+def suggest_backward_tile(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype: torch.dtype = torch.float32,
+                          train_config: Optional[TrainConfig] = None) -> Optional[Tuple[int, PeakPrediction]]:  # fmt: skip
+    """The largest tile of :data:`TILE_CHOICES` with which a whole-level invertible step would fit.
+
+    Only a config that can take a tile is tried: invertible mode (the mode that rebuilds in tiles),
+    CVN, no tile yet. A tile is skipped unless the config takes it (a multiple of ``2**(num_levels - 1)``)
+    and it is smaller than the flow's level 0 (``size // input_stride``): a tile as large is the whole level.
+
+    Returns:
+        ``(tile, prediction)`` for the first tile, largest first, whose CUDA need fits ``gpu_memory``;
+        ``None`` when the config cannot take one or no tile fits.
+    """
+    import dataclasses  # noqa: PLC0415
+
+    if config.mode != "invertible" or config.volume_norm != "CVN" or getattr(config, "backward_tile", None) is not None:
+        return None
+    side = size // config.input_stride
+    for tile in TILE_CHOICES:
+        if tile >= side:
+            continue
+        try:
+            tiled = dataclasses.replace(config, backward_tile=tile)
+        except ValueError:  # not aligned to this model's levels: the config's own rule
+            continue
+        prediction = predict_peak(tiled, size, batch_size, dtype=dtype, train_config=train_config)
+        if cuda_need(prediction.peak) <= gpu_memory:
+            return tile, prediction
+    return None
 
 
 def format_plan(result: MemoryPlan) -> str:
@@ -357,7 +412,8 @@ def format_plan(result: MemoryPlan) -> str:
         side = result.size // ENCODER_STRIDES[result.encoder]
         through = f", through the {result.encoder} stem (features {side}x{side}x{ENCODER_CHANNELS[result.encoder]})"
     lines = [
-        f"predicted peak memory of one training step at {result.size}x{result.size} px, batch {result.batch_size}{through}",
+        f"predicted peak memory of one training step at {result.size}x{result.size} px, batch {result.batch_size}{through}"
+        + ("" if result.backward_tile is None else f", backward in {result.backward_tile}x{result.backward_tile} px tiles"),
         f"{'mode':<11} {'peak MiB':>10} {'params+Adam':>12} {'batch':>8} {'kept':>10} {'working set':>12}",
     ]
     for mode, p in result.predictions.items():
@@ -378,6 +434,12 @@ def format_plan(result: MemoryPlan) -> str:
                 f"{mode:<11} {verdict}, margin {margin / 2**30:+.2f} GiB; largest batch at {result.size} px: "
                 f"{result.max_batch_size[mode]}; largest side at batch {result.batch_size}: {result.max_size[mode]} px"
             )
+        if result.suggested_tile is not None:
+            tile, prediction = result.suggested_tile
+            lines.append(
+                f"invertible with --backward-tile {tile} fits: peak {prediction.peak / mib:.1f} MiB, margin "
+                f"{(result.gpu_memory - cuda_need(prediction.peak)) / 2**30:+.2f} GiB (more time per step, the same maths)"
+            )
     return "\n".join(lines)
 
 
@@ -393,19 +455,25 @@ def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype
 
     Raises:
         WouldNotFitError: the predicted need exceeds the card; the message
-            names the largest batch size that fits in this mode, else a mode
-            that fits at this batch size, else the largest side, and ``--no-plan``.
+            names a ``--backward-tile`` that fits (:func:`suggest_backward_tile`), else the largest
+            batch size that fits in this mode, else a mode that fits at this batch size, else the
+            largest side, and ``--no-plan``.
     """
     import dataclasses  # noqa: PLC0415
 
     predicted = predict_peak(config, size, batch_size, dtype=dtype, train_config=train_config)
     if cuda_need(predicted.peak) <= gpu_memory:
         return predicted
-    found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype, train_config=train_config)
     what = (
         f"pyramidflow plan: training at {size} px, batch {batch_size}, mode {config.mode} needs about "
         f"{cuda_need(predicted.peak) / 2**30:.2f} GiB but the GPU has {gpu_memory / 2**30:.2f} GiB"
     )
+    tiled = suggest_backward_tile(config, size, batch_size, gpu_memory, dtype=dtype, train_config=train_config)
+    if tiled is not None:  # keeps the batch and the size asked for; costs time only
+        raise WouldNotFitError(f"{what}; use --backward-tile {tiled[0]} (about {cuda_need(tiled[1].peak) / 2**30:.2f} GiB; "
+                               "or --no-plan to try anyway).")  # fmt: skip
+    found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype, train_config=train_config,
+                 suggest_tile=False)  # fmt: skip
     if found.max_batch_size[config.mode] >= 2:
         fix = f"use --batch-size {found.max_batch_size[config.mode]}"
     else:

@@ -241,3 +241,43 @@ def test_plan_predicts_the_step_training_takes(volume_norm, objective, monkeypat
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, c: clips.append(c) or real_clip(p, c))
     planning.predict_peak(PyramidFlowConfig(volume_norm=volume_norm, **TINY), 32, 2, train_config=TrainConfig(steps=1, grad_clip=0.5))
     assert losses == [objective] and clips == [0.5]
+
+
+# -- the tiled step (backward_tile) ----------------------------------------------------------------
+
+TILEABLE = dict(channels=4, kernel_size=3, num_stacks=1, num_levels=3)  # tiles: multiples of 4 px
+
+
+def test_tiled_prediction_is_below_the_whole_level_one():
+    """Tiles shrink the coupling's working set, never the kept state (the levels the engine keeps)."""
+    whole = planning.predict_peak(PyramidFlowConfig(**TILEABLE), 256, 2)
+    tiled = planning.predict_peak(PyramidFlowConfig(**TILEABLE, backward_tile=64), 256, 2)
+    assert tiled.kept_state == whole.kept_state and tiled.input_batch == whole.input_batch
+    assert tiled.working_set < whole.working_set and tiled.peak < whole.peak, (tiled, whole)
+
+
+def test_plan_and_preflight_name_the_largest_tile_that_fits():
+    """A card between the whole-level and the tiled need: the largest of TILE_CHOICES that fits is named."""
+    need = {tile: planning.cuda_need(planning.predict_peak(PyramidFlowConfig(**TILEABLE, backward_tile=tile), 512, 2).peak)
+            for tile in (None, 256, 128)}  # fmt: skip
+    assert need[None] > need[256] > need[128], need  # the premise: smaller tiles, less memory
+    config = PyramidFlowConfig(**TILEABLE)
+    for card, tile in ((need[256], 256), (need[128], 128)):
+        with pytest.raises(planning.WouldNotFitError) as caught:
+            planning.preflight(config, 512, 2, card)
+        message = str(caught.value)
+        assert f"use --backward-tile {tile} (about {need[tile] / 2**30:.2f} GiB" in message and "\n" not in message
+    result = planning.plan(config, 512, 2, modes=("invertible",), gpu_memory=need[256])
+    assert result.suggested_tile[0] == 256 and result.to_json()["suggested_backward_tile"] == 256
+    assert "invertible with --backward-tile 256 fits" in planning.format_plan(result)
+    with pytest.raises(planning.WouldNotFitError) as caught:  # no tile fits: the other ways out
+        planning.preflight(config, 512, 2, need[128] - 1)
+    assert "--backward-tile" not in str(caught.value)
+
+
+def test_no_tile_is_suggested_where_a_tile_cannot_serve():
+    for config in (PyramidFlowConfig(**{**TILEABLE, "volume_norm": "SVN"}), PyramidFlowConfig(**TILEABLE, mode="autograd"),
+                   PyramidFlowConfig(**TILEABLE, backward_tile=64)):  # fmt: skip
+        assert planning.suggest_backward_tile(config, 512, 2, planning.CUDA_RESERVED + 2**30) is None
+    # a tile as large as the image is the whole level: 256 px takes only 128 of (512, 256, 128)
+    assert planning.suggest_backward_tile(PyramidFlowConfig(**TILEABLE), 256, 2, planning.CUDA_RESERVED + 2**30)[0] == 128

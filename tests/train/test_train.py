@@ -45,10 +45,11 @@ def model_config(**overrides) -> PyramidFlowConfig:
     return PyramidFlowConfig(**settings)
 
 
-def run(out_dir, steps=6, dataset=None, resume=False, **overrides):
+def run(out_dir, steps=6, dataset=None, resume=False, model=None, **overrides):
     settings = dict(steps=steps, checkpoint_every=None, log_every=2, device="cpu")
     settings.update(overrides)
-    return train(model_config(), TrainConfig(**settings), dataset or RandomImages(), out_dir, resume=resume, progress=False)
+    return train(model or model_config(), TrainConfig(**settings), dataset or RandomImages(), out_dir, resume=resume,
+                 progress=False)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -142,6 +143,34 @@ def test_resume_continues_bit_for_bit(tmp_path):
     for x, y in zip(a.template, b.template):
         assert torch.equal(x, y)
     assert a.score_stats == b.score_stats
+
+
+# The smallest tile the model takes (2**(num_levels - 1) = 4 px): 8×8 tiles of level 0 at 32 px.
+SMALLEST_TILE = 4
+
+
+def test_resume_with_a_backward_tile_continues_bit_for_bit(tmp_path):
+    tiled = model_config(backward_tile=SMALLEST_TILE, num_stacks=1)  # one stack: 64 tiles per coupling are slow enough
+    straight = run(tmp_path / "straight", steps=3, model=tiled)
+    run(tmp_path / "resumed", steps=1, model=tiled)
+    resumed = run(tmp_path / "resumed", steps=3, resume=True, model=tiled)
+    assert resumed.step == 3 and resumed.losses == straight.losses
+    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
+    a, b = load_checkpoint(straight.checkpoint_path), load_checkpoint(resumed.checkpoint_path)
+    assert_same_state(a.optimizer["state"][0], b.optimizer["state"][0])
+    assert b.model_config["backward_tile"] == SMALLEST_TILE
+
+
+def test_resume_may_change_the_backward_tile(tmp_path):
+    """The tile changes memory and rounding order, not the maths: like --mode, a resume may change it."""
+    straight = run(tmp_path / "straight", steps=4)
+    run(tmp_path / "resumed", steps=2)
+    resumed = run(tmp_path / "resumed", steps=4, resume=True, model=model_config(backward_tile=SMALLEST_TILE))
+    assert resumed.losses[:2] == straight.losses[:2]
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-4)
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert load_checkpoint(resumed.checkpoint_path).model_config["backward_tile"] == SMALLEST_TILE
 
 
 def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path):
