@@ -47,6 +47,19 @@ def check_tile_support(tile: Optional[int], volume_norm: Optional[str], where: s
         )
 
 
+# NOTE [tiles on meta]
+# The planner runs the real step on the meta device, where an op costs the
+# same Python time whatever its size, so thousands of tiles would take
+# minutes for nothing: every tile frees what it made before the next starts,
+# and what stays (the level-sized outputs and gradient accumulators) is made
+# before the first. On meta only the tiles of each kind of position run: the
+# first two and last two rows and columns (a border tile, an inner one with a
+# whole halo, the one before the last, the narrower last), which gives the
+# same peak. Values never exist on meta, so none is skipped that matters.
+def _representatives(starts: List[int]) -> List[int]:
+    return sorted({*starts[:2], *starts[-2:]})
+
+
 # NOTE [tiles and halos]
 # F is two k×k convs with zero padding, the affine step and CVN act pixel by
 # pixel, and the pyramid's resizes between levels are nearest by powers of
@@ -71,12 +84,19 @@ class TileLayout:
     halo: int
     tile: int
 
-    def tiles(self, height: int, width: int) -> Iterator[Tuple[slice, slice]]:
-        """The tiles of level ``k`` (``height×width``), row-major; the last row and column may be narrower."""
+    def tiles(self, height: int, width: int, meta: bool = False) -> Iterator[Tuple[slice, slice]]:
+        """The tiles of level ``k`` (``height×width``), row-major; the last row and column may be narrower.
+
+        ``meta``: only the first two and the last two rows and columns of tiles (NOTE [tiles on meta]).
+        """
         side = max(1, self.tile >> self.level)
-        for top in range(0, height, side):
-            for left in range(0, width, side):
+        tops, lefts = list(range(0, height, side)), list(range(0, width, side))
+        if meta:
+            tops, lefts = _representatives(tops), _representatives(lefts)
+        for top in tops:
+            for left in lefts:
                 yield slice(top, min(top + side, height)), slice(left, min(left + side, width))
+
 
     def window(self, rows: slice, cols: slice, net_size: Tuple[int, int]) -> Tuple[slice, slice, slice, slice]:
         """F's window at level f for a tile of level k, widened by the halo, and the tile's place inside it."""
@@ -156,7 +176,7 @@ def tiled_forward(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net_si
     y = torch.empty_like(x, dtype=dtype)
     mean = affine_kwargs.get("running_mean")
     batch_mean = None
-    for rows, cols in layout.tiles(*x.shape[-2:]):
+    for rows, cols in layout.tiles(*x.shape[-2:], meta=x.is_meta):
         rt, _, _ = _tile_rt(layout, parts, net_size, rows, cols, w_in, w_out, slope, (False,) * len(parts))
         r, t = rt.chunk(2, dim=1)
         a = torch.empty_like(x[..., rows, cols], dtype=dtype, memory_format=torch.contiguous_format)
@@ -232,7 +252,7 @@ class _TiledLevel(torch.autograd.Function):
         w_in_local, w_out_local = w_in.detach().requires_grad_(True), w_out.detach().requires_grad_(True)
         weight_t = weight.detach().T
         mean = options.affine_kwargs.get("running_mean")
-        for rows, cols in layout.tiles(*u.shape[-2:]):
+        for rows, cols in layout.tiles(*u.shape[-2:], meta=u.is_meta):
             a = u[..., rows, cols].contiguous()
             g_tile = grad_x[..., rows, cols].contiguous()  # still the incoming gradient on this tile
             if grad_weight is not None:
@@ -286,7 +306,7 @@ def tiled_transformed_level(layout: TileLayout, y: Tensor, parts: Sequence[Tenso
     inverse = inverse_weight.detach()
     with torch.no_grad():
         u = y if storage_writable else torch.empty_like(y)
-        for rows, cols in layout.tiles(*y.shape[-2:]):
+        for rows, cols in layout.tiles(*y.shape[-2:], meta=y.is_meta):
             u[..., rows, cols] = _apply_1x1(y[..., rows, cols], inverse)
     x = u.detach().requires_grad_(True)
     options = _Options(layout, tuple(net_size), slope, gradients, affine_kwargs)

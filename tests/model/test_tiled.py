@@ -167,3 +167,14 @@ def test_tiled_working_set_does_not_grow_with_the_image():
 
     assert working(None, 256) > 3 * working(None, 128)
     assert working(32, 256) <= 1.2 * working(32, 128)
+
+
+def test_planning_runs_only_representative_tiles_and_gets_the_same_peak(monkeypatch):
+    """NOTE [tiles on meta]: the planner's shortcut (a few tiles of each position) predicts what all tiles do."""
+    from pyramidflow.model import tiled
+
+    config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=3, backward_tile=16)
+    shortcut = predict_peak(config, 128, 2)
+    monkeypatch.setattr(tiled, "_representatives", lambda starts: starts)
+    every_tile = predict_peak(config, 128, 2)
+    assert shortcut == every_tile
