@@ -57,30 +57,26 @@ def test_with_a_graph_it_stays_differentiable():
     torch.testing.assert_close(grad, torch.ones_like(x), rtol=0, atol=1e-12)  # compose(decompose(x)) = x
 
 
-def _decompose_peak(consume_input):
+def _decompose_peak(decompose):
     """Peak bytes above the input of a no-grad decomposition, counted on the meta device, and the input's bytes."""
     counter = _LiveBytes()
     with torch.device("meta"), torch.no_grad(), counter:
         x = torch.empty(2, 8, 512, 512)
         start = counter.live
-        levels = laplacian_decompose(x, 4, consume_input=consume_input)
+        levels = decompose(x)
         del levels
     return counter.peak - start, start
 
 
-def test_streaming_takes_the_whole_batch_temporaries_away():
+def test_streaming_takes_the_whole_batch_temporaries_away(monkeypatch):
     """Streamed: the levels and one chunk's temporaries; consumed: level 0 is the input's own storage."""
-    counter = _LiveBytes()
-    with torch.device("meta"), counter:
-        x = torch.empty(2, 8, 512, 512, requires_grad=True)
-        start = counter.live
-        levels = laplacian_decompose(x, 4)  # the whole-batch path
-        del levels
-    whole = counter.peak - start
-    streamed, input_bytes = _decompose_peak(False)
-    consumed, _ = _decompose_peak(True)
+    monkeypatch.setattr(pyramid, "_CHUNK_ELEMENTS", 2**16)  # under one 512 px channel: a channel at a time
+    whole, input_bytes = _decompose_peak(lambda x: pyramid._decompose_whole(x, 4, "max"))
+    streamed, _ = _decompose_peak(lambda x: laplacian_decompose(x, 4))
+    consumed, _ = _decompose_peak(lambda x: laplacian_decompose(x, 4, consume_input=True))
     pyramid_bytes = input_bytes * (1 + 1 / 4 + 1 / 16 + 1 / 64)
-    chunk = 4 * pyramid._CHUNK_ELEMENTS  # float32 bytes of one full-resolution temporary
-    assert whole >= pyramid_bytes + input_bytes  # the whole-batch blur and upsampling: the comparison can fail
-    assert streamed <= pyramid_bytes + 4 * chunk, (streamed, pyramid_bytes)
-    assert consumed <= pyramid_bytes - input_bytes + 4 * chunk, (consumed, pyramid_bytes)
+    channel = 4 * 512 * 512  # float32 bytes of one full-resolution temporary: one channel of one sample
+    # Measured above the input, in input sizes: whole 2.25, streamed 1.47, consumed 0.47 (the levels: 1.33).
+    assert whole >= pyramid_bytes + input_bytes / 2  # whole-batch temporaries: the comparison can fail
+    assert streamed <= pyramid_bytes + 4 * channel, (streamed, pyramid_bytes)
+    assert consumed <= pyramid_bytes - input_bytes + 4 * channel, (consumed, pyramid_bytes)
