@@ -3,8 +3,7 @@
 For every pair ``a < b`` of the batch and every level, ``mean_C |z_a - z_b|**p`` is a
 ``(pairs, 1, H_i, W_i)`` map. Written with autograd, the expression keeps several
 ``(pairs, C, H_i, W_i)`` temporaries (the two indexed copies, the difference, its magnitude)
-until backward: about two level-0 tensors per pyramid, the training step's largest graph.
-Here forward and backward run one channel at a time, so no temporary is bigger than one
+from forward until backward, and makes more of them in backward. Here forward and backward run one channel at a time, so no temporary is bigger than one
 ``(pairs, H_i, W_i)`` slice, and nothing is saved but references to the latents.
 
 notation: ``d = z_a,c - z_b,c`` one channel's difference per pair ``(pairs, H, W)``;
