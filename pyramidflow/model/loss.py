@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .lean_loss import pairwise_level_differences
 from .pyramid import laplacian_compose
 
 __all__ = ["LOSSES", "OBJECTIVES", "pairwise_difference_maps", "fourier_loss", "spatial_loss", "gaussian_nll", "objective_loss"]
@@ -57,9 +58,9 @@ def pairwise_difference_maps(latents: Sequence[Tensor], p: float = 2.0) -> Tenso
     # The composition is linear and acts on each channel alike, so the mean
     # over channels can be taken per level before composing: the same map,
     # with a composition over 1 channel instead of C.
-    first, second = torch.triu_indices(batch, batch, offset=1, device=latents[0].device)
-    diffs = [(z[first] - z[second]).abs().pow(p).mean(dim=1, keepdim=True) for z in latents]
-    return laplacian_compose(diffs)[:, 0]
+    # The per-level maps keep only the latents for backward (lean_loss.py); the composition
+    # acts on one channel per pair, so its own graph is small.
+    return laplacian_compose(pairwise_level_differences(latents, p))[:, 0]
 
 
 def fourier_loss(latents: Sequence[Tensor], p: float = 2.0) -> Tensor:

@@ -74,14 +74,20 @@ def check_image_size(height: int, width: int, num_levels: int, *, where: str = "
     )
 
 
-def laplacian_decompose(x: Tensor, num_levels: int, downsample: str = "max") -> Tuple[Tensor, ...]:
+def laplacian_decompose(x: Tensor, num_levels: int, downsample: str = "max", *,
+                        consume_input: bool = False) -> Tuple[Tensor, ...]:  # fmt: skip
     """Split ``x`` into a Laplacian pyramid of ``num_levels`` levels, finest first.
+
+    Without a graph (no-grad, or ``x`` not requiring grad) it runs one chunk of channels of one
+    sample at a time (NOTE [streamed decomposition]); with one, on the whole batch, differentiably.
 
     Args:
         x: images or feature maps, ``(N, C, H, W)``; ``H`` and ``W`` divisible by ``2**(num_levels - 1)``.
         num_levels: number of levels L, at least 1 (1 returns ``(x,)``).
         downsample: ``"max"`` (2×2 max-pooling, the authors' released code) or
             ``"nearest"`` (the paper's text). Composition is exact either way.
+        consume_input: the caller gives ``x`` up: without a graph, level 0 is written into
+            ``x``'s storage (and returned as ``x``), saving a level-0 tensor. Ignored with a graph.
 
     Returns:
         ``L`` tensors; level ``i`` has shape ``(N, C, H / 2**i, W / 2**i)``.
@@ -104,6 +110,15 @@ def laplacian_decompose(x: Tensor, num_levels: int, downsample: str = "max") -> 
     if x.dim() != 4:
         raise ValueError(f"laplacian_decompose: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}.")
     check_image_size(x.shape[-2], x.shape[-1], num_levels, where="laplacian_decompose")
+    if num_levels == 1:
+        return (x,)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _decompose_whole(x, num_levels, downsample)
+    return _decompose_streamed(x, num_levels, downsample, consume_input)
+
+
+def _decompose_whole(x: Tensor, num_levels: int, downsample: str) -> Tuple[Tensor, ...]:
+    """The decomposition of the whole batch at once: differentiable, with whole-batch temporaries."""
     levels = []
     gaussian = x
     for _ in range(num_levels - 1):
@@ -111,6 +126,34 @@ def laplacian_decompose(x: Tensor, num_levels: int, downsample: str = "max") -> 
         levels.append(gaussian - _up(coarser, gaussian.shape[-2:]))
         gaussian = coarser
     levels.append(gaussian)
+    return tuple(levels)
+
+
+# NOTE [streamed decomposition]
+# The pyramid acts on each channel of each sample alone (the blur is per channel, the pooling and
+# the resampling are per pixel of a channel), so without a graph it is computed one chunk of
+# channels of one sample at a time, each chunk's levels written straight into the output levels.
+# The full-resolution temporaries (the blurred input, the upsampled and blurred coarse level, the
+# difference) are then one chunk's, at most _CHUNK_ELEMENTS values each, instead of whole-batch
+# level-0 tensors; the output is the same arithmetic on the same values.
+_CHUNK_ELEMENTS = 2**20  # values of one full-resolution temporary (4 MiB in float32)
+
+
+def _decompose_streamed(x: Tensor, num_levels: int, downsample: str, consume_input: bool) -> Tuple[Tensor, ...]:
+    """The decomposition chunk by chunk (NOTE [streamed decomposition]); level 0 in ``x`` when consumed."""
+    batch, channels, height, width = x.shape
+    first = x if consume_input else torch.empty_like(x, memory_format=torch.contiguous_format)
+    levels = [first] + [x.new_empty((batch, channels, height >> i, width >> i)) for i in range(1, num_levels)]
+    step = max(1, min(channels, _CHUNK_ELEMENTS // (height * width)))
+    for sample in range(batch):
+        for start in range(0, channels, step):
+            chunk = (slice(sample, sample + 1), slice(start, start + step))
+            gaussian = x[chunk]
+            for level in levels[:-1]:
+                coarser = _down(gaussian, downsample)
+                torch.sub(gaussian, _up(coarser, gaussian.shape[-2:]), out=level[chunk])
+                gaussian = coarser
+            levels[-1][chunk].copy_(gaussian)
     return tuple(levels)
 
 
@@ -160,10 +203,10 @@ class LaplacianPyramid(nn.Module):
         """Raise a ValueError naming the nearest valid size when ``height×width`` does not fit."""
         check_image_size(height, width, self.num_levels, where="LaplacianPyramid")
 
-    def decompose(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """``(N, C, H, W)`` -> ``L`` levels, finest first."""
+    def decompose(self, x: Tensor, *, consume_input: bool = False) -> Tuple[Tensor, ...]:
+        """``(N, C, H, W)`` -> ``L`` levels, finest first; ``consume_input``: see :func:`laplacian_decompose`."""
         self.check_size(x.shape[-2], x.shape[-1])
-        return laplacian_decompose(x, self.num_levels, self.downsample)
+        return laplacian_decompose(x, self.num_levels, self.downsample, consume_input=consume_input)
 
     def compose(self, levels: Sequence[Tensor]) -> Tensor:
         """``L`` levels -> ``(N, C, H, W)``."""

@@ -1,0 +1,106 @@
+"""The per-level pairwise differences of the loss, as one autograd Function that keeps only the latents.
+
+For every pair ``a < b`` of the batch and every level, ``mean_C |z_a - z_b|**p`` is a
+``(pairs, 1, H_i, W_i)`` map. Written with autograd, the expression keeps several
+``(pairs, C, H_i, W_i)`` temporaries (the two indexed copies, the difference, its magnitude)
+from forward until backward, and makes more of them in backward. Here forward and backward run one channel at a time, so no temporary is bigger than one
+``(pairs, H_i, W_i)`` slice, and nothing is saved but references to the latents.
+
+notation: ``d = z_a,c - z_b,c`` one channel's difference per pair ``(pairs, H, W)``;
+``m = (1/C)·sum_c |d|**p``; ``g`` the gradient of ``m``;
+``dm/dz_a,c = -dm/dz_b,c = (p/C)·|d|**(p-1)·sign(d)``, summed over the pairs an image is in.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["pairwise_level_differences"]
+
+
+def _pairs(batch: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The pair indices ``(first, second)``, in the order of ``torch.triu_indices(batch, batch, 1)``."""
+    first, second = torch.triu_indices(batch, batch, offset=1, device=device)
+    return first, second
+
+
+def _channel_difference(z: Tensor, c: int, first: Tensor, second: Tensor) -> Tensor:
+    """``z[first, c] - z[second, c]``: ``(pairs, H, W)``, one fresh tensor and one temporary."""
+    channel = z.select(1, c)
+    d = channel.index_select(0, first)
+    return d.sub_(channel.index_select(0, second))
+
+
+def _level_map(z: Tensor, p: float, first: Tensor, second: Tensor) -> Tensor:
+    """``mean_C |z[first] - z[second]|**p`` as ``(pairs, 1, H, W)``, one channel at a time."""
+    channels = z.shape[1]
+    out = z.new_zeros((first.numel(), 1, *z.shape[2:]))
+    acc = out[:, 0]
+    for c in range(channels):
+        acc.add_(_channel_difference(z, c, first, second).abs_().pow_(p))
+    return out.div_(channels)
+
+
+def _incidence(batch: int, first: Tensor, second: Tensor, like: Tensor) -> Tensor:
+    """``(batch, pairs)``: +1 where the image is a pair's first, -1 where its second (the sum over pairs as a product)."""
+    pairs = torch.arange(first.numel(), device=first.device)
+    signs = like.new_zeros((batch, first.numel()))
+    signs[first, pairs] = 1.0
+    signs[second, pairs] = -1.0
+    return signs
+
+
+def _level_gradient(z: Tensor, grad_map: Tensor, p: float, first: Tensor, second: Tensor) -> Tensor:
+    """The gradient of one level's latents ``(B, C, H, W)`` from its map's gradient ``(pairs, 1, H, W)``."""
+    batch, channels = z.shape[:2]
+    grad = torch.zeros_like(z, memory_format=torch.contiguous_format)
+    signs = _incidence(batch, first, second, z)
+    scaled = grad_map[:, 0] * (p / channels)  # (pairs, H, W)
+    for c in range(channels):
+        d = _channel_difference(z, c, first, second)
+        term = d.abs().pow_(p - 1).mul_(d.sign_()).mul_(scaled)  # (p/C)·|d|^(p-1)·sign(d)·g
+        del d
+        # grad[:, c] += signs @ term: each image gets its pairs' terms with +1 or -1, written in place.
+        grad.select(1, c).flatten(1).addmm_(signs, term.flatten(1))
+    return grad
+
+
+class _PairwiseLevelDifferences(torch.autograd.Function):
+    """Per-level maps forward; their latents' gradients backward, recomputing each channel's difference."""
+
+    @staticmethod
+    def forward(ctx, p: float, *latents: Tensor) -> Tuple[Tensor, ...]:
+        first, second = _pairs(latents[0].shape[0], latents[0].device)
+        # References to the latents, not copies. They are the flow's outputs, which invertible
+        # backward reuses once its own backward starts; this backward runs before it and only reads them.
+        ctx.save_for_backward(*latents)
+        ctx.p = p
+        return tuple(_level_map(z, p, first, second) for z in latents)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_maps: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        latents = ctx.saved_tensors
+        first, second = _pairs(latents[0].shape[0], latents[0].device)
+        grads = []
+        for index, (z, grad_map) in enumerate(zip(latents, grad_maps)):
+            needed = ctx.needs_input_grad[index + 1] and grad_map is not None
+            grads.append(_level_gradient(z, grad_map, ctx.p, first, second) if needed else None)
+        return (None, *grads)
+
+
+def pairwise_level_differences(latents: Sequence[Tensor], p: float = 2.0) -> Tuple[Tensor, ...]:
+    """``mean_C |z_a - z_b|**p`` per level for every pair ``a < b``, keeping only the latents for backward.
+
+    Args:
+        latents: ``L`` tensors ``(B, C, H_i, W_i)``, ``B >= 2`` (checked by the caller).
+        p: the exponent of the difference.
+
+    Returns:
+        ``L`` tensors ``(B(B-1)/2, 1, H_i, W_i)``, pairs in the order of ``torch.triu_indices(B, B, 1)``.
+    """
+    return _PairwiseLevelDifferences.apply(float(p), *latents)
