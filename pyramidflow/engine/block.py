@@ -31,10 +31,15 @@ class Writable:
         outputs: the storage of output level ``j`` may be reused (e.g. for the rebuilt input).
         gradients: the gradient that the local backward receives for output level ``j`` may be
             overwritten (e.g. with the input's gradient).
+        rebuild_first: the rebuilt inputs must hold their values when ``reconstruct`` returns,
+            before the local backward: the engine checks their drift then, so that under
+            ``drift="recompute"`` it may still let the block overwrite gradients. Asked only of
+            blocks that say they can (``rebuilds_before_backward = True``).
     """
 
     outputs: Tuple[bool, ...]
     gradients: Tuple[bool, ...]
+    rebuild_first: bool = False
 
 
 class InvertibleModule(nn.Module):
@@ -76,6 +81,10 @@ class InvertibleModule(nn.Module):
     #: ``True`` when every call returns ``logdet=None``; lets the engine skip
     #: log-det bookkeeping. Informational only: ``None`` at run time is what counts.
     volume_preserving: bool = False
+
+    #: ``True`` when ``reconstruct(ys, writable=Writable(..., rebuild_first=True))`` returns inputs that
+    #: already hold their values (see :class:`Writable`); lets ``drift="recompute"`` overwrite gradients.
+    rebuilds_before_backward: bool = False
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(xs) -> (ys, logdet).")

@@ -180,6 +180,15 @@ class _InvertibleFunction(torch.autograd.Function):
             if index in run.fwd_anchors:  # the exact input is at hand: no reconstruction, no drift
                 new_ys, new_grad_ys, block_grads = _block_backward(*args, rebuild=_from_exact(run.fwd_anchors[index]))
                 drift = torch.zeros((), device=new_ys[0].device)
+            elif may_redo and _rebuilds_first(run, index):  # NOTE [drift checked before the local backward]
+                writable = Writable(tuple(owned), _gradient_flags(grad_ys, foreign_grads), rebuild_first=True)
+                checked: List[Tensor] = []
+                result = _block_backward(*args, writable=writable, check=_drift_check(run, index, checked) if measurable else None)
+                drift = checked[0] if checked else torch.zeros((), device=ys[0].device)
+                if result is None:
+                    result = _block_backward(*args, rebuild=_from_exact(_exact_input(run, index)))
+                    recomputed.append(index)
+                new_ys, new_grad_ys, block_grads = result
             else:
                 gradients = (False,) * len(grad_ys) if may_redo else _gradient_flags(grad_ys, foreign_grads)
                 writable = Writable(tuple(owned), gradients)
@@ -380,6 +389,30 @@ def _from_exact(xs: Tensors) -> Callable[[InvertibleModule, Tensors], Tuple[Tens
     return rebuild
 
 
+# NOTE [drift checked before the local backward]
+# Under drift="recompute" a drifting block is redone with the same incoming
+# gradients, so a block that rebuilds its input during its local backward
+# (a fused one) may not overwrite them: one more copy of its levels'
+# gradients. A block that can rebuild its input first (rebuilds_before_backward)
+# is asked to (Writable.rebuild_first); the engine checks the drift between
+# reconstruct and the local backward, and redoes a drifting block before any
+# gradient is touched, so the gradients stay writable. On meta nothing is
+# checked (no values), and the flags are those of a step that did not drift.
+def _rebuilds_first(run: InvertibleRun, index: int) -> bool:
+    block = run.blocks[index]
+    return bool(getattr(block, "rebuilds_before_backward", False)) and _takes_writable(block) and not run.fwd_autocast.regions
+
+
+def _drift_check(run: InvertibleRun, index: int, checked: List[Tensor]) -> Callable[[Tensors], bool]:
+    """A check for :func:`_block_backward`: stores the rebuilt input's drift, says whether it is too large."""
+
+    def check(xs: Tensors) -> bool:
+        checked.append(fingerprint_drift(run.fingerprinter, xs, run.fwd_fingerprints[index]))
+        return _exceeds(checked[-1], run.drift_tolerance)
+
+    return check
+
+
 def _takes_writable(block: InvertibleModule) -> bool:
     """Whether the block's ``reconstruct`` accepts ``writable=`` (so it may rebuild in place)."""
     try:
@@ -403,8 +436,12 @@ def _block_backward(
     need_input_grad: bool = True,
     rebuild: Callable[..., Tuple[Tensors, Tensors, LogDet]] = _reconstruct,
     writable: Optional[Writable] = None,
-) -> Tuple[Tensors, List[Optional[Tensor]], List[Optional[Tensor]]]:
+    check: Optional[Callable[[Tensors], bool]] = None,
+) -> Optional[Tuple[Tensors, List[Optional[Tensor]], List[Optional[Tensor]]]]:
     """Rebuild block ``index``'s inputs and push the gradient through it, once.
+
+    ``check``, if given, sees the rebuilt inputs before the local backward; when it returns ``True``
+    nothing is backpropagated and the result is ``None`` (NOTE [drift checked before the local backward]).
 
     Returns:
         ``(xs, grad_xs, grads)``: the block's inputs (detached), their
@@ -418,6 +455,8 @@ def _block_backward(
         xs, ys_local, logdet_local = rebuild(block, detached) if writable is None else rebuild(block, detached, writable)
         del detached
     _internal_assert(len(ys_local) == len(ys), f"block {index} reconstructed {len(ys_local)} outputs for {len(ys)}")
+    if check is not None and check(tuple(x.detach() for x in xs)):
+        return None
     # Outputs that are one of the inputs (levels a block passes through) take
     # their gradient directly, without a trip through autograd.
     grad_xs: List[Optional[Tensor]] = [None] * len(xs)

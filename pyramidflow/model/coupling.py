@@ -188,6 +188,11 @@ class PyramidCoupling(InvertibleModule):
         tile = "" if self.tile is None else f", tile={self.tile}"
         return f"level={self.level}, cond_levels={self.cond_levels}, clamp={self.clamp}{tile}"
 
+    @property
+    def rebuilds_before_backward(self) -> bool:  # type: ignore[override]
+        """A tiled coupling can rebuild its input before its local backward (see :class:`~pyramidflow.engine.Writable`)."""
+        return self.tile is not None
+
     def _tile_layout(self, xs: Tensors) -> Tuple[TileLayout, Tuple[int, int]]:
         """Where this block's tiles fall (NOTE [tiles and halos] in :mod:`.tiled`), and the size of F's level."""
         _, before = self._conditioning(xs)
@@ -353,6 +358,7 @@ class PyramidCoupling(InvertibleModule):
             xs[k], local = tiled_transformed_level(
                 layout, leaves[k], parts, net_size, *self._net_weights(), weight, self.conv.inverse_weight(),
                 writable=(*flags, *gradients), affine_kwargs=self._tiled_kwargs(ys),
+                rebuild_first=writable is not None and writable.rebuild_first,
             )
             for j, y_local in zip((k, *self.cond_levels), local):
                 ys_local[j] = y_local

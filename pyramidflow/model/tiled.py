@@ -216,6 +216,7 @@ class _Options:
     writable: Tuple[bool, ...]  # per input: x's gradient, then each conditioning level's
     affine_kwargs: dict
     u: Optional[Tensor] = None  # the affine output, when it is not held in x's storage (an exact input)
+    input_final: bool = False  # x's storage holds x already (rebuilt first): u is recomputed per tile
 
 
 def _gradient_into(g: Optional[Tensor], like: Tensor, writable: bool) -> Tensor:
@@ -253,20 +254,26 @@ class _TiledLevel(torch.autograd.Function):
         weight_t = weight.detach().T
         mean = options.affine_kwargs.get("running_mean")
         for rows, cols in layout.tiles(*u.shape[-2:], meta=u.is_meta):
-            a = u[..., rows, cols].contiguous()
-            g_tile = grad_x[..., rows, cols].contiguous()  # still the incoming gradient on this tile
-            if grad_weight is not None:
-                grad_weight += torch.einsum("nihw,njhw->ij", g_tile, a)
-            grad_a = _apply_1x1(g_tile, weight_t)
-            del g_tile
             with torch.enable_grad():
                 rt, leaves, indices = _tile_rt(layout, parts, net_size, rows, cols, w_in_local, w_out_local, slope, need_parts)
             grad_rt = rt.detach().clone()
             r, t = grad_rt.chunk(2, dim=1)
             tile_kwargs = {**options.affine_kwargs, "running_mean": _mean_tile(mean, rows, cols)}
+            if options.input_final:  # u = affine(x) again on this tile; x stays as it is
+                a = torch.empty_like(u[..., rows, cols], memory_format=torch.contiguous_format)
+                a.copy_(u[..., rows, cols])
+                kernels.affine_coupling_into(a, r, t, out=a, **tile_kwargs)
+            else:
+                a = u[..., rows, cols].contiguous()
+            g_tile = grad_x[..., rows, cols].contiguous()  # still the incoming gradient on this tile
+            if grad_weight is not None:
+                grad_weight += torch.einsum("nihw,njhw->ij", g_tile, a)
+            grad_a = _apply_1x1(g_tile, weight_t)
+            del g_tile
             # NOTE [backward into the operands] (kernels/reference.py): x over a, grad_x over grad_a, grad_r, grad_t over r, t.
             kernels.affine_coupling_bwd_into(a, r, t, grad_a, out=(a, grad_a, r, t), **tile_kwargs)
-            u[..., rows, cols] = a
+            if not options.input_final:
+                u[..., rows, cols] = a
             grad_x[..., rows, cols] = grad_a
             del a, grad_a, r, t
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
@@ -284,7 +291,8 @@ class _TiledLevel(torch.autograd.Function):
 
 def tiled_transformed_level(layout: TileLayout, y: Tensor, parts: Sequence[Tensor], net_size: Tuple[int, int],
                             w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, inverse_weight: Tensor, *,
-                            writable: Tuple[bool, ...], affine_kwargs: dict) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+                            writable: Tuple[bool, ...], affine_kwargs: dict,
+                            rebuild_first: bool = False) -> Tuple[Tensor, Tuple[Tensor, ...]]:
     """The tiled reconstruct: ``(x, local_outputs)``, as :func:`.lean.transformed_level` (NOTE [tiled backward]).
 
     Args:
@@ -297,9 +305,11 @@ def tiled_transformed_level(layout: TileLayout, y: Tensor, parts: Sequence[Tenso
         writable: whether ``y``'s storage may be overwritten, then whether the incoming gradient of
             ``y`` and of each conditioning level may be.
         affine_kwargs: ``volume_norm``, ``clamp``, ``running_mean``, ``backend`` of the affine op.
+        rebuild_first: rebuild ``x`` now (one more pass of F, without grad), so its values can be
+            checked before the local backward (:class:`~pyramidflow.engine.Writable`).
 
     Returns:
-        ``x``, a leaf filled during the local backward, and the local outputs ``(y_local, *parts_local)``,
+        ``x``, a leaf filled now or during the local backward, and the local outputs ``(y_local, *parts_local)``,
         differentiable in ``x``, the conditioning levels, F's weights and ``weight``.
     """
     storage_writable, gradients = writable[0], tuple(writable[1:])
@@ -308,8 +318,14 @@ def tiled_transformed_level(layout: TileLayout, y: Tensor, parts: Sequence[Tenso
         u = y if storage_writable else torch.empty_like(y)
         for rows, cols in layout.tiles(*y.shape[-2:], meta=y.is_meta):
             u[..., rows, cols] = _apply_1x1(y[..., rows, cols], inverse)
+            if rebuild_first:  # x now, over u: F runs once more per tile, in backward
+                rt, _, _ = _tile_rt(layout, parts, net_size, rows, cols, w_in, w_out, slope, (False,) * len(parts))
+                r, t = rt.chunk(2, dim=1)
+                tile_kwargs = {**affine_kwargs, "running_mean": _mean_tile(affine_kwargs.get("running_mean"), rows, cols)}
+                u[..., rows, cols] = kernels.affine_coupling_inverse(u[..., rows, cols], r, t, **tile_kwargs)[0]
+                del rt, r, t
     x = u.detach().requires_grad_(True)
-    options = _Options(layout, tuple(net_size), slope, gradients, affine_kwargs)
+    options = _Options(layout, tuple(net_size), slope, gradients, affine_kwargs, input_final=rebuild_first)
     return x, _TiledLevel.apply(options, x, w_in, w_out, weight, y, *parts)
 
 
