@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..engine.errors import InvertibleError
+
 __all__ = ["pairwise_level_differences"]
 
 
@@ -69,14 +71,27 @@ def _level_gradient(z: Tensor, grad_map: Tensor, p: float, first: Tensor, second
     return grad
 
 
+def _saved_latents(ctx) -> Tuple[Tensor, ...]:
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:  # autograd's version check, or the graph already freed
+        raise InvertibleError(
+            "pairwise_difference_maps: a latent level was modified in place or given up (release_outputs) after the "
+            f"loss's forward, or backward ran twice ({error}); clone the latents before changing them, and run "
+            "backward once per forward."
+        ) from error
+
+
 class _PairwiseLevelDifferences(torch.autograd.Function):
     """Per-level maps forward; their latents' gradients backward, recomputing each channel's difference."""
 
     @staticmethod
     def forward(ctx, p: float, *latents: Tensor) -> Tuple[Tensor, ...]:
         first, second = _pairs(latents[0].shape[0], latents[0].device)
+        # NOTE [latents by reference]
         # References to the latents, not copies. They are the flow's outputs, which invertible
-        # backward reuses once its own backward starts; this backward runs before it and only reads them.
+        # backward reuses once its own backward starts; this backward runs before it and only reads
+        # them. A change to them before it is reported in the engine's words (InvertibleError).
         ctx.save_for_backward(*latents)
         ctx.p = p
         return tuple(_level_map(z, p, first, second) for z in latents)
@@ -84,7 +99,7 @@ class _PairwiseLevelDifferences(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_maps: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
-        latents = ctx.saved_tensors
+        latents = _saved_latents(ctx)
         first, second = _pairs(latents[0].shape[0], latents[0].device)
         grads = []
         for index, (z, grad_map) in enumerate(zip(latents, grad_maps)):
