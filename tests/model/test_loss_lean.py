@@ -71,7 +71,7 @@ def test_a_level_without_grad_gets_none_and_the_others_are_right():
 
 
 def test_only_the_latents_are_saved_for_backward():
-    """The Function keeps references to the latents and nothing else; autograd keeps ~2 level-0 copies."""
+    """The Function keeps references to the latents and nothing else; autograd keeps copies of them."""
     latents = _latents(3, 4, 32, 32, 3, dtype=torch.float32)
     latent_storages = {z.untyped_storage().data_ptr() for z in latents}
 
