@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..engine.errors import InvertibleError
+
 __all__ = ["pairwise_level_differences"]
 
 
@@ -45,28 +47,39 @@ def _level_map(z: Tensor, p: float, first: Tensor, second: Tensor) -> Tensor:
     return out.div_(channels)
 
 
-def _incidence(batch: int, first: Tensor, second: Tensor, like: Tensor) -> Tensor:
-    """``(batch, pairs)``: +1 where the image is a pair's first, -1 where its second (the sum over pairs as a product)."""
-    pairs = torch.arange(first.numel(), device=first.device)
-    signs = like.new_zeros((batch, first.numel()))
-    signs[first, pairs] = 1.0
-    signs[second, pairs] = -1.0
-    return signs
-
-
 def _level_gradient(z: Tensor, grad_map: Tensor, p: float, first: Tensor, second: Tensor) -> Tensor:
     """The gradient of one level's latents ``(B, C, H, W)`` from its map's gradient ``(pairs, 1, H, W)``."""
     batch, channels = z.shape[:2]
     grad = torch.zeros_like(z, memory_format=torch.contiguous_format)
-    signs = _incidence(batch, first, second, z)
+    pairs = _pair_list(batch)  # the same pairs as first, second, read without a host sync
     scaled = grad_map[:, 0] * (p / channels)  # (pairs, H, W)
     for c in range(channels):
         d = _channel_difference(z, c, first, second)
         term = d.abs().pow_(p - 1).mul_(d.sign_()).mul_(scaled)  # (p/C)·|d|^(p-1)·sign(d)·g
         del d
-        # grad[:, c] += signs @ term: each image gets its pairs' terms with +1 or -1, written in place.
-        grad.select(1, c).flatten(1).addmm_(signs, term.flatten(1))
+        # Each image gets its pairs' terms, +1 as a pair's first and -1 as its second, in pair order:
+        # in-place adds rather than a product with a ±1 matrix, which TF32 matmuls would round, or
+        # index_add_, whose CUDA atomics would make the sum's order (and the bits) vary.
+        for k, (a, b) in enumerate(pairs):
+            grad[a, c].add_(term[k])
+            grad[b, c].sub_(term[k])
     return grad
+
+
+def _pair_list(batch: int) -> list:
+    """The pairs ``(a, b)`` in the order of :func:`torch.triu_indices` (``a < b``, row by row), as Python ints."""
+    return [(a, b) for a in range(batch) for b in range(a + 1, batch)]
+
+
+def _saved_latents(ctx) -> Tuple[Tensor, ...]:
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:  # autograd's version check, or the graph already freed
+        raise InvertibleError(
+            "pairwise_difference_maps: a latent level was modified in place or given up (release_outputs) after the "
+            f"loss's forward, or backward ran twice ({error}); clone the latents before changing them, and run "
+            "backward once per forward."
+        ) from error
 
 
 class _PairwiseLevelDifferences(torch.autograd.Function):
@@ -75,8 +88,10 @@ class _PairwiseLevelDifferences(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: float, *latents: Tensor) -> Tuple[Tensor, ...]:
         first, second = _pairs(latents[0].shape[0], latents[0].device)
+        # NOTE [latents by reference]
         # References to the latents, not copies. They are the flow's outputs, which invertible
-        # backward reuses once its own backward starts; this backward runs before it and only reads them.
+        # backward reuses once its own backward starts; this backward runs before it and only reads
+        # them. A change to them before it is reported in the engine's words (InvertibleError).
         ctx.save_for_backward(*latents)
         ctx.p = p
         return tuple(_level_map(z, p, first, second) for z in latents)
@@ -84,7 +99,7 @@ class _PairwiseLevelDifferences(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_maps: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
-        latents = ctx.saved_tensors
+        latents = _saved_latents(ctx)
         first, second = _pairs(latents[0].shape[0], latents[0].device)
         grads = []
         for index, (z, grad_map) in enumerate(zip(latents, grad_maps)):

@@ -71,7 +71,7 @@ def test_a_level_without_grad_gets_none_and_the_others_are_right():
 
 
 def test_only_the_latents_are_saved_for_backward():
-    """The Function keeps references to the latents and nothing else; autograd keeps ~2 level-0 copies."""
+    """The Function keeps references to the latents and nothing else; autograd keeps copies of them."""
     latents = _latents(3, 4, 32, 32, 3, dtype=torch.float32)
     latent_storages = {z.untyped_storage().data_ptr() for z in latents}
 
@@ -129,3 +129,15 @@ def test_runs_on_meta_with_the_pair_order_of_triu_indices():
     z[2] = 3.0
     maps = pairwise_level_differences([z], 2.0)[0][:, 0, 0, 0]
     assert maps.tolist() == [1.0, 9.0, 4.0]  # pairs (0, 1), (0, 2), (1, 2)
+
+
+def test_a_latent_changed_in_place_after_the_loss_raises_in_backward():
+    from pyramidflow.engine import InvertibleError
+
+    latents = _latents(2, 2, 8, 8, 2, seed=3)
+    work = [z * 1.0 for z in latents]
+    loss = fourier_loss(work)
+    with torch.no_grad():
+        work[1].add_(1.0)
+    with pytest.raises(InvertibleError, match="modified in place"):
+        loss.backward()
