@@ -452,8 +452,8 @@ class PyramidFlow(nn.Module):
         features = self.features(images)
         self.pyramid.check_size(features.shape[-2], features.shape[-1])
         self._check_resolution(features.shape[-2], features.shape[-1])
-        levels = self.pyramid.decompose(features)
-        del features  # the pyramid holds the same information: free the features before the flow runs
+        levels = self.pyramid.decompose(features, consume_input=True)  # level 0 takes the features' storage
+        del features
         latents, logdet = self.flow(levels, release_outputs=release_outputs, input_source=self._pyramid_source(images))
         return (tuple(latents), logdet) if return_logdet else tuple(latents)
 
