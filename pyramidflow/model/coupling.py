@@ -32,7 +32,15 @@ from ..engine import is_rebuilding
 from ..engine.block import InvertibleModule, LogDet, Tensors, Writable
 from .conv1x1 import InvertibleConv1x1
 from .lean import conditioning, conv1x1_per_sample, recomputed_network, transformed_level
-from .tiled import TileLayout, check_tile_support, tiled_forward, tiled_from_input, tiled_transformed_level
+from .tiled import (
+    TileLayout,
+    check_tile_alignment,
+    check_tile_support,
+    check_tile_unsynchronised,
+    tiled_forward,
+    tiled_from_input,
+    tiled_transformed_level,
+)
 from .volume_norm import VolumeNorm
 
 __all__ = ["AffineParameterNet", "PyramidCoupling", "TwoLevelCoupling", "ThreeLevelCoupling", "DIRECTIONS"]
@@ -177,11 +185,7 @@ class PyramidCoupling(InvertibleModule):
         self.volume_preserving = volume_norm is not None
         self.conv = InvertibleConv1x1(channels, init=conv1x1_init, volume_norm=volume_norm is not None)
         self._needed = max((level,) + self.cond_levels) + 1
-        if tile is not None and tile % 2 ** (self._needed - 1):
-            raise ValueError(
-                f"{type(self).__name__}: tile must be a multiple of 2**{self._needed - 1} = {2 ** (self._needed - 1)} "
-                f"(level {self._needed - 1}'s pixels are that wide at level 0), got {tile}."
-            )
+        check_tile_alignment(tile, self._needed - 1, type(self).__name__, str(self._needed - 1))  # its coarsest level
         self.tile = tile
 
     def extra_repr(self) -> str:
@@ -203,11 +207,8 @@ class PyramidCoupling(InvertibleModule):
 
     def _tiled_kwargs(self, xs: Tensors) -> dict:
         """The affine op's settings for a tiled pass (the mean for a stand-in of ``r``'s shape)."""
-        if self.volume_norm.process_group is not None and self.volume_norm.training:
-            raise ValueError(
-                f"{type(self).__name__}: backward_tile does not support volume normalisation synchronised across "
-                "ranks; train in one process, or leave backward_tile=None."
-            )
+        if self.volume_norm.training:
+            check_tile_unsynchronised(self.tile, self.volume_norm.process_group, type(self).__name__)
         x = xs[self.level]
         r_like = torch.empty((), dtype=self.net.conv_in.weight.dtype, device=x.device).expand(x.shape)
         return self._coupling_kwargs(r_like)

@@ -28,7 +28,7 @@ from .conv1x1 import CONV1X1_INITS
 from .coupling import PyramidCoupling, ThreeLevelCoupling, TwoLevelCoupling
 from .encoder import ENCODER_CHANNELS, ENCODER_STRIDES, ENCODERS, build_encoder
 from .loss import LOSSES
-from .tiled import check_tile_support
+from .tiled import check_tile_alignment, check_tile_support, check_tile_unsynchronised
 from .pyramid import DOWNSAMPLES, LaplacianPyramid, check_image_size, nearest_valid_side
 from .volume_norm import VOLUME_NORM_CHOICES
 
@@ -164,13 +164,7 @@ class PyramidFlowConfig:
             return
         _check_int("backward_tile", self.backward_tile, 1)
         check_tile_support(self.backward_tile, self.volume_norm, "PyramidFlowConfig")
-        align = 2 ** (self.num_levels - 1)
-        if self.backward_tile % align:
-            nearest = max(align, (self.backward_tile + align // 2) // align * align)
-            raise ValueError(
-                f"PyramidFlowConfig: backward_tile must be a multiple of 2**(num_levels - 1) = {align} pixels so that "
-                f"every level's tile edges are whole pixels, got {self.backward_tile}; use {nearest}."
-            )
+        check_tile_alignment(self.backward_tile, self.num_levels - 1, "PyramidFlowConfig", "num_levels - 1")
 
     def _check_encoder(self) -> None:
         if self.encoder not in ENCODERS:
@@ -398,11 +392,7 @@ class PyramidFlow(nn.Module):
 
     def synchronize_volume_norm(self, process_group) -> None:
         """Normalise every coupling with the batch mean of all ranks (data-parallel training; ``None`` undoes it)."""
-        if process_group is not None and self.config.backward_tile is not None:
-            raise ValueError(
-                "PyramidFlow: backward_tile does not support volume normalisation synchronised across ranks (the "
-                "per-pixel mean would need one all-reduce per tile); train in one process, or leave backward_tile=None."
-            )
+        check_tile_unsynchronised(self.config.backward_tile, process_group, "PyramidFlow")
         for block in self.flow.blocks:
             block.volume_norm.synchronize(process_group)
 
@@ -452,7 +442,8 @@ class PyramidFlow(nn.Module):
         features = self.features(images)
         self.pyramid.check_size(features.shape[-2], features.shape[-1])
         self._check_resolution(features.shape[-2], features.shape[-1])
-        levels = self.pyramid.decompose(features, consume_input=True)  # level 0 takes the features' storage
+        # Level 0 takes the lift's output's storage; a given encoder's output may alias what its caller keeps.
+        levels = self.pyramid.decompose(features, consume_input=self.encoder is None)
         del features
         latents, logdet = self.flow(levels, release_outputs=release_outputs, input_source=self._pyramid_source(images))
         return (tuple(latents), logdet) if return_logdet else tuple(latents)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import kernels
 
-__all__ = ["TileLayout", "check_tile_support", "tiled_forward", "tiled_transformed_level", "tiled_from_input"]
+__all__ = ["TileLayout", "check_tile_support", "check_tile_alignment", "check_tile_unsynchronised", "tiled_forward", "tiled_transformed_level", "tiled_from_input"]
 
 
 def check_tile_support(tile: Optional[int], volume_norm: Optional[str], where: str) -> None:
@@ -44,6 +44,30 @@ def check_tile_support(tile: Optional[int], volume_norm: Optional[str], where: s
         raise ValueError(
             f"{where}: backward_tile needs volume_norm='CVN', got {volume_norm!r}: {reason}, so a tile cannot be done "
             "alone; leave backward_tile=None (whole-level backward) or use volume_norm='CVN'."
+        )
+
+
+def check_tile_alignment(tile: Optional[int], coarsest_level: int, where: str, exponent: str) -> None:
+    """Raise a ValueError naming the nearest good value unless ``tile`` is a multiple of ``2**coarsest_level``.
+
+    ``exponent`` is how the message writes ``coarsest_level`` (``"num_levels - 1"`` for a config).
+    """
+    align = 2**coarsest_level
+    if tile is None or tile % align == 0:
+        return
+    nearest = max(align, (tile + align // 2) // align * align)
+    raise ValueError(
+        f"{where}: backward_tile must be a multiple of 2**({exponent}) = {align} pixels so that every level's tile "
+        f"edges are whole pixels, got {tile}; use {nearest}."
+    )
+
+
+def check_tile_unsynchronised(tile: Optional[int], process_group: object, where: str) -> None:
+    """Raise a ValueError for a tiled coupling whose volume normalisation is synchronised across ranks."""
+    if tile is not None and process_group is not None:
+        raise ValueError(
+            f"{where}: backward_tile does not support volume normalisation synchronised across ranks (the "
+            "per-pixel mean would need one all-reduce per tile); train in one process, or leave backward_tile=None."
         )
 
 
@@ -153,9 +177,19 @@ def _tile_rt(layout: TileLayout, parts: Sequence[Tensor], net_size: Tuple[int, i
     return rt, leaves, indices
 
 
-def _mean_tile(mean: Optional[Tensor], rows: slice, cols: slice) -> Optional[Tensor]:
-    """A CVN mean ``(1, 1, H, W)`` cut to a tile (``None`` stays ``None``)."""
-    return None if mean is None else mean[..., rows, cols]
+def _tile_kwargs(affine_kwargs: dict, rows: slice, cols: slice) -> dict:
+    """The affine op's settings for one tile: a given CVN mean ``(1, 1, H, W)`` cut to it."""
+    mean = affine_kwargs.get("running_mean")
+    return {**affine_kwargs, "running_mean": None if mean is None else mean[..., rows, cols]}
+
+
+def _affine_tile(x: Tensor, rows: slice, cols: slice, r: Tensor, t: Tensor, dtype: torch.dtype,
+                 tile_kwargs: dict) -> Tuple[Tensor, Optional[Tensor]]:
+    """The affine step on one tile of ``x``, into a fresh copy (even when the tile is the whole level: ``x``
+    is not ours to overwrite): ``(a, batch_mean)`` as :func:`pyramidflow.kernels.affine_coupling_into`."""
+    a = torch.empty_like(x[..., rows, cols], dtype=dtype, memory_format=torch.contiguous_format)
+    a.copy_(x[..., rows, cols])
+    return a, kernels.affine_coupling_into(a, r, t, out=a, **tile_kwargs)
 
 
 def _apply_1x1(x: Tensor, weight: Tensor) -> Tensor:
@@ -165,30 +199,23 @@ def _apply_1x1(x: Tensor, weight: Tensor) -> Tensor:
 
 @torch.no_grad()
 def tiled_forward(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net_size: Tuple[int, int],
-                  w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, affine_kwargs: dict,
-                  affine_out: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                  w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, affine_kwargs: dict) -> Tuple[Tensor, Optional[Tensor]]:
     """The coupling's no-grad forward, tile by tile: ``(y_k, batch_mean)``.
 
     ``batch_mean`` is the CVN mean ``(1, 1, H, W)`` assembled from the tiles (``None`` when a mean was given).
-    ``affine_out``, if given, receives the affine step's output ``u`` (before the 1×1 conv).
     """
     dtype = torch.promote_types(x.dtype, w_in.dtype)
     y = torch.empty_like(x, dtype=dtype)
-    mean = affine_kwargs.get("running_mean")
     batch_mean = None
     for rows, cols in layout.tiles(*x.shape[-2:], meta=x.is_meta):
         rt, _, _ = _tile_rt(layout, parts, net_size, rows, cols, w_in, w_out, slope, (False,) * len(parts))
         r, t = rt.chunk(2, dim=1)
-        a = torch.empty_like(x[..., rows, cols], dtype=dtype, memory_format=torch.contiguous_format)
-        a.copy_(x[..., rows, cols])  # a copy even when the tile is the whole level: x is not ours to overwrite
-        tile_mean = kernels.affine_coupling_into(a, r, t, out=a, **{**affine_kwargs, "running_mean": _mean_tile(mean, rows, cols)})
+        a, tile_mean = _affine_tile(x, rows, cols, r, t, dtype, _tile_kwargs(affine_kwargs, rows, cols))
         if tile_mean is not None:
             if batch_mean is None:
                 batch_mean = tile_mean.new_empty((1, 1, *x.shape[-2:]))
             batch_mean[..., rows, cols] = tile_mean
         del rt, r, t
-        if affine_out is not None:
-            affine_out[..., rows, cols] = a
         y[..., rows, cols] = _apply_1x1(a, weight)
         del a
     return y, batch_mean
@@ -215,8 +242,7 @@ class _Options:
     slope: float
     writable: Tuple[bool, ...]  # per input: x's gradient, then each conditioning level's
     affine_kwargs: dict
-    u: Optional[Tensor] = None  # the affine output, when it is not held in x's storage (an exact input)
-    input_final: bool = False  # x's storage holds x already (rebuilt first): u is recomputed per tile
+    input_final: bool = False  # x's storage holds x already (rebuilt first, or exact): u is recomputed per tile
 
 
 def _gradient_into(g: Optional[Tensor], like: Tensor, writable: bool) -> Tensor:
@@ -232,7 +258,7 @@ class _TiledLevel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, options, x, w_in, w_out, weight, y, *parts):  # type: ignore[override]
         ctx.options = options
-        ctx.u = x.detach() if options.u is None else options.u
+        ctx.u = x.detach()  # u until backward turns it into x; x itself when options.input_final
         ctx.save_for_backward(w_in, w_out, weight, *parts)
         return (y.view_as(y), *(p.view_as(p) for p in parts))
 
@@ -252,17 +278,14 @@ class _TiledLevel(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[4] else None
         w_in_local, w_out_local = w_in.detach().requires_grad_(True), w_out.detach().requires_grad_(True)
         weight_t = weight.detach().T
-        mean = options.affine_kwargs.get("running_mean")
         for rows, cols in layout.tiles(*u.shape[-2:], meta=u.is_meta):
             with torch.enable_grad():
                 rt, leaves, indices = _tile_rt(layout, parts, net_size, rows, cols, w_in_local, w_out_local, slope, need_parts)
             grad_rt = rt.detach().clone()
             r, t = grad_rt.chunk(2, dim=1)
-            tile_kwargs = {**options.affine_kwargs, "running_mean": _mean_tile(mean, rows, cols)}
+            tile_kwargs = _tile_kwargs(options.affine_kwargs, rows, cols)
             if options.input_final:  # u = affine(x) again on this tile; x stays as it is
-                a = torch.empty_like(u[..., rows, cols], memory_format=torch.contiguous_format)
-                a.copy_(u[..., rows, cols])
-                kernels.affine_coupling_into(a, r, t, out=a, **tile_kwargs)
+                a, _ = _affine_tile(u, rows, cols, r, t, u.dtype, tile_kwargs)
             else:
                 a = u[..., rows, cols].contiguous()
             g_tile = grad_x[..., rows, cols].contiguous()  # still the incoming gradient on this tile
@@ -321,8 +344,7 @@ def tiled_transformed_level(layout: TileLayout, y: Tensor, parts: Sequence[Tenso
             if rebuild_first:  # x now, over u: F runs once more per tile, in backward
                 rt, _, _ = _tile_rt(layout, parts, net_size, rows, cols, w_in, w_out, slope, (False,) * len(parts))
                 r, t = rt.chunk(2, dim=1)
-                tile_kwargs = {**affine_kwargs, "running_mean": _mean_tile(affine_kwargs.get("running_mean"), rows, cols)}
-                u[..., rows, cols] = kernels.affine_coupling_inverse(u[..., rows, cols], r, t, **tile_kwargs)[0]
+                u[..., rows, cols] = kernels.affine_coupling_inverse(u[..., rows, cols], r, t, **_tile_kwargs(affine_kwargs, rows, cols))[0]
                 del rt, r, t
     x = u.detach().requires_grad_(True)
     options = _Options(layout, tuple(net_size), slope, gradients, affine_kwargs, input_final=rebuild_first)
@@ -333,11 +355,10 @@ def tiled_from_input(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net
                      w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, affine_kwargs: dict) -> Tuple[Tensor, ...]:
     """The local outputs ``(y_local, *parts_local)`` from the exact input ``x`` (a leaf): the rebuild of an anchor.
 
-    The forward runs tile by tile without grad and keeps ``u`` (the affine output); backward is
-    :class:`_TiledLevel`'s from that ``u``, so its gradients are those at ``x`` and no whole-level
+    The forward runs tile by tile without grad; backward is :class:`_TiledLevel`'s with ``x`` as the
+    final input (``u`` recomputed per tile), so its gradients are those at ``x`` and no whole-level
     graph exists (NOTE [rebuilding in backward] in :mod:`pyramidflow.engine._state`).
     """
-    u = torch.empty_like(x, dtype=torch.promote_types(x.dtype, w_in.dtype))
-    y, _ = tiled_forward(layout, x.detach(), parts, net_size, w_in, w_out, slope, weight.detach(), affine_kwargs, affine_out=u)
-    options = _Options(layout, tuple(net_size), slope, (False,) * (1 + len(parts)), affine_kwargs, u)
+    y, _ = tiled_forward(layout, x.detach(), parts, net_size, w_in, w_out, slope, weight.detach(), affine_kwargs)
+    options = _Options(layout, tuple(net_size), slope, (False,) * (1 + len(parts)), affine_kwargs, input_final=True)
     return _TiledLevel.apply(options, x, w_in, w_out, weight, y, *parts)
