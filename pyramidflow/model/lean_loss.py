@@ -51,24 +51,34 @@ def _level_gradient(z: Tensor, grad_map: Tensor, p: float, first: Tensor, second
     """The gradient of one level's latents ``(B, C, H, W)`` from its map's gradient ``(pairs, 1, H, W)``."""
     batch, channels = z.shape[:2]
     grad = torch.zeros_like(z, memory_format=torch.contiguous_format)
-    pairs = _pair_list(batch)  # the same pairs as first, second, read without a host sync
+    as_first, as_second = _pairs_of_each_image(batch, z.device)
     scaled = grad_map[:, 0] * (p / channels)  # (pairs, H, W)
     for c in range(channels):
         d = _channel_difference(z, c, first, second)
         term = d.abs().pow_(p - 1).mul_(d.sign_()).mul_(scaled)  # (p/C)·|d|^(p-1)·sign(d)·g
         del d
-        # Each image gets its pairs' terms, +1 as a pair's first and -1 as its second, in pair order:
-        # in-place adds rather than a product with a ±1 matrix, which TF32 matmuls would round, or
-        # index_add_, whose CUDA atomics would make the sum's order (and the bits) vary.
-        for k, (a, b) in enumerate(pairs):
-            grad[a, c].add_(term[k])
-            grad[b, c].sub_(term[k])
+        # Each image gets the sum of its pairs' terms as a pair's first, minus the sum as a pair's
+        # second: one reduction per image, not one add per pair (the planner predicts large batches,
+        # whose pairs grow as the square), deterministic on CUDA (no atomics, no matmul that TF32
+        # would round).
+        for image in range(batch):
+            if image < batch - 1:
+                grad[image, c].add_(term[as_first[image]].sum(0))
+            if image > 0:
+                grad[image, c].sub_(term.index_select(0, as_second[image]).sum(0))
     return grad
 
 
-def _pair_list(batch: int) -> list:
-    """The pairs ``(a, b)`` in the order of :func:`torch.triu_indices` (``a < b``, row by row), as Python ints."""
-    return [(a, b) for a in range(batch) for b in range(a + 1, batch)]
+def _pairs_of_each_image(batch: int, device: torch.device) -> Tuple[list, list]:
+    """Per image, where its pairs lie among those of :func:`torch.triu_indices` (``a < b``, row by row):
+    as the first a slice (row ``a`` is contiguous), as the second an index tensor made on the device
+    (no host sync). Pair ``(a, b)`` is number ``a·B − a(a+1)/2 + b − a − 1``."""
+    starts = [a * batch - a * (a + 1) // 2 for a in range(batch)]
+    as_first = [slice(starts[a], starts[a] + batch - 1 - a) for a in range(batch)]
+    rows = torch.arange(batch, device=device)
+    row_starts = rows * batch - rows * (rows + 1) // 2
+    as_second = [row_starts[:b] + (b - 1) - rows[:b] for b in range(batch)]
+    return as_first, as_second
 
 
 def _saved_latents(ctx) -> Tuple[Tensor, ...]:
