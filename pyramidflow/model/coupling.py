@@ -41,6 +41,7 @@ from .tiled import (
     tiled_from_input,
     tiled_transformed_level,
 )
+from .tracing import tracing
 from .volume_norm import VolumeNorm
 
 __all__ = ["AffineParameterNet", "PyramidCoupling", "TwoLevelCoupling", "ThreeLevelCoupling", "DIRECTIONS"]
@@ -90,11 +91,6 @@ class AffineParameterNet(nn.Module):
         :meth:`forward` computes it, keeping no hidden activation (:func:`.lean.recomputed_network`)."""
         weights = (self.conv_in.weight, self.conv_out.weight)
         return recomputed_network(parts, size, *weights, self.activation.negative_slope, self.recompute_chunks)
-
-
-def _tracing() -> bool:
-    """Whether the model runs under a tracer or exporter (``torch.jit.trace``, ``torch.export``, ``torch.compile``)."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _leaf(y: Tensor) -> Tensor:
@@ -267,7 +263,7 @@ class PyramidCoupling(InvertibleModule):
         # and the 1x1 conv overwrites the affine output it reads, sample by sample.
         # A graph being traced or exported (ONNX, TorchScript) takes the plain ops: the lean ones are
         # autograd Functions and writes into given tensors, which tracers do not record.
-        lean = not torch.is_grad_enabled() and not _tracing()
+        lean = not torch.is_grad_enabled() and not tracing()
         if self.tile is not None and (lean or self._rebuilding(xs)):
             return self._tiled_forward(xs, with_graph=not lean)
         r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
@@ -288,7 +284,7 @@ class PyramidCoupling(InvertibleModule):
     def _rebuilding(self, xs: Tensors) -> bool:
         """Whether invertible backward runs this forward for its local graph (NOTE [rebuilding in backward]),
         with nothing that needs the untiled path (autocast, a tracer)."""
-        return is_rebuilding() and not _tracing() and not _autocast_enabled(xs[self.level].device)
+        return is_rebuilding() and not tracing() and not _autocast_enabled(xs[self.level].device)
 
     def _tiled_forward(self, xs: Tensors, with_graph: bool = False) -> Tuple[Tensors, LogDet]:
         """The forward, tile by tile (:mod:`.tiled`); CVN only, so no log-det. Without grad the lean

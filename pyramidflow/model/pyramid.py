@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tracing import tracing
+
 __all__ = ["DOWNSAMPLES", "LaplacianPyramid", "laplacian_decompose", "laplacian_compose", "check_image_size"]
 
 DOWNSAMPLES = ("max", "nearest")
@@ -112,7 +114,7 @@ def laplacian_decompose(x: Tensor, num_levels: int, downsample: str = "max", *,
     check_image_size(x.shape[-2], x.shape[-1], num_levels, where="laplacian_decompose")
     if num_levels == 1:
         return (x,)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if (torch.is_grad_enabled() and x.requires_grad) or tracing():  # a traced loop would pin the batch size
         return _decompose_whole(x, num_levels, downsample)
     return _decompose_streamed(x, num_levels, downsample, consume_input)
 
