@@ -4,7 +4,7 @@ It knows only the block contract (:class:`InvertibleModule`); it never
 imports the model, data or training code.
 """
 
-from ._state import is_rebuilding
+from ._state import is_rebuilding, may_overwrite
 from .adapters import FrEIAAdapter, NormflowsAdapter, wrap
 from .block import InvertibleModule, Writable
 from .checks import BlockReport, InverseCheck, check_inverse, reconstruction_error
@@ -29,6 +29,7 @@ __all__ = [
     "NormflowsAdapter",
     "check_inverse",
     "is_rebuilding",
+    "may_overwrite",
     "reconstruction_error",
     "wrap",
 ]

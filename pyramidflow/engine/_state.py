@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RngState", "AutocastState", "recomputation", "rebuilding", "is_rebuilding"]
+__all__ = ["RngState", "AutocastState", "recomputation", "rebuilding", "is_rebuilding", "overwritable", "may_overwrite"]
 
 
 @dataclass
@@ -129,3 +129,33 @@ def rebuilding() -> Iterator[None]:
 def is_rebuilding() -> bool:
     """Whether a block's forward runs as invertible backward's rebuild (NOTE [rebuilding in backward])."""
     return getattr(_REBUILDING, "active", False)
+
+
+# NOTE [forward in place]
+# A forward without grad (invertible mode's, or any mode's under no_grad)
+# keeps nothing of a block's input once the block has run, so a block may
+# write its output over an input level and save that level's memory. Only the
+# engine knows which levels no one else reads: those made by an earlier block
+# (or the caller's, when it gave them up with consume_input), not kept as an
+# anchor, not requiring grad, dense, each in a storage of its own. It names
+# them for the duration of one block call; the block asks may_overwrite(x).
+# Every other call (a rebuild, a redo from an anchor, checkpoint or autograd
+# mode, debug mode, which compares the output with the input) names none.
+_OVERWRITABLE = threading.local()
+
+
+@contextlib.contextmanager
+def overwritable(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Let the block called inside overwrite ``tensors`` (NOTE [forward in place]); ``()``: none."""
+    previous: FrozenSet[int] = getattr(_OVERWRITABLE, "ids", frozenset())
+    _OVERWRITABLE.ids = frozenset(id(t) for t in tensors)
+    try:
+        yield
+    finally:
+        _OVERWRITABLE.ids = previous
+
+
+def may_overwrite(x: Tensor) -> bool:
+    """Whether a block's forward may write its output over its input level ``x`` (NOTE [forward in place]):
+    the engine named it, and no graph is being recorded."""
+    return id(x) in getattr(_OVERWRITABLE, "ids", frozenset()) and not torch.is_grad_enabled()

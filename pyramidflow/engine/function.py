@@ -29,12 +29,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._state import AutocastState, RngState, rebuilding, recomputation
+from ._state import AutocastState, RngState, overwritable, rebuilding, recomputation
 from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf, add_optional
 from .drift import CallSite, Fingerprinter, compute_dtype, default_tolerance, fingerprint_drift
 from .errors import InvertibleError, _internal_assert
 
-__all__ = ["DriftReport", "InvertibleRun", "run_invertible"]
+__all__ = ["DriftReport", "InvertibleRun", "caller_storages", "free_levels", "run_invertible"]
 
 
 @dataclass
@@ -62,6 +62,7 @@ class InvertibleRun:
     fwd_call_site: Optional[CallSite] = None
     # NOTE [outputs kept as aliases]: the outputs, detached (same storage and version counter), until backward starts.
     release_outputs: bool = False
+    consume_input: bool = False  # NOTE [forward in place]: the caller gave its inputs up
     fwd_outputs: Optional[Tensors] = None
     fwd_output_refs: Tuple["weakref.ref[Tensor]", ...] = ()
     fwd_output_versions: Tuple[int, ...] = ()
@@ -118,7 +119,8 @@ class _InvertibleFunction(torch.autograd.Function):
     def forward(ctx, run: InvertibleRun, num_inputs: int, *tensors: Tensor):  # type: ignore[override]
         # notation: xs the current state (a tuple of level tensors), total the summed logdet.
         xs: Tensors = tuple(tensors[:num_inputs])
-        run.fwd_input_storages = tuple(_storage(x) for x in xs)
+        run.fwd_input_storages = tuple(caller_storages(xs, run.consume_input))
+        protected = set(run.fwd_input_storages)
         run.fwd_autocast = AutocastState.capture()
         run.fwd_rng = []
         monitor = run.drift != "off"
@@ -133,7 +135,9 @@ class _InvertibleFunction(torch.autograd.Function):
             if run.keeps_anchor(index):
                 run.fwd_anchors[index] = tuple(x.detach() for x in xs)
                 run.fwd_anchor_versions[index] = tuple(x._version for x in xs)
-            xs, logdet = block(xs)
+                protected |= {_storage(x) for x in xs}
+            with overwritable(free_levels(xs, protected)):  # NOTE [forward in place]
+                xs, logdet = block(xs)
             total = add_optional(total, logdet)
         ys = tuple(xs)
         run.has_logdet = total is not None
@@ -225,7 +229,8 @@ class _InvertibleFunction(torch.autograd.Function):
 # else can read them:
 # * a level's storage ("owned"): one the engine rebuilt itself, or, when the
 #   caller gave its outputs up (`release_outputs`), an output; never one that
-#   shares storage with the sequence's inputs, an anchor or another level.
+#   shares storage with an input the caller kept (`consume_input`), an anchor
+#   or another level.
 # * a level's gradient ("writable"): one the engine computed, or, when the
 #   caller gave its outputs up, an incoming gradient; it must be dense (not an
 #   expanded scalar), not shared with another level's gradient, and not an
@@ -279,6 +284,18 @@ def _foreign_storages(run: InvertibleRun) -> set:
 def _unique_and_free(tensors: Sequence[Tensor], foreign: set) -> List[bool]:
     ids = [_storage(x) for x in tensors]
     return [ids.count(i) == 1 and i not in foreign for i in ids]
+
+
+def caller_storages(xs: Tensors, consume_input: bool) -> set:
+    """The storages of the caller's inputs that neither forward nor backward may overwrite: all of them, or,
+    when the caller gave them up (``consume_input``), those requiring grad."""
+    return {_storage(x) for x in xs if not consume_input or x.requires_grad}
+
+
+def free_levels(xs: Tensors, protected: set) -> List[Tensor]:
+    """The levels of ``xs`` a block's forward may write over (NOTE [forward in place] in ._state): each in a
+    storage of its own and not in ``protected``, dense, not requiring grad."""
+    return [x for x, free in zip(xs, _unique_and_free(xs, protected)) if free and not x.requires_grad and _is_dense(x)]
 
 
 def _owned_outputs(run: InvertibleRun, ys: Tensors) -> List[bool]:
@@ -369,7 +386,7 @@ def _exact_input(run: InvertibleRun, index: int) -> Tensors:
         start = 0
         with torch.no_grad():
             xs = tuple(run.input_source())
-    with torch.no_grad(), run.fwd_autocast.replay():
+    with torch.no_grad(), run.fwd_autocast.replay(), overwritable(()):  # anchors and the source's levels stay
         for j in range(start, index):
             block = run.blocks[j]
             with recomputation(block), _replay(run, j):
@@ -482,7 +499,8 @@ def _block_backward(
         block_grads = list(computed_iter)
     # Read xs only now: a fused reconstruct may fill them during the local backward.
     new_ys = tuple(x.detach() for x in xs)
-    grad_xs = [g if g is not None else torch.zeros_like(x) for g, x in zip(grad_xs, new_ys)]
+    if need_input_grad:  # else the caller drops them: no zero-filled levels at the last step
+        grad_xs = [g if g is not None else torch.zeros_like(x) for g, x in zip(grad_xs, new_ys)]
     return new_ys, grad_xs, block_grads
 
 

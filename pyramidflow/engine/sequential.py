@@ -11,13 +11,13 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
-from ._state import recomputation
+from ._state import overwritable, recomputation
 from .adapters import wrap
 from .block import InvertibleModule, LogDet, Tensors, add_optional
 from .checks import captured_grad_tensors, check_finite, check_reconstruction, contract_checks
 from .drift import DRIFT_POLICIES, CallSite, Fingerprinter, drift_message
 from .errors import DriftError, DriftWarning
-from .function import DriftReport, InvertibleRun, run_invertible
+from .function import DriftReport, InvertibleRun, caller_storages, free_levels, run_invertible
 
 __all__ = ["InvertibleSequential", "MODES"]
 
@@ -174,7 +174,8 @@ class InvertibleSequential(nn.Module):
         return f"mode={self.mode!r}, drift={self.drift!r}"
 
     def forward(
-        self, x: TensorOrTensors, *, release_outputs: bool = False, input_source: Optional[Callable[[], TensorOrTensors]] = None
+        self, x: TensorOrTensors, *, release_outputs: bool = False, input_source: Optional[Callable[[], TensorOrTensors]] = None,
+        consume_input: bool = False,
     ) -> Tuple[TensorOrTensors, Tensor]:
         """Map ``x`` (a tensor or a tuple of tensors) to ``(y, logdet)``.
 
@@ -191,6 +192,11 @@ class InvertibleSequential(nn.Module):
                 the images the caller holds anyway). Under ``drift="recompute"`` invertible mode
                 then keeps no copy of block 0's input for the whole backward (one state less) and
                 calls it only when a block drifts (NOTE [input source]). Ignored by the other modes.
+            consume_input: the caller gives ``x`` up: it will not read it again (its values are then
+                undefined). A forward without a graph (invertible mode's, or any mode's under
+                ``no_grad``) may then let blocks write their outputs over it, as it always may over
+                the levels earlier blocks made (NOTE [forward in place]): one level less at a time.
+                An input that requires grad is never overwritten.
 
         Returns:
             ``y`` with the structure of ``x``, and ``logdet`` of shape ``(N,)``
@@ -199,9 +205,9 @@ class InvertibleSequential(nn.Module):
         xs, single = _as_tuple(x, "forward")
         signature = self._unchecked_signature(xs)
         if signature is None:
-            return self._forward(xs, single, release_outputs, input_source)
+            return self._forward(xs, single, release_outputs, input_source, consume_input)
         with contract_checks(self.blocks, lambda i: self._where(self.blocks[i])):
-            result = self._forward(xs, single, release_outputs, input_source)
+            result = self._forward(xs, single, release_outputs, input_source, consume_input)
         if len(self._checked_signatures) >= _MAX_CHECKED_SIGNATURES:  # many input sizes: forget, check again
             self._checked_signatures.clear()
         self._checked_signatures.add(signature)
@@ -220,18 +226,22 @@ class InvertibleSequential(nn.Module):
         return None if signature in self._checked_signatures else signature
 
     def _forward(self, xs: Tensors, single: bool, release_outputs: bool,
-                 input_source: Optional[Callable[[], TensorOrTensors]] = None) -> Tuple[TensorOrTensors, Tensor]:
+                 input_source: Optional[Callable[[], TensorOrTensors]] = None,
+                 consume_input: bool = False) -> Tuple[TensorOrTensors, Tensor]:
         if self.debug:
             ys, logdet = self._forward_debug(xs)
         elif self.mode == "invertible" and torch.is_grad_enabled():
             run = self._make_run()
             run.release_outputs = bool(release_outputs)
+            run.consume_input = bool(consume_input)
             if input_source is not None:
                 run.input_source = lambda: _as_tuple(input_source(), "input_source")[0]
             ys, logdet = run_invertible(run, xs)
         elif self.mode == "checkpoint" and torch.is_grad_enabled():
             ys, logdet = self._forward_blocks(xs, self._checkpointed)
-        else:  # plain autograd, or any mode under no_grad: nothing to save either way
+        elif not torch.is_grad_enabled():  # any mode: nothing to save, blocks may write in place
+            ys, logdet = self._forward_in_place(xs, consume_input)
+        else:  # plain autograd
             ys, logdet = self._forward_blocks(xs, lambda block, state: block(state))
         return (ys[0] if single else ys), _logdet_or_zeros(logdet, ys)
 
@@ -300,7 +310,19 @@ class InvertibleSequential(nn.Module):
     def _forward_blocks(self, xs: Tensors, call) -> Tuple[Tensors, LogDet]:
         total: LogDet = None
         for block in self.blocks:
-            xs, logdet = call(block, xs)
+            with overwritable(()):  # a graph is recorded, or debug mode compares each output with its input
+                xs, logdet = call(block, xs)
+            xs = tuple(xs)
+            total = add_optional(total, logdet)
+        return xs, total
+
+    def _forward_in_place(self, xs: Tensors, consume_input: bool) -> Tuple[Tensors, LogDet]:
+        """The forward without grad, each block allowed to write over the levels no one else reads (NOTE [forward in place])."""
+        protected = caller_storages(xs, consume_input)
+        total: LogDet = None
+        for block in self.blocks:
+            with overwritable(free_levels(xs, protected)):
+                xs, logdet = block(xs)
             xs = tuple(xs)
             total = add_optional(total, logdet)
         return xs, total

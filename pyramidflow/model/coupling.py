@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from ..engine import is_rebuilding
+from ..engine import is_rebuilding, may_overwrite
 from ..engine.block import InvertibleModule, LogDet, Tensors, Writable
 from .conv1x1 import InvertibleConv1x1
 from .lean import conditioning, conv1x1_per_sample, recomputed_network, transformed_level
@@ -263,13 +263,14 @@ class PyramidCoupling(InvertibleModule):
         # and the 1x1 conv overwrites the affine output it reads, sample by sample.
         # A graph being traced or exported (ONNX, TorchScript) takes the plain ops: the lean ones are
         # autograd Functions and writes into given tensors, which tracers do not record.
+        # F never reads x_k, so y_k may be written over x_k where the engine allows (NOTE [forward in place]).
         lean = not torch.is_grad_enabled() and not tracing()
         if self.tile is not None and (lean or self._rebuilding(xs)):
             return self._tiled_forward(xs, with_graph=not lean)
         r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
         if lean:
-            y = torch.empty_like(xs[k], dtype=torch.promote_types(xs[k].dtype, r.dtype))
+            y = self._output_level(xs[k], r.dtype)
             batch_mean = kernels.affine_coupling_into(xs[k], r, t, out=y, **kwargs)
         else:
             y, batch_mean = kernels.affine_coupling(xs[k], r, t, **kwargs)
@@ -280,6 +281,13 @@ class PyramidCoupling(InvertibleModule):
         ys = list(xs)
         ys[k] = conv1x1_per_sample(y, self.conv.weight(), out=y) if lean else self.conv(y)
         return tuple(ys), logdet
+
+    @staticmethod
+    def _output_level(x: Tensor, dtype: torch.dtype) -> Tensor:
+        """Where the lean forward writes ``y_k``: over ``x_k`` itself where the engine allows it and the dtype
+        is kept (NOTE [forward in place] in :mod:`pyramidflow.engine._state`), else a new level."""
+        out_dtype = torch.promote_types(x.dtype, dtype)
+        return x if out_dtype == x.dtype and may_overwrite(x) else torch.empty_like(x, dtype=out_dtype)
 
     def _rebuilding(self, xs: Tensors) -> bool:
         """Whether invertible backward runs this forward for its local graph (NOTE [rebuilding in backward]),
@@ -298,9 +306,15 @@ class PyramidCoupling(InvertibleModule):
             for j, y_local in zip((self.level, *self.cond_levels), local):
                 ys[j] = y_local
             return tuple(ys), None
-        y, batch_mean = tiled_forward(layout, xs[self.level], parts, net_size, *self._net_weights(), self.conv.weight(), kwargs)
-        self.volume_norm.update(kwargs["running_mean"] if batch_mean is None else batch_mean)
-        ys[self.level] = y
+        x = xs[self.level]
+        out = self._output_level(x, self.net.conv_in.weight.dtype)
+        size = tuple(x.shape[-2:])
+
+        def fold_mean(mean: Tensor, rows: slice, cols: slice) -> None:  # NOTE [running mean updated once per step]
+            self.volume_norm.update(mean, region=(rows, cols), size=size)
+
+        ys[self.level] = tiled_forward(layout, x, parts, net_size, *self._net_weights(), self.conv.weight(), kwargs,
+                                       out=out, fold_mean=fold_mean)
         return tuple(ys), None
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:

@@ -444,8 +444,12 @@ class PyramidFlow(nn.Module):
         self._check_resolution(features.shape[-2], features.shape[-1])
         # Level 0 takes the lift's output's storage; a given encoder's output may alias what its caller keeps.
         levels = self.pyramid.decompose(features, consume_input=self.encoder is None)
+        # The levels are the model's own (fresh, or the lift's output), unless one level is the encoder's output itself.
+        own = self.encoder is None or not any(level is features for level in levels)
         del features
-        latents, logdet = self.flow(levels, release_outputs=release_outputs, input_source=self._pyramid_source(images))
+        latents, logdet = self.flow(levels, release_outputs=release_outputs, input_source=self._pyramid_source(images),
+                                    consume_input=own)
+        del levels
         return (tuple(latents), logdet) if return_logdet else tuple(latents)
 
     def _pyramid_source(self, images: Tensor) -> Optional[Callable[[], Tuple[Tensor, ...]]]:

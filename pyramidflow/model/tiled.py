@@ -22,7 +22,7 @@ nearest-resized after), ``halo`` F's reach at level ``f`` (two k×k convs:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -199,26 +199,27 @@ def _apply_1x1(x: Tensor, weight: Tensor) -> Tensor:
 
 @torch.no_grad()
 def tiled_forward(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net_size: Tuple[int, int],
-                  w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, affine_kwargs: dict) -> Tuple[Tensor, Optional[Tensor]]:
-    """The coupling's no-grad forward, tile by tile: ``(y_k, batch_mean)``.
+                  w_in: Tensor, w_out: Tensor, slope: float, weight: Tensor, affine_kwargs: dict,
+                  out: Optional[Tensor] = None, fold_mean: Optional[Callable[[Tensor, slice, slice], None]] = None) -> Tensor:
+    """The coupling's no-grad forward, tile by tile: ``y_k``.
 
-    ``batch_mean`` is the CVN mean ``(1, 1, H, W)`` assembled from the tiles (``None`` when a mean was given).
+    ``out``: where ``y_k`` is written (a new level if ``None``); it may be ``x`` itself, since F never
+    reads ``x`` and each tile of ``x`` is read before its own tile of ``y`` is written.
+    ``fold_mean(mean, rows, cols)`` takes each tile's CVN batch mean ``(1, 1, h, w)`` as it comes (none
+    comes when a mean was given), so that no level-sized mean is assembled.
     """
     dtype = torch.promote_types(x.dtype, w_in.dtype)
-    y = torch.empty_like(x, dtype=dtype)
-    batch_mean = None
+    y = torch.empty_like(x, dtype=dtype) if out is None else out
     for rows, cols in layout.tiles(*x.shape[-2:], meta=x.is_meta):
         rt, _, _ = _tile_rt(layout, parts, net_size, rows, cols, w_in, w_out, slope, (False,) * len(parts))
         r, t = rt.chunk(2, dim=1)
         a, tile_mean = _affine_tile(x, rows, cols, r, t, dtype, _tile_kwargs(affine_kwargs, rows, cols))
-        if tile_mean is not None:
-            if batch_mean is None:
-                batch_mean = tile_mean.new_empty((1, 1, *x.shape[-2:]))
-            batch_mean[..., rows, cols] = tile_mean
-        del rt, r, t
+        if tile_mean is not None and fold_mean is not None:
+            fold_mean(tile_mean, rows, cols)
+        del rt, r, t, tile_mean
         y[..., rows, cols] = _apply_1x1(a, weight)
         del a
-    return y, batch_mean
+    return y
 
 
 # NOTE [tiled backward]
@@ -359,6 +360,6 @@ def tiled_from_input(layout: TileLayout, x: Tensor, parts: Sequence[Tensor], net
     final input (``u`` recomputed per tile), so its gradients are those at ``x`` and no whole-level
     graph exists (NOTE [rebuilding in backward] in :mod:`pyramidflow.engine._state`).
     """
-    y, _ = tiled_forward(layout, x.detach(), parts, net_size, w_in, w_out, slope, weight.detach(), affine_kwargs)
+    y = tiled_forward(layout, x.detach(), parts, net_size, w_in, w_out, slope, weight.detach(), affine_kwargs)
     options = _Options(layout, tuple(net_size), slope, (False,) * (1 + len(parts)), affine_kwargs, input_final=True)
     return _TiledLevel.apply(options, x, w_in, w_out, weight, y, *parts)

@@ -18,7 +18,7 @@ mean used in eval mode and updates it in training, like batch norm.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -118,13 +118,19 @@ class VolumeNorm(nn.Module):
         return self.running_mean.to(r.dtype)
 
     @torch.no_grad()
-    def update(self, batch_mean: Optional[Tensor]) -> None:
-        """Fold a batch mean (from :func:`pyramidflow.kernels.log_scale` or :meth:`mean_for`) into the running mean."""
+    def update(self, batch_mean: Optional[Tensor], region: Optional[Tuple[slice, slice]] = None,
+               size: Optional[Tuple[int, int]] = None) -> None:
+        """Fold a batch mean (from :func:`pyramidflow.kernels.log_scale` or :meth:`mean_for`) into the running mean.
+
+        ``region``: the rows and columns of a level of ``size`` that a CVN mean covers (a tiled forward
+        folds each tile's mean as it comes, so no level-sized mean is assembled); ``None``: all of it.
+        """
         if batch_mean is None or not self.training or self.mode is None:
             return
         batch_mean = batch_mean.detach()
+        running = self.running_mean
         if self.mode == "CVN":
-            size = tuple(batch_mean.shape[-2:])
+            size = tuple(batch_mean.shape[-2:]) if size is None else tuple(size)
             if self.running_mean.numel() == 0:
                 # Resize in place (`.data`), keeping the buffer object that DDP and the engine hold.
                 self.running_mean.data = torch.zeros(
@@ -138,7 +144,8 @@ class VolumeNorm(nn.Module):
                     f"mean was started at {trained[0]}×{trained[1]}; train at one resolution, call "
                     "model.reset_running_stats() before changing it, or use volume_norm='SVN'."
                 )
-        self.running_mean.mul_(1.0 - self.momentum).add_(batch_mean.to(self.running_mean.dtype), alpha=self.momentum)
+            running = self.running_mean if region is None else self.running_mean[(..., *region)]
+        running.mul_(1.0 - self.momentum).add_(batch_mean.to(running.dtype), alpha=self.momentum)
 
     # NOTE [volume normalisation across ranks]
     # VN subtracts the *batch* mean of the log-scale. Under DDP each rank holds

@@ -156,7 +156,7 @@ def test_tiled_backward_refuses_synchronised_volume_norm():
 def test_tiled_working_set_is_a_fraction_of_the_whole_level_one():
     """The planner's count (meta device, the real step): the peak beyond the model, the batch, and the
     pyramid with its gradients. Untiled it grows with the area; tiled (32 px) it is under a third of that
-    at 256 px. (It still grows with the area: the forward holds the caller's pyramid and one new level.)"""
+    at 256 px."""
     train = TrainConfig(steps=1, drift="recompute")
 
     def working(tile, side):
@@ -167,6 +167,48 @@ def test_tiled_working_set_is_a_fraction_of_the_whole_level_one():
 
     assert working(None, 256) > 3 * working(None, 128)
     assert working(32, 256) <= working(None, 256) / 3
+
+
+def test_tiled_training_forward_writes_over_the_pyramid_in_one_tiles_memory(monkeypatch):
+    """NOTE [forward in place]: the flow's training forward needs, beyond the pyramid it is given (and
+    gives up), one tile's working set: the same at 128 and 256 px. Writing each level anew instead
+    holds a level more at a time, which grows with the area."""
+    from pyramidflow.memory.plan import _LiveBytes
+    from pyramidflow.model import coupling
+
+    def beyond_the_pyramid(side):
+        config = PyramidFlowConfig(channels=16, kernel_size=3, num_stacks=1, num_levels=3, backward_tile=32)
+        counter = _LiveBytes()
+        with torch.device("meta"), counter:
+            model = PyramidFlow(config).train()
+            levels = model.pyramid.decompose(torch.empty(2, 16, side, side))
+            model.flow(levels)  # the running means exist, as after a first step
+            counter.peak = before = counter.live
+            model.flow(levels, release_outputs=True, consume_input=True)
+        return counter.peak - before
+
+    in_place = beyond_the_pyramid(128), beyond_the_pyramid(256)
+    assert in_place[1] == in_place[0]
+    monkeypatch.setattr(coupling, "may_overwrite", lambda x: False)
+    anew = beyond_the_pyramid(128), beyond_the_pyramid(256)
+    assert anew[1] > 3 * anew[0] and anew[0] > 3 * in_place[0]
+
+
+def test_tiled_forward_folds_the_running_mean_tile_by_tile():
+    """The running means a tiled training forward leaves equal the whole-level forward's (float64 rounding:
+    F runs on windows): every pixel is folded once per step."""
+    xs = _pyramid(2, 40, 3, seed=3)
+    means = []
+    for tile in (None, 8):
+        torch.manual_seed(0)
+        model = PyramidFlow(PyramidFlowConfig(channels=3, kernel_size=3, num_stacks=1, num_levels=3, backward_tile=tile))
+        _perturbed(model.double()).train()
+        with torch.no_grad():
+            model.flow([x.clone() for x in xs])
+        means.append([block.volume_norm.running_mean.clone() for block in model.flow.blocks])
+    for tiled, whole in zip(*means):
+        assert tiled.shape == whole.shape and tiled.abs().max() > 0
+        torch.testing.assert_close(tiled, whole, rtol=1e-12, atol=1e-14)
 
 
 def test_planning_runs_only_representative_tiles_and_gets_the_same_peak(monkeypatch):
