@@ -120,30 +120,21 @@ def step_rows(device: str, cases: Sequence[tuple], channels: int = 16, rounds: i
     import os
 
     from pyramidflow.memory import peak_memory
-    from pyramidflow.model import PyramidFlow, PyramidFlowConfig
-    from pyramidflow.train import TrainConfig
-    from pyramidflow.train.step import make_optimizer, training_step
+    from pyramidflow.model import PyramidFlowConfig
+    from pyramidflow.train.step import step_on_random_images
 
     rows = []
     for side, mode, backend, tile in cases:
         os.environ["PYRAMIDFLOW_KERNELS"] = backend
-        torch.manual_seed(0)
-        model = PyramidFlow(PyramidFlowConfig(channels=channels, mode=mode, backward_tile=tile)).to(device).train()
-        settings = TrainConfig(steps=1)  # the method's optimizer, clipping and drift policy
-        model.flow.drift = settings.drift
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
-        images = torch.randn(2, 3, side, side, device=device)
-
-        def step():
-            training_step(model, optimizer, images, objective=model.config.objective, config=settings)
-
+        # the method's optimizer, clipping and drift policy
+        step = step_on_random_images(PyramidFlowConfig(channels=channels, mode=mode, backward_tile=tile), side, 2, device)
         step()  # warm-up: autotuning, Adam's state
         peak, _ = peak_memory(step, device)
         median = _median_time(step, rounds, device)
         tiled = "" if tile is None else f" tile {tile}"
         rows.append(dict(check="step", case=f"{side} px {mode}{tiled} {backend} C={channels}", result=f"{median:.3f} s",
                          detail=f"peak {peak / 2**20:.0f} MiB above the model and Adam"))  # fmt: skip
-        del model, optimizer, images
+        del step
         os.environ.pop("PYRAMIDFLOW_KERNELS", None)
         if device == "cuda":
             torch.cuda.empty_cache()

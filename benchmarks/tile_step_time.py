@@ -13,22 +13,16 @@ import time
 
 import torch
 
-from pyramidflow.model import PyramidFlow, PyramidFlowConfig
-from pyramidflow.train import TrainConfig
-from pyramidflow.train.step import make_optimizer, training_step
+from pyramidflow.model import PyramidFlowConfig
+from pyramidflow.train.step import step_on_random_images
 
 
 def _step(tile, size: int, channels: int, device: str):
-    torch.manual_seed(0)
-    model = PyramidFlow(PyramidFlowConfig(channels=channels, backward_tile=tile)).to(device).train()
-    settings = TrainConfig(steps=1)
-    model.flow.drift = settings.drift
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
-    images = torch.randn(2, 3, size, size, device=device)
+    training = step_on_random_images(PyramidFlowConfig(channels=channels, backward_tile=tile), size, 2, device)
 
     def step() -> float:
         start = time.perf_counter()
-        training_step(model, optimizer, images, objective=model.config.objective, config=settings)
+        training()
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -217,18 +217,14 @@ def measure_training_peak(config: Any, size: int, batch_size: int, device: str |
     ``config.encoder_weights`` (a file, or ``"imagenet"``).
     """
     from .probes import peak_memory_cpu, peak_memory_cuda  # noqa: PLC0415
-    from ..model import PyramidFlow  # noqa: PLC0415
+    from ..train.step import step_on_random_images  # noqa: PLC0415
 
     device = torch.device(device)
 
     def run() -> None:
-        torch.manual_seed(0)
-        model = PyramidFlow(config).to(device).train()
-        model.flow.drift = (train_config or _TRAINING).drift  # as the training loop sets it
-        optimizer = _optimizer(model, train_config)
-        images = torch.randn(batch_size, 3, size, size, device=device)
+        step = step_on_random_images(config, size, batch_size, device, train_config or _TRAINING)
         for _ in range(steps):
-            training_step(model, optimizer, images, train_config)
+            step()
 
     peak, _ = peak_memory_cuda(run, device) if device.type == "cuda" else peak_memory_cpu(run)
     return peak

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..model.loss import objective_loss
 from .config import TrainConfig
 
-__all__ = ["make_optimizer", "training_step"]
+__all__ = ["make_optimizer", "step_on_random_images", "training_step"]
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Adam:
@@ -78,3 +78,19 @@ def training_step(
         if after_update is not None:
             after_update(loss)
     return loss
+
+
+def step_on_random_images(config, size: int, batch_size: int = 2, device: str | torch.device = "cpu",
+                          train_config: Optional[TrainConfig] = None) -> Callable[[], Tensor]:
+    """A fresh ``PyramidFlow(config)`` with its Adam, and a call that takes one :func:`training_step` of it on
+    fixed random images as ``pyramidflow train`` does (its drift policy too): what the benchmarks time
+    and :func:`pyramidflow.memory.plan.measure_training_peak` measures."""
+    from ..model import PyramidFlow  # noqa: PLC0415
+
+    settings = train_config or TrainConfig(steps=1)
+    torch.manual_seed(0)
+    model = PyramidFlow(config).to(device).train()
+    model.flow.drift = settings.drift
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    return lambda: training_step(model, optimizer, images, objective=model.config.objective, config=settings)
