@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._meta import samples_to_run
+
 __all__ = [
     "VOLUME_NORMS",
     "soft_clamp",
@@ -230,16 +232,17 @@ def affine_coupling_bwd(
 # alias the operands element for element (x over y, grad_x over grad_y, grad_r
 # over r, grad_t over t); the temporaries are one slice's. A batch mean
 # (training VN) needs every sample first: a read-only pass sums the clamped r
-# and grad_s, then the pass that writes.
+# and grad_s, then the pass that writes. On meta only the first and last
+# samples' slices run (NOTE [samples on meta]).
 _SLICE_FRACTION = 8  # a slice holds at most 1/8 of a tensor (and at least one channel plane)
 
 
-def _slices(shape: Tuple[int, ...]):
+def _slices(like: Tensor):
     """``(n, channel slice)`` pairs covering an ``(N, C, H, W)`` tensor, each about 1/8 of it or one plane."""
-    batch, channels = shape[0], shape[1]
+    batch, channels = like.shape[0], like.shape[1]
     step = max(1, (batch * channels) // _SLICE_FRACTION)
     step = min(step, channels)
-    for n in range(batch):
+    for n in samples_to_run(batch, like):
         for start in range(0, channels, step):
             yield n, slice(start, min(start + step, channels))
 
@@ -249,22 +252,22 @@ def _channel_part(mean: Tensor, c: slice) -> Tensor:
     return mean[:, c] if mean.shape[1] > 1 else mean
 
 
-def _sliced_mean(value, shape: Tuple[int, ...], dims: Tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
-    """Mean over ``dims`` of ``value(index)``, summed a slice at a time (:func:`_slices`)."""
+def _sliced_mean(value, like: Tensor, dims: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Mean over ``dims`` of ``value(index)`` for the slices of ``like``, summed a slice at a time (:func:`_slices`)."""
+    shape = tuple(like.shape)
     reduce_channels = 1 in dims
     mean_shape = [1, 1 if reduce_channels else shape[1], 1 if 2 in dims else shape[2], 1 if 3 in dims else shape[3]]
-    total = torch.zeros(mean_shape, dtype=dtype, device=device)
-    for n, c in _slices(shape):
+    total = torch.zeros(mean_shape, dtype=dtype, device=like.device)
+    for n, c in _slices(like):
         total[:, slice(None) if reduce_channels else c] += value((slice(n, n + 1), c)).sum(dim=dims, keepdim=True)
     return total / math.prod(shape[d] for d in dims)
 
 
 def _batch_means(y: Tensor, r: Tensor, t: Tensor, grad_y: Tensor, dims: Tuple[int, ...], clamp: float) -> Tuple[Tensor, Tensor]:
     """Batch means of the clamped ``r`` and of ``grad_s = g (y - t)`` over ``dims``, a slice at a time."""
-    shape = tuple(r.shape)
-    clamped = _sliced_mean(lambda i: soft_clamp(r[i], clamp), shape, dims, r.dtype, r.device)
+    clamped = _sliced_mean(lambda i: soft_clamp(r[i], clamp), r, dims, r.dtype)
     dtype = torch.promote_types(r.dtype, grad_y.dtype)
-    return clamped, _sliced_mean(lambda i: grad_y[i] * (y[i] - t[i]), shape, dims, dtype, r.device)
+    return clamped, _sliced_mean(lambda i: grad_y[i] * (y[i] - t[i]), r, dims, dtype)
 
 
 def affine_coupling_into(
@@ -286,9 +289,9 @@ def affine_coupling_into(
     with torch.no_grad():
         batch_mean = None
         if dims and running_mean is None:
-            batch_mean = _sliced_mean(lambda i: soft_clamp(r[i], clamp), tuple(r.shape), dims, r.dtype, r.device)
+            batch_mean = _sliced_mean(lambda i: soft_clamp(r[i], clamp), r, dims, r.dtype)
         mean = batch_mean if batch_mean is not None else (running_mean if dims else None)
-        for n, c in _slices(tuple(r.shape)):
+        for n, c in _slices(r):
             index = (slice(n, n + 1), c)
             s = soft_clamp(r[index], clamp)
             if mean is not None:
@@ -320,7 +323,7 @@ def affine_coupling_bwd_into(
             clamped_mean, grad_s_mean = _batch_means(y, r, t, grad_y, dims, clamp)
         elif dims:
             clamped_mean = running_mean
-        for n, c in _slices(tuple(r.shape)):
+        for n, c in _slices(r):
             index = (slice(n, n + 1), c)
             r_n, g_n = r[index], grad_y[index]
             s = soft_clamp(r_n, clamp)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
+from .._meta import samples_to_run
 
 __all__ = ["conditioning", "recomputed_network", "transformed_level", "conv1x1_per_sample"]
 
@@ -70,7 +71,7 @@ class _RecomputedNetwork(torch.autograd.Function):
         ctx.save_for_backward(w_in, w_out, *parts)
         batch = parts[0].shape[0]
         rt = None
-        for n in range(batch):
+        for n in samples_to_run(batch, parts[0]):  # NOTE [samples on meta]
             cond = conditioning([p[n : n + 1] for p in parts], size)
             out = F.conv2d(F.leaky_relu(F.conv2d(cond, w_in, padding=padding), slope, inplace=True), w_out, padding=padding)
             if rt is None:
@@ -88,7 +89,7 @@ class _RecomputedNetwork(torch.autograd.Function):
         grad_parts: List[Optional[Tensor]] = [torch.zeros_like(p) if need else None for p, need in zip(parts, need_parts)]
         hidden = w_in.shape[0]
         step = -(-hidden // ctx.chunks)
-        for n in range(parts[0].shape[0]):
+        for n in samples_to_run(parts[0].shape[0], parts[0]):  # NOTE [samples on meta]
             with torch.enable_grad():
                 leaves = [p[n : n + 1].detach().requires_grad_(need) for p, need in zip(parts, need_parts)]
                 cond = conditioning(leaves, ctx.size)
@@ -138,7 +139,7 @@ def conv1x1_per_sample(x: Tensor, weight: Tensor, out: Optional[Tensor] = None) 
     """``weight · x`` at every pixel, ``(C, C)`` on ``(N, C, H, W)``, one sample at a time into ``out`` (may be ``x``)."""
     out = torch.empty_like(x) if out is None else out
     kernel = weight.to(x.dtype)[:, :, None, None]
-    for n in range(x.shape[0]):
+    for n in samples_to_run(x.shape[0], x):  # NOTE [samples on meta]
         out[n : n + 1] = F.conv2d(x[n : n + 1], kernel)
     return out
 
@@ -165,7 +166,8 @@ class _TransformedLevel(torch.autograd.Function):
         del ctx.u
         grad_w = None
         if ctx.needs_input_grad[3]:  # y = W a at every pixel: dW = sum over pixels of g aᵀ, with a = u
-            grad_w = sum(g[n].flatten(1) @ u[n].flatten(1).T for n in range(g.shape[0]))
+            # NOTE [samples on meta]: each step's partial sum replaces the one before
+            grad_w = sum(g[n].flatten(1) @ u[n].flatten(1).T for n in samples_to_run(g.shape[0], g))
         in_place = gradient_writable and g.dtype == u.dtype and g.is_contiguous() and not g.requires_grad
         grad_a = conv1x1_per_sample(g, weight.detach().T, out=g if in_place else None)
         r, t = rt.chunk(2, dim=1)

@@ -13,12 +13,13 @@ notation: ``d = z_a,c - z_b,c`` one channel's difference per pair ``(pairs, H, W
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._meta import samples_to_run
 from ..engine.errors import InvertibleError
 
 __all__ = ["pairwise_level_differences"]
@@ -51,7 +52,7 @@ def _level_gradient(z: Tensor, grad_map: Tensor, p: float, first: Tensor, second
     """The gradient of one level's latents ``(B, C, H, W)`` from its map's gradient ``(pairs, 1, H, W)``."""
     batch, channels = z.shape[:2]
     grad = torch.zeros_like(z, memory_format=torch.contiguous_format)
-    as_first, as_second = _pairs_of_each_image(batch, z.device)
+    as_first, by_second, as_second = _pairs_of_each_image(batch, z.device)
     scaled = grad_map[:, 0] * (p / channels)  # (pairs, H, W)
     for c in range(channels):
         d = _channel_difference(z, c, first, second)
@@ -61,24 +62,28 @@ def _level_gradient(z: Tensor, grad_map: Tensor, p: float, first: Tensor, second
         # second: one reduction per image, not one add per pair (the planner predicts large batches,
         # whose pairs grow as the square), deterministic on CUDA (no atomics, no matmul that TF32
         # would round).
-        for image in range(batch):
+        for image in samples_to_run(batch, z):  # NOTE [samples on meta]: the ends have the most pairs
             if image < batch - 1:
                 grad[image, c].add_(term[as_first[image]].sum(0))
             if image > 0:
-                grad[image, c].sub_(term.index_select(0, as_second[image]).sum(0))
+                grad[image, c].sub_(term.index_select(0, by_second[as_second[image]]).sum(0))
     return grad
 
 
-def _pairs_of_each_image(batch: int, device: torch.device) -> Tuple[list, list]:
-    """Per image, where its pairs lie among those of :func:`torch.triu_indices` (``a < b``, row by row):
-    as the first a slice (row ``a`` is contiguous), as the second an index tensor made on the device
-    (no host sync). Pair ``(a, b)`` is number ``a·B − a(a+1)/2 + b − a − 1``."""
+def _pairs_of_each_image(batch: int, device: torch.device) -> Tuple[List[slice], Tensor, List[slice]]:
+    """Per image, where its pairs lie among those of :func:`torch.triu_indices` (``a < b``, row by row).
+
+    As the first, image ``a``'s pairs are the slice ``as_first[a]`` (row ``a`` is contiguous). As the
+    second, image ``b``'s are the pair numbers ``by_second[as_second[b]]``: one index tensor for all
+    images, made on the device in a few ops (no host sync, and no op per image, which the planner's
+    large batches would pay for). Pair ``(a, b)`` is number ``a·B − a(a+1)/2 + b − a − 1``.
+    """
     starts = [a * batch - a * (a + 1) // 2 for a in range(batch)]
     as_first = [slice(starts[a], starts[a] + batch - 1 - a) for a in range(batch)]
-    rows = torch.arange(batch, device=device)
-    row_starts = rows * batch - rows * (rows + 1) // 2
-    as_second = [row_starts[:b] + (b - 1) - rows[:b] for b in range(batch)]
-    return as_first, as_second
+    second, first = torch.tril_indices(batch, batch, offset=-1, device=device)  # (b, a), a < b, by b then a
+    by_second = first * batch - first * (first + 1) // 2 + second - first - 1
+    as_second = [slice(b * (b - 1) // 2, b * (b + 1) // 2) for b in range(batch)]
+    return as_first, by_second, as_second
 
 
 def _saved_latents(ctx) -> Tuple[Tensor, ...]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._meta import samples_to_run
 from .tracing import tracing
 
 __all__ = ["DOWNSAMPLES", "LaplacianPyramid", "laplacian_decompose", "laplacian_compose", "check_image_size"]
@@ -147,7 +148,7 @@ def _decompose_streamed(x: Tensor, num_levels: int, downsample: str, consume_inp
     first = x if consume_input else torch.empty_like(x, memory_format=torch.contiguous_format)
     levels = [first] + [x.new_empty((batch, channels, height >> i, width >> i)) for i in range(1, num_levels)]
     step = max(1, min(channels, _CHUNK_ELEMENTS // (height * width)))
-    for sample in range(batch):
+    for sample in samples_to_run(batch, x):  # NOTE [samples on meta]
         for start in range(0, channels, step):
             chunk = (slice(sample, sample + 1), slice(start, start + step))
             gaussian = x[chunk]
