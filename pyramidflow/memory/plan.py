@@ -5,9 +5,9 @@ on the ``meta`` device, where tensors have shapes and no storage, and counts
 bytes as a caching-free allocator would: every new storage an op returns is
 added when it is made and removed when it is freed (:class:`_LiveBytes`). So
 it follows the model's code, whatever the engine mode or option, and costs
-the same at 2048 px as at 64 px (a few seconds: no arithmetic is done), except
-with ``backward_tile``: every tile's ops are run, so the time grows with the
-number of tiles (the image's area over the tile's).
+about the same at 2048 px as at 64 px and at batch 170 as at batch 2 (a few
+seconds: no arithmetic is done, and loops over tiles and over samples run only
+the iterations that set the peak: NOTE [tiles on meta], NOTE [samples on meta]).
 
 The step is the training loop's (:mod:`pyramidflow.train`): forward, Fourier
 loss, ``zero_grad(set_to_none=True)``, backward, gradient clipping, Adam. It
