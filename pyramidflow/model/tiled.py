@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import kernels
 
-__all__ = ["TileLayout", "check_tile_support", "check_tile_alignment", "check_tile_unsynchronised", "tiled_forward", "tiled_transformed_level", "tiled_from_input"]
+__all__ = ["TileLayout", "TileWindow", "check_tile_support", "check_tile_alignment", "check_tile_unsynchronised", "tiled_forward", "tiled_transformed_level", "tiled_from_input"]
 
 
 def check_tile_support(tile: Optional[int], volume_norm: Optional[str], where: str) -> None:
@@ -85,19 +85,35 @@ def _representatives(starts: List[int]) -> List[int]:
 
 
 # NOTE [tiles and halos]
-# F is two k×k convs with zero padding, the affine step and CVN act pixel by
-# pixel, and the pyramid's resizes between levels are nearest by powers of
-# two. So F's output on a window of level f needs the conditioning input on
-# that window widened by `halo` pixels, cut at the true image border: there
-# the convs' zero padding is the model's own, and inside, the widened rows
-# are computed (wrongly, from the window's own zero padding) and cropped away.
-# The conditioning levels are read as the untiled code reads them: a finer
-# level by taking every m-th pixel (what nearest resizing by 1/m picks), a
-# coarser one by repeating each pixel m times from a window that starts on a
-# whole coarse pixel. A "down" block's F runs on level k-1 and its output is
-# resized after, so a tile of level k is rows 2a..2b of level k-1, of which
-# the even ones are kept. Tiles never overlap at level k; their windows of the
-# conditioning levels do, and their gradients add up there.
+# F is two k×k convs with zero padding p = k // 2, the affine step and CVN act
+# pixel by pixel, and the pyramid's resizes between levels are nearest by
+# powers of two. So F's output on a window of level f needs its hidden
+# activation on that window widened by p, and that the conditioning input
+# widened by p more (`halo` = 2p), both cut at the true image border. The
+# convs run without padding on exactly that: the input window is padded with
+# zeros only where it meets the image border (the first conv's own padding),
+# and the hidden activation likewise (the second conv's padding: zero there,
+# not the first conv applied to zeros). Nothing outside the tile is computed
+# but the hidden margin. The conditioning levels are read as the untiled code
+# reads them: a finer level by taking every m-th pixel (what nearest resizing
+# by 1/m picks), a coarser one by repeating each pixel m times from a window
+# that starts on a whole coarse pixel. A "down" block's F runs on level k-1
+# and its output is resized after, keeping the even pixels, so a tile of
+# level k is rows 2a..2b of level k-1 and the second conv runs with stride 2:
+# only the kept pixels are computed. Tiles never overlap at level k; their
+# windows of the conditioning levels do, and their gradients add up there.
+@dataclass(frozen=True)
+class TileWindow:
+    """What F reads for one tile, at level f: the conditioning window (cut at the image border), the zeros
+    the model's padding puts around it and around the hidden activation (``F.pad`` order), the stride."""
+
+    rows: slice
+    cols: slice
+    input_pad: Tuple[int, int, int, int]
+    hidden_pad: Tuple[int, int, int, int]
+    stride: int
+
+
 @dataclass(frozen=True)
 class TileLayout:
     """Where one coupling's tiles fall: the transformed level, F's level, the conditioning levels, the halo."""
@@ -122,16 +138,21 @@ class TileLayout:
                 yield slice(top, min(top + side, height)), slice(left, min(left + side, width))
 
 
-    def window(self, rows: slice, cols: slice, net_size: Tuple[int, int]) -> Tuple[slice, slice, slice, slice]:
-        """F's window at level f for a tile of level k, widened by the halo, and the tile's place inside it."""
+    def window(self, rows: slice, cols: slice, net_size: Tuple[int, int]) -> TileWindow:
+        """What F reads at level f (of ``net_size``) for a tile ``rows×cols`` of level k (NOTE [tiles and halos])."""
         scale = 2 ** (self.level - self.net_level)
-        out = []
+        reach = self.halo // 2  # one conv's
+        windows, input_pad, hidden_pad = [], [], []
         for s, extent in ((rows, net_size[0]), (cols, net_size[1])):
             start, stop = s.start * scale, s.stop * scale
-            lo, hi = max(0, start - self.halo), min(extent, stop + self.halo)
-            out.append((slice(lo, hi), slice(start - lo, stop - lo, scale)))
-        (wr, tr), (wc, tc) = out
-        return wr, wc, tr, tc
+            hidden_lo, hidden_hi = max(0, start - reach), min(extent, stop + reach)  # inside the image
+            lo, hi = max(0, hidden_lo - reach), min(extent, hidden_hi + reach)
+            windows.append(slice(lo, hi))
+            input_pad.append((lo - (hidden_lo - reach), hidden_hi + reach - hi))
+            hidden_pad.append((hidden_lo - (start - reach), stop + reach - hidden_hi))
+        (top, bottom), (left, right) = input_pad
+        (h_top, h_bottom), (h_left, h_right) = hidden_pad
+        return TileWindow(windows[0], windows[1], (left, right, top, bottom), (h_left, h_right, h_top, h_bottom), scale)
 
 
 def _part_window(part: Tensor, part_level: int, net_level: int, rows: slice, cols: slice) -> Tuple[Tensor, Tuple[slice, slice]]:
@@ -162,19 +183,23 @@ def _tile_rt(layout: TileLayout, parts: Sequence[Tensor], net_size: Tuple[int, i
     Runs with whatever grad mode is on; the windows are fresh leaves (requiring grad where
     ``need_parts`` says), so a backward through ``rt`` gives tile-sized gradients.
     """
-    wr, wc, tr, tc = layout.window(rows, cols, net_size)
+    window = layout.window(rows, cols, net_size)
     leaves, indices, resized = [], [], []
     for part, level, need in zip(parts, layout.cond_levels, need_parts):
-        window, index = _part_window(part, level, layout.net_level, wr, wc)
-        leaf = window.detach().requires_grad_(need and torch.is_grad_enabled())
+        part_window, index = _part_window(part, level, layout.net_level, window.rows, window.cols)
+        leaf = part_window.detach().requires_grad_(need and torch.is_grad_enabled())
         leaves.append(leaf)
         indices.append(index)
-        resized.append(_upsampled(leaf, level, layout.net_level, wr, wc))
+        resized.append(_upsampled(leaf, level, layout.net_level, window.rows, window.cols))
     cond = resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
-    padding = w_in.shape[-1] // 2
-    hidden = F.leaky_relu(F.conv2d(cond, w_in, padding=padding), slope, inplace=True)
-    rt = F.conv2d(hidden, w_out, padding=padding)[..., tr, tc]
+    hidden = F.leaky_relu(F.conv2d(_padded(cond, window.input_pad), w_in), slope, inplace=True)
+    rt = F.conv2d(_padded(hidden, window.hidden_pad), w_out, stride=window.stride)
     return rt, leaves, indices
+
+
+def _padded(x: Tensor, pad: Tuple[int, int, int, int]) -> Tensor:
+    """``x`` with zeros around it (``F.pad`` order); ``x`` itself for none (an inner tile)."""
+    return F.pad(x, pad) if any(pad) else x
 
 
 def _tile_kwargs(affine_kwargs: dict, rows: slice, cols: slice) -> dict:
