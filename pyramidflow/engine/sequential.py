@@ -240,7 +240,7 @@ class InvertibleSequential(nn.Module):
         elif self.mode == "checkpoint" and torch.is_grad_enabled():
             ys, logdet = self._forward_blocks(xs, self._checkpointed)
         elif not torch.is_grad_enabled():  # any mode: nothing to save, blocks may write in place
-            ys, logdet = self._forward_in_place(xs, consume_input)
+            ys, logdet = self._forward_blocks(xs, lambda block, state: block(state), caller_storages(xs, consume_input))
         else:  # plain autograd
             ys, logdet = self._forward_blocks(xs, lambda block, state: block(state))
         return (ys[0] if single else ys), _logdet_or_zeros(logdet, ys)
@@ -307,22 +307,14 @@ class InvertibleSequential(nn.Module):
             self._warned_sites.add(site)
             warnings.warn_explicit(message, DriftWarning, site.filename, site.lineno, module=site.module)
 
-    def _forward_blocks(self, xs: Tensors, call) -> Tuple[Tensors, LogDet]:
+    def _forward_blocks(self, xs: Tensors, call, protected: Optional[set] = None) -> Tuple[Tensors, LogDet]:
+        """Each block in turn. ``protected``: the storages no block may write over, the rest being free
+        (NOTE [forward in place]); ``None``: none free (a graph is recorded, or debug mode compares each
+        output with its input)."""
         total: LogDet = None
         for block in self.blocks:
-            with overwritable(()):  # a graph is recorded, or debug mode compares each output with its input
+            with overwritable(() if protected is None else free_levels(xs, protected)):
                 xs, logdet = call(block, xs)
-            xs = tuple(xs)
-            total = add_optional(total, logdet)
-        return xs, total
-
-    def _forward_in_place(self, xs: Tensors, consume_input: bool) -> Tuple[Tensors, LogDet]:
-        """The forward without grad, each block allowed to write over the levels no one else reads (NOTE [forward in place])."""
-        protected = caller_storages(xs, consume_input)
-        total: LogDet = None
-        for block in self.blocks:
-            with overwritable(free_levels(xs, protected)):
-                xs, logdet = block(xs)
             xs = tuple(xs)
             total = add_optional(total, logdet)
         return xs, total

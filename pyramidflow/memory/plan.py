@@ -222,7 +222,7 @@ def measure_training_peak(config: Any, size: int, batch_size: int, device: str |
     device = torch.device(device)
 
     def run() -> None:
-        step = step_on_random_images(config, size, batch_size, device, train_config or _TRAINING)
+        step = step_on_random_images(config, size, batch_size, device, train_config)
         for _ in range(steps):
             step()
 

@@ -449,7 +449,6 @@ class PyramidFlow(nn.Module):
         del features
         latents, logdet = self.flow(levels, release_outputs=release_outputs, input_source=self._pyramid_source(images),
                                     consume_input=own)
-        del levels
         return (tuple(latents), logdet) if return_logdet else tuple(latents)
 
     def _pyramid_source(self, images: Tensor) -> Optional[Callable[[], Tuple[Tensor, ...]]]:
