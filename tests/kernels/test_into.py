@@ -207,14 +207,41 @@ def test_triton_into_refuses_overlapping_outputs():
         kernels.affine_coupling_bwd_into(x, r, t, g, out=(x, g[:2], r, t), backend="triton")
 
 
-@pytest.mark.parametrize("volume_norm", [None, "CVN", "SVN"])
-def test_triton_into_allocates_within_the_planners_count(volume_norm, monkeypatch):
-    """What the CUDA dispatch allocates in the into-ops is within what `plan` counts for them on meta.
+def _forward_into(x, r, t, g, opts, backend):
+    return kernels.affine_coupling_into(x, r, t, out=x, **opts, backend=backend)
 
-    The planner runs the reference on ``meta`` (memory/plan.py); on a GPU the Triton into-kernels
-    run instead. Their only temporaries are the VN means and partial sums, sized here as on an H100
-    (the GPU's reduction tiles, 132 multiprocessors): at their peak and after the call, no more bytes
-    than the reference's temporaries counted on meta, so the meta step bounds the GPU's.
+
+def _backward_into(x, r, t, g, opts, backend):
+    kernels.affine_coupling_bwd_into(x, r, t, g, out=(x, g, r, t), **opts, backend=backend)
+
+
+def _inverse(x, r, t, g, opts, backend):
+    with torch.no_grad():
+        return kernels.affine_coupling_inverse(x, r, t, **opts, backend=backend)
+
+
+def _autograd(x, r, t, g, opts, backend):
+    leaves = [a.detach().requires_grad_(True) for a in (x, r, t)]
+    y, _ = kernels.affine_coupling(*leaves, **opts, backend=backend)
+    return torch.autograd.grad(y, leaves, g)
+
+
+def _reconstruct(x, r, t, g, opts, backend):
+    r, t = (a.detach().requires_grad_(True) for a in (r, t))
+    rebuilt, y_local = kernels.affine_coupling_reconstruct(x, r, t, **opts, backend=backend)
+    return (rebuilt, *torch.autograd.grad(y_local, [rebuilt, r, t], g))
+
+
+@pytest.mark.parametrize("op", [_forward_into, _backward_into, _inverse, _autograd, _reconstruct], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_allocates_within_the_planners_count(op, mode, monkeypatch):
+    """What the CUDA dispatch allocates in an op is within what `plan` counts for it on meta.
+
+    The planner runs the reference on ``meta`` (memory/plan.py); on a GPU the Triton kernels run
+    instead. Beyond the results the reference makes too, their only allocations are the VN means
+    and partial sums, sized here as on an H100 (the GPU's reduction tiles, 132 multiprocessors):
+    at the op's peak and after it, no more bytes than the reference's counted on meta, so the meta
+    step bounds the GPU's. The into-ops allocate nothing of a level's size at all.
     """
     from pyramidflow.memory.plan import _LiveBytes  # noqa: PLC0415
 
@@ -227,20 +254,13 @@ def test_triton_into_allocates_within_the_planners_count(volume_norm, monkeypatc
         counter = _LiveBytes()
         with counter:
             x, r, t, g = _laid_out("chunks", device)
-            opts = _options((volume_norm, False), device)
+            opts = _options(mode, device)
             base = counter.peak = counter.live
-            mean = kernels.affine_coupling_into(x, r, t, out=x, **opts, backend=backend)
+            result = op(x, r, t, g, opts, backend)
             gc.collect()  # the interpreter leaves reference cycles that hold its arguments until collected
-            forward = (counter.peak - base, counter.live - base)
-            del mean
-            gc.collect()
-            base = counter.peak = counter.live
-            kernels.affine_coupling_bwd_into(x, r, t, g, out=(x, g, r, t), **opts, backend=backend)
-            gc.collect()
-            backward = (counter.peak - base, counter.live - base)
-        counts[backend] = dict(forward=forward, backward=backward)
-    level = math.prod(ODD_SHAPE) * 4
-    for op in ("forward", "backward"):
-        (gpu_peak, gpu_kept), (meta_peak, meta_kept) = counts["triton"][op], counts["reference"][op]
-        assert gpu_peak <= meta_peak and gpu_kept <= meta_kept, f"{op}: GPU {counts['triton'][op]} > meta {counts['reference'][op]}"
-        assert gpu_peak < level  # the VN means and partial sums only: nothing of a level's size
+            counts[backend] = (counter.peak - base, counter.live - base)
+            del result
+    (gpu_peak, gpu_kept), (meta_peak, meta_kept) = counts["triton"], counts["reference"]
+    assert gpu_peak <= meta_peak and gpu_kept <= meta_kept, f"(peak, kept) bytes: GPU {counts['triton']} > meta {counts['reference']}"
+    if op in (_forward_into, _backward_into):
+        assert gpu_peak < math.prod(ODD_SHAPE) * 4  # the VN means and partial sums only: nothing of a level's size

@@ -25,6 +25,12 @@ what an op must read and write once; the benchmark's GB/s divide it by the time.
 * ``affine_coupling_reconstruct`` then its backward: 7 (read y, r, t, g;
   write x, grad_x, grad_r), plus 4 for a batch mean, where the Triton inverse,
   then forward and backward through the binding would take 4 + 4 + 6.
+* the ``*_into`` launchers (``affine_coupling_into``, ``affine_coupling_bwd_into``)
+  move the same bytes as the forward and the fused backward, written
+  straight into the caller's ``out`` (which may be the operands: NOTE
+  [writing over the operands]); they allocate nothing of a level's size,
+  where the allocating ops followed by a copy into ``out`` would add 2 per
+  result (read the result, write ``out``) and a level-sized tensor per result.
 
 The reference counts one read per operand and one write per result of each
 eager op (``r / c``, ``atan``, ``* c 2/pi``, ``- m``, ``exp``, ``*``, ``+``...).
@@ -81,7 +87,11 @@ _ELEMENTWISE_KEY = ("n_elements", "VN", "CHANNELS_LAST", "DENSE")
 # other. An output that overlaps an operand shifted (x[1:] into x[:-1]) would
 # read elements another program has already written: the launchers refuse it
 # where the tensors are dense (_launch.check_out), the case that can be checked
-# without enumerating elements.
+# without enumerating elements. Compiled for sm_90, the fused backward's PTX
+# issues every operand load before its first store, and Triton marks no
+# pointer argument noalias, so neither the compiler nor ptxas may move a store
+# above a load of the same address; tests/kernels/test_into.py checks the
+# values with out over the operands under the interpreter.
 
 
 @triton.jit
