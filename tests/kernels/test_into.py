@@ -169,6 +169,26 @@ def test_triton_backward_into_writes_over_its_operands_in_place(mode, layout, mo
         torch.testing.assert_close(got, expected, **F32, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.bfloat16, 1e-5, 2**-7), (torch.float16, 1e-5, 2**-10)], ids=["bfloat16", "float16"])
+def test_triton_into_in_low_precision_rounds_once(dtype, atol, rtol):
+    """In place in 16 bits: within one unit in the last place of the reference in float32 on the same inputs."""
+    _triton_modules()
+    mode = ("CVN", False)
+    x, r, t, g = (a.to(dtype) for a in _laid_out("contiguous"))
+    opts = _options(mode)
+    want_y = reference.affine_coupling(x.float(), r.float(), t.float(), **opts)[0]
+    y = want_y.to(dtype)  # the exact output, rounded: the backward starts from it
+    want = reference.affine_coupling_bwd(y.float(), r.float(), t.float(), g.float(), **opts)
+    out = x.clone()
+    kernels.affine_coupling_into(out, r, t, out=out, **opts, backend="triton")
+    torch.testing.assert_close(out.float(), want_y, atol=atol, rtol=rtol)
+    y_, r_, t_, g_ = (a.clone() for a in (y, r, t, g))
+    kernels.affine_coupling_bwd_into(y_, r_, t_, g_, out=(y_, g_, r_, t_), **opts, backend="triton")
+    for name, got, expected in zip(("x", "grad_x", "grad_r", "grad_t"), (y_, g_, r_, t_), want):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_into_separate_strided_outputs(mode):
     """Outputs apart from the operands, in another layout and as non-dense views: written there, operands untouched."""

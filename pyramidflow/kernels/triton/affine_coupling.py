@@ -475,7 +475,7 @@ def affine_coupling_bwd(
     _launch.check_operands("affine_coupling_bwd", "y", y, r=r, t=t, grad_y=grad_y)
     dtypes = (_result_dtype(y, r, t), _result_dtype(grad_y, r), _result_dtype(grad_y, y, t, r), grad_y.dtype)  # as the reference's
     out = tuple(_empty_like_order(y, dtype) for dtype in dtypes)
-    affine_coupling_bwd_into(y, r, t, grad_y, out=out, volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
+    _fused_backward("affine_coupling_bwd", y, r, t, grad_y, out, volume_norm, clamp, running_mean)
     return out
 
 
@@ -501,7 +501,14 @@ def affine_coupling_bwd_into(
     Raises:
         TypeError, ValueError: a bad argument, or an output that overlaps an operand shifted or another output.
     """
-    where = "affine_coupling_bwd_into"
+    _fused_backward("affine_coupling_bwd_into", y, r, t, grad_y, out, volume_norm, clamp, running_mean)
+
+
+def _fused_backward(
+    where: str, y: Tensor, r: Tensor, t: Tensor, grad_y: Tensor, out: Tuple[Tensor, Tensor, Tensor, Tensor],
+    volume_norm: Optional[str], clamp: float, running_mean: Optional[Tensor],
+) -> None:
+    """:func:`affine_coupling_bwd_into`, its checks' messages naming the op ``where`` the user called."""
     _launch.check_operands(where, "y", y, r=r, t=t, grad_y=grad_y)
     if not isinstance(out, (tuple, list)) or len(out) != 4:
         raise TypeError(f"{where}: out must be a tuple of 4 tensors (x, grad_x, grad_r, grad_t), got {type(out).__name__}.")
