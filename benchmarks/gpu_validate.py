@@ -5,7 +5,8 @@ It prints one table (``check | case | result | detail``) that a note can quote:
 
 1. kernels: every Triton op against the PyTorch reference on CUDA, in float32,
    bfloat16 and float16, dense and channels-last, each VN mode
-   (tolerances as in tests/kernels/test_affine_coupling.py), the ops that write into their operands included;
+   (tolerances as in tests/kernels/test_affine_coupling.py), the ops that write into their operands included,
+   which must keep the operands' storages and allocate less than one level (``max_memory_allocated``);
 2. gradients: a small model's step on CUDA (float32, Triton, latents given up) against autograd in float64;
 3. step: one training step of the paper's configuration (C = 16, k = 7, 4
    stacks, L = 4, batch 2, the training loop's drift policy) at 1024 and 2048 px, invertible with the
@@ -56,22 +57,40 @@ def kernel_checks(device: str, shape: Sequence[int] = KERNEL_SHAPE, dtypes=DTYPE
             ]  # fmt: skip
             pairs += list(zip(kernels.affine_coupling_bwd(x, r, t, g, volume_norm=volume_norm, backend="triton"),
                               reference.affine_coupling_bwd(*up, volume_norm=volume_norm)))  # fmt: skip
-            # the ops invertible backward and the lean forward call, writing into their operands
+            # the ops invertible backward and the lean forward call, writing into their operands in place
             into = [a.clone() for a in (x, g, r, t)]
-            kernels.affine_coupling_bwd_into(into[0], into[2], into[3], into[1], out=tuple(into), volume_norm=volume_norm, backend="triton")
-            pairs += list(zip(into, reference.affine_coupling_bwd(*up, volume_norm=volume_norm)))
             y_into = x.clone()
-            kernels.affine_coupling_into(y_into, r, t, out=y_into, volume_norm=volume_norm, backend="triton")
+            pointers = [a.data_ptr() for a in (*into, y_into)]
+            extra = _peak_growth(device, lambda: (
+                kernels.affine_coupling_bwd_into(into[0], into[2], into[3], into[1], out=tuple(into), volume_norm=volume_norm, backend="triton"),
+                kernels.affine_coupling_into(y_into, r, t, out=y_into, volume_norm=volume_norm, backend="triton"),
+            ))  # fmt: skip
+            pairs += list(zip(into, reference.affine_coupling_bwd(*up, volume_norm=volume_norm)))
             pairs.append((y_into, reference.affine_coupling(*up[:3], volume_norm=volume_norm)[0]))
-        ok = True
+        # in place: the same storages, and (on CUDA) nothing of a level's size allocated (NOTE [writing over the operands])
+        ok = [a.data_ptr() for a in (*into, y_into)] == pointers and (extra is None or extra < x.nbytes)
         for got, want in pairs:
             error = (got.float() - want).abs()
             allowed = atol + rtol * want.abs()
             ok &= bool((error <= allowed).all())
             worst = max(worst, float((error / allowed).max()))
         name = f"{str(dtype).replace('torch.', '')} {'channels-last' if channels_last else 'dense'} {volume_norm or 'noVN'}"
-        rows.append(dict(check="kernels", case=name, result="pass" if ok else "FAIL", detail=f"max error / tolerance {worst:.2f}"))
+        detail = f"max error / tolerance {worst:.2f}" + ("" if extra is None else f"; into-ops allocated {extra} B (level {x.nbytes} B)")
+        rows.append(dict(check="kernels", case=name, result="pass" if ok else "FAIL", detail=detail))
     return rows
+
+
+def _peak_growth(device: str, run: Callable[[], object]) -> "int | None":
+    """Bytes ``run`` allocated at its peak beyond what was allocated before, on CUDA; ``None`` elsewhere."""
+    if torch.device(device).type != "cuda":
+        run()
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def gradient_rows(device: str, side: int = 64) -> List[Dict[str, str]]:

@@ -162,14 +162,13 @@ def affine_coupling_into(
     """:func:`affine_coupling` without grad, into ``out`` (may be ``x``); returns the detached batch mean.
 
     The reference works a slice at a time (:func:`.reference.affine_coupling_into`); the Triton
-    kernel, one pass, writes a new tensor that is copied into ``out``.
+    kernel writes straight into ``out`` in one pass (:func:`.triton.affine_coupling.affine_coupling_into`).
+    Neither allocates a tensor of ``out``'s size, so the planner's count on ``meta`` (the reference)
+    bounds what a GPU allocates (tests/kernels/test_into.py pins it).
     """
     kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
-    if resolve_backend("affine_coupling_into", backend, x, r, t, running_mean, constant=running_mean) == "triton":
-        with torch.no_grad():
-            y, batch_mean = _triton_module().affine_coupling(x, r, t, **kwargs)
-            out.copy_(y)
-        return batch_mean
+    if resolve_backend("affine_coupling_into", backend, x, r, t, out, running_mean, constant=running_mean) == "triton":
+        return _triton_module().affine_coupling_into(x, r, t, out=out, **kwargs)
     return reference.affine_coupling_into(x, r, t, out=out, **kwargs)
 
 
@@ -247,13 +246,13 @@ def affine_coupling_bwd_into(
 ) -> None:
     """:func:`affine_coupling_bwd` into ``out = (x, grad_x, grad_r, grad_t)``, which may alias ``(y, grad_y, r, t)``.
 
-    The reference works sample by sample in place (NOTE [backward into the operands] in
-    :mod:`.reference`); the Triton backend runs the fused backward kernel once and copies its results
-    into ``out``.
+    The reference works a slice at a time in place (NOTE [backward into the operands] in
+    :mod:`.reference`); the Triton backend runs the fused backward kernel once, writing straight into
+    ``out`` (NOTE [writing over the operands] in :mod:`.triton.affine_coupling`). Neither allocates a
+    tensor of ``out``'s size (see :func:`affine_coupling_into`).
     """
     kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
-    if resolve_backend("affine_coupling_bwd_into", backend, y, r, t, grad_y, running_mean, constant=running_mean) == "triton":
-        for target, result in zip(out, _triton_module().affine_coupling_bwd(y, r, t, grad_y, **kwargs)):
-            target.copy_(result)
+    if resolve_backend("affine_coupling_bwd_into", backend, y, r, t, grad_y, *out, running_mean, constant=running_mean) == "triton":
+        _triton_module().affine_coupling_bwd_into(y, r, t, grad_y, out=out, **kwargs)
         return
     reference.affine_coupling_bwd_into(y, r, t, grad_y, out=out, **kwargs)

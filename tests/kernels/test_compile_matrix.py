@@ -105,6 +105,11 @@ def test_launches_are_variants_the_matrix_compiles(all_variants, monkeypatch):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x, r, t, g = (torch.randn(2, 3, 5, 7, dtype=dtype).to(memory_format=fmt) for _ in range(4))
         kernels.affine_coupling_bwd(x, r, t, g, volume_norm=volume_norm, backend="triton")
+        rt = torch.cat([r, t], dim=1)  # the engine's into-calls: outputs over operands, r and t chunks of one tensor
+        r_, t_ = rt.chunk(2, dim=1)
+        kernels.affine_coupling_bwd_into(x.clone(), r_, t_, g.clone(), out=(x.clone(), g.clone(), r_, t_), volume_norm=volume_norm, backend="triton")
+        y_into = x.clone()
+        kernels.affine_coupling_into(y_into, r_, t_, out=y_into, volume_norm=volume_norm, backend="triton")
         with torch.no_grad():
             kernels.affine_coupling_inverse(x, r, t, volume_norm=volume_norm, backend="triton")
         xg, rg = x.clone().requires_grad_(grads[0]), r.clone().requires_grad_(grads[1])

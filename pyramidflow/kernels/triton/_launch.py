@@ -26,6 +26,8 @@ __all__ = [
     "check_same",
     "check_operands",
     "check_options",
+    "check_out",
+    "mark_written",
     "flat_running_mean",
     "mean_shape",
     "channels_last_order",
@@ -154,6 +156,71 @@ def check_operands(where: str, first_name: str, first: Tensor, **others: Tensor)
             f"{where}: {first_name} is on {first.device}, but the Triton kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 for CPU tensors); use backend='reference' for CPU tensors."
         )
+
+
+def _same_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether two same-shaped tensors are views of exactly the same elements."""
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def _shares_elements(a: Tensor, b: Tensor) -> Optional[bool]:
+    """Whether ``a`` and ``b`` share an element: True, False, or ``None`` where only enumerating would tell.
+
+    Byte ranges that do not meet share nothing; two dense tensors (contiguous
+    in some memory format: no gaps) whose ranges meet share their overlap.
+    Strided views with gaps (the channel chunks ``r`` and ``t`` of one tensor)
+    may interleave without sharing: undecided.
+    """
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    spans = []
+    for x in (a, b):
+        start = x.data_ptr()
+        furthest = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()))
+        spans.append((start, start + (furthest + 1) * x.element_size()))
+    (a0, a1), (b0, b1) = spans
+    if a1 <= b0 or b1 <= a0:
+        return False
+    if _same_elements(a, b):
+        return True
+
+    def dense(x: Tensor) -> bool:
+        return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+    return True if dense(a) and dense(b) else None
+
+
+def check_out(where: str, first_name: str, first: Tensor, outputs: Dict[str, Tensor], operands: Dict[str, Tensor]) -> None:
+    """Check the ``out`` tensors of an into-launcher (NOTE [writing over the operands] in :mod:`.affine_coupling`).
+
+    Each output is a supported ``(N, C, H, W)`` tensor shaped like the
+    operands, on their device; it is exactly an operand or shares no element
+    with any (checked where decidable, see :func:`_shares_elements`); no two
+    outputs share an element.
+
+    Raises:
+        TypeError, ValueError: the output and the rule it breaks, and what to pass instead.
+    """
+    for name, value in outputs.items():
+        check_tensor(where, f"out {name}", value)
+    check_same(where, first_name, first, **{f"out {name}": value for name, value in outputs.items()})
+    for name, value in outputs.items():
+        for other, operand in operands.items():
+            if _shares_elements(value, operand) and not _same_elements(value, operand):
+                raise ValueError(
+                    f"{where}: out {name} overlaps the operand {other} without being it (another view of the same memory); "
+                    f"pass {other} itself or a separate tensor."
+                )
+    names = list(outputs)
+    for i, name in enumerate(names):
+        for other in names[i + 1 :]:
+            if _shares_elements(outputs[name], outputs[other]):
+                raise ValueError(f"{where}: out {name} and out {other} share memory; each result needs its own tensor.")
+
+
+def mark_written(x: Tensor) -> None:
+    """Bump ``x``'s version counter after a kernel wrote into it, as an in-place op would (autograd's checks see it)."""
+    torch.autograd.graph.increment_version(x)
 
 
 def check_options(where: str, volume_norm: Optional[str], clamp: float) -> None:

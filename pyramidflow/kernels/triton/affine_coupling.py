@@ -25,6 +25,12 @@ what an op must read and write once; the benchmark's GB/s divide it by the time.
 * ``affine_coupling_reconstruct`` then its backward: 7 (read y, r, t, g;
   write x, grad_x, grad_r), plus 4 for a batch mean, where the Triton inverse,
   then forward and backward through the binding would take 4 + 4 + 6.
+* the ``*_into`` launchers (``affine_coupling_into``, ``affine_coupling_bwd_into``)
+  move the same bytes as the forward and the fused backward, written
+  straight into the caller's ``out`` (which may be the operands: NOTE
+  [writing over the operands]); they allocate nothing of a level's size,
+  where the allocating ops followed by a copy into ``out`` would add 2 per
+  result (read the result, write ``out``) and a level-sized tensor per result.
 
 The reference counts one read per operand and one write per result of each
 eager op (``r / c``, ``atan``, ``* c 2/pi``, ``- m``, ``exp``, ``*``, ``+``...).
@@ -46,18 +52,46 @@ from ._math import nchw_index, soft_clamp, soft_clamp_grad
 from ._launch import mean_shape
 from .volume_norm import VN_CODES, volume_norm_means
 
-__all__ = ["affine_coupling", "affine_coupling_inverse", "affine_coupling_bwd", "affine_coupling_reconstruct", "launch_variants"]
+__all__ = [
+    "affine_coupling",
+    "affine_coupling_into",
+    "affine_coupling_inverse",
+    "affine_coupling_bwd",
+    "affine_coupling_bwd_into",
+    "affine_coupling_reconstruct",
+    "launch_variants",
+]
 
 _ELEMENTWISE_KEY = ("n_elements", "VN", "CHANNELS_LAST", "DENSE")
 
 # NOTE [memory order]
 # Every kernel visits the elements in one flat order, (n, c, h, w) or, when
 # the first operand is channels-last (c has the smallest stride),
-# (n, h, w, c); each input is read through its own four strides, so
-# contiguous, channels-last and sliced views (the engine passes channel
-# slices of a level, and r, t are chunks of the network's output) need no
-# copy. Outputs are allocated dense in the visiting order, so the flat index
-# is their offset and every write is coalesced.
+# (n, h, w, c); each operand and each output is read or written through its
+# own four strides, so contiguous, channels-last and sliced views (the engine
+# passes channel slices of a level, and r, t are chunks of the network's
+# output) need no copy. The outputs the launchers allocate are dense in the
+# visiting order, so every write is coalesced; when every tensor of a launch
+# is, the flat index is their offset (DENSE).
+
+# NOTE [writing over the operands]
+# The *_into launchers write into the caller's `out` tensors, which may be the
+# operands themselves, as in the reference (NOTE [backward into the operands]
+# in kernels/reference.py): y over x; x over y, grad_x over grad_y, grad_r
+# over r, grad_t over t. It is safe because the kernels are elementwise in one
+# visiting order: the element (n, c, h, w) of every operand and every output
+# belongs to one program, which loads all its elements before it stores any
+# (the batch means come from a read-only pass launched before). The rule: an
+# output is either exactly an operand (the same elements at the same strides)
+# or shares no element with any operand; outputs share no element with each
+# other. An output that overlaps an operand shifted (x[1:] into x[:-1]) would
+# read elements another program has already written: the launchers refuse it
+# where the tensors are dense (_launch.check_out), the case that can be checked
+# without enumerating elements. Compiled for sm_90, the fused backward's PTX
+# issues every operand load before its first store, and Triton marks no
+# pointer argument noalias, so neither the compiler nor ptxas may move a store
+# above a load of the same address; tests/kernels/test_into.py checks the
+# values with out over the operands under the interpreter.
 
 
 @triton.jit
@@ -72,6 +106,16 @@ def _load_nchw(ptr, idx, n, c, h, w, stride_n, stride_c, stride_h, stride_w, mas
     else:
         offset = n * stride_n + c * stride_c + h * stride_h + w * stride_w
     return tl.load(ptr + offset, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_nchw(ptr, value, idx, n, c, h, w, stride_n, stride_c, stride_h, stride_w, mask, DENSE: tl.constexpr):
+    """Store float32 ``value`` at ``(n, c, h, w)`` of a strided tensor, rounded to its dtype (as :func:`_load_nchw`)."""
+    if DENSE:
+        offset = idx
+    else:
+        offset = n * stride_n + c * stride_c + h * stride_h + w * stride_w
+    tl.store(ptr + offset, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -101,21 +145,22 @@ def _affine_coupling_kernel(
     r_ptr,  # raw log-scale r, any strides
     t_ptr,  # shift t, any strides
     mean_ptr,  # float32 VN mean, flat (H*W for CVN, C for SVN); unused without VN
-    out_ptr,  # y (forward) or x (INVERSE), dense in the visiting order
+    out_ptr,  # y (forward) or x (INVERSE), any strides; may be in_ptr, r_ptr or t_ptr (NOTE [writing over the operands])
     stride_in_n, stride_in_c, stride_in_h, stride_in_w,  # strides of the input
     stride_r_n, stride_r_c, stride_r_h, stride_r_w,  # strides of r
     stride_t_n, stride_t_c, stride_t_h, stride_t_w,  # strides of t
+    stride_out_n, stride_out_c, stride_out_h, stride_out_w,  # strides of the output
     n_elements,  # N * C * H * W
     C, H, W,  # sizes
     clamp,  # soft-clamp bound c
     INVERSE: tl.constexpr,  # False: y = exp(s) x + t; True: x = (y - t) exp(-s)
     VN: tl.constexpr,  # 0 none, 1 CVN, 2 SVN
     CHANNELS_LAST: tl.constexpr,  # visiting order (n, h, w, c) instead of (n, c, h, w)
-    DENSE: tl.constexpr,  # every input is dense in the visiting order: offsets are flat indices
+    DENSE: tl.constexpr,  # every operand and output is dense in the visiting order: offsets are flat indices
     USE_INT64: tl.constexpr,  # 64-bit offsets
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
-    # one program per BLOCK_SIZE consecutive elements of the visiting order
+    # one program per BLOCK_SIZE consecutive elements of the visiting order; it loads them all before it stores
     idx, mask = _element_block(n_elements, BLOCK_SIZE, USE_INT64)
     n, c, h, w = nchw_index(idx, C, H, W, CHANNELS_LAST)
     a = _load_nchw(in_ptr, idx, n, c, h, w, stride_in_n, stride_in_c, stride_in_h, stride_in_w, mask, DENSE)
@@ -126,7 +171,7 @@ def _affine_coupling_kernel(
         out = (a - t) * tl.exp(-s)
     else:
         out = tl.exp(s) * a + t
-    tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_nchw(out_ptr, out, idx, n, c, h, w, stride_out_n, stride_out_c, stride_out_h, stride_out_w, mask, DENSE)
 
 
 @triton.jit
@@ -137,14 +182,18 @@ def _affine_coupling_bwd_kernel(
     g_ptr,  # incoming gradient g = dL/dy, any strides
     mean_ptr,  # float32 VN mean of s, flat; unused without VN
     mean_grad_ptr,  # float32 batch mean of grad_s, flat; read when SUBTRACT_GRAD_MEAN
-    x_ptr,  # rebuilt input x, dense in the visiting order (WRITE_X)
-    grad_x_ptr,  # dL/dx, dense in the visiting order (WRITE_GRAD_X)
-    grad_r_ptr,  # dL/dr, dense in the visiting order (WRITE_GRAD_R)
-    grad_t_ptr,  # dL/dt, dense in the visiting order (WRITE_GRAD_T)
+    x_ptr,  # rebuilt input x (WRITE_X); the outputs have any strides and may be operands (NOTE [writing over the operands])
+    grad_x_ptr,  # dL/dx (WRITE_GRAD_X)
+    grad_r_ptr,  # dL/dr (WRITE_GRAD_R)
+    grad_t_ptr,  # dL/dt (WRITE_GRAD_T)
     stride_y_n, stride_y_c, stride_y_h, stride_y_w,  # strides of y
     stride_r_n, stride_r_c, stride_r_h, stride_r_w,  # strides of r
     stride_t_n, stride_t_c, stride_t_h, stride_t_w,  # strides of t
     stride_g_n, stride_g_c, stride_g_h, stride_g_w,  # strides of g
+    stride_x_n, stride_x_c, stride_x_h, stride_x_w,  # strides of x
+    stride_grad_x_n, stride_grad_x_c, stride_grad_x_h, stride_grad_x_w,  # strides of dL/dx
+    stride_grad_r_n, stride_grad_r_c, stride_grad_r_h, stride_grad_r_w,  # strides of dL/dr
+    stride_grad_t_n, stride_grad_t_c, stride_grad_t_h, stride_grad_t_w,  # strides of dL/dt
     n_elements,  # N * C * H * W
     C, H, W,  # sizes
     clamp,  # soft-clamp bound c
@@ -155,11 +204,11 @@ def _affine_coupling_bwd_kernel(
     WRITE_GRAD_R: tl.constexpr,  # write dL/dr
     WRITE_GRAD_T: tl.constexpr,  # write dL/dt (a copy of g)
     CHANNELS_LAST: tl.constexpr,  # visiting order (n, h, w, c) instead of (n, c, h, w)
-    DENSE: tl.constexpr,  # every input is dense in the visiting order: offsets are flat indices
+    DENSE: tl.constexpr,  # every operand and output is dense in the visiting order: offsets are flat indices
     USE_INT64: tl.constexpr,  # 64-bit offsets
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
-    # one program per BLOCK_SIZE consecutive elements of the visiting order
+    # one program per BLOCK_SIZE consecutive elements of the visiting order; it loads them all before it stores
     idx, mask = _element_block(n_elements, BLOCK_SIZE, USE_INT64)
     n, c, h, w = nchw_index(idx, C, H, W, CHANNELS_LAST)
     y = _load_nchw(y_ptr, idx, n, c, h, w, stride_y_n, stride_y_c, stride_y_h, stride_y_w, mask, DENSE)
@@ -171,9 +220,11 @@ def _affine_coupling_bwd_kernel(
     if WRITE_X or WRITE_GRAD_X:
         s = _log_scale(r, mean_ptr, c, h, w, W, mask, clamp, VN)
     if WRITE_X:
-        tl.store(x_ptr + idx, (d * tl.exp(-s)).to(x_ptr.dtype.element_ty), mask=mask)
+        x = d * tl.exp(-s)
+        _store_nchw(x_ptr, x, idx, n, c, h, w, stride_x_n, stride_x_c, stride_x_h, stride_x_w, mask, DENSE)
     if WRITE_GRAD_X:
-        tl.store(grad_x_ptr + idx, (g * tl.exp(s)).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        grad_x = g * tl.exp(s)
+        _store_nchw(grad_x_ptr, grad_x, idx, n, c, h, w, stride_grad_x_n, stride_grad_x_c, stride_grad_x_h, stride_grad_x_w, mask, DENSE)
     if WRITE_GRAD_R:
         grad_s = g * d  # dL/ds without x: y - t = exp(s) x
         if SUBTRACT_GRAD_MEAN:
@@ -182,9 +233,9 @@ def _affine_coupling_bwd_kernel(
             if VN == 2:
                 grad_s -= tl.load(mean_grad_ptr + c, mask=mask, other=0.0)
         grad_r = grad_s * soft_clamp_grad(r, clamp)
-        tl.store(grad_r_ptr + idx, grad_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
+        _store_nchw(grad_r_ptr, grad_r, idx, n, c, h, w, stride_grad_r_n, stride_grad_r_c, stride_grad_r_h, stride_grad_r_w, mask, DENSE)
     if WRITE_GRAD_T:
-        tl.store(grad_t_ptr + idx, g.to(grad_t_ptr.dtype.element_ty), mask=mask)
+        _store_nchw(grad_t_ptr, g, idx, n, c, h, w, stride_grad_t_n, stride_grad_t_c, stride_grad_t_h, stride_grad_t_w, mask, DENSE)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -220,7 +271,7 @@ def _shape_args(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return dict(
         n_elements=inputs[0].numel(), C=c, H=h, W=w, clamp=float(clamp), VN=VN_CODES[volume_norm],
-        CHANNELS_LAST=channels_last, DENSE=all(a.is_contiguous(memory_format=fmt) for a in inputs),
+        CHANNELS_LAST=channels_last, DENSE=all(a.is_contiguous(memory_format=fmt) for a in (*inputs, *outputs)),
         USE_INT64=_launch.needs_int64(*inputs, *outputs),
     )  # fmt: skip
 
@@ -232,27 +283,24 @@ def _result_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _forward(x: Tensor, r: Tensor, t: Tensor, mean: Optional[Tensor], volume_norm: Optional[str], clamp: float) -> Tensor:
-    """Launch the forward kernel; ``y`` is dense in the visiting order of ``x``."""
-    return _launch_affine(x, r, t, mean, volume_norm, clamp, inverse=False)
-
-
-def _inverse(y: Tensor, r: Tensor, t: Tensor, mean: Optional[Tensor], volume_norm: Optional[str], clamp: float) -> Tensor:
-    """Launch the inverse kernel; ``x`` is dense in the visiting order of ``y``."""
-    return _launch_affine(y, r, t, mean, volume_norm, clamp, inverse=True)
+def _empty_like_order(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A result tensor shaped like ``like``, dense in its visiting order (NOTE [memory order])."""
+    return _launch.empty_in_order(like.shape, dtype, like.device, _launch.channels_last_order(like))
 
 
 def _launch_affine(
-    a: Tensor, r: Tensor, t: Tensor, mean: Optional[Tensor], volume_norm: Optional[str], clamp: float, *, inverse: bool
+    a: Tensor, r: Tensor, t: Tensor, mean: Optional[Tensor], volume_norm: Optional[str], clamp: float, *, inverse: bool, out: Tensor
 ) -> Tensor:
-    """Launch :func:`_affine_coupling_kernel` on ``a`` (``x``, or ``y`` when ``inverse``); the result is dense in its order."""
+    """Launch :func:`_affine_coupling_kernel` on ``a`` (``x``, or ``y`` when ``inverse``), writing into ``out``; returns ``out``."""
     order = _launch.channels_last_order(a)
-    out = _launch.empty_in_order(a.shape, _result_dtype(a, r, t), a.device, order)
     args = dict(in_ptr=a, r_ptr=r, t_ptr=t, mean_ptr=_launch.optional(mean, out), out_ptr=out, INVERSE=inverse)
-    args.update(**_strides("in", a), **_strides("r", r), **_strides("t", t))
+    args.update(**_strides("in", a), **_strides("r", r), **_strides("t", t), **_strides("out", out))
     args.update(_shape_args(clamp, volume_norm, order, (a, r, t), (out,)))
     _launch.elementwise_launch(_affine_coupling_kernel, a.numel(), _ELEMENTWISE_KEY + ("INVERSE",), args)
     return out
+
+
+_OUTPUT_NAMES = ("x", "grad_x", "grad_r", "grad_t")
 
 
 def _backward(
@@ -265,30 +313,25 @@ def _backward(
     *,
     volume_norm: Optional[str],
     clamp: float,
-    dtypes: Tuple[torch.dtype, torch.dtype, torch.dtype],
-    x_out: Optional[Tensor] = None,
-    want: Tuple[bool, bool, bool] = (True, True, True),
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Launch the fused backward; ``(grad_x, grad_r, grad_t)`` of ``dtypes``, ``None`` where ``want`` is False.
+    out: Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]],
+) -> None:
+    """Launch the fused backward, writing ``(x, grad_x, grad_r, grad_t)`` into ``out`` (``None``: not written).
 
     ``mean`` is the flat float32 mean the forward subtracted (``None``
     without VN) and ``mean_grad`` the batch mean of ``grad_s`` (``None``
-    unless the forward used a batch mean). ``x_out``, when given, receives
-    the rebuilt ``x``; it must be dense in the visiting order of ``y``.
+    unless the forward used a batch mean). ``out`` may alias the operands
+    (NOTE [writing over the operands]).
     """
     order = _launch.channels_last_order(y)
-    grads = [_launch.empty_in_order(y.shape, dtype, y.device, order) if w else None for w, dtype in zip(want, dtypes)]
-    if x_out is not None:
-        _internal_check_dense(x_out, order)
-    names = ("x_ptr", "grad_x_ptr", "grad_r_ptr", "grad_t_ptr")
-    args = {name: _launch.optional(out, y) for name, out in zip(names, (x_out, *grads))}
+    args = {f"{name}_ptr": _launch.optional(target, y) for name, target in zip(_OUTPUT_NAMES, out)}
+    for name, target in zip(_OUTPUT_NAMES, out):
+        args.update(_strides(name, _launch.optional(target, y)))
     args.update(y_ptr=y, r_ptr=r, t_ptr=t, g_ptr=g, mean_ptr=_launch.optional(mean, y), mean_grad_ptr=_launch.optional(mean_grad, y))
     args.update(**_strides("y", y), **_strides("r", r), **_strides("t", t), **_strides("g", g))
-    args.update(_shape_args(clamp, volume_norm, order, (y, r, t, g), tuple(out for out in (x_out, *grads) if out is not None)))
-    flags = _backward_flags(x_out is not None, want, mean_grad is not None)
+    args.update(_shape_args(clamp, volume_norm, order, (y, r, t, g), tuple(target for target in out if target is not None)))
+    flags = _backward_flags(out[0] is not None, tuple(target is not None for target in out[1:]), mean_grad is not None)
     args.update(flags)
     _launch.elementwise_launch(_affine_coupling_bwd_kernel, y.numel(), _ELEMENTWISE_KEY + tuple(flags), args)
-    return grads[0], grads[1], grads[2]
 
 
 def _backward_flags(write_x: bool, want: Tuple[bool, bool, bool], subtract_grad_mean: bool) -> dict:
@@ -297,8 +340,9 @@ def _backward_flags(write_x: bool, want: Tuple[bool, bool, bool], subtract_grad_
 
 
 # The calls of _backward in this module, as (write_x, want, may subtract the
-# batch mean of grad_s): affine_coupling_bwd; the autograd binding (grad_t is
-# g itself; grad_x, grad_r as needed); the backward of reconstruct. A new
+# batch mean of grad_s): affine_coupling_bwd_into (and affine_coupling_bwd,
+# which allocates and calls it); the autograd binding (grad_t is g itself;
+# grad_x, grad_r as needed); the backward of reconstruct. A new
 # call must be added here, or the compile matrix will not compile it
 # (tests/kernels/test_compile_matrix.py checks the launches against this list).
 _BACKWARD_CALLS = (
@@ -336,15 +380,6 @@ def launch_variants() -> List[_launch.KernelVariant]:
     return variants
 
 
-def _internal_check_dense(x: Tensor, channels_last: bool) -> None:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if not x.is_contiguous(memory_format=fmt):
-        raise RuntimeError(
-            "affine_coupling: the tensor receiving the rebuilt x is not dense in the kernel's visiting order; "
-            "this is a bug in pyramidflow, please report it."
-        )
-
-
 def _refuse_grad(where: str, *tensors: Tensor) -> None:
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         raise NotImplementedError(
@@ -378,7 +413,42 @@ def affine_coupling_inverse(
     _launch.check_options(where, volume_norm, clamp)
     _refuse_grad(where, y, r, t)
     mean, is_batch_mean = _mean(where, r, volume_norm, clamp, running_mean)
-    return _inverse(y, r, t, mean, volume_norm, clamp), _batch_mean_output(mean, is_batch_mean, volume_norm, r)
+    x = _launch_affine(y, r, t, mean, volume_norm, clamp, inverse=True, out=_empty_like_order(y, _result_dtype(y, r, t)))
+    return x, _batch_mean_output(mean, is_batch_mean, volume_norm, r)
+
+
+def affine_coupling_into(
+    x: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    out: Tensor,
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> Optional[Tensor]:
+    """:func:`affine_coupling` without grad, written straight into ``out``: one pass, two with a batch mean.
+
+    ``out`` may be ``x`` itself (or ``r`` or ``t``), any strides and dtype the
+    kernels take (NOTE [writing over the operands]); nothing of its size is
+    allocated: the only temporaries are the VN mean's (``H*W`` or ``C``
+    float32 values and their partial sums).
+
+    Returns:
+        The detached batch mean, as :func:`..reference.affine_coupling_into`.
+
+    Raises:
+        TypeError, ValueError: a bad argument, or an ``out`` that overlaps an operand shifted.
+    """
+    where = "affine_coupling_into"
+    _launch.check_operands(where, "x", x, r=r, t=t)
+    _launch.check_out(where, "x", x, {"out": out}, dict(x=x, r=r, t=t))
+    _launch.check_options(where, volume_norm, clamp)
+    x, r, t = (a.detach() for a in (x, r, t))
+    mean, is_batch_mean = _mean(where, r, volume_norm, clamp, running_mean)
+    _launch_affine(x, r, t, mean, volume_norm, clamp, inverse=False, out=out.detach())
+    _launch.mark_written(out)
+    return _batch_mean_output(mean, is_batch_mean, volume_norm, r)
 
 
 def affine_coupling_bwd(
@@ -391,11 +461,10 @@ def affine_coupling_bwd(
     clamp: float = 2.0,
     running_mean: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rebuild ``x`` from ``y`` and backpropagate ``grad_y``, in one pass over memory.
+    """Rebuild ``x`` from ``y`` and backpropagate ``grad_y``, in one pass over memory, into new tensors.
 
-    With a batch mean (training VN), a first pass computes together the mean
-    of the clamped log-scale and the mean of ``grad_s``. Not differentiable,
-    like the reference.
+    :func:`affine_coupling_bwd_into` on results allocated dense in the
+    visiting order, with the reference's dtypes. Not differentiable, like the reference.
 
     Returns:
         ``(x, grad_x, grad_r, grad_t)`` as :func:`..reference.affine_coupling_bwd`.
@@ -403,18 +472,56 @@ def affine_coupling_bwd(
     Raises:
         TypeError, ValueError: a bad argument (the message names it and the fix).
     """
-    where = "affine_coupling_bwd"
+    _launch.check_operands("affine_coupling_bwd", "y", y, r=r, t=t, grad_y=grad_y)
+    dtypes = (_result_dtype(y, r, t), _result_dtype(grad_y, r), _result_dtype(grad_y, y, t, r), grad_y.dtype)  # as the reference's
+    out = tuple(_empty_like_order(y, dtype) for dtype in dtypes)
+    _fused_backward("affine_coupling_bwd", y, r, t, grad_y, out, volume_norm, clamp, running_mean)
+    return out
+
+
+def affine_coupling_bwd_into(
+    y: Tensor,
+    r: Tensor,
+    t: Tensor,
+    grad_y: Tensor,
+    *,
+    out: Tuple[Tensor, Tensor, Tensor, Tensor],
+    volume_norm: Optional[str] = None,
+    clamp: float = 2.0,
+    running_mean: Optional[Tensor] = None,
+) -> None:
+    """Rebuild ``x`` and backpropagate ``grad_y`` straight into ``out = (x, grad_x, grad_r, grad_t)``.
+
+    One pass over memory; with a batch mean (training VN), a read-only first
+    pass computes together the mean of the clamped log-scale and the mean of
+    ``grad_s``. ``out`` may be ``(y, grad_y, r, t)`` themselves, as in the
+    engine's backward (NOTE [writing over the operands]); nothing of their
+    size is allocated. Not differentiable, like the reference.
+
+    Raises:
+        TypeError, ValueError: a bad argument, or an output that overlaps an operand shifted or another output.
+    """
+    _fused_backward("affine_coupling_bwd_into", y, r, t, grad_y, out, volume_norm, clamp, running_mean)
+
+
+def _fused_backward(
+    where: str, y: Tensor, r: Tensor, t: Tensor, grad_y: Tensor, out: Tuple[Tensor, Tensor, Tensor, Tensor],
+    volume_norm: Optional[str], clamp: float, running_mean: Optional[Tensor],
+) -> None:
+    """:func:`affine_coupling_bwd_into`, its checks' messages naming the op ``where`` the user called."""
     _launch.check_operands(where, "y", y, r=r, t=t, grad_y=grad_y)
+    if not isinstance(out, (tuple, list)) or len(out) != 4:
+        raise TypeError(f"{where}: out must be a tuple of 4 tensors (x, grad_x, grad_r, grad_t), got {type(out).__name__}.")
+    _launch.check_out(where, "y", y, dict(zip(_OUTPUT_NAMES, out)), dict(y=y, r=r, t=t, grad_y=grad_y))
     _launch.check_options(where, volume_norm, clamp)
     y, r, t, grad_y = (a.detach() for a in (y, r, t, grad_y))
     if volume_norm is not None and running_mean is None:
         mean, mean_grad = volume_norm_means(volume_norm, clamp, r=r, y=y, t=t, g=grad_y)
     else:
         (mean, _), mean_grad = _mean(where, r, volume_norm, clamp, running_mean), None
-    x = _launch.empty_in_order(y.shape, _result_dtype(y, r, t), y.device, _launch.channels_last_order(y))
-    dtypes = (_result_dtype(grad_y, r), _result_dtype(grad_y, y, t, r), grad_y.dtype)  # as the reference's
-    grad_x, grad_r, grad_t = _backward(y, r, t, grad_y, mean, mean_grad, volume_norm=volume_norm, clamp=clamp, dtypes=dtypes, x_out=x)
-    return x, grad_x, grad_r, grad_t
+    _backward(y, r, t, grad_y, mean, mean_grad, volume_norm=volume_norm, clamp=clamp, out=tuple(a.detach() for a in out))
+    for target in out:
+        _launch.mark_written(target)
 
 
 # ----------------------------------------------------------------------------- autograd binding
@@ -429,7 +536,7 @@ class _AffineCouplingFunction(torch.autograd.Function):
         _launch.check_operands(where, "x", x, r=r, t=t)
         _launch.check_options(where, volume_norm, clamp)
         mean, is_batch_mean = _mean(where, r, volume_norm, clamp, running_mean)
-        y = _forward(x, r, t, mean, volume_norm, clamp)
+        y = _launch_affine(x, r, t, mean, volume_norm, clamp, inverse=False, out=_empty_like_order(x, _result_dtype(x, r, t)))
         ctx.save_for_backward(y, r, t, mean)
         ctx.volume_norm, ctx.clamp, ctx.is_batch_mean, ctx.x_dtype = volume_norm, clamp, is_batch_mean, x.dtype
         batch_mean = _batch_mean_output(mean, is_batch_mean, volume_norm, r)
@@ -446,10 +553,9 @@ class _AffineCouplingFunction(torch.autograd.Function):
             _, mean_grad = volume_norm_means(ctx.volume_norm, ctx.clamp, y=y, t=t, g=grad_y)
         # NOTE [grad_t is g]: dL/dt = g exactly, so the incoming gradient is
         # passed on as it is (autograd allows it) rather than copied by the kernel.
-        dtypes = (ctx.x_dtype, r.dtype, t.dtype)
-        grad_x, grad_r, _ = _backward(
-            y, r, t, grad_y, mean, mean_grad, volume_norm=ctx.volume_norm, clamp=ctx.clamp, dtypes=dtypes, want=(want_x, want_r, False)
-        )
+        grad_x = _empty_like_order(y, ctx.x_dtype) if want_x else None
+        grad_r = _empty_like_order(y, r.dtype) if want_r else None
+        _backward(y, r, t, grad_y, mean, mean_grad, volume_norm=ctx.volume_norm, clamp=ctx.clamp, out=(None, grad_x, grad_r, None))
         grad_t = grad_y.to(t.dtype) if want_t else None
         return grad_x, grad_r, grad_t, None, None, None
 
@@ -518,11 +624,10 @@ class _ReconstructFunction(torch.autograd.Function):
         if ctx.volume_norm is not None and mean is None:  # training: both batch means in one pass
             mean, mean_grad = volume_norm_means(ctx.volume_norm, ctx.clamp, r=r, y=y, t=t, g=grad_y)
         want_r, want_t = ctx.needs_input_grad[1:3]
-        x = ctx.x
-        grad_x, grad_r, _ = _backward(
-            y, r, t, grad_y, mean, mean_grad, volume_norm=ctx.volume_norm, clamp=ctx.clamp,
-            dtypes=(x.dtype, r.dtype, t.dtype), x_out=x, want=(True, want_r, False),
-        )  # fmt: skip
+        x = ctx.x.detach()
+        grad_x = _empty_like_order(y, x.dtype)
+        grad_r = _empty_like_order(y, r.dtype) if want_r else None
+        _backward(y, r, t, grad_y, mean, mean_grad, volume_norm=ctx.volume_norm, clamp=ctx.clamp, out=(x, grad_x, grad_r, None))
         grad_t = grad_y.to(t.dtype) if want_t else None
         return grad_x, grad_r, grad_t, None, None, None, None
 
@@ -554,7 +659,7 @@ def affine_coupling_reconstruct(
     mean = None
     if volume_norm is not None and running_mean is not None:
         mean = _launch.flat_running_mean(where, running_mean, volume_norm, r)
-    x = _launch.empty_in_order(y.shape, _result_dtype(y, r, t), y.device, _launch.channels_last_order(y))
+    x = _empty_like_order(y, _result_dtype(y, r, t))
     x.requires_grad_(True)
     y_local = _ReconstructFunction.apply(x, r, t, y.detach(), volume_norm, clamp, mean)
     return x, y_local
