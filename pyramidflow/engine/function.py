@@ -20,7 +20,6 @@ hooks of ``DistributedDataParallel`` fire as for any other module.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._state import AutocastState, RngState, overwritable, rebuilding, recomputation
+from ._state import AutocastState, RngState, overwritable, rebuilding, recomputation, replaying
 from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf, add_optional
 from .drift import CallSite, Fingerprinter, compute_dtype, default_tolerance, fingerprint_drift
 from .errors import InvertibleError, _internal_assert
@@ -364,8 +363,8 @@ def _exceeds(drift: Tensor, tolerance: float) -> bool:
 
 
 def _replay(run: InvertibleRun, index: int):
-    rng = run.fwd_rng[index]
-    return rng.replay() if rng is not None else contextlib.nullcontext()
+    """Block ``index``'s forward RNG state, for each of its evaluations inside (NOTE [one RNG replay per evaluation])."""
+    return replaying(run.fwd_rng[index])
 
 
 # NOTE [input source]
