@@ -66,6 +66,7 @@ class InvertibleRun:
     fwd_output_refs: Tuple["weakref.ref[Tensor]", ...] = ()
     fwd_output_versions: Tuple[int, ...] = ()
     fwd_input_storages: Tuple[int, ...] = ()
+    fwd_parameter_versions: List[Tuple[int, ...]] = field(default_factory=list)  # per block, of block.parameters()
 
     def keeps_anchor(self, index: int) -> bool:
         """Whether forward keeps block ``index``'s exact input (block 0's under ``"recompute"``, unless the
@@ -147,6 +148,7 @@ class _InvertibleFunction(torch.autograd.Function):
         run.fwd_outputs = tuple(y.detach() for y in ys)
         run.fwd_output_refs = tuple(weakref.ref(y) for y in ys)
         run.fwd_output_versions = tuple(y._version for y in ys)
+        run.fwd_parameter_versions = [tuple(p._version for p in block.parameters()) for block in run.blocks]
         return (*ys, total)
 
     @staticmethod
@@ -158,6 +160,7 @@ class _InvertibleFunction(torch.autograd.Function):
                 "create_graph=True); call .backward() once, or use mode='autograd' for higher derivatives."
             )
         ys = _take_outputs(run)
+        _check_parameters_unchanged(run)
         _check_anchors_unchanged(run)
         grad_ys: List[Optional[Tensor]] = list(grads[:-1])
         owned = _owned_outputs(run, ys)
@@ -343,6 +346,19 @@ def _into_buffers(grads: List[Optional[Tensor]], buffers: Sequence[Optional[Tens
             buffer.copy_(grad)
             out[j] = buffer
     return out
+
+
+def _check_parameters_unchanged(run: InvertibleRun) -> None:
+    """Backward rebuilds every block with its parameters: they must hold forward's values, as autograd requires."""
+    for index, (block, versions) in enumerate(zip(run.blocks, run.fwd_parameter_versions)):
+        for (name, p), version in zip(block.named_parameters(), versions):
+            if p._version != version:
+                raise InvertibleError(
+                    f"{run.where}: parameter {name!r} of block {index} ({type(block).__name__}) was modified in "
+                    f"place after forward (version {version} -> {p._version}), e.g. by optimizer.step() before "
+                    "backward(); backward rebuilds every block with the parameters forward used. Call backward() "
+                    "before changing the parameters, or run forward again after changing them."
+                )
 
 
 def _check_anchors_unchanged(run: InvertibleRun) -> None:
