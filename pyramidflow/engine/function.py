@@ -97,8 +97,9 @@ class DriftReport:
 
 
 # NOTE [drift monitoring]
-# Forward: before each block, `fingerprinter.fingerprint(xs)` samples a fixed
-# few hundred elements per level (no copy of the level, no host sync); blocks
+# Forward: before each block, `fingerprinter.fingerprint(xs)` projects every
+# element of each level on a few fixed random sign patterns (one read of the
+# level, no copy, no host sync: NOTE [whole-level fingerprint]); blocks
 # that `keeps_anchor` also keep their exact input by reference (block 0's is the
 # caller's input, which the caller holds anyway). Backward, per block: the
 # input is rebuilt as before (or taken from an anchor: exact, drift 0), the
