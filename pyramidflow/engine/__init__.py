@@ -4,7 +4,7 @@ It knows only the block contract (:class:`InvertibleModule`); it never
 imports the model, data or training code.
 """
 
-from ._state import is_rebuilding, may_overwrite
+from ._state import is_rebuilding, may_overwrite, replay_forward_rng
 from .adapters import FrEIAAdapter, NormflowsAdapter, wrap
 from .block import InvertibleModule, Writable
 from .checks import BlockReport, InverseCheck, check_inverse, reconstruction_error
@@ -31,5 +31,6 @@ __all__ = [
     "is_rebuilding",
     "may_overwrite",
     "reconstruction_error",
+    "replay_forward_rng",
     "wrap",
 ]

@@ -16,7 +16,10 @@ from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RngState", "AutocastState", "recomputation", "rebuilding", "is_rebuilding", "overwritable", "may_overwrite"]
+__all__ = [
+    "RngState", "AutocastState", "recomputation", "rebuilding", "is_rebuilding", "overwritable", "may_overwrite",
+    "replaying", "replay_forward_rng",
+]
 
 
 @dataclass
@@ -41,6 +44,45 @@ class RngState:
             for device, state in zip(self.cuda_devices, self.cuda):
                 torch.cuda.set_rng_state(state, device)
             yield
+
+
+# NOTE [one RNG replay per evaluation]
+# Backward may evaluate a block more than once: the generic reconstruct runs
+# its inverse and then its forward, and each must draw what forward's call
+# drew (an additive coupling with dropout in its network needs forward's mask
+# in the inverse to rebuild the input, and again in the forward to get the
+# local gradient). Replaying the state once around the whole rebuild gives the
+# second evaluation the draws after the first's. So the engine replays the
+# block's state around the rebuild (enough for a fused reconstruct, which
+# evaluates the block once) and names it for the rebuild's duration
+# (`replaying`); every evaluation inside starts again from it through
+# `replay_forward_rng()`. Outside a rebuild that is a no-op.
+_REPLAYING = threading.local()
+
+
+@contextlib.contextmanager
+def replaying(state: Optional[RngState]) -> Iterator[None]:
+    """Replay ``state`` around the body and let each evaluation inside restart from it
+    (NOTE [one RNG replay per evaluation]); ``None``: no replay (``preserve_rng_state=False``)."""
+    previous = getattr(_REPLAYING, "state", None)
+    _REPLAYING.state = state
+    try:
+        with state.replay() if state is not None else contextlib.nullcontext():
+            yield
+    finally:
+        _REPLAYING.state = previous
+
+
+@contextlib.contextmanager
+def replay_forward_rng() -> Iterator[None]:
+    """Run one evaluation of a block, inside its rebuild in backward, with the RNG state forward's call saw.
+
+    A block's ``reconstruct`` that evaluates random parts (dropout) more than once wraps each
+    evaluation in this (NOTE [one RNG replay per evaluation]); outside a rebuild it does nothing.
+    """
+    state = getattr(_REPLAYING, "state", None)
+    with state.replay() if state is not None else contextlib.nullcontext():
+        yield
 
 
 def _autocast_enabled(device_type: str) -> bool:

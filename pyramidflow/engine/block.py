@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._state import replay_forward_rng
+
 Tensors = Tuple[Tensor, ...]
 LogDet = Optional[Tensor]
 
@@ -75,7 +77,11 @@ class InvertibleModule(nn.Module):
         Buffers changed in ``forward`` (running statistics) are restored by
         the engine after every recomputation, so they change once per step.
         Randomness is replayed: the engine restores the RNG state the block saw
-        in forward before it reconstructs the block.
+        in forward before it reconstructs the block. A ``reconstruct`` that
+        evaluates random parts (dropout) more than once, as the default does
+        (``inverse``, then ``forward``), wraps each evaluation in
+        :func:`pyramidflow.engine.replay_forward_rng` so that each draws what
+        forward drew.
     """
 
     #: ``True`` when every call returns ``logdet=None``; lets the engine skip
@@ -118,10 +124,11 @@ class InvertibleModule(nn.Module):
             whose backward is exact (NOTE [placeholder outputs] in
             :mod:`pyramidflow.model.coupling`).
         """
-        with torch.no_grad():
+        with torch.no_grad(), replay_forward_rng():  # NOTE [one RNG replay per evaluation]
             xs, _ = self.inverse(ys)
         xs = tuple(_leaf(x) for x in xs)
-        ys_local, logdet_local = self.forward(xs)
+        with replay_forward_rng():
+            ys_local, logdet_local = self.forward(xs)
         return xs, tuple(ys_local), logdet_local
 
 

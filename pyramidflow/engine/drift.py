@@ -4,14 +4,15 @@ Invertible backward rebuilds each block's input from its output. In floating
 point the rebuilt input differs from the one forward saw, and the difference
 compounds through the blocks: harmless in a well-conditioned flow, silently
 wrong gradients in an ill-conditioned one. Forward keeps a *fingerprint* of each
-block's input (a fixed sample of a few hundred elements per level, in float32 or
-wider); backward compares the rebuilt input with it. This module holds the
+block's input (a fixed random projection of every element of each level, in
+float32 or wider); backward compares the rebuilt input with it. This module holds the
 fingerprints, the default tolerances, the policy names and the messages; the
 Function (:mod:`.function`) applies the policy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -36,14 +37,14 @@ __all__ = [
 #: What backward does when a rebuilt input drifts past the tolerance.
 DRIFT_POLICIES = ("warn", "raise", "recompute", "off")
 
-#: Elements sampled per level (a level smaller than this is compared whole).
-FINGERPRINT_SIZE = 256
+#: Random projections per row of a level (NOTE [whole-level fingerprint]).
+FINGERPRINT_SIZE = 8
 
 _TINY = 1e-30
 
 # NOTE [default drift tolerances]
 # The tolerance is a relative error of a block's rebuilt input (L2 over the
-# sampled elements, largest over levels). A healthy float32 flow rebuilds each
+# whole level, estimated from its fingerprint; largest over levels). A healthy float32 flow rebuilds each
 # input to about 1e-7..1e-6 (a few ulps, times the block's scale growth): the
 # fresh PyramidFlow of the paper's configuration and 32 perturbed couplings
 # measure at most ~1e-6 at their deepest block (benchmarks/drift_report.py).
@@ -86,41 +87,71 @@ def _comparison_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# NOTE [whole-level fingerprint]
+# A fingerprint must see every element: a block whose inverse is wrong in a
+# few pixels moves a sample of a few hundred elements only by chance. It is a
+# fixed random projection of the whole level: k = FINGERPRINT_SIZE columns of
+# random signs, separable over the last two dimensions (a level (N, C, H, W)
+# gives (N, C, k) values: F[n, c, j] = sum_hw a[j, h] b[j, w] x[n, c, h, w]),
+# computed as one matmul over H and one small reduction over W: one read of
+# the level, no copy of a contiguous one, no host sync, and weights of only
+# (H + W) k signs. Each fingerprint value is a sum of +-x, so for an error e
+# E|F(e)|^2 = k |e|^2 per (n, c) and |F(x') - F(x)| / |F(x)| estimates the
+# relative L2 error of the whole level; an error in a single element moves k
+# values by exactly its size. What it cannot see: an error orthogonal to all
+# k sign patterns of its (n, c) plane (probability about 2^-k for an error of
+# two opposite elements, zero for one element), an error below float noise
+# (the tolerance), nor a non-floating level. It runs with autocast off, in
+# float32 (float64 for float64 levels; a 16-bit level's matmul rounds to its
+# dtype, as its values are). TF32 matmuls on CUDA (allow_tf32,
+# set_float32_matmul_precision("high")) read each element to 10 bits:
+# emulated on CPU, a healthy PyramidFlow's largest drift then rises from
+# 6e-7 to 2e-5, still under float32's tolerance of 1e-4.
 class Fingerprinter:
-    """A fixed sample of elements per tensor shape, drawn once and cached.
+    """A fixed random projection per tensor shape (NOTE [whole-level fingerprint]), drawn once and cached.
 
-    The indices come from a private, seeded generator (the global RNG streams
-    are untouched) and are stored as per-dimension coordinates, so sampling a
-    non-contiguous tensor never copies it. Memory: ``FINGERPRINT_SIZE``
-    elements per level and block (a few KiB per block).
+    The signs come from a private, seeded generator (the global RNG streams are
+    untouched). Memory: ``FINGERPRINT_SIZE`` values per row of the level (per
+    ``(n, c)`` of an ``(N, C, H, W)`` level) and block.
     """
 
     def __init__(self, size: int = FINGERPRINT_SIZE, seed: int = 0x5EED) -> None:
         self.size = size
         self.seed = seed
-        self._coords: Dict[Tuple[Tuple[int, ...], torch.device], Optional[Tuple[Tensor, ...]]] = {}
+        self._signs: Dict[Tuple[Tuple[int, ...], torch.dtype, torch.device], Tuple[Optional[Tensor], Tensor]] = {}
 
-    def _coordinates(self, x: Tensor) -> Optional[Tuple[Tensor, ...]]:
-        key = (tuple(x.shape), x.device)
-        if key not in self._coords:
-            numel = x.numel()
-            if numel <= self.size or x.dim() == 0:
-                self._coords[key] = None  # compare the whole (small) tensor
+    def _projection(self, x: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        """``(a, b)``: signs over the second-to-last dimension ((k, H), in ``x``'s dtype; ``None`` below 3-D)
+        and over the last one ((k, W) in the comparison dtype; (W, k) in ``x``'s dtype below 3-D)."""
+        sizes = tuple(x.shape[-2:]) if x.dim() >= 3 else tuple(x.shape[-1:])
+        key = (sizes, x.dtype, x.device)
+        if key not in self._signs:
+            generator = torch.Generator().manual_seed(self.seed)
+            signs = [torch.randint(2, (self.size, n), generator=generator) * 2.0 - 1.0 for n in sizes]
+            if len(sizes) == 2:
+                self._signs[key] = (signs[0].to(x.device, x.dtype), signs[1].to(x.device, _comparison_dtype(x.dtype)))
             else:
-                generator = torch.Generator().manual_seed(self.seed)
-                flat = torch.randint(numel, (self.size,), generator=generator)
-                self._coords[key] = tuple(c.to(x.device) for c in torch.unravel_index(flat, x.shape))
-        return self._coords[key]
+                self._signs[key] = (None, signs[0].t().to(x.device, x.dtype))
+        return self._signs[key]
 
-    def sample(self, x: Tensor) -> Tensor:
-        """The sampled elements of ``x`` as a 1-D tensor in the comparison dtype."""
-        coords = self._coordinates(x)
-        values = x.detach().reshape(-1) if coords is None else x.detach()[coords]
-        return values.to(_comparison_dtype(x.dtype))
+    def project(self, x: Tensor) -> Tensor:
+        """The fingerprint of one level: ``(*x.shape[:-2], k)`` (``(*x.shape[:-1], k)`` below 3-D), in the
+        comparison dtype; a 0-d level is its own fingerprint."""
+        x = x.detach()
+        if x.dim() == 0:
+            return x.reshape(1).to(_comparison_dtype(x.dtype))
+        a, b = self._projection(x)
+        # Forward runs under the caller's autocast: the projection must not (the engine replays cpu and cuda's).
+        off = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+        with off:
+            if a is None:
+                return torch.matmul(x, b).to(_comparison_dtype(x.dtype))
+            columns = torch.matmul(a, x).to(b.dtype)  # (..., k, W): the one pass over the level
+            return (columns * b).sum(dim=-1)
 
     def fingerprint(self, xs: Tensors) -> Tuple[Optional[Tensor], ...]:
-        """One sample per level; ``None`` for levels that are not floating point."""
-        return tuple(self.sample(x) if x.is_floating_point() else None for x in xs)
+        """One projection per level; ``None`` for levels that are not floating point."""
+        return tuple(self.project(x) if x.is_floating_point() else None for x in xs)
 
 
 def fingerprint_drift(fingerprinter: Fingerprinter, xs: Tensors, fingerprint: Sequence[Optional[Tensor]]) -> Tensor:
@@ -132,7 +163,7 @@ def fingerprint_drift(fingerprinter: Fingerprinter, xs: Tensors, fingerprint: Se
     for x, reference in zip(xs, fingerprint):
         if reference is None:
             continue
-        rebuilt = fingerprinter.sample(x)
+        rebuilt = fingerprinter.project(x)
         errors.append((rebuilt - reference).norm() / reference.norm().clamp_min(_TINY))
     if not errors:
         return torch.zeros((), device=xs[0].device)

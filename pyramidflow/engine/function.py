@@ -20,7 +20,6 @@ hooks of ``DistributedDataParallel`` fire as for any other module.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._state import AutocastState, RngState, overwritable, rebuilding, recomputation
+from ._state import AutocastState, RngState, overwritable, rebuilding, recomputation, replaying
 from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf, add_optional
 from .drift import CallSite, Fingerprinter, compute_dtype, default_tolerance, fingerprint_drift
 from .errors import InvertibleError, _internal_assert
@@ -67,6 +66,7 @@ class InvertibleRun:
     fwd_output_refs: Tuple["weakref.ref[Tensor]", ...] = ()
     fwd_output_versions: Tuple[int, ...] = ()
     fwd_input_storages: Tuple[int, ...] = ()
+    fwd_parameter_versions: List[Tuple[int, ...]] = field(default_factory=list)  # per block, of block.parameters()
 
     def keeps_anchor(self, index: int) -> bool:
         """Whether forward keeps block ``index``'s exact input (block 0's under ``"recompute"``, unless the
@@ -97,8 +97,9 @@ class DriftReport:
 
 
 # NOTE [drift monitoring]
-# Forward: before each block, `fingerprinter.fingerprint(xs)` samples a fixed
-# few hundred elements per level (no copy of the level, no host sync); blocks
+# Forward: before each block, `fingerprinter.fingerprint(xs)` projects every
+# element of each level on a few fixed random sign patterns (one read of the
+# level, no copy, no host sync: NOTE [whole-level fingerprint]); blocks
 # that `keeps_anchor` also keep their exact input by reference (block 0's is the
 # caller's input, which the caller holds anyway). Backward, per block: the
 # input is rebuilt as before (or taken from an anchor: exact, drift 0), the
@@ -148,6 +149,7 @@ class _InvertibleFunction(torch.autograd.Function):
         run.fwd_outputs = tuple(y.detach() for y in ys)
         run.fwd_output_refs = tuple(weakref.ref(y) for y in ys)
         run.fwd_output_versions = tuple(y._version for y in ys)
+        run.fwd_parameter_versions = [tuple(p._version for p in block.parameters()) for block in run.blocks]
         return (*ys, total)
 
     @staticmethod
@@ -159,6 +161,7 @@ class _InvertibleFunction(torch.autograd.Function):
                 "create_graph=True); call .backward() once, or use mode='autograd' for higher derivatives."
             )
         ys = _take_outputs(run)
+        _check_parameters_unchanged(run)
         _check_anchors_unchanged(run)
         grad_ys: List[Optional[Tensor]] = list(grads[:-1])
         owned = _owned_outputs(run, ys)
@@ -346,6 +349,19 @@ def _into_buffers(grads: List[Optional[Tensor]], buffers: Sequence[Optional[Tens
     return out
 
 
+def _check_parameters_unchanged(run: InvertibleRun) -> None:
+    """Backward rebuilds every block with its parameters: they must hold forward's values, as autograd requires."""
+    for index, (block, versions) in enumerate(zip(run.blocks, run.fwd_parameter_versions)):
+        for (name, p), version in zip(block.named_parameters(), versions):
+            if p._version != version:
+                raise InvertibleError(
+                    f"{run.where}: parameter {name!r} of block {index} ({type(block).__name__}) was modified in "
+                    f"place after forward (version {version} -> {p._version}), e.g. by optimizer.step() before "
+                    "backward(); backward rebuilds every block with the parameters forward used. Call backward() "
+                    "before changing the parameters, or run forward again after changing them."
+                )
+
+
 def _check_anchors_unchanged(run: InvertibleRun) -> None:
     for index, xs in run.fwd_anchors.items():
         if tuple(x._version for x in xs) != run.fwd_anchor_versions[index]:
@@ -364,8 +380,8 @@ def _exceeds(drift: Tensor, tolerance: float) -> bool:
 
 
 def _replay(run: InvertibleRun, index: int):
-    rng = run.fwd_rng[index]
-    return rng.replay() if rng is not None else contextlib.nullcontext()
+    """Block ``index``'s forward RNG state, for each of its evaluations inside (NOTE [one RNG replay per evaluation])."""
+    return replaying(run.fwd_rng[index])
 
 
 # NOTE [input source]

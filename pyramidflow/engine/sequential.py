@@ -50,14 +50,16 @@ class InvertibleSequential(nn.Module):
         debug_tolerance: largest relative reconstruction error accepted in debug mode.
         drift: what invertible backward does when a rebuilt block input differs
             from the true one by more than ``drift_tolerance`` (relative error,
-            estimated from a fingerprint of a few hundred elements per level kept
-            in forward): ``"warn"`` (default) issues a :class:`DriftWarning`
+            estimated from a fingerprint of every element of each level kept in
+            forward, a few random projections: NOTE [whole-level fingerprint] in
+            :mod:`.drift`): ``"warn"`` (default) issues a :class:`DriftWarning`
             once per sequence and call site; ``"raise"`` raises
             :class:`DriftError`; ``"recompute"`` rebuilds that block's input
             exactly by running forward again from the nearest exact state kept in
             forward (so its gradients are those of checkpoint mode; this syncs the
             host once per block); ``"off"`` monitors nothing and costs nothing.
-            Memory: the fingerprints (~1 KiB per level and block) for all but
+            Memory: the fingerprints (8 values per ``(n, c)`` of each level and
+            block: 1 KiB for a ``(2, 16, H, W)`` level) for all but
             ``"off"``; ``"recompute"`` also keeps the sequence's input (a
             reference to the caller's tensor). See NOTE [drift monitoring] in
             :mod:`.function`.

@@ -8,7 +8,7 @@ from torch import nn
 
 from pyramidflow import DriftError, DriftWarning, InvertibleModule, InvertibleSequential
 from pyramidflow.engine import AffineCoupling
-from pyramidflow.engine.drift import Fingerprinter, default_tolerance
+from pyramidflow.engine.drift import Fingerprinter, default_tolerance, fingerprint_drift
 
 from _blocks import gradients, loss_of, max_relative_error, perturbed_couplings
 
@@ -158,13 +158,51 @@ def test_default_tolerances_per_dtype():
     assert default_tolerance(torch.float16) == default_tolerance(torch.bfloat16)
 
 
-def test_fingerprint_samples_without_copying_and_deterministically():
-    x = torch.randn(3, 5, 37, 53).transpose(2, 3)  # not contiguous
+def test_fingerprint_sees_every_element_deterministically():
+    x = torch.randn(3, 5, 37, 53, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).transpose(2, 3)
     a, b = Fingerprinter(), Fingerprinter()
-    sample = a.sample(x)
-    assert sample.shape == (a.size,) and sample.dtype == torch.float32
-    assert torch.equal(sample, b.sample(x))
-    assert torch.equal(a.sample(torch.arange(10.0)), torch.arange(10.0))  # small tensors whole
+    (fingerprint,) = a.fingerprint((x,))
+    assert fingerprint.shape == (3, 5, a.size) and fingerprint.dtype == torch.float64
+    assert torch.equal(fingerprint, b.fingerprint((x,))[0])
+    assert a.fingerprint((x.float(),))[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # forward may run under autocast: the fingerprint does not
+        assert torch.equal(fingerprint, a.fingerprint((x,))[0])
+    for index in [(0, 0, 0, 0), (2, 4, 52, 36), (1, 3, 17, 29)]:  # corners and the middle
+        wrong = x.clone()
+        wrong[index] += 1e-2
+        # One wrong element moves each of its row's k projections by exactly its error.
+        expected = 1e-2 * a.size**0.5 / float(fingerprint.norm())
+        assert float(fingerprint_drift(a, (wrong,), (fingerprint,))) == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(a.fingerprint((torch.tensor(2.0),))[0], torch.tensor([2.0]))
+
+
+class OnePixelWrong(InvertibleModule):
+    """``y = a x``, whose inverse adds 0.5 at one pixel of every channel (issue 27): a local inverse error."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, xs):
+        return (self.a * xs[0],), None
+
+    def inverse(self, ys):
+        x = ys[0] / self.a
+        x[:, :, 3, 5] += 0.5
+        return (x,), None
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_a_few_wrong_pixels_are_caught_at_any_size(size):
+    torch.manual_seed(0)
+    seq = InvertibleSequential(AffineCoupling(4, 8), OnePixelWrong(), AffineCoupling(4, 8, parity=1), drift="raise")
+    x = torch.randn(2, 4, size, size)
+    with pytest.raises(DriftError, match=r"block 1 \(OnePixelWrong\) is where backward's rebuilt input first drifts"):
+        _step(seq, x)
+    seq.drift, seq.drift_tolerance = "warn", 1.0
+    _step(seq, x)
+    true_error = 0.5 * 8**0.5 / float(x.norm())  # 8 wrong elements (2 samples x 4 channels) of 0.5
+    assert seq.last_drift[1] == pytest.approx(true_error, rel=0.5)  # an estimate from k projections per (n, c)
 
 
 def test_anchor_modified_in_place_raises():

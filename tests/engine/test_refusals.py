@@ -24,6 +24,24 @@ def test_output_modified_in_place_before_backward():
         loss.backward()
 
 
+@pytest.mark.parametrize("mode", ["autograd", "invertible"])
+def test_parameters_changed_between_forward_and_backward_raise_like_autograd(mode):
+    seq = perturbed_couplings(3)
+    seq.mode = mode
+    optimizer = torch.optim.SGD(seq.parameters(), lr=0.1)
+    loss = loss_of(*seq(torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)))
+    for p in seq.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # before backward: the weights backward would rebuild with are no longer forward's
+    expected = (
+        r"parameter 'net.0.weight' of block 0 \(AffineCoupling\) was modified in place after forward \(version \d+ -> \d+\), "
+        r"e.g. by optimizer.step\(\) before backward\(\).*Call backward\(\) before changing the parameters"
+        if mode == "invertible" else "modified by an inplace operation"
+    )
+    with pytest.raises(RuntimeError, match=expected):
+        loss.backward()
+
+
 def test_create_graph_is_refused():
     seq = perturbed_couplings(2)
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)

@@ -1,10 +1,12 @@
 """Recomputation replays the forward's RNG draws and autocast state."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from pyramidflow import InvertibleSequential
+from pyramidflow import InvertibleModule, InvertibleSequential
 from pyramidflow.engine import AffineCoupling
 
 from _blocks import gradients, loss_of, max_relative_error
@@ -28,6 +30,77 @@ def test_dropout_replayed(mode):
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     reference = _seeded_gradients(seq, x, "autograd")
     assert max_relative_error(_seeded_gradients(seq, x, mode), reference) <= 1e-10
+
+
+class AdditiveBlock(InvertibleModule):
+    """``y_b = x_b + F(x_a)`` with dropout or batch norm inside F, on the generic reconstruct (inverse, then
+    forward): both evaluations in backward must see what forward's F saw."""
+
+    volume_preserving = True
+
+    def __init__(self, channels, middle):
+        super().__init__()
+        half = channels // 2
+        self.f = nn.Sequential(nn.Conv2d(half, 8, 3, padding=1), nn.ReLU(), middle, nn.Conv2d(8, channels - half, 3, padding=1))
+
+    def forward(self, xs):
+        (x,) = xs
+        a, b = x.chunk(2, dim=1)
+        return (torch.cat([a, b + self.f(a)], dim=1),), None
+
+    def inverse(self, ys):
+        (y,) = ys
+        a, b = y.chunk(2, dim=1)
+        return (torch.cat([a, b - self.f(a)], dim=1),), None
+
+
+class WrongInverse(AdditiveBlock):
+    """Its inverse is off by 1e-3: drift="recompute" must redo it from an exact input."""
+
+    def inverse(self, ys):
+        (x,), logdet = super().inverse(ys)
+        return (x + 1e-3,), logdet
+
+
+def _sandwich(middle, wrong=None, **kwargs):
+    """Two additive blocks around an AffineCoupling (issue 27's case); a :class:`WrongInverse` at index ``wrong``."""
+    torch.manual_seed(0)
+    blocks = [AdditiveBlock(4, middle()), AffineCoupling(4, 8), AdditiveBlock(4, middle())]
+    if wrong is not None:
+        blocks.insert(wrong, WrongInverse(4, middle()))
+    nn.init.normal_(blocks[1].net[-1].weight, std=0.1)
+    return InvertibleSequential(*blocks, **kwargs).double()
+
+
+_PATHS = {
+    "rebuilt": {},
+    "anchored": {"anchor_every": 1},  # every block run forward again from its exact input
+    "recompute": {"drift": "recompute", "wrong": 2},  # the redo runs blocks 0 and 1 forward again
+    "recompute, anchored": {"drift": "recompute", "anchor_every": 2, "wrong": 3},  # the redo runs block 2 from its anchor
+}
+
+
+@pytest.mark.parametrize("path", list(_PATHS))
+def test_dropout_in_a_generic_block_equals_autograd(path):
+    settings = dict(_PATHS[path])
+    seq = _sandwich(lambda: nn.Dropout(0.5), **settings)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    torch.manual_seed(5)
+    reference = gradients(seq, (x,), "autograd")
+    torch.manual_seed(5)
+    assert max_relative_error(gradients(seq, (x,), "invertible"), reference) <= 1e-10
+    if "wrong" in settings:
+        assert seq.last_recomputed == (settings["wrong"],)
+
+
+def test_batch_norm_in_a_generic_block_equals_autograd():
+    seq = _sandwich(lambda: nn.BatchNorm2d(8))
+    reference = copy.deepcopy(seq)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    expected = gradients(reference, (x,), "autograd")
+    assert max_relative_error(gradients(seq, (x,), "invertible"), expected) <= 1e-10
+    for (name, a), b in zip(reference.state_dict().items(), seq.state_dict().values()):
+        assert torch.equal(a, b), name  # running statistics updated once, as autograd does
 
 
 def test_replay_leaves_the_global_rng_stream_alone():
