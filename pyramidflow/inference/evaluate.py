@@ -153,8 +153,9 @@ def evaluate(
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
         ``per_defect_type``, and at the checkpoint's calibrated thresholds ``image_precision``,
         ``image_recall``, ``image_f1``, ``image_fpr``, ``pixel_f1``, ``pixel_iou`` (``pixel_precision``,
-        ``pixel_recall``); ``images``: per test image its ``path``, ``defect_type``, ``label``, ``score``,
-        ``is_anomalous`` and ``overlay``.
+        ``pixel_recall``); ``images``: per test image, in the data set's order, its ``name``
+        (``<defect type>/<stem>``), ``file``, ``defect_type``, ``label``, ``score``, ``is_anomalous`` and
+        ``overlay``.
 
     Raises:
         ValueError: the checkpoint was trained on another category, or test images have no label.
