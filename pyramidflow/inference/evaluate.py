@@ -30,7 +30,22 @@ from .visualize import heat_top, overlay_panel, save_panel
 __all__ = ["evaluate", "load_for_inference"]
 
 
-def _write_panels(predictions: Predictions, out_dir: Path, vmin: float, vmax: float, decided: "_Decided") -> List[str]:
+@dataclass
+class _Decided:
+    """The decisions at the checkpoint's stored thresholds, made once for the metrics, the panels and the report."""
+
+    pixel_threshold: float
+    is_anomalous: np.ndarray  # (N,) bool: score > image threshold (NOTE [decision metrics] in pyramidflow.metrics)
+    masks: np.ndarray  # (N, H, W) bool: the stored mask rule applied to each map
+
+
+def _decide(checkpoint: Checkpoint, predictions: Predictions) -> _Decided:
+    image_threshold, pixel_threshold, _ = stored_thresholds(checkpoint)
+    return _Decided(pixel_threshold, predictions.scores > image_threshold,
+                    stored_mask_rule(checkpoint)(predictions.maps))
+
+
+def _write_panels(predictions: Predictions, out_dir: Path, vmin: float, vmax: float, decided: _Decided) -> List[str]:
     """One overlay per test image: ground truth, predicted outline, decision and the colour bar with the threshold."""
     written = []
     for i, path in enumerate(predictions.paths):
@@ -48,27 +63,11 @@ def _write_panels(predictions: Predictions, out_dir: Path, vmin: float, vmax: fl
     return written
 
 
-@dataclass
-class _Decided:
-    """The decisions at the checkpoint's stored thresholds, made once for the metrics, the panels and the report."""
-
-    image_threshold: float
-    pixel_threshold: float
-    is_anomalous: np.ndarray  # (N,) bool: score > image threshold (NOTE [decision metrics] in pyramidflow.metrics)
-    masks: np.ndarray  # (N, H, W) bool: the stored mask rule applied to each map
-
-
-def _decide(checkpoint: Checkpoint, predictions: Predictions) -> _Decided:
-    image_threshold, pixel_threshold, _ = stored_thresholds(checkpoint)
-    return _Decided(image_threshold, pixel_threshold, predictions.scores > image_threshold,
-                    stored_mask_rule(checkpoint)(predictions.maps))
-
-
 def _image_rows(predictions: Predictions, decided: _Decided, overlays: List[str]) -> List[dict]:
     """Per test image, in the data set's order: what the report's gallery shows."""
     return [
-        {"name": f"{kind}/{Path(path).stem}", "file": str(path), "defect_type": kind, "label": int(label), "score": float(score),
-         "is_anomalous": bool(flag), "overlay": overlay}
+        {"name": f"{kind}/{Path(path).stem}", "file": str(path), "defect_type": kind, "label": int(label),
+         "score": float(score), "is_anomalous": bool(flag), "overlay": overlay}
         for path, kind, label, score, flag, overlay in zip(predictions.paths, predictions.defect_types,
                                                            predictions.labels, predictions.scores,
                                                            decided.is_anomalous, overlays)
@@ -138,7 +137,7 @@ def evaluate(
     progress: bool = True,
     report: bool = True,
 ) -> dict:
-    """Metrics of a checkpoint on a labelled test set; writes ``metrics.json``, overlays and ``report.html`` to ``out_dir``.
+    """Metrics of a checkpoint on a labelled test set; writes ``metrics.json``, overlays and ``report.html``.
 
     Args:
         inference: from :func:`load_for_inference`.

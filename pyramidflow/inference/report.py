@@ -60,7 +60,7 @@ def outcome(label: int, is_anomalous: bool) -> str:
 
 
 def gallery_order(items: Sequence[GalleryItem]) -> list[int]:
-    """Indices of ``items`` as the gallery shows them: false alarms, then misses, then the rest; each by score, highest first.
+    """Indices of ``items`` in the gallery's order: false alarms, misses, then the rest; each by score, highest first.
 
     Example:
         >>> items = [GalleryItem("a", "", 0.9, True, FOUND), GalleryItem("b", "", 0.2, False, MISSED),
@@ -250,7 +250,8 @@ def write_eval_report(out_dir: Path, metrics: dict, maps: np.ndarray, masks: np.
     for kind in metrics["per_defect_type"]:
         row = ["per_defect_type", kind]
         per_type.append(f"<tr><td>{_e(kind)}</td>{_cell(metrics, row + ['count'], 'd')}"
-                        f"{_cell(metrics, row + ['pixel_auroc'])}{_cell(metrics, row + ['image_auroc'])}<td>&ndash;</td></tr>")
+                        f"{_cell(metrics, row + ['pixel_auroc'])}{_cell(metrics, row + ['image_auroc'])}"
+                        "<td>&ndash;</td></tr>")
     decisions = [
         ("image threshold", "image_threshold", ".4g"), ("pixel threshold", "pixel_threshold", ".4g"),
         ("pixel rule", "pixel_rule", ""), ("thresholds from", "thresholds_from", ""),

@@ -110,8 +110,8 @@ def _check_eval_page(browser, folder: Path) -> None:
     # 4 plots (ROC, PRO, histogram, loss: the run log is beside the checkpoint) and one panel per test image.
     assert browser.execute_script("return document.images.length") == 4 + metrics["num_images"]
 
-    cells = browser.execute_script(
-        "return Array.from(document.querySelectorAll('td[data-key]')).map(c => [c.dataset.key, c.dataset.value, c.textContent])")
+    cells = browser.execute_script("return Array.from(document.querySelectorAll('td[data-key]'))"
+                                   ".map(c => [c.dataset.key, c.dataset.value, c.textContent])")
     keys = {tuple(json.loads(key)) for key, _, _ in cells}
     expected = {("pixel_auroc",), ("image_auroc",), ("aupro",), ("image_threshold",), ("image_f1",), ("pixel_iou",)}
     expected |= {("per_defect_type", kind, "image_auroc") for kind in synthetic.DEFECT_TYPES}
