@@ -76,6 +76,7 @@ def score_histogram(good: np.ndarray, defective: Optional[np.ndarray], threshold
     axes.axvline(threshold, color=_THRESHOLD, linestyle="--", linewidth=1.4, label=f"image threshold {threshold:.4g}")
     axes.set(xlabel="image score", ylabel="images", title="image scores")
     axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.xaxis.get_major_locator().set_params(nbins=6)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     return _png(figure)

@@ -200,9 +200,12 @@ def _tile(value: str, label: str, css: str = "") -> str:
     return f"<div class='tile {css}'><b>{_e(value)}</b><span>{_e(label)}</span></div>"
 
 
+_COLOUR_BAR = ("the colour bar runs from 0 to twice the pixel threshold, which is marked in its middle: purple to "
+               "red is below it, orange to white above it.")
 _LEGEND = ("Each panel: the image, its anomaly map and the map over the image; green: ground-truth outline, "
-           "cyan: predicted defect mask; the colour bar runs from 0 to twice the pixel threshold, which is marked "
-           "in its middle: purple to red is below it, orange to white above it.")
+           "cyan: predicted defect mask; " + _COLOUR_BAR)
+_PREDICT_LEGEND = ("Each panel: the image, its anomaly map and the map over the image; cyan: predicted defect mask; "
+                   + _COLOUR_BAR)
 
 
 # -- the two pages -------------------------------------------------------------------------------------
@@ -309,7 +312,7 @@ def write_predict_report(out_dir: Path, rows: Sequence[dict], *, image_threshold
                                                                  ("pixel threshold", "pixel_threshold"))], "thresholds")
         + "</div><h2>Scores</h2><div class='plots'>"
         + _plot(score_histogram(scores, None, image_threshold), "image score histogram") + _loss_section(log_path)
-        + f"</div><h2>Images ({len(items)}), by score</h2><p class='legend'>{_e(_LEGEND)}</p>" + _gallery(items)
+        + f"</div><h2>Images ({len(items)}), by score</h2><p class='legend'>{_e(_PREDICT_LEGEND)}</p>" + _gallery(items)
     )
     path = Path(out_dir) / REPORT_NAME
     write_text_atomic(path, _page("pyramidflow predictions", f"checkpoint {_e(checkpoint)}", body))
