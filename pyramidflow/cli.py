@@ -398,7 +398,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     dataset = _dataset(args.data, args.category, "test", inference.image_size, args.layout, bit_depth)
     report = evaluate(inference, dataset, args.out, smoothing_sigma=args.smooth, category=args.category)
     _print_table([report])
-    print(f"metrics and overlays written to {args.out}")
+    print(f"metrics, overlays and the page to look at written to {args.out} (open {args.out / 'report.html'})")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -412,7 +412,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     for row in rows:
         verdict = f"ANOMALOUS, {len(row['regions'])} region(s)" if row["is_anomalous"] else "good"
         print(f"{row['score']:10.4f}  {verdict:<26} {row['path']}")
-    print(f"masks, maps, overlays, predictions.json and predictions.csv written to {args.out}")
+    print(f"masks, maps, overlays, predictions.json, predictions.csv and report.html written to {args.out}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -435,6 +435,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print()
     _print_table(reports + [dict(summary, category="all")])
     print(f"\nmetrics: {args.out / 'metrics.json'}; overlays: {args.out}/<category>/overlays/ ({summary['seconds']} s)")
+    print(f"open {args.out}/<category>/report.html to see them")
 
 
 _COMMANDS = {

@@ -1,7 +1,7 @@
 """Evaluation of a checkpoint on a labelled test set: anomaly maps, scores, metrics, and the pictures to look at.
 
 ``evaluate`` runs a labelled test set (MVTec / BTAD / folder layout) and writes
-``metrics.json`` plus one overlay panel per test image (unlabelled images go
+``metrics.json``, one overlay panel per test image and ``report.html`` (unlabelled images go
 through :mod:`pyramidflow.inference.predict`). The template,
 the score statistics and the decision thresholds come from the checkpoint: they
 were computed on training and held-out good images only, so nothing here is
@@ -11,6 +11,7 @@ tuned on the test set.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
@@ -23,32 +24,54 @@ from ..checkpoint import Checkpoint
 from ..metrics import (best_pixel_f1, compute_metrics, image_auroc, image_decision_metrics, mask_decision_metrics,
                        pixel_auroc)
 from .maps import Inference, Predictions, check_smoothing_sigma, load_for_inference, predict_dataset
-from .visualize import overlay_panel, save_panel
+from .report import RUN_LOG_NAME, outcome, write_eval_report
+from .visualize import heat_top, overlay_panel, save_panel
 
 __all__ = ["evaluate", "load_for_inference"]
 
 
-def _colour_range(checkpoint: Checkpoint, predictions: Predictions) -> tuple[float, float]:
-    """Heat-map range: 0 to the highest training score, so normal images stay dark and defects glow."""
-    stats = checkpoint.score_stats or {}
-    vmax = stats.get("image_max") or float(np.quantile(predictions.maps, 0.999))
-    return 0.0, float(vmax)
+@dataclass
+class _Decided:
+    """The decisions at the checkpoint's stored thresholds, made once for the metrics, the panels and the report."""
+
+    pixel_threshold: float
+    is_anomalous: np.ndarray  # (N,) bool: score > image threshold (NOTE [decision metrics] in pyramidflow.metrics)
+    masks: np.ndarray  # (N, H, W) bool: the stored mask rule applied to each map
 
 
-def _write_panels(predictions: Predictions, out_dir: Path, vmin: float, vmax: float, with_masks: bool) -> List[str]:
+def _decide(checkpoint: Checkpoint, predictions: Predictions) -> _Decided:
+    image_threshold, pixel_threshold, _ = stored_thresholds(checkpoint)
+    return _Decided(pixel_threshold, predictions.scores > image_threshold,
+                    stored_mask_rule(checkpoint)(predictions.maps))
+
+
+def _write_panels(predictions: Predictions, out_dir: Path, vmin: float, vmax: float, decided: _Decided) -> List[str]:
+    """One overlay per test image: ground truth, predicted outline, decision and the colour bar with the threshold."""
     written = []
     for i, path in enumerate(predictions.paths):
         name = Path(path).stem
         kind = predictions.defect_types[i]
-        mask = predictions.masks[i] if with_masks else None
+        said = outcome(int(predictions.labels[i]), bool(decided.is_anomalous[i]))
         panel = overlay_panel(
-            predictions.images[i], predictions.maps[i], vmin=vmin, vmax=vmax, mask=mask,
-            title=f"{kind}/{name}  score {predictions.scores[i]:.3g}",
+            predictions.images[i], predictions.maps[i], vmin=vmin, vmax=vmax, mask=predictions.masks[i],
+            predicted=decided.masks[i], threshold=decided.pixel_threshold, is_anomalous=bool(decided.is_anomalous[i]),
+            title=f"{kind}/{name}  score {predictions.scores[i]:.3g}  ({said})",
         )
         target = out_dir / "overlays" / kind / f"{name}.png"
         save_panel(panel, target)
-        written.append(str(target.relative_to(out_dir)))
+        written.append(target.relative_to(out_dir).as_posix())
     return written
+
+
+def _image_rows(predictions: Predictions, decided: _Decided, overlays: List[str]) -> List[dict]:
+    """Per test image, in the data set's order: what the report's gallery shows."""
+    return [
+        {"name": f"{kind}/{Path(path).stem}", "file": str(path), "defect_type": kind, "label": int(label),
+         "score": float(score), "is_anomalous": bool(flag), "overlay": overlay}
+        for path, kind, label, score, flag, overlay in zip(predictions.paths, predictions.defect_types,
+                                                           predictions.labels, predictions.scores,
+                                                           decided.is_anomalous, overlays)
+    ]
 
 
 def _per_defect_type(predictions: Predictions) -> dict:
@@ -67,7 +90,7 @@ def _per_defect_type(predictions: Predictions) -> dict:
     return table
 
 
-def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions) -> dict:
+def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions, predicted_masks: np.ndarray) -> dict:
     """Image precision / recall / F1 / FPR and pixel F1 / IoU at the checkpoint's calibrated thresholds.
 
     Beside them, the best pixel F1 over all thresholds and its threshold, read off the test masks: a
@@ -84,7 +107,7 @@ def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions) -> dict:
         "pixel_peak_fraction": rule.fraction,
         "thresholds_from": source,
         **image_decision_metrics(predictions.scores, predictions.labels, image_threshold),
-        **mask_decision_metrics(rule(predictions.maps), predictions.masks),
+        **mask_decision_metrics(predicted_masks, predictions.masks),
         "best_pixel_f1_using_test_labels": None if best is None else best["pixel_f1"],
         "best_pixel_threshold_using_test_labels": None if best is None else best["threshold"],
     }
@@ -112,8 +135,9 @@ def evaluate(
     smoothing_sigma: float = 0.0,
     category: str = "",
     progress: bool = True,
+    report: bool = True,
 ) -> dict:
-    """Metrics of a checkpoint on a labelled test set; writes ``metrics.json`` and overlays to ``out_dir``.
+    """Metrics of a checkpoint on a labelled test set; writes ``metrics.json``, overlays and ``report.html``.
 
     Args:
         inference: from :func:`load_for_inference`.
@@ -121,12 +145,16 @@ def evaluate(
             data set: ``MVTecDataset(..., bit_depth=inference.bit_depth)``), as training read its images.
         category: the test set's category (default: the data set's ``category``); refused when the
             checkpoint was trained on another one.
+        report: write ``report.html`` (:mod:`pyramidflow.inference.report`); the training-loss plot reads
+            ``train_log.jsonl`` beside the checkpoint.
 
     Returns:
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
         ``per_defect_type``, and at the checkpoint's calibrated thresholds ``image_precision``,
         ``image_recall``, ``image_f1``, ``image_fpr``, ``pixel_f1``, ``pixel_iou`` (``pixel_precision``,
-        ``pixel_recall``).
+        ``pixel_recall``); ``images``: per test image, in the data set's order, its ``name``
+        (``<defect type>/<stem>``), ``file``, ``defect_type``, ``label``, ``score``, ``is_anomalous`` and
+        ``overlay``.
 
     Raises:
         ValueError: the checkpoint was trained on another category, or test images have no label.
@@ -145,9 +173,10 @@ def evaluate(
         )
     metrics = compute_metrics(predictions.maps, predictions.masks, predictions.scores, predictions.labels)
     out_dir = Path(out_dir)
-    vmin, vmax = _colour_range(checkpoint, predictions)
-    overlays = _write_panels(predictions, out_dir, vmin, vmax, with_masks=True)
-    report = {
+    decided = _decide(checkpoint, predictions)
+    fallback = (checkpoint.score_stats or {}).get("image_max") or float(np.quantile(predictions.maps, 0.999))
+    overlays = _write_panels(predictions, out_dir, 0.0, heat_top(decided.pixel_threshold, fallback), decided)
+    metrics_json = {
         **{k: float(v) for k, v in metrics.items()},
         "category": category,
         "num_images": len(predictions.paths),
@@ -156,8 +185,12 @@ def evaluate(
         "checkpoint": str(checkpoint.path),
         "checkpoint_step": checkpoint.step,
         "per_defect_type": _per_defect_type(predictions),
-        **_decision_metrics(checkpoint, predictions),
+        **_decision_metrics(checkpoint, predictions, decided.masks),
         "overlays": overlays,
+        "images": _image_rows(predictions, decided, overlays),
     }
-    write_text_atomic(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
-    return report
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics_json, indent=2) + "\n")
+    if report:
+        write_eval_report(out_dir, metrics_json, predictions.maps, predictions.masks,
+                          Path(checkpoint.path).parent / RUN_LOG_NAME)
+    return metrics_json

@@ -112,6 +112,7 @@ def write_predictions(
         save_panel(Image.fromarray(colorize(prediction.anomaly_map, 0.0, vmax)), out_dir / files["map"])
         verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
         panel = overlay_panel(image, prediction.anomaly_map, vmin=0.0, vmax=vmax, predicted=mask,
+                              threshold=pixel_threshold, is_anomalous=bool(prediction.is_anomalous),
                               title=f"{name}  score {prediction.score:.3g}  {verdict}, {len(prediction.regions)} region(s)")
         save_panel(panel, out_dir / files["overlay"])
         rows.append({**_summary(prediction), **files})

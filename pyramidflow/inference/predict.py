@@ -36,7 +36,8 @@ def predict(
 
     Writes under ``out_dir``, per image: ``masks/<name>.png`` (the binary defect mask),
     ``maps/<name>.png`` (the heat map), ``overlays/<name>.png`` (with the predicted outline); and
-    ``predictions.json`` / ``predictions.csv`` (score, is_anomalous, regions, the three files). The
+    ``predictions.json`` / ``predictions.csv`` (score, is_anomalous, regions, the three files), and
+    ``report.html`` (every image by score, :mod:`pyramidflow.inference.report`). The
     name is the image's path under the inputs' common folder (:func:`pyramidflow.inference.outputs.output_names`),
     so images of different folders never overwrite each other. See :mod:`pyramidflow.inference.outputs`.
 
@@ -54,6 +55,8 @@ def predict(
     from ..calibration import check_threshold
     from .outputs import output_names, write_predictions
     from .detector import Detector
+    from .report import RUN_LOG_NAME, write_predict_report
+    from .visualize import heat_top
 
     image_threshold = check_threshold(image_threshold, "--image-threshold")
     pixel_threshold = check_threshold(pixel_threshold, "--pixel-threshold")
@@ -69,12 +72,17 @@ def predict(
         for path in files:
             width, height = _header_size(path, "predict")
             check_tileable(height, width, inference.image_size, f"predict --tile: {path}")
-    vmax = float((inference.checkpoint.score_stats or {}).get("image_max") or detector.threshold or 1.0)
+    vmax = heat_top(detector.pixel_threshold,
+                    (inference.checkpoint.score_stats or {}).get("image_max") or detector.threshold or 1.0)
     # A bar only after a second, so that an error on the first images stays the only line on stderr.
     with tqdm(total=len(files), desc="predict", unit="image", disable=not progress, leave=False, delay=1.0) as bar:
-        return write_predictions(_ticking(_decide_each(detector, files), bar), Path(out_dir), names=output_names(files),
+        rows = write_predictions(_ticking(_decide_each(detector, files), bar), Path(out_dir), names=output_names(files),
                                  vmax=vmax, image_threshold=detector.threshold, pixel_threshold=detector.pixel_threshold,
                                  checkpoint=str(inference.checkpoint.path))
+    write_predict_report(Path(out_dir), rows, image_threshold=detector.threshold,
+                         pixel_threshold=detector.pixel_threshold, checkpoint=str(inference.checkpoint.path),
+                         log_path=Path(inference.checkpoint.path).parent / RUN_LOG_NAME)
+    return rows
 
 
 def _ticking(items: Iterable[tuple], bar) -> Iterable[tuple]:

@@ -1,0 +1,91 @@
+"""The report's plots as PNG bytes: ROC and PRO curves, the score histogram, the training loss.
+
+matplotlib draws them through its Agg canvas on a bare :class:`matplotlib.figure.Figure`: pyplot is
+never imported, so no GUI backend is chosen, no global figure state is kept, and the plots draw the
+same on a server without a display. Each function takes plain arrays and returns the PNG's bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["roc_plot", "pro_plot", "score_histogram", "loss_plot"]
+
+_SIZE = (4.6, 3.4)  # inches: four plots side by side on a laptop's screen
+_DPI = 90
+_GOOD, _DEFECTIVE, _THRESHOLD = "#2b8a3e", "#c92a2a", "#1c1c1c"
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=_SIZE, dpi=_DPI)
+    # Fixed margins: a layout engine would measure every label and double the time a plot takes.
+    figure.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.91)
+    return figure, figure.add_subplot()
+
+
+def _png(figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return buffer.getvalue()
+
+
+def roc_plot(curves: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> bytes:
+    """ROC curves, one per ``(fpr, tpr, label)``, against the chance diagonal."""
+    figure, axes = _figure()
+    for fpr, tpr, label in curves:
+        axes.plot(fpr, tpr, label=label, linewidth=1.6)
+    axes.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1, label="chance")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
+    axes.legend(loc="lower right", fontsize=8)
+    axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def pro_plot(fpr: np.ndarray, pro: np.ndarray, aupro: float, fpr_limit: float) -> bytes:
+    """The per-region-overlap curve, the area AUPRO integrates shaded and its FPR limit marked."""
+    figure, axes = _figure()
+    axes.plot(fpr, pro, color="#1864ab", linewidth=1.6, label=f"PRO (AUPRO@{fpr_limit:g} = {aupro:.4f})")
+    inside = fpr <= fpr_limit
+    axes.fill_between(fpr[inside], pro[inside], color="#1864ab", alpha=0.15)
+    axes.axvline(fpr_limit, color=_THRESHOLD, linestyle="--", linewidth=1.2, label=f"FPR limit {fpr_limit:g}")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate (pixels)", ylabel="per-region overlap",
+             title="PRO")
+    axes.legend(loc="lower right", fontsize=8)
+    axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def score_histogram(good: np.ndarray, defective: Optional[np.ndarray], threshold: float) -> bytes:
+    """Histograms of image scores (good and defective, or all when ``defective`` is None) and the threshold."""
+    figure, axes = _figure()
+    groups = [(good, _GOOD, "good" if defective is not None else "images")]
+    if defective is not None:
+        groups.append((defective, _DEFECTIVE, "defective"))
+    values = np.concatenate([scores for scores, _, _ in groups] + [[threshold]])
+    bins = np.histogram_bin_edges(values, bins=min(30, max(10, values.size // 2)))
+    for scores, colour, label in groups:
+        if scores.size:
+            axes.hist(scores, bins=bins, color=colour, alpha=0.55, label=f"{label} ({scores.size})")
+    axes.axvline(threshold, color=_THRESHOLD, linestyle="--", linewidth=1.4, label=f"image threshold {threshold:.4g}")
+    axes.set(xlabel="image score", ylabel="images", title="image scores")
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.xaxis.get_major_locator().set_params(nbins=6)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def loss_plot(steps: np.ndarray, losses: np.ndarray) -> bytes:
+    """The training loss against the step."""
+    figure, axes = _figure()
+    axes.plot(steps, losses, color="#5f3dc4", linewidth=1.4, marker="." if len(steps) < 40 else None)
+    axes.set(xlabel="step", ylabel="loss", title="training loss")
+    axes.grid(alpha=0.3)
+    return _png(figure)

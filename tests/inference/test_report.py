@@ -1,0 +1,220 @@
+"""report.html of eval and predict, opened in a real headless Chromium; the curves, the overlay's colour bar."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyramidflow.cli import main
+from pyramidflow.data import synthetic
+from pyramidflow.inference.curves import pixel_curves, thin
+from pyramidflow.inference.report import (FALSE_ALARM, MISSED, REPORT_NAME, RUN_LOG_NAME, outcome, read_losses)
+from pyramidflow.inference.visualize import overlay_panel
+from pyramidflow.metrics import aupro, pixel_auroc
+
+SIZE = 64
+SMALL = ["--channels", "4", "--kernel-size", "3", "--stacks", "2", "--levels", "3"]
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")  # Debian's packages
+# Every image decoded: a missing file or a broken data URI leaves naturalWidth at 0.
+ALL_IMAGES_LOADED = "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through selenium; skipped where absent, unless PYRAMIDFLOW_REQUIRE_BROWSER=1 (CI)."""
+    missing = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if path is None]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("the selenium package (pip install -e '.[dev]')")
+    if missing:
+        reason = f"needs headless Chromium: {', '.join(missing)} missing (apt-get install chromium chromium-driver)"
+        if os.environ.get("PYRAMIDFLOW_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"PYRAMIDFLOW_REQUIRE_BROWSER=1 but the report test {reason}")
+        pytest.skip(reason)
+    profile = tempfile.mkdtemp(prefix="pyramidflow-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("synth"), seed=1, size=SIZE, categories=("nut",),
+                              num_train=8, num_test=2)
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--data", str(data_root), "--category", "nut", "--out", str(out), "--size", str(SIZE),
+                 "--steps", "4", "--device", "cpu", *SMALL]) == 0
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    assert main(["eval", "--checkpoint", str(trained), "--data", str(data_root), "--category", "nut",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def _open(browser, page: Path) -> None:
+    browser.get(page.resolve().as_uri())
+    assert browser.execute_script("return document.readyState") == "complete"
+
+
+def _loaded_from_disk_only(browser) -> None:
+    """Every image decoded, and nothing fetched but the page's own files and data URIs."""
+    assert browser.execute_script("return document.images.length") > 0
+    assert browser.execute_script(ALL_IMAGES_LOADED)
+    sources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(s.startswith(("file:", "data:")) for s in sources), sources
+
+
+def _lookup(metrics: dict, key: list):
+    for part in key:
+        metrics = metrics[part]
+    return metrics
+
+
+def test_eval_report_loads_every_image_and_shows_the_figures_of_metrics_json(browser, evaluated):
+    _check_eval_page(browser, evaluated)
+
+
+@pytest.mark.slow
+def test_demo_writes_a_report_per_category_that_renders(browser, tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--size", "32", "--device", "cpu"]) == 0
+    for category in synthetic.CATEGORIES:
+        _check_eval_page(browser, tmp_path / category)
+
+
+def _check_eval_page(browser, folder: Path) -> None:
+    """The page in ``folder`` loads everything from disk; its tables and gallery say what ``metrics.json`` says."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    _open(browser, folder / REPORT_NAME)
+    _loaded_from_disk_only(browser)
+    # 4 plots (ROC, PRO, histogram, loss: the run log is beside the checkpoint) and one panel per test image.
+    assert browser.execute_script("return document.images.length") == 4 + metrics["num_images"]
+
+    cells = browser.execute_script("return Array.from(document.querySelectorAll('td[data-key]'))"
+                                   ".map(c => [c.dataset.key, c.dataset.value, c.textContent])")
+    keys = {tuple(json.loads(key)) for key, _, _ in cells}
+    expected = {("pixel_auroc",), ("image_auroc",), ("aupro",), ("image_threshold",), ("image_f1",), ("pixel_iou",)}
+    expected |= {("per_defect_type", kind, "image_auroc") for kind in synthetic.DEFECT_TYPES}
+    assert expected <= keys, expected - keys
+    for key, value, text in cells:
+        figure = _lookup(metrics, json.loads(key))
+        assert float(value) == figure, key
+        # shown with 4 decimals or 4 significant digits
+        assert abs(float(text) - figure) <= max(5e-5, 5e-4 * abs(figure)), (key, text, figure)
+
+    cards = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#gallery figure')).map(c => "
+        "[c.dataset.name, Number(c.dataset.score), c.dataset.outcome, c.querySelector('img').getAttribute('src')])")
+    rows = {row["name"]: row for row in metrics["images"]}
+    assert sorted(name for name, *_ in cards) == sorted(rows)
+    for name, score, said, src in cards:
+        row = rows[name]
+        assert score == row["score"] and src == row["overlay"]
+        assert said == outcome(row["label"], row["is_anomalous"])
+        assert row["is_anomalous"] == (row["score"] > metrics["image_threshold"])
+    # False alarms, then misses, then the rest; by score, highest first, within each.
+    group = [[FALSE_ALARM, MISSED].index(said) if said in (FALSE_ALARM, MISSED) else 2 for _, _, said, _ in cards]
+    assert group == sorted(group), group
+    for g in set(group):
+        scores = [score for (_, score, _, _), h in zip(cards, group) if h == g]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_eval_report_says_when_the_training_log_is_absent(browser, trained, data_root, tmp_path):
+    moved = tmp_path / "moved" / "checkpoint.pt"
+    moved.parent.mkdir()
+    shutil.copy(trained, moved)  # without its folder's train_log.jsonl
+    assert main(["eval", "--checkpoint", str(moved), "--data", str(data_root), "--category", "nut",
+                 "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    _open(browser, tmp_path / "eval" / REPORT_NAME)
+    _loaded_from_disk_only(browser)
+    assert "No training loss" in browser.find_element("tag name", "body").text
+    assert str(moved.parent / RUN_LOG_NAME) in browser.find_element("tag name", "body").text
+
+
+def test_predict_report_lists_every_image_by_score_with_its_decision(browser, trained, data_root, tmp_path):
+    images = data_root / "nut" / "test"
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(tmp_path), str(images / "spot"),
+                 str(images / "good"), "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "predictions.json").read_text())["images"]
+    _open(browser, tmp_path / REPORT_NAME)
+    _loaded_from_disk_only(browser)
+    cards = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#gallery figure')).map(c => "
+        "[c.dataset.name, Number(c.dataset.score), c.dataset.anomalous, c.textContent])")
+    assert [name for name, *_ in cards] == [row["path"] for row in sorted(rows, key=lambda r: -r["score"])]
+    by_path = {row["path"]: row for row in rows}
+    for name, score, flagged, text in cards:
+        assert score == by_path[name]["score"] and flagged == str(int(by_path[name]["is_anomalous"]))
+        assert ("ANOMALOUS" if by_path[name]["is_anomalous"] else "GOOD") in text
+
+
+def test_the_curves_are_the_ones_the_metrics_integrate():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 37, 53))
+    masks[0, 5:12, 7:20] = 1
+    masks[1, 20:30, 30:33] = 1
+    maps = rng.random(masks.shape) + 0.7 * masks
+    curves = pixel_curves(maps, masks)
+    area = lambda x, y: float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))  # noqa: E731
+    assert area(curves.fpr, curves.tpr) == pytest.approx(pixel_auroc(maps, masks), abs=1e-12)
+    assert area(curves.fpr, curves.pro) == pytest.approx(aupro(maps, masks, fpr_limit=1.0), abs=1e-12)
+    x, y = thin(curves.fpr, curves.tpr, resolution=0.05)
+    assert x.size < curves.fpr.size and (x[0], y[0], x[-1], y[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert area(x, y) == pytest.approx(area(curves.fpr, curves.tpr), abs=0.05)
+
+
+def test_overlay_marks_the_threshold_on_its_colour_bar_and_shows_the_decision():
+    image = np.full((64, 64, 3), 128, np.uint8)
+    values = np.zeros((64, 64))
+
+    def bar_row(panel):  # the colour bar's middle row: the first row below the tiles that is the ramp's start
+        pixels = np.asarray(panel)
+        column = pixels[:, 4]
+        row = next(r for r in range(20 + 256, pixels.shape[0]) if (column[r] < 10).all())
+        return pixels[row + 4]
+
+    plain = bar_row(overlay_panel(image, values, vmin=0.0, vmax=2.0))
+    marked = bar_row(overlay_panel(image, values, vmin=0.0, vmax=2.0, threshold=1.0))
+    changed = np.flatnonzero((plain != marked).any(axis=1))
+    width = plain.shape[0]
+    assert changed.size and abs(changed.mean() - width / 2) < 4, changed
+
+    red = np.array([200, 30, 30])
+    flagged = np.asarray(overlay_panel(image, values, vmin=0.0, vmax=2.0, is_anomalous=True))
+    passed = np.asarray(overlay_panel(image, values, vmin=0.0, vmax=2.0, is_anomalous=False))
+    assert (flagged[:18] == red).all(axis=-1).sum() > 50 and not (passed[:18] == red).all(axis=-1).any()
+
+
+def test_read_losses_skips_a_torn_line_and_says_none_when_absent(tmp_path):
+    log = tmp_path / RUN_LOG_NAME
+    log.write_text('{"step": 10, "loss": 0.5}\n{"step": 20, "loss": 0.25}\n{"step": 30, "lo')
+    steps, losses = read_losses(log)
+    assert steps.tolist() == [10, 20] and losses.tolist() == [0.5, 0.25]
+    assert read_losses(tmp_path / "absent.jsonl") is None
+
+
+def test_run_log_name_is_the_training_logs():
+    from pyramidflow.train.log import LOG_NAME
+
+    assert RUN_LOG_NAME == LOG_NAME
