@@ -1,0 +1,196 @@
+"""One evaluation of each subnet in a coupling's backward: recorded by the inverse, reused by the forward.
+
+A coupling's subnets see the same input values in both directions (the conditioning half passes
+through unchanged). Invertible backward therefore runs the block's own inverse without a graph,
+each subnet evaluated with grad on a leaf that holds its input, and then the block's own forward
+on the rebuilt input, each subnet call answered by its recorded evaluation, reattached to the
+forward's (equal-valued) input. The block's maths runs exactly as its library wrote it; only the
+subnets, named by attribute path, are intercepted. Backward then evaluates each subnet once
+instead of twice (NOTE [recorded subnets]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._state import RngState
+from .block import LogDet, Tensors, _leaf
+
+__all__ = ["Refused", "reconstruct_with_recorded_subnets"]
+
+
+class Refused(Exception):
+    """The recorded-subnet path does not apply to this call; the caller takes the generic one."""
+
+
+# NOTE [recorded subnets]
+# Inverse pass (no graph): each subnet call gets a leaf copy-free alias of its
+# input that requires grad, runs the real subnet with grad on it, and keeps
+# (leaf, output). The block's inverse maths gets the output's values (a clone
+# where the block changes it in place: FrEIA's AllInOneBlock scales its subnet
+# output by 0.1 in place). Forward pass (graph on, from the rebuilt input as
+# leaves): the k-th call of a subnet takes its k-th recorded evaluation and
+# returns `_Reattach(evaluation, input)`: the recorded output, whose backward
+# runs the recorded graph and hands the leaf's gradient to the forward's input
+# (equal in value: the coupling property) and the parameters' gradients to the
+# parameters. Counts and shapes must match, else the path is refused.
+#
+# Randomness: the engine replays the block's forward RNG state before the
+# rebuild. With one subnet the inverse evaluates it first, as the forward did,
+# so dropout draws the same mask. Several subnets run in the other order in
+# the inverse (GLOW: subnet1 first, subnet2 first in forward); if any of them
+# draws random numbers the path is refused and the caller redoes the block from
+# the same RNG state by the generic recipe.
+@dataclass
+class _Evaluation:
+    leaves: Tuple[Tensor, ...]
+    outputs: Optional[Tuple[Tensor, ...]]
+    single: bool  # the subnet returned one tensor, not a tuple
+    params: Tuple[nn.Parameter, ...]
+
+
+class _Reattach(torch.autograd.Function):
+    """The recorded outputs, differentiable with respect to the forward's inputs and the subnet's parameters."""
+
+    @staticmethod
+    def forward(ctx, evaluation: _Evaluation, num_sources: int, *sources_and_params: Tensor):  # type: ignore[override]
+        ctx.evaluation = evaluation
+        ctx.num_sources = num_sources
+        return tuple(o.detach() for o in evaluation.outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        evaluation: _Evaluation = ctx.evaluation
+        needs = ctx.needs_input_grad[2:]
+        wrt = [t for t, need in zip(evaluation.leaves + evaluation.params, needs) if need]
+        pairs = [(o, g) for o, g in zip(evaluation.outputs, grads) if g is not None and o.requires_grad]
+        computed: Sequence[Optional[Tensor]] = ()
+        if wrt and pairs:
+            with torch.enable_grad():
+                computed = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        evaluation.outputs = None  # its graph is spent: free the subnet's activations now
+        it = iter(computed)
+        return (None, None, *[(next(it, None) if need else None) for need in needs])
+
+
+class _Recorder(nn.Module):
+    """Stands in for a subnet during one rebuild: records in the inverse, answers in the forward."""
+
+    def __init__(self, subnet: nn.Module, clone_outputs: bool, watch_rng: bool) -> None:
+        super().__init__()
+        self.subnet = subnet
+        self.clone_outputs = clone_outputs
+        self.watch_rng = watch_rng
+        self.evaluations: List[_Evaluation] = []
+        self.replaying = False
+        self.drew_random = False
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        if kwargs or not inputs or not all(isinstance(x, Tensor) for x in inputs):
+            raise Refused("a subnet called with keyword or non-tensor arguments")
+        return self._replay(inputs) if self.replaying else self._record(inputs)
+
+    def _record(self, inputs: Tuple[Tensor, ...]) -> Any:
+        leaves = tuple(_leaf(x) for x in inputs)
+        before = RngState.capture(inputs) if self.watch_rng else None
+        with torch.enable_grad():
+            out = self.subnet(*leaves)
+        if before is not None and not _same_rng(before, RngState.capture(inputs)):
+            self.drew_random = True
+        single = isinstance(out, Tensor)
+        outputs = (out,) if single else tuple(out)
+        if not all(isinstance(o, Tensor) for o in outputs):
+            raise Refused("a subnet returned something other than tensors")
+        params = tuple(p for p in self.subnet.parameters() if p.requires_grad)
+        self.evaluations.append(_Evaluation(leaves, outputs, single, params))
+        given = tuple(o.detach().clone() if self.clone_outputs else o.detach() for o in outputs)
+        return given[0] if single else given
+
+    def _replay(self, inputs: Tuple[Tensor, ...]) -> Any:
+        if not self.evaluations:
+            raise Refused("the forward called a subnet more often than the inverse")
+        evaluation = self.evaluations.pop(0)
+        if [x.shape for x in inputs] != [x.shape for x in evaluation.leaves]:
+            raise Refused("a subnet's input in the forward has another shape than in the inverse")
+        outputs = _Reattach.apply(evaluation, len(inputs), *inputs, *evaluation.params)
+        if self.clone_outputs:  # the block changes them in place: keep the recorded graph's tensors intact
+            outputs = tuple(o.clone() if _saves_result(r) else o for o, r in zip(outputs, evaluation.outputs))
+        return outputs[0] if evaluation.single else tuple(outputs)
+
+
+def _saves_result(output: Tensor) -> bool:
+    """Whether the op that made ``output`` keeps it for its backward (then it must not be changed in place)."""
+    return output.grad_fn is not None and hasattr(output.grad_fn, "_saved_result")
+
+
+def _same_rng(a: RngState, b: RngState) -> bool:
+    return torch.equal(a.cpu, b.cpu) and all(torch.equal(x, y) for x, y in zip(a.cuda, b.cuda))
+
+
+def _parent_and_name(root: nn.Module, path: str) -> Tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if not isinstance(parent._modules.get(name), nn.Module):
+        raise Refused(f"no subnet module at {path!r}")
+    return parent, name
+
+
+@contextlib.contextmanager
+def _standing_in(root: nn.Module, paths: Sequence[str], clone_outputs: bool) -> Iterator[List[_Recorder]]:
+    """Put a :class:`_Recorder` in place of each subnet for the duration of one rebuild."""
+    places = [_parent_and_name(root, path) for path in paths]
+    originals = [parent._modules[name] for parent, name in places]
+    if len({id(m) for m in originals}) != len(originals):
+        raise Refused("two subnet paths name the same module")
+    recorders = [_Recorder(m, clone_outputs, watch_rng=len(paths) > 1) for m in originals]
+    try:
+        for (parent, name), recorder in zip(places, recorders):
+            parent._modules[name] = recorder
+        yield recorders
+    finally:
+        for (parent, name), original in zip(places, originals):
+            parent._modules[name] = original
+
+
+def reconstruct_with_recorded_subnets(
+    root: nn.Module,
+    subnets: Sequence[str],
+    inverse: Callable[[Tensors], Tuple[Tensors, LogDet]],
+    forward: Callable[[Tensors], Tuple[Tensors, LogDet]],
+    ys: Tensors,
+    *,
+    clone_outputs: bool,
+) -> Tuple[Tensors, Tensors, LogDet]:
+    """Rebuild a coupling's inputs from ``ys`` and its local graph, each subnet evaluated once.
+
+    Args:
+        root: the module that owns the subnets.
+        subnets: the subnets' attribute paths under ``root`` (``"subnet"``, ``"flows.1.param_map"``).
+        inverse, forward: the block's own two directions over tuples of tensors.
+        ys: the block's outputs, detached.
+        clone_outputs: the block changes its subnets' outputs in place.
+
+    Returns:
+        ``(xs, ys_local, logdet_local)`` as :meth:`InvertibleModule.reconstruct` does.
+
+    Raises:
+        Refused: the block did not behave as a coupling here (NOTE [recorded subnets]); nothing
+            was changed, and the caller takes the generic path.
+    """
+    with _standing_in(root, subnets, clone_outputs) as recorders:
+        with torch.no_grad():
+            xs, _ = inverse(ys)
+        if any(r.drew_random for r in recorders):
+            raise Refused("subnets that draw random numbers run in another order in the inverse")
+        leaves = tuple(_leaf(x) for x in xs)
+        for recorder in recorders:
+            recorder.replaying = True
+        ys_local, logdet_local = forward(leaves)
+        if any(r.evaluations for r in recorders):
+            raise Refused("the forward called a subnet less often than the inverse")
+    return leaves, tuple(ys_local), logdet_local
