@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+from collections import OrderedDict
 from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from ._state import RngState
 from .block import InvertibleModule, LogDet, Tensors
 from .foreign_couplings import Coupling, coupling_for
-from .subnets import Refused, reconstruct_with_recorded_subnets
+from .subnets import Refused, SubnetRng, forward_keeping_subnet_rng, reconstruct_with_recorded_subnets
 
 __all__ = ["wrap", "freia_blocks", "FrEIAAdapter", "NormflowsAdapter"]
 
@@ -72,6 +73,7 @@ class FrEIAAdapter(InvertibleModule):
         self.inputs = inputs
         self.conditions = tuple(conditions)
         self.coupling = coupling
+        self._fwd_subnet_rng: "OrderedDict[tuple, SubnetRng]" = OrderedDict()
 
     def _transformed(self, xs: Tensors) -> List[int]:
         count = len(xs) if self.inputs is None else self.inputs
@@ -86,8 +88,11 @@ class FrEIAAdapter(InvertibleModule):
             ys[i] = y
         return tuple(ys), _as_logdet(log_jac_det, xs[0].shape[0], outputs[0])
 
-    def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+    def _forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         return self._call(xs, rev=False)
+
+    def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        return _coupling_forward(self, xs)
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         return self._call(ys, rev=True)
@@ -108,6 +113,7 @@ class NormflowsAdapter(InvertibleModule):
         super().__init__()
         self.module = module
         self.coupling = coupling
+        self._fwd_subnet_rng: "OrderedDict[tuple, SubnetRng]" = OrderedDict()
 
     @staticmethod
     def _unpack(result: Any, x: Tensor) -> Tuple[Tensors, LogDet]:
@@ -124,9 +130,12 @@ class NormflowsAdapter(InvertibleModule):
             )
         return xs[0]
 
-    def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+    def _forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         x = self._single(xs, "forward")
         return self._unpack(self.module(x), x)
+
+    def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        return _coupling_forward(self, xs)
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         y = self._single(ys, "inverse")
@@ -136,17 +145,41 @@ class NormflowsAdapter(InvertibleModule):
         return _coupling_reconstruct(self, ys)
 
 
+_KEPT_FORWARDS = 8  # forwards whose subnet RNG states wait for a backward (others: eval, checkpoint replays)
+
+
+def _rng_key(state: RngState) -> tuple:
+    return (state.cpu.numpy().tobytes(), state.cuda_devices, tuple(s.numpy().tobytes() for s in state.cuda))
+
+
+def _coupling_forward(adapter: Any, xs: Tensors) -> Tuple[Tensors, LogDet]:
+    """The block's forward; for a coupling with several subnets that draw random numbers, the RNG state each
+    subnet call started from is kept for its rebuild, under the block's starting state (NOTE [recorded subnets])."""
+    coupling: Optional[Coupling] = adapter.coupling
+    if coupling is None or len(coupling.subnets) < 2:
+        return adapter._forward(xs)
+    start = RngState.capture(xs)
+    result, kept = forward_keeping_subnet_rng(adapter.module, coupling.subnets, adapter._forward, xs)
+    if kept is not None:
+        store = adapter._fwd_subnet_rng
+        store[_rng_key(start)] = kept
+        while len(store) > _KEPT_FORWARDS:
+            store.popitem(last=False)
+    return result
+
+
 def _coupling_reconstruct(adapter: Any, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
     """One evaluation of each subnet when the block is a known coupling (:mod:`.subnets`), else the generic
     recipe; a refused call is redone by the generic recipe from the same RNG state, so gradients are the same."""
     coupling: Optional[Coupling] = adapter.coupling
     if coupling is None:
         return InvertibleModule.reconstruct(adapter, ys)
-    start = RngState.capture(ys)
+    start = RngState.capture(ys)  # the block's forward RNG state: the engine replays it before the rebuild
+    kept = adapter._fwd_subnet_rng.pop(_rng_key(start), None) if adapter._fwd_subnet_rng else None
     try:
         return reconstruct_with_recorded_subnets(
-            adapter.module, coupling.subnets, adapter.inverse, adapter.forward, ys,
-            clone_outputs=coupling.changes_subnet_outputs_in_place,
+            adapter.module, coupling.subnets, adapter.inverse, adapter._forward, ys,
+            clone_outputs=coupling.changes_subnet_outputs_in_place, fwd_rng=kept,
         )
     except Refused:
         with start.replay():

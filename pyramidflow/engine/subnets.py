@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ._state import RngState
 from .block import LogDet, Tensors, _leaf
 
-__all__ = ["Refused", "reconstruct_with_recorded_subnets"]
+__all__ = ["Refused", "SubnetRng", "forward_keeping_subnet_rng", "reconstruct_with_recorded_subnets"]
 
 
 class Refused(Exception):
@@ -43,9 +43,13 @@ class Refused(Exception):
 # Randomness: the engine replays the block's forward RNG state before the
 # rebuild. With one subnet the inverse evaluates it first, as the forward did,
 # so dropout draws the same mask. Several subnets run in the other order in
-# the inverse (GLOW: subnet1 first, subnet2 first in forward); if any of them
-# draws random numbers the path is refused and the caller redoes the block from
-# the same RNG state by the generic recipe.
+# the inverse (GLOW: subnet2 first in forward, subnet1 first in the inverse),
+# so the forward of such a block keeps, per subnet call that drew random
+# numbers, the RNG state the call started from (`forward_keeping_subnet_rng`),
+# keyed by the block's starting state; the rebuild finds them under the state
+# the engine replays and runs each recorded evaluation from its own. A block
+# that drew but whose states are not found (a forward outside the engine's
+# replay) is refused, and the caller takes the generic recipe.
 @dataclass
 class _Evaluation:
     leaves: Tuple[Tensor, ...]
@@ -81,11 +85,12 @@ class _Reattach(torch.autograd.Function):
 class _Recorder(nn.Module):
     """Stands in for a subnet during one rebuild: records in the inverse, answers in the forward."""
 
-    def __init__(self, subnet: nn.Module, clone_outputs: bool, watch_rng: bool) -> None:
+    def __init__(self, subnet: nn.Module, clone_outputs: bool, watch_rng: bool, fwd_rng: Optional[List[RngState]]) -> None:
         super().__init__()
         self.subnet = subnet
         self.clone_outputs = clone_outputs
-        self.watch_rng = watch_rng
+        self.watch_rng = watch_rng and fwd_rng is None
+        self.fwd_rng = list(fwd_rng) if fwd_rng is not None else None
         self.evaluations: List[_Evaluation] = []
         self.replaying = False
         self.drew_random = False
@@ -98,7 +103,10 @@ class _Recorder(nn.Module):
     def _record(self, inputs: Tuple[Tensor, ...]) -> Any:
         leaves = tuple(_leaf(x) for x in inputs)
         before = RngState.capture(inputs) if self.watch_rng else None
-        with torch.enable_grad():
+        if self.fwd_rng is not None and not self.fwd_rng:
+            raise Refused("the inverse called a subnet more often than the forward")
+        replay = self.fwd_rng.pop(0).replay() if self.fwd_rng is not None else contextlib.nullcontext()
+        with torch.enable_grad(), replay:
             out = self.subnet(*leaves)
         if before is not None and not _same_rng(before, RngState.capture(inputs)):
             self.drew_random = True
@@ -141,20 +149,54 @@ def _parent_and_name(root: nn.Module, path: str) -> Tuple[nn.Module, str]:
 
 
 @contextlib.contextmanager
-def _standing_in(root: nn.Module, paths: Sequence[str], clone_outputs: bool) -> Iterator[List[_Recorder]]:
-    """Put a :class:`_Recorder` in place of each subnet for the duration of one rebuild."""
+def _standing_in(root: nn.Module, paths: Sequence[str], make: Callable[[int, nn.Module], nn.Module]) -> Iterator[List[Any]]:
+    """Put ``make(i, subnet)`` in place of the ``i``-th subnet for the duration of one call of the block."""
     places = [_parent_and_name(root, path) for path in paths]
     originals = [parent._modules[name] for parent, name in places]
     if len({id(m) for m in originals}) != len(originals):
         raise Refused("two subnet paths name the same module")
-    recorders = [_Recorder(m, clone_outputs, watch_rng=len(paths) > 1) for m in originals]
+    stand_ins = [make(i, m) for i, m in enumerate(originals)]
     try:
-        for (parent, name), recorder in zip(places, recorders):
-            parent._modules[name] = recorder
-        yield recorders
+        for (parent, name), stand_in in zip(places, stand_ins):
+            parent._modules[name] = stand_in
+        yield stand_ins
     finally:
         for (parent, name), original in zip(places, originals):
             parent._modules[name] = original
+
+
+#: Per subnet (in the order of the paths), the RNG state each of its calls started from.
+SubnetRng = List[List[RngState]]
+
+
+class _Probe(nn.Module):
+    """Stands in for a subnet during a forward: keeps the RNG state each call starts from."""
+
+    def __init__(self, subnet: nn.Module) -> None:
+        super().__init__()
+        self.subnet = subnet
+        self.states: List[RngState] = []
+        self.drew_random = False
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        tensors = [x for x in inputs if isinstance(x, Tensor)]
+        before = RngState.capture(tensors)
+        out = self.subnet(*inputs, **kwargs)
+        self.drew_random |= not _same_rng(before, RngState.capture(tensors))
+        self.states.append(before)
+        return out
+
+
+def forward_keeping_subnet_rng(
+    root: nn.Module, subnets: Sequence[str], forward: Callable[[Tensors], Tuple[Tensors, LogDet]], xs: Tensors
+) -> Tuple[Tuple[Tensors, LogDet], Optional[SubnetRng]]:
+    """Run ``forward(xs)`` and return, when some subnet drew random numbers, the state each subnet call
+    started from (NOTE [recorded subnets]); ``None`` when none drew (nothing to keep)."""
+    with _standing_in(root, subnets, lambda i, m: _Probe(m)) as probes:
+        result = forward(xs)
+    if not any(p.drew_random for p in probes):
+        return result, None
+    return result, [p.states for p in probes]
 
 
 def reconstruct_with_recorded_subnets(
@@ -165,6 +207,7 @@ def reconstruct_with_recorded_subnets(
     ys: Tensors,
     *,
     clone_outputs: bool,
+    fwd_rng: Optional[SubnetRng] = None,
 ) -> Tuple[Tensors, Tensors, LogDet]:
     """Rebuild a coupling's inputs from ``ys`` and its local graph, each subnet evaluated once.
 
@@ -174,6 +217,7 @@ def reconstruct_with_recorded_subnets(
         inverse, forward: the block's own two directions over tuples of tensors.
         ys: the block's outputs, detached.
         clone_outputs: the block changes its subnets' outputs in place.
+        fwd_rng: what :func:`forward_keeping_subnet_rng` kept in this block's forward, if anything.
 
     Returns:
         ``(xs, ys_local, logdet_local)`` as :meth:`InvertibleModule.reconstruct` does.
@@ -182,7 +226,12 @@ def reconstruct_with_recorded_subnets(
         Refused: the block did not behave as a coupling here (NOTE [recorded subnets]); nothing
             was changed, and the caller takes the generic path.
     """
-    with _standing_in(root, subnets, clone_outputs) as recorders:
+    watch_rng = len(subnets) > 1
+
+    def recorder(i: int, subnet: nn.Module) -> _Recorder:
+        return _Recorder(subnet, clone_outputs, watch_rng, fwd_rng[i] if fwd_rng is not None else None)
+
+    with _standing_in(root, subnets, recorder) as recorders:
         with torch.no_grad():
             xs, _ = inverse(ys)
         if any(r.drew_random for r in recorders):
