@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ._state import RngState
 from .block import LogDet, Tensors, _leaf
@@ -53,9 +54,10 @@ class Refused(Exception):
 @dataclass
 class _Evaluation:
     leaves: Tuple[Tensor, ...]
-    outputs: Optional[Tuple[Tensor, ...]]
+    outputs: Optional[Tuple[Tensor, ...]]  # until the forward takes them; then only their graph edges are kept
     single: bool  # the subnet returned one tensor, not a tuple
     params: Tuple[nn.Parameter, ...]
+    edges: Tuple[Optional[GradientEdge], ...] = ()
 
 
 class _Reattach(torch.autograd.Function):
@@ -64,20 +66,21 @@ class _Reattach(torch.autograd.Function):
     @staticmethod
     def forward(ctx, evaluation: _Evaluation, num_sources: int, *sources_and_params: Tensor):  # type: ignore[override]
         ctx.evaluation = evaluation
-        ctx.num_sources = num_sources
-        return tuple(o.detach() for o in evaluation.outputs)
+        outputs, evaluation.outputs = evaluation.outputs, None
+        # Only the graph is kept, not the tensors: an output that nothing else saves is freed with the forward's use.
+        evaluation.edges = tuple(get_gradient_edge(o) if o.requires_grad else None for o in outputs)
+        return tuple(o.detach() for o in outputs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         evaluation: _Evaluation = ctx.evaluation
         needs = ctx.needs_input_grad[2:]
         wrt = [t for t, need in zip(evaluation.leaves + evaluation.params, needs) if need]
-        pairs = [(o, g) for o, g in zip(evaluation.outputs, grads) if g is not None and o.requires_grad]
+        pairs = [(e, g) for e, g in zip(evaluation.edges, grads) if g is not None and e is not None]
         computed: Sequence[Optional[Tensor]] = ()
         if wrt and pairs:
-            with torch.enable_grad():
-                computed = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-        evaluation.outputs = None  # its graph is spent: free the subnet's activations now
+            computed = torch.autograd.grad([e for e, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        ctx.evaluation = None  # the recorded graph is spent
         it = iter(computed)
         return (None, None, *[(next(it, None) if need else None) for need in needs])
 
@@ -101,7 +104,7 @@ class _Recorder(nn.Module):
         return self._replay(inputs) if self.replaying else self._record(inputs)
 
     def _record(self, inputs: Tuple[Tensor, ...]) -> Any:
-        leaves = tuple(_leaf(x) for x in inputs)
+        leaves = tuple(_leaf(_own_storage(x)) for x in inputs)
         before = RngState.capture(inputs) if self.watch_rng else None
         if self.fwd_rng is not None and not self.fwd_rng:
             raise Refused("the inverse called a subnet more often than the forward")
@@ -125,10 +128,17 @@ class _Recorder(nn.Module):
         evaluation = self.evaluations.pop(0)
         if [x.shape for x in inputs] != [x.shape for x in evaluation.leaves]:
             raise Refused("a subnet's input in the forward has another shape than in the inverse")
+        saved = [self.clone_outputs and _saves_result(o) for o in evaluation.outputs]
         outputs = _Reattach.apply(evaluation, len(inputs), *inputs, *evaluation.params)
-        if self.clone_outputs:  # the block changes them in place: keep the recorded graph's tensors intact
-            outputs = tuple(o.clone() if _saves_result(r) else o for o, r in zip(outputs, evaluation.outputs))
+        # The block changes them in place: copy those the recorded graph needs for its backward.
+        outputs = tuple(o.clone() if copy else o for o, copy in zip(outputs, saved))
         return outputs[0] if evaluation.single else tuple(outputs)
+
+
+def _own_storage(x: Tensor) -> Tensor:
+    """``x``, copied when it is a view into a larger tensor: the recorded graph keeps its input until backward,
+    and a view would keep the whole base alive (a channel half of the block's rebuilt output)."""
+    return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
 
 
 def _saves_result(output: Tensor) -> bool:
