@@ -252,4 +252,18 @@ def reconstruct_with_recorded_subnets(
         ys_local, logdet_local = forward(leaves)
         if any(r.evaluations for r in recorders):
             raise Refused("the forward called a subnet less often than the inverse")
-    return leaves, tuple(ys_local), logdet_local
+    passed = {id(x) for x in leaves}
+    return leaves, tuple(y if id(y) in passed else _Placeholder.apply(y) for y in ys_local), logdet_local
+
+
+class _Placeholder(torch.autograd.Function):
+    """An output's graph without its values: the engine only backpropagates through the rebuilt outputs
+    (NOTE [placeholder outputs] in pyramidflow/model/lean.py), so their memory is freed during the local backward."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor) -> Tensor:  # type: ignore[override]
+        return y.new_empty(()).expand(y.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
