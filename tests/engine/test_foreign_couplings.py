@@ -137,6 +137,7 @@ TWO_SIDED = [
     ("GLOWCouplingBlock", {}),
     ("GLOWCouplingBlock", {"clamp_activation": "TANH", "clamp": 1.0}),
     ("GLOWCouplingBlock", {"clamp_activation": "SIGMOID", "split_len": 1}),
+    ("GLOWCouplingBlock", {"clamp_activation": nn.functional.softsign}),
     ("RNVPCouplingBlock", {}),
     ("RNVPCouplingBlock", {"clamp_activation": "TANH"}),
     ("NICECouplingBlock", {}),
