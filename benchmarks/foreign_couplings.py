@@ -87,10 +87,10 @@ def _set_mode(flow: InvertibleSequential, mode: str, couplings: List[Optional[ob
             block.coupling = coupling if mode == "coupling-aware" else None
 
 
-def _step(flow: InvertibleSequential, x: torch.Tensor) -> Callable[[], None]:
+def _step(flow: InvertibleSequential, x: torch.Tensor, release_outputs: bool = False) -> Callable[[], None]:
     def step() -> None:
         flow.zero_grad(set_to_none=True)
-        y, logdet = flow(x)
+        y, logdet = flow(x, release_outputs=release_outputs)
         (0.5 * y.square().mean() - logdet.mean() / y[0].numel()).backward()
 
     return step
@@ -111,7 +111,7 @@ def measure(name: str, build: Callable[[], List[nn.Module]], args: argparse.Name
     flow = _flow(build, args.depth, args.device)
     couplings = [getattr(block, "coupling", None) for block in flow.blocks]
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device)
-    step = _step(flow, x)
+    step = _step(flow, x, args.release_outputs)
     rows: Dict[str, dict] = {}
     for mode in MODES:
         _set_mode(flow, mode, couplings)
@@ -139,11 +139,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", default=None, help="run the kinds whose name contains this text")
+    parser.add_argument(
+        "--release-outputs", action="store_true", help="a training step's opt-in: backward may reuse the outputs' memory"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(
         f"{args.depth} blocks, C={args.channels}, {args.size} px, batch {args.batch}, subnets conv3x3-ReLU-conv3x3 "
         f"({args.hidden} hidden), {args.device}, {torch.get_num_threads()} threads, medians of {args.rounds} interleaved steps"
+        + (", release_outputs=True" if args.release_outputs else "")
     )
     header = f"{'blocks':<42} {'mode':<15} {'step s':>8} {'time x':>7} {'peak MiB':>9} {'peak x':>7} {'FLOPs x':>8}"
     print(header)
