@@ -132,13 +132,12 @@ def _overrides_directions(module: nn.Module) -> bool:
 
 
 def _has_subnets(module: nn.Module, paths: Sequence[str]) -> bool:
-    for path in paths:
-        try:
-            if not isinstance(module.get_submodule(path), nn.Module):
-                return False
-        except AttributeError:
-            return False
-    return True
+    """Every path names a module, each a different one (one module under two names is called twice per direction)."""
+    try:
+        subnets = [module.get_submodule(path) for path in paths]
+    except AttributeError:
+        return False
+    return len({id(m) for m in subnets}) == len(subnets)
 
 
 def _is(module: object, library: str, qualname: str) -> bool:

@@ -64,7 +64,7 @@ class _Reattach(torch.autograd.Function):
     """The recorded outputs, differentiable with respect to the forward's inputs and the subnet's parameters."""
 
     @staticmethod
-    def forward(ctx, evaluation: _Evaluation, num_sources: int, *sources_and_params: Tensor):  # type: ignore[override]
+    def forward(ctx, evaluation: _Evaluation, *sources_and_params: Tensor):  # type: ignore[override]
         ctx.evaluation = evaluation
         outputs, evaluation.outputs = evaluation.outputs, None
         # Only the graph is kept, not the tensors: an output that nothing else saves is freed with the forward's use.
@@ -74,7 +74,7 @@ class _Reattach(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         evaluation: _Evaluation = ctx.evaluation
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[1:]
         wrt = [t for t, need in zip(evaluation.leaves + evaluation.params, needs) if need]
         pairs = [(e, g) for e, g in zip(evaluation.edges, grads) if g is not None and e is not None]
         computed: Sequence[Optional[Tensor]] = ()
@@ -82,7 +82,7 @@ class _Reattach(torch.autograd.Function):
             computed = torch.autograd.grad([e for e, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
         ctx.evaluation = None  # the recorded graph is spent
         it = iter(computed)
-        return (None, None, *[(next(it, None) if need else None) for need in needs])
+        return (None, *[(next(it, None) if need else None) for need in needs])
 
 
 class _Recorder(nn.Module):
@@ -129,7 +129,7 @@ class _Recorder(nn.Module):
         if [x.shape for x in inputs] != [x.shape for x in evaluation.leaves]:
             raise Refused("a subnet's input in the forward has another shape than in the inverse")
         saved = [self.clone_outputs and _saves_result(o) for o in evaluation.outputs]
-        outputs = _Reattach.apply(evaluation, len(inputs), *inputs, *evaluation.params)
+        outputs = _Reattach.apply(evaluation, *inputs, *evaluation.params)
         # The block changes them in place: copy those the recorded graph needs for its backward.
         outputs = tuple(o.clone() if copy else o for o, copy in zip(outputs, saved))
         return outputs[0] if evaluation.single else tuple(outputs)
