@@ -161,9 +161,8 @@ def _coupling_forward(adapter: Any, xs: Tensors) -> Tuple[Tensors, LogDet]:
     start = RngState.capture(xs)
     try:
         result, kept = forward_keeping_subnet_rng(adapter.module, coupling.subnets, adapter._forward, xs)
-    except Refused:  # a subnet path no longer names a module of its own: nothing kept, the rebuild refuses too
-        with start.replay():
-            return adapter._forward(xs)
+    except Refused:  # raised before any call: a subnet path no longer names a module of its own
+        return adapter._forward(xs)
     if kept is not None:
         store = adapter._fwd_subnet_rng
         store[_rng_key(start)] = kept
