@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
-from pyramidflow.engine import InvertibleSequential
+from pyramidflow.engine import InvertibleSequential, register_coupling
 from pyramidflow.memory import peak_memory
 
 MODES = ("autograd", "generic", "coupling-aware")
@@ -55,6 +55,10 @@ def _kinds(channels: int, size: int, hidden: int) -> Dict[str, Callable[[], List
     if nf is not None:
         kinds["normflows GlowBlock"] = lambda: [nf.flows.GlowBlock(channels, hidden)]
         kinds["normflows AffineCouplingBlock"] = lambda: [nf.flows.AffineCouplingBlock(net(half, 2 * half))]
+    from drift_report import ChannelSwap, TanhAffineCoupling  # a FrEIA-convention coupling written by hand
+
+    register_coupling(TanhAffineCoupling, subnets=("net",))
+    kinds["hand-written coupling (registered) + swap"] = lambda: [TanhAffineCoupling(channels, hidden), ChannelSwap(channels)]
     memcnn = _optional("memcnn")
     if memcnn is not None:
         kinds["memcnn AffineCoupling"] = lambda: [memcnn.AffineCoupling(Fm=net(half, half), adapter=memcnn.AffineAdapterNaive)]
