@@ -364,7 +364,7 @@ def test_normflows_glow_block_matches_autograd(use_lu):
 # ---------------------------------------------------------------- memcnn
 def _memcnn():
     with warnings.catch_warnings():  # memcnn's import silences every UserWarning of the process; keep it local
-        return pytest.importorskip("memcnn", reason="memcnn is not installed (pip install -e '.[dev]')")
+        return pytest.importorskip("memcnn", reason="memcnn is not installed (pip install --no-deps memcnn)")
 
 
 @pytest.mark.parametrize("kind", ["additive", "affine naive", "affine sigmoid"])
