@@ -30,9 +30,11 @@ class Refused(Exception):
 
 
 # NOTE [recorded subnets]
-# Inverse pass (no graph): each subnet call gets a leaf copy-free alias of its
-# input that requires grad, runs the real subnet with grad on it, and keeps
-# (leaf, output). The block's inverse maths gets the output's values (a clone
+# Inverse pass (no graph): each subnet call gets a leaf holding its input that
+# requires grad (a copy where the input is a view into a larger tensor, so that
+# the recorded graph does not keep the base alive; one leaf per input tensor,
+# shared by the subnets that take it), runs the real subnet with grad on it,
+# and keeps (leaf, output). The block's inverse maths gets the output's values (a clone
 # where the block changes it in place: FrEIA's AllInOneBlock scales its subnet
 # output by 0.1 in place). Forward pass (graph on, from the rebuilt input as
 # leaves): the k-th call of a subnet takes its k-th recorded evaluation and
@@ -88,9 +90,12 @@ class _Reattach(torch.autograd.Function):
 class _Recorder(nn.Module):
     """Stands in for a subnet during one rebuild: records in the inverse, answers in the forward."""
 
-    def __init__(self, subnet: nn.Module, clone_outputs: bool, watch_rng: bool, fwd_rng: Optional[List[RngState]]) -> None:
+    def __init__(
+        self, subnet: nn.Module, clone_outputs: bool, watch_rng: bool, fwd_rng: Optional[List[RngState]], leaves: dict
+    ) -> None:
         super().__init__()
         self.subnet = subnet
+        self.leaves = leaves  # input id -> (input, leaf), shared by the recorders of one rebuild
         self.clone_outputs = clone_outputs
         self.watch_rng = watch_rng and fwd_rng is None
         self.fwd_rng = list(fwd_rng) if fwd_rng is not None else None
@@ -104,7 +109,7 @@ class _Recorder(nn.Module):
         return self._replay(inputs) if self.replaying else self._record(inputs)
 
     def _record(self, inputs: Tuple[Tensor, ...]) -> Any:
-        leaves = tuple(_leaf(_own_storage(x)) for x in inputs)
+        leaves = tuple(self._leaf_of(x) for x in inputs)
         before = RngState.capture(inputs) if self.watch_rng else None
         if self.fwd_rng is not None and not self.fwd_rng:
             raise Refused("the inverse called a subnet more often than the forward")
@@ -121,6 +126,11 @@ class _Recorder(nn.Module):
         self.evaluations.append(_Evaluation(leaves, outputs, single, params))
         given = tuple(o.detach().clone() if self.clone_outputs else o.detach() for o in outputs)
         return given[0] if single else given
+
+    def _leaf_of(self, x: Tensor) -> Tensor:
+        if id(x) not in self.leaves:  # the input is kept with its leaf, so that its id stays its own
+            self.leaves[id(x)] = (x, _leaf(_own_storage(x)))
+        return self.leaves[id(x)][1]
 
     def _replay(self, inputs: Tuple[Tensor, ...]) -> Any:
         if not self.evaluations:
@@ -237,15 +247,17 @@ def reconstruct_with_recorded_subnets(
             was changed, and the caller takes the generic path.
     """
     watch_rng = len(subnets) > 1
+    shared_leaves: dict = {}
 
     def recorder(i: int, subnet: nn.Module) -> _Recorder:
-        return _Recorder(subnet, clone_outputs, watch_rng, fwd_rng[i] if fwd_rng is not None else None)
+        return _Recorder(subnet, clone_outputs, watch_rng, fwd_rng[i] if fwd_rng is not None else None, shared_leaves)
 
     with _standing_in(root, subnets, recorder) as recorders:
         with torch.no_grad():
             xs, _ = inverse(ys)
         if any(r.drew_random for r in recorders):
             raise Refused("subnets that draw random numbers run in another order in the inverse")
+        shared_leaves.clear()  # the inputs of the inverse: no longer needed once the recorded graphs hold their leaves
         leaves = tuple(_leaf(x) for x in xs)
         for recorder in recorders:
             recorder.replaying = True
