@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from ._state import RngState
-from .block import InvertibleModule, LogDet, Tensors
+from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf
 from .foreign_couplings import Coupling, coupling_for
 from .subnets import Refused, SubnetRng, forward_keeping_subnet_rng, reconstruct_with_recorded_subnets
 
@@ -97,8 +97,8 @@ class FrEIAAdapter(InvertibleModule):
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         return self._call(ys, rev=True)
 
-    def reconstruct(self, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
-        return _coupling_reconstruct(self, ys)
+    def reconstruct(self, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
+        return _coupling_reconstruct(self, ys, writable)
 
 
 class NormflowsAdapter(InvertibleModule):
@@ -141,8 +141,8 @@ class NormflowsAdapter(InvertibleModule):
         y = self._single(ys, "inverse")
         return self._unpack(self.module.inverse(y), y)
 
-    def reconstruct(self, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
-        return _coupling_reconstruct(self, ys)
+    def reconstruct(self, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
+        return _coupling_reconstruct(self, ys, writable)
 
 
 _KEPT_FORWARDS = 8  # forwards whose subnet RNG states wait for a backward (others: eval, checkpoint replays)
@@ -171,7 +171,7 @@ def _coupling_forward(adapter: Any, xs: Tensors) -> Tuple[Tensors, LogDet]:
     return result
 
 
-def _coupling_reconstruct(adapter: Any, ys: Tensors) -> Tuple[Tensors, Tensors, LogDet]:
+def _coupling_reconstruct(adapter: Any, ys: Tensors, writable: Optional[Writable]) -> Tuple[Tensors, Tensors, LogDet]:
     """One evaluation of each subnet when the block is a known coupling (:mod:`.subnets`), else the generic
     recipe; a refused call is redone by the generic recipe from the same RNG state, so gradients are the same."""
     coupling: Optional[Coupling] = adapter.coupling
@@ -183,10 +183,15 @@ def _coupling_reconstruct(adapter: Any, ys: Tensors) -> Tuple[Tensors, Tensors, 
         return reconstruct_with_recorded_subnets(
             adapter.module, coupling.subnets, adapter.inverse, adapter._forward, ys,
             clone_outputs=coupling.changes_subnet_outputs_in_place, fwd_rng=kept,
+            writable_outputs=writable.outputs if writable is not None else (),
         )
-    except Refused:
+    except Refused as refused:
         with start.replay():
-            return InvertibleModule.reconstruct(adapter, ys)
+            if refused.xs is None:
+                return InvertibleModule.reconstruct(adapter, ys)
+            leaves = tuple(_leaf(x) for x in refused.xs)  # the inverse's result: the second half of the recipe
+            ys_local, logdet_local = adapter._forward(leaves)
+            return leaves, tuple(ys_local), logdet_local
 
 
 def wrap(module: nn.Module, *, where: str = "wrap") -> InvertibleModule:

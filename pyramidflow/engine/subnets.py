@@ -26,7 +26,13 @@ __all__ = ["Refused", "SubnetRng", "forward_keeping_subnet_rng", "reconstruct_wi
 
 
 class Refused(Exception):
-    """The recorded-subnet path does not apply to this call; the caller takes the generic one."""
+    """The recorded-subnet path does not apply to this call; the caller takes the generic one.
+
+    ``xs``: the inputs the block's inverse rebuilt, when the refusal came after it (they may then
+    stand in the outputs' storage, which no longer holds the outputs).
+    """
+
+    xs: Optional[Tensors] = None
 
 
 # NOTE [recorded subnets]
@@ -228,6 +234,7 @@ def reconstruct_with_recorded_subnets(
     *,
     clone_outputs: bool,
     fwd_rng: Optional[SubnetRng] = None,
+    writable_outputs: Sequence[bool] = (),
 ) -> Tuple[Tensors, Tensors, LogDet]:
     """Rebuild a coupling's inputs from ``ys`` and its local graph, each subnet evaluated once.
 
@@ -238,6 +245,8 @@ def reconstruct_with_recorded_subnets(
         ys: the block's outputs, detached.
         clone_outputs: the block changes its subnets' outputs in place.
         fwd_rng: what :func:`forward_keeping_subnet_rng` kept in this block's forward, if anything.
+        writable_outputs: per level, whether the storage of ``ys[j]`` may hold the rebuilt input
+            (:class:`~.block.Writable`): one level less during the local backward.
 
     Returns:
         ``(xs, ys_local, logdet_local)`` as :meth:`InvertibleModule.reconstruct` does.
@@ -258,14 +267,35 @@ def reconstruct_with_recorded_subnets(
         if any(r.drew_random for r in recorders):
             raise Refused("subnets that draw random numbers run in another order in the inverse")
         shared_leaves.clear()  # the inputs of the inverse: no longer needed once the recorded graphs hold their leaves
+        xs = _into_outputs(xs, ys, writable_outputs, recorders)
         leaves = tuple(_leaf(x) for x in xs)
         for recorder in recorders:
             recorder.replaying = True
-        ys_local, logdet_local = forward(leaves)
-        if any(r.evaluations for r in recorders):
-            raise Refused("the forward called a subnet less often than the inverse")
+        try:
+            ys_local, logdet_local = forward(leaves)
+            if any(r.evaluations for r in recorders):
+                raise Refused("the forward called a subnet less often than the inverse")
+        except Refused as refused:
+            refused.xs = xs
+            raise
     passed = {id(x) for x in leaves}
     return leaves, tuple(y if id(y) in passed else _Placeholder.apply(y) for y in ys_local), logdet_local
+
+
+def _into_outputs(xs: Tensors, ys: Tensors, writable: Sequence[bool], recorders: Sequence[_Recorder]) -> Tensors:
+    """The rebuilt inputs, each written over its output's storage where the engine allows it and no recorded
+    graph holds that storage."""
+    held = {_storage_id(leaf) for r in recorders for e in r.evaluations for leaf in e.leaves}
+    out = list(xs)
+    for j, (x, y, ok) in enumerate(zip(xs, ys, writable)):
+        if ok and x is not y and x.shape == y.shape and x.dtype == y.dtype and _storage_id(y) not in held:
+            with torch.no_grad():
+                out[j] = y.copy_(x)
+    return tuple(out)
+
+
+def _storage_id(x: Tensor) -> int:
+    return x.untyped_storage().data_ptr()
 
 
 class _Placeholder(torch.autograd.Function):

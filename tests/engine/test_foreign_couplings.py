@@ -245,6 +245,38 @@ def test_refused_call_falls_back_with_the_same_gradients():
     _assert_matches_autograd(seq, _freia_inputs(False))
 
 
+@pytest.mark.parametrize("cls, refuse", [("AllInOneBlock", False), ("GLOWCouplingBlock", False), ("GLOWCouplingBlock", True)])
+def test_released_outputs_hold_the_rebuilt_inputs(cls, refuse, monkeypatch):
+    """With release_outputs the rebuilt input is written over the output's storage; gradients stay autograd's,
+    also when the path is refused after that write (the inverse's result is then used, not the outputs)."""
+    from pyramidflow.engine import subnets
+
+    seq = _freia_seq(cls, depth=3)
+    if refuse:
+        module = seq.blocks[1].module
+        original = module._coupling1
+        module._coupling1 = lambda x1, u2, rev=False: (module.subnet2(u2), original(x1, u2, rev))[1] if not rev else original(x1, u2, rev)
+    x = _freia_inputs(False)
+    reference = _step(seq, x, "autograd")[2]
+    written = []
+
+    def into_outputs(xs, ys, *args):
+        out = subnets_into_outputs(xs, ys, *args)
+        written.append(all(o is y for o, y in zip(out, ys)))
+        return out
+
+    subnets_into_outputs = subnets._into_outputs
+    monkeypatch.setattr(subnets, "_into_outputs", into_outputs)
+    seq.mode = "invertible"
+    seq.zero_grad(set_to_none=True)
+    leaf = x[0].clone().requires_grad_(True)
+    y, logdet = seq(leaf, release_outputs=True)
+    loss_of(y, logdet).backward()
+    ours = [leaf.grad] + [p.grad for p in seq.parameters() if p.requires_grad]
+    assert max(_relative(g, r) for g, r in zip(ours, reference) if r is not None) <= 1e-10
+    assert written == [True] * 3  # every block's rebuilt input went into its output's storage
+
+
 def test_batch_norm_subnet_matches_autograd_and_updates_statistics_once():
     """anomalib's PatchFlow: BatchNorm in the subnets, training mode."""
     Fm, _ = _freia()
