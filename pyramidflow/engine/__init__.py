@@ -5,15 +5,17 @@ imports the model, data or training code.
 """
 
 from ._state import is_rebuilding, may_overwrite, replay_forward_rng
-from .adapters import FrEIAAdapter, NormflowsAdapter, wrap
+from .adapters import FrEIAAdapter, NormflowsAdapter, freia_blocks, wrap
 from .block import InvertibleModule, Writable
 from .checks import BlockReport, InverseCheck, check_inverse, reconstruction_error
 from .coupling import AffineCoupling
 from .drift import DRIFT_POLICIES
+from .foreign_couplings import COUPLING_CLASSES, register_coupling
 from .errors import DriftError, DriftWarning, InvertibleError
 from .sequential import MODES, InvertibleSequential
 
 __all__ = [
+    "COUPLING_CLASSES",
     "DRIFT_POLICIES",
     "MODES",
     "AffineCoupling",
@@ -28,9 +30,11 @@ __all__ = [
     "InvertibleSequential",
     "NormflowsAdapter",
     "check_inverse",
+    "freia_blocks",
     "is_rebuilding",
     "may_overwrite",
     "reconstruction_error",
+    "register_coupling",
     "replay_forward_rng",
     "wrap",
 ]

@@ -7,20 +7,27 @@ Two foreign conventions are recognised:
 * normflows / memcnn: ``forward(z)`` and ``inverse(z)`` on one tensor, each
   returning ``(z, log_det)`` or just a tensor (then the block preserves volume).
 
-Neither library is a dependency: detection looks at the call signature.
+Neither library is a dependency: detection looks at the call signature. A FrEIA block built
+with conditions (``dims_c``) takes them as extra levels after its inputs and passes them through
+unchanged; :func:`freia_blocks` adapts a FrEIA ``SequenceINN`` block by block. Adapted couplings
+of the standard classes (:mod:`.foreign_couplings`) rebuild with one evaluation of each subnet.
 """
 
 from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any, Tuple
+from collections import OrderedDict
+from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from .block import InvertibleModule, LogDet, Tensors
+from ._state import RngState, replay_forward_rng
+from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf
+from .foreign_couplings import Coupling, coupling_for
+from .subnets import Refused, SubnetRng, forward_keeping_subnet_rng, reconstruct_with_recorded_subnets
 
-__all__ = ["wrap", "FrEIAAdapter", "NormflowsAdapter"]
+__all__ = ["wrap", "freia_blocks", "FrEIAAdapter", "NormflowsAdapter"]
 
 
 def _accepts(fn: Any, *names: str) -> bool:
@@ -43,30 +50,70 @@ def _as_logdet(value: Any, batch: int, like: Tensor) -> LogDet:
 
 
 class FrEIAAdapter(InvertibleModule):
-    """Run a FrEIA-convention block (``rev=`` / ``jac=`` flags, list in, list out)."""
+    """Run a FrEIA-convention block (``rev=`` / ``jac=`` flags, list in, list out).
 
-    def __init__(self, module: nn.Module) -> None:
+    Args:
+        module: the FrEIA block.
+        inputs: how many leading levels are the block's inputs (``None``: every level that is
+            not a condition).
+        conditions: indices of the levels handed to the block as its conditions ``c``; they and
+            any other levels after the inputs pass through unchanged.
+        coupling: where its subnets are, for the coupling-aware rebuild (``None``: generic).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        inputs: Optional[int] = None,
+        conditions: Sequence[int] = (),
+        coupling: Optional[Coupling] = None,
+    ) -> None:
         super().__init__()
         self.module = module
+        self.inputs = inputs
+        self.conditions = tuple(conditions)
+        self.coupling = coupling
+        self._fwd_subnet_rng: "OrderedDict[tuple, SubnetRng]" = OrderedDict()
+
+    def _transformed(self, xs: Tensors) -> List[int]:
+        count = len(xs) if self.inputs is None else self.inputs
+        return [i for i in range(count) if i not in self.conditions]
 
     def _call(self, xs: Tensors, rev: bool) -> Tuple[Tensors, LogDet]:
-        outputs, log_jac_det = self.module(list(xs), rev=rev, jac=True)
-        outputs = tuple(outputs)
-        return outputs, _as_logdet(log_jac_det, xs[0].shape[0], outputs[0])
+        transformed = self._transformed(xs)
+        extra = {"c": [xs[i] for i in self.conditions]} if self.conditions else {}
+        outputs, log_jac_det = self.module([xs[i] for i in transformed], rev=rev, jac=True, **extra)
+        ys = list(xs)  # conditions and levels beyond the inputs pass through as the same tensors
+        for i, y in zip(transformed, outputs):
+            ys[i] = y
+        return tuple(ys), _as_logdet(log_jac_det, xs[0].shape[0], outputs[0])
+
+    def _forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        return self._call(xs, rev=False)
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
-        return self._call(xs, rev=False)
+        return _coupling_forward(self, xs)
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         return self._call(ys, rev=True)
 
+    def reconstruct(self, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
+        return _coupling_reconstruct(self, ys, writable)
+
 
 class NormflowsAdapter(InvertibleModule):
-    """Run a normflows / memcnn-convention block (``forward`` / ``inverse`` on one tensor)."""
+    """Run a normflows / memcnn-convention block (``forward`` / ``inverse`` on one tensor).
 
-    def __init__(self, module: nn.Module) -> None:
+    Args:
+        module: the block.
+        coupling: where its subnets are, for the coupling-aware rebuild (``None``: generic).
+    """
+
+    def __init__(self, module: nn.Module, coupling: Optional[Coupling] = None) -> None:
         super().__init__()
         self.module = module
+        self.coupling = coupling
+        self._fwd_subnet_rng: "OrderedDict[tuple, SubnetRng]" = OrderedDict()
 
     @staticmethod
     def _unpack(result: Any, x: Tensor) -> Tuple[Tensors, LogDet]:
@@ -83,13 +130,68 @@ class NormflowsAdapter(InvertibleModule):
             )
         return xs[0]
 
-    def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+    def _forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         x = self._single(xs, "forward")
         return self._unpack(self.module(x), x)
+
+    def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        return _coupling_forward(self, xs)
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         y = self._single(ys, "inverse")
         return self._unpack(self.module.inverse(y), y)
+
+    def reconstruct(self, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
+        return _coupling_reconstruct(self, ys, writable)
+
+
+_KEPT_FORWARDS = 8  # forwards whose subnet RNG states wait for a backward (others: eval, checkpoint replays)
+
+
+def _rng_key(state: RngState) -> tuple:
+    return (state.cpu.numpy().tobytes(), state.cuda_devices, tuple(s.numpy().tobytes() for s in state.cuda))
+
+
+def _coupling_forward(adapter: Any, xs: Tensors) -> Tuple[Tensors, LogDet]:
+    """The block's forward; for a coupling with several subnets that draw random numbers, the RNG state each
+    subnet call started from is kept for its rebuild, under the block's starting state (NOTE [recorded subnets])."""
+    coupling: Optional[Coupling] = adapter.coupling
+    if coupling is None or len(coupling.subnets) < 2:
+        return adapter._forward(xs)
+    start = RngState.capture(xs)
+    try:
+        result, kept = forward_keeping_subnet_rng(adapter.module, coupling.subnets, adapter._forward, xs)
+    except Refused:  # raised before any call: a subnet path no longer names a module of its own
+        return adapter._forward(xs)
+    if kept is not None:
+        store = adapter._fwd_subnet_rng
+        store[_rng_key(start)] = kept
+        while len(store) > _KEPT_FORWARDS:
+            store.popitem(last=False)
+    return result
+
+
+def _coupling_reconstruct(adapter: Any, ys: Tensors, writable: Optional[Writable]) -> Tuple[Tensors, Tensors, LogDet]:
+    """One evaluation of each subnet when the block is a known coupling (:mod:`.subnets`), else the generic
+    recipe; a refused call is redone by the generic recipe from the same RNG state, so gradients are the same."""
+    coupling: Optional[Coupling] = adapter.coupling
+    if coupling is None:
+        return InvertibleModule.reconstruct(adapter, ys)
+    start = RngState.capture(ys)  # the block's forward RNG state: the engine replays it before the rebuild
+    kept = adapter._fwd_subnet_rng.pop(_rng_key(start), None) if adapter._fwd_subnet_rng else None
+    try:
+        return reconstruct_with_recorded_subnets(
+            adapter.module, coupling.subnets, adapter.inverse, adapter._forward, ys,
+            clone_outputs=coupling.changes_subnet_outputs_in_place, fwd_rng=kept,
+            writable_outputs=writable.outputs if writable is not None else (),
+        )
+    except Refused as refused:
+        if refused.xs is None:
+            return InvertibleModule.reconstruct(adapter, ys)
+        leaves = tuple(_leaf(x) for x in refused.xs)  # the inverse's result: the second half of the recipe
+        with replay_forward_rng():  # NOTE [one RNG replay per evaluation]
+            ys_local, logdet_local = adapter._forward(leaves)
+        return leaves, tuple(ys_local), logdet_local
 
 
 def wrap(module: nn.Module, *, where: str = "wrap") -> InvertibleModule:
@@ -97,8 +199,11 @@ def wrap(module: nn.Module, *, where: str = "wrap") -> InvertibleModule:
 
     Args:
         module: an :class:`InvertibleModule` (returned as is), a FrEIA-style
-            block (``forward(xs, c=[], rev=False, jac=True)``) or a normflows /
-            memcnn-style block (``forward(z)`` and ``inverse(z)``).
+            block (``forward(xs, c=[], rev=False, jac=True)``; one built with
+            conditions takes them as the levels after its inputs) or a normflows /
+            memcnn-style block (``forward(z)`` and ``inverse(z)``). A coupling of a
+            class in :data:`~.foreign_couplings.COUPLING_CLASSES` or registered with
+            :func:`~.foreign_couplings.register_coupling` rebuilds coupling-aware.
         where: prefix of error messages (the caller's position).
 
     Raises:
@@ -117,10 +222,49 @@ def wrap(module: nn.Module, *, where: str = "wrap") -> InvertibleModule:
     if not isinstance(module, nn.Module):
         raise TypeError(f"{where}: expected an nn.Module, got {type(module).__name__}.")
     if _accepts(module.forward, "rev", "jac"):
-        return FrEIAAdapter(module)
+        dims_c = list(getattr(module, "dims_c", None) or [])
+        inputs = len(module.dims_in) if dims_c and isinstance(getattr(module, "dims_in", None), list) else None
+        conditions = tuple(range(inputs, inputs + len(dims_c))) if inputs is not None else ()
+        return FrEIAAdapter(module, inputs, conditions, coupling_for(module))
     if callable(getattr(module, "inverse", None)):
-        return NormflowsAdapter(module)
+        return NormflowsAdapter(module, coupling_for(module))
     raise TypeError(
         f"{where} ({type(module).__name__}) has no inverse: give it an inverse(y) method, subclass "
         "pyramidflow.InvertibleModule, or use the FrEIA convention forward(xs, rev=False, jac=True)."
     )
+
+
+def freia_blocks(inn: nn.Module) -> List[InvertibleModule]:
+    """The blocks of a FrEIA ``SequenceINN``, adapted, for :class:`InvertibleSequential`.
+
+    The sequence's levels are ``(x, c_0, c_1, ...)``: the data and the INN's conditions in the
+    order of its ``c`` list; each block is handed the condition its ``append(..., cond=i)`` named,
+    and every block passes the conditions through.
+
+    Args:
+        inn: a ``FrEIA.framework.SequenceINN``.
+
+    Raises:
+        TypeError: ``inn`` has no ``module_list`` and ``conditions`` (not a ``SequenceINN``).
+
+    Example:
+        >>> import torch
+        >>> import FrEIA.framework as Ff, FrEIA.modules as Fm  # doctest: +SKIP
+        >>> inn = Ff.SequenceINN(4, 8, 8)  # doctest: +SKIP
+        >>> inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(2, 8, 8), subnet_constructor=net)  # doctest: +SKIP
+        >>> flow = InvertibleSequential(*freia_blocks(inn))  # doctest: +SKIP
+        >>> (z, c), logdet = flow((x, c))  # doctest: +SKIP
+    """
+    modules, conditions = getattr(inn, "module_list", None), getattr(inn, "conditions", None)
+    if modules is None or conditions is None or len(modules) != len(conditions):
+        raise TypeError(
+            f"freia_blocks: expected a FrEIA SequenceINN (module_list and conditions), got {type(inn).__name__}; "
+            "give other blocks to InvertibleSequential directly."
+        )
+    blocks: List[InvertibleModule] = []
+    for i, (module, cond) in enumerate(zip(modules, conditions)):
+        where = f"freia_blocks: block {i}"
+        if not _accepts(module.forward, "rev", "jac"):
+            raise TypeError(f"{where} ({type(module).__name__}) does not take rev= and jac=; it is not a FrEIA block.")
+        blocks.append(FrEIAAdapter(module, 1, () if cond is None else (1 + cond,), coupling_for(module)))
+    return blocks

@@ -53,3 +53,32 @@ def test_normflows_block_given_a_tuple_says_so():
     seq = InvertibleSequential(NormflowsStyleAffine(4))
     with pytest.raises(TypeError, match="takes one tensor"):
         seq((torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)))
+
+
+def test_freia_blocks_refuses_what_is_no_sequence_inn():
+    from pyramidflow.engine import freia_blocks
+
+    with pytest.raises(TypeError, match="SequenceINN"):
+        freia_blocks(FrEIAStyleAffine(4))
+
+
+def test_a_block_with_conditions_passes_them_through():
+    """A FrEIA-convention block built with dims_c takes its conditions as the levels after its inputs."""
+
+    class Conditional(FrEIAStyleAffine):
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.dims_in, self.dims_c = [(channels, 5, 5)], [(1, 5, 5)]
+
+        def forward(self, x, c=[], rev=False, jac=True):
+            if rev:
+                return super().forward([x[0] - c[0]], rev=True)
+            (y,), logdet = super().forward(x)
+            return [y + c[0]], logdet
+
+    seq = InvertibleSequential(Conditional(4), Conditional(4)).double()
+    x, c = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    (y, c_out), _ = seq((x, c))
+    assert torch.equal(c_out, c)
+    reference = gradients(seq, (x, c), "autograd")
+    assert max_relative_error(gradients(seq, (x, c), "invertible"), reference) <= 1e-10
