@@ -15,8 +15,9 @@ copies, and sets a :class:`MaskRule` on them:
   fraction of the best F1 on the drawn masks. The map is a blurred copy of the defect, so a strong
   defect's outline lies at a share of its own peak, not at one threshold for all defects.
 
-Every mask is a subset of the false-positive rule's mask, so a good part's mask is empty at least as
-often. No test image or label is read. The drawn defects are the synthetic test sets' own kinds, so
+Every mask of an image not flagged as defective is a subset of the false-positive rule's mask, so a
+good part's mask is empty at least as often; a flagged image's mask is never empty (``NOTE [a flagged
+image has a mask]``). No test image or label is read. The drawn defects are the synthetic test sets' own kinds, so
 on those sets the rule meets its calibration defects (a best case for the figures measured there).
 """
 
@@ -38,42 +39,82 @@ DEFECTS_PER_IMAGE = 10  # two of each of the five kinds: 40 drawn defects from t
 FRACTIONS = tuple(round(0.05 * k, 2) for k in range(17))  # the peak fractions tried: 0 (hysteresis only) to 0.8
 
 
+# NOTE [a flagged image has a mask]
+# The image decision (score > image threshold) and the mask come from the same map, but through
+# different thresholds: a defect unlike the ones the rule was set on (a faint scratch, a patch of a
+# foreign texture) can flag its image while its peak stays below the seed, and the image would be
+# reported defective with nothing to show. So, for an image flagged as defective, the rule's seed and
+# floor are capped just below the map's own peak: the region around the peak always seeds, grown down
+# to the floor, trimmed to the fraction of its peak as any region. Nothing changes where the peak is
+# above the seed (the cap is then the seed itself) or for an image not flagged. The cap is the map's
+# own peak, not the image threshold, so the promise holds whatever map the mask is drawn on (the
+# Detector draws it on the map resized to the input, whose peak can sit just below the score).
+
+
 @dataclass(frozen=True)
 class MaskRule:
     """How an anomaly map becomes a defect mask (``NOTE [pixel threshold rules]``).
 
     The pixels of each 8-connected region of ``map > low`` whose peak is above ``seed``, and within
     it above ``fraction`` of that peak. ``MaskRule.plain(t)`` is the single threshold ``map > t``.
+    For the map of an image flagged as defective, ``seed`` and ``low`` are capped just below the map's
+    peak, so its mask is never empty (``NOTE [a flagged image has a mask]``).
     """
 
     seed: float
     low: float
     fraction: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"MaskRule: fraction must be in [0, 1) (a share of a region's peak), got {self.fraction!r}.")
+
     @classmethod
     def plain(cls, threshold: float) -> "MaskRule":
         """The mask ``map > threshold``."""
         return cls(float(threshold), float(threshold), 0.0)
 
-    def __call__(self, maps: np.ndarray) -> np.ndarray:
+    def __call__(self, maps: np.ndarray, flagged: bool | np.ndarray = False) -> np.ndarray:
         """The bool mask of an ``(H, W)`` map, or of each of ``(N, H, W)`` maps.
+
+        Args:
+            maps: anomaly maps, ``(H, W)`` or ``(N, H, W)``.
+            flagged: whether the image of each map was flagged as defective (one bool, or ``(N,)``);
+                a flagged image's mask holds at least its map's peak (``NOTE [a flagged image has a mask]``).
 
         Example:
             >>> row = np.array([[0.0, 0.3, 0.9, 0.5, 0.2, 0.35, 0.0]])
-            >>> MaskRule(seed=0.6, low=0.25, fraction=0.5)(row).astype(int).tolist()
+            >>> rule = MaskRule(seed=0.6, low=0.25, fraction=0.5)
+            >>> rule(row).astype(int).tolist()
             [[0, 0, 1, 1, 0, 0, 0]]
+            >>> rule(0.6 * row).astype(int).tolist(), rule(0.6 * row, flagged=True).astype(int).tolist()
+            ([[0, 0, 0, 0, 0, 0, 0]], [[0, 0, 1, 1, 0, 0, 0]])
         """
         maps = np.asarray(maps)
-        if self.seed == self.low and self.fraction == 0.0:
-            return maps > self.low
         if maps.ndim == 3:
-            return np.stack([self(m) for m in maps]) if len(maps) else maps > self.low
-        labels, count = ndimage.label(maps > self.low, structure=EIGHT_CONNECTED)
+            flags = np.broadcast_to(np.asarray(flagged, dtype=bool), maps.shape[:1])
+            return np.stack([self(m, f) for m, f in zip(maps, flags)]) if len(maps) else maps > self.low
+        rule = self.capped_at(maps.max()) if flagged and maps.size else self
+        return rule._mask(maps)
+
+    def capped_at(self, peak: np.floating) -> "MaskRule":
+        """This rule with ``seed`` and ``low`` at most just below ``peak`` (``NOTE [a flagged image has a mask]``).
+
+        ``peak`` keeps the map's dtype: "just below" a float32 peak is the next float32 down, which a
+        float64 step would round back up to the peak itself.
+        """
+        below = float(np.nextafter(peak, np.asarray(-np.inf, dtype=np.asarray(peak).dtype)))
+        return MaskRule(min(self.seed, below), min(self.low, below), self.fraction)
+
+    def _mask(self, map_: np.ndarray) -> np.ndarray:
+        if self.seed == self.low and self.fraction == 0.0:
+            return map_ > self.low
+        labels, count = ndimage.label(map_ > self.low, structure=EIGHT_CONNECTED)
         if count == 0:
             return labels > 0
-        peaks = np.concatenate(([0.0], ndimage.maximum(maps, labels, np.arange(1, count + 1))))  # 0: outside every region
+        peaks = np.concatenate(([0.0], ndimage.maximum(map_, labels, np.arange(1, count + 1))))  # 0: outside every region
         kept = np.concatenate(([False], peaks[1:] > self.seed))
-        return kept[labels] & (maps > self.fraction * peaks[labels])
+        return kept[labels] & (map_ > self.fraction * peaks[labels])
 
 
 def check_pixel_rule(rule: str) -> str:

@@ -75,6 +75,8 @@ def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions) -> dict:
     """
     image_threshold, pixel_threshold, source = stored_thresholds(checkpoint)
     rule = stored_mask_rule(checkpoint)
+    flagged = predictions.scores.astype(np.float64) > image_threshold  # as image_decision_metrics decides
+    masks = rule(predictions.maps, flagged)
     best = best_pixel_f1(predictions.maps, predictions.masks) if predictions.masks.any() else None
     return {
         "image_threshold": image_threshold,
@@ -84,7 +86,8 @@ def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions) -> dict:
         "pixel_peak_fraction": rule.fraction,
         "thresholds_from": source,
         **image_decision_metrics(predictions.scores, predictions.labels, image_threshold),
-        **mask_decision_metrics(rule(predictions.maps), predictions.masks),
+        **mask_decision_metrics(masks, predictions.masks),
+        "flagged_images_with_empty_mask": int(sum(not m.any() for m in masks[flagged])),
         "best_pixel_f1_using_test_labels": None if best is None else best["pixel_f1"],
         "best_pixel_threshold_using_test_labels": None if best is None else best["threshold"],
     }
@@ -126,7 +129,8 @@ def evaluate(
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
         ``per_defect_type``, and at the checkpoint's calibrated thresholds ``image_precision``,
         ``image_recall``, ``image_f1``, ``image_fpr``, ``pixel_f1``, ``pixel_iou`` (``pixel_precision``,
-        ``pixel_recall``).
+        ``pixel_recall``), and ``flagged_images_with_empty_mask`` (0: ``NOTE [a flagged image
+        has a mask]`` in :mod:`pyramidflow.pixel_threshold`).
 
     Raises:
         ValueError: the checkpoint was trained on another category, or test images have no label.

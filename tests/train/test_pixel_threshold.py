@@ -86,6 +86,32 @@ def test_a_mask_rule_keeps_regions_that_reach_the_seed_and_pixels_above_a_share_
     assert not (rules.MaskRule(seed=0.3, low=0.2, fraction=0.0)(maps) & ~(maps > 0.2)).any()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_flagged_maps_mask_holds_its_peak_and_is_unchanged_when_the_peak_reaches_the_seed(dtype):
+    """NOTE [a flagged image has a mask]: seed and floor capped just below the map's own peak."""
+    rng = np.random.default_rng(4)
+    maps = rng.gamma(2.0, 0.1, size=(40, 13, 17)).astype(dtype)
+    peaks = maps.max(axis=(1, 2))
+    for rule in (rules.MaskRule(float(np.quantile(peaks, 0.5)), 0.3, 0.6), rules.MaskRule.plain(float(np.quantile(peaks, 0.7))),
+                 rules.MaskRule(10.0, 10.0, 0.3)):
+        unflagged, flagged = rule(maps), rule(maps, np.ones(len(maps), bool))
+        for m, plain, capped, peak in zip(maps, unflagged, flagged, peaks):
+            assert capped[np.unravel_index(np.argmax(m), m.shape)]
+            if peak > rule.seed and peak > rule.low:  # the cap changes nothing where the rule already finds the peak
+                np.testing.assert_array_equal(capped, plain)
+            else:  # only the peak's region, trimmed to the fraction of its peak
+                assert not plain.any()  # the contradiction the cap removes: flagged, nothing to show
+                assert not (capped & ~(m > rule.fraction * peak)).any()
+        np.testing.assert_array_equal(rule(maps, False), unflagged)
+    one = rules.MaskRule(10.0, 0.3, 0.6)
+    np.testing.assert_array_equal(one(maps[:2], [True, False]), np.stack([one(maps[0], True), one(maps[1])]))
+
+
+def test_a_peak_fraction_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\)"):
+        rules.MaskRule(0.5, 0.1, 1.0)
+
+
 def test_unknown_pixel_rules_are_refused():
     with pytest.raises(ValueError, match="pixel_rule must be one of synthetic, fpr"):
         TrainConfig(steps=1, pixel_rule="f1")
