@@ -1,6 +1,6 @@
 """Build the development set of real textures (benchmarks/devset_data.py), train on it, and score the models.
 
-    python benchmarks/devset.py --out DIR [--textures ihc moon] [--size 128] [--steps 300] [--threads 1]
+    python benchmarks/devset.py --out DIR [--textures ihc moon] [--size 128] [--steps 300] [--threads 1] [--model FLAGS...]
 
 Writes ``DIR/data`` (the set), trains each texture with ``pyramidflow train`` at the CLI's defaults for a
 category of one's own (``DIR/<texture>/checkpoint.pt``; an existing finished checkpoint is reused) and
@@ -34,15 +34,15 @@ from pyramidflow.metrics import (best_pixel_f1, compute_metrics, image_decision_
                                  mask_decision_metrics, pixel_auroc)
 
 
-def train(data: Path, texture: str, out: Path, size: int, steps: int, threads: int) -> Path:
-    """``pyramidflow train`` at the CLI's defaults (a finished checkpoint already there is reused)."""
+def train(data: Path, texture: str, out: Path, size: int, steps: int, threads: int, model: list[str]) -> Path:
+    """``pyramidflow train`` at the CLI's defaults and ``model``'s flags (a finished checkpoint already there is reused)."""
     checkpoint = out / texture / "checkpoint.pt"
     if checkpoint.exists() and load_checkpoint(checkpoint).finished:
         return checkpoint
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pyramidflow.cli", "train", "--data", str(data), "--category", texture,
-                    "--out", str(out / texture), "--size", str(size), "--steps", str(steps), "--device", "cpu"],
+                    "--out", str(out / texture), "--size", str(size), "--steps", str(steps), "--device", "cpu", *model],
                    check=True, env=env)
     print(f"{texture}: trained in {time.perf_counter() - start:.0f} s", flush=True)
     return checkpoint
@@ -116,13 +116,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of training and scoring (1)")
     parser.add_argument("--num-train", type=int, default=40)
     parser.add_argument("--num-test", type=int, default=8)
+    parser.add_argument("--model", nargs=argparse.REMAINDER, default=[],
+                        help="the rest is passed to `pyramidflow train`, e.g. --model --channels 8 --kernel-size 5")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = devset_data.build(args.out / "data", textures=args.textures, crop=args.crop, num_train=args.num_train,
                              num_test=args.num_test)
     results = []
     for texture in args.textures:
-        checkpoint = train(data, texture, args.out, args.size, args.steps, args.threads)
+        checkpoint = train(data, texture, args.out, args.size, args.steps, args.threads, args.model)
         results.append(score(checkpoint, data, texture))
     print_table(results)
     (args.out / "devset.json").write_text(json.dumps(results, indent=2) + "\n")
