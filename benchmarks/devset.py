@@ -75,11 +75,14 @@ def score(checkpoint: Path, data: Path, texture: str) -> dict:
     rule = stored_mask_rule(inference.checkpoint)
     flagged = test.scores.astype(np.float64) > image_threshold
     predicted = rule(test.maps, flagged)
+    uncapped = rule(test.maps)  # without NOTE [a flagged image has a mask]: what the cap changed
     baseline = baseline_maps(data, texture, size[0], test.images)
     kinds = np.array(test.defect_types)
     result = {"texture": texture, "rule": {"seed": rule.seed, "low": rule.low, "fraction": rule.fraction},
               "image_threshold": image_threshold,
               "flagged_with_empty_mask": int(sum(not m.any() for m in predicted[flagged])),
+              "flagged": int(flagged.sum()),
+              "flagged_empty_without_the_cap": int(sum(not m.any() for m in uncapped[flagged])),
               "all": {**figures(test.maps, test.masks, test.scores, test.labels, predicted, image_threshold),
                       "image_fpr": float(flagged[test.labels == 0].mean()),
                       "baseline_pixel_auroc": pixel_auroc(baseline, test.masks)}}
@@ -103,7 +106,8 @@ def print_table(results: list[dict]) -> None:
                   f"| {r['baseline_pixel_auroc']:.3f} |")
     for result in results:
         print(f"{result['texture']}: rule {result['rule']}, image threshold {result['image_threshold']:.4g}, image FPR "
-              f"{result['all']['image_fpr']:.2f}, flagged images with an empty mask: {result['flagged_with_empty_mask']}")
+              f"{result['all']['image_fpr']:.2f}, flagged images with an empty mask: {result['flagged_with_empty_mask']} "
+              f"of {result['flagged']} ({result['flagged_empty_without_the_cap']} without the cap at the map's peak)")
 
 
 def main() -> None:

@@ -4,11 +4,12 @@
 
 For each finished checkpoint, the ``synthetic`` rule is set from its held-out good images only
 (``calibration["held_out"]`` of ``DATA/CATEGORY/train/good``) in four ways: the seed and fraction of
-the best pooled F1 on the demo generator's defects as drawn (the previous rule), of the best mean F1
-over the kinds (each kind counts once), each on the defects as drawn and on them at full and half
-strength (the library's default: :func:`pyramidflow.pixel_threshold.synthetic_rule`). Then:
+the best pooled F1 on the demo generator's defects (the previous rule), or of the best mean F1 over the
+kinds (each kind counts once: the library's :func:`pyramidflow.pixel_threshold.synthetic_rule`), each
+on the defects as drawn, and on them as drawn and at half strength. Then:
 
-- leave one kind out: each rule is set on four of the five drawn kinds and scored on the fifth;
+- leave one kind out: each rule is set on four of the five drawn kinds and scored on the fifth (drawn
+  as is and at half strength);
 - on the test set (its own defect kinds, e.g. the development set's, which the rule never draws): the
   calibrated masks' pixel F1, precision and recall, per test kind, with a flagged image's mask capped
   at its peak as ``eval`` does, and the share of good test images given a mask.

@@ -46,10 +46,11 @@ def _good_images(count: int = 4) -> np.ndarray:
 
 def test_pasted_defects_change_exactly_their_masks_and_are_seeded():
     good = _good_images()
-    drawn, masks, kinds = rules.paste_defects(good, seed=3)
-    again, _, _ = rules.paste_defects(good, seed=3)
+    drawn, masks, kinds = rules.paste_defects(good, seed=3, strengths=(1.0, 0.5))
+    again, _, _ = rules.paste_defects(good, seed=3, strengths=(1.0, 0.5))
     assert drawn.shape == (40, SIZE, SIZE, 3) and masks.shape == (40, SIZE, SIZE)
     assert kinds[:10] == list(synthetic.DEFECT_TYPES) + [f"{k} x0.5" for k in synthetic.DEFECT_TYPES] and kinds[10:20] == kinds[:10]
+    assert rules.paste_defects(good, seed=3)[2] == 8 * list(synthetic.DEFECT_TYPES)  # the default: as drawn
     np.testing.assert_array_equal(drawn, again)
     source = np.repeat(good, 10, axis=0)
     changed = (drawn != source).any(axis=-1)
