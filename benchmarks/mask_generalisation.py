@@ -5,8 +5,9 @@
 For each finished checkpoint, the ``synthetic`` rule is set from its held-out good images only
 (``calibration["held_out"]`` of ``DATA/CATEGORY/train/good``) in four ways: the seed and fraction of
 the best pooled F1 on the demo generator's defects (the previous rule), or of the best mean F1 over the
-kinds (each kind counts once: the library's :func:`pyramidflow.pixel_threshold.synthetic_rule`), each
-on the defects as drawn, and on them as drawn and at half strength. Then:
+kinds (each kind counts once), on the defects as drawn or as drawn and at half strength, and the
+library's rule (:func:`pyramidflow.pixel_threshold.synthetic_rule`): per kind, as drawn, the seed no
+lower than the highest value of the held-out good maps. Then:
 
 - leave one kind out: each rule is set on four of the five drawn kinds and scored on the fifth (drawn
   as is and at half strength);
@@ -61,23 +62,29 @@ def run(checkpoint: Path, data: Path, category: str) -> dict:
         images, masks, kinds = paste_defects(held.images, seed=0, strengths=strengths)
         drawn[name] = (maps_of(images), masks, np.asarray(kinds))
 
-    def fit(name: str, pooled: bool, keep=slice(None)) -> MaskRule:
+    good_peak = float(held.maps.max())
+
+    def fit(name: str, how: str, keep=slice(None)) -> MaskRule:
         maps, masks, kinds = drawn[name]
         maps, masks, kinds = maps[keep], masks[keep], kinds[keep]
-        return previous_rule(maps, masks, floor) if pooled else fit_mask_rule(maps, masks, kinds, floor)
+        if how == "pooled":
+            return previous_rule(maps, masks, floor)
+        return fit_mask_rule(maps, masks, kinds, floor, least_seed=good_peak if how == "above good" else None)
 
-    variants = {f"{'pooled' if pooled else 'per kind'}, {name}": (name, pooled)
-                for name in drawn for pooled in (True, False)}
+    variants = {"pooled, as drawn (previous)": ("as drawn", "pooled"),
+                "per kind, as drawn": ("as drawn", "per kind"),
+                "per kind, full and half strength": ("full and half strength", "per kind"),
+                "per kind, seed >= good peaks (default)": ("as drawn", "above good")}
     rules = {label: fit(*args) for label, args in variants.items()}
 
     left_out = {}
-    for label, (name, pooled) in variants.items():
+    for label, (name, how) in variants.items():
         maps, masks, kinds = drawn["full and half strength"]
         bases = np.array([_base(k) for k in kinds])
         scores = []
         for kind in dict.fromkeys(bases.tolist()):
             own = np.array([_base(k) != kind for k in drawn[name][2]])
-            rule = fit(name, pooled, own)
+            rule = fit(name, how, own)
             scores.append(mask_decision_metrics(rule(maps[bases == kind]), masks[bases == kind])["pixel_f1"])
         left_out[label] = float(np.mean(scores))
 
@@ -90,7 +97,7 @@ def run(checkpoint: Path, data: Path, category: str) -> dict:
     print(f"\n== {category} ({checkpoint}): {len(held.paths)} held-out images, floor {floor:.4f}, "
           f"{int(flagged.sum())} of {len(types)} test images flagged")
     test_kinds = sorted(set(types.tolist()) - {"good"})
-    print(f"{'rule':<36} {'seed':>7} {'frac':>5} {'left-out kind F1':>16} {'test F1':>8} {'prec':>6} {'recall':>6} "
+    print(f"{'rule':<40} {'seed':>7} {'frac':>5} {'left-out kind F1':>16} {'test F1':>8} {'prec':>6} {'recall':>6} "
           + " ".join(f"{k:>9}" for k in test_kinds) + "  good with a mask")
     for label, rule in rules.items():
         predicted = rule(test.maps, flagged)
@@ -99,11 +106,11 @@ def run(checkpoint: Path, data: Path, category: str) -> dict:
         with_mask = float(np.mean([m.any() for m in predicted[good]])) if good.any() else float("nan")
         rows[label] = {"seed": rule.seed, "fraction": rule.fraction, "left_out_kind_f1": left_out[label], **overall,
                        "per_kind_f1": per_kind, "good_with_mask": with_mask}
-        print(f"{label:<36} {rule.seed:>7.4f} {rule.fraction:>5.2f} {left_out[label]:>16.3f} {overall['pixel_f1']:>8.3f} "
+        print(f"{label:<40} {rule.seed:>7.4f} {rule.fraction:>5.2f} {left_out[label]:>16.3f} {overall['pixel_f1']:>8.3f} "
               f"{overall['pixel_precision']:>6.3f} {overall['pixel_recall']:>6.3f} "
               + " ".join(f"{per_kind[k]:>9.3f}" for k in test_kinds) + f"  {with_mask:.2f}")
     best = best_pixel_f1(test.maps, test.masks)
-    print(f"{'best single threshold (test labels)':<36} {best['threshold']:>7.4f} {'':>5} {'':>16} {best['pixel_f1']:>8.3f}")
+    print(f"{'best single threshold (test labels)':<40} {best['threshold']:>7.4f} {'':>5} {'':>16} {best['pixel_f1']:>8.3f}")
     return {"category": category, "checkpoint": str(checkpoint), "floor": floor, "rules": rows, "best": best}
 
 

@@ -14,8 +14,9 @@ copies, and sets a :class:`MaskRule` on them (:func:`fit_mask_rule`):
   map is a blurred copy of the defect, so a strong defect's outline lies at a share of its own peak,
   not at one threshold for all defects.
 
-``seed`` and ``fraction`` are the pair with the best mean pixel F1 over the drawn kinds, each kind
-counting once: pooled pixels let the large, strong kinds set the seed above the peaks of the faint
+``seed`` and ``fraction`` are the pair with the best mean pixel F1 over the drawn kinds, the seed no
+lower than the highest value of the held-out good images' own maps (none of them gets a mask), each
+kind counting once: pooled pixels let the large, strong kinds set the seed above the peaks of the faint
 ones, and a rule set so fits the kinds it drew and no other (set on four of the five kinds and scored
 on the fifth, its F1 falls furthest: benchmarks/README.md).
 
@@ -186,24 +187,30 @@ def paste_defects(
     return np.stack(out), np.stack(masks), kinds
 
 
-def fit_mask_rule(maps: np.ndarray, masks: np.ndarray, kinds: Sequence[str], floor: float) -> MaskRule:
-    """The :class:`MaskRule` above ``floor`` with the best mean pixel F1 over the kinds of drawn defects.
+def fit_mask_rule(
+    maps: np.ndarray, masks: np.ndarray, kinds: Sequence[str], floor: float, least_seed: float | None = None
+) -> MaskRule:
+    """The :class:`MaskRule` with ``low = floor`` and the best mean pixel F1 over the kinds of drawn defects.
 
     Each kind counts once, whatever its area: pooled pixels would let the large, strong kinds set the
     seed above the peaks of the faint ones (``NOTE [pixel threshold rules]``). The seeds tried are
-    ``floor`` and the best single threshold of each kind and of all pooled (never below ``floor``), the
-    fractions :data:`FRACTIONS`; of equal scores, the lowest seed and the smallest fraction.
+    ``least_seed`` (default ``floor``) and the best single threshold of each kind and of all pooled,
+    never below it; the fractions :data:`FRACTIONS`; of equal scores, the lowest seed and the smallest
+    fraction.
 
     Args:
         maps: anomaly maps ``(M, H, W)`` of the drawn defects; masks: their ``(M, H, W)`` bool masks.
         kinds: the kind of each drawn defect (:func:`paste_defects`).
         floor: the rule's ``low``.
+        least_seed: the lowest seed allowed (at least ``floor``), e.g. the highest peak of the good
+            images' maps, so that none of them gets a mask.
     """
     from pyramidflow.metrics import best_pixel_f1
 
     kinds, masks, floor = np.asarray(kinds), np.asarray(masks, dtype=bool), float(floor)
+    least = max(floor, floor if least_seed is None else float(least_seed))
     groups = [kinds == kind for kind in dict.fromkeys(kinds.tolist())]
-    seeds = sorted({max(floor, best_pixel_f1(maps[g], masks[g])["threshold"]) for g in groups + [slice(None)]} | {floor})
+    seeds = sorted({max(least, best_pixel_f1(maps[g], masks[g])["threshold"]) for g in groups + [slice(None)]} | {least})
     # NOTE [counting a rule's F1]: the regions of map > low are the same for every rule tried; a mask is
     # the union of its seeded regions' trimmed pixels, so its true and false positives are sums over those
     # regions of counts taken once per fraction: F1 = 2 tp / (2 tp + fp + fn) with fn = defect pixels - tp.
@@ -240,4 +247,5 @@ def synthetic_rule(
         seed: seeds the drawing.
     """
     defective, masks, kinds = paste_defects(good_images, seed)
-    return fit_mask_rule(maps_of(defective), masks, kinds, floor)
+    good_peak = float(maps_of(np.asarray(good_images)).max())  # the seed leaves every held-out good image without a mask
+    return fit_mask_rule(maps_of(defective), masks, kinds, floor, least_seed=good_peak)

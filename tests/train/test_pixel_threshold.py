@@ -77,7 +77,8 @@ def test_the_fitted_rule_is_the_best_of_its_candidates_over_kinds_and_never_belo
     drawn, masks, kinds = rules.paste_defects(good, seed=0)
     maps = maps_of(drawn)
     rule = rules.synthetic_rule(good, maps_of, floor=0.5, seed=0)
-    assert rule == rules.fit_mask_rule(maps, masks, kinds, floor=0.5) and rule.low == 0.5 and rule.seed >= 0.5
+    assert rule == rules.fit_mask_rule(maps, masks, kinds, floor=0.5, least_seed=maps_of(good).max())
+    assert rule.low == 0.5 and rule.seed >= 0.5
     groups = [np.asarray(kinds) == k for k in set(kinds)]
 
     def mean_f1(seed, fraction):
@@ -103,6 +104,11 @@ def test_each_kind_counts_once_so_a_faint_kind_is_not_left_below_the_seed():
     np.testing.assert_array_equal(rule(maps), masks)
     pooled = best_pixel_f1(maps, masks)["threshold"]
     assert pooled > 0.4  # the pooled seed would have left the faint kind with empty masks
+    # a seed kept above the good images' peaks: the lowest seed allowed, the floor unchanged
+    above = rules.fit_mask_rule(maps, masks, ["strong", "strong", "faint", "faint"], floor=0.05, least_seed=0.3)
+    assert above.seed == 0.3 and above.low == 0.05
+    np.testing.assert_array_equal(above(maps), masks)
+    assert rules.fit_mask_rule(maps, masks, ["strong", "strong", "faint", "faint"], floor=0.05, least_seed=0.45).seed >= 0.45
 
 
 def test_a_mask_rule_keeps_regions_that_reach_the_seed_and_pixels_above_a_share_of_their_peak():
