@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +13,17 @@ from pyramidflow.data import MVTecDataset
 
 pytest.importorskip("skimage")  # the dev extra: the set's photographs ship inside scikit-image
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("devset_data", ROOT / "benchmarks" / "devset_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def devset():
-    return _module()
+    """benchmarks/devset_data.py, imported from its folder as the scripts beside it import it."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        import devset_data
+    finally:
+        sys.path.remove(folder)
+    return devset_data
 
 
 @pytest.mark.parametrize("kind", ["scratch", "patch", "stain"])
