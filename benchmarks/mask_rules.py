@@ -45,7 +45,7 @@ def run(category: str, data: Path, test_data: Path, runs: Path) -> dict:
     start = time.perf_counter()
     chosen = synthetic_rule(held.images, maps_of, t_fpr, seed=0)
     seconds = time.perf_counter() - start
-    drawn, drawn_masks = paste_defects(held.images, seed=0)  # the same drawing, for the rules that lost
+    drawn, drawn_masks, _ = paste_defects(held.images, seed=0)  # the same drawing, for the rules that lost
     drawn_maps = maps_of(drawn)
     mu, sd = held.maps.mean(axis=0), held.maps.std(axis=0) + 1e-6  # per-pixel statistics of the held-out maps
     z_threshold = best_pixel_f1((drawn_maps - mu) / sd, drawn_masks)["threshold"]

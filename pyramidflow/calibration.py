@@ -8,7 +8,8 @@ and sets the thresholds on the held-out images only (:func:`calibrate`):
 - the image threshold at a target false-positive rate ``image_fpr`` on good parts
   (:func:`image_threshold`, ``NOTE [image threshold rule]``);
 - the pixel threshold by ``pixel_rule``: ``"synthetic"`` (the default) for the defect mask's outline,
-  the best F1 on defects drawn into the held-out images, never below the false-positive threshold;
+  the best mean F1 over the kinds of defects drawn into the held-out images, never below the
+  false-positive threshold;
   ``"fpr"`` at ``pixel_fpr`` over the held-out pixels (:func:`pixel_threshold`). NOTE [pixel
   threshold rules] in pixel_threshold.py.
 

@@ -40,9 +40,11 @@ class Prediction:
             when tiled).
         is_anomalous: ``score > image threshold``.
         anomaly_map: ``(H, W)`` float32 map at the input's resolution.
-        mask: ``(H, W)`` bool, ``anomaly_map > pixel threshold``.
+        mask: ``(H, W)`` bool, the defect pixels by the checkpoint's mask rule
+            (:class:`pyramidflow.pixel_threshold.MaskRule`); never empty when ``is_anomalous``.
         regions: connected regions of ``mask``: ``{"bbox": [x0, y0, x1, y1], "area", "peak"}``, largest
-            peak first (see :func:`pyramidflow.inference.outputs.find_regions`).
+            peak first (see :func:`pyramidflow.inference.regions.find_regions`); at least one when
+            ``is_anomalous``.
         path: the source file, or ``"<array 3>"`` style names for in-memory inputs.
     """
 
@@ -184,7 +186,8 @@ class Detector:
 
     @property
     def pixel_threshold(self) -> float:
-        """The pixel threshold: pixels whose map value is above it form the mask."""
+        """The pixel threshold: pixels whose map value is above it form the mask (capped at the map's peak
+        for a flagged image, ``NOTE [a flagged image has a mask]`` in :mod:`pyramidflow.pixel_threshold`)."""
         return self._pixel_threshold
 
     @pixel_threshold.setter
@@ -202,8 +205,9 @@ class Detector:
         return anomaly_maps(inference.model, inference.template, images.to(inference.device))
 
     def _decide(self, path: str, score: float, native_map: np.ndarray) -> Prediction:
-        mask = self._mask_rule(native_map)
-        return Prediction(score=float(score), is_anomalous=bool(score > self._threshold), anomaly_map=native_map,
+        is_anomalous = bool(score > self._threshold)
+        mask = self._mask_rule(native_map, flagged=is_anomalous)
+        return Prediction(score=float(score), is_anomalous=is_anomalous, anomaly_map=native_map,
                           mask=mask, regions=find_regions(mask, native_map), path=path)
 
     def __call__(self, images: Any) -> List[Prediction]:

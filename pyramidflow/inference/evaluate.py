@@ -41,8 +41,8 @@ class _Decided:
 
 def _decide(checkpoint: Checkpoint, predictions: Predictions) -> _Decided:
     image_threshold, pixel_threshold, _ = stored_thresholds(checkpoint)
-    return _Decided(pixel_threshold, predictions.scores > image_threshold,
-                    stored_mask_rule(checkpoint)(predictions.maps))
+    flagged = predictions.scores.astype(np.float64) > image_threshold  # as image_decision_metrics decides
+    return _Decided(pixel_threshold, flagged, stored_mask_rule(checkpoint)(predictions.maps, flagged))
 
 
 def _write_panels(predictions: Predictions, out_dir: Path, vmin: float, vmax: float, decided: _Decided) -> List[str]:
@@ -90,7 +90,7 @@ def _per_defect_type(predictions: Predictions) -> dict:
     return table
 
 
-def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions, predicted_masks: np.ndarray) -> dict:
+def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions, decided: _Decided) -> dict:
     """Image precision / recall / F1 / FPR and pixel F1 / IoU at the checkpoint's calibrated thresholds.
 
     Beside them, the best pixel F1 over all thresholds and its threshold, read off the test masks: a
@@ -107,7 +107,8 @@ def _decision_metrics(checkpoint: Checkpoint, predictions: Predictions, predicte
         "pixel_peak_fraction": rule.fraction,
         "thresholds_from": source,
         **image_decision_metrics(predictions.scores, predictions.labels, image_threshold),
-        **mask_decision_metrics(predicted_masks, predictions.masks),
+        **mask_decision_metrics(decided.masks, predictions.masks),
+        "flagged_images_with_empty_mask": int(sum(not m.any() for m in decided.masks[decided.is_anomalous])),
         "best_pixel_f1_using_test_labels": None if best is None else best["pixel_f1"],
         "best_pixel_threshold_using_test_labels": None if best is None else best["threshold"],
     }
@@ -152,9 +153,10 @@ def evaluate(
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
         ``per_defect_type``, and at the checkpoint's calibrated thresholds ``image_precision``,
         ``image_recall``, ``image_f1``, ``image_fpr``, ``pixel_f1``, ``pixel_iou`` (``pixel_precision``,
-        ``pixel_recall``); ``images``: per test image, in the data set's order, its ``name``
-        (``<defect type>/<stem>``), ``file``, ``defect_type``, ``label``, ``score``, ``is_anomalous`` and
-        ``overlay``.
+        ``pixel_recall``), ``flagged_images_with_empty_mask`` (0: ``NOTE [a flagged image
+        has a mask]`` in :mod:`pyramidflow.pixel_threshold`); ``images``: per test image, in the data
+        set's order, its ``name`` (``<defect type>/<stem>``), ``file``, ``defect_type``, ``label``,
+        ``score``, ``is_anomalous`` and ``overlay``.
 
     Raises:
         ValueError: the checkpoint was trained on another category, or test images have no label.
@@ -185,7 +187,7 @@ def evaluate(
         "checkpoint": str(checkpoint.path),
         "checkpoint_step": checkpoint.step,
         "per_defect_type": _per_defect_type(predictions),
-        **_decision_metrics(checkpoint, predictions, decided.masks),
+        **_decision_metrics(checkpoint, predictions, decided),
         "overlays": overlays,
         "images": _image_rows(predictions, decided, overlays),
     }

@@ -235,6 +235,7 @@ def _metadata(inference, format: str, batch_size: Optional[int], size: Tuple[int
         # those of each 8-connected region of map > pixel_mask_low whose peak is above pixel_threshold,
         # and within it above pixel_mask_peak_fraction of that peak (pyramidflow.pixel_threshold.MaskRule:
         # the rule `predict` uses, set on held-out good images; with the "fpr" rule, map > pixel_threshold).
+        # For a flagged part the seed and the floor are capped just below the map's own peak, so its mask is never empty.
         "image_threshold": image_threshold,
         "pixel_threshold": pixel_threshold,
         "pixel_rule": stored_pixel_rule(checkpoint),
