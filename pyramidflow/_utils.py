@@ -16,9 +16,10 @@ import glob
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["VERSION", "DEVICES", "resolve_device", "atomic_write", "write_text_atomic", "stale_temp_files"]
 
@@ -33,6 +34,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         ValueError: an unknown device name.
         RuntimeError: ``"cuda"`` asked for but no CUDA device is usable.
     """
+    import torch  # here, not at the top: NOTE [light package import] in pyramidflow/__init__.py
+
     if device not in DEVICES:
         raise ValueError(f"resolve_device: device must be one of {DEVICES}, got {device!r}.")
     if device == "cuda" and not torch.cuda.is_available():

@@ -1,8 +1,9 @@
 """The ``pyramidflow`` command: synth, demo, train, eval, predict, plan, export, ablate.
 
 Every failure a user can cause ends with one line on stderr that starts with
-``error:`` and a non-zero exit status; Ctrl-C or SIGTERM during training writes a
-checkpoint first (see :func:`pyramidflow.train.train`) and exits with 130 or 143.
+``error:`` and a non-zero exit status. Ctrl-C or SIGTERM, from the first moment of any
+command, ends it with one such line and exits with 130 or 143; training writes a checkpoint
+first (see :func:`pyramidflow.train.train`), ``predict`` the rows of the images it finished.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
+
+# Standard library only: imported before torch (NOTE [light package import] in pyramidflow/__init__.py).
+from .train.interrupts import InterruptGuard, TrainingTerminated, exit_status
 
 __all__ = ["main", "build_parser"]
 
@@ -445,12 +449,19 @@ _COMMANDS = {
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``pyramidflow`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        _COMMANDS[args.command](args)
-    except KeyboardInterrupt as interrupt:
-        from .train.interrupts import TrainingTerminated, exit_status
+    # Before the heavy imports (torch comes with the parser): a stop during them is then one line, and
+    # SIGTERM is handled like Ctrl-C by every command (NOTE [light package import] in pyramidflow/__init__.py).
+    with InterruptGuard() as guard:
+        return _run(argv, guard)
 
+
+def _run(argv: Optional[List[str]], guard: InterruptGuard) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        guard.raise_swallowed()  # a Ctrl-C during the imports that the import machinery caught
+        _COMMANDS[args.command](args)
+        guard.raise_swallowed()
+    except KeyboardInterrupt as interrupt:
         what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
         notes = getattr(interrupt, "__notes__", None)  # a training run's note: what it wrote, how to go on
         print(f"error: {notes[-1] if notes else what}", file=sys.stderr)
