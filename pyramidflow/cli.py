@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
 # Standard library only: imported before torch (NOTE [light package import] in pyramidflow/__init__.py).
-from .train.interrupts import InterruptGuard, TrainingTerminated, exit_status
+from .train.interrupts import InterruptGuard, describe, exit_status
 
 __all__ = ["main", "build_parser"]
 
@@ -462,9 +462,8 @@ def _run(argv: Optional[List[str]], guard: InterruptGuard) -> int:
         _COMMANDS[args.command](args)
         guard.raise_swallowed()
     except KeyboardInterrupt as interrupt:
-        what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
-        notes = getattr(interrupt, "__notes__", None)  # a training run's note: what it wrote, how to go on
-        print(f"error: {notes[-1] if notes else what}", file=sys.stderr)
+        notes = getattr(interrupt, "__notes__", None)  # what a command kept, and how to go on (add_note)
+        print(f"error: {notes[-1] if notes else describe(interrupt)}", file=sys.stderr)
         return exit_status(interrupt)
     except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as error:
         message = " ".join(str(error).split()) or type(error).__name__

@@ -197,6 +197,42 @@ def test_predict_errors_are_one_line(trained, data_root, tmp_path, capsys):
     assert "--pixel-threshold nan is outside the score range" in _error_line(capsys)
 
 
+@pytest.mark.parametrize("stop, status, said", [
+    (KeyboardInterrupt, 130, "predict: interrupted after 3 of"),
+    ("SIGTERM", 143, "predict: terminated (SIGTERM) after 3 of"),
+])
+def test_predict_stopped_writes_the_rows_of_the_finished_images(trained, data_root, tmp_path, monkeypatch, capsys,
+                                                                stop, status, said):
+    import csv
+    import signal
+
+    import pyramidflow.inference.outputs as outputs
+    from pyramidflow.train.interrupts import TrainingTerminated
+
+    images = sorted((data_root / "nut" / "test").rglob("*.png"))
+    total = len(images)
+    overlays, real_overlay = [], outputs.overlay_panel
+
+    def stopped_at_the_fourth_image(*args, **kwargs):
+        overlays.append(1)
+        if len(overlays) == 4:
+            raise KeyboardInterrupt() if stop is KeyboardInterrupt else TrainingTerminated(signal.SIGTERM)
+        return real_overlay(*args, **kwargs)
+
+    monkeypatch.setattr(outputs, "overlay_panel", stopped_at_the_fourth_image)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(out), *map(str, images), "--device", "cpu"]) == status
+    line = _error_line(capsys)
+    assert said in line and f"of {total} images" in line and str(out / "predictions.json") in line
+    report = json.loads((out / "predictions.json").read_text())
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(report["images"]) == len(rows) == 3
+    assert [r["path"] for r in rows] == [r["path"] for r in report["images"]]
+    for row in report["images"]:
+        assert all((out / row[kind]).is_file() for kind in ("mask", "map", "overlay"))
+    assert not list(out.rglob("*.tmp"))
+
+
 def test_train_with_too_few_images_to_hold_out_is_one_line(data_root, tmp_path, capsys):
     assert main(["train", "--data", str(data_root), "--category", "nut", "--out", str(tmp_path), "--size", str(SIZE),
                  "--steps", "1", "--device", "cpu", "--calibration-fraction", "0.9", *SMALL]) == 1

@@ -20,7 +20,10 @@ import signal
 import threading
 from typing import Iterator
 
-__all__ = ["STOP_SIGNALS", "InterruptGuard", "TrainingTerminated", "exit_status", "interrupt_for", "signal_name"]
+__all__ = [
+    "STOP_SIGNALS", "InterruptGuard", "TrainingTerminated", "add_note", "describe", "exit_status", "interrupt_for",
+    "signal_name",
+]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -50,6 +53,16 @@ def interrupt_for(signum: int) -> KeyboardInterrupt:
     if signum == signal.SIGINT:
         return KeyboardInterrupt()
     return TrainingTerminated(signum)
+
+
+def describe(interrupt: KeyboardInterrupt) -> str:
+    """How messages name the stop: ``"interrupted"`` (Ctrl-C) or ``"terminated (SIGTERM)"``."""
+    return f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
+
+
+def add_note(interrupt: KeyboardInterrupt, note: str) -> None:
+    """Attach what was kept and how to go on; the command line prints the last note as its one line."""
+    interrupt.__notes__ = [*getattr(interrupt, "__notes__", []), note]  # add_note, also on Python 3.10
 
 
 def exit_status(interrupt: KeyboardInterrupt) -> int:
