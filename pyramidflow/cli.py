@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per category ({DEMO_STEPS})")
     demo.add_argument("--size", type=int, default=DEMO_SIZE, help=f"image side ({DEMO_SIZE})")
     demo.add_argument("--seed", type=_seed, default=defaults.seed)
+    demo.add_argument("--resume", action="store_true",
+                      help="continue a stopped demo in DIR (same --steps, --size, --seed): finished categories are kept")
     _add_device(demo)
 
     train = commands.add_parser("train", help="train on the good images of one category")
@@ -435,7 +437,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .experiments.demo import run_demo
 
-    reports, summary = run_demo(args.out, steps=args.steps, size=args.size, seed=args.seed, device=args.device)
+    reports, summary = run_demo(args.out, steps=args.steps, size=args.size, seed=args.seed, device=args.device,
+                                resume=args.resume)
     print()
     _print_table(reports + [dict(summary, category="all")])
     print(f"\nmetrics: {args.out / 'metrics.json'}; overlays: {args.out}/<category>/overlays/ ({summary['seconds']} s)")
