@@ -346,7 +346,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     memory = parse_bytes(args.gpu_memory) if args.gpu_memory is not None else None
     modes = (args.mode,) if args.mode else MODES
     _check_size(args.size, config)
-    result = plan(config, args.size, args.batch_size, modes=modes, gpu_memory=memory)
+    result = plan(config, args.size, args.batch_size, modes=modes, gpu_memory=memory, progress=True)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
 
 
