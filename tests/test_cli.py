@@ -544,3 +544,25 @@ def test_bad_backward_tile_is_one_line(command, flags, named, tmp_path, capsys):
         "--data", str(tmp_path), "--category", "nut", "--out", str(tmp_path / "run"), "--size", str(SIZE), "--device", "cpu"]
     assert main([command, *where, *SMALL, *flags]) == 1
     assert named in _error_line(capsys)
+
+
+def test_every_option_says_what_it_is_and_its_default():
+    import argparse
+
+    from pyramidflow.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"pyramidflow {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where} has no help"
+            default = action.default
+            if default is None or isinstance(default, bool):
+                continue
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            assert f"({shown}" in action.help or f"({shown}:" in action.help, f"{where}: default {default!r} not shown"
+    tile = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                if "--backward-tile" in a.option_strings)
+    assert "None" not in tile.help
