@@ -445,7 +445,7 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
     element = torch.empty((), dtype=dtype).element_size()
     predictions, max_batch, max_size = {}, {}, {}
     # A bar only after two seconds: a plan of three predictions on an idle machine prints none.
-    with tqdm(desc="plan", bar_format="{desc}: {n_fmt} predictions, {elapsed} ({postfix})", delay=2.0, leave=False,
+    with tqdm(desc="plan", bar_format="{desc}: {n_fmt} predictions, {elapsed}{postfix}", delay=2.0, leave=False,
               disable=not progress) as bar:
         for mode in modes:
             mode_config = dataclasses.replace(config, mode=mode)
