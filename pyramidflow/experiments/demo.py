@@ -59,6 +59,8 @@ SETTINGS_NAME = "demo.json"
 # A run predicted to take longer than this gets a hint at the start: the default demo on 2 idle CPU cores
 # stays below it, a CPU shared with other jobs does not.
 _SLOW_MINUTES = 15
+# The settings the hint suggests for a quick look on such a machine.
+_QUICK_SIZE, _QUICK_STEPS = 64, 40
 
 
 def run_demo(out: str | Path, *, steps: int = DEMO_STEPS, size: int = DEMO_SIZE, seed: int = 0, device: str = "auto",
@@ -180,8 +182,12 @@ def _hint_if_slow(config, settings, size: int, categories: int, out: Path, log: 
         take_step()
         seconds = time.perf_counter() - begin
     minutes = seconds * settings.steps * categories / 60
-    if minutes > _SLOW_MINUTES:
-        log(f"demo: a training step takes {seconds:.1f} s here, so training the {categories} categories takes about "
-            f"{minutes:.0f} min (a slow CPU, or one shared with other jobs). For a quick look: Ctrl-C, then "
-            f"`pyramidflow demo --out {out.parent / (out.name + '-small')} --size 64 --steps 40`; or let it run "
-            f"(Ctrl-C keeps what is done, --resume continues).")
+    if minutes <= _SLOW_MINUTES:
+        return
+    quick = dict(size=min(size, _QUICK_SIZE), steps=min(settings.steps, _QUICK_STEPS))
+    smaller = quick != dict(size=size, steps=settings.steps)
+    look = (f" For a quick look: Ctrl-C, then `{_command(out.parent / (out.name + '-small'), {**_DEFAULTS, **quick})}`;"
+            f" or let it run" if smaller else " Let it run")
+    log(f"demo: a training step takes {seconds:.1f} s here, so training the {categories} categories takes about "
+        f"{minutes:.0f} min (a slow CPU, or one shared with other jobs).{look} (Ctrl-C keeps what is done, "
+        f"--resume continues).")

@@ -62,6 +62,7 @@ def test_resume_of_a_folder_without_a_demo_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("seconds_per_step, hinted", [(0.05, False), (8.0, True)])
 def test_a_slow_step_gets_a_hint_with_flags_the_demo_takes(tmp_path, monkeypatch, seconds_per_step, hinted):
+    """The hint's command runs a smaller demo: the flags exist, and they are smaller than the run's."""
     from pyramidflow.cli import build_parser
     from pyramidflow.model import PyramidFlowConfig
     from pyramidflow.train import TrainConfig
@@ -76,4 +77,17 @@ def test_a_slow_step_gets_a_hint_with_flags_the_demo_takes(tmp_path, monkeypatch
         assert "8.0 s" in said[0] and "about 80 min" in said[0]
         command = said[0].split("`")[1].split()
         assert command[:2] == ["pyramidflow", "demo"]
-        build_parser().parse_args(command[1:])  # the flags it suggests exist
+        suggested = build_parser().parse_args(command[1:])  # the flags it suggests exist
+        assert (suggested.size, suggested.steps) == (32, 40)  # never larger than the run: 32 px, 200 steps
+
+
+def test_a_slow_step_of_a_small_demo_suggests_no_smaller_one(tmp_path, monkeypatch):
+    from pyramidflow.model import PyramidFlowConfig
+    from pyramidflow.train import TrainConfig
+
+    clock = iter([0.0, 30.0])
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+    said = []
+    demo._hint_if_slow(PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=3),
+                       TrainConfig(steps=40, device="cpu"), 64, 3, tmp_path / "demo", said.append)
+    assert "about 60 min" in said[0] and "`" not in said[0] and "--resume continues" in said[0]
