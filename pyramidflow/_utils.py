@@ -4,19 +4,22 @@ NOTE [atomic write]: every file the project writes (checkpoints, exported graphs
 prediction files, pictures, logs it rewrites, ablation tables) goes through :func:`atomic_write`: the
 bytes go to a temporary file in the same folder (same file system, so the rename is atomic), are
 flushed and fsync'ed, then moved over the target with ``os.replace``. A crash, a full disk or Ctrl-C
-leaves either the old file or the new one, never a truncated one, and no temporary file behind.
+leaves either the old file or the new one, never a truncated one, and no temporary file behind. An
+error while writing names the file it was writing (a full disk otherwise says only ``[Errno 28]``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["VERSION", "DEVICES", "resolve_device", "atomic_write", "write_text_atomic", "stale_temp_files"]
 
@@ -31,6 +34,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         ValueError: an unknown device name.
         RuntimeError: ``"cuda"`` asked for but no CUDA device is usable.
     """
+    import torch  # here, not at the top: NOTE [light package import] in pyramidflow/__init__.py
+
     if device not in DEVICES:
         raise ValueError(f"resolve_device: device must be one of {DEVICES}, got {device!r}.")
     if device == "cuda" and not torch.cuda.is_available():
@@ -59,21 +64,56 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         ('done', ['out.txt'])
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = _temp_affixes(path)
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _fsync(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary file, not the result
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix, suffix = _temp_affixes(path)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            _fsync(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary file, not the result
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+# Errors whose way out is room on the disk, not another file.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError that names no file, or only the temporary one, is raised again naming ``path``.
+
+    A full disk fails inside ``write()`` or ``fsync()`` of whatever library writes the bytes, whose
+    ``[Errno 28] No space left on device`` says nothing of which file; the error keeps its type and errno.
+    """
+    try:
+        yield
+    except OSError as error:
+        if _names_another_file(error, path):
+            raise
+        reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+        fix = "; free space on that disk or write to another folder" if error.errno in _FULL else ""
+        try:
+            named = type(error)(f"cannot write {path}: {reason}{fix}.")
+        except TypeError:  # a subclass whose constructor takes other arguments
+            named = OSError(f"cannot write {path}: {reason}{fix}.")
+        named.errno = error.errno  # set after: given to the constructor, it would put "[Errno 28]" first
+        raise named from error
+
+
+def _names_another_file(error: OSError, path: Path) -> bool:
+    """Whether ``error`` names a file other than the temporary one of ``path`` (it then says where already)."""
+    name = error.filename
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        return False
+    return not os.path.basename(os.fsdecode(name)).startswith(_temp_affixes(path)[0])
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

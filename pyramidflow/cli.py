@@ -1,8 +1,9 @@
 """The ``pyramidflow`` command: synth, demo, train, eval, predict, plan, export, ablate.
 
 Every failure a user can cause ends with one line on stderr that starts with
-``error:`` and a non-zero exit status; Ctrl-C or SIGTERM during training writes a
-checkpoint first (see :func:`pyramidflow.train.train`) and exits with 130 or 143.
+``error:`` and a non-zero exit status. Ctrl-C or SIGTERM, from the first moment of any
+command, ends it with one such line and exits with 130 or 143; training writes a checkpoint
+first (see :func:`pyramidflow.train.train`), ``predict`` the rows of the images it finished.
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
+# Standard library only: imported before torch (NOTE [light package import] in pyramidflow/__init__.py).
+from .train.interrupts import InterruptGuard, describe, exit_status
+
 __all__ = ["main", "build_parser"]
 
 LAYOUTS = ("auto", "mvtec", "btad")
+_DATA_HELP = "root of the data set: ROOT/<category>/train/good/... (MVTec AD or BTAD layout)"
+_CATEGORY_HELP = "the category folder under ROOT, e.g. nut"
+_CHECKPOINT_HELP = "the checkpoint.pt written by `pyramidflow train`"
 
 
 def _add_model_options(parser: argparse.ArgumentParser, ablation_switches: bool = True) -> None:
@@ -44,8 +51,8 @@ def _add_model_options(parser: argparse.ArgumentParser, ablation_switches: bool 
     if not ablation_switches:  # ablate's variants include SVN and no VN, which a tile cannot serve
         return
     group.add_argument("--backward-tile", type=int, metavar="PX",
-                       help=f"rebuild and backpropagate each coupling in PX x PX tiles of level 0 ({method.backward_tile}: "
-                       "whole levels): less memory, more time; a multiple of 2**(levels - 1), CVN only")
+                       help="rebuild and backpropagate each coupling in PX x PX tiles of level 0: less memory, more time; "
+                       "a multiple of 2**(levels - 1), CVN only (default: off, each level in one piece)")
     ablation = parser.add_argument_group("ablations of the paper's Table 2 (defaults: the method)")
     ablation.add_argument("--template", choices=TEMPLATES, help=f"latent template ({method.template})")
     ablation.add_argument("--difference", choices=DIFFERENCES,
@@ -80,9 +87,12 @@ def _add_training_options(parser: argparse.ArgumentParser, defaults, what: str =
     budget.add_argument("--steps", type=int, help=f"training steps{what}")
     budget.add_argument("--epochs", type=int,
                         help=f"passes over the training images{what} ({REFERENCE_EPOCHS} if no budget is given)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seed", type=_seed, default=defaults.seed)
-    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="STEPS")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help=f"images per training step, at least 2: the loss compares pairs ({defaults.batch_size})")
+    parser.add_argument("--seed", type=_seed, default=defaults.seed,
+                        help=f"seeds the initial weights, the shuffles and the augmentation ({defaults.seed})")
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="STEPS",
+                        help=f"write checkpoint.pt every STEPS steps, and at the end ({defaults.checkpoint_every})")
     augment = parser.add_mutually_exclusive_group()
     augment.add_argument("--augment", action="store_true",
                          help="random flips/rotations of the training images, for a texture category of your own")
@@ -93,7 +103,7 @@ def _add_training_options(parser: argparse.ArgumentParser, defaults, what: str =
 def _add_device(parser: argparse.ArgumentParser) -> None:
     from ._utils import DEVICES
 
-    parser.add_argument("--device", default=DEVICES[0], choices=DEVICES, help="auto picks CUDA when present")
+    parser.add_argument("--device", default=DEVICES[0], choices=DEVICES, help=f"where to run ({DEVICES[0]}: CUDA when present, else the CPU)")
 
 
 def _add_bit_depth(parser: argparse.ArgumentParser, default_is: str) -> None:
@@ -143,29 +153,35 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser("synth", help="write the synthetic data set (MVTec layout)")
-    synth.add_argument("--out", required=True, type=Path, metavar="ROOT")
-    synth.add_argument("--seed", type=_seed, default=_default_of(synthetic.generate, "seed"))
-    synth.add_argument("--size", type=int, default=_default_of(synthetic.generate, "size"))
+    synth.add_argument("--out", required=True, type=Path, metavar="ROOT", help="folder to write ROOT/<category>/... into")
+    seed, side = _default_of(synthetic.generate, "seed"), _default_of(synthetic.generate, "size")
+    synth.add_argument("--seed", type=_seed, default=seed, help=f"the same seed gives the same images ({seed})")
+    synth.add_argument("--size", type=int, default=side, help=f"image side in pixels, at least 32 ({side})")
     num_train, num_test = _default_of(synthetic.generate, "num_train"), _default_of(synthetic.generate, "num_test")
     synth.add_argument("--num-train", type=int, default=num_train, help=f"good training images per category ({num_train})")
     synth.add_argument("--num-test", type=int, default=num_test, help=f"test images per defect type, and good ones ({num_test})")
 
     demo = commands.add_parser("demo", help="synthetic data, training, evaluation and overlays in one go")
-    demo.add_argument("--out", required=True, type=Path, metavar="DIR")
+    demo.add_argument("--out", required=True, type=Path, metavar="DIR",
+                      help="folder for the data set (DIR/data), each category's run and overlays, and DIR/metrics.json")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per category ({DEMO_STEPS})")
     demo.add_argument("--size", type=int, default=DEMO_SIZE, help=f"image side ({DEMO_SIZE})")
-    demo.add_argument("--seed", type=_seed, default=defaults.seed)
+    demo.add_argument("--seed", type=_seed, default=defaults.seed,
+                      help=f"seeds the synthetic images and the training ({defaults.seed})")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue a stopped demo in DIR (same --steps, --size, --seed): finished categories are kept")
     _add_device(demo)
 
     train = commands.add_parser("train", help="train on the good images of one category")
-    train.add_argument("--data", required=True, type=Path, metavar="ROOT")
-    train.add_argument("--category", required=True)
-    train.add_argument("--out", required=True, type=Path, metavar="DIR")
+    train.add_argument("--data", required=True, type=Path, metavar="ROOT", help=_DATA_HELP)
+    train.add_argument("--category", required=True, help=_CATEGORY_HELP)
+    train.add_argument("--out", required=True, type=Path, metavar="DIR",
+                       help="folder of the run: DIR/checkpoint.pt, DIR/train_log.jsonl (one run per folder)")
     train.add_argument("--layout", choices=LAYOUTS, default="auto", help="data set layout (auto: detect)")
     _add_training_options(train, defaults)
     train.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
     train.add_argument("--drift", choices=DRIFT_POLICIES, default=defaults.drift,
-                       help="what backward does when reconstruction drifts (recompute: rebuild exactly)")
+                       help=f"what backward does when reconstruction drifts ({defaults.drift}: rebuild exactly)")
     _add_calibration_options(train, defaults)
     train.add_argument("--no-plan", action="store_true", help="on CUDA, skip the check that the predicted peak memory fits the GPU")
     _add_bit_depth(train, "default: the file's own, 16; stored in the checkpoint")
@@ -177,15 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
                                "--encoder resnet18 needs no --encoder-weights here: memory does not depend on the "
                                "weights' values, so plan never reads them (any given are ignored).")  # fmt: skip
     plan.add_argument("--size", type=int, required=True, help="image side")
-    plan.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    plan.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                      help=f"images per training step, at least 2 ({defaults.batch_size})")
     plan.add_argument("--category", default="", help="take the authors' settings for this category (default: the defaults)")
     plan.add_argument("--gpu-memory", default=None, metavar="BYTES", help="the GPU's memory, e.g. 12GiB: print the largest batch and side that fit")
     plan.add_argument("--json", action="store_true", help="print JSON (predicted_peak_bytes, max_batch_size, max_size)")
     _add_model_options(plan)
 
     ablate = commands.add_parser("ablate", help="train and evaluate the paper's ablations (Table 2) on one category")
-    ablate.add_argument("--data", required=True, type=Path, metavar="ROOT")
-    ablate.add_argument("--category", required=True)
+    ablate.add_argument("--data", required=True, type=Path, metavar="ROOT", help=_DATA_HELP)
+    ablate.add_argument("--category", required=True, help=_CATEGORY_HELP)
     ablate.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/ablation.json, DIR/ablation.md, DIR/<variant>/")
     ablate.add_argument("--layout", choices=LAYOUTS, default="auto", help="data set layout (auto: detect)")
     _add_training_options(ablate, defaults, what=" per variant")
@@ -195,19 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(ablate, ablation_switches=False)
 
     evaluate = commands.add_parser("eval", help="metrics and overlays of a checkpoint on a labelled test set")
-    evaluate.add_argument("--checkpoint", required=True, type=Path)
-    evaluate.add_argument("--data", required=True, type=Path, metavar="ROOT")
-    evaluate.add_argument("--category", required=True)
-    evaluate.add_argument("--out", required=True, type=Path, metavar="DIR")
-    evaluate.add_argument("--layout", choices=LAYOUTS, default="auto")
+    evaluate.add_argument("--checkpoint", required=True, type=Path, help=_CHECKPOINT_HELP)
+    evaluate.add_argument("--data", required=True, type=Path, metavar="ROOT", help=_DATA_HELP + " (its test split is read)")
+    evaluate.add_argument("--category", required=True, help=_CATEGORY_HELP + "; the checkpoint's own")
+    evaluate.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for DIR/metrics.json and DIR/overlays/")
+    evaluate.add_argument("--layout", choices=LAYOUTS, default="auto", help="data set layout (auto: detect)")
     _add_bit_depth(evaluate, "default: as in training")
     _add_device(evaluate)
     _add_smoothing(evaluate)
 
     predict = commands.add_parser("predict", help="anomaly maps and scores of any images")
-    predict.add_argument("--checkpoint", required=True, type=Path)
-    predict.add_argument("--out", required=True, type=Path, metavar="DIR")
-    predict.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--checkpoint", required=True, type=Path, help=_CHECKPOINT_HELP)
+    predict.add_argument("--out", required=True, type=Path, metavar="DIR",
+                         help="folder for DIR/masks/, DIR/maps/, DIR/overlays/, predictions.json and predictions.csv")
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER",
+                         help="image files, or folders whose images (not subfolders) are read")
     predict.add_argument("--image-threshold", type=float, help="override the calibrated image threshold")
     predict.add_argument("--pixel-threshold", type=float, help="override the calibrated pixel threshold")
     predict.add_argument("--tile", action="store_true",
@@ -217,11 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_smoothing(predict)
 
     export = commands.add_parser("export", help="the inference graph of a checkpoint as ONNX or TorchScript")
-    export.add_argument("--checkpoint", required=True, type=Path)
+    export.add_argument("--checkpoint", required=True, type=Path, help=_CHECKPOINT_HELP)
     export.add_argument("--out", required=True, type=Path, metavar="FILE", help="e.g. model.onnx or model.pt")
-    export.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0], help="onnx (default) or torchscript")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0], help=f"the graph's format ({EXPORT_FORMATS[0]})")
     export.add_argument("--batch-size", type=_export_batch_size, default=1, metavar="N|dynamic",
-                        help="batch size of the graph, or 'dynamic' for any (default 1)")
+                        help="batch size of the graph, or 'dynamic' for any (1)")
     return parser
 
 
@@ -340,7 +359,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     memory = parse_bytes(args.gpu_memory) if args.gpu_memory is not None else None
     modes = (args.mode,) if args.mode else MODES
     _check_size(args.size, config)
-    result = plan(config, args.size, args.batch_size, modes=modes, gpu_memory=memory)
+    result = plan(config, args.size, args.batch_size, modes=modes, gpu_memory=memory, progress=True)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
 
 
@@ -431,7 +450,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .experiments.demo import run_demo
 
-    reports, summary = run_demo(args.out, steps=args.steps, size=args.size, seed=args.seed, device=args.device)
+    reports, summary = run_demo(args.out, steps=args.steps, size=args.size, seed=args.seed, device=args.device,
+                                resume=args.resume)
     print()
     _print_table(reports + [dict(summary, category="all")])
     print(f"\nmetrics: {args.out / 'metrics.json'}; overlays: {args.out}/<category>/overlays/ ({summary['seconds']} s)")
@@ -446,15 +466,21 @@ _COMMANDS = {
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``pyramidflow`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        _COMMANDS[args.command](args)
-    except KeyboardInterrupt as interrupt:
-        from .train.interrupts import TrainingTerminated, exit_status
+    # Before the heavy imports (torch comes with the parser): a stop during them is then one line, and
+    # SIGTERM is handled like Ctrl-C by every command (NOTE [light package import] in pyramidflow/__init__.py).
+    with InterruptGuard() as guard:
+        return _run(argv, guard)
 
-        what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
-        notes = getattr(interrupt, "__notes__", None)  # a training run's note: what it wrote, how to go on
-        print(f"error: {notes[-1] if notes else what}", file=sys.stderr)
+
+def _run(argv: Optional[List[str]], guard: InterruptGuard) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        guard.raise_swallowed()  # a Ctrl-C during the imports that the import machinery caught
+        _COMMANDS[args.command](args)
+        guard.raise_swallowed()
+    except KeyboardInterrupt as interrupt:
+        notes = getattr(interrupt, "__notes__", None)  # what a command kept, and how to go on (add_note)
+        print(f"error: {notes[-1] if notes else describe(interrupt)}", file=sys.stderr)
         return exit_status(interrupt)
     except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as error:
         message = " ".join(str(error).split()) or type(error).__name__

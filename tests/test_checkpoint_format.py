@@ -5,9 +5,11 @@
 and the anomaly map that commit's ``eval`` code gave it.
 """
 
+import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pyramidflow import Detector
@@ -44,3 +46,48 @@ def test_a_checkpoint_without_backward_tile_loads_with_any_tile():
     assert load_checkpoint(CHECKPOINT).build_model().config.backward_tile is None
     for tile in (None, 2):
         assert load_checkpoint(CHECKPOINT, PyramidFlowConfig(**saved, backward_tile=tile)).step == 2
+
+
+# -- files that are not checkpoints: one line naming the file and what is wrong ----------------------------
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it would call os.getcwd (harmless here, but code all the same)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def _not_checkpoints(folder: Path) -> dict:
+    import os
+    import pickle
+
+    files = {"payload.pt": None, "raw-pickle.pt": None, "random.pt": None, "empty.pt": None, "cut.pt": None}
+    torch.save({"model": _RunsCode()}, folder / "payload.pt")
+    (folder / "raw-pickle.pt").write_bytes(pickle.dumps(_RunsCode(), protocol=4))
+    (folder / "random.pt").write_bytes(os.urandom(4096))
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "cut.pt").write_bytes(CHECKPOINT.read_bytes()[:3000])
+    return {name: folder / name for name in files}
+
+
+@pytest.mark.parametrize("name, what", [
+    ("payload.pt", "was not opened: it holds a Python object \\(\\w+.getcwd\\) that loading would have to run code"),
+    ("raw-pickle.pt", "a Python pickle, not a torch.save file"),
+    ("random.pt", "not a torch.save file"),
+    ("empty.pt", "the file is empty"),
+    ("cut.pt", "damaged: cut short"),
+])
+def test_a_file_that_is_no_checkpoint_is_one_line_naming_it_and_what_is_wrong(tmp_path, name, what):
+    from pyramidflow.checkpoint import CheckpointError
+
+    path = _not_checkpoints(tmp_path)[name]
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert re.search(what, message) and str(path) in message
+    assert "\n" not in message and len(message) < 300
+    for torch_advice in ("weights_only", "file an issue", "PyTorch"):
+        assert torch_advice not in message

@@ -1,6 +1,7 @@
 """The command line end to end on synthetic data, and its one-line errors."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,44 @@ def test_predict_errors_are_one_line(trained, data_root, tmp_path, capsys):
     assert "--image-threshold -2.0 is outside the score range" in _error_line(capsys)
     assert main(base + ["--pixel-threshold", "nan", str(good)]) == 1
     assert "--pixel-threshold nan is outside the score range" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("stop, status, said", [
+    (KeyboardInterrupt, 130, "predict: interrupted after 3 of"),
+    ("SIGTERM", 143, "predict: terminated (SIGTERM) after 3 of"),
+])
+def test_predict_stopped_writes_the_rows_of_the_finished_images(trained, data_root, tmp_path, monkeypatch, capsys,
+                                                                stop, status, said):
+    import csv
+    import signal
+
+    import pyramidflow.inference.outputs as outputs
+    from pyramidflow.train.interrupts import TrainingTerminated
+
+    images = sorted((data_root / "nut" / "test").rglob("*.png"))
+    total = len(images)
+    overlays, real_overlay = [], outputs.overlay_panel
+
+    def stopped_at_the_fourth_image(*args, **kwargs):
+        overlays.append(1)
+        if len(overlays) == 4:
+            raise KeyboardInterrupt() if stop is KeyboardInterrupt else TrainingTerminated(signal.SIGTERM)
+        return real_overlay(*args, **kwargs)
+
+    monkeypatch.setattr(outputs, "overlay_panel", stopped_at_the_fourth_image)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained), "--out", str(out), *map(str, images), "--device", "cpu"]) == status
+    lines = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err) if line.strip()]
+    line = lines[-1]  # above it, at most the progress bar of a slow machine
+    assert [x for x in lines if not re.match(r"predict:\s+\d+%\|", x)] == [line] and line.startswith("error: ")
+    assert said in line and f"of {total} images" in line and str(out / "predictions.json") in line
+    report = json.loads((out / "predictions.json").read_text())
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(report["images"]) == len(rows) == 3
+    assert [r["path"] for r in rows] == [r["path"] for r in report["images"]]
+    for row in report["images"]:
+        assert all((out / row[kind]).is_file() for kind in ("mask", "map", "overlay"))
+    assert not list(out.rglob("*.tmp"))
 
 
 def test_train_with_too_few_images_to_hold_out_is_one_line(data_root, tmp_path, capsys):
@@ -508,3 +547,25 @@ def test_bad_backward_tile_is_one_line(command, flags, named, tmp_path, capsys):
         "--data", str(tmp_path), "--category", "nut", "--out", str(tmp_path / "run"), "--size", str(SIZE), "--device", "cpu"]
     assert main([command, *where, *SMALL, *flags]) == 1
     assert named in _error_line(capsys)
+
+
+def test_every_option_says_what_it_is_and_its_default():
+    import argparse
+
+    from pyramidflow.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"pyramidflow {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where} has no help"
+            default = action.default
+            if default is None or isinstance(default, bool):
+                continue
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            assert f"({shown}" in action.help or f"({shown}:" in action.help, f"{where}: default {default!r} not shown"
+    tile = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                if "--backward-tile" in a.option_strings)
+    assert "None" not in tile.help

@@ -7,6 +7,14 @@ header of every image and mask (cheap: Pillow reads no pixels), so a missing fol
 file that is not an image or a mask whose size differs from its image stops a training run before the
 first step, not after an hour. Pixel data are decoded only when an item is read; a truncated or damaged
 file is reported then, naming the file.
+
+# NOTE [images as viewers show them]
+Phones and many cameras store a picture as the sensor read it and record how to turn it in the EXIF
+orientation tag; every viewer applies the tag. Every image the library reads (training images, masks,
+``eval``, ``predict``, :class:`~pyramidflow.inference.detector.Detector`) is turned the same way, here and
+only here (:func:`upright`, and :func:`_header_size` for the size), so scores, masks, maps and region boxes
+are in the orientation the user sees. A stored-rotated image read as stored would be scored as a part
+the model never saw, and its mask would not match the defect the user points at.
 """
 
 from __future__ import annotations
@@ -18,13 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from pyramidflow.data.transforms import image_to_tensor, mask_to_tensor, normalize_size, random_flip_rotate
 
 __all__ = [
     "IMAGE_EXTENSIONS", "UNKNOWN_LABEL", "Sample", "AnomalyDataset", "list_images", "find_by_stem", "check_bit_depth",
+    "upright",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -98,22 +107,46 @@ def _unreadable(error: BaseException, path: Path, where: str, otherwise: str) ->
     return ValueError(f"{where}: {otherwise.format(path=path, error=_one_line(error))}")
 
 
+# EXIF orientations 5 to 8 turn the picture by a quarter: the shown width is the stored height.
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1: stored as shown), read from the header (NOTE [images as viewers show them])."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # no eXIf chunk before the pixels; Pillow would decode them to look for one after
+    return int(image.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as viewers show it: its EXIF orientation applied (NOTE [images as viewers show them]).
+
+    An image without an orientation tag (or with tag 1) is returned as it is, not copied.
+    """
+    return image if _orientation(image) == 1 else ImageOps.exif_transpose(image)
+
+
 def _header_size(path: Path, where: str) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding pixels."""
+    """(width, height) as viewers show the image, from the file header, without decoding pixels."""
     try:
         with Image.open(path) as image:
-            return image.size
+            width, height = image.size
+            return (height, width) if _orientation(image) in _QUARTER_TURNS else (width, height)
     except _DECODE_ERRORS as error:
         raise _unreadable(error, path, where, "cannot read image {path} ({error}); replace or delete the file.") from None
 
 
 def _decode(path: Path, where: str) -> tuple[Image.Image, bool]:
-    """The decoded image, and whether it is a 16-bit colour file that Pillow kept only the high bytes of."""
+    """The decoded image, turned as viewers show it, and whether it is a 16-bit colour file that Pillow kept
+    only the high bytes of. Every image and mask file the library reads is decoded here."""
     try:
         with Image.open(path) as image:
             high_bytes_only = image.mode in ("RGB", "RGBA") and any(";16" in str(tile.args) for tile in image.tile)
             image.load()
-            return (image.copy() if image.mode != "P" else image.convert("RGBA")), high_bytes_only
+            shown = upright(image)
+            if shown is image:
+                shown = image.copy()
+            return (shown if shown.mode != "P" else shown.convert("RGBA")), high_bytes_only
     except _DECODE_ERRORS as error:
         raise _unreadable(error, path, where, "cannot decode image {path} ({error}); the file is damaged or "
                           "truncated, replace or delete it.") from None

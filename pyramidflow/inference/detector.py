@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..calibration import check_threshold, stored_mask_rule, stored_thresholds
-from ..data._io import check_bit_depth, load_rgb
+from ..data._io import check_bit_depth, load_rgb, upright
 from ..data.transforms import image_to_tensor
 from .._utils import resolve_device
 from ..pixel_threshold import MaskRule
@@ -60,7 +60,8 @@ def _to_rgb(item: Any, name: str, bit_depth: Optional[int]) -> Image.Image:
     """One input as an RGB PIL image (uint8 tensors and arrays, and float tensors in [0, 1], become 8-bit pixels)."""
     if isinstance(item, (str, Path)):
         return load_rgb(Path(item), "Detector", bit_depth)
-    if isinstance(item, Image.Image):
+    if isinstance(item, Image.Image):  # as viewers show it, like a file (NOTE [images as viewers show them])
+        item = upright(item)
         return item if item.mode == "RGB" else item.convert("RGB")
     if isinstance(item, torch.Tensor):
         if item.ndim != 3 or item.shape[0] != 3:

@@ -102,20 +102,43 @@ def write_predictions(
     Returns:
         One ``{"path", "score", "is_anomalous", "regions", "mask", "map", "overlay"}`` dict per image (the
         last three: the written files, relative to ``out_dir``).
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C (or SIGTERM under the command line) arrived; the prediction files hold
+            the images finished before it, and a note on the exception says how many.
     """
     out_dir = Path(out_dir)
-    rows = []
-    for (prediction, image), name in zip(decided, names):
-        files = {kind: f"{kind}s/{name}.png" for kind in _OUTPUTS}
-        mask = prediction.mask
-        save_panel(Image.fromarray(mask.astype(np.uint8) * 255), out_dir / files["mask"])
-        save_panel(Image.fromarray(colorize(prediction.anomaly_map, 0.0, vmax)), out_dir / files["map"])
-        verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
-        panel = overlay_panel(image, prediction.anomaly_map, vmin=0.0, vmax=vmax, predicted=mask,
-                              threshold=pixel_threshold, is_anomalous=bool(prediction.is_anomalous),
-                              title=f"{name}  score {prediction.score:.3g}  {verdict}, {len(prediction.regions)} region(s)")
-        save_panel(panel, out_dir / files["overlay"])
-        rows.append({**_summary(prediction), **files})
+    rows: list[dict] = []
+    try:
+        for (prediction, image), name in zip(decided, names):
+            files = {kind: f"{kind}s/{name}.png" for kind in _OUTPUTS}
+            mask = prediction.mask
+            save_panel(Image.fromarray(mask.astype(np.uint8) * 255), out_dir / files["mask"])
+            save_panel(Image.fromarray(colorize(prediction.anomaly_map, 0.0, vmax)), out_dir / files["map"])
+            verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
+            panel = overlay_panel(image, prediction.anomaly_map, vmin=0.0, vmax=vmax, predicted=mask,
+                                  threshold=pixel_threshold, is_anomalous=bool(prediction.is_anomalous),
+                                  title=f"{name}  score {prediction.score:.3g}  {verdict}, {len(prediction.regions)} region(s)")
+            save_panel(panel, out_dir / files["overlay"])
+            rows.append({**_summary(prediction), **files})
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM under the command line: keep what is finished
+        from ..train.interrupts import add_note, describe
+
+        if rows:
+            _write_tables(rows, out_dir, image_threshold, pixel_threshold, checkpoint)
+            kept = (f"the {len(rows)} finished are in {out_dir / 'predictions.json'} and predictions.csv; "
+                    f"predict the others again")
+        else:
+            kept = "no image was finished, no prediction file written"
+        add_note(interrupt, f"predict: {describe(interrupt)} after {len(rows)} of {len(names)} images; {kept}.")
+        raise
+    _write_tables(rows, out_dir, image_threshold, pixel_threshold, checkpoint)
+    return rows
+
+
+def _write_tables(rows: list[dict], out_dir: Path, image_threshold: float, pixel_threshold: float,
+                  checkpoint: str) -> None:
+    """``predictions.json`` and ``predictions.csv`` of ``rows`` (atomically: a stop leaves the old file or the new)."""
     report = {"images": rows, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
               "checkpoint": checkpoint}
     write_text_atomic(out_dir / "predictions.json", json.dumps(report, indent=2) + "\n")
@@ -129,4 +152,3 @@ def write_predictions(
                              sum(r["area"] for r in regions), " ".join(map(str, largest)),
                              f"{image_threshold:.6g}", f"{pixel_threshold:.6g}",
                              *(_csv_text(row[kind]) for kind in _OUTPUTS)])
-    return rows

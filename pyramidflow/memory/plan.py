@@ -31,6 +31,7 @@ the CUDA context, which the allocator never sees.
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ __all__ = [
     "MemoryPlan",
     "TILE_CHOICES",
     "WEIGHTS_NOT_READ",
+    "MAX_BYTES",
+    "check_gpu_memory",
+    "check_step_size",
     "parse_bytes",
     "predict_peak",
     "plan",
@@ -79,6 +83,12 @@ TILE_CHOICES = (512, 256, 128)
 # planned (``pyramidflow plan --encoder resnet18`` without --encoder-weights)
 # names :data:`WEIGHTS_NOT_READ`; building it for real stops with "no file at".
 WEIGHTS_NOT_READ = "<encoder weights: not read by pyramidflow plan>"  # for configs made only to be planned
+# NOTE [sizes beyond any card]
+# No GPU holds a pebibyte. A step whose input batch alone is larger (--size 1e18, --batch-size 1e9) is
+# refused naming the setting before any prediction (torch would only say "Storage size calculation
+# overflowed"), a --gpu-memory above it is refused, and the searches for the largest batch and side stop
+# below it without predicting: such a step cannot fit any budget they search.
+MAX_BYTES = 2**50
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -92,6 +102,39 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"--gpu-memory {text!r} is not a memory size; write it like 12GiB, 16GB or 800MiB.")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def check_gpu_memory(gpu_memory: int) -> int:
+    """``gpu_memory`` if it can be a card's memory: more than 0 bytes, at most :data:`MAX_BYTES`.
+
+    Raises:
+        ValueError: any other value, naming ``--gpu-memory``.
+    """
+    if isinstance(gpu_memory, bool) or not isinstance(gpu_memory, int) or not 0 < gpu_memory <= MAX_BYTES:
+        raise ValueError(f"--gpu-memory {gpu_memory!r} bytes is no GPU's memory (more than 0, at most 1 PiB); "
+                         f"give the card's memory, e.g. 12GiB.")
+    return gpu_memory
+
+
+def check_step_size(size: int, batch_size: int, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse a step whose input batch alone is beyond any card (NOTE [sizes beyond any card]).
+
+    Raises:
+        ValueError: naming ``--batch-size`` when even a 1 px side would be too large, else ``--size``.
+    """
+    if _input_bytes(size, batch_size, dtype) <= MAX_BYTES:
+        return
+    if _input_bytes(1, batch_size, dtype) > MAX_BYTES:
+        raise ValueError(f"--batch-size {batch_size}: the input batch alone would need over 1 PiB, more than any GPU; "
+                         f"give a batch that fits a card (pyramidflow plan --gpu-memory finds the largest).")
+    raise ValueError(f"--size {size} (with --batch-size {batch_size}): the input batch alone would need "
+                     f"{_input_bytes(size, batch_size, dtype) / 2**50:.3g} PiB, more than any GPU; give the images' side "
+                     f"in pixels (pyramidflow plan --gpu-memory finds the largest that fits).")
+
+
+def _input_bytes(size: int, batch_size: int, dtype: torch.dtype) -> int:
+    """Bytes of the input batch ``(batch_size, 3, size, size)``, in Python ints (no overflow)."""
+    return int(batch_size) * 3 * int(size) ** 2 * torch.empty((), dtype=dtype).element_size()
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -185,7 +228,11 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
 
     Returns:
         The :class:`PeakPrediction`, without the CUDA margin.
+
+    Raises:
+        ValueError: a step beyond any card (NOTE [sizes beyond any card]).
     """
+    check_step_size(size, batch_size, dtype)
     counter = _LiveBytes()
     at_forward = {}
     with torch.device("meta"), counter:
@@ -288,43 +335,90 @@ def cuda_need(peak: int) -> int:
     return int(peak * (1 + CUDA_MARGIN)) + CUDA_RESERVED
 
 
-def _largest_on_grid(peak: Callable[[int], int], budget: int, points: Sequence[int], step: int, basis: Callable[[int], list],
-                     first: Optional[int] = None) -> int:  # fmt: skip
-    """The largest ``v`` on the grid ``first, first + step, ...`` with ``peak(v) <= budget``, 0 if none.
+# NOTE [searching with few predictions]
+# A prediction runs a whole step on meta (seconds on a busy CPU), so the searches for the largest batch
+# and side count predictions. Each guess solves a local model of the peak for the budget: a polynomial
+# of degree up to 2 in the batch, or in the side squared, through the three predictions nearest to the
+# bracket. When the model is right, the guess is the answer and one more prediction (one grid step
+# further) confirms it: two predictions. A guess that leaves more than half of the bracket is followed
+# by a halving, and without a prediction above the budget a guess at least doubles the distance, so a
+# poor model costs a few predictions, never a walk over the grid (at most about 3 * log2 of its length).
+def _largest_fitting(peak: Callable[[int], int], budget: int, first: int, step: int, highest: int,
+                     known: Dict[int, int], scale: Callable[[int], float]) -> int:  # fmt: skip
+    """The largest ``v`` on the grid ``first, first + step, ...``, at most ``highest``, with ``peak(v) <= budget``; 0 if none.
 
-    ``first`` (default ``step``) is the smallest value ``peak`` accepts (a batch of 2: the loss compares pairs).
-
-    The peak is linear in ``basis(v)`` (the batch: 1, images, pairs of
-    images; the side: 1, its square): fitted through ``points``, searched on
-    the fit, then checked with ``peak`` itself and stepped until it is the
-    largest that fits (a few predictions instead of a bisection's dozen).
+    ``peak`` grows with ``v``; ``known`` holds the predictions already made (``v -> peak``), which the
+    search starts from and adds to; ``scale(v)`` is the variable the peak is nearly linear in
+    (NOTE [searching with few predictions]).
     """
     import numpy as np  # noqa: PLC0415
 
-    design = np.array([basis(v) for v in points], dtype=float)
-    coeffs = np.linalg.lstsq(design, np.array([peak(v) for v in points], dtype=float), rcond=None)[0]
-    low, high = 0, 1 << 20  # on the fit: the largest grid index whose fitted peak is within budget
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if float(np.dot(basis(middle * step), coeffs)) <= budget else (low, middle)
-    first = step if first is None else first
-    value = max(low * step, first)
-    while value > first and peak(value) > budget:
-        value -= step
-    if peak(value) > budget:  # not even the first fits
+    from ..engine.errors import _internal_assert  # noqa: PLC0415
+
+    def ask(v: int) -> int:
+        if v not in known:
+            known[v] = peak(v)
+        return known[v]
+
+    on_grid = lambda v: first + (int(v) - first) // step * step  # noqa: E731  # the grid value at or below v
+    highest = on_grid(highest)
+    if highest < first:
         return 0
-    while peak(value + step) <= budget:  # the fit may be pessimistic by a grid step
-        value += step
-    return value
+    if not any(p <= budget and first <= v <= highest for v, p in known.items()) and ask(first) > budget:
+        return 0
+    last_fit: Optional[bool] = None  # whether the last guess of the model fitted
+    force = False  # the model missed twice on the same side: halve the bracket, or double the distance
+    for _ in range(64 * 3):
+        low = max(v for v, p in known.items() if p <= budget and first <= v <= highest)
+        high = min((v for v, p in known.items() if p > budget and v > low), default=None)
+        if (high is None and low == highest) or (high is not None and high - low <= step):
+            return low
+        # the model goes through the bracket's ends and the prediction nearest to them
+        ends = [low] if high is None else [low, high]
+        near = ends + sorted((v for v in known if v not in ends), key=lambda v: abs(v - low))[:3 - len(ends)]
+        modelled = not force and len(near) >= 2
+        if modelled:
+            xs = np.array([scale(v) for v in near], dtype=float)
+            model = np.polynomial.Polynomial.fit(xs, [float(known[v]) for v in near], deg=min(2, len(near) - 1))
+            guess = _largest_below(lambda v: float(model(scale(v))), budget, low, step, highest if high is None else high)
+            if high is None:
+                guess = min(guess, 64 * low + step)  # an extrapolation goes at most 64 times as far
+        elif high is None:
+            guess = low + max(low, step)
+        else:
+            guess = (low + high) // 2
+        top = highest if high is None else high - step
+        guess = min(max(on_grid(guess), low + step), top)  # the model's answer is low: check one step further
+        fit = ask(guess) <= budget
+        force = modelled and fit == last_fit
+        last_fit = fit if modelled else None
+    _internal_assert(False, "memory.plan: the search for the largest step that fits did not end")
+
+
+def _largest_below(model: Callable[[int], float], budget: int, start: int, step: int, limit: int) -> int:
+    """The largest ``v`` on ``start``'s grid, at most ``limit``, with ``model(v) <= budget``, by doubling then halving."""
+    if model(start) > budget:
+        return start
+    reach = step
+    while start + reach < limit and model(start + reach) <= budget:
+        reach *= 2
+    low, high = start, min(start + reach, limit)
+    if model(high) <= budget:
+        return high
+    while high - low > step:
+        middle = low + (high - low) // 2 // step * step
+        low, high = (middle, high) if model(middle) <= budget else (low, middle)
+    return low
 
 
 def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = MODES, gpu_memory: Optional[int] = None,
          dtype: torch.dtype = torch.float32, train_config: Optional[TrainConfig] = None,
-         suggest_tile: bool = True) -> MemoryPlan:  # fmt: skip
+         suggest_tile: bool = True, progress: bool = False) -> MemoryPlan:  # fmt: skip
     """Predict each mode's peak at ``size`` px and ``batch_size``, and with ``gpu_memory`` what fits.
 
     The largest batch and side are searched with the same prediction (a few
-    seconds each); a side is a multiple of ``config.size_multiple``
+    seconds each, a handful per search: NOTE [searching with few predictions]); ``progress`` shows a
+    bar of the predictions when they take longer than two seconds. A side is a multiple of ``config.size_multiple``
     (``2**(num_levels - 1)``, times 4 with the ResNet18 encoder, whose weights
     are not read: NOTE [planning without encoder weights]). ``train_config``: the training settings
     whose step is planned (``None``: the method's defaults). ``suggest_tile``: when the whole-level
@@ -337,33 +431,49 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
         True
     """
     import dataclasses  # noqa: PLC0415
-    import functools  # noqa: PLC0415
+
+    from tqdm.auto import tqdm  # noqa: PLC0415
 
     if batch_size < 2:
-        raise ValueError(f"plan: batch_size must be at least 2 (the loss compares pairs of images), got {batch_size}.")
+        raise ValueError(f"plan: batch_size (--batch-size) must be at least 2 (the loss compares pairs of images), "
+                         f"got {batch_size}.")
     multiple = config.size_multiple
     config.check_image_size(size, size, where="plan")
+    check_step_size(size, batch_size, dtype)
+    if gpu_memory is not None:
+        check_gpu_memory(gpu_memory)
+    element = torch.empty((), dtype=dtype).element_size()
     predictions, max_batch, max_size = {}, {}, {}
-    for mode in modes:
-        mode_config = dataclasses.replace(config, mode=mode)
-        # one cache for the searches: a tiled step's prediction takes time in proportion to its tiles
-        predict = functools.lru_cache(None)(lambda s, b: predict_peak(mode_config, s, b, dtype=dtype, train_config=train_config))
-        predictions[mode] = predict(size, batch_size)
-        if gpu_memory is None:
-            continue
+    # A bar only after two seconds: a plan of three predictions on an idle machine prints none.
+    with tqdm(desc="plan", bar_format="{desc}: {n_fmt} predictions, {elapsed}{postfix}", delay=2.0, leave=False,
+              disable=not progress) as bar:
+        for mode in modes:
+            mode_config = dataclasses.replace(config, mode=mode)
+            bar.set_postfix_str(mode, refresh=False)
 
-        budget = int((gpu_memory - CUDA_RESERVED) / (1 + CUDA_MARGIN))
-        at_size = lambda b: predict(size, b).peak  # noqa: E731
-        at_batch = lambda s: predict(s, batch_size).peak  # noqa: E731
-        batch_fit = _largest_on_grid(at_size, budget, (2, 4, 8), 1, lambda b: [1.0, b, b * (b - 1) / 2], first=2)
-        max_batch[mode] = batch_fit
-        sides = (size, 2 * size) if size // 2 < multiple or (size // 2) % multiple else (size // 2, size)
-        max_size[mode] = _largest_on_grid(at_batch, budget, sides, multiple, lambda v: [1.0, float(v) ** 2])
+            def predict(side: int, batch: int) -> PeakPrediction:
+                prediction = predict_peak(mode_config, side, batch, dtype=dtype, train_config=train_config)
+                bar.update(1)
+                return prediction
+
+            predictions[mode] = predict(size, batch_size)
+            if gpu_memory is None:
+                continue
+            budget = int((gpu_memory - CUDA_RESERVED) / (1 + CUDA_MARGIN))
+            # NOTE [searching with few predictions]; the largest values searched: NOTE [sizes beyond any card]
+            max_batch[mode] = _largest_fitting(
+                lambda b: predict(size, b).peak, budget, 2, 1, MAX_BYTES // (3 * size * size * element),
+                {batch_size: predictions[mode].peak}, scale=float)
+            max_size[mode] = _largest_fitting(
+                lambda side: predict(side, batch_size).peak, budget, multiple, multiple,
+                math.isqrt(MAX_BYTES // (3 * batch_size * element)), {size: predictions[mode].peak},
+                scale=lambda side: float(side) ** 2)
     suggested = None
     if suggest_tile and gpu_memory is not None and "invertible" in predictions and cuda_need(predictions["invertible"].peak) > gpu_memory:
         suggested = suggest_backward_tile(dataclasses.replace(config, mode="invertible"), size, batch_size, gpu_memory,
                                           dtype=dtype, train_config=train_config)  # fmt: skip
-    return MemoryPlan(size, batch_size, predictions, gpu_memory, max_batch if gpu_memory else None, max_size if gpu_memory else None,
+    searched = gpu_memory is not None
+    return MemoryPlan(size, batch_size, predictions, gpu_memory, max_batch if searched else None, max_size if searched else None,
                       encoder=getattr(config, "encoder", "none"), backward_tile=getattr(config, "backward_tile", None),
                       suggested_tile=suggested)  # fmt: skip
 

@@ -170,13 +170,9 @@ def load_encoder_weights(encoder: ResNet18Stem, weights: str | os.PathLike) -> R
 def _read_state_dict(path: Path) -> Dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"encoder_weights: no file at {path}; pass {_WEIGHTS_HINT}.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # damaged files raise RuntimeError, UnpicklingError, EOFError, ...
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(
-            f"encoder_weights: cannot read {path} ({message}); save the state dict with torch.save(model.state_dict(), PATH)."
-        ) from None
+    from ..checkpoint import read_torch_file
+
+    state = read_torch_file(path, "encoder_weights", "save the state dict with torch.save(model.state_dict(), PATH).")
     if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
         raise ValueError(
             f"encoder_weights: {path} holds a {type(state).__name__}, not a state dict; save it with "

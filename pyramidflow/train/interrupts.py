@@ -8,6 +8,9 @@ conventional status ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM). :
 is installed for the whole run, from decoding the images to the final checkpoint (``NOTE [stop
 signals in every phase]`` in :mod:`pyramidflow.train`), and defers both while the optimizer updates
 the weights or a checkpoint is restored or finished, so a stopped run always holds a completed step.
+The command line installs one around every command before its heavy imports, so that SIGTERM is
+handled like Ctrl-C by every command and a stop during the imports is one line, not a traceback.
+This module imports only the standard library (NOTE [light package import] in :mod:`pyramidflow`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import signal
 import threading
 from typing import Iterator
 
-__all__ = ["STOP_SIGNALS", "InterruptGuard", "TrainingTerminated", "exit_status", "interrupt_for", "signal_name"]
+__all__ = [
+    "STOP_SIGNALS", "InterruptGuard", "TrainingTerminated", "add_note", "describe", "exit_status", "interrupt_for",
+    "signal_name",
+]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -49,6 +55,16 @@ def interrupt_for(signum: int) -> KeyboardInterrupt:
     return TrainingTerminated(signum)
 
 
+def describe(interrupt: KeyboardInterrupt) -> str:
+    """How messages name the stop: ``"interrupted"`` (Ctrl-C) or ``"terminated (SIGTERM)"``."""
+    return f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
+
+
+def add_note(interrupt: KeyboardInterrupt, note: str) -> None:
+    """Attach what was kept and how to go on; the command line prints the last note as its one line."""
+    interrupt.__notes__ = [*getattr(interrupt, "__notes__", []), note]  # add_note, also on Python 3.10
+
+
 def exit_status(interrupt: KeyboardInterrupt) -> int:
     """``128 + signal number``, as shells report a process ended by that signal (130 for Ctrl-C)."""
     return 128 + getattr(interrupt, "signum", int(signal.SIGINT))
@@ -69,6 +85,7 @@ class InterruptGuard:
         self._active = threading.current_thread() is threading.main_thread()
         self._critical = False
         self._pending: int | None = None  # the signal that arrived inside the critical section
+        self._raised: int | None = None  # the last signal raised as an exception
         self._previous: dict = {}
 
     def __enter__(self) -> "InterruptGuard":
@@ -85,6 +102,19 @@ class InterruptGuard:
         if self._critical:
             self._pending = signum
         else:
+            self._raised = signum
+            raise interrupt_for(signum)
+
+    def raise_swallowed(self) -> None:
+        """Raise again a stop signal whose exception was caught and dropped on its way out.
+
+        Code that catches every exception (some import machinery, a finaliser) can swallow the
+        ``KeyboardInterrupt`` a signal raised; call this where that exception would have arrived by now,
+        so that the stop the user asked for still happens. Call it only on the path where no
+        ``KeyboardInterrupt`` came out.
+        """
+        if self._raised is not None:
+            signum, self._raised = self._raised, None
             raise interrupt_for(signum)
 
     @contextlib.contextmanager

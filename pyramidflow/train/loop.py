@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from pyramidflow.train.distributed import (
     DistributedContext, EpochBatchSampler, gather_levels, init_distributed, wrap_data_parallel,
 )
 from pyramidflow.train.divergence import stop_if_not_finite
-from pyramidflow.train.interrupts import InterruptGuard, TrainingTerminated
+from pyramidflow.train.interrupts import InterruptGuard, add_note, describe
 from pyramidflow.train.folder import RunFolder
 from pyramidflow.train.log import LOG_NAME, DriftTracker, append_log, trim_log
 from pyramidflow.train.resume import (
@@ -242,8 +241,9 @@ def train(
         CheckpointError: the checkpoint is damaged, or from another model or train config, or from
             other data (category, root, image size, number of images, calibration split).
         TrainingDivergedError: the loss or a weight became NaN/inf (the last good checkpoint is kept).
-        KeyboardInterrupt: re-raised after writing a checkpoint of the last completed step (SIGTERM
-            raises its subclass :class:`~pyramidflow.train.interrupts.TrainingTerminated` the same way).
+        KeyboardInterrupt: re-raised after writing a checkpoint of the last completed step, with a note
+            (``__notes__``) saying what was written and how to resume (SIGTERM raises its subclass
+            :class:`~pyramidflow.train.interrupts.TrainingTerminated` the same way).
 
     Example:
         >>> from pyramidflow.data import MVTecDataset  # doctest: +SKIP
@@ -345,15 +345,13 @@ def _loop(run: _Run, guard: InterruptGuard) -> TrainResult:
 
 
 def _save_on_interrupt(run: _Run | None, interrupt: KeyboardInterrupt, path: Path, is_main: bool) -> None:
-    """Write the checkpoint of the last completed step (rank 0), and say where it is, in one line.
+    """Write the checkpoint of the last completed step (rank 0), and say where it is in a note on ``interrupt``.
 
     ``run`` is ``None`` when the signal came before the run was set up (while the images were decoded).
     """
     if not is_main:
         return
-    from tqdm.auto import tqdm
-
-    what = f"terminated ({interrupt})" if isinstance(interrupt, TrainingTerminated) else "interrupted"
+    what = describe(interrupt)
     try:
         if run is not None and run.step != run.saved_step and run.step > 0:
             run.save(collective=False)  # other ranks are being interrupted too: no collectives
@@ -366,5 +364,4 @@ def _save_on_interrupt(run: _Run | None, interrupt: KeyboardInterrupt, path: Pat
             note = f"train: {what} before the first step; no checkpoint written."
     except TrainingDivergedError as error:
         note = f"train: {what}; not saved: {error}"
-    tqdm.write(note, file=sys.stderr)
-    interrupt.__notes__ = [*getattr(interrupt, "__notes__", []), note]  # add_note, also on Python 3.10
+    add_note(interrupt, note)  # printed once, by whoever reports the interrupt (the command line's one line)

@@ -281,3 +281,71 @@ def test_no_tile_is_suggested_where_a_tile_cannot_serve():
         assert planning.suggest_backward_tile(config, 512, 2, planning.CUDA_RESERVED + 2**30) is None
     # a tile as large as the image is the whole level: 256 px takes only 128 of (512, 256, 128)
     assert planning.suggest_backward_tile(PyramidFlowConfig(**TILEABLE), 256, 2, planning.CUDA_RESERVED + 2**30)[0] == 128
+
+
+# -- the searches: few predictions, any budget (NOTE [searching with few predictions]) ---------------------
+
+
+def _brute_force(peak, budget, first, step, highest):
+    fitting = [v for v in range(first, highest + 1, step) if peak(v) <= budget]
+    return max(fitting) if fitting else 0
+
+
+@pytest.mark.parametrize("peak, scale, first, step, most", [
+    (lambda b: 40_000 + 7_000 * b + 300 * b * (b - 1) // 2, float, 2, 1, 6),        # a batch: pairs in the loss
+    (lambda s: 9_000_000 + 11 * s * s + 5 * s, lambda s: float(s) ** 2, 8, 8, 6),   # a side
+    (lambda b: 10**6 * (b if b < 50 else 4 * b), float, 2, 1, 3 * 24),               # a jump the model cannot see
+    (lambda b: 10**6 + b**3 + int(10**4 * b**0.5), float, 2, 1, 3 * 24),                 # no polynomial of degree 2
+])
+@pytest.mark.parametrize("budget", [10**5, 10**6, 3 * 10**7, 10**9, 10**12])
+def test_the_search_finds_the_largest_that_fits_with_few_predictions(peak, scale, first, step, most, budget):
+    """Against a brute force over the grid; a peak the model describes costs a handful of predictions, any other
+    about 3 * log2 of the grid's length at most (never a walk over the grid)."""
+    highest, asked = 10**7, []
+
+    def counted(v):
+        asked.append(v)
+        return peak(v)
+
+    found = planning._largest_fitting(counted, budget, first, step, highest, {first * 4: peak(first * 4)}, scale)
+    if peak(20_000) > budget:
+        assert found == _brute_force(peak, budget, first, step, 20_000)
+    else:  # beyond the brute force's range: the answer fits and one step more does not
+        assert peak(found) <= budget and peak(found + step) > budget
+    assert len(asked) == len(set(asked)) <= most, asked
+
+
+def test_a_plan_with_a_card_asks_for_a_handful_of_predictions(monkeypatch):
+    """Work counted, not timed: a search that walked the grid made over 150 predictions at this card."""
+    config = PyramidFlowConfig(**TINY)
+    made, real = [], planning.predict_peak
+    monkeypatch.setattr(planning, "predict_peak", lambda *a, **k: made.append(a[1:3]) or real(*a, **k))
+    result = planning.plan(config, 64, 2, modes=("invertible",), gpu_memory=12 * 10**9)
+    need = lambda size, b: planning.cuda_need(real(config, size, b).peak)  # noqa: E731
+    batch, side = result.max_batch_size["invertible"], result.max_size["invertible"]
+    assert need(64, batch) <= 12 * 10**9 < need(64, batch + 1)
+    assert need(side, 2) <= 12 * 10**9 < need(side + config.size_multiple, 2)
+    assert len(made) <= 14, made
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--size", "64", "--gpu-memory", "0"], "error: --gpu-memory 0 bytes is no GPU's memory"),
+    (["--size", "64", "--gpu-memory", "2000TiB"], "error: --gpu-memory 2199023255552000 bytes is no GPU's memory"),
+    (["--size", "1000000000000000000"], "error: --size 1000000000000000000 (with --batch-size 2): the input batch alone"),
+    (["--size", "64", "--batch-size", "1000000000000000"], "error: --batch-size 1000000000000000: the input batch alone"),
+    (["--size", "64", "--batch-size", "0"], "error: plan: batch_size (--batch-size) must be at least 2"),
+    (["--size", "-64"], "error: --size: image size -64×-64"),
+])
+def test_absurd_plan_settings_are_refused_naming_the_setting(argv, named, capsys, monkeypatch):
+    monkeypatch.setattr(planning, "predict_peak", lambda *a, **k: pytest.fail("refused before any prediction"))
+    assert main(["plan", *argv, "--channels", "4", "--kernel-size", "3", "--stacks", "1", "--levels", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(named) and err.count("\n") == 1 and "NoneType" not in err
+
+
+def test_a_card_smaller_than_the_cuda_context_fits_nothing(capsys):
+    tiny = ["--size", "32", "--channels", "4", "--kernel-size", "3", "--stacks", "1", "--levels", "2"]
+    assert main(["plan", *tiny, "--mode", "invertible", "--gpu-memory", "100MiB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] == {"invertible": False} and out["max_batch_size"] == {"invertible": 0}
+    assert out["max_size"] == {"invertible": 0}
