@@ -3,9 +3,10 @@
 The latent template is a per-pixel mean (Sec. 3.3): it only matches images whose part sits where the
 training parts sat. :func:`estimate_rigid` finds, once per image and at the model's input resolution,
 the rotation and translation that bring the image onto the **reference** (the mean training image,
-:func:`registration_reference`): a rotation search (a grid of angles, each scored by phase
-correlation, coarse then fine, which also gives the translation), refined to sub-pixel precision
-by parabolic fits, then polished by a least-squares fit of the aligned image to the reference. :func:`registered_maps` computes the map of the aligned image and warps it back, so
+:func:`registration_reference`). A grid of angles, coarse then fine, is scored by phase correlation
+against the reference, which also gives the translation to sub-pixel precision (a parabola through
+the peak); a least-squares fit of the aligned image to the reference then polishes angle and shift.
+:func:`registered_maps` computes the map of the aligned image and warps it back, so
 maps and masks are in the input's own coordinates.
 
 # NOTE [pixels with no source]
