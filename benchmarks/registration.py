@@ -2,8 +2,8 @@
 
 The synthetic set places every part exactly (up to a third of a pixel); this script moves each test image
 and its mask by one random rigid transform (shift up to ±6% of the side in x and y, rotation up to ±8°,
-uniform; the background replicated at the border) and runs ``evaluate`` three times on the same
-checkpoint: the aligned test set, the moved one, and the moved one with ``register=True``.
+uniform; the background replicated at the border) and runs ``evaluate`` four times on the same
+checkpoint: the aligned test set and the moved one, each without and with ``register=True``.
 
     OMP_NUM_THREADS=1 python benchmarks/registration.py --out /tmp/reg [--category nut] [--run DIR]
 
@@ -101,7 +101,8 @@ def main() -> None:
     size = inference.image_size
     ensure_reference(inference.checkpoint, MVTecDataset(data, args.category, split="train", size=size, augment=False))
     rows = {}
-    for name, root, register in (("aligned", data, False), ("moved", moved, False), ("moved, registered", moved, True)):
+    for name, root, register in (("aligned", data, False), ("aligned, registered", data, True), ("moved", moved, False),
+                                 ("moved, registered", moved, True)):
         test_set = MVTecDataset(root, args.category, split="test", size=size)
         report = evaluate(inference, test_set, args.out / "eval" / name.replace(", ", "_"), category=args.category,
                           progress=False, report=False, register=register)

@@ -147,8 +147,8 @@ def unwarp(maps: Tensor, angle: Tensor, shift: Tensor) -> Tensor:
 def _prepared(gray: Tensor) -> Tensor:
     """Zero-mean, Hann-windowed ``(..., H, W)``: the frame's edges must not dominate the correlation."""
     height, width = gray.shape[-2:]
-    window = torch.outer(torch.hann_window(height, periodic=False, dtype=gray.dtype),
-                         torch.hann_window(width, periodic=False, dtype=gray.dtype))
+    window = torch.outer(torch.hann_window(height, periodic=False, dtype=gray.dtype, device=gray.device),
+                         torch.hann_window(width, periodic=False, dtype=gray.dtype, device=gray.device))
     return (gray - gray.mean(dim=(-2, -1), keepdim=True)) * window
 
 
