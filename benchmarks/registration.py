@@ -2,7 +2,8 @@
 
 The synthetic set places every part exactly (up to a third of a pixel); this script moves each test image
 and its mask by one random rigid transform (shift up to ±6% of the side in x and y, rotation up to ±8°,
-uniform; the background replicated at the border) and runs ``evaluate`` four times on the same
+uniform; bicubic for images as a camera sees a moved part sharp, nearest for masks; the background
+replicated at the border) and runs ``evaluate`` four times on the same
 checkpoint: the aligned test set and the moved one, each without and with ``register=True``.
 
     OMP_NUM_THREADS=1 python benchmarks/registration.py --out /tmp/reg [--category nut] [--run DIR]
@@ -67,7 +68,7 @@ def moved_test_set(root: Path, category: str, out_root: Path, seed: int) -> Path
         degrees = rng.uniform(-MAX_DEGREES, MAX_DEGREES)
         shift = tuple(rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=2) * side)
         (target / "test" / kind).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_move(image, degrees, shift, order=1)).save(target / "test" / kind / f"{stem}.png")
+        Image.fromarray(_move(image, degrees, shift, order=3)).save(target / "test" / kind / f"{stem}.png")
         mask_path = source / "ground_truth" / kind / f"{stem}_mask.png"
         if mask_path.exists():
             mask = np.array(Image.open(mask_path).convert("L"))
