@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -29,7 +30,7 @@ from pyramidflow.data import MVTecDataset, synthetic
 from pyramidflow.experiments.demo import DEMO_SIZE, DEMO_STEPS, demo_overrides
 from pyramidflow.inference.evaluate import evaluate
 from pyramidflow.inference.maps import load_for_inference
-from pyramidflow.inference.registration import ensure_reference
+from pyramidflow.inference.registration import ensure_reference, estimate_rigid
 from pyramidflow.model import PyramidFlowConfig
 from pyramidflow.train import TrainConfig, train
 
@@ -54,9 +55,14 @@ def _move(array: np.ndarray, degrees: float, shift: tuple, order: int) -> np.nda
     return np.clip(np.round(out), 0, 255).astype(array.dtype)
 
 
-def moved_test_set(root: Path, category: str, out_root: Path, seed: int) -> Path:
-    """A copy of ``root/category`` whose test images and masks are moved (one transform per image and its mask)."""
+def moved_test_set(root: Path, category: str, out_root: Path, seed: int) -> dict:
+    """A copy of ``root/category`` whose test images and masks are moved (one transform per image and its mask).
+
+    Returns:
+        ``{"<kind>/<stem>": (degrees, (x, y))}``: the move of each test image, the shift as fractions of the side.
+    """
     rng = np.random.default_rng(seed)
+    moves = {}
     source, target = root / category, out_root / category
     if target.exists():
         shutil.rmtree(target)
@@ -66,7 +72,9 @@ def moved_test_set(root: Path, category: str, out_root: Path, seed: int) -> Path
         image = np.array(Image.open(image_path).convert("RGB"))
         side = image.shape[0]
         degrees = rng.uniform(-MAX_DEGREES, MAX_DEGREES)
-        shift = tuple(rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=2) * side)
+        fraction = rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=2)
+        shift = tuple(fraction * side)
+        moves[f"{kind}/{stem}"] = (degrees, fraction)
         (target / "test" / kind).mkdir(parents=True, exist_ok=True)
         Image.fromarray(_move(image, degrees, shift, order=3)).save(target / "test" / kind / f"{stem}.png")
         mask_path = source / "ground_truth" / kind / f"{stem}_mask.png"
@@ -76,7 +84,19 @@ def moved_test_set(root: Path, category: str, out_root: Path, seed: int) -> Path
             moved = _move(mask, degrees, shift, order=0)
             Image.fromarray(np.where(moved > 127, 255, 0).astype(np.uint8)).save(
                 target / "ground_truth" / kind / f"{stem}_mask.png")
-    return out_root
+    return moves
+
+
+def accuracy(test_set: MVTecDataset, moves: dict, reference: torch.Tensor) -> dict:
+    """Mean and largest error of the estimated rotation (degrees) and shift (pixels) against the known moves."""
+    items = [test_set[i] for i in range(len(test_set))]
+    angle, shift = estimate_rigid(torch.stack([item["image"] for item in items]), reference)
+    truth = [moves[f"{Path(item['path']).parent.name}/{Path(item['path']).stem}"] for item in items]
+    angle_error = np.abs(np.degrees(angle.numpy()) - np.array([degrees for degrees, _ in truth]))
+    height, width = test_set.size
+    shift_error = np.abs(shift.numpy() - np.array([moved for _, moved in truth]) * np.array([width, height]))
+    return {"angle_error_degrees": [round(float(angle_error.mean()), 3), round(float(angle_error.max()), 3)],
+            "shift_error_pixels": [round(float(shift_error.mean()), 3), round(float(shift_error.max()), 3)]}
 
 
 def main() -> None:
@@ -97,10 +117,12 @@ def main() -> None:
     else:
         run, data = args.run, args.run.parent / "data"
     trained_s = time.perf_counter() - start
-    moved = moved_test_set(data, args.category, args.out / "moved", args.seed)
+    moved = args.out / "moved"
+    moves = moved_test_set(data, args.category, moved, args.seed)
     inference = load_for_inference(run / "checkpoint.pt", "cpu")
     size = inference.image_size
-    ensure_reference(inference.checkpoint, MVTecDataset(data, args.category, split="train", size=size, augment=False))
+    reference = ensure_reference(inference.checkpoint,
+                                 MVTecDataset(data, args.category, split="train", size=size, augment=False))
     rows = {}
     for name, root, register in (("aligned", data, False), ("aligned, registered", data, True), ("moved", moved, False),
                                  ("moved, registered", moved, True)):
@@ -110,12 +132,13 @@ def main() -> None:
         rows[name] = {key: report[key] for key in _KEYS}
     summary = {"category": args.category, "size": size, "max_shift": MAX_SHIFT, "max_degrees": MAX_DEGREES,
                "seed": args.seed, "train_seconds": round(trained_s, 1),
-               "eval_seconds": round(time.perf_counter() - start - trained_s, 1), "results": rows}
+               "eval_seconds": round(time.perf_counter() - start - trained_s, 1), "results": rows,
+               **accuracy(MVTecDataset(moved, args.category, split="test", size=size), moves, reference)}
     (args.out / "registration.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{'test set':<20}" + "".join(f"{k[:14]:>16}" for k in _KEYS))
     for name, row in rows.items():
         print(f"{name:<20}" + "".join(f"{'n/a' if v is None else f'{v:.4f}':>16}" for v in row.values()))
-    print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}))  # settings, seconds, accuracy
 
 
 if __name__ == "__main__":
