@@ -56,7 +56,7 @@ CHECKPOINT_KEYS = (
 )
 
 # Keys added after format version 1 was fixed; older files lack them and load with None.
-OPTIONAL_KEYS = ("calibration", "drift", "data")
+OPTIONAL_KEYS = ("calibration", "drift", "data", "registration")
 
 # How to run, not what was trained: a run may resume with another of these (they change memory and
 # rounding order, never the maths), and any checkpoint serves every one of them.
@@ -92,6 +92,8 @@ class Checkpoint:
             ``None`` in checkpoints written before calibration existed.
         data: what the run was trained on (``dataset``, ``root``, ``category``, ``image_size``,
             ``num_images``; see :func:`pyramidflow.train.data.data_record`), or ``None`` in older checkpoints.
+        registration: ``{"reference": (3, H, W)}``, the mean training image that ``register=True`` aligns
+            images to (:mod:`pyramidflow.inference.registration`), or ``None`` where it was never stored.
     """
 
     path: Path
@@ -110,6 +112,7 @@ class Checkpoint:
     drift: list | None = None
     calibration: dict | None = None
     data: dict | None = None
+    registration: dict | None = None
 
     def build_model(self, map_location: str | torch.device = "cpu") -> torch.nn.Module:
         """A ``PyramidFlow`` with this checkpoint's config and weights, in eval mode."""

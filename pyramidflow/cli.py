@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bit_depth(evaluate, "default: as in training")
     _add_device(evaluate)
     _add_smoothing(evaluate)
+    evaluate.add_argument("--register", action="store_true",
+                          help="align each image to the training images first (rotation and translation); stores the "
+                               "reference, the mean training image, in the checkpoint")
 
     predict = commands.add_parser("predict", help="anomaly maps and scores of any images")
     predict.add_argument("--checkpoint", required=True, type=Path, help=_CHECKPOINT_HELP)
@@ -234,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bit_depth(predict, "default: as in training")
     _add_device(predict)
     _add_smoothing(predict)
+    predict.add_argument("--register", action="store_true",
+                         help="align each image to the training images first (needs a checkpoint used once with "
+                              "eval --register)")
 
     export = commands.add_parser("export", help="the inference graph of a checkpoint as ONNX or TorchScript")
     export.add_argument("--checkpoint", required=True, type=Path, help=_CHECKPOINT_HELP)
@@ -415,7 +421,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
     bit_depth = inference.bit_depth if args.bit_depth is None else args.bit_depth
     dataset = _dataset(args.data, args.category, "test", inference.image_size, args.layout, bit_depth)
-    report = evaluate(inference, dataset, args.out, smoothing_sigma=args.smooth, category=args.category)
+    if args.register:
+        from .inference.registration import ensure_reference
+
+        train_set = _dataset(args.data, args.category, "train", inference.image_size, args.layout, bit_depth)
+        train_set.augment = False
+        ensure_reference(inference.checkpoint, train_set)
+    report = evaluate(inference, dataset, args.out, smoothing_sigma=args.smooth, category=args.category,
+                      register=args.register)
     _print_table([report])
     print(f"metrics, overlays and the page to look at written to {args.out} (open {args.out / 'report.html'})")
 
@@ -427,7 +440,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
     rows = predict(inference, args.inputs, args.out, smoothing_sigma=args.smooth, image_threshold=args.image_threshold,
-                   pixel_threshold=args.pixel_threshold, tile=args.tile, bit_depth=args.bit_depth)
+                   pixel_threshold=args.pixel_threshold, tile=args.tile, bit_depth=args.bit_depth, register=args.register)
     for row in rows:
         verdict = f"ANOMALOUS, {len(row['regions'])} region(s)" if row["is_anomalous"] else "good"
         print(f"{row['score']:10.4f}  {verdict:<26} {row['path']}")

@@ -25,6 +25,7 @@ from ..data.transforms import image_to_tensor
 from .._utils import resolve_device
 from ..pixel_threshold import MaskRule
 from .maps import Inference, anomaly_maps, check_smoothing_sigma, load_for_inference, smooth
+from .registration import stored_reference
 from .regions import find_regions
 from .tiling import check_tileable, tiled_anomaly_map
 
@@ -136,6 +137,9 @@ class Detector:
             trained image's larger side).
         bit_depth: significant bits of 16-bit image files (8..16); ``None`` reads them as training did
             (``NOTE [bit depth]`` in :mod:`pyramidflow.data._io`).
+        register: align each image to the training images before the map (rotation and translation,
+            :mod:`pyramidflow.inference.registration`); maps and masks stay in the input's coordinates.
+            Needs the checkpoint's registration reference; not with ``tile=True``.
 
     Example:
         >>> import tempfile, numpy as np
@@ -157,9 +161,15 @@ class Detector:
     """
 
     def __init__(self, inference: Inference, *, tile: bool = False, batch_size: int = 8, smoothing_sigma: float = 0.0,
-                 bit_depth: Optional[int] = None) -> None:
+                 bit_depth: Optional[int] = None, register: bool = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Detector: batch_size must be a positive int, got {batch_size!r}.")
+        if register and tile:
+            raise NotImplementedError(
+                "Detector: register=True aligns a whole image at the trained size and cannot be combined with "
+                "tile=True; use one or the other."
+            )
+        self._reference = stored_reference(inference.checkpoint, "Detector").to(inference.device) if register else None
         self.inference = inference
         self.tile = bool(tile)
         self.batch_size = batch_size
@@ -203,7 +213,7 @@ class Detector:
 
     def _maps(self, images: torch.Tensor) -> np.ndarray:
         inference = self.inference
-        return anomaly_maps(inference.model, inference.template, images.to(inference.device))
+        return anomaly_maps(inference.model, inference.template, images.to(inference.device), self._reference)
 
     def _decide(self, path: str, score: float, native_map: np.ndarray) -> Prediction:
         is_anomalous = bool(score > self._threshold)

@@ -24,6 +24,7 @@ from ..checkpoint import Checkpoint
 from ..metrics import (best_pixel_f1, compute_metrics, image_auroc, image_decision_metrics, mask_decision_metrics,
                        pixel_auroc)
 from .maps import Inference, Predictions, check_smoothing_sigma, load_for_inference, predict_dataset
+from .registration import stored_reference
 from .report import RUN_LOG_NAME, outcome, write_eval_report
 from .visualize import heat_top, overlay_panel, save_panel
 
@@ -137,6 +138,7 @@ def evaluate(
     category: str = "",
     progress: bool = True,
     report: bool = True,
+    register: bool = False,
 ) -> dict:
     """Metrics of a checkpoint on a labelled test set; writes ``metrics.json``, overlays and ``report.html``.
 
@@ -148,6 +150,8 @@ def evaluate(
             checkpoint was trained on another one.
         report: write ``report.html`` (:mod:`pyramidflow.inference.report`); the training-loss plot reads
             ``train_log.jsonl`` beside the checkpoint.
+        register: align each image to the checkpoint's registration reference first
+            (:mod:`pyramidflow.inference.registration`); metrics stay in the test images' coordinates.
 
     Returns:
         The metrics: ``pixel_auroc``, ``image_auroc``, ``aupro`` (AUPRO integrated to FPR 0.3),
@@ -167,6 +171,7 @@ def evaluate(
     predictions = predict_dataset(
         inference.model, inference.template, dataset,
         device=inference.device, smoothing_sigma=smoothing_sigma, progress=progress,
+        reference=stored_reference(checkpoint, "evaluate").to(inference.device) if register else None,
     )
     if (predictions.labels < 0).any():
         raise ValueError(
@@ -184,6 +189,7 @@ def evaluate(
         "num_images": len(predictions.paths),
         "num_anomalous": int((predictions.labels == 1).sum()),
         "smoothing_sigma": smoothing_sigma,
+        "register": bool(register),
         "checkpoint": str(checkpoint.path),
         "checkpoint_step": checkpoint.step,
         "per_defect_type": _per_defect_type(predictions),

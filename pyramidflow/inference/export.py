@@ -97,6 +97,7 @@ def export_checkpoint(
     format: str = "onnx",
     batch_size: Optional[int] = 1,
     verify: bool = True,
+    register: bool = False,
 ) -> Path:
     """Write the inference graph of a finished checkpoint to ``out`` (atomically).
 
@@ -109,6 +110,7 @@ def export_checkpoint(
         verify: run the written graph once on a probe batch and refuse it (removing the file) if it
             differs from PyTorch by more than :data:`VERIFY_ATOL` (ONNX: only when onnxruntime is
             installed).
+        register: refused: the graph maps images as given, without registration.
 
     Returns:
         ``Path(out)``.
@@ -117,6 +119,7 @@ def export_checkpoint(
         FileNotFoundError: no checkpoint at ``checkpoint``.
         CheckpointError: a damaged checkpoint, or one of a run that has not finished (no template yet).
         ValueError: an unknown format or a batch size below 1.
+        NotImplementedError: ``register=True``.
         ModuleNotFoundError: ONNX export without onnx / onnxscript installed.
         RuntimeError: the exported graph disagrees with PyTorch.
 
@@ -126,6 +129,11 @@ def export_checkpoint(
     """
     from .maps import load_for_inference
 
+    if register:
+        raise NotImplementedError(
+            "export: register=True is not supported: the exported graph maps images as given; align images "
+            "before the graph (pyramidflow.inference.registration) or use Detector(register=True) / --register."
+        )
     _check_settings(format, batch_size)
     inference = load_for_inference(checkpoint, torch.device("cpu"))
     graph = InferenceGraph(inference.model.float(), [t.float() for t in inference.template])

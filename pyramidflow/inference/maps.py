@@ -115,8 +115,17 @@ def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def anomaly_maps(model: PyramidFlow, template: Sequence[torch.Tensor], images: torch.Tensor) -> np.ndarray:
-    """``(N, H, W)`` float32 maps of normalised images ``(N, 3, H, W)`` at the model's resolution (eval, no grad)."""
+def anomaly_maps(model: PyramidFlow, template: Sequence[torch.Tensor], images: torch.Tensor,
+                 reference: Optional[torch.Tensor] = None) -> np.ndarray:
+    """``(N, H, W)`` float32 maps of normalised images ``(N, 3, H, W)`` at the model's resolution (eval, no grad).
+
+    With a ``reference`` ``(3, H, W)``, each image is first aligned to it and its map returned in the
+    image's own coordinates (:func:`pyramidflow.inference.registration.registered_maps`).
+    """
+    if reference is not None:
+        from .registration import registered_maps
+
+        return registered_maps(lambda aligned: anomaly_maps(model, template, aligned), images, reference)
     return model.anomaly_map(images, template)[:, 0].float().cpu().numpy()
 
 
@@ -130,15 +139,19 @@ def predict_dataset(
     batch_size: int = 8,
     smoothing_sigma: float = 0.0,
     progress: bool = True,
+    reference: Optional[torch.Tensor] = None,
 ) -> Predictions:
-    """Anomaly maps and scores of every item of ``dataset`` (dicts with ``image``, ``mask``, ``label``, ``path``)."""
+    """Anomaly maps and scores of every item of ``dataset`` (dicts with ``image``, ``mask``, ``label``, ``path``).
+
+    ``reference``: align each image to it first (:mod:`pyramidflow.inference.registration`); ``None``: no registration.
+    """
     from tqdm.auto import tqdm
 
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     maps, images, masks, labels, paths, kinds = [], [], [], [], [], []
     for batch in tqdm(loader, desc="anomaly maps", unit="batch", disable=not progress, leave=False):
-        maps.append(anomaly_maps(model, template, batch["image"].to(device)))
+        maps.append(anomaly_maps(model, template, batch["image"].to(device), reference))
         images.append(denormalize(batch["image"]))
         masks.append(batch["mask"][:, 0].numpy())
         labels.append(np.asarray(batch["label"]))

@@ -31,6 +31,7 @@ def predict(
     pixel_threshold: float | None = None,
     tile: bool = False,
     bit_depth: int | None = None,
+    register: bool = False,
 ) -> List[dict]:
     """Decisions for unlabelled images (files or folders of images), at each image's resolution.
 
@@ -46,6 +47,7 @@ def predict(
         tile: tiled inference at native resolution (:mod:`pyramidflow.inference.tiling`).
         bit_depth: significant bits of 16-bit images; ``None`` reads them as training did
             (:attr:`Inference.bit_depth`).
+        register: align each image to the training images first (``Detector(register=True)``).
 
     Returns:
         One ``{"path", "score", "is_anomalous", "regions", "mask", "map", "overlay"}`` dict per image.
@@ -63,7 +65,7 @@ def predict(
     files = _expand(inputs)
     for path in files:  # a damaged file stops the run before any work (NOTE [fail at start] in data/_io.py)
         _header_size(path, "predict")
-    detector = Detector(inference, tile=tile, smoothing_sigma=smoothing_sigma, bit_depth=bit_depth)
+    detector = Detector(inference, tile=tile, smoothing_sigma=smoothing_sigma, bit_depth=bit_depth, register=register)
     if image_threshold is not None:
         detector.threshold = image_threshold
     if pixel_threshold is not None:

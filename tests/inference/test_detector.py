@@ -92,9 +92,9 @@ def test_batched_under_inference_mode(trained, monkeypatch):
     calls = []
     original = detector_module.anomaly_maps
 
-    def spy(model, template, images):
+    def spy(model, template, images, *reference):
         calls.append((images.shape[0], torch.is_inference_mode_enabled()))
-        return original(model, template, images)
+        return original(model, template, images, *reference)
 
     monkeypatch.setattr(detector_module, "anomaly_maps", spy)
     images = sorted((root / "nut" / "test").rglob("*.png"))[:5]
