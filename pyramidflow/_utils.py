@@ -64,7 +64,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         ('done', ['out.txt'])
     """
     path = Path(path)
-    with _naming(path):
+    with naming_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         prefix, suffix = _temp_affixes(path)
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
@@ -87,8 +87,10 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
+def naming_write_errors(path: Path) -> Iterator[None]:
     """An OSError that names no file, or only the temporary one, is raised again naming ``path``.
+
+    Used by :func:`atomic_write` and by writers that append in place (the training log).
 
     A full disk fails inside ``write()`` or ``fsync()`` of whatever library writes the bytes, whose
     ``[Errno 28] No space left on device`` says nothing of which file; the error keeps its type and errno.

@@ -70,3 +70,22 @@ def test_the_command_line_says_which_file_the_full_disk_stopped(tmp_path, monkey
     err = capsys.readouterr().err
     assert status == 1 and err.count("\n") == 1
     assert err.startswith(f"error: cannot write {tmp_path / 'data'}") and ".png: No space left on device" in err
+
+
+def test_a_full_disk_while_appending_to_the_training_log_names_it(tmp_path, monkeypatch):
+    from pyramidflow.train.log import append_log
+
+    target = tmp_path / "train_log.jsonl"
+    append_log(target, step=1, loss=0.5)
+
+    class FullFile:
+        def __init__(self, *args, **kwargs): pass
+        def __enter__(self): return self
+        def __exit__(self, *exc): return False
+        def write(self, text): _disk_full()
+
+    monkeypatch.setattr("builtins.open", FullFile)
+    with pytest.raises(OSError) as info:
+        append_log(target, step=2, loss=0.4)
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and f"cannot write {target}" in message and "free space" in message

@@ -19,7 +19,7 @@ from typing import Optional
 
 from torch import nn
 
-from .._utils import write_text_atomic
+from .._utils import naming_write_errors, write_text_atomic
 
 __all__ = ["LOG_NAME", "DriftTracker", "append_log", "trim_log"]
 
@@ -88,7 +88,7 @@ def trim_log(path: Path, step: int) -> None:
 
 def append_log(path: Path, **record) -> None:
     """Append one JSON line (one logging interval) and flush it to disk."""
-    with open(path, "a") as handle:
+    with naming_write_errors(path), open(path, "a") as handle:  # a full disk names the log, not just errno 28
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
