@@ -267,6 +267,7 @@ class PyramidCoupling(InvertibleModule):
         lean = not torch.is_grad_enabled() and not tracing()
         if self.tile is not None and (lean or self._rebuilding(xs)):
             return self._tiled_forward(xs, with_graph=not lean)
+        lean = lean and not self._below_finest(xs)
         r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
         if lean:
@@ -288,6 +289,23 @@ class PyramidCoupling(InvertibleModule):
         is kept (NOTE [forward in place] in :mod:`pyramidflow.engine._state`), else a new level."""
         out_dtype = torch.promote_types(x.dtype, dtype)
         return x if out_dtype == x.dtype and may_overwrite(x) else torch.empty_like(x, dtype=out_dtype)
+
+    # NOTE [plain below the finest level]
+    # The lean ops exist for the finest level, whose block sets the step's
+    # peak: there F's hidden activation is recomputed sample by sample and the
+    # affine op works a slice at a time. A block that neither transforms level
+    # 0 nor runs F on it holds a quarter of that level at most, so its whole
+    # working set under plain autograd (F's hidden activation for the whole
+    # batch, the affine op's graph) stays below the finest block's lean one,
+    # whatever the batch: it runs the plain ops, a few whole-level calls
+    # instead of many small ones, and F's backward reuses the forward's hidden
+    # activation instead of computing it again. Tiled blocks keep their tiles
+    # (their working set is bounded by the tile, not by level 0).
+    def _below_finest(self, xs: Tensors) -> bool:
+        """Whether this block runs the plain ops untiled (NOTE [plain below the finest level])."""
+        _, before = self._conditioning(xs)
+        net_level = self.level if before else self.cond_levels[0]
+        return min(self.level, net_level) > 0
 
     def _rebuilding(self, xs: Tensors) -> bool:
         """Whether invertible backward runs this forward for its local graph (NOTE [rebuilding in backward]),
@@ -358,7 +376,7 @@ class PyramidCoupling(InvertibleModule):
         self._check(ys)
         k = self.level
         leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
-        lean = not _autocast_enabled(ys[k].device)
+        lean = not _autocast_enabled(ys[k].device) and (self.tile is not None or not self._below_finest(ys))
         flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
         if lean and self.tile is not None:
             layout, net_size = self._tile_layout(ys)
