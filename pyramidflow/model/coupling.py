@@ -142,8 +142,8 @@ class PyramidCoupling(InvertibleModule):
         momentum: running-mean momentum of the volume normalisation.
         conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
         backend: backend of the affine op, see :mod:`pyramidflow.kernels` (``"auto"``).
-        tile: ``None``, or the side T at level 0 of the tiles the no-grad forward and the
-            rebuild and backward run in (:mod:`.tiled`); T must be a multiple of ``2**level`` of
+        tile: ``None``, or the side T (at the level F runs at: NOTE [tile side]) of the tiles the
+            no-grad forward and the rebuild and backward run in (:mod:`.tiled`); T must be a multiple of ``2**level`` of
             every level the block touches, and needs ``volume_norm="CVN"``.
     """
 

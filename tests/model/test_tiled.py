@@ -171,8 +171,9 @@ def test_tiled_working_set_is_a_fraction_of_the_whole_level_one():
 
 def test_tiled_training_forward_writes_over_the_pyramid_in_one_tiles_memory(monkeypatch):
     """NOTE [forward in place]: the flow's training forward needs, beyond the pyramid it is given (and
-    gives up), one tile's working set: the same at 128 and 256 px. Writing each level anew instead
-    holds a level more at a time, which grows with the area."""
+    gives up), one tile's working set: the same at 256 and 512 px (every level has inner tiles, with
+    whole halos, at both: NOTE [tile side]). Writing each level anew instead holds a level more at a
+    time, which grows with the area."""
     from pyramidflow.memory.plan import _LiveBytes
     from pyramidflow.model import coupling
 
@@ -187,10 +188,10 @@ def test_tiled_training_forward_writes_over_the_pyramid_in_one_tiles_memory(monk
             model.flow(levels, release_outputs=True, consume_input=True)
         return counter.peak - before
 
-    in_place = beyond_the_pyramid(128), beyond_the_pyramid(256)
+    in_place = beyond_the_pyramid(256), beyond_the_pyramid(512)
     assert in_place[1] == in_place[0]
     monkeypatch.setattr(coupling, "may_overwrite", lambda x: False)
-    anew = beyond_the_pyramid(128), beyond_the_pyramid(256)
+    anew = beyond_the_pyramid(256), beyond_the_pyramid(512)
     assert anew[1] > 3 * anew[0] and anew[0] > 3 * in_place[0]
 
 
