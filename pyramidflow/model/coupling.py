@@ -381,11 +381,11 @@ class PyramidCoupling(InvertibleModule):
         if lean and self.tile is not None:
             layout, net_size = self._tile_layout(ys)
             parts = [leaves[j] for j in self.cond_levels]
-            weight = self.conv.weight().to(ys[k].dtype)
+            weight, inverse = self.conv.weight_and_inverse()
             gradients = tuple(False if writable is None else writable.gradients[j] for j in self.cond_levels)
             xs, ys_local = list(leaves), list(leaves)
             xs[k], local = tiled_transformed_level(
-                layout, leaves[k], parts, net_size, *self._net_weights(), weight, self.conv.inverse_weight(),
+                layout, leaves[k], parts, net_size, *self._net_weights(), weight.to(ys[k].dtype), inverse,
                 writable=(*flags, *gradients), affine_kwargs=self._tiled_kwargs(ys),
                 rebuild_first=writable is not None and writable.rebuild_first,
             )
@@ -400,13 +400,14 @@ class PyramidCoupling(InvertibleModule):
         mean = kwargs["running_mean"]
         if lean and (mean is None or not mean.requires_grad):
             del r, t
-            weight = self.conv.weight().to(ys[k].dtype)
-            xs[k], ys_local[k] = transformed_level(leaves[k], rt, weight, self.conv.inverse_weight(), writable=flags, affine_kwargs=kwargs)
+            weight, inverse = self.conv.weight_and_inverse()
+            xs[k], ys_local[k] = transformed_level(leaves[k], rt, weight.to(ys[k].dtype), inverse, writable=flags, affine_kwargs=kwargs)
             return tuple(xs), tuple(ys_local), logdet
+        weight, inverse = self.conv.weight_and_inverse()
         with torch.no_grad():
-            y_affine = self.conv.inverse(ys[k].detach())
+            y_affine = self.conv.apply(ys[k].detach(), inverse)
         xs[k], y_affine_local = kernels.affine_coupling_reconstruct(y_affine, r, t, **kwargs)
-        ys_local[k] = self.conv(y_affine_local)
+        ys_local[k] = self.conv.apply(y_affine_local, weight)
         return tuple(xs), tuple(ys_local), logdet
 
 
