@@ -265,9 +265,10 @@ class PyramidCoupling(InvertibleModule):
         # autograd Functions and writes into given tensors, which tracers do not record.
         # F never reads x_k, so y_k may be written over x_k where the engine allows (NOTE [forward in place]).
         lean = not torch.is_grad_enabled() and not tracing()
-        if self.tile is not None and (lean or self._rebuilding(xs)):
+        plain = self._plain(xs)
+        if self.tile is not None and not plain and (lean or self._rebuilding(xs)):
             return self._tiled_forward(xs, with_graph=not lean)
-        lean = lean and not self._below_finest(xs)
+        lean = lean and not plain
         r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
         if lean:
@@ -290,7 +291,7 @@ class PyramidCoupling(InvertibleModule):
         out_dtype = torch.promote_types(x.dtype, dtype)
         return x if out_dtype == x.dtype and may_overwrite(x) else torch.empty_like(x, dtype=out_dtype)
 
-    # NOTE [plain below the finest level]
+    # NOTE [plain where the level is small]
     # The lean ops exist for the finest level, whose block sets the step's
     # peak: there F's hidden activation is recomputed sample by sample and the
     # affine op works a slice at a time. A block that neither transforms level
@@ -299,10 +300,16 @@ class PyramidCoupling(InvertibleModule):
     # batch, the affine op's graph) stays below the finest block's lean one,
     # whatever the batch: it runs the plain ops, a few whole-level calls
     # instead of many small ones, and F's backward reuses the forward's hidden
-    # activation instead of computing it again. Tiled blocks keep their tiles
-    # (their working set is bounded by the tile, not by level 0).
-    def _below_finest(self, xs: Tensors) -> bool:
-        """Whether this block runs the plain ops untiled (NOTE [plain below the finest level])."""
+    # activation instead of computing it again (no rebuild before the local
+    # backward either). A tiled block's working set is bounded by a tile
+    # instead: it runs the plain ops where every level it touches is T×T or
+    # less (its own level is one tile: NOTE [tile side] in .tiled), and its
+    # tiles otherwise (they add the conditioning levels' gradients into their
+    # buffers in place, where the plain ops' come as new whole levels).
+    def _plain(self, xs: Tensors) -> bool:
+        """Whether this block runs the plain ops on whole levels (NOTE [plain where the level is small])."""
+        if self.tile is not None:
+            return all(max(xs[j].shape[-2:]) <= self.tile for j in (self.level, *self.cond_levels))
         _, before = self._conditioning(xs)
         net_level = self.level if before else self.cond_levels[0]
         return min(self.level, net_level) > 0
@@ -376,7 +383,7 @@ class PyramidCoupling(InvertibleModule):
         self._check(ys)
         k = self.level
         leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
-        lean = not _autocast_enabled(ys[k].device) and (self.tile is not None or not self._below_finest(ys))
+        lean = not _autocast_enabled(ys[k].device) and not self._plain(ys)
         flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
         if lean and self.tile is not None:
             layout, net_size = self._tile_layout(ys)
@@ -406,7 +413,12 @@ class PyramidCoupling(InvertibleModule):
         weight, inverse = self.conv.weight_and_inverse()
         with torch.no_grad():
             y_affine = self.conv.apply(ys[k].detach(), inverse)
-        xs[k], y_affine_local = kernels.affine_coupling_reconstruct(y_affine, r, t, **kwargs)
+        if writable is not None and writable.rebuild_first:  # x is read before the local backward: made now
+            with torch.no_grad():
+                xs[k] = _leaf(kernels.affine_coupling_inverse(y_affine, r, t, **kwargs)[0])
+            y_affine_local, _ = kernels.affine_coupling(xs[k], r, t, **kwargs)
+        else:  # x may be filled during the local backward (the Triton op's lazy reconstruction)
+            xs[k], y_affine_local = kernels.affine_coupling_reconstruct(y_affine, r, t, **kwargs)
         ys_local[k] = self.conv.apply(y_affine_local, weight)
         return tuple(xs), tuple(ys_local), logdet
 

@@ -131,12 +131,17 @@ class TileLayout:
     # block's tile: a coarse level is cut into as few tiles as level 0's
     # working set allows (one, for a level of side T or less), not into
     # tiles of T / 2**k whose halos would cost more than the tiles.
+    @property
+    def side(self) -> int:
+        """The side of the tiles at level k (NOTE [tile side])."""
+        return max(1, self.tile >> (self.level - self.net_level))
+
     def tiles(self, height: int, width: int, meta: bool = False) -> Iterator[Tuple[slice, slice]]:
         """The tiles of level ``k`` (``height×width``), row-major; the last row and column may be narrower.
 
         ``meta``: only the first two and the last two rows and columns of tiles (NOTE [tiles on meta]).
         """
-        side = max(1, self.tile >> (self.level - self.net_level))  # NOTE [tile side]
+        side = self.side
         tops, lefts = list(range(0, height, side)), list(range(0, width, side))
         if meta:
             tops, lefts = _representatives(tops), _representatives(lefts)

@@ -108,6 +108,19 @@ def test_tiled_drift_recompute_and_anchors_give_the_same_gradients():
         assert _relative(tiled, plain) <= 1e-12
 
 
+def test_tiled_drift_recompute_without_a_redo_gives_the_same_gradients():
+    """The training loop's setting: each block rebuilds its input before its local backward, tiled, or with the
+    plain ops where every level it touches is one tile (the "down" block on levels 2 and 3 at 64 px, tiles of
+    16: NOTE [plain where the level is small]); no block drifts, and the gradients are the untiled ones."""
+    plain_z, plain_grads, _ = _model_results(None)
+    tiled_z, tiled_grads, model = _model_results(16, drift="recompute")
+    assert model.flow.last_recomputed == ()
+    ones = [block for block in model.flow.blocks if block._plain([torch.empty(1, 1, 64 >> i, 64 >> i) for i in range(4)])]
+    assert 0 < len(ones) < len(model.flow.blocks)
+    for plain, tiled in zip(plain_z + plain_grads, tiled_z + tiled_grads):
+        assert _relative(tiled, plain) <= 1e-12
+
+
 def test_tiled_eval_forward_uses_the_running_mean_per_tile():
     _, _, trained = _model_results(16)  # one training step: the CVN running means exist
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
