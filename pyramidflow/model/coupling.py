@@ -302,14 +302,18 @@ class PyramidCoupling(InvertibleModule):
     # instead of many small ones, and F's backward reuses the forward's hidden
     # activation instead of computing it again (no rebuild before the local
     # backward either). A tiled block's working set is bounded by a tile
-    # instead: it runs the plain ops where every level it touches is T×T or
-    # less (its own level is one tile: NOTE [tile side] in .tiled), and its
-    # tiles otherwise (they add the conditioning levels' gradients into their
-    # buffers in place, where the plain ops' come as new whole levels).
+    # instead: it runs the plain ops where every level it touches is
+    # (T/2)×(T/2) or less (its own level is one tile: NOTE [tile side] in
+    # .tiled), and its tiles otherwise. The bound is half a tile's side
+    # because the plain ops hold more per pixel than a tile does: the
+    # conditioning levels' gradients come as new whole levels (a tile adds
+    # them into their buffers in place), and a "down" block's second conv
+    # runs on every pixel (a tile's, with stride 2, on those resizing keeps);
+    # at T the planner's peak rose by the difference.
     def _plain(self, xs: Tensors) -> bool:
         """Whether this block runs the plain ops on whole levels (NOTE [plain where the level is small])."""
         if self.tile is not None:
-            return all(max(xs[j].shape[-2:]) <= self.tile for j in (self.level, *self.cond_levels))
+            return all(max(xs[j].shape[-2:]) <= self.tile // 2 for j in (self.level, *self.cond_levels))
         _, before = self._conditioning(xs)
         net_level = self.level if before else self.cond_levels[0]
         return min(self.level, net_level) > 0
