@@ -100,21 +100,35 @@ class InvertibleConv1x1(nn.Module):
 
     def weight(self) -> Tensor:
         """``W = P L U``, ``(C, C)``; differentiable in the parameters."""
-        lower, upper = self._factors()
-        return self.permutation @ lower @ upper
+        return self._weight(*self._factors())
 
     def inverse_weight(self) -> Tensor:
         """``W⁻¹ = U⁻¹ L⁻¹ Pᵀ`` from two triangular solves, ``(C, C)``."""
+        return self._inverse(*self._factors())
+
+    def weight_and_inverse(self) -> Tuple[Tensor, Tensor]:
+        """``(W, W⁻¹)`` from one factorisation: a block's rebuild needs both."""
         lower, upper = self._factors()
+        return self._weight(lower, upper), self._inverse(lower, upper)
+
+    def _weight(self, lower: Tensor, upper: Tensor) -> Tensor:
+        return self.permutation @ lower @ upper
+
+    def _inverse(self, lower: Tensor, upper: Tensor) -> Tensor:
         eye = torch.eye(self.channels, dtype=lower.dtype, device=lower.device)
         inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
         inv_upper = torch.linalg.solve_triangular(upper, eye, upper=True)
         return inv_upper @ inv_lower @ self.permutation.T
 
+    @staticmethod
+    def apply(x: Tensor, matrix: Tensor) -> Tensor:
+        """``matrix · x`` at every pixel: ``(C, C)`` on ``(N, C, H, W)``."""
+        return F.conv2d(x, matrix.to(x.dtype)[:, :, None, None])
+
     def forward(self, x: Tensor) -> Tensor:
         """``y = W x`` at every pixel of ``x`` ``(N, C, H, W)``."""
-        return F.conv2d(x, self.weight().to(x.dtype)[:, :, None, None])
+        return self.apply(x, self.weight())
 
     def inverse(self, y: Tensor) -> Tensor:
         """``x = W⁻¹ y`` at every pixel of ``y`` ``(N, C, H, W)``."""
-        return F.conv2d(y, self.inverse_weight().to(y.dtype)[:, :, None, None])
+        return self.apply(y, self.inverse_weight())

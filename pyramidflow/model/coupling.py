@@ -142,8 +142,8 @@ class PyramidCoupling(InvertibleModule):
         momentum: running-mean momentum of the volume normalisation.
         conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
         backend: backend of the affine op, see :mod:`pyramidflow.kernels` (``"auto"``).
-        tile: ``None``, or the side T at level 0 of the tiles the no-grad forward and the
-            rebuild and backward run in (:mod:`.tiled`); T must be a multiple of ``2**level`` of
+        tile: ``None``, or the side T (at the level F runs at: NOTE [tile side]) of the tiles the
+            no-grad forward and the rebuild and backward run in (:mod:`.tiled`); T must be a multiple of ``2**level`` of
             every level the block touches, and needs ``volume_norm="CVN"``.
     """
 
@@ -265,8 +265,10 @@ class PyramidCoupling(InvertibleModule):
         # autograd Functions and writes into given tensors, which tracers do not record.
         # F never reads x_k, so y_k may be written over x_k where the engine allows (NOTE [forward in place]).
         lean = not torch.is_grad_enabled() and not tracing()
-        if self.tile is not None and (lean or self._rebuilding(xs)):
+        plain = self._plain(xs)
+        if self.tile is not None and not plain and (lean or self._rebuilding(xs)):
             return self._tiled_forward(xs, with_graph=not lean)
+        lean = lean and not plain
         r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
         if lean:
@@ -288,6 +290,33 @@ class PyramidCoupling(InvertibleModule):
         is kept (NOTE [forward in place] in :mod:`pyramidflow.engine._state`), else a new level."""
         out_dtype = torch.promote_types(x.dtype, dtype)
         return x if out_dtype == x.dtype and may_overwrite(x) else torch.empty_like(x, dtype=out_dtype)
+
+    # NOTE [plain where the level is small]
+    # The lean ops exist for the finest level, whose block sets the step's
+    # peak: there F's hidden activation is recomputed sample by sample and the
+    # affine op works a slice at a time. A block that neither transforms level
+    # 0 nor runs F on it holds a quarter of that level at most, so its whole
+    # working set under plain autograd (F's hidden activation for the whole
+    # batch, the affine op's graph) stays below the finest block's lean one,
+    # whatever the batch: it runs the plain ops, a few whole-level calls
+    # instead of many small ones, and F's backward reuses the forward's hidden
+    # activation instead of computing it again (no rebuild before the local
+    # backward either). A tiled block's working set is bounded by a tile
+    # instead: it runs the plain ops where every level it touches is
+    # (T/2)×(T/2) or less (its own level is one tile: NOTE [tile side] in
+    # .tiled), and its tiles otherwise. The bound is half a tile's side
+    # because the plain ops hold more per pixel than a tile does: the
+    # conditioning levels' gradients come as new whole levels (a tile adds
+    # them into their buffers in place), and a "down" block's second conv
+    # runs on every pixel (a tile's, with stride 2, on those resizing keeps);
+    # at T the planner's peak rose by the difference.
+    def _plain(self, xs: Tensors) -> bool:
+        """Whether this block runs the plain ops on whole levels (NOTE [plain where the level is small])."""
+        if self.tile is not None:
+            return all(max(xs[j].shape[-2:]) <= self.tile // 2 for j in (self.level, *self.cond_levels))
+        _, before = self._conditioning(xs)
+        net_level = self.level if before else self.cond_levels[0]
+        return min(self.level, net_level) > 0
 
     def _rebuilding(self, xs: Tensors) -> bool:
         """Whether invertible backward runs this forward for its local graph (NOTE [rebuilding in backward]),
@@ -358,16 +387,16 @@ class PyramidCoupling(InvertibleModule):
         self._check(ys)
         k = self.level
         leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
-        lean = not _autocast_enabled(ys[k].device)
+        lean = not _autocast_enabled(ys[k].device) and not self._plain(ys)
         flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
         if lean and self.tile is not None:
             layout, net_size = self._tile_layout(ys)
             parts = [leaves[j] for j in self.cond_levels]
-            weight = self.conv.weight().to(ys[k].dtype)
+            weight, inverse = self.conv.weight_and_inverse()
             gradients = tuple(False if writable is None else writable.gradients[j] for j in self.cond_levels)
             xs, ys_local = list(leaves), list(leaves)
             xs[k], local = tiled_transformed_level(
-                layout, leaves[k], parts, net_size, *self._net_weights(), weight, self.conv.inverse_weight(),
+                layout, leaves[k], parts, net_size, *self._net_weights(), weight.to(ys[k].dtype), inverse,
                 writable=(*flags, *gradients), affine_kwargs=self._tiled_kwargs(ys),
                 rebuild_first=writable is not None and writable.rebuild_first,
             )
@@ -382,13 +411,19 @@ class PyramidCoupling(InvertibleModule):
         mean = kwargs["running_mean"]
         if lean and (mean is None or not mean.requires_grad):
             del r, t
-            weight = self.conv.weight().to(ys[k].dtype)
-            xs[k], ys_local[k] = transformed_level(leaves[k], rt, weight, self.conv.inverse_weight(), writable=flags, affine_kwargs=kwargs)
+            weight, inverse = self.conv.weight_and_inverse()
+            xs[k], ys_local[k] = transformed_level(leaves[k], rt, weight.to(ys[k].dtype), inverse, writable=flags, affine_kwargs=kwargs)
             return tuple(xs), tuple(ys_local), logdet
+        weight, inverse = self.conv.weight_and_inverse()
         with torch.no_grad():
-            y_affine = self.conv.inverse(ys[k].detach())
-        xs[k], y_affine_local = kernels.affine_coupling_reconstruct(y_affine, r, t, **kwargs)
-        ys_local[k] = self.conv(y_affine_local)
+            y_affine = self.conv.apply(ys[k].detach(), inverse)
+        if writable is not None and writable.rebuild_first:  # x is read before the local backward: made now
+            with torch.no_grad():
+                xs[k] = _leaf(kernels.affine_coupling_inverse(y_affine, r, t, **kwargs)[0])
+            y_affine_local, _ = kernels.affine_coupling(xs[k], r, t, **kwargs)
+        else:  # x may be filled during the local backward (the Triton op's lazy reconstruction)
+            xs[k], y_affine_local = kernels.affine_coupling_reconstruct(y_affine, r, t, **kwargs)
+        ys_local[k] = self.conv.apply(y_affine_local, weight)
         return tuple(xs), tuple(ys_local), logdet
 
 

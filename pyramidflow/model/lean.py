@@ -63,7 +63,10 @@ def _leaky_relu_backward_(grad: Tensor, positive: Tensor, slope: float) -> None:
 # hidden channels, and conv_in's over its output channels, so each chunk
 # needs only its own slice of h. The conditioning levels are resized inside,
 # per sample, so the upsampled copy of a coarse level never exists for the
-# whole batch. The extra cost is conv_in's forward once more per step.
+# whole batch. The last sample's hidden activation, made last by forward, is
+# kept for backward (with one chunk of hidden channels), which does that sample first: one sample's activation
+# exists from forward to backward, as one exists in each step of backward's
+# loop, and conv_in runs once more per step for the other samples only.
 class _RecomputedNetwork(torch.autograd.Function):
     @staticmethod
     def forward(ctx, size, slope, padding, chunks, w_in, w_out, *parts):  # type: ignore[override]
@@ -72,12 +75,16 @@ class _RecomputedNetwork(torch.autograd.Function):
         batch = parts[0].shape[0]
         rt = None
         for n in samples_to_run(batch, parts[0]):  # NOTE [samples on meta]
+            ctx.kept = (None, None)  # the sample before's activation goes before this one's is made
             cond = conditioning([p[n : n + 1] for p in parts], size)
-            out = F.conv2d(F.leaky_relu(F.conv2d(cond, w_in, padding=padding), slope, inplace=True), w_out, padding=padding)
+            a = F.leaky_relu(F.conv2d(cond, w_in, padding=padding), slope, inplace=True)
+            out = F.conv2d(a, w_out, padding=padding)
             if rt is None:
                 rt = out.new_empty((batch, *out.shape[1:]))
             rt[n : n + 1] = out
-            del cond, out  # before the next sample's are made
+            if chunks == 1 and any(ctx.needs_input_grad):
+                ctx.kept = (n, a)
+            del cond, out, a  # before the next sample's are made
         return rt
 
     @staticmethod
@@ -89,7 +96,10 @@ class _RecomputedNetwork(torch.autograd.Function):
         grad_parts: List[Optional[Tensor]] = [torch.zeros_like(p) if need else None for p, need in zip(parts, need_parts)]
         hidden = w_in.shape[0]
         step = -(-hidden // ctx.chunks)
-        for n in samples_to_run(parts[0].shape[0], parts[0]):  # NOTE [samples on meta]
+        kept, kept_hidden = ctx.kept
+        del ctx.kept
+        samples = list(samples_to_run(parts[0].shape[0], parts[0]))  # NOTE [samples on meta]
+        for n in sorted(samples, key=lambda n: n != kept):  # the kept sample first
             with torch.enable_grad():
                 leaves = [p[n : n + 1].detach().requires_grad_(need) for p, need in zip(parts, need_parts)]
                 cond = conditioning(leaves, ctx.size)
@@ -98,7 +108,10 @@ class _RecomputedNetwork(torch.autograd.Function):
             g = grad_rt[n : n + 1]
             for start in range(0, hidden, step):
                 chunk = slice(start, min(start + step, hidden))
-                a = F.leaky_relu(F.conv2d(cond.detach(), w_in[chunk], padding=padding), slope, inplace=True)
+                if n == kept:  # one chunk (forward keeps nothing otherwise): a is the activation itself
+                    a, kept_hidden = kept_hidden, None
+                else:
+                    a = F.leaky_relu(F.conv2d(cond.detach(), w_in[chunk], padding=padding), slope, inplace=True)
                 grad_w_out[:, chunk] += _conv_backward(g, a, w_out[:, chunk], padding, (False, True))[1]
                 positive = a > 0  # all LeakyReLU's backward needs of a: a and its gradient never coexist
                 shape = a.shape

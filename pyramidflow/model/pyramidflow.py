@@ -81,7 +81,7 @@ class PyramidFlowConfig:
             plain mean, no FFT). Used with volume normalisation only.
         backward_tile: ``None`` (the default) rebuilds and backpropagates each coupling over whole
             levels; an int T runs each coupling's no-grad forward, rebuild and backward in tiles of
-            T×T pixels of level 0 (a multiple of ``2**(num_levels - 1)``), so their working set is one
+            T×T pixels at the level its network runs at (a multiple of ``2**(num_levels - 1)``), so their working set is one
             tile's whatever the image size (:mod:`.tiled`). Results equal the untiled ones to
             rounding. Needs ``volume_norm="CVN"`` (SVN's mean and the log-det without VN span the
             whole level).

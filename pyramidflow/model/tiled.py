@@ -1,7 +1,7 @@
 """A pyramid coupling run tile by tile: its no-grad forward, rebuild and backward in one tile's memory.
 
 A coupling is local (NOTE [tiles and halos]), so the transformed level can be
-cut into tiles of ``T / 2**k`` pixels (``T`` the tile side at level 0) and each
+cut into tiles (of ``T`` pixels at the level F runs at: NOTE [tile side]) and each
 tile done alone from a window of the conditioning levels: the no-grad forward
 writes ``y_k`` tile by tile (:func:`tiled_forward`), and invertible backward
 rebuilds ``x_k`` and backpropagates tile by tile (:func:`tiled_transformed_level`).
@@ -124,12 +124,24 @@ class TileLayout:
     halo: int
     tile: int
 
+    # NOTE [tile side]
+    # A tile's working set is F's window: its hidden activation and input at
+    # level f. So every block's tiles make F's window T×T at level f (T at
+    # level k, T/2 for a "down" block), the same working set as a level-0
+    # block's tile: a coarse level is cut into as few tiles as level 0's
+    # working set allows (one, for a level of side T or less), not into
+    # tiles of T / 2**k whose halos would cost more than the tiles.
+    @property
+    def side(self) -> int:
+        """The side of the tiles at level k (NOTE [tile side])."""
+        return max(1, self.tile >> (self.level - self.net_level))
+
     def tiles(self, height: int, width: int, meta: bool = False) -> Iterator[Tuple[slice, slice]]:
         """The tiles of level ``k`` (``height×width``), row-major; the last row and column may be narrower.
 
         ``meta``: only the first two and the last two rows and columns of tiles (NOTE [tiles on meta]).
         """
-        side = max(1, self.tile >> self.level)
+        side = self.side
         tops, lefts = list(range(0, height, side)), list(range(0, width, side))
         if meta:
             tops, lefts = _representatives(tops), _representatives(lefts)

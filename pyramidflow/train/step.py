@@ -7,8 +7,10 @@ Adam settings of the :class:`~pyramidflow.train.config.TrainConfig`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-from typing import Callable, ContextManager, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -16,7 +18,7 @@ from torch import Tensor
 from ..model.loss import objective_loss
 from .config import TrainConfig
 
-__all__ = ["make_optimizer", "step_on_random_images", "training_step"]
+__all__ = ["StepWork", "count_step_work", "make_optimizer", "step_on_random_images", "training_step"]
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Adam:
@@ -94,3 +96,50 @@ def step_on_random_images(config, size: int, batch_size: int = 2, device: str | 
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
     images = torch.randn(batch_size, 3, size, size, device=device)
     return lambda: training_step(model, optimizer, images, objective=model.config.objective, config=settings)
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one call of a step does, counted (deterministic, unlike its time).
+
+    Attributes:
+        aten_calls: every ``aten::`` op ``torch.profiler`` records, nested ones included (an op called
+            by another op counts too): each is a dispatch, a parallel region on a CPU, a launch on a GPU.
+        flops: the floating-point operations ``torch.utils.flop_counter.FlopCounterMode`` counts
+            (convolutions, matrix products, FFTs; elementwise ops count zero).
+        by_op: ``aten_calls`` per op name.
+    """
+
+    aten_calls: int
+    flops: int
+    by_op: Dict[str, int]
+
+
+def count_step_work(config, size: int, batch_size: int = 2, train_config: Optional[TrainConfig] = None) -> StepWork:
+    """The work of one :func:`step_on_random_images` step of ``PyramidFlow(config)``, after a warm-up step
+    (Adam's state and the CVN running means exist): the step runs once under the profiler and once
+    under the FLOP counter, doing the same work both times."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    step = step_on_random_images(config, size, batch_size, train_config=train_config)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    calls = collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+    flops = FlopCounterMode(display=False)
+    # Counted globally, not per module: the module tracker's hooks on module inputs fail under the
+    # torch.autograd.grad that invertible backward runs inside backward.
+    flops.mod_tracker = _NoModules()
+    with flops:
+        step()
+    return StepWork(sum(calls.values()), int(flops.get_total_flops()), dict(calls))
+
+
+class _NoModules(contextlib.AbstractContextManager):
+    """A stand-in for FlopCounterMode's module tracker: every count goes to ``"Global"`` only."""
+
+    parents = frozenset({"Global"})
+
+    def __exit__(self, *exc) -> None:
+        return None

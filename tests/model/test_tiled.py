@@ -108,6 +108,19 @@ def test_tiled_drift_recompute_and_anchors_give_the_same_gradients():
         assert _relative(tiled, plain) <= 1e-12
 
 
+def test_tiled_drift_recompute_without_a_redo_gives_the_same_gradients():
+    """The training loop's setting: each block rebuilds its input before its local backward, tiled, or with the
+    plain ops where every level it touches is half a tile or less (the "down" block on levels 2 and 3 at 64 px,
+    tiles of 32: NOTE [plain where the level is small]); no block drifts, and the gradients are the untiled ones."""
+    plain_z, plain_grads, _ = _model_results(None)
+    tiled_z, tiled_grads, model = _model_results(32, drift="recompute")
+    assert model.flow.last_recomputed == ()
+    ones = [block for block in model.flow.blocks if block._plain([torch.empty(1, 1, 64 >> i, 64 >> i) for i in range(4)])]
+    assert 0 < len(ones) < len(model.flow.blocks)
+    for plain, tiled in zip(plain_z + plain_grads, tiled_z + tiled_grads):
+        assert _relative(tiled, plain) <= 1e-12
+
+
 def test_tiled_eval_forward_uses_the_running_mean_per_tile():
     _, _, trained = _model_results(16)  # one training step: the CVN running means exist
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -171,8 +184,9 @@ def test_tiled_working_set_is_a_fraction_of_the_whole_level_one():
 
 def test_tiled_training_forward_writes_over_the_pyramid_in_one_tiles_memory(monkeypatch):
     """NOTE [forward in place]: the flow's training forward needs, beyond the pyramid it is given (and
-    gives up), one tile's working set: the same at 128 and 256 px. Writing each level anew instead
-    holds a level more at a time, which grows with the area."""
+    gives up), one tile's working set: the same at 256 and 512 px (every level has inner tiles, with
+    whole halos, at both: NOTE [tile side]). Writing each level anew instead holds a level more at a
+    time, which grows with the area."""
     from pyramidflow.memory.plan import _LiveBytes
     from pyramidflow.model import coupling
 
@@ -187,10 +201,10 @@ def test_tiled_training_forward_writes_over_the_pyramid_in_one_tiles_memory(monk
             model.flow(levels, release_outputs=True, consume_input=True)
         return counter.peak - before
 
-    in_place = beyond_the_pyramid(128), beyond_the_pyramid(256)
+    in_place = beyond_the_pyramid(256), beyond_the_pyramid(512)
     assert in_place[1] == in_place[0]
     monkeypatch.setattr(coupling, "may_overwrite", lambda x: False)
-    anew = beyond_the_pyramid(128), beyond_the_pyramid(256)
+    anew = beyond_the_pyramid(256), beyond_the_pyramid(512)
     assert anew[1] > 3 * anew[0] and anew[0] > 3 * in_place[0]
 
 
