@@ -28,6 +28,11 @@ def _figure():
     return figure, figure.add_subplot()
 
 
+def _title(axes, text: str) -> None:
+    # At a fixed height: left to place it, matplotlib measures every tick label to lift the title above them.
+    axes.set_title(text, y=1.0)
+
+
 def _png(figure) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -42,7 +47,8 @@ def roc_plot(curves: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> bytes:
     for fpr, tpr, label in curves:
         axes.plot(fpr, tpr, label=label, linewidth=1.6)
     axes.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1, label="chance")
-    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate")
+    _title(axes, "ROC")
     axes.legend(loc="lower right", fontsize=8)
     axes.grid(alpha=0.3)
     return _png(figure)
@@ -55,8 +61,8 @@ def pro_plot(fpr: np.ndarray, pro: np.ndarray, aupro: float, fpr_limit: float) -
     inside = fpr <= fpr_limit
     axes.fill_between(fpr[inside], pro[inside], color="#1864ab", alpha=0.15)
     axes.axvline(fpr_limit, color=_THRESHOLD, linestyle="--", linewidth=1.2, label=f"FPR limit {fpr_limit:g}")
-    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate (pixels)", ylabel="per-region overlap",
-             title="PRO")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate (pixels)", ylabel="per-region overlap")
+    _title(axes, "PRO")
     axes.legend(loc="lower right", fontsize=8)
     axes.grid(alpha=0.3)
     return _png(figure)
@@ -74,7 +80,8 @@ def score_histogram(good: np.ndarray, defective: Optional[np.ndarray], threshold
         if scores.size:
             axes.hist(scores, bins=bins, color=colour, alpha=0.55, label=f"{label} ({scores.size})")
     axes.axvline(threshold, color=_THRESHOLD, linestyle="--", linewidth=1.4, label=f"image threshold {threshold:.4g}")
-    axes.set(xlabel="image score", ylabel="images", title="image scores")
+    axes.set(xlabel="image score", ylabel="images")
+    _title(axes, "image scores")
     axes.yaxis.get_major_locator().set_params(integer=True)
     axes.xaxis.get_major_locator().set_params(nbins=6)
     axes.legend(fontsize=8)
@@ -86,6 +93,7 @@ def loss_plot(steps: np.ndarray, losses: np.ndarray) -> bytes:
     """The training loss against the step."""
     figure, axes = _figure()
     axes.plot(steps, losses, color="#5f3dc4", linewidth=1.4, marker="." if len(steps) < 40 else None)
-    axes.set(xlabel="step", ylabel="loss", title="training loss")
+    axes.set(xlabel="step", ylabel="loss")
+    _title(axes, "training loss")
     axes.grid(alpha=0.3)
     return _png(figure)
