@@ -1,7 +1,7 @@
 """The invertible training step's work against autograd's: ATen calls and FLOPs, counted.
 
 A step made of many small ops is slow on a busy CPU (each op is a parallel region) and launch-bound on
-a GPU, and no unit test can time it; the counts are deterministic. The floor of a lean invertible step
+a GPU, and no unit test can time it; the counts do not depend on the machine's load. The floor of a lean invertible step
 is forward F (no graph) + rebuild F + backward 2F = 4F against autograd's 3F: 1.33x in FLOPs.
 ``python benchmarks/step_work.py`` prints the same counts.
 
@@ -10,8 +10,9 @@ the calls are the reference affine kernels' slices (a fixed eight per call) and 
 fingerprints (since they read the whole level, NOTE [whole-level fingerprint], about 1,300 calls more
 than the sampled ones: 2.04x -> 2.14x, 5.55x -> 5.65x). The counts move by about 1% with what the
 process ran before (autograd's step: 12,766 calls alone, 12,667 after the rest of the suite), so the
-bounds sit 2-3% above them: a guard against going back, not the goal; the tiled step's extra FLOPs are the network's pass that rebuilds each tiled block's
-input before its local backward under drift="recompute" (NOTE [drift checked before the local backward]).
+bounds sit 2-3% above them: a guard against going back, not the goal. The tiled step's extra FLOPs
+are the network's pass that rebuilds each tiled block's input before its local backward under
+drift="recompute" (NOTE [drift checked before the local backward]).
 """
 
 import pytest
