@@ -170,7 +170,7 @@ def load_encoder_weights(encoder: ResNet18Stem, weights: str | os.PathLike) -> R
 def _read_state_dict(path: Path) -> Dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"encoder_weights: no file at {path}; pass {_WEIGHTS_HINT}.")
-    from ..checkpoint import read_torch_file
+    from .._torch_file import read_torch_file
 
     state = read_torch_file(path, "encoder_weights", "save the state dict with torch.save(model.state_dict(), PATH).")
     if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
