@@ -389,10 +389,10 @@ class PyramidCoupling(InvertibleModule):
         leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
         lean = not _autocast_enabled(ys[k].device) and not self._plain(ys)
         flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
+        weight, inverse = self.conv.weight_and_inverse()  # every path needs both
         if lean and self.tile is not None:
             layout, net_size = self._tile_layout(ys)
             parts = [leaves[j] for j in self.cond_levels]
-            weight, inverse = self.conv.weight_and_inverse()
             gradients = tuple(False if writable is None else writable.gradients[j] for j in self.cond_levels)
             xs, ys_local = list(leaves), list(leaves)
             xs[k], local = tiled_transformed_level(
@@ -411,10 +411,8 @@ class PyramidCoupling(InvertibleModule):
         mean = kwargs["running_mean"]
         if lean and (mean is None or not mean.requires_grad):
             del r, t
-            weight, inverse = self.conv.weight_and_inverse()
             xs[k], ys_local[k] = transformed_level(leaves[k], rt, weight.to(ys[k].dtype), inverse, writable=flags, affine_kwargs=kwargs)
             return tuple(xs), tuple(ys_local), logdet
-        weight, inverse = self.conv.weight_and_inverse()
         with torch.no_grad():
             y_affine = self.conv.apply(ys[k].detach(), inverse)
         if writable is not None and writable.rebuild_first:  # x is read before the local backward: made now
