@@ -23,9 +23,10 @@ from ..calibration import stored_mask_rule, stored_pixel_rule, stored_thresholds
 from ..checkpoint import Checkpoint
 from ..metrics import (best_pixel_f1, compute_metrics, image_auroc, image_decision_metrics, mask_decision_metrics,
                        pixel_auroc)
+from ..train.log import LOG_NAME
 from .maps import Inference, Predictions, check_smoothing_sigma, load_for_inference, predict_dataset
 from .registration import stored_reference
-from .report import RUN_LOG_NAME, outcome, write_eval_report
+from .report import outcome, write_eval_report
 from .visualize import heat_top, overlay_panel, save_panel
 
 __all__ = ["evaluate", "load_for_inference"]
@@ -200,5 +201,5 @@ def evaluate(
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics_json, indent=2) + "\n")
     if report:
         write_eval_report(out_dir, metrics_json, predictions.maps, predictions.masks,
-                          Path(checkpoint.path).parent / RUN_LOG_NAME)
+                          Path(checkpoint.path).parent / LOG_NAME)
     return metrics_json

@@ -57,7 +57,8 @@ def predict(
     from ..calibration import check_threshold
     from .outputs import output_names, write_predictions
     from .detector import Detector
-    from .report import RUN_LOG_NAME, write_predict_report
+    from ..train.log import LOG_NAME
+    from .report import write_predict_report
     from .visualize import heat_top
 
     image_threshold = check_threshold(image_threshold, "--image-threshold")
@@ -83,7 +84,7 @@ def predict(
                                  checkpoint=str(inference.checkpoint.path))
     write_predict_report(Path(out_dir), rows, image_threshold=detector.threshold,
                          pixel_threshold=detector.pixel_threshold, checkpoint=str(inference.checkpoint.path),
-                         log_path=Path(inference.checkpoint.path).parent / RUN_LOG_NAME)
+                         log_path=Path(inference.checkpoint.path).parent / LOG_NAME)
     return rows
 
 

@@ -25,13 +25,10 @@ import numpy as np
 
 from .._utils import write_text_atomic
 
-__all__ = ["REPORT_NAME", "RUN_LOG_NAME", "GalleryItem", "outcome", "gallery_order", "read_losses", "write_eval_report",
+__all__ = ["REPORT_NAME", "GalleryItem", "outcome", "gallery_order", "read_losses", "write_eval_report",
            "write_predict_report"]
 
 REPORT_NAME = "report.html"
-# pyramidflow.train.log.LOG_NAME, the run log beside a checkpoint; spelled here because importing the
-# training package costs eval a second or more, and tests/inference/test_report.py pins the two equal.
-RUN_LOG_NAME = "train_log.jsonl"
 FALSE_ALARM, MISSED, FOUND, PASSED = "false alarm", "missed", "found", "good"
 _ERRORS_FIRST = (FALSE_ALARM, MISSED)  # the gallery's leading groups, in this order
 

@@ -12,9 +12,10 @@ import pytest
 from pyramidflow.cli import main
 from pyramidflow.data import synthetic
 from pyramidflow.inference.curves import pixel_curves, thin
-from pyramidflow.inference.report import (FALSE_ALARM, MISSED, REPORT_NAME, RUN_LOG_NAME, outcome, read_losses)
+from pyramidflow.inference.report import (FALSE_ALARM, MISSED, REPORT_NAME, outcome, read_losses)
 from pyramidflow.inference.visualize import overlay_panel
 from pyramidflow.metrics import aupro, pixel_auroc
+from pyramidflow.train.log import LOG_NAME
 
 SIZE = 64
 SMALL = ["--channels", "4", "--kernel-size", "3", "--stacks", "2", "--levels", "3"]
@@ -149,7 +150,7 @@ def test_eval_report_says_when_the_training_log_is_absent(browser, trained, data
     _open(browser, tmp_path / "eval" / REPORT_NAME)
     _loaded_from_disk_only(browser)
     assert "No training loss" in browser.find_element("tag name", "body").text
-    assert str(moved.parent / RUN_LOG_NAME) in browser.find_element("tag name", "body").text
+    assert str(moved.parent / LOG_NAME) in browser.find_element("tag name", "body").text
 
 
 def test_predict_report_lists_every_image_by_score_with_its_decision(browser, trained, data_root, tmp_path):
@@ -207,14 +208,9 @@ def test_overlay_marks_the_threshold_on_its_colour_bar_and_shows_the_decision():
 
 
 def test_read_losses_skips_a_torn_line_and_says_none_when_absent(tmp_path):
-    log = tmp_path / RUN_LOG_NAME
+    log = tmp_path / LOG_NAME
     log.write_text('{"step": 10, "loss": 0.5}\n{"step": 20, "loss": 0.25}\n{"step": 30, "lo')
     steps, losses = read_losses(log)
     assert steps.tolist() == [10, 20] and losses.tolist() == [0.5, 0.25]
     assert read_losses(tmp_path / "absent.jsonl") is None
 
-
-def test_run_log_name_is_the_training_logs():
-    from pyramidflow.train.log import LOG_NAME
-
-    assert RUN_LOG_NAME == LOG_NAME
