@@ -317,6 +317,8 @@ def _in_flags(command: str, call: Callable[[], Any]) -> Any:
         subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
         flags = {a.dest: max(a.option_strings, key=len) for a in subcommands.choices[command]._actions if a.option_strings}
         message = re.sub(r"\b(\w+)=", lambda m: f"{flags[m.group(1)]} " if m.group(1) in flags else m.group(0), str(error))
+        if message == str(error):
+            raise
         raise type(error)(message) from None
 
 
