@@ -1,11 +1,6 @@
 """What every wing shares: the version, which device to run on, and how a file is written.
 
-NOTE [atomic write]: every file the project writes (checkpoints, exported graphs, metrics and
-prediction files, pictures, logs it rewrites, ablation tables) goes through :func:`atomic_write`: the
-bytes go to a temporary file in the same folder (same file system, so the rename is atomic), are
-flushed and fsync'ed, then moved over the target with ``os.replace``. A crash, a full disk or Ctrl-C
-leaves either the old file or the new one, never a truncated one, and no temporary file behind. An
-error while writing names the file it was writing (a full disk otherwise says only ``[Errno 28]``).
+Every file the project writes goes through :func:`atomic_write` (NOTE [atomic write]).
 """
 
 from __future__ import annotations
@@ -48,6 +43,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# NOTE [atomic write]
+# Every file the project writes (checkpoints, exported graphs, metrics and
+# prediction files, pictures, logs it rewrites, ablation tables) goes through
+# `atomic_write`: the bytes go to a temporary file in the same folder (same file
+# system, so the rename is atomic), are flushed and fsync'ed, then moved over
+# the target with `os.replace`. A crash, a full disk or Ctrl-C leaves either the
+# old file or the new one, never a truncated one, and no temporary file behind.
+# An error while writing names the file it was writing (a full disk otherwise
+# says only `[Errno 28]`).
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; moved over ``path`` when the block succeeds (NOTE [atomic write]).

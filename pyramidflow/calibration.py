@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 MIN_CALIBRATION_IMAGES = 4
-_MAX_PIXELS = 1 << 22  # NOTE [pixel quantile sample] in train_stats.py: a fixed stride bounds the memory
+_MAX_PIXELS = 1 << 22  # NOTE [pixel quantile sample] in train/stats.py: a fixed stride bounds the memory
 
 
 def calibration_split(num_images: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -82,7 +82,7 @@ class CalibrationSplit(Dataset):
     """A view of some items of a data set; ``augment`` is the underlying data set's.
 
     ``torch.utils.data.Subset`` would hide the ``augment`` switch that the template pass turns off
-    (``without_augmentation`` in train_data.py), so the view forwards it.
+    (``without_augmentation`` in train/data.py), so the view forwards it.
     """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
@@ -307,6 +308,20 @@ def _as_flag(flag: str, call: Callable[[], Any]) -> Any:
         raise ValueError(f"{flag}: {error}") from None
 
 
+def _in_flags(command: str, call: Callable[[], Any]) -> Any:
+    """Run ``call()``; an error naming a setting as the library does (``batch_size=1``) names the flag of
+    ``command`` that sets it instead (``--batch-size 1``)."""
+    try:
+        return call()
+    except (ValueError, RuntimeError) as error:
+        subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        flags = {a.dest: max(a.option_strings, key=len) for a in subcommands.choices[command]._actions if a.option_strings}
+        message = re.sub(r"\b(\w+)=", lambda m: f"{flags[m.group(1)]} " if m.group(1) in flags else m.group(0), str(error))
+        if message == str(error):
+            raise
+        raise type(error)(message) from None
+
+
 def _check_size(size: int, config) -> None:
     config.check_image_size(size, size, where="--size")
 
@@ -347,13 +362,16 @@ def _preflight(args: argparse.Namespace, model_config, train_config) -> None:
     """On CUDA: stop before the first step if the predicted peak memory does not fit the GPU."""
     import torch
 
-    from .memory.plan import preflight
+    from .memory.plan import WouldNotFitError, preflight
     from ._utils import resolve_device
 
     device = resolve_device(train_config.device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        preflight(model_config, args.size, train_config.batch_size, total, train_config=train_config)
+        try:
+            _in_flags("train", lambda: preflight(model_config, args.size, train_config.batch_size, total, train_config=train_config))
+        except WouldNotFitError as error:
+            raise WouldNotFitError(f"{str(error).rstrip('.')} (or --no-plan to try anyway).") from None
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -362,10 +380,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     if args.encoder not in (None, "none") and args.encoder_weights is None:
         args.encoder_weights = WEIGHTS_NOT_READ  # plan never reads them: NOTE [planning without encoder weights]
     config = _model_config(args)
-    memory = parse_bytes(args.gpu_memory) if args.gpu_memory is not None else None
+    memory = _in_flags("plan", lambda: parse_bytes(args.gpu_memory)) if args.gpu_memory is not None else None
     modes = (args.mode,) if args.mode else MODES
     _check_size(args.size, config)
-    result = plan(config, args.size, args.batch_size, modes=modes, gpu_memory=memory, progress=True)
+    result = _in_flags("plan", lambda: plan(config, args.size, args.batch_size, modes=modes, gpu_memory=memory, progress=True))
     print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
 
 

@@ -1,30 +1,6 @@
 """Pixel-threshold rules: where a defect mask's outline lies, set on held-out good images only.
 
-``NOTE [pixel threshold rules]``: the false-positive rule (``"fpr"``, :func:`pyramidflow.calibration.pixel_threshold`)
-bounds the share of good pixels above one threshold, which says nothing about a defect's outline: on
-the demo its masks are several times the defects' area. The ``"synthetic"`` rule (the default) draws
-defects of known extent into copies of the held-out good images (the synthetic data set's own defect
-drawing, :func:`pyramidflow.data.synthetic.draw_defect`, with a shifted copy of another held-out
-image as what a missing piece reveals, in the spirit of CutPaste), takes the anomaly maps of those
-copies, and sets a :class:`MaskRule` on them (:func:`fit_mask_rule`):
-
-- ``low``: the false-positive threshold, the floor of every mask;
-- ``seed``: a region of ``map > low`` is a defect only if it reaches ``seed`` (hysteresis), never below ``low``;
-- ``fraction``: within such a region, only pixels above ``fraction`` of the region's peak are kept. The
-  map is a blurred copy of the defect, so a strong defect's outline lies at a share of its own peak,
-  not at one threshold for all defects.
-
-``seed`` and ``fraction`` are the pair with the best mean pixel F1 over the drawn kinds, the seed no
-lower than the highest value of the held-out good images' own maps (none of them gets a mask), each
-kind counting once: pooled pixels let the large, strong kinds set the seed above the peaks of the faint
-ones, and a rule set so fits the kinds it drew and no other (set on four of the five kinds and scored
-on the fifth, the pooled rule's F1 is 0.36-0.49 on the demo's categories, the per-kind rule's 0.53-0.67:
-benchmarks/README.md).
-
-Every mask of an image not flagged as defective is a subset of the false-positive rule's mask, so a
-good part's mask is empty at least as often; a flagged image's mask is never empty (``NOTE [a flagged
-image has a mask]``). No test image or label is read. The drawn defects are the synthetic test sets' own kinds, so
-on those sets the rule meets its calibration defects (a best case for the figures measured there).
+Which rules there are, how the synthetic one is set, and why: NOTE [pixel threshold rules].
 """
 
 from __future__ import annotations
@@ -44,6 +20,34 @@ DEFAULT_PIXEL_RULE = "synthetic"
 DEFECTS_PER_IMAGE = 10  # two of each of the five kinds: 40 drawn defects from the minimum 4 held-out images
 STRENGTHS = (1.0,)  # as drawn; adding half-strength copies lowered the demo's mask F1 (benchmarks/README.md)
 FRACTIONS = tuple(round(0.05 * k, 2) for k in range(17))  # the peak fractions tried: 0 (hysteresis only) to 0.8
+
+
+# NOTE [pixel threshold rules]
+# The false-positive rule (`"fpr"`, `pyramidflow.calibration.pixel_threshold`)
+# bounds the share of good pixels above one threshold, which says nothing about a defect's outline: on
+# the demo its masks are several times the defects' area. The `"synthetic"` rule (the default) draws
+# defects of known extent into copies of the held-out good images (the synthetic data set's own defect
+# drawing, `pyramidflow.data.synthetic.draw_defect`, with a shifted copy of another held-out
+# image as what a missing piece reveals, in the spirit of CutPaste), takes the anomaly maps of those
+# copies, and sets a `MaskRule` on them (`fit_mask_rule`):
+#
+# - `low`: the false-positive threshold, the floor of every mask;
+# - `seed`: a region of `map > low` is a defect only if it reaches `seed` (hysteresis), never below `low`;
+# - `fraction`: within such a region, only pixels above `fraction` of the region's peak are kept. The
+#   map is a blurred copy of the defect, so a strong defect's outline lies at a share of its own peak,
+#   not at one threshold for all defects.
+#
+# `seed` and `fraction` are the pair with the best mean pixel F1 over the drawn kinds, the seed no
+# lower than the highest value of the held-out good images' own maps (none of them gets a mask), each
+# kind counting once: pooled pixels let the large, strong kinds set the seed above the peaks of the faint
+# ones, and a rule set so fits the kinds it drew and no other (set on four of the five kinds and scored
+# on the fifth, the pooled rule's F1 is 0.36-0.49 on the demo's categories, the per-kind rule's 0.53-0.67:
+# benchmarks/README.md).
+#
+# Every mask of an image not flagged as defective is a subset of the false-positive rule's mask, so a
+# good part's mask is empty at least as often; a flagged image's mask is never empty (`NOTE [a flagged
+# image has a mask]`). No test image or label is read. The drawn defects are the synthetic test sets' own kinds, so
+# on those sets the rule meets its calibration defects (a best case for the figures measured there).
 
 
 # NOTE [a flagged image has a mask]
@@ -212,7 +216,8 @@ def fit_mask_rule(
     least = max(floor, floor if least_seed is None else float(least_seed))
     groups = [kinds == kind for kind in dict.fromkeys(kinds.tolist())]
     seeds = sorted({max(least, best_pixel_f1(maps[g], masks[g])["threshold"]) for g in groups + [slice(None)]} | {least})
-    # NOTE [counting a rule's F1]: the regions of map > low are the same for every rule tried; a mask is
+    # NOTE [counting a rule's F1]
+    # The regions of map > low are the same for every rule tried; a mask is
     # the union of its seeded regions' trimmed pixels, so its true and false positives are sums over those
     # regions of counts taken once per fraction: F1 = 2 tp / (2 tp + fp + fn) with fn = defect pixels - tp.
     regions = [MaskRule(floor, floor)._regions(m) for m in maps]

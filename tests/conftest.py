@@ -1,8 +1,7 @@
 """Shared fixtures: seeding, the device, skipping GPU tests without CUDA."""
 
-# NOTE [Triton interpreter in tests]: without CUDA, the kernel tests run Triton
-# interpreted on CPU tensors. Triton reads TRITON_INTERPRET when a kernel is
-# defined, so it must be set before anything in this process imports triton
+# Without CUDA, the kernel tests run Triton interpreted on CPU tensors (NOTE [Triton interpreter] in
+# pyramidflow/kernels/triton/_compile.py): set before anything in this process imports triton
 # (torch.compile tests may import it first). Importing torch does not import triton.
 import os
 

@@ -15,7 +15,6 @@ of the standard classes (:mod:`.foreign_couplings`) rebuild with one evaluation 
 
 from __future__ import annotations
 
-import inspect
 import numbers
 from collections import OrderedDict
 from typing import Any, List, Optional, Sequence, Tuple
@@ -23,19 +22,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from ._state import RngState, replay_forward_rng
-from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf
+from .block import InvertibleModule, LogDet, Tensors, Writable, _accepts, _leaf
 from .foreign_couplings import Coupling, coupling_for
 from .subnets import Refused, SubnetRng, forward_keeping_subnet_rng, reconstruct_with_recorded_subnets
 
 __all__ = ["wrap", "freia_blocks", "FrEIAAdapter", "NormflowsAdapter"]
-
-
-def _accepts(fn: Any, *names: str) -> bool:
-    try:
-        parameters = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(name in parameters for name in names)
 
 
 def _as_logdet(value: Any, batch: int, like: Tensor) -> LogDet:

@@ -8,8 +8,9 @@ when the block preserves volume, so that no log-det tensor is carried at all.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ class Writable:
     """What a block's :meth:`~InvertibleModule.reconstruct` may overwrite, per level of its outputs.
 
     The engine sets these only where no one else can read the tensor (NOTE [writing in
-    place in backward] in :mod:`.function`).
+    place in backward] in :mod:`.ownership`).
 
     Attributes:
         outputs: the storage of output level ``j`` may be reused (e.g. for the rebuilt input).
@@ -69,10 +70,13 @@ class InvertibleModule(nn.Module):
           conditioning input passes through unchanged, so one grad-enabled
           evaluation of its network gives both the input and the local graph;
           see :class:`pyramidflow.engine.coupling.AffineCoupling`.
-        * ``reconstruct(ys, writable=...)`` taking a :class:`Writable` (the
-          engine looks for the keyword): the engine then says which output
-          storages and incoming gradients the block may overwrite, so that it
-          can rebuild its input and its input's gradient without new memory.
+        * ``reconstruct(ys, writable=None)`` taking a :class:`Writable`: the
+          engine then says which output storages and incoming gradients the
+          block may overwrite, so that it can rebuild its input and its
+          input's gradient without new memory. The keyword in the signature
+          is the declaration (read once, when the class is defined, into
+          :attr:`reconstruct_takes_writable`); a ``reconstruct(ys)`` is called
+          without it.
 
         Buffers changed in ``forward`` (running statistics) are restored by
         the engine after every recomputation, so they change once per step.
@@ -90,7 +94,16 @@ class InvertibleModule(nn.Module):
 
     #: ``True`` when ``reconstruct(ys, writable=Writable(..., rebuild_first=True))`` returns inputs that
     #: already hold their values (see :class:`Writable`); lets ``drift="recompute"`` overwrite gradients.
+    #: Needs :attr:`reconstruct_takes_writable`.
     rebuilds_before_backward: bool = False
+
+    #: ``True`` when :meth:`reconstruct` takes ``writable=``: the engine passes a :class:`Writable` only
+    #: then. Set from the signature when a subclass is defined; not meant to be set by hand.
+    reconstruct_takes_writable: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.reconstruct_takes_writable = _accepts(cls.reconstruct, "writable")
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(xs) -> (ys, logdet).")
@@ -122,7 +135,7 @@ class InvertibleModule(nn.Module):
             only backpropagates through ``ys_local`` and never reads their
             values, so a fused path may return placeholders of the right shape
             whose backward is exact (NOTE [placeholder outputs] in
-            :mod:`pyramidflow.model.coupling`).
+            :mod:`pyramidflow.model.lean`).
         """
         with torch.no_grad(), replay_forward_rng():  # NOTE [one RNG replay per evaluation]
             xs, _ = self.inverse(ys)
@@ -130,6 +143,15 @@ class InvertibleModule(nn.Module):
         with replay_forward_rng():
             ys_local, logdet_local = self.forward(xs)
         return xs, tuple(ys_local), logdet_local
+
+
+def _accepts(fn: Callable, *names: str) -> bool:
+    """Whether ``fn`` takes every parameter in ``names`` (a callable without a signature: no)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in parameters for name in names)
 
 
 def _leaf(x: Tensor) -> Tensor:

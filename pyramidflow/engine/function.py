@@ -11,7 +11,8 @@ Drift (NOTE [drift monitoring]): forward also keeps a small fingerprint of each
 block's input, and, when asked, the exact inputs of some blocks (anchors);
 backward compares every rebuilt input with its fingerprint and, under
 ``drift="recompute"``, rebuilds a drifting block's input exactly from the
-nearest anchor by running forward again, as checkpoint mode would.
+nearest anchor by running forward again (:mod:`.drift_recompute`), as checkpoint
+mode would. What backward may overwrite is decided in :mod:`.ownership`.
 
 Parameters are inputs of the Function, so their gradients come out of its
 backward and reach ``param.grad`` through autograd's own accumulation: the
@@ -20,81 +21,30 @@ hooks of ``DistributedDataParallel`` fire as for any other module.
 
 from __future__ import annotations
 
-import inspect
 import weakref
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._state import AutocastState, RngState, overwritable, rebuilding, recomputation, replaying
-from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf, add_optional
-from .drift import CallSite, Fingerprinter, compute_dtype, default_tolerance, fingerprint_drift
+from ._state import AutocastState, RngState, overwritable, recomputation, replaying
+from .block import InvertibleModule, LogDet, Tensors, Writable, add_optional
+from .drift import compute_dtype, default_tolerance, fingerprint_drift
+from .drift_recompute import drift_check, exact_input, exceeds, from_exact, rebuilds_first
 from .errors import InvertibleError, _internal_assert
+from .ownership import (
+    caller_storages,
+    free_levels,
+    gradient_flags,
+    into_buffers,
+    owned_after,
+    owned_outputs,
+    storage_id,
+    writable_gradients,
+)
+from .run import DriftReport, InvertibleRun
 
-__all__ = ["DriftReport", "InvertibleRun", "caller_storages", "free_levels", "run_invertible"]
-
-
-@dataclass
-class InvertibleRun:
-    """Everything one invertible forward hands to its backward, apart from tensors."""
-
-    blocks: Sequence[InvertibleModule]
-    params: Sequence[nn.Parameter]
-    block_params: Sequence[Tuple[int, ...]]  # indices into `params`, per block
-    preserve_rng_state: bool = True
-    fwd_rng: List[Optional[RngState]] = field(default_factory=list)
-    fwd_autocast: Optional[AutocastState] = None
-    has_logdet: bool = False
-    # Drift monitoring (NOTE [drift monitoring]); the sequence fills these in.
-    drift: str = "off"
-    drift_tolerance: Optional[float] = None  # None: default_tolerance() of the forward's compute dtype
-    anchor_every: Optional[int] = None
-    input_source: Optional[Callable[[], Tensors]] = None  # NOTE [input source]
-    fingerprinter: Optional[Fingerprinter] = None
-    where: str = "InvertibleSequential"
-    report: Optional[Callable[["DriftReport"], None]] = None
-    fwd_fingerprints: List[Tuple[Optional[Tensor], ...]] = field(default_factory=list)
-    fwd_anchors: Dict[int, Tensors] = field(default_factory=dict)
-    fwd_anchor_versions: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
-    fwd_call_site: Optional[CallSite] = None
-    # NOTE [outputs kept as aliases]: the outputs, detached (same storage and version counter), until backward starts.
-    release_outputs: bool = False
-    consume_input: bool = False  # NOTE [forward in place]: the caller gave its inputs up
-    fwd_outputs: Optional[Tensors] = None
-    fwd_output_refs: Tuple["weakref.ref[Tensor]", ...] = ()
-    fwd_output_versions: Tuple[int, ...] = ()
-    fwd_input_storages: Tuple[int, ...] = ()
-    fwd_parameter_versions: List[Tuple[int, ...]] = field(default_factory=list)  # per block, of block.parameters()
-
-    def keeps_anchor(self, index: int) -> bool:
-        """Whether forward keeps block ``index``'s exact input (block 0's under ``"recompute"``, unless the
-        caller can compute it again: NOTE [input source])."""
-        if self.anchor_every is not None and index % self.anchor_every == 0:
-            return True
-        return index == 0 and self.drift == "recompute" and self.input_source is None
-
-
-@dataclass(frozen=True)
-class DriftReport:
-    """What one invertible backward found, handed to the sequence (``last_drift`` and the policy).
-
-    Attributes:
-        drifts: per block, the relative error of its rebuilt input against forward's fingerprint
-            (0.0 where an anchor supplied the exact input).
-        tolerance: the tolerance applied.
-        recomputed: indices of the blocks whose input was rebuilt exactly by running forward again.
-        call_site: the user's line that called the sequence in forward.
-        policy: the ``drift`` setting forward ran with.
-    """
-
-    drifts: Tuple[float, ...]
-    tolerance: float
-    recomputed: Tuple[int, ...]
-    call_site: Optional[CallSite]
-    policy: str
-
+__all__ = ["run_invertible"]
 
 # NOTE [drift monitoring]
 # Forward: before each block, `fingerprinter.fingerprint(xs)` projects every
@@ -136,7 +86,7 @@ class _InvertibleFunction(torch.autograd.Function):
             if run.keeps_anchor(index):
                 run.fwd_anchors[index] = tuple(x.detach() for x in xs)
                 run.fwd_anchor_versions[index] = tuple(x._version for x in xs)
-                protected |= {_storage(x) for x in xs}
+                protected |= {storage_id(x) for x in xs}
             with overwritable(free_levels(xs, protected)):  # NOTE [forward in place]
                 xs, logdet = block(xs)
             total = add_optional(total, logdet)
@@ -164,10 +114,10 @@ class _InvertibleFunction(torch.autograd.Function):
         _check_parameters_unchanged(run)
         _check_anchors_unchanged(run)
         grad_ys: List[Optional[Tensor]] = list(grads[:-1])
-        owned = _owned_outputs(run, ys)
-        grad_buffers = _writable_gradients(run, ys, grad_ys)
+        owned = owned_outputs(run, ys)
+        grad_buffers = writable_gradients(run, ys, grad_ys)
         # Incoming gradients not given up are the caller's: never written (NOTE [writing in place in backward]).
-        foreign_grads = {_storage(g) for g, b in zip(grad_ys, grad_buffers) if g is not None and b is None}
+        foreign_grads = {storage_id(g) for g, b in zip(grad_ys, grad_buffers) if g is not None and b is None}
         grad_logdet = grads[-1] if run.has_logdet else None
         param_grads: List[Optional[Tensor]] = [None] * len(run.params)
         inputs_need_grad = any(ctx.needs_input_grad[2 : 2 + len(ys)])
@@ -185,30 +135,30 @@ class _InvertibleFunction(torch.autograd.Function):
             need_input_grad = index > 0 or inputs_need_grad
             args = (run, index, ys, grad_ys, grad_logdet, need_input_grad)
             if index in run.fwd_anchors:  # the exact input is at hand: no reconstruction, no drift
-                new_ys, new_grad_ys, block_grads = _block_backward(*args, rebuild=_from_exact(run.fwd_anchors[index]))
+                new_ys, new_grad_ys, block_grads = _block_backward(*args, rebuild=from_exact(run.fwd_anchors[index]))
                 drift = torch.zeros((), device=new_ys[0].device)
-            elif may_redo and _rebuilds_first(run, index):  # NOTE [drift checked before the local backward]
-                writable = Writable(tuple(owned), _gradient_flags(grad_ys, foreign_grads), rebuild_first=True)
+            elif may_redo and rebuilds_first(run, index):  # NOTE [drift checked before the local backward]
+                writable = Writable(tuple(owned), gradient_flags(grad_ys, foreign_grads), rebuild_first=True)
                 checked: List[Tensor] = []
-                result = _block_backward(*args, writable=writable, check=_drift_check(run, index, checked) if measurable else None)
+                result = _block_backward(*args, writable=writable, check=drift_check(run, index, checked) if measurable else None)
                 drift = checked[0] if checked else torch.zeros((), device=ys[0].device)
                 if result is None:
-                    result = _block_backward(*args, rebuild=_from_exact(_exact_input(run, index)))
+                    result = _block_backward(*args, rebuild=from_exact(exact_input(run, index)))
                     recomputed.append(index)
                 new_ys, new_grad_ys, block_grads = result
             else:
-                gradients = (False,) * len(grad_ys) if may_redo else _gradient_flags(grad_ys, foreign_grads)
+                gradients = (False,) * len(grad_ys) if may_redo else gradient_flags(grad_ys, foreign_grads)
                 writable = Writable(tuple(owned), gradients)
                 new_ys, new_grad_ys, block_grads = _block_backward(*args, writable=writable)
                 drift = fingerprint_drift(run.fingerprinter, new_ys, run.fwd_fingerprints[index]) if monitor else None
-                if run.drift == "recompute" and measurable and _exceeds(drift, run.drift_tolerance):
-                    exact = _exact_input(run, index)
-                    new_ys, new_grad_ys, block_grads = _block_backward(*args, rebuild=_from_exact(exact))
+                if run.drift == "recompute" and measurable and exceeds(drift, run.drift_tolerance):
+                    exact = exact_input(run, index)
+                    new_ys, new_grad_ys, block_grads = _block_backward(*args, rebuild=from_exact(exact))
                     recomputed.append(index)
             for i, grad in zip(run.block_params[index], block_grads):
                 param_grads[i] = add_optional(param_grads[i], grad)
-            owned = _owned_after(run, ys, owned, new_ys)
-            new_grad_ys = _into_buffers(new_grad_ys, grad_buffers)
+            owned = owned_after(run, ys, owned, new_ys)
+            new_grad_ys = into_buffers(new_grad_ys, grad_buffers)
             ys, grad_ys = new_ys, new_grad_ys
             del args, new_ys, new_grad_ys
             if monitor:
@@ -226,38 +176,6 @@ class _InvertibleFunction(torch.autograd.Function):
 # as it starts: a level the caller no longer holds then dies at its first
 # rebuild instead of living until the whole backward returns. The version
 # counter is shared, so an in-place change by the caller is still caught.
-#
-# NOTE [writing in place in backward]
-# Two kinds of tensor may be overwritten in backward, and only when no one
-# else can read them:
-# * a level's storage ("owned"): one the engine rebuilt itself, or, when the
-#   caller gave its outputs up (`release_outputs`), an output; never one that
-#   shares storage with an input the caller kept (`consume_input`), an anchor
-#   or another level.
-# * a level's gradient ("writable"): one the engine computed, or, when the
-#   caller gave its outputs up, an incoming gradient; it must be dense (not an
-#   expanded scalar), not shared with another level's gradient, and not an
-#   incoming gradient the caller did not give up (autograd may route the same
-#   tensor to another branch of the graph). Under drift="recompute" a block
-#   may be redone with the same gradients, so none is writable.
-# The incoming gradients the caller gave up are held by autograd until this
-# backward returns, whatever we do; each level's new gradient is written into
-# its incoming buffer, so that the buffer carries it instead of sitting stale.
-def _storage(x: Tensor) -> int:
-    """An id of ``x``'s storage; a tensor without one (a vmap-batched gradient) gets its own, never writable."""
-    try:
-        return x.untyped_storage()._cdata
-    except (NotImplementedError, RuntimeError):
-        return -id(x)
-
-
-def _is_dense(x: Tensor) -> bool:
-    """Whether ``x`` covers its whole storage, each element once (an expanded scalar does not)."""
-    if _storage(x) < 0 or x.untyped_storage().nbytes() != x.numel() * x.element_size():
-        return False
-    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-
-
 def _take_outputs(run: InvertibleRun) -> Tensors:
     """The outputs kept by forward (NOTE [outputs kept as aliases]), dropped from the run, checked unchanged."""
     ys, run.fwd_outputs = run.fwd_outputs, None
@@ -276,77 +194,6 @@ def _take_outputs(run: InvertibleRun) -> Tensors:
             "rebuilds every block's input from it. Clone the output before changing it."
         )
     return ys
-
-
-def _foreign_storages(run: InvertibleRun) -> set:
-    """Storages backward must never overwrite: the sequence's inputs and the anchors."""
-    anchored = {_storage(x) for xs in run.fwd_anchors.values() for x in xs}
-    return anchored | set(run.fwd_input_storages)
-
-
-def _unique_and_free(tensors: Sequence[Tensor], foreign: set) -> List[bool]:
-    ids = [_storage(x) for x in tensors]
-    return [ids.count(i) == 1 and i not in foreign for i in ids]
-
-
-def caller_storages(xs: Tensors, consume_input: bool) -> set:
-    """The storages of the caller's inputs that neither forward nor backward may overwrite: all of them, or,
-    when the caller gave them up (``consume_input``), those requiring grad."""
-    return {_storage(x) for x in xs if not consume_input or x.requires_grad}
-
-
-def free_levels(xs: Tensors, protected: set) -> List[Tensor]:
-    """The levels of ``xs`` a block's forward may write over (NOTE [forward in place] in ._state): each in a
-    storage of its own and not in ``protected``, dense, not requiring grad."""
-    return [x for x, free in zip(xs, _unique_and_free(xs, protected)) if free and not x.requires_grad and _is_dense(x)]
-
-
-def _owned_outputs(run: InvertibleRun, ys: Tensors) -> List[bool]:
-    """Which outputs backward may overwrite (NOTE [writing in place in backward])."""
-    if not run.release_outputs:
-        return [False] * len(ys)
-    return [free and _is_dense(y) for free, y in zip(_unique_and_free(ys, _foreign_storages(run)), ys)]
-
-
-def _owned_after(run: InvertibleRun, ys: Tensors, owned: Sequence[bool], new_ys: Tensors) -> List[bool]:
-    """Ownership of the rebuilt levels: a level sharing an old level's storage inherits it, a fresh one is owned."""
-    old = {}
-    for y, own in zip(ys, owned):
-        old[_storage(y)] = own and _storage(y) not in old
-    free = _unique_and_free(new_ys, _foreign_storages(run))
-    return [ok and old.get(_storage(y), True) for ok, y in zip(free, new_ys)]
-
-
-def _writable_gradients(run: InvertibleRun, ys: Tensors, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
-    """The incoming gradients backward may overwrite, per level (``None``: not this one)."""
-    if not run.release_outputs:
-        return [None] * len(grads)
-    present = [g for g in grads if g is not None]
-    free = iter(_unique_and_free(present, set()))
-    return [
-        g if g is not None and next(free) and _is_dense(g) and g.shape == y.shape and g.dtype == y.dtype else None
-        for g, y in zip(grads, ys)
-    ]
-
-
-def _gradient_flags(grads: Sequence[Optional[Tensor]], foreign: set) -> Tuple[bool, ...]:
-    """Per level, whether its current gradient may be overwritten (NOTE [writing in place in backward])."""
-    present = [g for g in grads if g is not None]
-    free = iter(_unique_and_free(present, foreign))
-    return tuple(g is not None and next(free) and _is_dense(g) for g in grads)
-
-
-def _into_buffers(grads: List[Optional[Tensor]], buffers: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
-    """Write each level's new gradient into its incoming buffer where it may, and carry the buffer instead."""
-    in_use = {_storage(g) for g in grads if g is not None}
-    out = list(grads)
-    for j, (grad, buffer) in enumerate(zip(grads, buffers)):
-        if grad is None or buffer is None or _storage(buffer) in in_use:
-            continue
-        if grad.shape == buffer.shape and grad.dtype == buffer.dtype:
-            buffer.copy_(grad)
-            out[j] = buffer
-    return out
 
 
 def _check_parameters_unchanged(run: InvertibleRun) -> None:
@@ -371,91 +218,9 @@ def _check_anchors_unchanged(run: InvertibleRun) -> None:
             )
 
 
-def _exceeds(drift: Tensor, tolerance: float) -> bool:
-    """Whether ``drift`` is over ``tolerance`` on any rank (NaN counts as over); syncs the host."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        drift = drift.clone()
-        torch.distributed.all_reduce(drift, op=torch.distributed.ReduceOp.MAX)
-    return not float(drift) <= tolerance
-
-
-def _replay(run: InvertibleRun, index: int):
-    """Block ``index``'s forward RNG state, for each of its evaluations inside (NOTE [one RNG replay per evaluation])."""
-    return replaying(run.fwd_rng[index])
-
-
-# NOTE [input source]
-# Under drift="recompute" a drifting block is redone from an exact input, so
-# block 0's input is normally kept for the whole backward: one state more. A
-# caller that can compute the input again (PyramidFlow: the pyramid of the
-# images it holds anyway) passes `input_source`; then nothing is kept, block 0
-# is rebuilt like any other, and only a drift calls the source (its state
-# then exists while that block is redone). The source's values must be the
-# forward's: the caller checks its own inputs were not changed in between.
-def _exact_input(run: InvertibleRun, index: int) -> Tensors:
-    """Block ``index``'s exact input: forward again from the nearest anchor at or below it (or from the source)."""
-    anchored = [i for i in run.fwd_anchors if i <= index]
-    if anchored:
-        start = max(anchored)
-        xs = run.fwd_anchors[start]
-    else:
-        start = 0
-        with torch.no_grad():
-            xs = tuple(run.input_source())
-    with torch.no_grad(), run.fwd_autocast.replay(), overwritable(()):  # anchors and the source's levels stay
-        for j in range(start, index):
-            block = run.blocks[j]
-            with recomputation(block), _replay(run, j):
-                xs = tuple(block(xs)[0])
-    return xs
-
-
-def _from_exact(xs: Tensors) -> Callable[[InvertibleModule, Tensors], Tuple[Tensors, Tensors, LogDet]]:
-    """A ``rebuild`` for :func:`_block_backward` that ignores the outputs and runs forward from ``xs``."""
-
-    def rebuild(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
-        leaves = tuple(_leaf(x) for x in xs)
-        with rebuilding():  # NOTE [rebuilding in backward]
-            ys_local, logdet_local = block(leaves)
-        return leaves, tuple(ys_local), logdet_local
-
-    return rebuild
-
-
-# NOTE [drift checked before the local backward]
-# Under drift="recompute" a drifting block is redone with the same incoming
-# gradients, so a block that rebuilds its input during its local backward
-# (a fused one) may not overwrite them: one more copy of its levels'
-# gradients. A block that can rebuild its input first (rebuilds_before_backward)
-# is asked to (Writable.rebuild_first); the engine checks the drift between
-# reconstruct and the local backward, and redoes a drifting block before any
-# gradient is touched, so the gradients stay writable. On meta nothing is
-# checked (no values), and the flags are those of a step that did not drift.
-def _rebuilds_first(run: InvertibleRun, index: int) -> bool:
-    block = run.blocks[index]
-    return bool(getattr(block, "rebuilds_before_backward", False)) and _takes_writable(block) and not run.fwd_autocast.regions
-
-
-def _drift_check(run: InvertibleRun, index: int, checked: List[Tensor]) -> Callable[[Tensors], bool]:
-    """A check for :func:`_block_backward`: stores the rebuilt input's drift, says whether it is too large."""
-
-    def check(xs: Tensors) -> bool:
-        checked.append(fingerprint_drift(run.fingerprinter, xs, run.fwd_fingerprints[index]))
-        return _exceeds(checked[-1], run.drift_tolerance)
-
-    return check
-
-
-def _takes_writable(block: InvertibleModule) -> bool:
-    """Whether the block's ``reconstruct`` accepts ``writable=`` (so it may rebuild in place)."""
-    try:
-        return "writable" in inspect.signature(block.reconstruct).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _reconstruct(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
-    if writable is not None and _takes_writable(block):
+    """The block's own rebuild, told what it may overwrite when it takes ``writable=`` (its declared capability)."""
+    if writable is not None and block.reconstruct_takes_writable:
         return block.reconstruct(ys, writable=writable)
     return block.reconstruct(ys)
 
@@ -483,7 +248,7 @@ def _block_backward(
     """
     block = run.blocks[index]
     params = [run.params[i] for i in run.block_params[index]]
-    with torch.enable_grad(), recomputation(block), run.fwd_autocast.replay(), _replay(run, index):
+    with torch.enable_grad(), recomputation(block), run.fwd_autocast.replay(), replaying(run.fwd_rng[index]):  # NOTE [one RNG replay per evaluation]
         detached = tuple(y.detach() for y in ys)
         xs, ys_local, logdet_local = rebuild(block, detached) if writable is None else rebuild(block, detached, writable)
         del detached

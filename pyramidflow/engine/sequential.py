@@ -17,7 +17,9 @@ from .block import InvertibleModule, LogDet, Tensors, add_optional
 from .checks import captured_grad_tensors, check_finite, check_reconstruction, contract_checks
 from .drift import DRIFT_POLICIES, CallSite, Fingerprinter, drift_message
 from .errors import DriftError, DriftWarning
-from .function import DriftReport, InvertibleRun, caller_storages, free_levels, run_invertible
+from .function import run_invertible
+from .ownership import caller_storages, free_levels
+from .run import DriftReport, InvertibleRun
 
 __all__ = ["InvertibleSequential", "MODES"]
 

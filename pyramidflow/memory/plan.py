@@ -9,8 +9,8 @@ about the same at 2048 px as at 64 px and at batch 170 as at batch 2 (a few
 seconds: no arithmetic is done, and loops over tiles and over samples run only
 the iterations that set the peak: NOTE [tiles on meta], NOTE [samples on meta]).
 
-The step is the training loop's (:mod:`pyramidflow.train`): forward, Fourier
-loss, ``zero_grad(set_to_none=True)``, backward, gradient clipping, Adam. It
+The step is the training loop's own (:func:`pyramidflow.train.step.training_step`): forward,
+the objective's loss, ``zero_grad(set_to_none=True)``, backward, gradient clipping, Adam. It
 is simulated as a *second* step (Adam's state and the previous gradients
 exist), which is the peak of training: the first step lacks Adam's state.
 
@@ -27,6 +27,9 @@ memory does not depend on their values (NOTE [planning without encoder weights])
 On CUDA, cuDNN's workspace and the caching allocator's rounding come on top:
 :data:`CUDA_MARGIN` of the peak, and :data:`CUDA_RESERVED` of the card for
 the CUDA context, which the allocator never sees.
+
+Errors name a setting as ``name=value`` in the library's terms (``batch_size=1``); the command line
+says the same with its flags (``--batch-size 1``).
 """
 
 from __future__ import annotations
@@ -59,7 +62,6 @@ __all__ = [
     "plan",
     "measure_training_peak",
     "suggest_backward_tile",
-    "training_step",
 ]
 
 CUDA_MARGIN = 0.10  # of the predicted peak: cuDNN workspaces and the allocator's 512-byte rounding
@@ -84,9 +86,9 @@ TILE_CHOICES = (512, 256, 128)
 # names :data:`WEIGHTS_NOT_READ`; building it for real stops with "no file at".
 WEIGHTS_NOT_READ = "<encoder weights: not read by pyramidflow plan>"  # for configs made only to be planned
 # NOTE [sizes beyond any card]
-# No GPU holds a pebibyte. A step whose input batch alone is larger (--size 1e18, --batch-size 1e9) is
+# No GPU holds a pebibyte. A step whose input batch alone is larger (size=1e18, batch_size=1e9) is
 # refused naming the setting before any prediction (torch would only say "Storage size calculation
-# overflowed"), a --gpu-memory above it is refused, and the searches for the largest batch and side stop
+# overflowed"), a gpu_memory above it is refused, and the searches for the largest batch and side stop
 # below it without predicting: such a step cannot fit any budget they search.
 MAX_BYTES = 2**50
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -100,7 +102,7 @@ def parse_bytes(text: str) -> int:
     """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"--gpu-memory {text!r} is not a memory size; write it like 12GiB, 16GB or 800MiB.")
+        raise ValueError(f"gpu_memory={text!r} is not a memory size; write it like 12GiB, 16GB or 800MiB.")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -108,10 +110,10 @@ def check_gpu_memory(gpu_memory: int) -> int:
     """``gpu_memory`` if it can be a card's memory: more than 0 bytes, at most :data:`MAX_BYTES`.
 
     Raises:
-        ValueError: any other value, naming ``--gpu-memory``.
+        ValueError: any other value, naming ``gpu_memory``.
     """
     if isinstance(gpu_memory, bool) or not isinstance(gpu_memory, int) or not 0 < gpu_memory <= MAX_BYTES:
-        raise ValueError(f"--gpu-memory {gpu_memory!r} bytes is no GPU's memory (more than 0, at most 1 PiB); "
+        raise ValueError(f"gpu_memory={gpu_memory!r} bytes is no GPU's memory (more than 0, at most 1 PiB); "
                          f"give the card's memory, e.g. 12GiB.")
     return gpu_memory
 
@@ -120,16 +122,16 @@ def check_step_size(size: int, batch_size: int, dtype: torch.dtype = torch.float
     """Refuse a step whose input batch alone is beyond any card (NOTE [sizes beyond any card]).
 
     Raises:
-        ValueError: naming ``--batch-size`` when even a 1 px side would be too large, else ``--size``.
+        ValueError: naming ``batch_size`` when even a 1 px side would be too large, else ``size``.
     """
     if _input_bytes(size, batch_size, dtype) <= MAX_BYTES:
         return
     if _input_bytes(1, batch_size, dtype) > MAX_BYTES:
-        raise ValueError(f"--batch-size {batch_size}: the input batch alone would need over 1 PiB, more than any GPU; "
-                         f"give a batch that fits a card (pyramidflow plan --gpu-memory finds the largest).")
-    raise ValueError(f"--size {size} (with --batch-size {batch_size}): the input batch alone would need "
+        raise ValueError(f"batch_size={batch_size}: the input batch alone would need over 1 PiB, more than any GPU; "
+                         f"give a batch that fits a card (a plan with gpu_memory finds the largest).")
+    raise ValueError(f"size={size} (with batch_size={batch_size}): the input batch alone would need "
                      f"{_input_bytes(size, batch_size, dtype) / 2**50:.3g} PiB, more than any GPU; give the images' side "
-                     f"in pixels (pyramidflow plan --gpu-memory finds the largest that fits).")
+                     f"in pixels (a plan with gpu_memory finds the largest that fits).")
 
 
 def _input_bytes(size: int, batch_size: int, dtype: torch.dtype) -> int:
@@ -178,15 +180,6 @@ class _LiveBytes(TorchDispatchMode):
 _TRAINING = TrainConfig(steps=1)
 
 
-def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                  train_config: Optional[TrainConfig] = None, on_forward: Optional[Callable[[], None]] = None) -> None:
-    """One step of the training loop (:func:`pyramidflow.train.step.training_step`), with the model config's objective."""
-    from ..train.step import training_step as step  # noqa: PLC0415
-
-    step(model, optimizer, images, objective=model.config.objective, config=train_config or _TRAINING,
-         on_forward=on_forward)
-
-
 def _planning_model(config: Any) -> torch.nn.Module:
     """``PyramidFlow(config)`` as training builds it, but with the encoder's weights not read
     (NOTE [planning without encoder weights]); the plain model (``encoder="none"``) is built as is."""
@@ -194,12 +187,6 @@ def _planning_model(config: Any) -> torch.nn.Module:
     from ..model.encoder import encoder_skeleton  # noqa: PLC0415
 
     return PyramidFlow(config, encoder=encoder_skeleton(getattr(config, "encoder", "none")))
-
-
-def _optimizer(model: torch.nn.Module, train_config: Optional[TrainConfig]) -> torch.optim.Optimizer:
-    from ..train.step import make_optimizer  # noqa: PLC0415
-
-    return make_optimizer([p for p in model.parameters() if p.requires_grad], train_config or _TRAINING)
 
 
 @dataclass(frozen=True)
@@ -232,15 +219,18 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
     Raises:
         ValueError: a step beyond any card (NOTE [sizes beyond any card]).
     """
+    from ..train.step import make_optimizer, training_step  # noqa: PLC0415
+
     check_step_size(size, batch_size, dtype)
+    settings = train_config or _TRAINING
     counter = _LiveBytes()
     at_forward = {}
     with torch.device("meta"), counter:
         torch.manual_seed(0)
         model = _planning_model(config).to(dtype).train()  # NOTE [planning without encoder weights]
-        model.flow.drift = (train_config or _TRAINING).drift  # as the training loop sets it
+        model.flow.drift = settings.drift  # as the training loop sets it
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = _optimizer(model, train_config)
+        optimizer = make_optimizer(params, settings)
         for p in params:  # NOTE: as after a first step: gradients and Adam's state exist
             p.grad = torch.zeros_like(p)
         optimizer.step()
@@ -248,7 +238,7 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
         images = torch.empty(batch_size, 3, size, size, dtype=dtype)
         batch = counter.live - state
         counter.peak = counter.live
-        training_step(model, optimizer, images, train_config,
+        training_step(model, optimizer, images, objective=model.config.objective, config=settings,
                       on_forward=lambda: at_forward.setdefault("live", counter.live))
     kept = at_forward["live"] - state - batch
     return PeakPrediction(counter.peak, state, batch, kept, counter.peak - state - batch - kept)
@@ -435,8 +425,7 @@ def plan(config: Any, size: int, batch_size: int = 2, *, modes: Sequence[str] = 
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     if batch_size < 2:
-        raise ValueError(f"plan: batch_size (--batch-size) must be at least 2 (the loss compares pairs of images), "
-                         f"got {batch_size}.")
+        raise ValueError(f"plan: batch_size={batch_size}, but it must be at least 2 (the loss compares pairs of images).")
     multiple = config.size_multiple
     config.check_image_size(size, size, where="plan")
     check_step_size(size, batch_size, dtype)
@@ -561,9 +550,9 @@ def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype
 
     Raises:
         WouldNotFitError: the predicted need exceeds the card; the message
-            names a ``--backward-tile`` that fits (:func:`suggest_backward_tile`), else the largest
-            batch size that fits in this mode, else a mode that fits at this batch size, else the
-            largest side, and ``--no-plan``.
+            names a ``backward_tile`` that fits (:func:`suggest_backward_tile`), else the largest
+            ``batch_size`` that fits in this mode, else a ``mode`` that fits at this batch size, else
+            the largest ``size``, else the model's size settings.
     """
     import dataclasses  # noqa: PLC0415
 
@@ -571,24 +560,24 @@ def preflight(config: Any, size: int, batch_size: int, gpu_memory: int, *, dtype
     if cuda_need(predicted.peak) <= gpu_memory:
         return predicted
     what = (
-        f"pyramidflow plan: training at {size} px, batch {batch_size}, mode {config.mode} needs about "
+        f"memory plan: training at {size} px, batch {batch_size}, mode {config.mode} needs about "
         f"{cuda_need(predicted.peak) / 2**30:.2f} GiB but the GPU has {gpu_memory / 2**30:.2f} GiB"
     )
     tiled = suggest_backward_tile(config, size, batch_size, gpu_memory, dtype=dtype, train_config=train_config)
     if tiled is not None:  # keeps the batch and the size asked for; costs time only
-        raise WouldNotFitError(f"{what}; use --backward-tile {tiled[0]} (about {cuda_need(tiled[1].peak) / 2**30:.2f} GiB; "
-                               "or --no-plan to try anyway).")  # fmt: skip
+        raise WouldNotFitError(f"{what}; use backward_tile={tiled[0]}, about {cuda_need(tiled[1].peak) / 2**30:.2f} GiB.")
     found = plan(config, size, batch_size, modes=(config.mode,), gpu_memory=gpu_memory, dtype=dtype, train_config=train_config,
                  suggest_tile=False)  # fmt: skip
     if found.max_batch_size[config.mode] >= 2:
-        fix = f"use --batch-size {found.max_batch_size[config.mode]}"
+        fix = f"use batch_size={found.max_batch_size[config.mode]}"
     else:
         other = [m for m in MODES if m != config.mode and cuda_need(predict_peak(dataclasses.replace(config, mode=m), size, batch_size, dtype=dtype, train_config=train_config).peak) <= gpu_memory]
         if other:
-            fix = f"use --mode {other[0]}"
+            fix = f"use mode={other[0]}"
         elif found.max_size[config.mode]:
-            fix = f"use --size {found.max_size[config.mode]}"
+            fix = f"use size={found.max_size[config.mode]}"
+        elif getattr(config, "encoder", "none") != "none":  # the encoder fixes C at its width
+            fix = f"use a smaller model (now num_stacks={config.num_stacks}, kernel_size={config.kernel_size})"
         else:
-            smaller = "--stacks, --kernel-size" if getattr(config, "encoder", "none") != "none" else "--channels, --stacks"
-            fix = f"use a smaller model ({smaller})"  # the encoder fixes C at its width
-    raise WouldNotFitError(f"{what}; {fix} (or --no-plan to try anyway).")
+            fix = f"use a smaller model (now channels={config.channels}, num_stacks={config.num_stacks})"
+    raise WouldNotFitError(f"{what}; {fix}.")

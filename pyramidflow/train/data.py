@@ -6,7 +6,7 @@ every image once (so a damaged file fails before the first step, not after the l
 :func:`apply_augmentation_setting` applies ``TrainConfig.augment``, :func:`data_record` says what the
 run trains on (for the resume check) and :func:`hold_out` sets the seeded calibration images aside
 (:mod:`pyramidflow.calibration`). During the run, :func:`epoch_loader` serves the seeded shuffle from
-any step on (``NOTE [resume bit for bit]`` in :mod:`pyramidflow.train`); after it, the template pass
+any step on (``NOTE [resume bit for bit]`` in :mod:`pyramidflow.train.loop`); after it, the template pass
 reads the training images in order (:func:`plain_loader`) and unaugmented (:func:`without_augmentation`).
 """
 
@@ -203,7 +203,7 @@ def epoch_loader(dataset: Dataset, sampler: EpochBatchSampler, step: int, config
     epoch, batch = divmod(step, sampler.batches_per_epoch)
     sampler.set_position(epoch, batch)
     # Its own generator: building the iterator draws worker base seeds from it, never from the
-    # global RNG that augmentation uses (NOTE [resume bit for bit] in train.py).
+    # global RNG that augmentation uses (NOTE [resume bit for bit] in train/loop.py).
     generator = torch.Generator()
     generator.manual_seed((config.seed * 1_000_003 + epoch * 7919 + rank) & 0x7FFF_FFFF)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,

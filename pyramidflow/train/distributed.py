@@ -9,7 +9,7 @@ and computes the same loss over the whole global batch. The gather's backward su
 gradients every rank's copy of the loss sends to a rank's latents, i.e. ``world_size`` times the
 gradient of one loss; DistributedDataParallel then averages parameter gradients over ranks, dividing
 by ``world_size`` again. The result equals the single-process gradient of the global batch
-(``tests/test_train.py::test_two_gloo_processes_match_one_process`` checks it).
+(``tests/train/test_train.py::test_two_gloo_processes_match_one_process`` checks it).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ so :class:`RunFolder` holds an exclusive ``fcntl.flock`` on ``<out>/.train.lock`
 records the holder's pid for the error message) for the whole run. The kernel drops the lock when
 its process dies, even on SIGKILL, so a lock file left by a dead run never blocks the next one. Once
 the lock is held, temporary files of this module's writers that a killed run left behind (a
-checkpoint write cut by SIGKILL, ``NOTE [atomic checkpoint]``) are removed; files of any other name
+checkpoint write cut by SIGKILL: ``NOTE [atomic write]`` in :mod:`pyramidflow._utils`) are removed; files of any other name
 are never touched. A run that fails leaves no empty folder it created itself.
 """
 

@@ -6,7 +6,7 @@ default action ends it on the spot. Training turns SIGTERM into :class:`Training
 checkpoint atomically, say how to resume) serves both; the command line then exits with the
 conventional status ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM). :class:`InterruptGuard`
 is installed for the whole run, from decoding the images to the final checkpoint (``NOTE [stop
-signals in every phase]`` in :mod:`pyramidflow.train`), and defers both while the optimizer updates
+signals in every phase]`` in :mod:`pyramidflow.train.loop`), and defers both while the optimizer updates
 the weights or a checkpoint is restored or finished, so a stopped run always holds a completed step.
 The command line installs one around every command before its heavy imports, so that SIGTERM is
 handled like Ctrl-C by every command and a stop during the imports is one line, not a traceback.

@@ -80,7 +80,7 @@ class _Run:
         self.step_buffers: dict | None = None  # model buffers (running means) at the end of the last step
         self.held_out: Dataset | None = None  # good images kept out of training for the thresholds
         self.calibration: dict | None = None  # the split, and the thresholds once training has finished
-        self.data: dict | None = None  # what the run trains on (train_data.data_record)
+        self.data: dict | None = None  # what the run trains on (train.data.data_record)
 
         torch.manual_seed(config.seed)
         self.model = PyramidFlow(model_config).to(device=device, dtype=self.dtype)
@@ -265,7 +265,8 @@ def train(
             device = torch.device("cuda", ctx.local_rank)
             torch.cuda.set_device(device)
         out_dir = Path(out_dir)
-        # NOTE [stop signals in every phase]: the guard covers the whole run, from decoding the images
+        # NOTE [stop signals in every phase]
+        # The guard covers the whole run, from decoding the images
         # to the final checkpoint, so Ctrl-C or SIGTERM in any phase ends with a checkpoint of the last
         # completed step (or the one on disk, untouched) and one line saying so.
         with InterruptGuard() as guard, RunFolder(out_dir, lock=ctx.is_main):

@@ -1,6 +1,6 @@
 """Whether a training run may continue from a checkpoint: the same settings, data and held-out images.
 
-A resumed run continues bit for bit (``NOTE [resume bit for bit]`` in :mod:`pyramidflow.train`) only
+A resumed run continues bit for bit (``NOTE [resume bit for bit]`` in :mod:`pyramidflow.train.loop`) only
 if nothing that shapes the trajectory of the weights changed. :data:`RESUMABLE_CHANGES` names the
 train settings that may change (the budget, logging, workers, device, drift checks);
 :func:`check_same_settings`, :func:`check_same_data` (category, data root, image size, number of
@@ -53,7 +53,7 @@ def check_same_settings(saved: Mapping[str, Any], config: TrainConfig, path: Pat
         )
 
 
-# How a user changes each field of the data record (train_data.data_record) from the command line.
+# How a user changes each field of the data record (train.data.data_record) from the command line.
 _DATA_FLAGS = {"dataset": "--layout", "root": "--data", "category": "--category", "image_size": "--size",
                "num_images": "images added or removed"}
 

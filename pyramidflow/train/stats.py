@@ -45,7 +45,8 @@ def template_and_score_stats(
         batches = (batch_images(b, device, dtype) for b in plain_loader(dataset, config))
         template = fit_template(model, batches, kind=model.config.template)
         image_scores, pixels = [], []
-        # NOTE [pixel quantile sample]: a fixed-stride sample of at most ~4M pixel scores keeps the
+        # NOTE [pixel quantile sample]
+        # A fixed-stride sample of at most ~4M pixel scores keeps the
         # quantile's memory bounded for large training sets; it is deterministic, never random.
         total = len(dataset) * int(np.prod(image_size(dataset)))
         stride = max(1, math.ceil(total / (1 << 22)))

@@ -9,7 +9,7 @@ from torch import nn
 
 from pyramidflow import InvertibleModule, InvertibleSequential
 from pyramidflow import kernels
-from pyramidflow.engine import AffineCoupling
+from pyramidflow.engine import AffineCoupling, Writable
 
 from _blocks import gradients, loss_of, max_relative_error, perturbed_couplings
 
@@ -146,16 +146,55 @@ def test_bad_mode_is_refused():
         InvertibleSequential(AffineCoupling(4, 4), mode="fast")
 
 
-@pytest.mark.parametrize("depth", [1, 4])
-def test_outputs_given_up_keep_gradients_equal_to_autograd(depth):
-    """release_outputs=True: the rebuilt input goes into the output's storage, the gradient into its buffer."""
-    seq = perturbed_couplings(depth)
-    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+def _error_with_outputs_given_up(seq, x):
+    """The relative error of invertible mode's gradients with ``release_outputs=True`` against autograd's,
+    and the input leaf."""
     reference = gradients(seq, (x,), "autograd")
     seq.mode = "invertible"
     seq.zero_grad(set_to_none=True)
     leaf = x.clone().requires_grad_(True)
     y, logdet = seq(leaf, release_outputs=True)
     loss_of(y, logdet).backward()
-    assert max_relative_error([leaf.grad] + [p.grad for p in seq.parameters()], reference) <= 1e-10
+    return max_relative_error([leaf.grad] + [p.grad for p in seq.parameters()], reference), leaf
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+def test_outputs_given_up_keep_gradients_equal_to_autograd(depth):
+    """release_outputs=True: the rebuilt input goes into the output's storage, the gradient into its buffer."""
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    error, leaf = _error_with_outputs_given_up(perturbed_couplings(depth), x)
+    assert error <= 1e-10
     assert torch.equal(leaf.detach(), x)  # the sequence's input is never written
+
+
+class _RecordingCoupling(AffineCoupling):
+    """An AffineCoupling whose reconstruct records what the engine let it overwrite."""
+
+    def reconstruct(self, ys, writable=None):
+        self.seen.append(writable)
+        return super().reconstruct(ys, writable=writable)
+
+
+class _PlainReconstructCoupling(AffineCoupling):
+    """A user block written before ``writable`` existed: ``reconstruct(ys)`` only."""
+
+    def reconstruct(self, ys):
+        self.calls += 1
+        return super().reconstruct(ys)
+
+
+@pytest.mark.parametrize("cls", [_RecordingCoupling, _PlainReconstructCoupling])
+def test_writable_goes_only_to_a_reconstruct_that_takes_it(cls):
+    """The keyword in reconstruct's signature is the block's declaration: a block with it is told what it may
+    overwrite, a block without it is called as before, and both give autograd's gradients."""
+    assert cls.reconstruct_takes_writable == (cls is _RecordingCoupling)
+    seq = perturbed_couplings(2)
+    block = cls(4, 8).to(torch.float64)
+    block.load_state_dict(seq.blocks[0].state_dict())
+    block.seen, block.calls = [], 0
+    seq.blocks[0] = block
+    assert _error_with_outputs_given_up(seq, torch.randn(2, 4, 8, 8, dtype=torch.float64))[0] <= 1e-10
+    if cls is _RecordingCoupling:
+        assert len(block.seen) == 1 and isinstance(block.seen[0], Writable)
+    else:
+        assert block.calls == 1

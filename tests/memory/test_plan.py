@@ -24,7 +24,7 @@ def test_parse_bytes():
     assert planning.parse_bytes("16 GB") == 16 * 10**9
     assert planning.parse_bytes("800mib") == 800 * 2**20
     assert planning.parse_bytes("1024") == 1024
-    with pytest.raises(ValueError, match=r"--gpu-memory '12 parsecs' is not a memory size; write it like 12GiB"):
+    with pytest.raises(ValueError, match=r"gpu_memory='12 parsecs' is not a memory size; write it like 12GiB"):
         planning.parse_bytes("12 parsecs")
 
 
@@ -124,7 +124,7 @@ def test_preflight_names_a_batch_size_that_fits():
     config = PyramidFlowConfig(**TINY)
     fits = planning.plan(config, 64, 2, modes=("invertible",), gpu_memory=planning.CUDA_RESERVED + 12 * 2**20)
     batch = fits.max_batch_size["invertible"]
-    with pytest.raises(planning.WouldNotFitError, match=rf"use --batch-size {batch} \(or --no-plan"):
+    with pytest.raises(planning.WouldNotFitError, match=rf"use batch_size={batch}\.$"):
         planning.preflight(config, 64, batch + 5, planning.CUDA_RESERVED + 12 * 2**20)
     planning.preflight(config, 64, batch, planning.CUDA_RESERVED + 12 * 2**20)  # fits: no error
 
@@ -151,6 +151,20 @@ def test_plan_command_errors_are_one_line():
         assert done.returncode == 1
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), done.stderr
+
+
+def test_the_command_line_names_the_flags_of_the_settings_an_error_names():
+    """The planner names settings as the library does (``num_stacks=4``); the command line says its flags."""
+    from pyramidflow.cli import _in_flags
+
+    def refuse():
+        raise planning.WouldNotFitError("memory plan: ...; use a smaller model (now num_stacks=4, kernel_size=7), "
+                                        "or backward_tile=256, not_a_flag=1.")
+
+    with pytest.raises(planning.WouldNotFitError) as caught:
+        _in_flags("train", refuse)
+    assert str(caught.value) == ("memory plan: ...; use a smaller model (now --stacks 4, --kernel-size 7), "
+                                 "or --backward-tile 256, not_a_flag=1.")
 
 
 def test_train_has_the_preflight_switch():
@@ -207,14 +221,14 @@ def test_encoder_prediction_matches_the_measured_peak(mode, tmp_path):
 def test_preflight_checks_the_encoder_variant():
     config = PyramidFlowConfig(encoder_weights=planning.WEIGHTS_NOT_READ, **ENCODER_TINY)
     card = planning.CUDA_RESERVED + 24 * 2**20
-    with pytest.raises(planning.WouldNotFitError, match=r"at 128 px, batch 8, mode invertible needs .*; use --batch-size (\d+) \(or --no-plan") as error:
+    with pytest.raises(planning.WouldNotFitError, match=r"at 128 px, batch 8, mode invertible needs .*; use batch_size=(\d+)\.$") as error:
         planning.preflight(config, 128, 8, card)
-    batch = int(re.search(r"--batch-size (\d+)", str(error.value)).group(1))
+    batch = int(re.search(r"batch_size=(\d+)", str(error.value)).group(1))
     need = lambda b: planning.cuda_need(planning.predict_peak(config, 128, b).peak)  # noqa: E731
     assert 2 <= batch < 8 and need(batch) <= card < need(batch + 1)  # the largest that fits
     assert planning.preflight(config, 128, batch, card).peak > 0  # fits: no error
-    # the stem's and the flow's weights alone exceed the card: C is the encoder's, so --channels is not offered
-    with pytest.raises(planning.WouldNotFitError, match=r"use a smaller model \(--stacks, --kernel-size\)"):
+    # the stem's and the flow's weights alone exceed the card: C is the encoder's, so channels is not offered
+    with pytest.raises(planning.WouldNotFitError, match=r"use a smaller model \(now num_stacks=1, kernel_size=3\)"):
         planning.preflight(config, 128, 2, planning.CUDA_RESERVED + 2**20)
 
 
@@ -266,13 +280,13 @@ def test_plan_and_preflight_name_the_largest_tile_that_fits():
         with pytest.raises(planning.WouldNotFitError) as caught:
             planning.preflight(config, 512, 2, card)
         message = str(caught.value)
-        assert f"use --backward-tile {tile} (about {need[tile] / 2**30:.2f} GiB" in message and "\n" not in message
+        assert f"use backward_tile={tile}, about {need[tile] / 2**30:.2f} GiB" in message and "\n" not in message
     result = planning.plan(config, 512, 2, modes=("invertible",), gpu_memory=need[256])
     assert result.suggested_tile[0] == 256 and result.to_json()["suggested_backward_tile"] == 256
     assert "invertible with --backward-tile 256 fits" in planning.format_plan(result)
     with pytest.raises(planning.WouldNotFitError) as caught:  # no tile fits: the other ways out
         planning.preflight(config, 512, 2, need[128] - 1)
-    assert "--backward-tile" not in str(caught.value)
+    assert "backward_tile" not in str(caught.value)
 
 
 def test_no_tile_is_suggested_where_a_tile_cannot_serve():
@@ -333,7 +347,7 @@ def test_a_plan_with_a_card_asks_for_a_handful_of_predictions(monkeypatch):
     (["--size", "64", "--gpu-memory", "2000TiB"], "error: --gpu-memory 2199023255552000 bytes is no GPU's memory"),
     (["--size", "1000000000000000000"], "error: --size 1000000000000000000 (with --batch-size 2): the input batch alone"),
     (["--size", "64", "--batch-size", "1000000000000000"], "error: --batch-size 1000000000000000: the input batch alone"),
-    (["--size", "64", "--batch-size", "0"], "error: plan: batch_size (--batch-size) must be at least 2"),
+    (["--size", "64", "--batch-size", "0"], "error: plan: --batch-size 0, but it must be at least 2"),
     (["--size", "-64"], "error: --size: image size -64×-64"),
 ])
 def test_absurd_plan_settings_are_refused_naming_the_setting(argv, named, capsys, monkeypatch):

@@ -242,8 +242,16 @@ def _resource_usage(cubin: bytes) -> Tuple[int, int, int, int]:
     return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
 
 
+# NOTE [Triton interpreter]
+# With TRITON_INTERPRET=1 Triton runs the kernels interpreted, on CPU tensors
+# (the test suite sets it where there is no CUDA: tests/conftest.py). Triton
+# reads the variable when a kernel is defined, that is when an op module is
+# first imported, so it must be set or unset before that in each process. The
+# compile matrix's workers are spawned processes that compile for real: each
+# drops the variable in its initializer, before its first job imports an op
+# module, and writes to a cache of its own.
 def _init_worker(cache_dir: str) -> None:
-    # A worker compiles for real: no interpreter, its own cache (NOTE [Triton interpreter in tests]).
+    # A worker compiles for real: no interpreter, its own cache (NOTE [Triton interpreter]).
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     warnings.simplefilter("ignore")

@@ -85,12 +85,13 @@ class KernelVariant:
 # operation, so large blocks (few programs) keep it fast.
 _INTERPRETER_BLOCK = 4096
 _INTERPRETER_TILE = 4096
-# Candidates benchmarked once per (size, variant) on a GPU: (BLOCK_SIZE, num_warps).
-# NOTE [elements per thread]: at most 8 elements per thread (BLOCK_SIZE / (32
-# num_warps)). The compile matrix (kernels/triton/_compile.py) found that 32 per
-# thread (4096 with 4 warps) spills registers in the fused backward on sm_80
+# NOTE [elements per thread]
+# At most 8 elements per thread (BLOCK_SIZE / (32 num_warps)). The compile
+# matrix (kernels/triton/_compile.py) found that 32 per thread (4096 with 4
+# warps) spills registers in the fused backward on sm_80
 # to sm_90 (255 registers and a 184-byte stack frame), and 16 per thread
 # needs up to 247 registers, which leaves one warp group per multiprocessor.
+# Candidates benchmarked once per (size, variant) on a GPU: (BLOCK_SIZE, num_warps).
 _AUTOTUNE_CONFIGS = ((512, 4), (1024, 4), (1024, 8), (2048, 8))
 # Elements per program of the VN partial sums on a GPU (groups x members) and its warps: 2 elements
 # per thread. With 2048 and 4 warps the variant summing both means with 64-bit offsets spilled 56 to

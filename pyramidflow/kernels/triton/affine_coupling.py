@@ -551,7 +551,8 @@ class _AffineCouplingFunction(torch.autograd.Function):
         mean_grad = None
         if ctx.is_batch_mean and want_r:
             _, mean_grad = volume_norm_means(ctx.volume_norm, ctx.clamp, y=y, t=t, g=grad_y)
-        # NOTE [grad_t is g]: dL/dt = g exactly, so the incoming gradient is
+        # NOTE [grad_t is g]
+        # dL/dt = g exactly, so the incoming gradient is
         # passed on as it is (autograd allows it) rather than copied by the kernel.
         grad_x = _empty_like_order(y, ctx.x_dtype) if want_x else None
         grad_r = _empty_like_order(y, r.dtype) if want_r else None
