@@ -1,21 +1,22 @@
-"""The demo's training step on a busy CPU: idle, and while a second 2-thread training runs on the same cores.
+"""The demo's training step on a busy CPU: alone, and beside a second 2-thread training on the same cores.
 
-Run: ``python benchmarks/busy_cpu.py --steps 8 --settings torch passive one cli`` (the demo's model and
-image side, :func:`pyramidflow.train.step.step_on_random_images`, the step ``pyramidflow demo`` trains).
-Each setting runs in fresh processes, since OpenMP reads its environment once, when torch loads: first
-the step alone ("idle"), then again while a neighbour process trains the same model with 2 threads
-("loaded"). The neighbour runs the same setting with ``OMP_NUM_THREADS=2`` (``--neighbour same``), or
-torch's own defaults (``--neighbour torch``). Reported: the median step time after one warm-up step, and
-loaded / idle. The settings, as environment variables (a variable set here is the user's value, which
+Run: ``python benchmarks/busy_cpu.py --rounds 3 --settings cli one torch`` (about 3 minutes on 2 cores;
+the demo's model and image side, batch 2, the step ``pyramidflow train`` takes:
+:func:`pyramidflow.train.step.step_on_random_images`). Each setting runs in fresh processes, since
+OpenMP reads its environment once, as torch loads. A neighbour process trains the same model with 2
+threads, with the measured setting (``--neighbour same``) or torch's own default (``--neighbour torch``);
+the measured process's steps alternate between the neighbour paused (SIGSTOP: "alone") and running
+("beside"), so that a change in what else runs on the machine hits both alike. Reported: medians of
+``--rounds`` steps each after a warm-up step, and beside / alone. The settings, as environment
+variables (a variable set here is the user's choice, which
 :func:`pyramidflow.cpu_threads.apply_cpu_defaults` leaves alone):
 
-- ``torch``: torch's and libgomp's own defaults (one thread per core, spin-wait ``GOMP_SPINCOUNT=300000``);
-- ``passive``: one thread per core, ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once at a barrier);
-- ``one``: ``OMP_NUM_THREADS=1``;
-- ``cli``: nothing set: what ``pyramidflow`` chooses (``apply_cpu_defaults``).
+- ``cli``: nothing set: what the ``pyramidflow`` command chooses (``apply_cpu_defaults``);
+- ``passive``: one thread per core, ``OMP_WAIT_POLICY=PASSIVE`` (the same as ``cli`` today, stated);
+- ``one``: ``OMP_NUM_THREADS=1`` (and the command's wait policy);
+- ``torch``: torch's and GNU OpenMP's own defaults (one thread per core, spinning ``GOMP_SPINCOUNT=300000``).
 
-The figures are only comparable within one run of this script on one machine: state the machine and
-what else ran on it.
+The figures compare within one run on one machine: state the machine and what else ran on it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import argparse
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +43,8 @@ _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MK
 
 
 def _worker(args: argparse.Namespace) -> None:
-    """One process: the CLI's CPU defaults, then the demo's step, one JSON line per step on stdout."""
+    """One process: the CLI's CPU defaults, then the demo's step, one JSON line per step on stdout; with
+    ``--paced``, each step waits for a line on stdin, so that the parent can choose what runs beside it."""
     from pyramidflow.cpu_threads import apply_cpu_defaults
 
     chosen = apply_cpu_defaults()  # before torch loads, as the `pyramidflow` command does
@@ -48,28 +52,29 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
 
     from pyramidflow.data import synthetic
-    from pyramidflow.experiments.demo import demo_overrides
+    from pyramidflow.experiments.demo import DEMO_SIZE, demo_overrides
     from pyramidflow.model import PyramidFlowConfig
     from pyramidflow.train import TrainConfig
     from pyramidflow.train.step import step_on_random_images
 
-    config = PyramidFlowConfig.for_category(args.category, **demo_overrides(args.category))
-    assert args.category in synthetic.CATEGORIES
-    settings = TrainConfig(steps=1)
-    step = step_on_random_images(config, args.size, settings.batch_size, "cpu", settings)
-    print(json.dumps({"threads": torch.get_num_threads(), "chosen": chosen,
+    category, size = args.category or synthetic.CATEGORIES[0], args.size or DEMO_SIZE
+    config = PyramidFlowConfig.for_category(category, **demo_overrides(category))
+    settings = TrainConfig(steps=1)  # the demo's training settings, but for the budget
+    step = step_on_random_images(config, size, settings.batch_size, "cpu", settings)
+    print(json.dumps({"category": category, "size": size, "threads": torch.get_num_threads(), "chosen": chosen,
                       "env": {k: os.environ.get(k) for k in _THREAD_VARIABLES}}), flush=True)
-    taken = 0
-    while args.steps == 0 or taken < args.steps:
+    while not args.paced or sys.stdin.readline():
         start = time.perf_counter()
         step()
         print(json.dumps({"step": time.perf_counter() - start}), flush=True)
-        taken += 1
 
 
-def _command(args: argparse.Namespace, steps: int) -> list:
-    return [sys.executable, __file__, "--worker", "--steps", str(steps), "--size", str(args.size),
-            "--category", args.category]
+def _start(args: argparse.Namespace, setting: dict, **pipes) -> subprocess.Popen:
+    command = [sys.executable, __file__, "--worker"]
+    command += ["--size", str(args.size)] if args.size else []
+    command += ["--category", args.category] if args.category else []
+    return subprocess.Popen(command + (["--paced"] if "stdin" in pipes else []), env=_environment(setting),
+                            text=True, **pipes)
 
 
 def _environment(setting: dict) -> dict:
@@ -79,62 +84,62 @@ def _environment(setting: dict) -> dict:
     return env
 
 
-def _measure(args: argparse.Namespace, setting: dict) -> dict:
-    """Run the worker to the end; its header and the median of its step times after the first."""
-    load = os.getloadavg()[0]
-    done = subprocess.run(_command(args, args.steps), env=_environment(setting), capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"busy_cpu: the worker failed:\n{done.stderr}")
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    steps = [line["step"] for line in lines[1:]]
-    return {**lines[0], "median_s": statistics.median(steps[1:]), "steps_s": [round(s, 3) for s in steps],
-            "load_before": load}
-
-
-def _loaded(args: argparse.Namespace, setting: dict, neighbour: dict) -> dict:
-    """Measure while a neighbour trains; the neighbour has taken a step before the measurement starts."""
-    process = subprocess.Popen(_command(args, 0), env=_environment(neighbour), stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    try:
-        process.stdout.readline()  # its header
-        process.stdout.readline()  # its first step: it is training now
-        return _measure(args, setting)
-    finally:
-        process.terminate()
-        process.wait()
+def _measure(args: argparse.Namespace, setting: dict, neighbour: dict) -> dict:
+    """Interleaved steps of one process, alone and beside a training neighbour (paused in between with
+    SIGSTOP), so that the load of other jobs drifts alike over both; medians after a warm-up step each."""
+    with tempfile.TemporaryFile("w+") as neighbour_out:
+        other = _start(args, neighbour, stdout=neighbour_out, stderr=subprocess.DEVNULL)
+        measured = _start(args, setting, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            header = json.loads(measured.stdout.readline())
+            while neighbour_out.seek(0) is not None and len(neighbour_out.readlines()) < 2:
+                time.sleep(0.5)  # the neighbour is training: header and a first step written
+            times = {"idle": [], "loaded": []}
+            for turn in range(2 * args.rounds + 2):  # idle, loaded, loaded, idle, ...: the first of each warms up
+                loaded = turn % 4 in (1, 2)
+                os.kill(other.pid, signal.SIGCONT if loaded else signal.SIGSTOP)
+                measured.stdin.write("\n")
+                measured.stdin.flush()
+                line = measured.stdout.readline()
+                if not line:
+                    raise SystemExit(f"busy_cpu: the measured worker stopped (status {measured.wait()})")
+                times["loaded" if loaded else "idle"].append(json.loads(line)["step"])
+        finally:
+            for process in (measured, other):
+                os.kill(process.pid, signal.SIGCONT)
+                process.kill()
+                process.wait()
+    return {**header, **{f"{name}_s": statistics.median(steps[1:]) for name, steps in times.items()},
+            **{f"{name}_steps_s": [round(s, 3) for s in steps] for name, steps in times.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="steps per measurement, the first a warm-up (8)")
+    parser.add_argument("--rounds", type=int, default=3, help="steps alone and beside the neighbour, each (3)")
     parser.add_argument("--size", type=int, default=None, help="image side (the demo's)")
     parser.add_argument("--category", default=None, help="synthetic category whose demo model is trained (the first)")
-    parser.add_argument("--settings", nargs="+", default=["torch", "passive", "one", "cli"], choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--neighbour", choices=("same", "torch"), default="same",
                         help="the second training: the measured setting with 2 threads (same), or torch's defaults")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--paced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.size is None or args.category is None:  # the demo's settings, read without loading torch in the parent
-        from pyramidflow.data import synthetic
-        from pyramidflow.experiments.demo import DEMO_SIZE
-
-        args.size = args.size or DEMO_SIZE
-        args.category = args.category or synthetic.CATEGORIES[0]
     if args.worker:
         _worker(args)
         return
-    print(f"busy_cpu: demo model of {args.category}, {args.size} px, {os.cpu_count()} cores, "
-          f"{args.steps} steps each (median after a warm-up), neighbour: {args.neighbour} with 2 threads")
+    print(f"busy_cpu: {os.cpu_count()} cores, medians of {args.rounds} "
+          f"interleaved steps alone / beside a 2-thread neighbour ({args.neighbour}); load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
     for name in args.settings:
         setting = SETTINGS[name]
         neighbour = {**(setting if args.neighbour == "same" else SETTINGS["torch"]), "OMP_NUM_THREADS": "2"}
-        idle = _measure(args, setting)
-        loaded = _loaded(args, setting, neighbour)
-        print(json.dumps({"setting": name, "threads": idle["threads"], "chosen": idle["chosen"],
-                          "idle_s": round(idle["median_s"], 3), "loaded_s": round(loaded["median_s"], 3),
-                          "ratio": round(loaded["median_s"] / idle["median_s"], 2),
-                          "load_before": [round(idle["load_before"], 2), round(loaded["load_before"], 2)],
-                          "loaded_steps_s": loaded["steps_s"]}), flush=True)
+        result = _measure(args, setting, neighbour)
+        print(json.dumps({"setting": name, "category": result["category"], "size": result["size"],
+                          "threads": result["threads"], "chosen": result["chosen"],
+                          "idle_s": round(result["idle_s"], 3), "loaded_s": round(result["loaded_s"], 3),
+                          "ratio": round(result["loaded_s"] / result["idle_s"], 2),
+                          "idle_steps_s": result["idle_steps_s"], "loaded_steps_s": result["loaded_steps_s"]}), flush=True)
+    print(f"busy_cpu: load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":
