@@ -1,7 +1,7 @@
 """The demo's training step on a busy CPU: alone, and beside a second 2-thread training on the same cores.
 
-Run: ``python benchmarks/busy_cpu.py --rounds 3 --settings cli one torch`` (about 3 minutes on 2 cores;
-the demo's model and image side, batch 2, the step ``pyramidflow train`` takes:
+Run: ``python benchmarks/busy_cpu.py --rounds 3`` (5 minutes on 2 cores that other jobs used, most of it
+the ``torch`` setting's steps beside the neighbour; the demo's model and image side, batch 2, the step ``pyramidflow train`` takes:
 :func:`pyramidflow.train.step.step_on_random_images`). Each setting runs in fresh processes, since
 OpenMP reads its environment once, as torch loads. A neighbour process trains the same model with 2
 threads, with the measured setting (``--neighbour same``) or torch's own default (``--neighbour torch``);
