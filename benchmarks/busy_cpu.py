@@ -91,13 +91,18 @@ def _measure(args: argparse.Namespace, setting: dict, neighbour: dict) -> dict:
         other = _start(args, neighbour, stdout=neighbour_out, stderr=subprocess.DEVNULL)
         measured = _start(args, setting, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
-            header = json.loads(measured.stdout.readline())
+            header = measured.stdout.readline()
+            if not header:
+                raise SystemExit(f"busy_cpu: the measured worker did not start (status {measured.wait()})")
+            header = json.loads(header)
             while neighbour_out.seek(0) is not None and len(neighbour_out.readlines()) < 2:
-                time.sleep(0.5)  # the neighbour is training: header and a first step written
+                if other.poll() is not None:
+                    raise SystemExit(f"busy_cpu: the neighbour stopped (status {other.returncode})")
+                time.sleep(0.5)  # until it is training: its header and a first step written
             times = {"idle": [], "loaded": []}
             for turn in range(2 * args.rounds + 2):  # idle, loaded, loaded, idle, ...: the first of each warms up
                 loaded = turn % 4 in (1, 2)
-                os.kill(other.pid, signal.SIGCONT if loaded else signal.SIGSTOP)
+                other.send_signal(signal.SIGCONT if loaded else signal.SIGSTOP)
                 measured.stdin.write("\n")
                 measured.stdin.flush()
                 line = measured.stdout.readline()
@@ -106,8 +111,7 @@ def _measure(args: argparse.Namespace, setting: dict, neighbour: dict) -> dict:
                 times["loaded" if loaded else "idle"].append(json.loads(line)["step"])
         finally:
             for process in (measured, other):
-                os.kill(process.pid, signal.SIGCONT)
-                process.kill()
+                process.kill()  # SIGKILL ends a stopped process too
                 process.wait()
     return {**header, **{f"{name}_s": statistics.median(steps[1:]) for name, steps in times.items()},
             **{f"{name}_steps_s": [round(s, 3) for s in steps] for name, steps in times.items()}}
