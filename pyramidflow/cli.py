@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
 # Standard library only: imported before torch (NOTE [light package import] in pyramidflow/__init__.py).
+from .cpu_threads import apply_cpu_defaults
 from .train.interrupts import InterruptGuard, describe, exit_status
 
 __all__ = ["main", "build_parser"]
@@ -499,6 +500,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``pyramidflow`` command; returns the exit status."""
     # Before the heavy imports (torch comes with the parser): a stop during them is then one line, and
     # SIGTERM is handled like Ctrl-C by every command (NOTE [light package import] in pyramidflow/__init__.py).
+    # The OpenMP wait policy too, which torch's library reads once as it loads (NOTE [OpenMP wait policy]).
+    apply_cpu_defaults(warn_if_late=False)
     with InterruptGuard() as guard:
         return _run(argv, guard)
 

@@ -2,7 +2,9 @@
 
 ``<out>/train_log.jsonl`` holds, per logging interval, the step, the loss of that step, images per
 second over the interval and the largest reconstruction drift the engine measured in it (``null``
-when the engine measured none: ``drift="off"`` or a mode that rebuilds nothing). Lines are only
+when the engine measured none: ``drift="off"`` or a mode that rebuilds nothing). The first line a run
+(or a resumed run) writes also holds ``cpu``: torch's thread count and the OpenMP wait variables it ran
+with (:func:`pyramidflow.cpu_threads.thread_settings`), since they decide its speed. Lines are only
 appended; a resumed run first drops the lines of steps past its checkpoint, so the log always
 describes the trajectory the weights followed. A torn last line (a crash in the middle of a write)
 is dropped with a warning; a damaged line elsewhere stops the resume with an error naming the file.

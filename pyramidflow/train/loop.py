@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pyramidflow.checkpoint import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic
+from pyramidflow.cpu_threads import thread_settings
 from pyramidflow.model import PyramidFlow, PyramidFlowConfig
 from pyramidflow.train.config import DTYPES, TrainConfig, TrainingDivergedError, TrainResult, resolve_device
 from pyramidflow.train.data import (
@@ -301,6 +302,7 @@ def _loop(run: _Run, guard: InterruptGuard) -> TrainResult:
                dynamic_ncols=True)
     run.model.train()
     window_start, window_step = time.perf_counter(), run.step
+    cpu = {"cpu": thread_settings()}  # on the first record of each run: the threads its images_per_s were taken with
     try:
         while run.step < total:
             for batch in run.loader():
@@ -316,7 +318,8 @@ def _loop(run: _Run, guard: InterruptGuard) -> TrainResult:
                                     drift="-" if drift is None else f"{drift:.1e}")
                     if run.ctx.is_main:
                         append_log(run.log_path, step=run.step, loss=run.losses[-1], images_per_s=rate,
-                                   max_drift=drift)
+                                   max_drift=drift, **cpu)
+                        cpu = {}
                 if config.checkpoint_every and run.step % config.checkpoint_every == 0 and run.step < total:
                     run.save()
                 if run.step >= total:

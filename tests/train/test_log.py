@@ -33,6 +33,18 @@ def test_log_and_checkpoint_record_the_largest_drift_per_interval(tmp_path):
     assert load_checkpoint(result.checkpoint_path).drift == [[r["step"], r["max_drift"]] for r in log]
 
 
+def test_the_first_record_of_each_run_holds_the_threads_it_ran_with(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    out = tmp_path / "cpu"
+    run(out, steps=4)
+    cpu = {"threads": 1, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}  # one_thread, and the variables above
+    assert [r.get("cpu") for r in _log(out)] == [cpu, None]
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    run(out, steps=8, resume=True)
+    assert [r.get("cpu") for r in _log(out)] == [cpu, None, {**cpu, "GOMP_SPINCOUNT": "300000"}, None]
+
+
 def test_drift_off_logs_no_measurement_and_passes_through(tmp_path):
     result = run(tmp_path / "off", steps=2, drift="off")
     assert result.model.flow.drift == "off"
