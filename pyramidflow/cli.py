@@ -224,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="align each image to the training images first (rotation and translation); stores the "
                                "reference, the mean training image, in the checkpoint")
     evaluate.add_argument("--no-report", action="store_true",
-                          help="skip report.html (its plots cost a fixed half second or so); metrics.json and the "
-                               "overlays are written as ever")
+                          help="skip report.html and its plots (a fixed cost, most of it importing matplotlib); "
+                               "metrics.json and the overlays are written as ever")
 
     predict = commands.add_parser("predict", help="anomaly maps and scores of any images")
     predict.add_argument("--checkpoint", required=True, type=Path, help=_CHECKPOINT_HELP)

@@ -153,7 +153,8 @@ def evaluate(
         category: the test set's category (default: the data set's ``category``); refused when the
             checkpoint was trained on another one.
         report: write ``report.html`` (:mod:`pyramidflow.inference.report`); the training-loss plot reads
-            ``train_log.jsonl`` beside the checkpoint.
+            ``train_log.jsonl`` beside the checkpoint. Its plots are drawn on a second thread
+            (:class:`pyramidflow.inference.report.EvalPlots`).
         register: align each image to the checkpoint's registration reference first
             (:mod:`pyramidflow.inference.registration`); metrics stay in the test images' coordinates.
 

@@ -2,7 +2,7 @@
 
 matplotlib draws them through its SVG canvas on a bare :class:`matplotlib.figure.Figure`: pyplot is
 never imported, so no GUI backend is chosen, no global figure state is kept, and the plots draw the
-same on a server without a display. SVG rather than Agg's PNG: it skips rasterising, about a quarter
+same on a server without a display. SVG rather than Agg's PNG: it skips rasterising, about a fifth
 of a plot's time, and stays sharp when the page is zoomed; the text is written as paths, so the page
 shows matplotlib's font whatever fonts the viewer has. Each function takes plain arrays and returns
 the SVG's bytes.

@@ -242,8 +242,8 @@ def _curve_plots(metrics: dict, maps: np.ndarray, masks: np.ndarray, fpr_limit: 
 class EvalPlots:
     """The eval page's four plots, drawn on one background thread while the evaluation goes on.
 
-    Importing matplotlib and drawing the plots is most of what the page costs, a fixed half second or
-    so of CPU. Started before inference, the thread imports matplotlib and draws the training loss
+    Importing matplotlib and drawing the plots is most of what the page costs, a fixed cost (about 0.8 s
+    of CPU on a loaded 2-core machine, benchmarks/report_cost.py). Started before inference, the thread imports matplotlib and draws the training loss
     while torch's kernels run (they release the GIL); :meth:`draw_curves` adds the ROC, PRO and
     histogram plots once the metrics are known. Where a core is spare, that work leaves eval's critical
     path; the CPU time is the same, and on a machine whose every core is busy nothing is gained. The

@@ -68,13 +68,15 @@ def write_index_report(out_dir: Path, folders: Sequence[Path], *, title: str = "
         The page's path.
 
     Raises:
-        ValueError: a folder is not under ``out_dir``, or its ``metrics.json`` is missing or unreadable.
+        ValueError: a folder is not strictly under ``out_dir``, or its ``metrics.json`` is missing or unreadable.
     """
     out_dir = Path(out_dir)
     for folder in folders:
-        if not Path(folder).resolve().is_relative_to(out_dir.resolve()):
+        where = Path(folder).resolve()
+        if where == out_dir.resolve() or not where.is_relative_to(out_dir.resolve()):
             raise ValueError(f"write_index_report: {folder} is not under {out_dir}; the page links to it by a "
-                             "relative path, so put the page above the folders.")
+                             f"relative path (and would replace its own {REPORT_NAME} in it), so put the page in "
+                             "a folder above the evaluations.")
     cards = "".join(_card(out_dir, Path(folder)) for folder in folders)
     subtitle = (f"{len(folders)} evaluations; each card's figures are its metrics.json's, its title and picture "
                 "open its page")

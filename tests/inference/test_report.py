@@ -118,8 +118,9 @@ def test_index_page_links_each_evaluation_with_the_figures_of_its_metrics_json(b
 
 
 def test_index_page_refuses_a_folder_it_cannot_link_or_read(evaluated, tmp_path):
-    with pytest.raises(ValueError, match="is not under"):
-        write_index_report(tmp_path, [evaluated])
+    for folder in (evaluated, tmp_path):  # elsewhere, or the folder whose own page the index would replace
+        with pytest.raises(ValueError, match="is not under"):
+            write_index_report(tmp_path, [folder])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="metrics.json"):
         write_index_report(tmp_path, [tmp_path / "empty"])
