@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--register", action="store_true",
                           help="align each image to the training images first (rotation and translation); stores the "
                                "reference, the mean training image, in the checkpoint")
+    evaluate.add_argument("--no-report", action="store_true",
+                          help="skip report.html and its plots (a fixed cost, most of it importing matplotlib); "
+                               "metrics.json and the overlays are written as ever")
 
     predict = commands.add_parser("predict", help="anomaly maps and scores of any images")
     predict.add_argument("--checkpoint", required=True, type=Path, help=_CHECKPOINT_HELP)
@@ -447,9 +450,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         train_set.augment = False
         ensure_reference(inference.checkpoint, train_set)
     report = evaluate(inference, dataset, args.out, smoothing_sigma=args.smooth, category=args.category,
-                      register=args.register)
+                      register=args.register, report=not args.no_report)
     _print_table([report])
-    print(f"metrics, overlays and the page to look at written to {args.out} (open {args.out / 'report.html'})")
+    if args.no_report:
+        print(f"metrics and overlays written to {args.out}")
+    else:
+        print(f"metrics, overlays and the page to look at written to {args.out} (open {args.out / 'report.html'})")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -487,7 +493,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print()
     _print_table(reports + [dict(summary, category="all")])
     print(f"\nmetrics: {args.out / 'metrics.json'}; overlays: {args.out}/<category>/overlays/ ({summary['seconds']} s)")
-    print(f"open {args.out}/<category>/report.html to see them")
+    print(f"open {args.out / 'report.html'} to see them: each category's figures, linking to its own page")
 
 
 _COMMANDS = {

@@ -67,6 +67,9 @@ def run_demo(out: str | Path, *, steps: int = DEMO_STEPS, size: int = DEMO_SIZE,
              log: Callable[[str], None] = print, resume: bool = False) -> tuple[list[dict], dict]:
     """Synthetic data under ``out/data``, then per category a run in ``out/<category>`` and its evaluation.
 
+    Each category's evaluation writes its page, ``out/<category>/report.html``; ``out/report.html``
+    links the three with their headline figures (:mod:`pyramidflow.inference.report_index`).
+
     Args:
         resume: continue a stopped demo in ``out`` with the same ``steps``, ``size`` and ``seed``
             (NOTE [a resumable demo]).
@@ -85,6 +88,7 @@ def run_demo(out: str | Path, *, steps: int = DEMO_STEPS, size: int = DEMO_SIZE,
     from ..data import MVTecDataset, synthetic
     from ..inference.evaluate import evaluate
     from ..inference.maps import load_for_inference
+    from ..inference.report_index import write_index_report
     from ..model import PyramidFlowConfig
     from ..train import TrainConfig, train
     from ..train.interrupts import add_note, describe
@@ -132,6 +136,7 @@ def run_demo(out: str | Path, *, steps: int = DEMO_STEPS, size: int = DEMO_SIZE,
         steps=steps, size=size, seed=seed, seconds=round(time.perf_counter() - start, 1),
     )
     write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    write_index_report(out, [out / category for category in synthetic.CATEGORIES], title="pyramidflow demo")
     return reports, summary
 
 

@@ -11,9 +11,10 @@ tuned on the test set.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
-from typing import List
+from pathlib import Path, PurePosixPath
+from typing import List, Optional
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -26,7 +27,7 @@ from ..metrics import (best_pixel_f1, compute_metrics, image_auroc, image_decisi
 from ..train.log import LOG_NAME
 from .maps import Inference, Predictions, check_smoothing_sigma, load_for_inference, predict_dataset
 from .registration import stored_reference
-from .report import outcome, write_eval_report
+from .report import EvalPlots, outcome, write_eval_report
 from .visualize import heat_top, overlay_panel, save_panel
 
 __all__ = ["evaluate", "load_for_inference"]
@@ -47,22 +48,24 @@ def _decide(checkpoint: Checkpoint, predictions: Predictions) -> _Decided:
     return _Decided(pixel_threshold, flagged, stored_mask_rule(checkpoint)(predictions.maps, flagged))
 
 
-def _write_panels(predictions: Predictions, out_dir: Path, vmin: float, vmax: float, decided: _Decided) -> List[str]:
+def _overlay_paths(predictions: Predictions) -> List[str]:
+    """Where each test image's overlay goes, relative to the output folder: ``overlays/<defect type>/<stem>.png``."""
+    return [PurePosixPath("overlays", kind, f"{Path(path).stem}.png").as_posix()
+            for path, kind in zip(predictions.paths, predictions.defect_types)]
+
+
+def _write_panels(predictions: Predictions, out_dir: Path, overlays: List[str], vmin: float, vmax: float,
+                  decided: _Decided) -> None:
     """One overlay per test image: ground truth, predicted outline, decision and the colour bar with the threshold."""
-    written = []
-    for i, path in enumerate(predictions.paths):
-        name = Path(path).stem
-        kind = predictions.defect_types[i]
+    for i, overlay in enumerate(overlays):
         said = outcome(int(predictions.labels[i]), bool(decided.is_anomalous[i]))
         panel = overlay_panel(
             predictions.images[i], predictions.maps[i], vmin=vmin, vmax=vmax, mask=predictions.masks[i],
             predicted=decided.masks[i], threshold=decided.pixel_threshold, is_anomalous=bool(decided.is_anomalous[i]),
-            title=f"{kind}/{name}  score {predictions.scores[i]:.3g}  ({said})",
+            title=f"{predictions.defect_types[i]}/{Path(predictions.paths[i]).stem}  "
+                  f"score {predictions.scores[i]:.3g}  ({said})",
         )
-        target = out_dir / "overlays" / kind / f"{name}.png"
-        save_panel(panel, target)
-        written.append(target.relative_to(out_dir).as_posix())
-    return written
+        save_panel(panel, out_dir / overlay)
 
 
 def _image_rows(predictions: Predictions, decided: _Decided, overlays: List[str]) -> List[dict]:
@@ -150,7 +153,8 @@ def evaluate(
         category: the test set's category (default: the data set's ``category``); refused when the
             checkpoint was trained on another one.
         report: write ``report.html`` (:mod:`pyramidflow.inference.report`); the training-loss plot reads
-            ``train_log.jsonl`` beside the checkpoint.
+            ``train_log.jsonl`` beside the checkpoint. Its plots are drawn on a second thread
+            (:class:`pyramidflow.inference.report.EvalPlots`).
         register: align each image to the checkpoint's registration reference first
             (:mod:`pyramidflow.inference.registration`); metrics stay in the test images' coordinates.
 
@@ -169,6 +173,14 @@ def evaluate(
     checkpoint = inference.checkpoint
     smoothing_sigma = check_smoothing_sigma(smoothing_sigma, inference.image_size, "evaluate")
     _check_category(checkpoint, category or getattr(dataset, "category", None))
+    # Started first, so that matplotlib's import and the loss plot overlap inference (EvalPlots says why).
+    with EvalPlots(Path(checkpoint.path).parent / LOG_NAME) if report else nullcontext() as plots:
+        return _evaluate(inference, dataset, Path(out_dir), smoothing_sigma, category, progress, register, plots)
+
+
+def _evaluate(inference: Inference, dataset: Dataset, out_dir: Path, smoothing_sigma: float, category: str,
+              progress: bool, register: bool, plots: Optional[EvalPlots]) -> dict:
+    checkpoint = inference.checkpoint
     predictions = predict_dataset(
         inference.model, inference.template, dataset,
         device=inference.device, smoothing_sigma=smoothing_sigma, progress=progress,
@@ -180,10 +192,8 @@ def evaluate(
             "`pyramidflow predict` for unlabelled images."
         )
     metrics = compute_metrics(predictions.maps, predictions.masks, predictions.scores, predictions.labels)
-    out_dir = Path(out_dir)
     decided = _decide(checkpoint, predictions)
-    fallback = (checkpoint.score_stats or {}).get("image_max") or float(np.quantile(predictions.maps, 0.999))
-    overlays = _write_panels(predictions, out_dir, 0.0, heat_top(decided.pixel_threshold, fallback), decided)
+    overlays = _overlay_paths(predictions)
     metrics_json = {
         **{k: float(v) for k, v in metrics.items()},
         "category": category,
@@ -198,8 +208,11 @@ def evaluate(
         "overlays": overlays,
         "images": _image_rows(predictions, decided, overlays),
     }
+    if plots is not None:
+        plots.draw_curves(metrics_json, predictions.maps, predictions.masks)
+    fallback = (checkpoint.score_stats or {}).get("image_max") or float(np.quantile(predictions.maps, 0.999))
+    _write_panels(predictions, out_dir, overlays, 0.0, heat_top(decided.pixel_threshold, fallback), decided)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics_json, indent=2) + "\n")
-    if report:
-        write_eval_report(out_dir, metrics_json, predictions.maps, predictions.masks,
-                          Path(checkpoint.path).parent / LOG_NAME)
+    if plots is not None:
+        write_eval_report(out_dir, metrics_json, plots)
     return metrics_json

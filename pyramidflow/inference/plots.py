@@ -1,8 +1,11 @@
-"""The report's plots as PNG bytes: ROC and PRO curves, the score histogram, the training loss.
+"""The report's plots as SVG bytes: ROC and PRO curves, the score histogram, the training loss.
 
-matplotlib draws them through its Agg canvas on a bare :class:`matplotlib.figure.Figure`: pyplot is
+matplotlib draws them through its SVG canvas on a bare :class:`matplotlib.figure.Figure`: pyplot is
 never imported, so no GUI backend is chosen, no global figure state is kept, and the plots draw the
-same on a server without a display. Each function takes plain arrays and returns the PNG's bytes.
+same on a server without a display. SVG rather than Agg's PNG: it skips rasterising, about a fifth
+of a plot's time, and stays sharp when the page is zoomed; the text is written as paths, so the page
+shows matplotlib's font whatever fonts the viewer has. Each function takes plain arrays and returns
+the SVG's bytes.
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ def _title(axes, text: str) -> None:
     axes.set_title(text, y=1.0)
 
 
-def _png(figure) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _svg(figure) -> bytes:
+    from matplotlib import rc_context
+    from matplotlib.backends.backend_svg import FigureCanvasSVG
 
     buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
+    # A fixed salt and no date: the same plot gives the same bytes, so two pages can be compared.
+    with rc_context({"svg.fonttype": "path", "svg.hashsalt": "pyramidflow"}):
+        FigureCanvasSVG(figure).print_svg(buffer, metadata={"Date": None})
     return buffer.getvalue()
 
 
@@ -51,7 +57,7 @@ def roc_plot(curves: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> bytes:
     _title(axes, "ROC")
     axes.legend(loc="lower right", fontsize=8)
     axes.grid(alpha=0.3)
-    return _png(figure)
+    return _svg(figure)
 
 
 def pro_plot(fpr: np.ndarray, pro: np.ndarray, aupro: float, fpr_limit: float) -> bytes:
@@ -65,7 +71,7 @@ def pro_plot(fpr: np.ndarray, pro: np.ndarray, aupro: float, fpr_limit: float) -
     _title(axes, "PRO")
     axes.legend(loc="lower right", fontsize=8)
     axes.grid(alpha=0.3)
-    return _png(figure)
+    return _svg(figure)
 
 
 def score_histogram(good: np.ndarray, defective: Optional[np.ndarray], threshold: float) -> bytes:
@@ -86,7 +92,7 @@ def score_histogram(good: np.ndarray, defective: Optional[np.ndarray], threshold
     axes.xaxis.get_major_locator().set_params(nbins=6)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
-    return _png(figure)
+    return _svg(figure)
 
 
 def loss_plot(steps: np.ndarray, losses: np.ndarray) -> bytes:
@@ -96,4 +102,4 @@ def loss_plot(steps: np.ndarray, losses: np.ndarray) -> bytes:
     axes.set(xlabel="step", ylabel="loss")
     _title(axes, "training loss")
     axes.grid(alpha=0.3)
-    return _png(figure)
+    return _svg(figure)

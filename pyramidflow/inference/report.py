@@ -1,13 +1,16 @@
 """``report.html``: one page a person takes in at a glance, written beside ``metrics.json`` or ``predictions.json``.
 
 The page is plain HTML and CSS in one file that opens from disk with no network: the plots
-(:mod:`pyramidflow.inference.plots`) are embedded as base64 PNGs, and the gallery shows the overlays
+(:mod:`pyramidflow.inference.plots`) are embedded as base64 SVGs, and the gallery shows the overlays
 already written beside it by relative path. ``eval``'s page: the figures per defect type, the
 decisions at the stored thresholds, the ROC and PRO curves, the score histogram with the image
 threshold, the training loss from the run's ``train_log.jsonl``, and every test image, false alarms
 and misses first (:func:`gallery_order`). ``predict``'s page: the same for unlabelled images, without
 what needs labels. Every figure in a table cell carries its ``metrics.json`` key and exact value as
 ``data-key`` / ``data-value``, so a test (or a script) can check the page against the file.
+
+The eval page's plots, its slow part (importing matplotlib, drawing), are drawn by :class:`EvalPlots`
+on a second thread while the evaluation goes on; :func:`write_eval_report` writes the page around them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import base64
 import html
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -25,8 +29,8 @@ import numpy as np
 
 from .._utils import write_text_atomic
 
-__all__ = ["REPORT_NAME", "GalleryItem", "outcome", "gallery_order", "read_losses", "write_eval_report",
-           "write_predict_report"]
+__all__ = ["REPORT_NAME", "GalleryItem", "outcome", "eval_gallery", "gallery_order", "read_losses", "EvalPlots",
+           "write_eval_report", "write_predict_report"]
 
 REPORT_NAME = "report.html"
 FALSE_ALARM, MISSED, FOUND, PASSED = "false alarm", "missed", "found", "good"
@@ -54,6 +58,12 @@ def outcome(label: int, is_anomalous: bool) -> str:
     if label == 1:
         return FOUND if is_anomalous else MISSED
     return FALSE_ALARM if is_anomalous else PASSED
+
+
+def eval_gallery(images: Sequence[dict]) -> list[GalleryItem]:
+    """The gallery items of an evaluation's ``metrics.json`` ``images`` rows, in the same order."""
+    return [GalleryItem(row["name"], row["overlay"], row["score"], row["is_anomalous"],
+                        outcome(row["label"], row["is_anomalous"]), row["defect_type"]) for row in images]
 
 
 def gallery_order(items: Sequence[GalleryItem]) -> list[int]:
@@ -120,6 +130,9 @@ padding:0 16px;box-sizing:border-box}
 .card.good{border-left-color:#2b8a3e}.badge{display:inline-block;padding:0 6px;border-radius:3px;color:#fff;
 font-size:12px;font-weight:600}.badge.anomalous{background:#c92a2a}.badge.ok{background:#2b8a3e}
 .outcome{font-weight:600;color:#e8590c}.legend{color:#555;font-size:13px;margin:0 0 8px}
+.runs{display:grid;grid-template-columns:repeat(auto-fill,minmax(440px,1fr));gap:12px}
+.run{background:#fff;border-radius:6px;box-shadow:0 1px 2px #0002;padding:8px 12px}.run h2{margin:4px 0 8px}
+.run img{width:100%;display:block;margin:8px 0 4px}.run table{box-shadow:none;width:100%}
 """
 
 
@@ -127,8 +140,8 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def _data_uri(svg: bytes) -> str:
+    return "data:image/svg+xml;base64," + base64.b64encode(svg).decode("ascii")
 
 
 def _cell(metrics: dict, key: Sequence[str], spec: str = ".4f") -> str:
@@ -150,8 +163,8 @@ def _table(caption: str, header: Sequence[str], rows: Iterable[str], table_id: s
             f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
-def _plot(png: bytes, alt: str) -> str:
-    return f"<figure><img src='{_data_uri(png)}' alt='{_e(alt)}'></figure>"
+def _plot(svg: bytes, alt: str) -> str:
+    return f"<figure><img src='{_data_uri(svg)}' alt='{_e(alt)}'></figure>"
 
 
 def _note(text: str) -> str:
@@ -207,35 +220,85 @@ _PREDICT_LEGEND = ("Each panel: the image, its anomaly map and the map over the 
 
 # -- the two pages -------------------------------------------------------------------------------------
 
-def write_eval_report(out_dir: Path, metrics: dict, maps: np.ndarray, masks: np.ndarray, log_path: Path,
-                      *, fpr_limit: float = 0.3) -> Path:
-    """Write ``out_dir/report.html`` for an evaluation.
+def _scores_and_labels(images: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([row["score"] for row in images], dtype=np.float64),
+            np.array([row["label"] for row in images]))
 
-    Args:
-        metrics: what ``metrics.json`` holds (:func:`pyramidflow.inference.evaluate.evaluate`), with its
-            per-image ``images`` rows.
-        maps, masks: ``(N, H, W)`` anomaly maps and ground truth, in the order of ``metrics["images"]``.
-        log_path: the run's ``train_log.jsonl`` (the page says so when it is absent).
-        fpr_limit: the FPR limit of ``metrics["aupro"]``.
 
-    Returns:
-        The page's path.
-    """
+def _curve_plots(metrics: dict, maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> str:
+    """The ROC and PRO curves and the score histogram of an evaluation, as the page's figures."""
     from .curves import image_roc, pixel_curves, thin
     from .plots import pro_plot, roc_plot, score_histogram
 
-    images = metrics["images"]
-    scores = np.array([row["score"] for row in images], dtype=np.float64)
-    labels = np.array([row["label"] for row in images])
+    scores, labels = _scores_and_labels(metrics["images"])
     curves = pixel_curves(maps, masks)
     roc = roc_plot([(*thin(curves.fpr, curves.tpr), f"pixels (AUROC {metrics['pixel_auroc']:.4f})"),
                     (*image_roc(scores, labels), f"images (AUROC {metrics['image_auroc']:.4f})")])
     pro = pro_plot(*thin(curves.fpr, curves.pro), metrics["aupro"], fpr_limit)
     histogram = score_histogram(scores[labels == 0], scores[labels == 1], metrics["image_threshold"])
+    return _plot(roc, "ROC curves") + _plot(pro, "PRO curve") + _plot(histogram, "image score histogram")
 
+
+class EvalPlots:
+    """The eval page's four plots, drawn on one background thread while the evaluation goes on.
+
+    Importing matplotlib and drawing the plots is most of what the page costs, a fixed cost (about 0.8 s
+    of CPU on a loaded 2-core machine, benchmarks/report_cost.py). Started before inference, the thread imports matplotlib and draws the training loss
+    while torch's kernels run (they release the GIL); :meth:`draw_curves` adds the ROC, PRO and
+    histogram plots once the metrics are known. Where a core is spare, that work leaves eval's critical
+    path; the CPU time is the same, and on a machine whose every core is busy nothing is gained. The
+    overlays written meanwhile give little room: Pillow's PNG encoder holds the GIL. One thread and no
+    other matplotlib user: matplotlib's figures are not thread-safe. Use it as a context manager, so
+    that the thread ends when the evaluation fails (:func:`pyramidflow.inference.evaluate.evaluate` shows
+    the use: started, ``draw_curves``, then :func:`write_eval_report`).
+    """
+
+    def __init__(self, log_path: Path, *, fpr_limit: float = 0.3) -> None:
+        self.fpr_limit = fpr_limit
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyramidflow-report")
+        self._loss = self._thread.submit(_loss_section, Path(log_path))
+        self._curves: Optional[Future] = None
+
+    def draw_curves(self, metrics: dict, maps: np.ndarray, masks: np.ndarray) -> None:
+        """Start the ROC, PRO and histogram plots of ``metrics`` (what ``metrics.json`` holds, with its ``images``).
+
+        ``metrics``, ``maps`` (``(N, H, W)``) and ``masks`` are read on the thread: leave them unchanged
+        until the page is written.
+        """
+        self._curves = self._thread.submit(_curve_plots, metrics, maps, masks, self.fpr_limit)
+
+    def figures(self) -> str:
+        """The page's four figures, in order; waits for the thread and raises what it raised."""
+        if self._curves is None:
+            raise RuntimeError("EvalPlots.figures: call draw_curves(metrics, maps, masks) first.")
+        return self._curves.result() + self._loss.result()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "EvalPlots":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_eval_report(out_dir: Path, metrics: dict, plots: EvalPlots) -> Path:
+    """Write ``out_dir/report.html`` for an evaluation.
+
+    Args:
+        metrics: what ``metrics.json`` holds (:func:`pyramidflow.inference.evaluate.evaluate`), with its
+            per-image ``images`` rows.
+        plots: its plots, :meth:`EvalPlots.draw_curves` called with the same ``metrics``.
+
+    Returns:
+        The page's path.
+    """
+    fpr_limit = plots.fpr_limit
+    images = metrics["images"]
+    _, labels = _scores_and_labels(images)
     good, bad = int((labels == 0).sum()), int((labels == 1).sum())
-    items = [GalleryItem(row["name"], row["overlay"], row["score"], row["is_anomalous"],
-                         outcome(row["label"], row["is_anomalous"]), row["defect_type"]) for row in images]
+    items = eval_gallery(images)
     false_alarms = sum(item.outcome == FALSE_ALARM for item in items)
     found = sum(item.outcome == FOUND for item in items)
     tiles = "".join([
@@ -267,9 +330,7 @@ def write_eval_report(out_dir: Path, metrics: dict, maps: np.ndarray, masks: np.
         + _table("Decisions at the stored thresholds", ["", "value"],
                  [f"<tr><td>{_e(name)}</td>{_cell(metrics, [key], spec)}</tr>" for name, key, spec in decisions],
                  "decisions")
-        + "</div><h2>Curves</h2><div class='plots'>"
-        + _plot(roc, "ROC curves") + _plot(pro, "PRO curve") + _plot(histogram, "image score histogram")
-        + _loss_section(log_path)
+        + "</div><h2>Curves</h2><div class='plots'>" + plots.figures()
         + f"</div><h2>Test images ({len(items)}): false alarms and misses first, then by score</h2>"
         + f"<p class='legend'>{_e(_LEGEND)}</p>" + _gallery(items)
     )

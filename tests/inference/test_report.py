@@ -4,7 +4,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ import pytest
 from pyramidflow.cli import main
 from pyramidflow.data import synthetic
 from pyramidflow.inference.curves import pixel_curves, thin
-from pyramidflow.inference.report import (FALSE_ALARM, MISSED, REPORT_NAME, outcome, read_losses)
+from pyramidflow.inference.report import (FALSE_ALARM, MISSED, REPORT_NAME, EvalPlots, eval_gallery, gallery_order,
+                                          outcome, read_losses)
+from pyramidflow.inference.report_index import HEADLINE, write_index_report
 from pyramidflow.inference.visualize import overlay_panel
 from pyramidflow.metrics import aupro, pixel_auroc
 from pyramidflow.train.log import LOG_NAME
@@ -97,10 +101,78 @@ def test_eval_report_loads_every_image_and_shows_the_figures_of_metrics_json(bro
 
 
 @pytest.mark.slow
-def test_demo_writes_a_report_per_category_that_renders(browser, tmp_path):
+def test_demo_writes_a_report_per_category_that_renders(browser, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--size", "32", "--device", "cpu"]) == 0
+    assert f"open {tmp_path / REPORT_NAME} to see them" in capsys.readouterr().out
     for category in synthetic.CATEGORIES:
         _check_eval_page(browser, tmp_path / category)
+    _check_index_page(browser, tmp_path, [tmp_path / category for category in synthetic.CATEGORIES])
+
+
+def test_index_page_links_each_evaluation_with_the_figures_of_its_metrics_json(browser, evaluated, tmp_path):
+    for name in ("first", "second"):
+        shutil.copytree(evaluated, tmp_path / "runs" / name)
+    folders = [tmp_path / "runs" / "second", tmp_path / "runs" / "first"]
+    assert write_index_report(tmp_path, folders) == tmp_path / REPORT_NAME
+    _check_index_page(browser, tmp_path, folders)
+
+
+def test_index_page_refuses_a_folder_it_cannot_link_or_read(evaluated, tmp_path):
+    for folder in (evaluated, tmp_path):  # elsewhere, or the folder whose own page the index would replace
+        with pytest.raises(ValueError, match="is not under"):
+            write_index_report(tmp_path, [folder])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="metrics.json"):
+        write_index_report(tmp_path, [tmp_path / "empty"])
+
+
+def _check_index_page(browser, root: Path, folders: list) -> None:
+    """``root/report.html`` shows one card per evaluation folder, in order, whose figures, links and picture
+    are those of the folder's ``metrics.json`` and ``report.html``."""
+    page = root / REPORT_NAME
+    _open(browser, page)
+    _loaded_from_disk_only(browser)
+    links = browser.execute_script("return Array.from(document.links).map(a => a.href)")
+    assert links
+    for link in links:  # every link is a file beside the page
+        assert urlparse(link).scheme == "file" and Path(unquote(urlparse(link).path)).is_file(), link
+    cards = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#runs section')).map(s => [s.querySelector('h2 a').href, "
+        "s.querySelector('table').dataset.source, s.querySelector('img').src, "
+        "Array.from(s.querySelectorAll('td[data-key]')).map(c => [c.dataset.key, c.dataset.value, c.textContent])])")
+    assert len(cards) == len(folders)
+    for (href, source, image, cells), folder in zip(cards, folders):
+        assert Path(unquote(urlparse(href).path)) == (folder / REPORT_NAME).resolve()
+        metrics = json.loads((root / source).read_text())
+        assert (root / source).resolve() == (folder / "metrics.json").resolve()
+        items = eval_gallery(metrics["images"])
+        assert Path(unquote(urlparse(image).path)) == (folder / items[gallery_order(items)[0]].overlay).resolve()
+        assert [json.loads(key) for key, _, _ in cells] == [[key] for _, key, _ in HEADLINE]
+        for key, value, text in cells:
+            figure = _lookup(metrics, json.loads(key))
+            assert float(value) == figure and abs(float(text) - figure) <= 5e-5, (key, text, figure)
+
+
+def test_eval_plots_raise_what_their_thread_raised_and_end_it(tmp_path):
+    masks = np.zeros((2, 8, 8))  # no defect pixel: the pixel curves are undefined
+    metrics = {"images": [{"score": 0.1, "label": 0}, {"score": 0.2, "label": 0}], "pixel_auroc": 0.5,
+               "image_auroc": 0.5, "aupro": 0.5, "image_threshold": 0.15}
+    before = threading.active_count()
+    with EvalPlots(tmp_path / LOG_NAME) as plots:
+        with pytest.raises(RuntimeError, match="draw_curves"):
+            plots.figures()
+        plots.draw_curves(metrics, np.ones_like(masks), masks)
+        with pytest.raises(ValueError, match="no defect pixels"):
+            plots.figures()
+    assert threading.active_count() == before
+
+
+def test_eval_without_report_writes_metrics_and_overlays_only(trained, data_root, tmp_path):
+    assert main(["eval", "--checkpoint", str(trained), "--data", str(data_root), "--category", "nut",
+                 "--out", str(tmp_path), "--device", "cpu", "--no-report"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert not (tmp_path / REPORT_NAME).exists()
+    assert all((tmp_path / row["overlay"]).is_file() for row in metrics["images"])
 
 
 def _check_eval_page(browser, folder: Path) -> None:
