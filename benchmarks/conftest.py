@@ -46,7 +46,7 @@ def pytest_addoption(parser):
         "--bench-long",
         action="store_true",
         default=False,
-        help="on CPU also the long rows: every step-group mode, rounds and count at sides above 256, 16 stacks in the depth sweep",
+        help="on CPU also the long rows: every step-group mode, rounds and count at sides above 256, 16 stacks in the depth sweep, the resolution sweep",
     )
 
 

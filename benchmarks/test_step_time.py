@@ -16,9 +16,9 @@ loss, clipping, Adam and drift policy, ``drift="recompute"``) on the paper's con
   minute on 2 cores. ``--bench-long`` runs such sides in full and adds invertible with ``drift="off"``.
 * ``depth``: peak memory against the number of stacks (1, 2, 8; 16 with ``--bench-long``; 4 is the
   ``step`` group's 256 px row) at 256 px, autograd, checkpoint, invertible and the memcnn peer.
-* ``resolution``: peak memory against the image side at 4 stacks (512 px on CPU; 2048 on CUDA, 4096
-  tiled), autograd, invertible and invertible with tiles of 128 px; the ``step`` group's sides are its
-  other points.
+* ``resolution``: peak memory against the image side at 4 stacks (on CPU 512 px with ``--bench-long``;
+  on CUDA 512 and 2048, 4096 tiled), autograd, invertible and invertible with tiles of 128 px; the
+  ``step`` group's sides are its other points.
 * ``encoder``: the ResNet18 variant (features at 1/4 of the input side, C = 64) at
   ``--bench-encoder-resolution`` input (1024 on CUDA; on CPU 512, k = 3 and one round).
 
@@ -109,11 +109,13 @@ def test_step(benchmark, device, channels, step_size, rounds, long_run, monkeypa
     modes = _step_modes(device, channels, full, long_run)
     for mode in modes:
         mode.built = mode.make(step_size)
-    if full:
+    measured = {}
+    if full:  # warm-up (Adam's state, the CVN running means), probe and count before the timed rounds
         timed_rounds = rounds
-        for mode in modes:  # Adam's state, the CVN running means, the allocator (NOTE [probe after a probed step])
-            warm_up_probed(mode.call, device)
-    else:  # the first steps are the timed round and the memory probe's warm-up
+        for mode in modes:
+            warm_up_probed(mode.call, device)  # NOTE [probe after a probed step]
+            measured[mode.name] = peak_memory(mode.call, device)[0], step_size, count_work(mode.call)
+    else:  # the first steps are the timed round; probe and count after it
         timed_rounds = request.config.getoption("--bench-rounds") or 1
 
     def one_round():
@@ -123,13 +125,11 @@ def test_step(benchmark, device, channels, step_size, rounds, long_run, monkeypa
     benchmark.pedantic(one_round, rounds=timed_rounds, iterations=1, warmup_rounds=0)
     rows = {}
     for mode in modes:
-        peak, _ = peak_memory(mode.call, device)
-        if full:
-            counted_at, work = step_size, count_work(mode.call)
-        else:
+        if not full:
             small = _Mode(mode.name, mode.make, mode.backend, mode.make(COUNT_SIDE))
             small.call()
-            counted_at, work = COUNT_SIDE, count_work(small.call)
+            measured[mode.name] = peak_memory(mode.call, device)[0], COUNT_SIDE, count_work(small.call)
+        peak, counted_at, work = measured[mode.name]
         rows[mode.name] = dict(median_s=statistics.median(mode.times), times_s=mode.times, peak_bytes=int(peak),
                                aten_calls=work.aten_calls, flops=work.flops, counted_at=counted_at)
         record_row(benchmark, mode=mode.name, resolution=step_size, depth=4, baseline="autograd",
@@ -182,12 +182,14 @@ def _resolutions(device, tiled=False):
 @pytest.mark.benchmark(group="resolution")
 @pytest.mark.parametrize("side", [256, 512, 1024, 2048, 4096])
 @pytest.mark.parametrize("mode", ["autograd", "invertible", f"invertible, tiles of {TILE}"])
-def test_memory_against_resolution(benchmark, measure_step, device, channels, mode, side, kernel_backend, request):
+def test_memory_against_resolution(benchmark, measure_step, device, channels, mode, side, long_run, kernel_backend, request):
     tiled = mode.endswith(f"tiles of {TILE}")
     if side not in _resolutions(device, tiled):
         pytest.skip("2048 px (4096 px tiled) is measured on CUDA only (CPU time budget)")
     if side in step_sizes(request.config):
         pytest.skip("this side is the step group's (the same run)")
+    if not long_run:
+        pytest.skip("on CPU the resolution sweep's own sides are long rows (--bench-long)")
     kernel_backend("reference")
     step = _sweep_step(device, channels, mode.split(",")[0], side, backward_tile=TILE if tiled else None)
     measure_step(step, row=dict(mode=mode, resolution=side, depth=4, note=_note(channels)), memory_only=device.type == "cpu")
