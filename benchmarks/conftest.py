@@ -138,14 +138,13 @@ def measure_step(benchmark, device, rounds):
 
 
 def warm_up_probed(step: Callable[[], object], device) -> None:
-    """The warm-up step before a memory probe, itself run under the probe.
-
-    NOTE [probe after a probed step]: on CPU the probe sums the profiler's allocation and free events,
-    and a free of a block allocated before the profiler started has no size, so it is left out. A step
-    frees what the step before it left (the gradients, the drift monitor's state): after an unprofiled
-    warm-up the probe counts about 5 MiB too much at 128 and 256 px. After a probed one it sees every
-    allocation the measured step frees.
-    """
+    """The warm-up step before a memory probe, itself run under the probe (NOTE [probe after a probed step])."""
+    # NOTE [probe after a probed step]
+    # On CPU the probe sums the profiler's allocation and free events, and a free of a block allocated
+    # before the profiler started has no size, so it is left out. A step frees what the step before it
+    # left (the gradients, the drift monitor's state): after an unprofiled step the probe counts 3 to
+    # 6 MiB too much (paper configuration, 128 to 512 px). After a probed one it sees every
+    # allocation the measured step frees.
     peak_memory(step, device)
 
 
