@@ -14,7 +14,7 @@ from pyramidflow import InvertibleSequential
 from pyramidflow.engine import MODES, AffineCoupling
 from pyramidflow.memory import peak_memory
 
-from conftest import record_row
+from conftest import record_row, warm_up_probed
 
 
 
@@ -50,7 +50,7 @@ def test_engine_step_interleaved(benchmark, device, rounds):
     peaks = {}
     for mode in MODES:
         seq.mode = mode
-        _step(seq, x)()
+        warm_up_probed(_step(seq, x), device)
         peaks[mode], _ = peak_memory(_step(seq, x), device)
 
     def one_round():

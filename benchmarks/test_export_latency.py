@@ -1,8 +1,8 @@
 """Inference latency of one 256 px image: the exported ONNX graph in onnxruntime against PyTorch, on the CPU.
 
 The graph is :class:`pyramidflow.inference.export.InferenceGraph` (image -> anomaly map and score, template baked
-in) for the method's architecture at ``--bench-channels`` width (C = 4 by default on CPU, the paper's
-16 with ``--bench-channels 16``), 4 stacks, L = 4, CVN, batch 1. Both runtimes get the same number of
+in) for the method's architecture at ``--bench-channels`` width (the paper's 16 by default; C = 4 with
+``--bench-channels 4``), 4 stacks, L = 4, CVN, batch 1. Both runtimes get the same number of
 threads (torch's). The two are timed in alternation, round after round, so that a shared machine's
 load falls on both alike; pytest-benchmark times the onnxruntime call and ``extra_info`` holds both
 medians and their ratio (``--benchmark-json``; printed with ``-s``).

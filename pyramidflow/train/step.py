@@ -18,7 +18,8 @@ from torch import Tensor
 from ..model.loss import objective_loss
 from .config import TrainConfig
 
-__all__ = ["StepWork", "count_step_work", "make_optimizer", "step_on_random_images", "training_step"]
+__all__ = ["StepWork", "count_step_work", "count_work", "make_optimizer", "step_on_random_images", "training_step",
+           "training_step_on"]
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Adam:
@@ -84,17 +85,24 @@ def training_step(
 
 def step_on_random_images(config, size: int, batch_size: int = 2, device: str | torch.device = "cpu",
                           train_config: Optional[TrainConfig] = None) -> Callable[[], Tensor]:
-    """A fresh ``PyramidFlow(config)`` with its Adam, and a call that takes one :func:`training_step` of it on
-    fixed random images as ``pyramidflow train`` does (its drift policy too): what the benchmarks time
-    and :func:`pyramidflow.memory.plan.measure_training_peak` measures."""
+    """A fresh ``PyramidFlow(config)`` and a call that takes one training step of it on fixed random images
+    (:func:`training_step_on`): what the benchmarks time and :func:`pyramidflow.memory.plan.measure_training_peak`
+    measures."""
     from ..model import PyramidFlow  # noqa: PLC0415
 
-    settings = train_config or TrainConfig(steps=1)
     torch.manual_seed(0)
     model = PyramidFlow(config).to(device).train()
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    return training_step_on(model, images, train_config)
+
+
+def training_step_on(model: torch.nn.Module, images: Tensor,
+                     train_config: Optional[TrainConfig] = None) -> Callable[[], Tensor]:
+    """A call that takes one :func:`training_step` of ``model`` (a ``PyramidFlow``, possibly with its blocks
+    wrapped) on ``images`` as ``pyramidflow train`` does: its Adam, clipping and drift policy."""
+    settings = train_config or TrainConfig(steps=1)
     model.flow.drift = settings.drift
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
-    images = torch.randn(batch_size, 3, size, size, device=device)
     return lambda: training_step(model, optimizer, images, objective=model.config.objective, config=settings)
 
 
@@ -117,13 +125,18 @@ class StepWork:
 
 def count_step_work(config, size: int, batch_size: int = 2, train_config: Optional[TrainConfig] = None) -> StepWork:
     """The work of one :func:`step_on_random_images` step of ``PyramidFlow(config)``, after a warm-up step
-    (Adam's state and the CVN running means exist): the step runs once under the profiler and once
+    (Adam's state and the CVN running means exist)."""
+    step = step_on_random_images(config, size, batch_size, train_config=train_config)
+    step()
+    return count_work(step)
+
+
+def count_work(step: Callable[[], object]) -> StepWork:
+    """The work of one call of ``step``, warmed up by the caller: it runs once under the profiler and once
     under the FLOP counter, doing the same work both times."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
-    step = step_on_random_images(config, size, batch_size, train_config=train_config)
-    step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     calls = collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
