@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -50,12 +50,12 @@ _TWO_OVER_PI = 2.0 / math.pi  # the reference implementation rounds this to 0.63
 
 def soft_clamp(r: Tensor, clamp: float) -> Tensor:
     """Smoothly bound ``r`` to ``(-clamp, clamp)``: ``clamp * (2/pi) * atan(r / clamp)``."""
-    return clamp * _TWO_OVER_PI * torch.atan(r / clamp)
+    return _soft_clamp_of_ratio(r / clamp, clamp)
 
 
-def _soft_clamp_grad(r: Tensor, clamp: float) -> Tensor:
-    """Derivative of :func:`soft_clamp` with respect to ``r``."""
-    return _TWO_OVER_PI / (1.0 + (r / clamp) ** 2)
+def _soft_clamp_of_ratio(ratio: Tensor, clamp: float, out: Optional[Tensor] = None) -> Tensor:
+    """:func:`soft_clamp` from ``ratio = r / clamp``, into ``out`` (which may be ``ratio``: no graph) if given."""
+    return torch.mul(torch.atan(ratio, out=out), clamp * _TWO_OVER_PI, out=out)
 
 
 def volume_norm_dims(volume_norm: Optional[str]) -> Tuple[int, ...]:
@@ -108,8 +108,11 @@ def scale_shift_inverse(y: Tensor, s: Tensor, t: Tensor) -> Tensor:
     return _affine_inverse(torch.exp(s), y, t)
 
 
-def _affine(scale: Tensor, x: Tensor, t: Tensor) -> Tensor:
-    return scale * x + t
+def _affine(scale: Tensor, x: Tensor, t: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``scale * x + t``; into ``out`` (which may be ``x``: no graph), if given, in one op."""
+    if out is None:
+        return scale * x + t
+    return torch.addcmul(t, scale, x, out=out)
 
 
 # NOTE [inverse in float32]
@@ -227,47 +230,96 @@ def affine_coupling_bwd(
 # Invertible backward holds y (here W^-1 of the block output), r and t (the
 # network's output) and g only to turn them into x, grad_r, grad_t and grad_x:
 # each result may take the storage of the operand it replaces. The work runs
-# over slices (a sample and a few channels at a time, _slices), and a slice's
-# operands are all read before any of its results is written, so `out` may
-# alias the operands element for element (x over y, grad_x over grad_y, grad_r
-# over r, grad_t over t); the temporaries are one slice's. A batch mean
-# (training VN) needs every sample first: a read-only pass sums the clamped r
-# and grad_s, then the pass that writes. On meta only the first and last
-# samples' slices run (NOTE [samples on meta]).
-_SLICE_FRACTION = 8  # a slice holds at most 1/8 of a tensor (and at least one channel plane)
+# over slices (NOTE [slices of the reference ops]), and a slice's operands are
+# all read before any of its results is written, so `out` may alias the
+# operands element for element (x over y, grad_x over grad_y, grad_r over r,
+# grad_t over t). A batch mean (training VN) needs every sample first: a
+# read-only pass sums the clamped r and grad_s, then the pass that writes.
+#
+# NOTE [slices of the reference ops]
+# The no-grad ops work one slice at a time, a sample and a run of its
+# channels. A slice's temporaries are three slice-sized tensors at most (the
+# clamp's ratio, which becomes the log-scale and then the scale; the divisor
+# of the clamp's derivative; y - t, which becomes grad_s), so slices of 1/8 of
+# a large level keep them to 3/8 of it. Each slice costs about a dozen ops
+# whatever its size, so a slice is not cut below _SLICE_BYTES where the
+# sample allows: a tensor under 8 MiB (a tile, a coarse level, every level at
+# 128 px) runs in whole samples, or 1 MiB runs of channels, with at most
+# 3 MiB of temporaries, a bound in bytes rather than a fraction. Those never
+# set a step's peak: at 64 px (tests/model/test_step_memory.py), where a whole
+# step peaks at 2-3 MiB, invertible mode measures 0.69 of checkpoint mode's
+# peak with whole samples as with eighths, and `pyramidflow plan --size 1024`
+# gives the same peaks. On meta only the first and last samples' slices run
+# (NOTE [samples on meta]).
+_SLICE_FRACTION = 8  # a slice holds at most 1/8 of a tensor, ...
+_SLICE_BYTES = 2**20  # ... unless that is less than this (and at least one channel plane, at most one sample)
 
 
-def _slices(like: Tensor):
-    """``(n, channel slice)`` pairs covering an ``(N, C, H, W)`` tensor, each about 1/8 of it or one plane."""
+def _slices(like: Tensor) -> Iterator[Tuple[int, int, int]]:
+    """``(n, first channel, channels)`` covering an ``(N, C, H, W)`` tensor (NOTE [slices of the reference ops])."""
     batch, channels = like.shape[0], like.shape[1]
-    step = max(1, (batch * channels) // _SLICE_FRACTION)
+    plane = max(1, math.prod(like.shape[2:]) * like.element_size())
+    step = max(1, (batch * channels) // _SLICE_FRACTION, _SLICE_BYTES // plane)
     step = min(step, channels)
     for n in samples_to_run(batch, like):
         for start in range(0, channels, step):
-            yield n, slice(start, min(start + step, channels))
+            yield n, start, min(step, channels - start)
 
 
-def _channel_part(mean: Tensor, c: slice) -> Tensor:
-    """The part of a VN mean ``(1, 1, H, W)`` (CVN) or ``(1, C, 1, 1)`` (SVN) that channels ``c`` use."""
-    return mean[:, c] if mean.shape[1] > 1 else mean
+def _part(x: Tensor, n: int, start: int, channels: int) -> Tensor:
+    """Sample ``n``, channels ``start:start + channels`` of an ``(N, C, H, W)`` tensor, as one view (one op)."""
+    return x.as_strided((1, channels, *x.shape[2:]), x.stride(), x.storage_offset() + n * x.stride(0) + start * x.stride(1))
 
 
-def _sliced_mean(value, like: Tensor, dims: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Mean over ``dims`` of ``value(index)`` for the slices of ``like``, summed a slice at a time (:func:`_slices`)."""
-    shape = tuple(like.shape)
-    reduce_channels = 1 in dims
-    mean_shape = [1, 1 if reduce_channels else shape[1], 1 if 2 in dims else shape[2], 1 if 3 in dims else shape[3]]
-    total = torch.zeros(mean_shape, dtype=dtype, device=like.device)
-    for n, c in _slices(like):
-        total[:, slice(None) if reduce_channels else c] += value((slice(n, n + 1), c)).sum(dim=dims, keepdim=True)
-    return total / math.prod(shape[d] for d in dims)
+def _mean_part(mean: Tensor, start: int, channels: int) -> Tensor:
+    """The part of a VN mean ``(1, 1, H, W)`` (CVN) or ``(1, C, 1, 1)`` (SVN) that channels ``start:`` use."""
+    return _part(mean, 0, start, channels) if mean.dim() == 4 and mean.shape[1] > 1 else mean
 
 
-def _batch_means(y: Tensor, r: Tensor, t: Tensor, grad_y: Tensor, dims: Tuple[int, ...], clamp: float) -> Tuple[Tensor, Tensor]:
-    """Batch means of the clamped ``r`` and of ``grad_s = g (y - t)`` over ``dims``, a slice at a time."""
-    clamped = _sliced_mean(lambda i: soft_clamp(r[i], clamp), r, dims, r.dtype)
-    dtype = torch.promote_types(r.dtype, grad_y.dtype)
-    return clamped, _sliced_mean(lambda i: grad_y[i] * (y[i] - t[i]), r, dims, dtype)
+def _mean_shape(like: Tensor, dims: Tuple[int, ...]) -> List[int]:
+    return [1 if d in dims else size for d, size in enumerate(like.shape)]
+
+
+def _batch_means(
+    r: Tensor, dims: Tuple[int, ...], clamp: float, grad_operands: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Batch means over ``dims`` of the clamped ``r`` and, given ``(y, t, grad_y)``, of ``grad_s = g (y - t)``:
+    one read-only pass over the slices."""
+    shape = _mean_shape(r, dims)
+    clamped = torch.zeros(shape, dtype=r.dtype, device=r.device)
+    grad_s = None
+    if grad_operands is not None:
+        y, t, grad_y = grad_operands
+        grad_s = torch.zeros(shape, dtype=torch.promote_types(r.dtype, grad_y.dtype), device=r.device)
+    for n, start, channels in _slices(r):
+        ratio = torch.div(_part(r, n, start, channels), clamp)
+        _mean_part(clamped, start, channels).add_(_soft_clamp_of_ratio(ratio, clamp, out=ratio).sum(dim=dims, keepdim=True))
+        del ratio
+        if grad_s is not None:
+            product = torch.sub(_part(y, n, start, channels), _part(t, n, start, channels))
+            product = _mul_(product, _part(grad_y, n, start, channels))
+            _mean_part(grad_s, start, channels).add_(product.sum(dim=dims, keepdim=True))
+            del product
+    count = math.prod(r.shape[d] for d in dims)
+    return clamped.div_(count), None if grad_s is None else grad_s.div_(count)
+
+
+def _mul_(a: Tensor, b: Tensor) -> Tensor:
+    """``a * b``, in place on ``a`` where that keeps the eager result's dtype."""
+    return a.mul_(b) if torch.result_type(a, b) == a.dtype else a * b
+
+
+def _sub_(a: Tensor, b: Tensor) -> Tensor:
+    """``a - b``, in place on ``a`` where that keeps the eager result's dtype."""
+    return a.sub_(b) if torch.result_type(a, b) == a.dtype else a - b
+
+
+def _slice_scale(ratio: Tensor, clamp: float, mean: Optional[Tensor]) -> Tensor:
+    """``exp(s)`` of a slice as :func:`log_scale` gives ``s``, from a fresh ``ratio = r / clamp``, in place over it."""
+    s = _soft_clamp_of_ratio(ratio, clamp, out=ratio)
+    if mean is not None:
+        s = _sub_(s, mean)
+    return s.exp_()
 
 
 def affine_coupling_into(
@@ -289,14 +341,15 @@ def affine_coupling_into(
     with torch.no_grad():
         batch_mean = None
         if dims and running_mean is None:
-            batch_mean = _sliced_mean(lambda i: soft_clamp(r[i], clamp), r, dims, r.dtype)
+            batch_mean, _ = _batch_means(r, dims, clamp)
         mean = batch_mean if batch_mean is not None else (running_mean if dims else None)
-        for n, c in _slices(r):
-            index = (slice(n, n + 1), c)
-            s = soft_clamp(r[index], clamp)
-            if mean is not None:
-                s = s - _channel_part(mean, c)
-            out[index].copy_(_affine(s.exp_(), x[index], t[index]))
+        for n, start, channels in _slices(r):
+            mean_part = None if mean is None else _mean_part(mean, start, channels)
+            scale = _slice_scale(torch.div(_part(r, n, start, channels), clamp), clamp, mean_part)
+            x_part = _part(x, n, start, channels)
+            out_part = x_part if out is x else _part(out, n, start, channels)
+            _affine(scale, x_part, _part(t, n, start, channels), out=out_part)
+            del scale
     return batch_mean
 
 
@@ -316,28 +369,37 @@ def affine_coupling_bwd_into(
     ``out`` entries may be ``y``, ``grad_y``, ``r`` and ``t`` themselves (NOTE [backward into the operands]).
     """
     dims = volume_norm_dims(volume_norm)
-    x_out, grad_x_out, grad_r_out, grad_t_out = out
     with torch.no_grad():
         clamped_mean = grad_s_mean = None
         if dims and running_mean is None:  # training VN: the batch means, from a read-only pass
-            clamped_mean, grad_s_mean = _batch_means(y, r, t, grad_y, dims, clamp)
+            clamped_mean, grad_s_mean = _batch_means(r, dims, clamp, (y, t, grad_y))
         elif dims:
             clamped_mean = running_mean
-        for n, c in _slices(r):
-            index = (slice(n, n + 1), c)
-            r_n, g_n = r[index], grad_y[index]
-            s = soft_clamp(r_n, clamp)
-            if clamped_mean is not None:
-                s = s - _channel_part(clamped_mean, c)
-            shifted = y[index] - t[index]
-            grad_r = g_n * shifted  # grad_s
-            if grad_s_mean is not None:
-                grad_r = grad_r - _channel_part(grad_s_mean, c)
-            grad_r = grad_r * _soft_clamp_grad(r_n, clamp)
-            x = shifted.mul_(torch.exp(-s))
-            grad_x = g_n * s.exp_()
-            del s
-            grad_t_out[index].copy_(g_n)  # before grad_x may overwrite g
-            grad_r_out[index].copy_(grad_r)
-            x_out[index].copy_(x)
-            grad_x_out[index].copy_(grad_x)
+        one = r.new_ones(())
+        # grad_r = (2/pi) (grad_s - mean(grad_s)) / (1 + (r/c)^2): the clamp's derivative in two factors
+        shift = r.new_zeros(()) if grad_s_mean is None else grad_s_mean.mul_(-_TWO_OVER_PI)
+        for n, start, channels in _slices(r):
+            operands = [_part(a, n, start, channels) for a in (y, r, t, grad_y)]
+            y_n, r_n, t_n, g_n = operands
+            x_n, grad_x_n, grad_r_n, grad_t_n = (
+                operand if result is whole else _part(result, n, start, channels)
+                for result, whole, operand in zip(out, (y, grad_y, r, t), (y_n, g_n, r_n, t_n))
+            )
+            ratio = torch.div(r_n, clamp)
+            divisor = torch.addcmul(one, ratio, ratio)
+            scale = _slice_scale(ratio, clamp, None if clamped_mean is None else _mean_part(clamped_mean, start, channels))
+            del ratio
+            shifted = torch.sub(y_n, t_n)
+            torch.div(shifted, scale, out=x_n)  # x = (y - t) / exp(s), over y
+            grad_s = _scaled_grad_s(_mean_part(shift, start, channels), shifted, g_n)
+            torch.div(grad_s, divisor, out=grad_r_n)  # over r
+            del shifted, grad_s, divisor
+            grad_t_n.copy_(g_n)  # over t, before grad_x may overwrite g
+            torch.mul(g_n, scale, out=grad_x_n)
+            del scale
+
+
+def _scaled_grad_s(shift: Tensor, shifted: Tensor, grad_y: Tensor) -> Tensor:
+    """``shift + (2/pi) g (y - t)`` from ``shifted = y - t``, in place over it where that keeps the eager dtype."""
+    in_place = torch.result_type(shifted, grad_y) == shifted.dtype and (shift.dim() == 0 or shift.dtype == shifted.dtype)
+    return torch.addcmul(shift, shifted, grad_y, value=_TWO_OVER_PI, out=shifted if in_place else None)

@@ -80,15 +80,17 @@ def _ops_of_a_prediction(config: PyramidFlowConfig, batch: int) -> int:
 def test_a_meta_step_runs_as_many_ops_at_any_batch():
     """What makes the planner's batch search fast: the step's op count does not grow with the batch.
 
-    From batch 8 up, the reference ops slice whole samples (``_SLICE_FRACTION``), so the slicing is alike too.
+    The reference ops slice tensors this small in whole samples (NOTE [slices of the reference ops]), so
+    the slicing is alike too.
     """
     config = PyramidFlowConfig(**TINY)
     assert _ops_of_a_prediction(config, 8) == _ops_of_a_prediction(config, 40)
 
 
 # One loop at a time: each op's peak on meta, counted as the planner counts it, with the ends and with
-# every sample. The reference ops cut each sample of 4 channels into two slices at batch 5, into one
-# at batch 9 (where the last sample's peak includes the slices the one before left).
+# every sample. The reference ops slice these small tensors by the fraction alone here (no floor in
+# bytes, as for a large level: NOTE [slices of the reference ops]): each sample of 4 channels in two
+# slices at batch 5, in one at batch 9 (where the last sample's peak includes the slices the one before left).
 def _meta_peak(fn) -> int:
     counter = planning._LiveBytes()
     with torch.device("meta"), counter:
@@ -98,6 +100,9 @@ def _meta_peak(fn) -> int:
 
 
 def _both_peaks(monkeypatch, fn) -> tuple:
+    from pyramidflow.kernels import reference
+
+    monkeypatch.setattr(reference, "_SLICE_BYTES", 0)
     shortened = _meta_peak(fn)
     with monkeypatch.context() as patch:
         _run_every_sample(patch)
