@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .._meta import samples_to_run
 
 __all__ = [
     "VOLUME_NORMS",
@@ -109,10 +109,11 @@ def scale_shift_inverse(y: Tensor, s: Tensor, t: Tensor) -> Tensor:
 
 
 def _affine(scale: Tensor, x: Tensor, t: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``scale * x + t``; into ``out`` (which may be ``x``: no graph), if given, in one op."""
+    """``scale * x + t``; into ``out`` (which may be ``x``: no graph) if given. Two roundings, never a fused
+    multiply-add: the lean forward's output is bit for bit autograd's (the running means are compared exactly)."""
     if out is None:
         return scale * x + t
-    return torch.addcmul(t, scale, x, out=out)
+    return torch.mul(scale, x, out=out).add_(t)
 
 
 # NOTE [inverse in float32]
@@ -237,68 +238,75 @@ def affine_coupling_bwd(
 # read-only pass sums the clamped r and grad_s, then the pass that writes.
 #
 # NOTE [slices of the reference ops]
-# The no-grad ops work one slice at a time, a sample and a run of its
-# channels. A slice's temporaries are three slice-sized tensors at most (the
-# clamp's ratio, which becomes the log-scale and then the scale; the divisor
-# of the clamp's derivative; y - t, which becomes grad_s), so slices of 1/8 of
-# a large level keep them to 3/8 of it. Each slice costs about a dozen ops
-# whatever its size, so a slice is not cut below _SLICE_BYTES where the
-# sample allows: a tensor under 8 MiB (a tile, a coarse level, every level at
-# 128 px) runs in whole samples, or 1 MiB runs of channels, with at most
-# 3 MiB of temporaries, a bound in bytes rather than a fraction. Those never
-# set a step's peak: at 64 px (tests/model/test_step_memory.py), where a whole
-# step peaks at 2-3 MiB, invertible mode measures 0.69 of checkpoint mode's
-# peak with whole samples as with eighths, and `pyramidflow plan --size 1024`
-# gives the same peaks. On meta only the first and last samples' slices run
-# (NOTE [samples on meta]).
+# The no-grad ops work one slice at a time: a band of rows (CVN) or a run of
+# channels (SVN, none) of every sample, cut along a dimension the VN mean
+# keeps, so that each slice's sum is complete: the batch mean is the one
+# autograd's `mean` computes, bit for bit (the modes' running means are
+# compared exactly). A slice's temporaries are three slice-sized tensors at
+# most (the clamp's ratio, which becomes the log-scale and then the scale; the
+# divisor of the clamp's derivative; y - t, which becomes grad_s), so slices
+# of 1/8 of a large level keep them to 3/8 of it (a slice is at least one row
+# or channel). Each slice costs about a dozen ops whatever its size, so a
+# slice is not cut below _SLICE_BYTES where the tensor allows: a tensor under
+# 8 MiB (a tile, a coarse level, every level at 128 px) runs in 1 MiB slices
+# or whole, with at most 3 MiB of temporaries, a bound in bytes rather than a
+# fraction. Those never set a step's peak: at 64 px
+# (tests/model/test_step_memory.py), where a whole step peaks at 2-3 MiB,
+# invertible mode measures 0.69 of checkpoint mode's peak with whole tensors
+# as with eighths, and `pyramidflow plan --size 1024` gives the same peaks.
+# The number of slices does not grow with the batch, so the planner's meta
+# step runs them all (no NOTE [samples on meta] shortcut is needed).
 _SLICE_FRACTION = 8  # a slice holds at most 1/8 of a tensor, ...
-_SLICE_BYTES = 2**20  # ... unless that is less than this (and at least one channel plane, at most one sample)
+_SLICE_BYTES = 2**20  # ... unless that is less than this (and at least one row or channel)
 
 
-def _slices(like: Tensor) -> Iterator[Tuple[int, int, int]]:
-    """``(n, first channel, channels)`` covering an ``(N, C, H, W)`` tensor (NOTE [slices of the reference ops])."""
-    batch, channels = like.shape[0], like.shape[1]
-    plane = max(1, math.prod(like.shape[2:]) * like.element_size())
-    step = max(1, (batch * channels) // _SLICE_FRACTION, _SLICE_BYTES // plane)
-    step = min(step, channels)
-    for n in samples_to_run(batch, like):
-        for start in range(0, channels, step):
-            yield n, start, min(step, channels - start)
+@dataclass(frozen=True)
+class _Slice:
+    """Indices ``start:start + length`` along dimension ``dim`` of an ``(N, C, H, W)`` tensor."""
+
+    dim: int
+    start: int
+    length: int
+
+    def of(self, x: Tensor) -> Tensor:
+        """This slice of ``x``, as one view (one op)."""
+        size = list(x.shape)
+        size[self.dim] = self.length
+        return x.as_strided(size, x.stride(), x.storage_offset() + self.start * x.stride(self.dim))
+
+    def of_mean(self, mean: Tensor) -> Tensor:
+        """The part of a VN mean (``(1, 1, H, W)`` CVN, ``(1, C, 1, 1)`` SVN, or a scalar) that this slice uses."""
+        return self.of(mean) if mean.dim() == 4 and mean.shape[self.dim] > 1 else mean
 
 
-def _part(x: Tensor, n: int, start: int, channels: int) -> Tensor:
-    """Sample ``n``, channels ``start:start + channels`` of an ``(N, C, H, W)`` tensor, as one view (one op)."""
-    return x.as_strided((1, channels, *x.shape[2:]), x.stride(), x.storage_offset() + n * x.stride(0) + start * x.stride(1))
-
-
-def _mean_part(mean: Tensor, start: int, channels: int) -> Tensor:
-    """The part of a VN mean ``(1, 1, H, W)`` (CVN) or ``(1, C, 1, 1)`` (SVN) that channels ``start:`` use."""
-    return _part(mean, 0, start, channels) if mean.dim() == 4 and mean.shape[1] > 1 else mean
-
-
-def _mean_shape(like: Tensor, dims: Tuple[int, ...]) -> List[int]:
-    return [1 if d in dims else size for d, size in enumerate(like.shape)]
+def _slices(like: Tensor, dims: Tuple[int, ...]) -> Iterator[_Slice]:
+    """Slices covering ``like`` along a dimension the VN mean over ``dims`` keeps (NOTE [slices of the reference ops])."""
+    dim = 2 if 1 in dims else 1
+    size = like.shape[dim]
+    unit = max(1, like.numel() // max(1, size) * like.element_size())  # bytes of one row or channel
+    step = max(1, min(size, max(size // _SLICE_FRACTION, _SLICE_BYTES // unit)))
+    for start in range(0, size, step):
+        yield _Slice(dim, start, min(step, size - start))
 
 
 def _batch_means(
     r: Tensor, dims: Tuple[int, ...], clamp: float, grad_operands: Optional[Tuple[Tensor, Tensor, Tensor]] = None
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Batch means over ``dims`` of the clamped ``r`` and, given ``(y, t, grad_y)``, of ``grad_s = g (y - t)``:
-    one read-only pass over the slices."""
-    shape = _mean_shape(r, dims)
-    clamped = torch.zeros(shape, dtype=r.dtype, device=r.device)
+    one read-only pass over the slices, each slice's sum complete (NOTE [slices of the reference ops])."""
+    shape = [1 if d in dims else size for d, size in enumerate(r.shape)]
+    clamped = torch.empty(shape, dtype=r.dtype, device=r.device)
     grad_s = None
     if grad_operands is not None:
         y, t, grad_y = grad_operands
-        grad_s = torch.zeros(shape, dtype=torch.promote_types(r.dtype, grad_y.dtype), device=r.device)
-    for n, start, channels in _slices(r):
-        ratio = torch.div(_part(r, n, start, channels), clamp)
-        _mean_part(clamped, start, channels).add_(_soft_clamp_of_ratio(ratio, clamp, out=ratio).sum(dim=dims, keepdim=True))
+        grad_s = torch.empty(shape, dtype=torch.promote_types(r.dtype, grad_y.dtype), device=r.device)
+    for part in _slices(r, dims):
+        ratio = torch.div(part.of(r), clamp)
+        torch.sum(_soft_clamp_of_ratio(ratio, clamp, out=ratio), dim=dims, keepdim=True, out=part.of_mean(clamped))
         del ratio
         if grad_s is not None:
-            product = torch.sub(_part(y, n, start, channels), _part(t, n, start, channels))
-            product = _mul_(product, _part(grad_y, n, start, channels))
-            _mean_part(grad_s, start, channels).add_(product.sum(dim=dims, keepdim=True))
+            product = _mul_(torch.sub(part.of(y), part.of(t)), part.of(grad_y))
+            torch.sum(product, dim=dims, keepdim=True, out=part.of_mean(grad_s))
             del product
     count = math.prod(r.shape[d] for d in dims)
     return clamped.div_(count), None if grad_s is None else grad_s.div_(count)
@@ -343,12 +351,10 @@ def affine_coupling_into(
         if dims and running_mean is None:
             batch_mean, _ = _batch_means(r, dims, clamp)
         mean = batch_mean if batch_mean is not None else (running_mean if dims else None)
-        for n, start, channels in _slices(r):
-            mean_part = None if mean is None else _mean_part(mean, start, channels)
-            scale = _slice_scale(torch.div(_part(r, n, start, channels), clamp), clamp, mean_part)
-            x_part = _part(x, n, start, channels)
-            out_part = x_part if out is x else _part(out, n, start, channels)
-            _affine(scale, x_part, _part(t, n, start, channels), out=out_part)
+        for part in _slices(r, dims):
+            scale = _slice_scale(torch.div(part.of(r), clamp), clamp, None if mean is None else part.of_mean(mean))
+            x_part = part.of(x)
+            _affine(scale, x_part, part.of(t), out=x_part if out is x else part.of(out))
             del scale
     return batch_mean
 
@@ -378,20 +384,19 @@ def affine_coupling_bwd_into(
         one = r.new_ones(())
         # grad_r = (2/pi) (grad_s - mean(grad_s)) / (1 + (r/c)^2): the clamp's derivative in two factors
         shift = r.new_zeros(()) if grad_s_mean is None else grad_s_mean.mul_(-_TWO_OVER_PI)
-        for n, start, channels in _slices(r):
-            operands = [_part(a, n, start, channels) for a in (y, r, t, grad_y)]
-            y_n, r_n, t_n, g_n = operands
+        for part in _slices(r, dims):
+            y_n, r_n, t_n, g_n = (part.of(a) for a in (y, r, t, grad_y))
             x_n, grad_x_n, grad_r_n, grad_t_n = (
-                operand if result is whole else _part(result, n, start, channels)
+                operand if result is whole else part.of(result)
                 for result, whole, operand in zip(out, (y, grad_y, r, t), (y_n, g_n, r_n, t_n))
             )
             ratio = torch.div(r_n, clamp)
             divisor = torch.addcmul(one, ratio, ratio)
-            scale = _slice_scale(ratio, clamp, None if clamped_mean is None else _mean_part(clamped_mean, start, channels))
+            scale = _slice_scale(ratio, clamp, None if clamped_mean is None else part.of_mean(clamped_mean))
             del ratio
             shifted = torch.sub(y_n, t_n)
             torch.div(shifted, scale, out=x_n)  # x = (y - t) / exp(s), over y
-            grad_s = _scaled_grad_s(_mean_part(shift, start, channels), shifted, g_n)
+            grad_s = _scaled_grad_s(part.of_mean(shift), shifted, g_n)
             torch.div(grad_s, divisor, out=grad_r_n)  # over r
             del shifted, grad_s, divisor
             grad_t_n.copy_(g_n)  # over t, before grad_x may overwrite g

@@ -15,13 +15,14 @@ MODES = [(None, False), ("CVN", False), ("CVN", True), ("SVN", False), ("SVN", T
 SHAPE = (3, 5, 7, 9)  # enough samples and channels for several slices
 
 
-@pytest.fixture(params=["whole samples", "runs of channels"])
+@pytest.fixture(params=["whole", "sliced"])
 def slicing(request, monkeypatch):
-    """The reference ops' slices (NOTE [slices of the reference ops]): a tensor this small runs in whole
-    samples; without the floor in bytes, as a large level, each sample is cut into runs of channels."""
-    if request.param == "runs of channels":
+    """The reference ops' slices (NOTE [slices of the reference ops]): a tensor this small runs whole;
+    without the floor in bytes, as a large level, it is cut into bands of rows or runs of channels."""
+    if request.param == "sliced":
         monkeypatch.setattr(reference, "_SLICE_BYTES", 0)
-        assert len({start for _, start, _ in reference._slices(torch.empty(SHAPE))}) > 1
+        for dims in ((0, 1), (0, 2, 3)):
+            assert len(list(reference._slices(torch.empty(SHAPE), dims))) > 1
     return request.param
 
 
