@@ -13,6 +13,7 @@ fixed signs; ``W = P · L · (U + diag(sign · exp(w_s - mean(w_s))))``.
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -31,6 +32,35 @@ def _random_orthogonal(channels: int, rotation: bool) -> Tensor:
     if rotation and torch.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
+
+
+# NOTE [the factors in one gather]
+# L and U are built from the parameters in one op: the vector [lower, upper,
+# diagonal, 0, 1] is gathered by a fixed (2, C, C) index, which places each
+# entry (a parameter, a diagonal value, or the 0s and 1s of the unit lower
+# triangle) where `W = P L U` wants it, in the order the parameters are
+# packed. The index and the two constants are cached per size, dtype and
+# device rather than held as buffers: a block's buffers are copied and
+# restored around every recomputation (NOTE [running stats under
+# recomputation]), and these never change.
+@functools.lru_cache(maxsize=None)
+def _factor_index(channels: int, device: torch.device) -> Tensor:
+    """The flat gather index of ``(L, U)`` into ``[lower, upper, diagonal, 0, 1]`` (NOTE [the factors in one gather])."""
+    c, pairs = channels, channels * (channels - 1) // 2
+    rows, cols = torch.tril_indices(c, c, offset=-1)
+    zero, one = 2 * pairs + c, 2 * pairs + c + 1
+    lower = torch.full((c, c), zero, dtype=torch.long)
+    lower[rows, cols] = torch.arange(pairs)
+    lower.fill_diagonal_(one)
+    upper = torch.full((c, c), zero, dtype=torch.long)
+    upper[cols, rows] = pairs + torch.arange(pairs)
+    upper[torch.arange(c), torch.arange(c)] = 2 * pairs + torch.arange(c)
+    return torch.stack([lower, upper]).flatten().to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _zero_one(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor([0.0, 1.0], dtype=dtype, device=device)
 
 
 # NOTE [volume normalisation of the 1x1 conv]
@@ -73,8 +103,6 @@ class InvertibleConv1x1(nn.Module):
         self.lower = nn.Parameter(lower[rows, cols].to(dtype))
         self.upper = nn.Parameter(upper[cols, rows].to(dtype))
         self.log_diagonal = nn.Parameter(torch.log(diagonal.abs()).to(dtype))
-        self.register_buffer("_rows", rows, persistent=False)
-        self.register_buffer("_cols", cols, persistent=False)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, volume_norm={self.volume_norm}"
@@ -82,7 +110,7 @@ class InvertibleConv1x1(nn.Module):
     def _log_magnitudes(self) -> Tensor:
         """``w_s``, volume-normalised or not: NOTE [volume normalisation of the 1x1 conv]."""
         if self.volume_norm:
-            return self.log_diagonal - self.log_diagonal.mean()
+            return self.log_diagonal - self.log_diagonal.sum() / self.channels  # the mean, in fewer ops
         return self.log_diagonal
 
     def log_abs_det(self) -> Tensor:
@@ -91,12 +119,10 @@ class InvertibleConv1x1(nn.Module):
 
     def _factors(self) -> Tuple[Tensor, Tensor]:
         """``L`` (unit lower) and ``U`` with its volume-normalised diagonal, as C×C matrices."""
-        c = self.channels
-        eye = torch.eye(c, dtype=self.lower.dtype, device=self.lower.device)
-        lower = eye.index_put((self._rows, self._cols), self.lower)
-        w_s = self._log_magnitudes()
-        upper = torch.diag(self.sign * torch.exp(w_s)).index_put((self._cols, self._rows), self.upper)
-        return lower, upper
+        diagonal = self.sign * torch.exp(self._log_magnitudes())
+        values = torch.cat([self.lower, self.upper, diagonal, _zero_one(diagonal.dtype, diagonal.device)])
+        factors = values.index_select(0, _factor_index(self.channels, values.device)).view(2, self.channels, self.channels)
+        return factors[0], factors[1]
 
     def weight(self) -> Tensor:
         """``W = P L U``, ``(C, C)``; differentiable in the parameters."""
@@ -115,15 +141,16 @@ class InvertibleConv1x1(nn.Module):
         return self.permutation @ lower @ upper
 
     def _inverse(self, lower: Tensor, upper: Tensor) -> Tensor:
-        eye = torch.eye(self.channels, dtype=lower.dtype, device=lower.device)
-        inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
-        inv_upper = torch.linalg.solve_triangular(upper, eye, upper=True)
-        return inv_upper @ inv_lower @ self.permutation.T
+        # W⁻¹ = U⁻¹ (L⁻¹ Pᵀ): two triangular solves with Pᵀ on the right-hand side, no inverse formed apart
+        rotated = torch.linalg.solve_triangular(lower, self.permutation.T, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(upper, rotated, upper=True)
 
     @staticmethod
     def apply(x: Tensor, matrix: Tensor) -> Tensor:
         """``matrix · x`` at every pixel: ``(C, C)`` on ``(N, C, H, W)``."""
-        return F.conv2d(x, matrix.to(x.dtype)[:, :, None, None])
+        if matrix.dtype != x.dtype:
+            matrix = matrix.to(x.dtype)
+        return F.conv2d(x, matrix.view(*matrix.shape, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         """``y = W x`` at every pixel of ``x`` ``(N, C, H, W)``."""
