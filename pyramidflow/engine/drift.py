@@ -185,7 +185,7 @@ class Fingerprinter:
             if x.dim() == 0:
                 return x.reshape(1).to(dtype)
             columns, rows = self._projection(x)
-            projected = torch.matmul(x, columns)  # (..., H, k): the one pass over the level
+            projected = _matmul_last(x, columns)  # (..., H, k): the one pass over the level
             if projected.dtype != dtype:
                 projected = projected.to(dtype)
             return projected if rows is None else (projected * rows).sum(dim=-2)
@@ -216,6 +216,13 @@ class Fingerprinter:
         if remembered is not None:
             return remembered
         return (self.project(x) - reference).norm() / reference.norm().clamp_min(_TINY)
+
+
+def _matmul_last(x: Tensor, matrix: Tensor) -> Tensor:
+    """``x @ matrix`` over ``x``'s last dimension: one ``mm`` on a view of a contiguous ``x`` (``matmul`` otherwise)."""
+    if x.dim() < 2 or not x.is_contiguous():
+        return torch.matmul(x, matrix)
+    return torch.mm(x.view(-1, x.shape[-1]), matrix).view(*x.shape[:-1], matrix.shape[-1])
 
 
 def fingerprint_drift(fingerprinter: Fingerprinter, xs: Tensors, fingerprint: Sequence[Optional[Tensor]]) -> Tensor:

@@ -248,8 +248,8 @@ def affine_coupling_bwd(
 # of 1/8 of a large level keep them to 3/8 of it (a slice is at least one row
 # or channel). Each slice costs about a dozen ops whatever its size, so a
 # slice is not cut below _SLICE_BYTES where the tensor allows: a tensor under
-# 8 MiB (a tile, a coarse level, every level at 128 px) runs in 1 MiB slices
-# or whole, with at most 3 MiB of temporaries, a bound in bytes rather than a
+# 16 MiB (a tile, a coarse level, every level at 128 px) runs in 2 MiB slices
+# or whole, with at most 6 MiB of temporaries, a bound in bytes rather than a
 # fraction. Those never set a step's peak: at 64 px
 # (tests/model/test_step_memory.py), where a whole step peaks at 2-3 MiB,
 # invertible mode measures 0.69 of checkpoint mode's peak with whole tensors
@@ -257,7 +257,7 @@ def affine_coupling_bwd(
 # The number of slices does not grow with the batch, so the planner's meta
 # step runs them all (no NOTE [samples on meta] shortcut is needed).
 _SLICE_FRACTION = 8  # a slice holds at most 1/8 of a tensor, ...
-_SLICE_BYTES = 2**20  # ... unless that is less than this (and at least one row or channel)
+_SLICE_BYTES = 2 * 2**20  # ... unless that is less than this (and at least one row or channel)
 
 
 @dataclass(frozen=True)

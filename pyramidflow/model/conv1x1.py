@@ -39,28 +39,27 @@ def _random_orthogonal(channels: int, rotation: bool) -> Tensor:
 # diagonal, 0, 1] is gathered by a fixed (2, C, C) index, which places each
 # entry (a parameter, a diagonal value, or the 0s and 1s of the unit lower
 # triangle) where `W = P L U` wants it, in the order the parameters are
-# packed. The index and the two constants are cached per size, dtype and
-# device rather than held as buffers: a block's buffers are copied and
-# restored around every recomputation (NOTE [running stats under
-# recomputation]), and these never change.
+# packed. The index and the two constants are shared by every conv of a size
+# (cached per size, dtype and device) and made where the module is made or
+# moved, not during a step: they are not buffers, because a block's buffers
+# are copied and restored around every recomputation (NOTE [running stats
+# under recomputation]) and these never change. On meta (the planner) they
+# are made at each use, a few KiB, so that every prediction counts the same.
 @functools.lru_cache(maxsize=None)
-def _factor_index(channels: int, device: torch.device) -> Tensor:
-    """The flat gather index of ``(L, U)`` into ``[lower, upper, diagonal, 0, 1]`` (NOTE [the factors in one gather])."""
+def _gather_constants(channels: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The flat gather index of ``(L, U)`` into ``[lower, upper, diagonal, 0, 1]``, and ``[0, 1]``
+    (NOTE [the factors in one gather])."""
     c, pairs = channels, channels * (channels - 1) // 2
-    rows, cols = torch.tril_indices(c, c, offset=-1)
+    rows, cols = torch.tril_indices(c, c, offset=-1, device="cpu")
     zero, one = 2 * pairs + c, 2 * pairs + c + 1
-    lower = torch.full((c, c), zero, dtype=torch.long)
-    lower[rows, cols] = torch.arange(pairs)
+    lower = torch.full((c, c), zero, dtype=torch.long, device="cpu")
+    lower[rows, cols] = torch.arange(pairs, device="cpu")
     lower.fill_diagonal_(one)
-    upper = torch.full((c, c), zero, dtype=torch.long)
-    upper[cols, rows] = pairs + torch.arange(pairs)
-    upper[torch.arange(c), torch.arange(c)] = 2 * pairs + torch.arange(c)
-    return torch.stack([lower, upper]).flatten().to(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _zero_one(dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.tensor([0.0, 1.0], dtype=dtype, device=device)
+    upper = torch.full((c, c), zero, dtype=torch.long, device="cpu")
+    upper[cols, rows] = pairs + torch.arange(pairs, device="cpu")
+    upper[torch.arange(c, device="cpu"), torch.arange(c, device="cpu")] = 2 * pairs + torch.arange(c, device="cpu")
+    index = torch.stack([lower, upper]).flatten().to(device)
+    return index, torch.tensor([0.0, 1.0], dtype=dtype, device="cpu").to(device)
 
 
 # NOTE [volume normalisation of the 1x1 conv]
@@ -103,6 +102,18 @@ class InvertibleConv1x1(nn.Module):
         self.lower = nn.Parameter(lower[rows, cols].to(dtype))
         self.upper = nn.Parameter(upper[cols, rows].to(dtype))
         self.log_diagonal = nn.Parameter(torch.log(diagonal.abs()).to(dtype))
+        self._gather_constants()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """Moved or cast: the gather's constants for the new device and dtype, made now (NOTE [the factors in one gather])."""
+        super()._apply(fn, recurse)
+        self._gather_constants()
+        return self
+
+    def _gather_constants(self) -> Tuple[Tensor, Tensor]:
+        if self.lower.is_meta:  # the planner's step: made at each use, so every prediction counts the same bytes
+            return _gather_constants.__wrapped__(self.channels, self.lower.dtype, self.lower.device)
+        return _gather_constants(self.channels, self.lower.dtype, self.lower.device)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, volume_norm={self.volume_norm}"
@@ -120,8 +131,9 @@ class InvertibleConv1x1(nn.Module):
     def _factors(self) -> Tuple[Tensor, Tensor]:
         """``L`` (unit lower) and ``U`` with its volume-normalised diagonal, as C×C matrices."""
         diagonal = self.sign * torch.exp(self._log_magnitudes())
-        values = torch.cat([self.lower, self.upper, diagonal, _zero_one(diagonal.dtype, diagonal.device)])
-        factors = values.index_select(0, _factor_index(self.channels, values.device)).view(2, self.channels, self.channels)
+        index, zero_one = self._gather_constants()
+        values = torch.cat([self.lower, self.upper, diagonal, zero_one])
+        factors = values.index_select(0, index).view(2, self.channels, self.channels)
         return factors[0], factors[1]
 
     def weight(self) -> Tensor:
