@@ -1,6 +1,6 @@
 """The samples a per-sample loop runs: all of them, except on the meta device (NOTE [samples on meta]).
 
-Shared by the model's lean ops, the reference kernels and the streamed pyramid, whose no-grad and
+Shared by the model's lean ops and the streamed pyramid, whose no-grad and
 backward paths work one sample at a time to keep their temporaries small.
 """
 

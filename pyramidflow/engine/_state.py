@@ -136,7 +136,8 @@ class AutocastState:
 def recomputation(block: nn.Module) -> Iterator[None]:
     """Recompute ``block`` without letting it change its buffers."""
     buffers: List[Tensor] = [b for b in block.buffers() if b is not None]
-    saved: List[Optional[Tensor]] = [b.detach().clone() for b in buffers]
+    with torch.no_grad():  # a copy of the values, outside any graph
+        saved: List[Tensor] = [b.clone() for b in buffers]
     try:
         yield
     finally:

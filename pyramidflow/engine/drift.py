@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import weakref
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -93,7 +94,7 @@ def _comparison_dtype(dtype: torch.dtype) -> torch.dtype:
 # fixed random projection of the whole level: k = FINGERPRINT_SIZE columns of
 # random signs, separable over the last two dimensions (a level (N, C, H, W)
 # gives (N, C, k) values: F[n, c, j] = sum_hw a[j, h] b[j, w] x[n, c, h, w]),
-# computed as one matmul over H and one small reduction over W: one read of
+# computed as one matmul over W and one small reduction over H: one read of
 # the level, no copy of a contiguous one, no host sync, and weights of only
 # (H + W) k signs. Each fingerprint value is a sum of +-x, so for an error e
 # E|F(e)|^2 = k |e|^2 per (n, c) and |F(x') - F(x)| / |F(x)| estimates the
@@ -107,51 +108,121 @@ def _comparison_dtype(dtype: torch.dtype) -> torch.dtype:
 # set_float32_matmul_precision("high")) read each element to 10 bits:
 # emulated on CPU, a healthy PyramidFlow's largest drift then rises from
 # 6e-7 to 2e-5, still under float32's tolerance of 1e-4.
+#
+# NOTE [levels a block passes through]
+# A block changes one or two levels and passes the others through: forward
+# hands the next block the very same tensors, and backward's rebuilt input of
+# such a level is the level the block above was checked on (an alias of it).
+# Their fingerprint and their drift are the ones just computed, so each is
+# computed once: the Fingerprinter remembers the levels of its last call, and
+# a level whose elements are the same (the same storage, alive, the same view
+# of it) and unchanged since (the same version: every in-place write, a
+# kernel's included, bumps it) takes the remembered result. A drift is reused
+# only against the very same forward fingerprint. Only what is remembered is
+# kept alive: the storages are held weakly. Under torch.compile's tracing
+# (fake tensors) nothing is remembered.
+def _traceable() -> bool:
+    """Whether levels are real tensors whose storage can be remembered (not torch.compile's fake ones)."""
+    return not torch.compiler.is_compiling()
+
+
+@dataclass(frozen=True)
+class _Elements:
+    """Which elements a tensor views and their version: equal for a tensor, its aliases, and nothing else alive."""
+
+    storage: "weakref.ref[torch.UntypedStorage]"
+    view: Tuple[int, Tuple[int, ...], Tuple[int, ...], torch.dtype]
+    version: int
+
+    @classmethod
+    def of(cls, x: Tensor) -> "_Elements":
+        return cls(weakref.ref(x.untyped_storage()), (x.storage_offset(), tuple(x.shape), x.stride(), x.dtype), x._version)
+
+    def are(self, x: Tensor) -> bool:
+        """Whether ``x`` views these very elements, unchanged since (NOTE [levels a block passes through])."""
+        return (
+            self.storage() is x.untyped_storage()
+            and self.view == (x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+            and self.version == x._version
+        )
+
+
 class Fingerprinter:
     """A fixed random projection per tensor shape (NOTE [whole-level fingerprint]), drawn once and cached.
 
     The signs come from a private, seeded generator (the global RNG streams are
     untouched). Memory: ``FINGERPRINT_SIZE`` values per row of the level (per
-    ``(n, c)`` of an ``(N, C, H, W)`` level) and block.
+    ``(n, c)`` of an ``(N, C, H, W)`` level) and block. The last call's levels and
+    drifts are remembered (NOTE [levels a block passes through]).
     """
 
     def __init__(self, size: int = FINGERPRINT_SIZE, seed: int = 0x5EED) -> None:
         self.size = size
         self.seed = seed
-        self._signs: Dict[Tuple[Tuple[int, ...], torch.dtype, torch.device], Tuple[Optional[Tensor], Tensor]] = {}
+        self._signs: Dict[Tuple[Tuple[int, ...], torch.dtype, torch.device], Tuple[Tensor, Optional[Tensor]]] = {}
+        self._projected: List[Tuple[_Elements, Tensor]] = []
+        self._checked: List[Tuple[Tensor, _Elements, Tensor]] = []
 
-    def _projection(self, x: Tensor) -> Tuple[Optional[Tensor], Tensor]:
-        """``(a, b)``: signs over the second-to-last dimension ((k, H), in ``x``'s dtype; ``None`` below 3-D)
-        and over the last one ((k, W) in the comparison dtype; (W, k) in ``x``'s dtype below 3-D)."""
+    def _projection(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(b, a)``: the signs over the last dimension ((W, k), in ``x``'s dtype) and over the one before it
+        ((H, k), in the comparison dtype; ``None`` below 3-D)."""
         sizes = tuple(x.shape[-2:]) if x.dim() >= 3 else tuple(x.shape[-1:])
         key = (sizes, x.dtype, x.device)
         if key not in self._signs:
             generator = torch.Generator().manual_seed(self.seed)
-            signs = [torch.randint(2, (self.size, n), generator=generator) * 2.0 - 1.0 for n in sizes]
-            if len(sizes) == 2:
-                self._signs[key] = (signs[0].to(x.device, x.dtype), signs[1].to(x.device, _comparison_dtype(x.dtype)))
-            else:
-                self._signs[key] = (None, signs[0].t().to(x.device, x.dtype))
+            signs = [(torch.randint(2, (self.size, n), generator=generator) * 2.0 - 1.0).t().contiguous() for n in sizes]
+            rows = signs[0].to(x.device, _comparison_dtype(x.dtype)) if len(sizes) == 2 else None
+            self._signs[key] = (signs[-1].to(x.device, x.dtype), rows)
         return self._signs[key]
 
     def project(self, x: Tensor) -> Tensor:
         """The fingerprint of one level: ``(*x.shape[:-2], k)`` (``(*x.shape[:-1], k)`` below 3-D), in the
         comparison dtype; a 0-d level is its own fingerprint."""
-        x = x.detach()
-        if x.dim() == 0:
-            return x.reshape(1).to(_comparison_dtype(x.dtype))
-        a, b = self._projection(x)
+        dtype = _comparison_dtype(x.dtype)
         # Forward runs under the caller's autocast: the projection must not (the engine replays cpu and cuda's).
         off = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
-        with off:
-            if a is None:
-                return torch.matmul(x, b).to(_comparison_dtype(x.dtype))
-            columns = torch.matmul(a, x).to(b.dtype)  # (..., k, W): the one pass over the level
-            return (columns * b).sum(dim=-1)
+        with torch.no_grad(), off:
+            if x.dim() == 0:
+                return x.reshape(1).to(dtype)
+            columns, rows = self._projection(x)
+            projected = _matmul_last(x, columns)  # (..., H, k): the one pass over the level
+            if projected.dtype != dtype:
+                projected = projected.to(dtype)
+            return projected if rows is None else (projected * rows).sum(dim=-2)
 
     def fingerprint(self, xs: Tensors) -> Tuple[Optional[Tensor], ...]:
         """One projection per level; ``None`` for levels that are not floating point."""
-        return tuple(self.project(x) if x.is_floating_point() else None for x in xs)
+        projections = tuple(self._project_once(x) if x.is_floating_point() else None for x in xs)
+        self._projected = [(_Elements.of(x), p) for x, p in zip(xs, projections) if p is not None and _traceable()]
+        return projections
+
+    def _project_once(self, x: Tensor) -> Tensor:
+        """:meth:`project`, or the last call's projection of these very elements (NOTE [levels a block passes through])."""
+        remembered = next((p for elements, p in self._projected if elements.are(x)), None)
+        return remembered if remembered is not None else self.project(x)
+
+    def drift(self, xs: Tensors, fingerprint: Sequence[Optional[Tensor]]) -> Tensor:
+        """:func:`fingerprint_drift`: the largest relative error of the levels ``xs`` against ``fingerprint``."""
+        checked = [(reference, x, self._level_drift(x, reference)) for x, reference in zip(xs, fingerprint) if reference is not None]
+        self._checked = [(reference, _Elements.of(x), error) for reference, x, error in checked if _traceable()]
+        errors = [error if error.dtype == torch.float32 else error.float() for _, _, error in checked]
+        if not errors:
+            return torch.zeros((), device=xs[0].device)
+        return torch.stack(errors).max() if len(errors) > 1 else errors[0]
+
+    def _level_drift(self, x: Tensor, reference: Tensor) -> Tensor:
+        """One level's relative error (0-d), or the last call's for these very elements and this very reference."""
+        remembered = next((e for ref, elements, e in self._checked if ref is reference and elements.are(x)), None)
+        if remembered is not None:
+            return remembered
+        return (self.project(x) - reference).norm() / reference.norm().clamp_min(_TINY)
+
+
+def _matmul_last(x: Tensor, matrix: Tensor) -> Tensor:
+    """``x @ matrix`` over ``x``'s last dimension: one ``mm`` on a view of a contiguous ``x`` (``matmul`` otherwise)."""
+    if x.dim() < 2 or not x.is_contiguous():
+        return torch.matmul(x, matrix)
+    return torch.mm(x.view(-1, x.shape[-1]), matrix).view(*x.shape[:-1], matrix.shape[-1])
 
 
 def fingerprint_drift(fingerprinter: Fingerprinter, xs: Tensors, fingerprint: Sequence[Optional[Tensor]]) -> Tensor:
@@ -159,15 +230,7 @@ def fingerprint_drift(fingerprinter: Fingerprinter, xs: Tensors, fingerprint: Se
 
     Computed on the device, without a host sync; NaN when the rebuilt input holds NaN.
     """
-    errors = []
-    for x, reference in zip(xs, fingerprint):
-        if reference is None:
-            continue
-        rebuilt = fingerprinter.project(x)
-        errors.append((rebuilt - reference).norm() / reference.norm().clamp_min(_TINY))
-    if not errors:
-        return torch.zeros((), device=xs[0].device)
-    return torch.stack([e.float() for e in errors]).max() if len(errors) > 1 else errors[0].float()
+    return fingerprinter.drift(xs, fingerprint)
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .._meta import samples_to_run
 
 __all__ = [
     "VOLUME_NORMS",
@@ -50,12 +50,12 @@ _TWO_OVER_PI = 2.0 / math.pi  # the reference implementation rounds this to 0.63
 
 def soft_clamp(r: Tensor, clamp: float) -> Tensor:
     """Smoothly bound ``r`` to ``(-clamp, clamp)``: ``clamp * (2/pi) * atan(r / clamp)``."""
-    return clamp * _TWO_OVER_PI * torch.atan(r / clamp)
+    return _soft_clamp_of_ratio(r / clamp, clamp)
 
 
-def _soft_clamp_grad(r: Tensor, clamp: float) -> Tensor:
-    """Derivative of :func:`soft_clamp` with respect to ``r``."""
-    return _TWO_OVER_PI / (1.0 + (r / clamp) ** 2)
+def _soft_clamp_of_ratio(ratio: Tensor, clamp: float, out: Optional[Tensor] = None) -> Tensor:
+    """:func:`soft_clamp` from ``ratio = r / clamp``, into ``out`` (which may be ``ratio``: no graph) if given."""
+    return torch.mul(torch.atan(ratio, out=out), clamp * _TWO_OVER_PI, out=out)
 
 
 def volume_norm_dims(volume_norm: Optional[str]) -> Tuple[int, ...]:
@@ -108,8 +108,12 @@ def scale_shift_inverse(y: Tensor, s: Tensor, t: Tensor) -> Tensor:
     return _affine_inverse(torch.exp(s), y, t)
 
 
-def _affine(scale: Tensor, x: Tensor, t: Tensor) -> Tensor:
-    return scale * x + t
+def _affine(scale: Tensor, x: Tensor, t: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``scale * x + t``; into ``out`` (which may be ``x``: no graph) if given. Two roundings, never a fused
+    multiply-add: the lean forward's output is bit for bit autograd's (the running means are compared exactly)."""
+    if out is None:
+        return scale * x + t
+    return torch.mul(scale, x, out=out).add_(t)
 
 
 # NOTE [inverse in float32]
@@ -227,47 +231,103 @@ def affine_coupling_bwd(
 # Invertible backward holds y (here W^-1 of the block output), r and t (the
 # network's output) and g only to turn them into x, grad_r, grad_t and grad_x:
 # each result may take the storage of the operand it replaces. The work runs
-# over slices (a sample and a few channels at a time, _slices), and a slice's
-# operands are all read before any of its results is written, so `out` may
-# alias the operands element for element (x over y, grad_x over grad_y, grad_r
-# over r, grad_t over t); the temporaries are one slice's. A batch mean
-# (training VN) needs every sample first: a read-only pass sums the clamped r
-# and grad_s, then the pass that writes. On meta only the first and last
-# samples' slices run (NOTE [samples on meta]).
-_SLICE_FRACTION = 8  # a slice holds at most 1/8 of a tensor (and at least one channel plane)
+# over slices (NOTE [slices of the reference ops]), and a slice's operands are
+# all read before any of its results is written, so `out` may alias the
+# operands element for element (x over y, grad_x over grad_y, grad_r over r,
+# grad_t over t). A batch mean (training VN) needs every sample first: a
+# read-only pass sums the clamped r and grad_s, then the pass that writes.
+#
+# NOTE [slices of the reference ops]
+# The no-grad ops work one slice at a time: a band of rows (CVN) or a run of
+# channels (SVN, none) of every sample, cut along a dimension the VN mean
+# keeps, so that each slice's sum is complete: the batch mean is the one
+# autograd's `mean` computes, bit for bit (the modes' running means are
+# compared exactly). A slice's temporaries are three slice-sized tensors at
+# most (the clamp's ratio, which becomes the log-scale and then the scale; the
+# divisor of the clamp's derivative; y - t, which becomes grad_s), so slices
+# of 1/8 of a large level keep them to 3/8 of it (a slice is at least one row
+# or channel). Each slice costs about a dozen ops whatever its size, so a
+# slice is not cut below _SLICE_BYTES where the tensor allows: a tensor under
+# 16 MiB (a tile, a coarse level, every level at 128 px) runs in 2 MiB slices
+# or whole, with at most 6 MiB of temporaries, a bound in bytes rather than a
+# fraction. Those never set a step's peak: at 64 px
+# (tests/model/test_step_memory.py), where a whole step peaks at 2-3 MiB,
+# invertible mode measures 0.69 of checkpoint mode's peak with whole tensors
+# as with eighths, and `pyramidflow plan --size 1024` gives the same peaks.
+# The number of slices does not grow with the batch, so the planner's meta
+# step runs them all (no NOTE [samples on meta] shortcut is needed).
+_SLICE_FRACTION = 8  # a slice holds at most 1/8 of a tensor, ...
+_SLICE_BYTES = 2 * 2**20  # ... unless that is less than this (and at least one row or channel)
 
 
-def _slices(like: Tensor):
-    """``(n, channel slice)`` pairs covering an ``(N, C, H, W)`` tensor, each about 1/8 of it or one plane."""
-    batch, channels = like.shape[0], like.shape[1]
-    step = max(1, (batch * channels) // _SLICE_FRACTION)
-    step = min(step, channels)
-    for n in samples_to_run(batch, like):
-        for start in range(0, channels, step):
-            yield n, slice(start, min(start + step, channels))
+@dataclass(frozen=True)
+class _Slice:
+    """Indices ``start:start + length`` along dimension ``dim`` of an ``(N, C, H, W)`` tensor."""
+
+    dim: int
+    start: int
+    length: int
+
+    def of(self, x: Tensor) -> Tensor:
+        """This slice of ``x``, as one view (one op)."""
+        size = list(x.shape)
+        size[self.dim] = self.length
+        return x.as_strided(size, x.stride(), x.storage_offset() + self.start * x.stride(self.dim))
+
+    def of_mean(self, mean: Tensor) -> Tensor:
+        """The part of a VN mean (``(1, 1, H, W)`` CVN, ``(1, C, 1, 1)`` SVN, or a scalar) that this slice uses."""
+        return self.of(mean) if mean.dim() == 4 and mean.shape[self.dim] > 1 else mean
 
 
-def _channel_part(mean: Tensor, c: slice) -> Tensor:
-    """The part of a VN mean ``(1, 1, H, W)`` (CVN) or ``(1, C, 1, 1)`` (SVN) that channels ``c`` use."""
-    return mean[:, c] if mean.shape[1] > 1 else mean
+def _slices(like: Tensor, dims: Tuple[int, ...]) -> Iterator[_Slice]:
+    """Slices covering ``like`` along a dimension the VN mean over ``dims`` keeps (NOTE [slices of the reference ops])."""
+    dim = 2 if 1 in dims else 1
+    size = like.shape[dim]
+    unit = max(1, like.numel() // max(1, size) * like.element_size())  # bytes of one row or channel
+    step = max(1, min(size, max(size // _SLICE_FRACTION, _SLICE_BYTES // unit)))
+    for start in range(0, size, step):
+        yield _Slice(dim, start, min(step, size - start))
 
 
-def _sliced_mean(value, like: Tensor, dims: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Mean over ``dims`` of ``value(index)`` for the slices of ``like``, summed a slice at a time (:func:`_slices`)."""
-    shape = tuple(like.shape)
-    reduce_channels = 1 in dims
-    mean_shape = [1, 1 if reduce_channels else shape[1], 1 if 2 in dims else shape[2], 1 if 3 in dims else shape[3]]
-    total = torch.zeros(mean_shape, dtype=dtype, device=like.device)
-    for n, c in _slices(like):
-        total[:, slice(None) if reduce_channels else c] += value((slice(n, n + 1), c)).sum(dim=dims, keepdim=True)
-    return total / math.prod(shape[d] for d in dims)
+def _batch_means(
+    r: Tensor, dims: Tuple[int, ...], clamp: float, grad_operands: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Batch means over ``dims`` of the clamped ``r`` and, given ``(y, t, grad_y)``, of ``grad_s = g (y - t)``:
+    one read-only pass over the slices, each slice's sum complete (NOTE [slices of the reference ops])."""
+    shape = [1 if d in dims else size for d, size in enumerate(r.shape)]
+    clamped = torch.empty(shape, dtype=r.dtype, device=r.device)
+    grad_s = None
+    if grad_operands is not None:
+        y, t, grad_y = grad_operands
+        grad_s = torch.empty(shape, dtype=torch.promote_types(r.dtype, grad_y.dtype), device=r.device)
+    for part in _slices(r, dims):
+        ratio = torch.div(part.of(r), clamp)
+        torch.sum(_soft_clamp_of_ratio(ratio, clamp, out=ratio), dim=dims, keepdim=True, out=part.of_mean(clamped))
+        del ratio
+        if grad_s is not None:
+            product = _mul_(torch.sub(part.of(y), part.of(t)), part.of(grad_y))
+            torch.sum(product, dim=dims, keepdim=True, out=part.of_mean(grad_s))
+            del product
+    count = math.prod(r.shape[d] for d in dims)
+    return clamped.div_(count), None if grad_s is None else grad_s.div_(count)
 
 
-def _batch_means(y: Tensor, r: Tensor, t: Tensor, grad_y: Tensor, dims: Tuple[int, ...], clamp: float) -> Tuple[Tensor, Tensor]:
-    """Batch means of the clamped ``r`` and of ``grad_s = g (y - t)`` over ``dims``, a slice at a time."""
-    clamped = _sliced_mean(lambda i: soft_clamp(r[i], clamp), r, dims, r.dtype)
-    dtype = torch.promote_types(r.dtype, grad_y.dtype)
-    return clamped, _sliced_mean(lambda i: grad_y[i] * (y[i] - t[i]), r, dims, dtype)
+def _mul_(a: Tensor, b: Tensor) -> Tensor:
+    """``a * b``, in place on ``a`` where that keeps the eager result's dtype."""
+    return a.mul_(b) if torch.result_type(a, b) == a.dtype else a * b
+
+
+def _sub_(a: Tensor, b: Tensor) -> Tensor:
+    """``a - b``, in place on ``a`` where that keeps the eager result's dtype."""
+    return a.sub_(b) if torch.result_type(a, b) == a.dtype else a - b
+
+
+def _slice_scale(ratio: Tensor, clamp: float, mean: Optional[Tensor]) -> Tensor:
+    """``exp(s)`` of a slice as :func:`log_scale` gives ``s``, from a fresh ``ratio = r / clamp``, in place over it."""
+    s = _soft_clamp_of_ratio(ratio, clamp, out=ratio)
+    if mean is not None:
+        s = _sub_(s, mean)
+    return s.exp_()
 
 
 def affine_coupling_into(
@@ -289,14 +349,13 @@ def affine_coupling_into(
     with torch.no_grad():
         batch_mean = None
         if dims and running_mean is None:
-            batch_mean = _sliced_mean(lambda i: soft_clamp(r[i], clamp), r, dims, r.dtype)
+            batch_mean, _ = _batch_means(r, dims, clamp)
         mean = batch_mean if batch_mean is not None else (running_mean if dims else None)
-        for n, c in _slices(r):
-            index = (slice(n, n + 1), c)
-            s = soft_clamp(r[index], clamp)
-            if mean is not None:
-                s = s - _channel_part(mean, c)
-            out[index].copy_(_affine(s.exp_(), x[index], t[index]))
+        for part in _slices(r, dims):
+            scale = _slice_scale(torch.div(part.of(r), clamp), clamp, None if mean is None else part.of_mean(mean))
+            x_part = part.of(x)
+            _affine(scale, x_part, part.of(t), out=x_part if out is x else part.of(out))
+            del scale
     return batch_mean
 
 
@@ -316,28 +375,36 @@ def affine_coupling_bwd_into(
     ``out`` entries may be ``y``, ``grad_y``, ``r`` and ``t`` themselves (NOTE [backward into the operands]).
     """
     dims = volume_norm_dims(volume_norm)
-    x_out, grad_x_out, grad_r_out, grad_t_out = out
     with torch.no_grad():
         clamped_mean = grad_s_mean = None
         if dims and running_mean is None:  # training VN: the batch means, from a read-only pass
-            clamped_mean, grad_s_mean = _batch_means(y, r, t, grad_y, dims, clamp)
+            clamped_mean, grad_s_mean = _batch_means(r, dims, clamp, (y, t, grad_y))
         elif dims:
             clamped_mean = running_mean
-        for n, c in _slices(r):
-            index = (slice(n, n + 1), c)
-            r_n, g_n = r[index], grad_y[index]
-            s = soft_clamp(r_n, clamp)
-            if clamped_mean is not None:
-                s = s - _channel_part(clamped_mean, c)
-            shifted = y[index] - t[index]
-            grad_r = g_n * shifted  # grad_s
-            if grad_s_mean is not None:
-                grad_r = grad_r - _channel_part(grad_s_mean, c)
-            grad_r = grad_r * _soft_clamp_grad(r_n, clamp)
-            x = shifted.mul_(torch.exp(-s))
-            grad_x = g_n * s.exp_()
-            del s
-            grad_t_out[index].copy_(g_n)  # before grad_x may overwrite g
-            grad_r_out[index].copy_(grad_r)
-            x_out[index].copy_(x)
-            grad_x_out[index].copy_(grad_x)
+        one = r.new_ones(())
+        # grad_r = (2/pi) (grad_s - mean(grad_s)) / (1 + (r/c)^2): the clamp's derivative in two factors
+        shift = r.new_zeros(()) if grad_s_mean is None else grad_s_mean.mul_(-_TWO_OVER_PI)
+        for part in _slices(r, dims):
+            y_n, r_n, t_n, g_n = (part.of(a) for a in (y, r, t, grad_y))
+            x_n, grad_x_n, grad_r_n, grad_t_n = (
+                operand if result is whole else part.of(result)
+                for result, whole, operand in zip(out, (y, grad_y, r, t), (y_n, g_n, r_n, t_n))
+            )
+            ratio = torch.div(r_n, clamp)
+            divisor = torch.addcmul(one, ratio, ratio)
+            scale = _slice_scale(ratio, clamp, None if clamped_mean is None else part.of_mean(clamped_mean))
+            del ratio
+            shifted = torch.sub(y_n, t_n)
+            torch.div(shifted, scale, out=x_n)  # x = (y - t) / exp(s), over y
+            grad_s = _scaled_grad_s(part.of_mean(shift), shifted, g_n)
+            torch.div(grad_s, divisor, out=grad_r_n)  # over r
+            del shifted, grad_s, divisor
+            grad_t_n.copy_(g_n)  # over t, before grad_x may overwrite g
+            torch.mul(g_n, scale, out=grad_x_n)
+            del scale
+
+
+def _scaled_grad_s(shift: Tensor, shifted: Tensor, grad_y: Tensor) -> Tensor:
+    """``shift + (2/pi) g (y - t)`` from ``shifted = y - t``, in place over it where that keeps the eager dtype."""
+    in_place = torch.result_type(shifted, grad_y) == shifted.dtype and (shift.dim() == 0 or shift.dtype == shifted.dtype)
+    return torch.addcmul(shift, shifted, grad_y, value=_TWO_OVER_PI, out=shifted if in_place else None)

@@ -13,6 +13,7 @@ fixed signs; ``W = P · L · (U + diag(sign · exp(w_s - mean(w_s))))``.
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -31,6 +32,34 @@ def _random_orthogonal(channels: int, rotation: bool) -> Tensor:
     if rotation and torch.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
+
+
+# NOTE [the factors in one gather]
+# L and U are built from the parameters in one op: the vector [lower, upper,
+# diagonal, 0, 1] is gathered by a fixed (2, C, C) index, which places each
+# entry (a parameter, a diagonal value, or the 0s and 1s of the unit lower
+# triangle) where `W = P L U` wants it, in the order the parameters are
+# packed. The index and the two constants are shared by every conv of a size
+# (cached per size, dtype and device) and made where the module is made or
+# moved, not during a step: they are not buffers, because a block's buffers
+# are copied and restored around every recomputation (NOTE [running stats
+# under recomputation]) and these never change. On meta (the planner) they
+# are made at each use, a few KiB, so that every prediction counts the same.
+@functools.lru_cache(maxsize=None)
+def _gather_constants(channels: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The flat gather index of ``(L, U)`` into ``[lower, upper, diagonal, 0, 1]``, and ``[0, 1]``
+    (NOTE [the factors in one gather])."""
+    c, pairs = channels, channels * (channels - 1) // 2
+    rows, cols = torch.tril_indices(c, c, offset=-1, device="cpu")
+    zero, one = 2 * pairs + c, 2 * pairs + c + 1
+    lower = torch.full((c, c), zero, dtype=torch.long, device="cpu")
+    lower[rows, cols] = torch.arange(pairs, device="cpu")
+    lower.fill_diagonal_(one)
+    upper = torch.full((c, c), zero, dtype=torch.long, device="cpu")
+    upper[cols, rows] = pairs + torch.arange(pairs, device="cpu")
+    upper[torch.arange(c, device="cpu"), torch.arange(c, device="cpu")] = 2 * pairs + torch.arange(c, device="cpu")
+    index = torch.stack([lower, upper]).flatten().to(device)
+    return index, torch.tensor([0.0, 1.0], dtype=dtype, device="cpu").to(device)
 
 
 # NOTE [volume normalisation of the 1x1 conv]
@@ -73,8 +102,18 @@ class InvertibleConv1x1(nn.Module):
         self.lower = nn.Parameter(lower[rows, cols].to(dtype))
         self.upper = nn.Parameter(upper[cols, rows].to(dtype))
         self.log_diagonal = nn.Parameter(torch.log(diagonal.abs()).to(dtype))
-        self.register_buffer("_rows", rows, persistent=False)
-        self.register_buffer("_cols", cols, persistent=False)
+        self._gather_constants()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """Moved or cast: the gather's constants for the new device and dtype, made now (NOTE [the factors in one gather])."""
+        super()._apply(fn, recurse)
+        self._gather_constants()
+        return self
+
+    def _gather_constants(self) -> Tuple[Tensor, Tensor]:
+        if self.lower.is_meta:  # the planner's step: made at each use, so every prediction counts the same bytes
+            return _gather_constants.__wrapped__(self.channels, self.lower.dtype, self.lower.device)
+        return _gather_constants(self.channels, self.lower.dtype, self.lower.device)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, volume_norm={self.volume_norm}"
@@ -82,7 +121,7 @@ class InvertibleConv1x1(nn.Module):
     def _log_magnitudes(self) -> Tensor:
         """``w_s``, volume-normalised or not: NOTE [volume normalisation of the 1x1 conv]."""
         if self.volume_norm:
-            return self.log_diagonal - self.log_diagonal.mean()
+            return self.log_diagonal - self.log_diagonal.sum() / self.channels  # the mean, in fewer ops
         return self.log_diagonal
 
     def log_abs_det(self) -> Tensor:
@@ -91,12 +130,11 @@ class InvertibleConv1x1(nn.Module):
 
     def _factors(self) -> Tuple[Tensor, Tensor]:
         """``L`` (unit lower) and ``U`` with its volume-normalised diagonal, as C×C matrices."""
-        c = self.channels
-        eye = torch.eye(c, dtype=self.lower.dtype, device=self.lower.device)
-        lower = eye.index_put((self._rows, self._cols), self.lower)
-        w_s = self._log_magnitudes()
-        upper = torch.diag(self.sign * torch.exp(w_s)).index_put((self._cols, self._rows), self.upper)
-        return lower, upper
+        diagonal = self.sign * torch.exp(self._log_magnitudes())
+        index, zero_one = self._gather_constants()
+        values = torch.cat([self.lower, self.upper, diagonal, zero_one])
+        factors = values.index_select(0, index).view(2, self.channels, self.channels)
+        return factors[0], factors[1]
 
     def weight(self) -> Tensor:
         """``W = P L U``, ``(C, C)``; differentiable in the parameters."""
@@ -115,15 +153,16 @@ class InvertibleConv1x1(nn.Module):
         return self.permutation @ lower @ upper
 
     def _inverse(self, lower: Tensor, upper: Tensor) -> Tensor:
-        eye = torch.eye(self.channels, dtype=lower.dtype, device=lower.device)
-        inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
-        inv_upper = torch.linalg.solve_triangular(upper, eye, upper=True)
-        return inv_upper @ inv_lower @ self.permutation.T
+        # W⁻¹ = U⁻¹ (L⁻¹ Pᵀ): two triangular solves with Pᵀ on the right-hand side, no inverse formed apart
+        rotated = torch.linalg.solve_triangular(lower, self.permutation.T, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(upper, rotated, upper=True)
 
     @staticmethod
     def apply(x: Tensor, matrix: Tensor) -> Tensor:
         """``matrix · x`` at every pixel: ``(C, C)`` on ``(N, C, H, W)``."""
-        return F.conv2d(x, matrix.to(x.dtype)[:, :, None, None])
+        if matrix.dtype != x.dtype:
+            matrix = matrix.to(x.dtype)
+        return F.conv2d(x, matrix.view(*matrix.shape, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         """``y = W x`` at every pixel of ``x`` ``(N, C, H, W)``."""

@@ -15,6 +15,17 @@ MODES = [(None, False), ("CVN", False), ("CVN", True), ("SVN", False), ("SVN", T
 SHAPE = (3, 5, 7, 9)  # enough samples and channels for several slices
 
 
+@pytest.fixture(params=["whole", "sliced"])
+def slicing(request, monkeypatch):
+    """The reference ops' slices (NOTE [slices of the reference ops]): a tensor this small runs whole;
+    without the floor in bytes, as a large level, it is cut into bands of rows or runs of channels."""
+    if request.param == "sliced":
+        monkeypatch.setattr(reference, "_SLICE_BYTES", 0)
+        for dims in ((0, 1), (0, 2, 3)):
+            assert len(list(reference._slices(torch.empty(SHAPE), dims))) > 1
+    return request.param
+
+
 def _operands(mode, dtype=torch.float64):
     torch.manual_seed(0)
     x, t, g = (torch.randn(SHAPE, dtype=dtype) for _ in range(3))
@@ -27,7 +38,7 @@ def _operands(mode, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_forward_into_its_input_matches_affine_coupling(mode):
+def test_forward_into_its_input_matches_affine_coupling(mode, slicing):
     x, r, t, _, opts = _operands(mode)
     y, mean = reference.affine_coupling(x, r, t, **opts)
     out = x.clone()
@@ -39,7 +50,7 @@ def test_forward_into_its_input_matches_affine_coupling(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_backward_into_its_operands_matches_autograd(mode):
+def test_backward_into_its_operands_matches_autograd(mode, slicing):
     """x over y, grad_x over g, grad_r over r, grad_t over t: the values autograd gives for affine_coupling."""
     x, r, t, g, opts = _operands(mode)
     leaves = [a.clone().requires_grad_(True) for a in (x, r, t)]
