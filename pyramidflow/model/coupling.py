@@ -25,21 +25,23 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
 from ..engine import is_rebuilding, may_overwrite
 from ..engine.block import InvertibleModule, LogDet, Tensors, Writable
+from ..engine.errors import _internal_assert
 from .conv1x1 import InvertibleConv1x1
-from .lean import conditioning, conv1x1_per_sample, recomputed_network, transformed_level
-from .tiled import (
+from .regions import (
+    Regions,
     TileLayout,
     check_tile_alignment,
     check_tile_support,
     check_tile_unsynchronised,
-    tiled_forward,
-    tiled_from_input,
-    tiled_transformed_level,
+    forward_regions,
+    from_input,
+    transformed_level,
 )
 from .tracing import tracing
 from .volume_norm import VolumeNorm
@@ -47,6 +49,77 @@ from .volume_norm import VolumeNorm
 __all__ = ["AffineParameterNet", "PyramidCoupling", "TwoLevelCoupling", "ThreeLevelCoupling", "DIRECTIONS"]
 
 DIRECTIONS = ("up", "down")
+
+
+Pads = Tuple[int, int, int, int]  # zeros around a tensor, in F.pad order (left, right, top, bottom)
+
+
+def _conv(x: Tensor, weight: Tensor, pad: Pads, stride: int) -> Tensor:
+    """``conv2d(x, weight)`` over ``x`` with ``pad`` zeros around it: the conv's own padding where it is the
+    same on every side (no padded copy), ``F.pad`` otherwise (a tile at the image border)."""
+    if len(set(pad)) == 1:
+        return F.conv2d(x, weight, stride=stride, padding=pad[0])
+    return F.conv2d(F.pad(x, pad), weight, stride=stride)
+
+
+def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, pad: Pads, stride: int, mask: Tuple[bool, bool]):
+    """Gradients of :func:`_conv` for ``x`` and ``weight``, as autograd computes them (``None`` where ``mask``
+    says not wanted; for the input gradient only ``x``'s shape is read)."""
+    symmetric = len(set(pad)) == 1
+    left, right, top, bottom = pad
+    x_in = x if symmetric else (F.pad(x, pad) if mask[1] else x.new_empty(1).expand(
+        *x.shape[:-2], x.shape[-2] + top + bottom, x.shape[-1] + left + right))
+    padding = [pad[0], pad[0]] if symmetric else [0, 0]
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x_in, weight, None, [stride, stride], padding, [1, 1], False, [0, 0], 1, [mask[0], mask[1], False]
+    )
+    if grad_x is not None and not symmetric:
+        grad_x = grad_x[..., top : grad_x.shape[-2] - bottom, left : grad_x.shape[-1] - right]
+    return grad_x, grad_w
+
+
+#: LeakyReLU's backward makes a temporary of the mask in the gradient's dtype at most this large (bytes).
+_MASK_BYTES = 8 * 2**20
+
+
+def _leaky_relu_backward_(grad: Tensor, positive: Tensor, slope: float) -> None:
+    """LeakyReLU's backward over ``grad`` in place, as autograd computes it (``grad`` where the input was
+    positive, ``grad * slope`` elsewhere), in as few chunks of channels as keep the mask's temporary under
+    :data:`_MASK_BYTES` (one for a small window: fewer, larger ops)."""
+    chunks = min(grad.shape[1], -(-grad.numel() * grad.element_size() // _MASK_BYTES))
+    step = -(-grad.shape[1] // max(1, chunks))
+    for start in range(0, grad.shape[1], step):
+        part, sign = grad[:, start : start + step], positive[:, start : start + step]
+        torch.ops.aten.leaky_relu_backward.grad_input(part, sign.to(grad.dtype), slope, True, grad_input=part)
+
+
+class WindowState:
+    """What F's backward on a window needs of its hidden layer, held until :meth:`AffineParameterNet.window_backward`
+    takes it: the activation (LeakyReLU, whose backward needs only its sign) or the pre-activation (any other)."""
+
+    __slots__ = ("hidden",)
+
+    def __init__(self, hidden: Tensor) -> None:
+        self.hidden: Optional[Tensor] = hidden
+
+    def take(self) -> Tensor:
+        hidden, self.hidden = self.hidden, None
+        _internal_assert(hidden is not None, "a WindowState was used for two backward passes")
+        return hidden
+
+
+# NOTE [F written once]
+# F's maths lives in AffineParameterNet alone: its modules (conv_in, activation,
+# conv_out) are read on every path, so changing the activation or the width there
+# changes the plain, lean and tiled paths alike. `window` runs F on a window of
+# the conditioning input with the zeros the model's padding puts around it
+# (the whole image is the window with k // 2 on every side: `joint`), and
+# `window_backward` is its backward written out: conv_out's weight gradient
+# first, then only the sign of the hidden activation is kept (LeakyReLU's
+# backward needs no more) and the activation is freed before its gradient is
+# made, so a window never holds two hidden-sized tensors of its own. Any other
+# activation keeps its pre-activation and backpropagates through the module by
+# autograd: exact, with one hidden-sized tensor more.
 
 
 class AffineParameterNet(nn.Module):
@@ -74,9 +147,6 @@ class AffineParameterNet(nn.Module):
         self.conv_out = nn.Conv2d(hidden_channels, 2 * channels, kernel_size, padding=padding, bias=False)
         nn.init.zeros_(self.conv_out.weight)
 
-    #: hidden channels are recomputed in backward in this many chunks (NOTE [hidden activation recomputed]).
-    recompute_chunks: int = 1
-
     def forward(self, cond: Tensor) -> Tuple[Tensor, Tensor]:
         """``cond`` ``(N, in, H, W)`` -> ``(r, t)``, each ``(N, C, H, W)``."""
         r, t = self.joint(cond).chunk(2, dim=1)
@@ -84,18 +154,92 @@ class AffineParameterNet(nn.Module):
 
     def joint(self, cond: Tensor) -> Tensor:
         """``cond`` ``(N, in, H, W)`` -> ``rt`` ``(N, 2C, H, W)``: ``r`` then ``t`` in one tensor."""
-        return self.conv_out(self.activation(self.conv_in(cond)))
+        return self.window(cond)
 
-    def lean(self, parts: Sequence[Tensor], size: Optional[Tuple[int, int]]) -> Tensor:
-        """``rt`` ``(N, 2C, H, W)`` from the conditioning levels (resized to ``size``, concatenated), as
-        :meth:`forward` computes it, keeping no hidden activation (:func:`.lean.recomputed_network`)."""
-        weights = (self.conv_in.weight, self.conv_out.weight)
-        return recomputed_network(parts, size, *weights, self.activation.negative_slope, self.recompute_chunks)
+    def window(self, cond: Tensor, input_pad: Optional[Pads] = None, hidden_pad: Optional[Pads] = None,
+               stride: int = 1) -> Tensor:
+        """F on a window (NOTE [F written once]): ``rt`` from ``cond`` ``(N, in, h, w)``.
+
+        Args:
+            cond: F's input on the window.
+            input_pad, hidden_pad: the zeros around the input and around the hidden activation (``F.pad``
+                order), where the window meets the image border; ``None``: ``k // 2`` on every side (the whole image).
+            stride: the second conv's stride (2 for a ``"down"`` block's window: only the pixels kept by
+                resizing after are computed).
+        """
+        hidden = self.activation(_conv(cond, self.conv_in.weight, self._pad(input_pad), 1))
+        return _conv(hidden, self.conv_out.weight, self._pad(hidden_pad), stride)
+
+    def _pad(self, pad: Optional[Pads]) -> Pads:
+        return (self.conv_in.weight.shape[-1] // 2,) * 4 if pad is None else pad
+
+    def _leaky(self) -> bool:
+        """Whether the hand-written backward applies: a LeakyReLU (or ReLU-like slope 0) whose sign is its input's."""
+        return type(self.activation) is nn.LeakyReLU and self.activation.negative_slope >= 0
+
+    @torch.no_grad()
+    def window_state(self, cond: Tensor, input_pad: Optional[Pads] = None) -> WindowState:
+        """The hidden layer of :meth:`window` as its backward needs it, without a graph."""
+        hidden = _conv(cond, self.conv_in.weight, self._pad(input_pad), 1)
+        return WindowState(self.activation(hidden) if self._leaky() else hidden)
+
+    @torch.no_grad()
+    def window_with_state(self, cond: Tensor, input_pad: Optional[Pads] = None, hidden_pad: Optional[Pads] = None,
+                          stride: int = 1) -> Tuple[Tensor, WindowState]:
+        """:meth:`window` without a graph, and the state its backward needs (:meth:`window_backward`)."""
+        state = self.window_state(cond, input_pad)
+        if self._leaky():
+            hidden = state.hidden
+        else:  # the state keeps the pre-activation: an in-place activation works on a copy
+            hidden = self.activation(state.hidden.clone() if getattr(self.activation, "inplace", False) else state.hidden)
+        return _conv(hidden, self.conv_out.weight, self._pad(hidden_pad), stride), state
+
+    def window_backward(self, state: WindowState, cond: Tensor, grad_rt: Tensor, input_pad: Optional[Pads] = None,
+                        hidden_pad: Optional[Pads] = None, stride: int = 1, need_cond: bool = True):
+        """The backward of :meth:`window`, by hand (NOTE [F written once]), as autograd computes it.
+
+        Args:
+            state: from :meth:`window_with_state` or :meth:`window_state`; emptied here.
+            cond: F's input on the window, detached.
+            grad_rt: the gradient of ``rt``.
+            input_pad, hidden_pad, stride: as given to :meth:`window`.
+            need_cond: whether the gradient of ``cond`` is wanted.
+
+        Returns:
+            ``(grad_cond or None, grad of conv_in's weight, grad of conv_out's weight)``.
+        """
+        w_in, w_out = self.conv_in.weight.detach(), self.conv_out.weight.detach()
+        input_pad, hidden_pad = self._pad(input_pad), self._pad(hidden_pad)
+        hidden = state.take()
+        shape = hidden.shape
+        if self._leaky():
+            grad_w_out = _conv_backward(grad_rt, hidden, w_out, hidden_pad, stride, (False, True))[1]
+            positive = hidden > 0  # all LeakyReLU's backward needs: the activation and its gradient never coexist
+            del hidden
+            grad_h = _conv_backward(grad_rt, grad_rt.new_empty(1).expand(shape), w_out, hidden_pad, stride, (True, False))[0]
+            _leaky_relu_backward_(grad_h, positive, self.activation.negative_slope)
+            del positive
+        else:
+            with torch.enable_grad():
+                pre = hidden.detach().requires_grad_(True)
+                activation = self.activation(pre.clone() if getattr(self.activation, "inplace", False) else pre)
+            grad_w_out = _conv_backward(grad_rt, activation.detach(), w_out, hidden_pad, stride, (False, True))[1]
+            grad_a = _conv_backward(grad_rt, grad_rt.new_empty(1).expand(shape), w_out, hidden_pad, stride, (True, False))[0]
+            (grad_h,) = torch.autograd.grad(activation, pre, grad_a)
+            del hidden, pre, activation, grad_a
+        grad_cond, grad_w_in = _conv_backward(grad_h, cond, w_in, input_pad, 1, (need_cond, True))
+        return grad_cond, grad_w_in, grad_w_out
 
 
 def _leaf(y: Tensor) -> Tensor:
     """A detached, copy-free leaf of ``y`` that requires grad."""
     return y.detach().requires_grad_(True)
+
+
+def _resized(parts: Sequence[Tensor], size: Optional[Tuple[int, int]]) -> Tensor:
+    """F's input: each part nearest-resized to ``size`` (``None``: kept), concatenated over channels."""
+    resized = [p if size is None or tuple(p.shape[-2:]) == tuple(size) else F.interpolate(p, size=size, mode="nearest") for p in parts]
+    return resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
 
 
 def _autocast_enabled(device: torch.device) -> bool:
@@ -143,7 +287,7 @@ class PyramidCoupling(InvertibleModule):
         conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
         backend: backend of the affine op, see :mod:`pyramidflow.kernels` (``"auto"``).
         tile: ``None``, or the side T (at the level F runs at: NOTE [tile side]) of the tiles the
-            no-grad forward and the rebuild and backward run in (:mod:`.tiled`); T must be a multiple of ``2**level`` of
+            no-grad forward and the rebuild and backward run in (:mod:`.regions`); T must be a multiple of ``2**level`` of
             every level the block touches, and needs ``volume_norm="CVN"``.
     """
 
@@ -193,42 +337,35 @@ class PyramidCoupling(InvertibleModule):
         """A tiled coupling can rebuild its input before its local backward (see :class:`~pyramidflow.engine.Writable`)."""
         return self.tile is not None
 
-    def _tile_layout(self, xs: Tensors) -> Tuple[TileLayout, Tuple[int, int]]:
-        """Where this block's tiles fall (NOTE [tiles and halos] in :mod:`.tiled`), and the size of F's level."""
+    def _regions(self, xs: Tensors) -> Regions:
+        """How this block runs region by region (NOTE [regions] in :mod:`.regions`): its tiles (NOTE [tiles and
+        halos]; the whole level untiled), the size of F's level, and the samples F runs on at a time."""
         _, before = self._conditioning(xs)
         net_level = self.level if before else self.cond_levels[0]
         halo = 2 * (self.net.conv_in.weight.shape[-1] // 2)
         layout = TileLayout(self.level, net_level, self.cond_levels, halo, self.tile)
-        return layout, tuple(xs[net_level].shape[-2:])
+        samples = xs[self.level].shape[0] if self.tile is not None else 1
+        return Regions(layout, tuple(xs[net_level].shape[-2:]), samples)
 
-    def _tiled_kwargs(self, xs: Tensors) -> dict:
-        """The affine op's settings for a tiled pass (the mean for a stand-in of ``r``'s shape)."""
+    def _region_kwargs(self, xs: Tensors) -> dict:
+        """The affine op's settings for the whole level, from a stand-in of ``r``'s shape (no mean with a graph:
+        :meth:`_runs_regions`)."""
         if self.volume_norm.training:
             check_tile_unsynchronised(self.tile, self.volume_norm.process_group, type(self).__name__)
         x = xs[self.level]
         r_like = torch.empty((), dtype=self.net.conv_in.weight.dtype, device=x.device).expand(x.shape)
         return self._coupling_kwargs(r_like)
 
-    def _net_weights(self) -> Tuple[Tensor, Tensor, float]:
-        return self.net.conv_in.weight, self.net.conv_out.weight, self.net.activation.negative_slope
-
     def _conditioning(self, xs: Tensors) -> Tuple[Tuple[Tensor, ...], bool]:  # pragma: no cover - abstract
         """F's input levels, and whether they are resized to the transformed level before F (else F's output after)."""
         raise NotImplementedError
 
-    def _rt(self, xs: Tensors, lean: bool) -> Tensor:
-        """F's output ``(N, 2C, H_k, W_k)`` (``r`` then ``t``), plain or lean (:meth:`AffineParameterNet.lean`)."""
+    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:
+        """F's ``(r, t)``, each ``(N, C, H_k, W_k)``, under plain autograd."""
         parts, before = self._conditioning(xs)
         target = tuple(xs[self.level].shape[-2:])
-        size = target if before else None
-        if lean:
-            rt = self.net.lean(parts, size)
-        else:
-            rt = self.net.joint(conditioning(parts, size))
-        return rt if before else conditioning((rt,), target)  # "interpolate after"
-
-    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:
-        r, t = self._rt(xs, lean=False).chunk(2, dim=1)
+        rt = self.net.joint(_resized(parts, target if before else None))
+        r, t = (rt if before else _resized((rt,), target)).chunk(2, dim=1)  # "interpolate after"
         return r, t
 
     def _check(self, xs: Tensors) -> None:
@@ -253,35 +390,44 @@ class PyramidCoupling(InvertibleModule):
         pixels = r.shape[-2] * r.shape[-1]
         return kernels.soft_clamp(r, self.clamp).flatten(1).sum(dim=1) + pixels * self.conv.log_abs_det().to(r.dtype)
 
+    # NOTE [one path per call]
+    # Each call chooses its path once, here: the region executor (.regions)
+    # or the plain autograd ops on whole levels. The regions run where they
+    # save memory and can: not on small levels (NOTE [plain where the level is
+    # small]), not for a graph being traced or exported (the executor is an
+    # autograd Function writing into given tensors, which tracers do not
+    # record), not under autocast (the executor runs each op in the operands'
+    # dtype), and in reconstruct not where a mean or a log-det carries a graph
+    # the executor does not keep (a volume-norm mean synchronised over ranks,
+    # the log-det without VN). The forward without grad (invertible mode's,
+    # inference) runs the regions, the forward with grad only as the rebuild of
+    # an exact input of a tiled block (NOTE [rebuilding in backward]).
+    def _runs_regions(self, xs: Tensors, reconstruct: bool) -> bool:
+        """Whether this call runs the region executor (NOTE [one path per call])."""
+        if self._plain(xs) or tracing():
+            return False
+        if reconstruct:
+            synchronised = self.volume_norm.training and self.volume_norm.process_group is not None
+            return self.volume_preserving and not synchronised and not _autocast_enabled(xs[self.level].device)
+        if not torch.is_grad_enabled():
+            return True
+        return self.tile is not None and is_rebuilding() and not _autocast_enabled(xs[self.level].device)
+
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         """Transform level ``self.level``; every other level is returned as the same object."""
         self._check(xs)
+        if self._runs_regions(xs, reconstruct=False):
+            return self._region_forward(xs)
         k = self.level
-        # NOTE [lean forward]
-        # Without grad (invertible mode's forward, inference) nothing is kept for
-        # backward, so F runs sample by sample (no whole-batch hidden activation)
-        # and the 1x1 conv overwrites the affine output it reads, sample by sample.
-        # A graph being traced or exported (ONNX, TorchScript) takes the plain ops: the lean ones are
-        # autograd Functions and writes into given tensors, which tracers do not record.
-        # F never reads x_k, so y_k may be written over x_k where the engine allows (NOTE [forward in place]).
-        lean = not torch.is_grad_enabled() and not tracing()
-        plain = self._plain(xs)
-        if self.tile is not None and not plain and (lean or self._rebuilding(xs)):
-            return self._tiled_forward(xs, with_graph=not lean)
-        lean = lean and not plain
-        r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
+        r, t = self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
-        if lean:
-            y = self._output_level(xs[k], r.dtype)
-            batch_mean = kernels.affine_coupling_into(xs[k], r, t, out=y, **kwargs)
-        else:
-            y, batch_mean = kernels.affine_coupling(xs[k], r, t, **kwargs)
+        y, batch_mean = kernels.affine_coupling(xs[k], r, t, **kwargs)
         # NOTE [running mean updated once per step]; a synchronized mean comes in as `running_mean`.
         self.volume_norm.update(kwargs["running_mean"] if batch_mean is None else batch_mean)
         logdet = self._logdet(r)
         del r, t
         ys = list(xs)
-        ys[k] = conv1x1_per_sample(y, self.conv.weight(), out=y) if lean else self.conv(y)
+        ys[k] = self.conv(y)
         return tuple(ys), logdet
 
     @staticmethod
@@ -292,19 +438,19 @@ class PyramidCoupling(InvertibleModule):
         return x if out_dtype == x.dtype and may_overwrite(x) else torch.empty_like(x, dtype=out_dtype)
 
     # NOTE [plain where the level is small]
-    # The lean ops exist for the finest level, whose block sets the step's
-    # peak: there F's hidden activation is recomputed sample by sample and the
-    # affine op works a slice at a time. A block that neither transforms level
+    # The region executor exists for the finest level, whose block sets the
+    # step's peak: there F's hidden activation is made a region at a time and
+    # never kept for the whole batch. A block that neither transforms level
     # 0 nor runs F on it holds a quarter of that level at most, so its whole
     # working set under plain autograd (F's hidden activation for the whole
-    # batch, the affine op's graph) stays below the finest block's lean one,
+    # batch, the affine op's graph) stays below the finest block's regions,
     # whatever the batch: it runs the plain ops, a few whole-level calls
     # instead of many small ones, and F's backward reuses the forward's hidden
     # activation instead of computing it again (no rebuild before the local
     # backward either). A tiled block's working set is bounded by a tile
     # instead: it runs the plain ops where every level it touches is
     # (T/2)×(T/2) or less (its own level is one tile: NOTE [tile side] in
-    # .tiled), and its tiles otherwise. The bound is half a tile's side
+    # .regions), and its tiles otherwise. The bound is half a tile's side
     # because the plain ops hold more per pixel than a tile does: the
     # conditioning levels' gradients come as new whole levels (a tile adds
     # them into their buffers in place), and a "down" block's second conv
@@ -318,33 +464,32 @@ class PyramidCoupling(InvertibleModule):
         net_level = self.level if before else self.cond_levels[0]
         return min(self.level, net_level) > 0
 
-    def _rebuilding(self, xs: Tensors) -> bool:
-        """Whether invertible backward runs this forward for its local graph (NOTE [rebuilding in backward]),
-        with nothing that needs the untiled path (autocast, a tracer)."""
-        return is_rebuilding() and not tracing() and not _autocast_enabled(xs[self.level].device)
-
-    def _tiled_forward(self, xs: Tensors, with_graph: bool = False) -> Tuple[Tensors, LogDet]:
-        """The forward, tile by tile (:mod:`.tiled`); CVN only, so no log-det. Without grad the lean
-        forward; ``with_graph`` the rebuild of an exact input (an anchor), whose graph is tiled too."""
-        layout, net_size = self._tile_layout(xs)
-        kwargs = self._tiled_kwargs(xs)
+    def _region_forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        """The forward, region by region (:mod:`.regions`). Without grad the lean forward, writing over ``x_k``
+        where the engine allows it (F never reads ``x_k``: NOTE [forward in place]); with grad the rebuild of an
+        exact input (an anchor) of a tiled block, whose graph is run by regions too."""
+        regions = self._regions(xs)
         parts = [xs[j] for j in self.cond_levels]
+        x = xs[self.level]
         ys = list(xs)
-        if with_graph:  # buffers are restored by the engine after a rebuild: no update
-            local = tiled_from_input(layout, xs[self.level], parts, net_size, *self._net_weights(), self.conv.weight(), kwargs)
+        if torch.is_grad_enabled():  # buffers are restored by the engine after a rebuild: no update
+            local = from_input(regions, self.net, x, parts, self.conv.weight(), self._region_kwargs(xs))
             for j, y_local in zip((self.level, *self.cond_levels), local):
                 ys[j] = y_local
             return tuple(ys), None
-        x = xs[self.level]
-        out = self._output_level(x, self.net.conv_in.weight.dtype)
         size = tuple(x.shape[-2:])
 
-        def fold_mean(mean: Tensor, rows: slice, cols: slice) -> None:  # NOTE [running mean updated once per step]
-            self.volume_norm.update(mean, region=(rows, cols), size=size)
+        def fold_mean(mean: Tensor, region: Optional[Tuple[slice, slice]]) -> None:
+            self.volume_norm.update(mean, region=region, size=None if region is None else size)  # NOTE [running mean updated once per step]
 
-        ys[self.level] = tiled_forward(layout, x, parts, net_size, *self._net_weights(), self.conv.weight(), kwargs,
-                                       out=out, fold_mean=fold_mean)
-        return tuple(ys), None
+        base = self._region_kwargs(xs) if self.tile is not None else None
+        kwargs_for = (lambda r: base) if base is not None else self._coupling_kwargs  # untiled: a synchronised mean needs r
+        out = self._output_level(x, self.net.conv_in.weight.dtype)
+        ys[self.level], log_scale = forward_regions(regions, self.net, x, parts, self.conv.weight(), kwargs_for, out=out,
+                                                    fold_mean=fold_mean, sum_log_scale=not self.volume_preserving)
+        if log_scale is None:
+            return tuple(ys), None
+        return tuple(ys), log_scale + size[0] * size[1] * self.conv.log_abs_det().to(log_scale.dtype)
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         """Undo :meth:`forward`: undo ``W``, recompute ``(r, t)`` from the untouched levels, undo the affine map."""
@@ -371,48 +516,35 @@ class PyramidCoupling(InvertibleModule):
         """
         # NOTE [fused pyramid reconstruct]
         # The untouched levels are the same in input and output, so they become
-        # leaves that require grad and F runs once on them, with grad. Its (r, t)
-        # serve twice: x_k is rebuilt from u = W⁻¹ y_k, and the local graph of
-        # y_k = W · affine(x_k; r, t) gives the gradients of x_k, r, t and W.
-        # The lean path (float32 / float64 without autocast) keeps no hidden
-        # activation of F (NOTE [hidden activation recomputed]) and neither
-        # recomputes y_k nor keeps more than (r, t) and u (NOTE [placeholder
-        # outputs]), reusing the storages the engine allows. Under autocast, or
-        # with a volume-norm mean that carries a graph (synchronized over ranks),
-        # the kernels' reconstruct op and the 1×1 conv run under plain autograd.
-        # The untouched leaves are returned as the very objects in both tuples,
-        # so the engine routes their gradient directly. The running mean is not
-        # touched (NOTE [running mean updated once per step]); the batch mean of
-        # VN is recomputed from r, exactly.
+        # leaves that require grad and F runs once on them. The region executor
+        # (NOTE [placeholder outputs] in .regions) keeps no hidden activation of F
+        # and no (r, t) beyond a region, never computes y_k again, and reuses the
+        # storages the engine allows; x_k is filled during the local backward. The
+        # plain path (NOTE [one path per call]) runs F with grad on whole levels:
+        # its (r, t) serve twice, x_k rebuilt from u = W⁻¹ y_k and the local graph
+        # of y_k = W · affine(x_k; r, t). The untouched leaves are returned as the
+        # very objects in both tuples, so the engine routes their gradient
+        # directly. The running mean is not touched (NOTE [running mean updated
+        # once per step]); the batch mean of VN is recomputed from r, exactly.
         self._check(ys)
         k = self.level
         leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
-        lean = not _autocast_enabled(ys[k].device) and not self._plain(ys)
         flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
         weight, inverse = self.conv.weight_and_inverse()  # every path needs both
-        if lean and self.tile is not None:
-            layout, net_size = self._tile_layout(ys)
-            parts = [leaves[j] for j in self.cond_levels]
+        xs, ys_local = list(leaves), list(leaves)
+        if self._runs_regions(ys, reconstruct=True):
             gradients = tuple(False if writable is None else writable.gradients[j] for j in self.cond_levels)
-            xs, ys_local = list(leaves), list(leaves)
-            xs[k], local = tiled_transformed_level(
-                layout, leaves[k], parts, net_size, *self._net_weights(), weight.to(ys[k].dtype), inverse,
-                writable=(*flags, *gradients), affine_kwargs=self._tiled_kwargs(ys),
+            xs[k], local = transformed_level(
+                self._regions(ys), self.net, leaves[k], [leaves[j] for j in self.cond_levels], weight.to(ys[k].dtype),
+                inverse, writable=(*flags, *gradients), affine_kwargs=self._region_kwargs(ys),
                 rebuild_first=writable is not None and writable.rebuild_first,
             )
             for j, y_local in zip((k, *self.cond_levels), local):
                 ys_local[j] = y_local
             return tuple(xs), tuple(ys_local), None
-        rt = self._rt(tuple(leaves), lean=lean)
-        r, t = rt.chunk(2, dim=1)
+        r, t = self._affine_parameters(tuple(leaves))
         kwargs = self._coupling_kwargs(r)
         logdet = self._logdet(r)
-        xs, ys_local = list(leaves), list(leaves)
-        mean = kwargs["running_mean"]
-        if lean and (mean is None or not mean.requires_grad):
-            del r, t
-            xs[k], ys_local[k] = transformed_level(leaves[k], rt, weight.to(ys[k].dtype), inverse, writable=flags, affine_kwargs=kwargs)
-            return tuple(xs), tuple(ys_local), logdet
         with torch.no_grad():
             y_affine = self.conv.apply(ys[k].detach(), inverse)
         if writable is not None and writable.rebuild_first:  # x is read before the local backward: made now

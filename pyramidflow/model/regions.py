@@ -1,0 +1,540 @@
+"""A pyramid coupling run region by region: its no-grad forward, rebuild and invertible backward.
+
+A region is a tile of the transformed level (all samples), and inside it the samples F runs on at a
+time (NOTE [regions]). A coupling is local (NOTE [tiles and halos]), so each tile is done alone from a
+window of the conditioning levels; untiled, the whole level is the one tile and F runs sample by
+sample. The network is the module's own (:meth:`.coupling.AffineParameterNet.window` and its
+``window_backward``: NOTE [F written once]); the affine step is :mod:`pyramidflow.kernels`'s. The
+no-grad forward writes ``y_k`` region by region (:func:`forward_regions`); invertible backward
+rebuilds ``x_k`` and backpropagates region by region (:func:`transformed_level`,
+:func:`from_input`). No tensor of the network spans more than a region; what spans the whole level
+is the state the engine keeps anyway (the levels and their gradients).
+
+Only CVN is tiled: its mean runs over batch and channels at each pixel, so a tile holds all it
+needs. SVN's mean runs over the whole level per channel and the log-det without VN sums over it
+(:func:`check_tile_support`): untiled, the affine step runs on the whole level.
+
+notation: ``k`` the transformed level, ``f`` the level whose resolution the
+network F runs at (``k``, or ``k - 1`` for a ``"down"`` block, whose output is
+nearest-resized after), ``halo`` F's reach at level ``f`` (two k×k convs:
+``2 · (kernel // 2)``), ``u = W⁻¹ y_k``, ``g`` the incoming gradient of ``y_k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import kernels
+from .._meta import samples_to_run
+
+if TYPE_CHECKING:
+    from .coupling import AffineParameterNet
+
+__all__ = [
+    "Regions", "TileLayout", "TileWindow", "check_tile_support", "check_tile_alignment", "check_tile_unsynchronised",
+    "forward_regions", "transformed_level", "from_input",
+]
+
+
+def check_tile_support(tile: Optional[int], volume_norm: Optional[str], where: str) -> None:
+    """Raise a ValueError unless ``tile`` is ``None`` or a positive int with ``volume_norm="CVN"``."""
+    if tile is None:
+        return
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"{where}: backward_tile must be None or a positive int (pixels of level 0), got {tile!r}.")
+    if volume_norm != "CVN":
+        reason = "SVN's mean runs over the whole level" if volume_norm == "SVN" else "without VN the log-det sums over the whole level"
+        raise ValueError(
+            f"{where}: backward_tile needs volume_norm='CVN', got {volume_norm!r}: {reason}, so a tile cannot be done "
+            "alone; leave backward_tile=None (whole-level backward) or use volume_norm='CVN'."
+        )
+
+
+def check_tile_alignment(tile: Optional[int], coarsest_level: int, where: str, exponent: str) -> None:
+    """Raise a ValueError naming the nearest good value unless ``tile`` is a multiple of ``2**coarsest_level``.
+
+    ``exponent`` is how the message writes ``coarsest_level`` (``"num_levels - 1"`` for a config).
+    """
+    align = 2**coarsest_level
+    if tile is None or tile % align == 0:
+        return
+    nearest = max(align, (tile + align // 2) // align * align)
+    raise ValueError(
+        f"{where}: backward_tile must be a multiple of 2**({exponent}) = {align} pixels so that every level's tile "
+        f"edges are whole pixels, got {tile}; use {nearest}."
+    )
+
+
+def check_tile_unsynchronised(tile: Optional[int], process_group: object, where: str) -> None:
+    """Raise a ValueError for a tiled coupling whose volume normalisation is synchronised across ranks."""
+    if tile is not None and process_group is not None:
+        raise ValueError(
+            f"{where}: backward_tile does not support volume normalisation synchronised across ranks (the "
+            "per-pixel mean would need one all-reduce per tile); train in one process, or leave backward_tile=None."
+        )
+
+
+# NOTE [tiles on meta]
+# The planner runs the real step on the meta device, where an op costs the
+# same Python time whatever its size, so thousands of tiles would take
+# minutes for nothing: every tile frees what it made before the next starts,
+# and what stays (the level-sized outputs and gradient accumulators) is made
+# before the first. On meta only the tiles of each kind of position run: the
+# first two and last two rows and columns (a border tile, an inner one with a
+# whole halo, the one before the last, the narrower last), which gives the
+# same peak. Values never exist on meta, so none is skipped that matters.
+def _representatives(starts: List[int]) -> List[int]:
+    return sorted({*starts[:2], *starts[-2:]})
+
+
+# NOTE [tiles and halos]
+# F is two k×k convs with zero padding p = k // 2, the affine step and CVN act
+# pixel by pixel, and the pyramid's resizes between levels are nearest by
+# powers of two. So F's output on a window of level f needs its hidden
+# activation on that window widened by p, and that the conditioning input
+# widened by p more (`halo` = 2p), both cut at the true image border. The
+# convs run without padding on exactly that: the input window is padded with
+# zeros only where it meets the image border (the first conv's own padding),
+# and the hidden activation likewise (the second conv's padding: zero there,
+# not the first conv applied to zeros). Nothing outside the tile is computed
+# but the hidden margin. The conditioning levels are read as the untiled code
+# reads them: a finer level by taking every m-th pixel (what nearest resizing
+# by 1/m picks), a coarser one by repeating each pixel m times from a window
+# that starts on a whole coarse pixel. A "down" block's F runs on level k-1
+# and its output is resized after, keeping the even pixels, so a tile of
+# level k is rows 2a..2b of level k-1 and the second conv runs with stride 2:
+# only the kept pixels are computed. Tiles never overlap at level k; their
+# windows of the conditioning levels do, and their gradients add up there.
+@dataclass(frozen=True)
+class TileWindow:
+    """What F reads for one tile, at level f: the conditioning window (cut at the image border), the zeros
+    the model's padding puts around it and around the hidden activation (``F.pad`` order), the stride."""
+
+    rows: slice
+    cols: slice
+    input_pad: Tuple[int, int, int, int]
+    hidden_pad: Tuple[int, int, int, int]
+    stride: int
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where one coupling's tiles fall: the transformed level, F's level, the conditioning levels, the halo."""
+
+    level: int
+    net_level: int
+    cond_levels: Tuple[int, ...]
+    halo: int
+    tile: Optional[int]  # None: the whole level is one tile
+
+    # NOTE [tile side]
+    # A tile's working set is F's window: its hidden activation and input at
+    # level f. So every block's tiles make F's window T×T at level f (T at
+    # level k, T/2 for a "down" block), the same working set as a level-0
+    # block's tile: a coarse level is cut into as few tiles as level 0's
+    # working set allows (one, for a level of side T or less), not into
+    # tiles of T / 2**k whose halos would cost more than the tiles.
+    @property
+    def side(self) -> int:
+        """The side of the tiles at level k (NOTE [tile side])."""
+        if self.tile is None:
+            return 1 << 62
+        return max(1, self.tile >> (self.level - self.net_level))
+
+    def tiles(self, height: int, width: int, meta: bool = False) -> Iterator[Tuple[slice, slice]]:
+        """The tiles of level ``k`` (``height×width``), row-major; the last row and column may be narrower.
+
+        ``meta``: only the first two and the last two rows and columns of tiles (NOTE [tiles on meta]).
+        """
+        side = self.side
+        tops, lefts = list(range(0, height, side)), list(range(0, width, side))
+        if meta:
+            tops, lefts = _representatives(tops), _representatives(lefts)
+        for top in tops:
+            for left in lefts:
+                yield slice(top, min(top + side, height)), slice(left, min(left + side, width))
+
+    def window(self, rows: slice, cols: slice, net_size: Tuple[int, int]) -> TileWindow:
+        """What F reads at level f (of ``net_size``) for a tile ``rows×cols`` of level k (NOTE [tiles and halos])."""
+        scale = 2 ** (self.level - self.net_level)
+        reach = self.halo // 2  # one conv's
+        windows, input_pad, hidden_pad = [], [], []
+        for s, extent in ((rows, net_size[0]), (cols, net_size[1])):
+            start, stop = s.start * scale, s.stop * scale
+            hidden_lo, hidden_hi = max(0, start - reach), min(extent, stop + reach)  # inside the image
+            lo, hi = max(0, hidden_lo - reach), min(extent, hidden_hi + reach)
+            windows.append(slice(lo, hi))
+            input_pad.append((lo - (hidden_lo - reach), hidden_hi + reach - hi))
+            hidden_pad.append((hidden_lo - (start - reach), stop + reach - hidden_hi))
+        (top, bottom), (left, right) = input_pad
+        (h_top, h_bottom), (h_left, h_right) = hidden_pad
+        return TileWindow(windows[0], windows[1], (left, right, top, bottom), (h_left, h_right, h_top, h_bottom), scale)
+
+
+def _part_window(part: Tensor, part_level: int, net_level: int, rows: slice, cols: slice) -> Tuple[Tensor, Tuple[slice, slice]]:
+    """The window of a conditioning level that F's window ``rows×cols`` of level f reads, and its slices of ``part``."""
+    if part_level <= net_level:  # finer (or the same): every m-th pixel, as nearest resizing by 1/m picks
+        m = 2 ** (net_level - part_level)
+        index = (slice(rows.start * m, rows.stop * m, m), slice(cols.start * m, cols.stop * m, m))
+        return part[(..., *index)], index
+    m = 2 ** (part_level - net_level)  # coarser: whole coarse pixels, each repeated m times, then cropped
+    index = (slice(rows.start // m, -(-rows.stop // m)), slice(cols.start // m, -(-cols.stop // m)))
+    return part[(..., *index)], index
+
+
+def _upsampled(window: Tensor, part_level: int, net_level: int, rows: slice, cols: slice) -> Tensor:
+    """A coarser level's window at F's resolution, cropped to ``rows×cols`` (identity for finer levels)."""
+    if part_level <= net_level:
+        return window
+    m = 2 ** (part_level - net_level)
+    big = F.interpolate(window, scale_factor=m, mode="nearest")  # each pixel repeated m×m times (m a power of 2: exact)
+    top, left = rows.start - (rows.start // m) * m, cols.start - (cols.start // m) * m
+    if (top, left) == (0, 0) and big.shape[-2:] == (rows.stop - rows.start, cols.stop - cols.start):
+        return big
+    return big[..., top : top + rows.stop - rows.start, left : left + cols.stop - cols.start]
+
+
+# NOTE [regions]
+# A region is the samples F runs on at a time within one tile of level k.
+# Tiled, that is every sample: the affine step's CVN mean runs over the batch
+# at each pixel, so a tile with all its samples is done alone. Untiled, the
+# whole level is the one tile (its windows are the image with the model's own
+# padding: no padded copy) and F runs one sample at a time, so its hidden
+# activation (twice the level per sample) never exists for the whole batch;
+# the affine step runs on the whole level, whose batch statistics (CVN or
+# SVN) it needs. In backward, F runs each region without a graph, keeping the
+# hidden activation of the last region only (and, where the tile is one
+# region, its input window); the affine backward turns (r, t) into their
+# gradients in place, and F's backward then does the kept region first and
+# makes the hidden activation again for each other one (conv_in only). So a
+# tiled block makes nothing twice; an untiled one runs conv_in again for all
+# samples but one, because (r, t) of the whole batch exist before any
+# region's gradient is known. Running F on the whole batch where the level is
+# small would save that conv_in, but costs a hidden activation per sample
+# more at the block's peak at every size (the hidden activation grows with
+# the level): the measured step peak at 64 px (tests/model/test_step_memory.py)
+# rose 40%.
+@dataclass(frozen=True)
+class Regions:
+    """How one coupling is run region by region (NOTE [regions]): its tiles, the size of level f, the
+    samples F runs on at a time."""
+
+    layout: TileLayout
+    net_size: Tuple[int, int]
+    samples: int
+
+    def tiles(self, like: Tensor) -> Iterator[Tuple[slice, slice]]:
+        """The tiles of level k (``like`` ``(N, C, H, W)``); on meta a few of each position (NOTE [tiles on meta])."""
+        return self.layout.tiles(*like.shape[-2:], meta=like.is_meta)
+
+    def chunks(self, like: Tensor) -> List[slice]:
+        """The samples of each region of a tile; on meta the first and the last (NOTE [samples on meta])."""
+        batch = like.shape[0]
+        starts = range(0, batch, self.samples)
+        return [slice(starts[i], min(starts[i] + self.samples, batch)) for i in samples_to_run(len(starts), like)]
+
+    @staticmethod
+    def whole(like: Tensor, rows: slice, cols: slice) -> bool:
+        """Whether the tile ``rows×cols`` is all of ``like``'s level."""
+        return (rows.stop - rows.start, cols.stop - cols.start) == tuple(like.shape[-2:])
+
+
+def _conditioning(regions: Regions, parts: Sequence[Tensor], window: TileWindow, samples: slice,
+                  need_parts: Sequence[bool]) -> Tuple[Tensor, List[Tensor], List[Tuple[slice, slice]]]:
+    """F's input window for the samples ``samples``, and the conditioning windows it is made of (fresh leaves,
+    requiring grad where ``need_parts`` says and grad is on), with their slices of each part."""
+    layout = regions.layout
+    leaves, indices, resized = [], [], []
+    for part, level, need in zip(parts, layout.cond_levels, need_parts):
+        part_window, index = _part_window(part[samples], level, layout.net_level, window.rows, window.cols)
+        leaf = part_window.detach().requires_grad_(need and torch.is_grad_enabled())
+        leaves.append(leaf)
+        indices.append(index)
+        resized.append(_upsampled(leaf, level, layout.net_level, window.rows, window.cols))
+    return (resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)), leaves, indices
+
+
+@torch.no_grad()
+def _network(regions: Regions, net: "AffineParameterNet", parts: Sequence[Tensor], window: TileWindow,
+             like: Tensor, need_parts: Optional[Sequence[bool]] = None) -> Tuple[Tensor, Optional[tuple]]:
+    """F's output ``rt`` ``(N, 2C, h, w)`` on one tile, region by region, without a graph; with ``need_parts``
+    (for backward) also what F's backward keeps of the last region (NOTE [regions]): its hidden state and,
+    where the tile is one region, its input window with the conditioning leaves (``None`` otherwise)."""
+    chunks = regions.chunks(like)
+    rt, kept = None, None
+    for i, samples in enumerate(chunks):
+        kept = None  # the region before's hidden activation goes before this one's is made
+        if need_parts is not None and i == len(chunks) - 1:
+            with torch.enable_grad():
+                window_input = _conditioning(regions, parts, window, samples, need_parts)
+            out, state = net.window_with_state(window_input[0].detach(), window.input_pad, window.hidden_pad, window.stride)
+            kept = (state, window_input if len(chunks) == 1 else None)
+            del window_input
+        else:
+            cond, _, _ = _conditioning(regions, parts, window, samples, (False,) * len(parts))
+            out = net.window(cond, window.input_pad, window.hidden_pad, window.stride)
+            del cond
+        if samples == slice(0, like.shape[0]):
+            rt = out
+        else:
+            if rt is None:
+                rt = out.new_empty((like.shape[0], *out.shape[1:]))
+            rt[samples] = out
+        del out
+    return rt, kept
+
+
+def _tile_kwargs(affine_kwargs: dict, rows: slice, cols: slice) -> dict:
+    """The affine op's settings for one tile: a given CVN mean ``(1, 1, H, W)`` cut to it."""
+    mean = affine_kwargs.get("running_mean")
+    return {**affine_kwargs, "running_mean": None if mean is None else mean[..., rows, cols]}
+
+
+def _tile_of(x: Tensor, rows: slice, cols: slice, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The tile ``rows×cols`` of ``x``, contiguous: ``x`` itself for the whole level, else a fresh copy."""
+    if Regions.whole(x, rows, cols) and x.is_contiguous() and dtype in (None, x.dtype):
+        return x
+    tile = torch.empty_like(x[..., rows, cols], dtype=dtype, memory_format=torch.contiguous_format)
+    return tile.copy_(x[..., rows, cols])
+
+
+def _apply_1x1_(x: Tensor, weight: Tensor, chunks: Sequence[slice], out: Optional[Tensor] = None) -> Tensor:
+    """``weight · x`` at every pixel, ``(C, C)`` on ``(N, C, h, w)``, a region of samples at a time into ``out``
+    (``x`` itself if ``None``): one region's temporary at a time."""
+    out = x if out is None else out
+    kernel = weight.to(x.dtype)[:, :, None, None]
+    for samples in chunks:
+        out[samples] = F.conv2d(x[samples], kernel)
+    return out
+
+
+@torch.no_grad()
+def forward_regions(regions: Regions, net: "AffineParameterNet", x: Tensor, parts: Sequence[Tensor], weight: Tensor,
+                    kwargs_for: Callable[[Tensor], dict], *, out: Tensor,
+                    fold_mean: Optional[Callable[[Tensor, Optional[Tuple[slice, slice]]], None]] = None,
+                    sum_log_scale: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """The coupling's no-grad forward, region by region: ``(y_k, Σ s per sample or None)``.
+
+    ``out``: where ``y_k`` is written; it may be ``x`` itself, since F never reads ``x`` and each tile of
+    ``x`` is read before its own tile of ``y`` is written. ``kwargs_for(r)``: the affine op's settings for
+    the whole level's ``r`` (a tile's are cut from them). ``fold_mean(mean, region)`` takes each tile's
+    batch mean as it comes (``region`` ``None`` for the whole level), so no level-sized mean is assembled.
+    ``sum_log_scale``: also sum the clamped log-scale per sample (NOTE [log-det without volume normalisation]).
+    """
+    log_scale = None
+    for rows, cols in regions.tiles(x):
+        window = regions.layout.window(rows, cols, regions.net_size)
+        rt, _ = _network(regions, net, parts, window, x)
+        r, t = rt.chunk(2, dim=1)
+        whole = Regions.whole(x, rows, cols)
+        kwargs = kwargs_for(r) if whole else _tile_kwargs(kwargs_for(r), rows, cols)
+        if sum_log_scale:
+            s = kernels.soft_clamp(r, kwargs["clamp"]).flatten(1).sum(dim=1)
+            log_scale = s if log_scale is None else log_scale + s
+        if whole:  # into out directly, then the 1x1 conv over it
+            a = out
+            mean = kernels.affine_coupling_into(x, r, t, out=a, **kwargs)
+        else:
+            a = _tile_of(x, rows, cols, dtype=out.dtype)  # x is not ours to overwrite
+            mean = kernels.affine_coupling_into(a, r, t, out=a, **kwargs)
+        if mean is not None and fold_mean is not None:
+            fold_mean(mean, None if whole else (rows, cols))
+        del rt, r, t, mean
+        if whole:
+            _apply_1x1_(a, weight, regions.chunks(a))
+        else:
+            out[..., rows, cols] = _apply_1x1_(a, weight, [slice(None)])
+        del a
+    return out, log_scale
+
+
+# NOTE [placeholder outputs]
+# The local outputs of the op are views of its inputs (y_k and the
+# conditioning levels): the engine backpropagates through them and never
+# reads their values (NOTE [placeholder outputs] in engine/coupling.py's
+# users). x_k is a leaf on u's storage, filled during backward, and F's output
+# exists for one tile at a time, made inside backward. Per tile: F without a
+# graph (NOTE [regions]), dW += g·uᵀ (u read before it becomes x), grad_a =
+# Wᵀg, the affine backward rebuilds x and gives grad_x, grad_r, grad_t over
+# its operands (NOTE [backward into the operands] in kernels/reference.py;
+# CVN's batch mean is per pixel, so a tile's is exact), and grad_(r, t) goes
+# back through F (its window_backward) into the conditioning windows and F's
+# weights. x and grad_x are written back into u's and (where the engine
+# allows) g's storage. The conditioning levels are outputs of the op too, so
+# their incoming gradients come in here and the windows' gradients add into
+# them (into a copy where the engine does not allow overwriting): no
+# zero-filled buffer and no second sum of a whole level.
+@dataclass(frozen=True)
+class _Options:
+    regions: Regions
+    net: "AffineParameterNet"
+    writable: Tuple[bool, ...]  # per input: x's gradient, then each conditioning level's
+    affine_kwargs: dict
+    input_final: bool = False  # x's storage holds x already (rebuilt first, or exact): u is recomputed per tile
+
+
+def _gradient_into(g: Optional[Tensor], like: Tensor, writable: bool) -> Tensor:
+    """Where a level's gradient is accumulated: ``g`` itself if it may be overwritten, else a copy (zeros without ``g``)."""
+    if g is None:
+        return torch.zeros_like(like)
+    if writable and g.dtype == like.dtype and g.is_contiguous() and not g.requires_grad:
+        return g
+    return g.to(like.dtype, copy=True, memory_format=torch.contiguous_format)
+
+
+class _RegionLevel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, options, x, w_in, w_out, weight, y, *parts):  # type: ignore[override]
+        ctx.options = options
+        ctx.u = x.detach()  # u until backward turns it into x; x itself when options.input_final
+        ctx.save_for_backward(weight, *parts)
+        return (y.view_as(y), *(p.view_as(p) for p in parts))
+
+    @staticmethod
+    def backward(ctx, g, *grad_levels):  # type: ignore[override]
+        weight, *parts = ctx.saved_tensors
+        options: _Options = ctx.options
+        regions, net = options.regions, options.net
+        u = ctx.u
+        del ctx.u
+        need_parts = ctx.needs_input_grad[6:]
+        # The gradients' buffers are made once the first tile's F has run: untiled, its regions' temporaries
+        # come and go before the buffers (a copy where the engine does not allow overwriting) exist.
+        grad_x: Optional[Tensor] = None
+        grad_parts: Optional[List[Optional[Tensor]]] = None
+        grad_w_in = grad_w_out = None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[4] else None
+        weight_t = weight.detach().T
+        for rows, cols in regions.tiles(u):
+            window = regions.layout.window(rows, cols, regions.net_size)
+            rt, kept = _network(regions, net, parts, window, u, need_parts)
+            r, t = rt.chunk(2, dim=1)
+            whole = Regions.whole(u, rows, cols)
+            kwargs = options.affine_kwargs if whole else _tile_kwargs(options.affine_kwargs, rows, cols)
+            if grad_x is None:
+                grad_x = _gradient_into(g, u, options.writable[0])
+                del g
+            if options.input_final:  # u = affine(x) again on this tile; x stays as it is
+                a = torch.empty_like(u[..., rows, cols], memory_format=torch.contiguous_format)
+                kernels.affine_coupling_into(u[..., rows, cols], r, t, out=a, **kwargs)
+            else:
+                a = _tile_of(u, rows, cols)
+            g_tile = _tile_of(grad_x, rows, cols)  # still the incoming gradient on this tile; ours to overwrite
+            chunks = regions.chunks(g_tile) if whole else [slice(None)]
+            for samples in chunks:
+                if grad_weight is not None:  # y = W a at every pixel: dW = sum over pixels of g aᵀ
+                    g_n, a_n = g_tile[samples].transpose(0, 1).flatten(1), a[samples].transpose(0, 1).flatten(1)
+                    grad_weight += g_n @ a_n.T
+                    del g_n, a_n
+                g_tile[samples] = F.conv2d(g_tile[samples], weight_t.to(g_tile.dtype)[:, :, None, None])
+            # NOTE [backward into the operands] (kernels/reference.py): x over a, grad_x over grad_a, grad_r, grad_t over r, t.
+            kernels.affine_coupling_bwd_into(a, r, t, g_tile, out=(a, g_tile, r, t), **kwargs)
+            if not whole:
+                if not options.input_final:
+                    u[..., rows, cols] = a
+                grad_x[..., rows, cols] = g_tile
+            del a, g_tile, r, t
+            if grad_parts is None:
+                grad_parts = [_gradient_into(gp, p, w) if need else None
+                              for gp, p, w, need in zip(grad_levels, parts, options.writable[1:], need_parts)]
+                del grad_levels
+            grads = _network_backward(regions, net, parts, window, rt, kept, grad_parts, u)
+            del rt, kept
+            grad_w_in = grads[0] if grad_w_in is None else grad_w_in.add_(grads[0])
+            grad_w_out = grads[1] if grad_w_out is None else grad_w_out.add_(grads[1])
+            del grads
+        return (None, grad_x, grad_w_in, grad_w_out, grad_weight, None, *grad_parts)
+
+
+def _network_backward(regions: Regions, net: "AffineParameterNet", parts: Sequence[Tensor], window: TileWindow,
+                      grad_rt: Tensor, kept: tuple, grad_parts: Sequence[Optional[Tensor]], like: Tensor):
+    """F's backward on one tile, region by region, the kept region first (NOTE [regions]): adds the conditioning
+    windows' gradients into ``grad_parts`` (``None`` where not wanted); returns ``(grad_w_in, grad_w_out)``."""
+    chunks = regions.chunks(like)
+    need_parts = [g is not None for g in grad_parts]
+    grad_w_in = grad_w_out = None
+    state, window_input = kept
+    del kept
+    for samples in [chunks[-1], *chunks[:-1]]:
+        if window_input is None:
+            with torch.enable_grad():
+                window_input = _conditioning(regions, parts, window, samples, need_parts)
+        cond, leaves, indices = window_input
+        del window_input
+        want = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+        if state is None:
+            state = net.window_state(cond.detach(), window.input_pad)
+        grad_cond, w_in, w_out = net.window_backward(state, cond.detach(), grad_rt[samples], window.input_pad,
+                                                     window.hidden_pad, window.stride, need_cond=bool(want))
+        state = window_input = None
+        grad_w_in = w_in if grad_w_in is None else grad_w_in.add_(w_in)
+        grad_w_out = w_out if grad_w_out is None else grad_w_out.add_(w_out)
+        del w_in, w_out
+        if want:
+            grads = torch.autograd.grad(cond, [leaves[i] for i in want], grad_cond)
+            for i, grad in zip(want, grads):
+                grad_parts[i][samples][(..., *indices[i])] += grad
+            del grads
+        del cond, leaves, grad_cond
+    return grad_w_in, grad_w_out
+
+
+def transformed_level(regions: Regions, net: "AffineParameterNet", y: Tensor, parts: Sequence[Tensor], weight: Tensor,
+                      inverse_weight: Tensor, *, writable: Tuple[bool, ...], affine_kwargs: dict,
+                      rebuild_first: bool = False) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """The coupling's reconstruct, region by region: ``(x, local_outputs)`` (NOTE [placeholder outputs]).
+
+    Args:
+        regions: how the coupling is run (NOTE [regions]).
+        net: the coupling's network F.
+        y: the transformed level's output ``(N, C, H, W)``, detached.
+        parts: the conditioning levels, leaves (requiring grad where their gradient is wanted).
+        weight: ``W`` with its graph to the 1×1 conv's parameters; ``inverse_weight``: ``W⁻¹``.
+        writable: whether ``y``'s storage may be overwritten, then whether the incoming gradient of
+            ``y`` and of each conditioning level may be.
+        affine_kwargs: ``volume_norm``, ``clamp``, ``running_mean``, ``backend`` of the affine op.
+        rebuild_first: rebuild ``x`` now (one more pass of F, without grad), so its values can be
+            checked before the local backward (:class:`~pyramidflow.engine.Writable`).
+
+    Returns:
+        ``x``, a leaf filled now or during the local backward, and the local outputs ``(y_local, *parts_local)``,
+        differentiable in ``x``, the conditioning levels, F's weights and ``weight``.
+    """
+    storage_writable, gradients = writable[0], tuple(writable[1:])
+    inverse = inverse_weight.detach()
+    with torch.no_grad():
+        u = y if storage_writable else torch.empty_like(y)
+        for rows, cols in regions.tiles(y):
+            if Regions.whole(y, rows, cols):
+                _apply_1x1_(y, inverse, regions.chunks(y), out=u)
+            else:
+                u[..., rows, cols] = _apply_1x1_(y[..., rows, cols], inverse, [slice(None)], out=torch.empty_like(y[..., rows, cols]))
+            if rebuild_first:  # x now, over u: F runs once more per tile, in backward
+                window = regions.layout.window(rows, cols, regions.net_size)
+                rt, _ = _network(regions, net, parts, window, y)
+                r, t = rt.chunk(2, dim=1)
+                u[..., rows, cols] = kernels.affine_coupling_inverse(u[..., rows, cols], r, t, **_tile_kwargs(affine_kwargs, rows, cols))[0]
+                del rt, r, t
+    x = u.detach().requires_grad_(True)
+    options = _Options(regions, net, gradients, affine_kwargs, input_final=rebuild_first)
+    return x, _RegionLevel.apply(options, x, net.conv_in.weight, net.conv_out.weight, weight, y, *parts)
+
+
+def from_input(regions: Regions, net: "AffineParameterNet", x: Tensor, parts: Sequence[Tensor], weight: Tensor,
+               affine_kwargs: dict) -> Tuple[Tensor, ...]:
+    """The local outputs ``(y_local, *parts_local)`` from the exact input ``x`` (a leaf): the rebuild of an anchor.
+
+    The forward runs region by region without grad; backward is :class:`_RegionLevel`'s with ``x`` as
+    the final input (``u`` recomputed per tile), so its gradients are those at ``x`` and no whole-level
+    graph exists (NOTE [rebuilding in backward] in :mod:`pyramidflow.engine._state`).
+    """
+    x_in = x.detach()
+    out = torch.empty_like(x_in, dtype=torch.promote_types(x_in.dtype, net.conv_in.weight.dtype))
+    y, _ = forward_regions(regions, net, x_in, parts, weight.detach(), lambda r: affine_kwargs, out=out)
+    options = _Options(regions, net, (False,) * (1 + len(parts)), affine_kwargs, input_final=True)
+    return _RegionLevel.apply(options, x, net.conv_in.weight, net.conv_out.weight, weight, y, *parts)
