@@ -41,6 +41,7 @@ from .regions import (
     check_tile_unsynchronised,
     forward_regions,
     from_input,
+    log_scale_sum,
     transformed_level,
 )
 from .tracing import tracing
@@ -385,10 +386,7 @@ class PyramidCoupling(InvertibleModule):
 
     def _logdet(self, r: Tensor) -> LogDet:
         """NOTE [log-det without volume normalisation]: ``(N,)``, or ``None`` for a volume-preserving block."""
-        if self.volume_preserving:
-            return None
-        pixels = r.shape[-2] * r.shape[-1]
-        return kernels.soft_clamp(r, self.clamp).flatten(1).sum(dim=1) + pixels * self.conv.log_abs_det().to(r.dtype)
+        return None if self.volume_preserving else self._region_logdet(log_scale_sum(r, self.clamp), r)
 
     # NOTE [one path per call]
     # Each call chooses its path once, here: the region executor (.regions)
@@ -397,9 +395,8 @@ class PyramidCoupling(InvertibleModule):
     # small]), not for a graph being traced or exported (the executor is an
     # autograd Function writing into given tensors, which tracers do not
     # record), not under autocast (the executor runs each op in the operands'
-    # dtype), and in reconstruct not where a mean or a log-det carries a graph
-    # the executor does not keep (a volume-norm mean synchronised over ranks,
-    # the log-det without VN). The forward without grad (invertible mode's,
+    # dtype), and in reconstruct not where the volume-norm mean carries a graph
+    # the executor does not keep (synchronised over ranks). The forward without grad (invertible mode's,
     # inference) runs the regions, the forward with grad only as the rebuild of
     # an exact input of a tiled block (NOTE [rebuilding in backward]).
     def _runs_regions(self, xs: Tensors, reconstruct: bool) -> bool:
@@ -408,7 +405,7 @@ class PyramidCoupling(InvertibleModule):
             return False
         if reconstruct:
             synchronised = self.volume_norm.training and self.volume_norm.process_group is not None
-            return self.volume_preserving and not synchronised and not _autocast_enabled(xs[self.level].device)
+            return not synchronised and not _autocast_enabled(xs[self.level].device)
         if not torch.is_grad_enabled():
             return True
         return self.tile is not None and is_rebuilding() and not _autocast_enabled(xs[self.level].device)
@@ -487,9 +484,13 @@ class PyramidCoupling(InvertibleModule):
         out = self._output_level(x, self.net.conv_in.weight.dtype)
         ys[self.level], log_scale = forward_regions(regions, self.net, x, parts, self.conv.weight(), kwargs_for, out=out,
                                                     fold_mean=fold_mean, sum_log_scale=not self.volume_preserving)
+        return tuple(ys), self._region_logdet(log_scale, x)
+
+    def _region_logdet(self, log_scale: Optional[Tensor], level: Tensor) -> LogDet:
+        """NOTE [log-det without volume normalisation] from the regions' Σ s ``(N,)`` (``None``: volume preserving)."""
         if log_scale is None:
-            return tuple(ys), None
-        return tuple(ys), log_scale + size[0] * size[1] * self.conv.log_abs_det().to(log_scale.dtype)
+            return None
+        return log_scale + level.shape[-2] * level.shape[-1] * self.conv.log_abs_det().to(log_scale.dtype)
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         """Undo :meth:`forward`: undo ``W``, recompute ``(r, t)`` from the untouched levels, undo the affine map."""
@@ -537,11 +538,11 @@ class PyramidCoupling(InvertibleModule):
             xs[k], local = transformed_level(
                 self._regions(ys), self.net, leaves[k], [leaves[j] for j in self.cond_levels], weight.to(ys[k].dtype),
                 inverse, writable=(*flags, *gradients), affine_kwargs=self._region_kwargs(ys),
-                rebuild_first=writable is not None and writable.rebuild_first,
+                rebuild_first=writable is not None and writable.rebuild_first, log_scale=not self.volume_preserving,
             )
             for j, y_local in zip((k, *self.cond_levels), local):
                 ys_local[j] = y_local
-            return tuple(xs), tuple(ys_local), None
+            return tuple(xs), tuple(ys_local), self._region_logdet(local[-1] if not self.volume_preserving else None, ys[k])
         r, t = self._affine_parameters(tuple(leaves))
         kwargs = self._coupling_kwargs(r)
         logdet = self._logdet(r)

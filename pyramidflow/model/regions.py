@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Regions", "TileLayout", "TileWindow", "check_tile_support", "check_tile_alignment", "check_tile_unsynchronised",
-    "forward_regions", "transformed_level", "from_input",
+    "forward_regions", "transformed_level", "from_input", "log_scale_sum",
 ]
 
 
@@ -303,6 +303,20 @@ def _tile_of(x: Tensor, rows: slice, cols: slice, dtype: Optional[torch.dtype] =
     return tile.copy_(x[..., rows, cols])
 
 
+def log_scale_sum(r: Tensor, clamp: float) -> Tensor:
+    """Σ s per sample over ``r``'s pixels and channels: the log-det's share of a region (NOTE [log-det without
+    volume normalisation] in :mod:`.coupling`)."""
+    return kernels.soft_clamp(r, clamp).flatten(1).sum(dim=1)
+
+
+def _log_scale_grad(r: Tensor, grad: Tensor, clamp: float) -> Tensor:
+    """The gradient of ``grad · log_scale_sum(r)`` for ``r``, by autograd on that definition."""
+    with torch.enable_grad():
+        leaf = r.detach().requires_grad_(True)
+        total = log_scale_sum(leaf, clamp)
+    return torch.autograd.grad(total, leaf, grad.to(total.dtype))[0]
+
+
 def _apply_1x1_(x: Tensor, weight: Tensor, chunks: Sequence[slice], out: Optional[Tensor] = None) -> Tensor:
     """``weight · x`` at every pixel, ``(C, C)`` on ``(N, C, h, w)``, a region of samples at a time into ``out``
     (``x`` itself if ``None``): one region's temporary at a time."""
@@ -323,7 +337,8 @@ def forward_regions(regions: Regions, net: "AffineParameterNet", x: Tensor, part
     ``out``: where ``y_k`` is written; it may be ``x`` itself, since F never reads ``x`` and each tile of
     ``x`` is read before its own tile of ``y`` is written. ``kwargs_for(r)``: the affine op's settings for
     the whole level's ``r`` (a tile's are cut from them). ``fold_mean(mean, region)`` takes each tile's
-    batch mean as it comes (``region`` ``None`` for the whole level), so no level-sized mean is assembled.
+    batch mean as it comes, or the mean given to the op (``region`` ``None`` for the whole level), so no
+    level-sized mean is assembled.
     ``sum_log_scale``: also sum the clamped log-scale per sample (NOTE [log-det without volume normalisation]).
     """
     log_scale = None
@@ -334,7 +349,7 @@ def forward_regions(regions: Regions, net: "AffineParameterNet", x: Tensor, part
         whole = Regions.whole(x, rows, cols)
         kwargs = kwargs_for(r) if whole else _tile_kwargs(kwargs_for(r), rows, cols)
         if sum_log_scale:
-            s = kernels.soft_clamp(r, kwargs["clamp"]).flatten(1).sum(dim=1)
+            s = log_scale_sum(r, kwargs["clamp"])
             log_scale = s if log_scale is None else log_scale + s
         if whole:  # into out directly, then the 1x1 conv over it
             a = out
@@ -342,7 +357,8 @@ def forward_regions(regions: Regions, net: "AffineParameterNet", x: Tensor, part
         else:
             a = _tile_of(x, rows, cols, dtype=out.dtype)  # x is not ours to overwrite
             mean = kernels.affine_coupling_into(a, r, t, out=a, **kwargs)
-        if mean is not None and fold_mean is not None:
+        mean = kwargs["running_mean"] if mean is None else mean  # a given mean (synchronised, or eval's) comes back
+        if mean is not None and fold_mean is not None:  # NOTE [running mean updated once per step]
             fold_mean(mean, None if whole else (rows, cols))
         del rt, r, t, mean
         if whole:
@@ -389,20 +405,25 @@ def _gradient_into(g: Optional[Tensor], like: Tensor, writable: bool) -> Tensor:
 
 class _RegionLevel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, options, x, w_in, w_out, weight, y, *parts):  # type: ignore[override]
+    def forward(ctx, options, x, w_in, w_out, weight, y, log_scale, *parts):  # type: ignore[override]
         ctx.options = options
         ctx.u = x.detach()  # u until backward turns it into x; x itself when options.input_final
         ctx.save_for_backward(weight, *parts)
-        return (y.view_as(y), *(p.view_as(p) for p in parts))
+        ctx.has_log_scale = log_scale is not None
+        extra = () if log_scale is None else (log_scale.view_as(log_scale),)
+        return (y.view_as(y), *(p.view_as(p) for p in parts), *extra)
 
     @staticmethod
     def backward(ctx, g, *grad_levels):  # type: ignore[override]
+        grad_log_scale = None
+        if ctx.has_log_scale:
+            *grad_levels, grad_log_scale = grad_levels
         weight, *parts = ctx.saved_tensors
         options: _Options = ctx.options
         regions, net = options.regions, options.net
         u = ctx.u
         del ctx.u
-        need_parts = ctx.needs_input_grad[6:]
+        need_parts = ctx.needs_input_grad[7:]
         # The gradients' buffers are made once the first tile's F has run: untiled, its regions' temporaries
         # come and go before the buffers (a copy where the engine does not allow overwriting) exist.
         grad_x: Optional[Tensor] = None
@@ -416,6 +437,7 @@ class _RegionLevel(torch.autograd.Function):
             r, t = rt.chunk(2, dim=1)
             whole = Regions.whole(u, rows, cols)
             kwargs = options.affine_kwargs if whole else _tile_kwargs(options.affine_kwargs, rows, cols)
+            log_scale_grad = None if grad_log_scale is None else _log_scale_grad(r, grad_log_scale, kwargs["clamp"])
             if grad_x is None:
                 grad_x = _gradient_into(g, u, options.writable[0])
                 del g
@@ -434,6 +456,9 @@ class _RegionLevel(torch.autograd.Function):
                 g_tile[samples] = F.conv2d(g_tile[samples], weight_t.to(g_tile.dtype)[:, :, None, None])
             # NOTE [backward into the operands] (kernels/reference.py): x over a, grad_x over grad_a, grad_r, grad_t over r, t.
             kernels.affine_coupling_bwd_into(a, r, t, g_tile, out=(a, g_tile, r, t), **kwargs)
+            if log_scale_grad is not None:  # r holds its gradient now
+                r.add_(log_scale_grad)
+                del log_scale_grad
             if not whole:
                 if not options.input_final:
                     u[..., rows, cols] = a
@@ -448,7 +473,7 @@ class _RegionLevel(torch.autograd.Function):
             grad_w_in = grads[0] if grad_w_in is None else grad_w_in.add_(grads[0])
             grad_w_out = grads[1] if grad_w_out is None else grad_w_out.add_(grads[1])
             del grads
-        return (None, grad_x, grad_w_in, grad_w_out, grad_weight, None, *grad_parts)
+        return (None, grad_x, grad_w_in, grad_w_out, grad_weight, None, None, *grad_parts)
 
 
 def _network_backward(regions: Regions, net: "AffineParameterNet", parts: Sequence[Tensor], window: TileWindow,
@@ -486,7 +511,7 @@ def _network_backward(regions: Regions, net: "AffineParameterNet", parts: Sequen
 
 def transformed_level(regions: Regions, net: "AffineParameterNet", y: Tensor, parts: Sequence[Tensor], weight: Tensor,
                       inverse_weight: Tensor, *, writable: Tuple[bool, ...], affine_kwargs: dict,
-                      rebuild_first: bool = False) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+                      rebuild_first: bool = False, log_scale: bool = False) -> Tuple[Tensor, Tuple[Tensor, ...]]:
     """The coupling's reconstruct, region by region: ``(x, local_outputs)`` (NOTE [placeholder outputs]).
 
     Args:
@@ -500,13 +525,16 @@ def transformed_level(regions: Regions, net: "AffineParameterNet", y: Tensor, pa
         affine_kwargs: ``volume_norm``, ``clamp``, ``running_mean``, ``backend`` of the affine op.
         rebuild_first: rebuild ``x`` now (one more pass of F, without grad), so its values can be
             checked before the local backward (:class:`~pyramidflow.engine.Writable`).
+        log_scale: also give Σ s per sample ``(N,)`` as a last local output (the log-det without VN: one
+            more pass of F now, without grad, for its value).
 
     Returns:
-        ``x``, a leaf filled now or during the local backward, and the local outputs ``(y_local, *parts_local)``,
-        differentiable in ``x``, the conditioning levels, F's weights and ``weight``.
+        ``x``, a leaf filled now or during the local backward, and the local outputs ``(y_local, *parts_local)``
+        (and Σ s), differentiable in ``x``, the conditioning levels, F's weights and ``weight``.
     """
     storage_writable, gradients = writable[0], tuple(writable[1:])
     inverse = inverse_weight.detach()
+    total = None
     with torch.no_grad():
         u = y if storage_writable else torch.empty_like(y)
         for rows, cols in regions.tiles(y):
@@ -520,9 +548,14 @@ def transformed_level(regions: Regions, net: "AffineParameterNet", y: Tensor, pa
                 r, t = rt.chunk(2, dim=1)
                 u[..., rows, cols] = kernels.affine_coupling_inverse(u[..., rows, cols], r, t, **_tile_kwargs(affine_kwargs, rows, cols))[0]
                 del rt, r, t
+            if log_scale:
+                rt, _ = _network(regions, net, parts, regions.layout.window(rows, cols, regions.net_size), y)
+                s = log_scale_sum(rt.chunk(2, dim=1)[0], affine_kwargs["clamp"])
+                total = s if total is None else total + s
+                del rt, s
     x = u.detach().requires_grad_(True)
     options = _Options(regions, net, gradients, affine_kwargs, input_final=rebuild_first)
-    return x, _RegionLevel.apply(options, x, net.conv_in.weight, net.conv_out.weight, weight, y, *parts)
+    return x, _RegionLevel.apply(options, x, net.conv_in.weight, net.conv_out.weight, weight, y, total, *parts)
 
 
 def from_input(regions: Regions, net: "AffineParameterNet", x: Tensor, parts: Sequence[Tensor], weight: Tensor,
@@ -537,4 +570,4 @@ def from_input(regions: Regions, net: "AffineParameterNet", x: Tensor, parts: Se
     out = torch.empty_like(x_in, dtype=torch.promote_types(x_in.dtype, net.conv_in.weight.dtype))
     y, _ = forward_regions(regions, net, x_in, parts, weight.detach(), lambda r: affine_kwargs, out=out)
     options = _Options(regions, net, (False,) * (1 + len(parts)), affine_kwargs, input_final=True)
-    return _RegionLevel.apply(options, x, net.conv_in.weight, net.conv_out.weight, weight, y, *parts)
+    return _RegionLevel.apply(options, x, net.conv_in.weight, net.conv_out.weight, weight, y, None, *parts)

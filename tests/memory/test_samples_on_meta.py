@@ -106,7 +106,7 @@ def _both_peaks(monkeypatch, fn) -> tuple:
 
 
 @pytest.mark.parametrize("batch", [5, 9])
-@pytest.mark.parametrize("volume_norm", ["CVN", "SVN"])
+@pytest.mark.parametrize("volume_norm", ["CVN", "SVN", None])
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_region_executor_peak(monkeypatch, direction, volume_norm, batch):
     """An untiled coupling's no-grad forward, reconstruct and backward, F run one sample at a time (NOTE [regions])."""

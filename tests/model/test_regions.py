@@ -94,7 +94,7 @@ def test_the_network_is_written_once(change, kind):
             assert _relative(g, r) <= 1e-10, (tile, change)
 
 
-@pytest.mark.parametrize("volume_norm, training", [("CVN", True), ("SVN", True), ("CVN", False)])
+@pytest.mark.parametrize("volume_norm, training", [("CVN", True), ("SVN", True), ("CVN", False), (None, True)])
 @pytest.mark.parametrize("storage_writable, gradient_writable", [(False, False), (True, False), (False, True), (True, True)])
 def test_reconstruct_matches_plain_autograd(volume_norm, training, storage_writable, gradient_writable):
     """The untiled region path of one block against its plain forward under autograd, and the storages
@@ -109,15 +109,19 @@ def test_reconstruct_matches_plain_autograd(volume_norm, training, storage_writa
         block.eval()
     params = [p for p in block.parameters() if p.requires_grad]
     leaves = [x.clone().requires_grad_(True) for x in xs]
-    ys, _ = block(leaves)
+    ys, logdet = block(leaves)
     grad_y = [torch.randn(y.shape, generator=generator, dtype=torch.float64) for y in ys]
-    expected = torch.autograd.grad(ys, [*leaves, *params], grad_y)
+    grad_logdet = [] if logdet is None else [torch.randn(3, generator=generator, dtype=torch.float64)]
+    expected = torch.autograd.grad([*ys, *([logdet] if grad_logdet else [])], [*leaves, *params], grad_y + grad_logdet)
     y_given, g_given = ys[0].detach().clone(), grad_y[0].clone()
     writable = Writable((storage_writable, False), (gradient_writable, False))
     assert block._runs_regions(xs, reconstruct=True)
-    rebuilt, local, logdet = block.reconstruct((y_given, ys[1].detach()), writable=writable)
-    assert logdet is None
-    grads = torch.autograd.grad(local, [*rebuilt, *params], [g_given, grad_y[1]])
+    rebuilt, local, logdet_local = block.reconstruct((y_given, ys[1].detach()), writable=writable)
+    assert (logdet_local is None) == (logdet is None)
+    if logdet is not None:  # NOTE [log-det without volume normalisation]: its value and its gradient
+        assert _relative(logdet_local.detach(), logdet.detach()) <= 1e-12
+    outputs = [*local, *([logdet_local] if grad_logdet else [])]
+    grads = torch.autograd.grad(outputs, [*rebuilt, *params], [g_given, grad_y[1], *grad_logdet])
     assert _relative(rebuilt[0].detach(), xs[0]) <= 1e-12
     for got, want in zip(grads, expected):
         assert _relative(got, want) <= 1e-10

@@ -8,7 +8,7 @@ is forward F (no graph) + rebuild F + backward 2F = 4F against autograd's 3F: 1.
 The bounds are what the step does now (issue 25's goals in brackets, where not reached): the rest of
 the calls are the reference affine kernels' slices (a fixed eight per call) and the engine's drift
 fingerprints (since they read the whole level, NOTE [whole-level fingerprint], about 1,300 calls more
-than the sampled ones: 2.04x -> 2.14x, 5.55x -> 5.65x). The counts move by about 1% with what the
+than the sampled ones, 0.1x of autograd's). Counted: invertible 2.09x, tiled 5.57x. The counts move by about 1% with what the
 process ran before (autograd's step: 12,766 calls alone, 12,667 after the rest of the suite), so the
 bounds sit 2-3% above them: a guard against going back, not the goal. The tiled step's extra FLOPs
 are the network's pass that rebuilds each tiled block's input before its local backward under
@@ -31,12 +31,12 @@ def autograd():
 @pytest.mark.slow
 def test_invertible_step_work(autograd):
     invertible = count_step_work(PyramidFlowConfig(mode="invertible"), SIZE)
-    assert invertible.aten_calls <= 2.2 * autograd.aten_calls, (invertible.aten_calls, autograd.aten_calls)  # [1.5]
+    assert invertible.aten_calls <= 2.15 * autograd.aten_calls, (invertible.aten_calls, autograd.aten_calls)  # [1.5]
     assert invertible.flops <= 1.40 * autograd.flops, (invertible.flops, autograd.flops)
 
 
 @pytest.mark.slow
 def test_tiled_step_work(autograd):
     tiled = count_step_work(PyramidFlowConfig(mode="invertible", backward_tile=64), SIZE)
-    assert tiled.aten_calls <= 5.75 * autograd.aten_calls, (tiled.aten_calls, autograd.aten_calls)
+    assert tiled.aten_calls <= 5.7 * autograd.aten_calls, (tiled.aten_calls, autograd.aten_calls)
     assert tiled.flops <= 1.71 * autograd.flops, (tiled.flops, autograd.flops)  # [1.50]
