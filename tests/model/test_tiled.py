@@ -219,10 +219,10 @@ def test_tiled_forward_folds_the_running_mean_tile_by_tile():
 
 def test_planning_runs_only_representative_tiles_and_gets_the_same_peak(monkeypatch):
     """NOTE [tiles on meta]: the planner's shortcut (a few tiles of each position) predicts what all tiles do."""
-    from pyramidflow.model import regions
+    from pyramidflow.model import tiles
 
     config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=3, backward_tile=16)
     shortcut = predict_peak(config, 128, 2)
-    monkeypatch.setattr(regions, "_representatives", lambda starts: starts)
+    monkeypatch.setattr(tiles, "_representatives", lambda starts: starts)
     every_tile = predict_peak(config, 128, 2)
     assert shortcut == every_tile
