@@ -59,6 +59,11 @@ def _leaky_relu_backward_(grad: Tensor, positive: Tensor, slope: float) -> None:
         torch.ops.aten.leaky_relu_backward.grad_input(part, sign.to(grad.dtype), slope, True, grad_input=part)
 
 
+def _accumulated(grad: Tensor, into: Optional[Tuple[Tensor, Tensor]], which: int) -> Tensor:
+    """``grad`` added into ``into[which]`` (returned), or ``grad`` itself without ``into``."""
+    return grad if into is None else into[which].add_(grad)
+
+
 class WindowState:
     """What F's backward on a window needs of its hidden layer, held until :meth:`AffineParameterNet.window_backward`
     takes it: the activation (LeakyReLU, whose backward needs only its sign) or the pre-activation (any other)."""
@@ -161,7 +166,8 @@ class AffineParameterNet(nn.Module):
         return _conv(hidden, self.conv_out.weight, self._pad(hidden_pad), stride), state
 
     def window_backward(self, state: WindowState, cond: Tensor, grad_rt: Tensor, input_pad: Optional[Pads] = None,
-                        hidden_pad: Optional[Pads] = None, stride: int = 1, need_cond: bool = True):
+                        hidden_pad: Optional[Pads] = None, stride: int = 1, need_cond: bool = True,
+                        into: Optional[Tuple[Tensor, Tensor]] = None):
         """The backward of :meth:`window`, by hand (NOTE [F written once]), as autograd computes it.
 
         Args:
@@ -170,16 +176,19 @@ class AffineParameterNet(nn.Module):
             grad_rt: the gradient of ``rt``.
             input_pad, hidden_pad, stride: as given to :meth:`window`.
             need_cond: whether the gradient of ``cond`` is wanted.
+            into: the weight gradients of earlier windows, ``(conv_in's, conv_out's)``: this window's are
+                added into them as they come (no weight-sized temporary waits for the rest).
 
         Returns:
-            ``(grad_cond or None, grad of conv_in's weight, grad of conv_out's weight)``.
+            ``(grad_cond or None, grad of conv_in's weight, grad of conv_out's weight)``; the weight
+            gradients are ``into``'s tensors when it is given.
         """
         w_in, w_out = self.conv_in.weight.detach(), self.conv_out.weight.detach()
         input_pad, hidden_pad = self._pad(input_pad), self._pad(hidden_pad)
         hidden = state.take()
         shape = hidden.shape
         if self._leaky():
-            grad_w_out = _conv_backward(grad_rt, hidden, w_out, hidden_pad, stride, (False, True))[1]
+            grad_w_out = _accumulated(_conv_backward(grad_rt, hidden, w_out, hidden_pad, stride, (False, True))[1], into, 1)
             positive = hidden > 0  # all LeakyReLU's backward needs: the activation and its gradient never coexist
             del hidden
             grad_h = _conv_backward(grad_rt, grad_rt.new_empty(1).expand(shape), w_out, hidden_pad, stride, (True, False))[0]
@@ -189,9 +198,9 @@ class AffineParameterNet(nn.Module):
             with torch.enable_grad():
                 pre = hidden.detach().requires_grad_(True)
                 activation = self.activation(pre.clone() if getattr(self.activation, "inplace", False) else pre)
-            grad_w_out = _conv_backward(grad_rt, activation.detach(), w_out, hidden_pad, stride, (False, True))[1]
+            grad_w_out = _accumulated(_conv_backward(grad_rt, activation.detach(), w_out, hidden_pad, stride, (False, True))[1], into, 1)
             grad_a = _conv_backward(grad_rt, grad_rt.new_empty(1).expand(shape), w_out, hidden_pad, stride, (True, False))[0]
             (grad_h,) = torch.autograd.grad(activation, pre, grad_a)
             del hidden, pre, activation, grad_a
         grad_cond, grad_w_in = _conv_backward(grad_h, cond, w_in, input_pad, 1, (need_cond, True))
-        return grad_cond, grad_w_in, grad_w_out
+        return grad_cond, _accumulated(grad_w_in, into, 0), grad_w_out

@@ -335,12 +335,10 @@ def _network_backward(regions: Regions, net: "AffineParameterNet", parts: Sequen
         want = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
         if state is None:
             state = net.window_state(cond.detach(), window.input_pad)
-        grad_cond, w_in, w_out = net.window_backward(state, cond.detach(), grad_rt[samples], window.input_pad,
-                                                     window.hidden_pad, window.stride, need_cond=bool(want))
-        state = window_input = None
-        grad_w_in = w_in if grad_w_in is None else grad_w_in.add_(w_in)
-        grad_w_out = w_out if grad_w_out is None else grad_w_out.add_(w_out)
-        del w_in, w_out
+        into = None if grad_w_in is None else (grad_w_in, grad_w_out)
+        grad_cond, grad_w_in, grad_w_out = net.window_backward(state, cond.detach(), grad_rt[samples], window.input_pad,
+                                                               window.hidden_pad, window.stride, need_cond=bool(want), into=into)
+        state = window_input = into = None
         if want:
             grads = torch.autograd.grad(cond, [leaves[i] for i in want], grad_cond)
             for i, grad in zip(want, grads):
