@@ -206,7 +206,8 @@ class PyramidCoupling(InvertibleModule):
     # small]), not for a graph being traced or exported (the executor is an
     # autograd Function writing into given tensors, which tracers do not
     # record), not under autocast (the executor runs each op in the operands'
-    # dtype), and in reconstruct not where the volume-norm mean carries a graph
+    # dtype), not with grad where F's activation has parameters (its backward
+    # gives the gradients of F's two convs only), and in reconstruct not where the volume-norm mean carries a graph
     # the executor does not keep (synchronised over ranks). The forward without grad (invertible mode's,
     # inference) runs the regions, the forward with grad only as the rebuild of
     # an exact input of a tiled block (NOTE [rebuilding in backward]).
@@ -214,12 +215,13 @@ class PyramidCoupling(InvertibleModule):
         """Whether this call runs the region executor (NOTE [one path per call])."""
         if self._plain(xs) or tracing():
             return False
-        if reconstruct:
-            synchronised = self.volume_norm.training and self.volume_norm.process_group is not None
-            return not synchronised and not _autocast_enabled(xs[self.level].device)
-        if not torch.is_grad_enabled():
+        if not reconstruct and not torch.is_grad_enabled():
             return True
-        return self.tile is not None and is_rebuilding() and not _autocast_enabled(xs[self.level].device)
+        if self.net.activation_has_parameters() or _autocast_enabled(xs[self.level].device):
+            return False
+        if reconstruct:
+            return not (self.volume_norm.training and self.volume_norm.process_group is not None)
+        return self.tile is not None and is_rebuilding()
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         """Transform level ``self.level``; every other level is returned as the same object."""

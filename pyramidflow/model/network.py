@@ -148,6 +148,11 @@ class AffineParameterNet(nn.Module):
         """Whether the hand-written backward applies: a LeakyReLU (or ReLU-like slope 0) whose sign is its input's."""
         return type(self.activation) is nn.LeakyReLU and self.activation.negative_slope >= 0
 
+    def activation_has_parameters(self) -> bool:
+        """Whether the activation has parameters of its own (a PReLU): :meth:`window_backward` gives none of
+        their gradients, so such a network runs its backward under plain autograd."""
+        return any(True for _ in self.activation.parameters())
+
     @torch.no_grad()
     def window_state(self, cond: Tensor, input_pad: Optional[Pads] = None) -> WindowState:
         """The hidden layer of :meth:`window` as its backward needs it, without a graph."""

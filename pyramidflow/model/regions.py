@@ -211,11 +211,12 @@ def forward_regions(regions: Regions, net: "AffineParameterNet", x: Tensor, part
 
 
 # NOTE [placeholder outputs]
-# The local outputs of the op are views of its inputs (y_k and the
-# conditioning levels): the engine backpropagates through them and never
-# reads their values (NOTE [placeholder outputs] in engine/coupling.py's
-# users). x_k is a leaf on u's storage, filled during backward, and F's output
-# exists for one tile at a time, made inside backward. Per tile: F without a
+# The engine backpropagates through a block's local outputs and never reads
+# their values (InvertibleModule.reconstruct), so the op's local outputs are
+# views of its inputs (y_k, equal to W · affine(x; r, t) until its storage is
+# reused, and the conditioning levels) whose backward is the exact backward of
+# the block. x_k is a leaf on u's storage, filled during backward, and F's
+# output exists for one tile at a time, made inside backward. Per tile: F without a
 # graph (NOTE [regions]), dW += g·uᵀ (u read before it becomes x), grad_a =
 # Wᵀg, the affine backward rebuilds x and gives grad_x, grad_r, grad_t over
 # its operands (NOTE [backward into the operands] in kernels/reference.py;

@@ -94,6 +94,25 @@ def test_the_network_is_written_once(change, kind):
             assert _relative(g, r) <= 1e-10, (tile, change)
 
 
+@pytest.mark.parametrize("tile", [None, 8])
+def test_an_activation_with_parameters_gets_its_gradient(tile):
+    """A PReLU's weight is F's too: such a network's backward runs under plain autograd, exactly."""
+    make = lambda tile: TwoLevelCoupling(0, "up", 3, kernel_size=3, tile=tile)  # noqa: E731
+    generator = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 3, 24 >> i, 24 >> i, generator=generator, dtype=torch.float64) for i in range(2)]
+    upstream = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in xs]
+    results = []
+    for mode, tile_of_mode in (("autograd", None), ("invertible", tile)):
+        torch.manual_seed(0)
+        block = make(tile_of_mode)
+        block.net.activation = nn.PReLU(init=0.3)
+        results.append(_block_gradients(perturbed(block.double(), std=0.2), mode, xs, upstream))
+    assert not block._runs_regions(xs, reconstruct=True)
+    assert len(results[0]) == len(results[1])
+    for got, want in zip(results[1], results[0]):
+        assert _relative(got, want) <= 1e-10
+
+
 @pytest.mark.parametrize("volume_norm, training", [("CVN", True), ("SVN", True), ("CVN", False), (None, True)])
 @pytest.mark.parametrize("storage_writable, gradient_writable", [(False, False), (True, False), (False, True), (True, True)])
 def test_reconstruct_matches_plain_autograd(volume_norm, training, storage_writable, gradient_writable):
