@@ -25,22 +25,16 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
 from ..engine import is_rebuilding, may_overwrite
 from ..engine.block import InvertibleModule, LogDet, Tensors, Writable
 from .conv1x1 import InvertibleConv1x1
-from .lean import conditioning, conv1x1_per_sample, recomputed_network, transformed_level
-from .tiled import (
-    TileLayout,
-    check_tile_alignment,
-    check_tile_support,
-    check_tile_unsynchronised,
-    tiled_forward,
-    tiled_from_input,
-    tiled_transformed_level,
-)
+from .network import AffineParameterNet
+from .regions import Regions, forward_regions, from_input, log_scale_sum, transformed_level
+from .tiles import TileLayout, check_tile_alignment, check_tile_support, check_tile_unsynchronised
 from .tracing import tracing
 from .volume_norm import VolumeNorm
 
@@ -49,53 +43,15 @@ __all__ = ["AffineParameterNet", "PyramidCoupling", "TwoLevelCoupling", "ThreeLe
 DIRECTIONS = ("up", "down")
 
 
-class AffineParameterNet(nn.Module):
-    """The network F giving the raw log-scale and the shift of a coupling.
-
-    ``conv k×k (in → hidden, no bias) → LeakyReLU → conv k×k (hidden → 2C, no bias)``,
-    zero padding. The last conv is zero-initialised, so every coupling starts
-    as the identity (before its 1×1 conv) and training starts from a flow
-    that is only a channel rotation.
-
-    Args:
-        in_channels: channels of the conditioning input (C, or 2C for three-level blocks).
-        channels: C, the channels of the transformed level.
-        hidden_channels: width of the hidden layer (2C in the method).
-        kernel_size: odd kernel size k.
-    """
-
-    def __init__(self, in_channels: int, channels: int, hidden_channels: int, kernel_size: int) -> None:
-        super().__init__()
-        if kernel_size < 1 or kernel_size % 2 != 1:
-            raise ValueError(f"AffineParameterNet: kernel_size must be a positive odd number, got {kernel_size}.")
-        padding = kernel_size // 2
-        self.conv_in = nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding, bias=False)
-        self.activation = nn.LeakyReLU(inplace=True)  # saves its output only: one hidden activation less per block
-        self.conv_out = nn.Conv2d(hidden_channels, 2 * channels, kernel_size, padding=padding, bias=False)
-        nn.init.zeros_(self.conv_out.weight)
-
-    #: hidden channels are recomputed in backward in this many chunks (NOTE [hidden activation recomputed]).
-    recompute_chunks: int = 1
-
-    def forward(self, cond: Tensor) -> Tuple[Tensor, Tensor]:
-        """``cond`` ``(N, in, H, W)`` -> ``(r, t)``, each ``(N, C, H, W)``."""
-        r, t = self.joint(cond).chunk(2, dim=1)
-        return r, t
-
-    def joint(self, cond: Tensor) -> Tensor:
-        """``cond`` ``(N, in, H, W)`` -> ``rt`` ``(N, 2C, H, W)``: ``r`` then ``t`` in one tensor."""
-        return self.conv_out(self.activation(self.conv_in(cond)))
-
-    def lean(self, parts: Sequence[Tensor], size: Optional[Tuple[int, int]]) -> Tensor:
-        """``rt`` ``(N, 2C, H, W)`` from the conditioning levels (resized to ``size``, concatenated), as
-        :meth:`forward` computes it, keeping no hidden activation (:func:`.lean.recomputed_network`)."""
-        weights = (self.conv_in.weight, self.conv_out.weight)
-        return recomputed_network(parts, size, *weights, self.activation.negative_slope, self.recompute_chunks)
-
-
 def _leaf(y: Tensor) -> Tensor:
     """A detached, copy-free leaf of ``y`` that requires grad."""
     return y.detach().requires_grad_(True)
+
+
+def _resized(parts: Sequence[Tensor], size: Optional[Tuple[int, int]]) -> Tensor:
+    """F's input: each part nearest-resized to ``size`` (``None``: kept), concatenated over channels."""
+    resized = [p if size is None or tuple(p.shape[-2:]) == tuple(size) else F.interpolate(p, size=size, mode="nearest") for p in parts]
+    return resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
 
 
 def _autocast_enabled(device: torch.device) -> bool:
@@ -143,7 +99,7 @@ class PyramidCoupling(InvertibleModule):
         conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
         backend: backend of the affine op, see :mod:`pyramidflow.kernels` (``"auto"``).
         tile: ``None``, or the side T (at the level F runs at: NOTE [tile side]) of the tiles the
-            no-grad forward and the rebuild and backward run in (:mod:`.tiled`); T must be a multiple of ``2**level`` of
+            no-grad forward and the rebuild and backward run in (:mod:`.regions`); T must be a multiple of ``2**level`` of
             every level the block touches, and needs ``volume_norm="CVN"``.
     """
 
@@ -193,42 +149,35 @@ class PyramidCoupling(InvertibleModule):
         """A tiled coupling can rebuild its input before its local backward (see :class:`~pyramidflow.engine.Writable`)."""
         return self.tile is not None
 
-    def _tile_layout(self, xs: Tensors) -> Tuple[TileLayout, Tuple[int, int]]:
-        """Where this block's tiles fall (NOTE [tiles and halos] in :mod:`.tiled`), and the size of F's level."""
+    def _regions(self, xs: Tensors) -> Regions:
+        """How this block runs region by region (NOTE [regions] in :mod:`.regions`): its tiles (NOTE [tiles and
+        halos]; the whole level untiled), the size of F's level, and the samples F runs on at a time."""
         _, before = self._conditioning(xs)
         net_level = self.level if before else self.cond_levels[0]
         halo = 2 * (self.net.conv_in.weight.shape[-1] // 2)
         layout = TileLayout(self.level, net_level, self.cond_levels, halo, self.tile)
-        return layout, tuple(xs[net_level].shape[-2:])
+        samples = xs[self.level].shape[0] if self.tile is not None else 1
+        return Regions(layout, tuple(xs[net_level].shape[-2:]), samples)
 
-    def _tiled_kwargs(self, xs: Tensors) -> dict:
-        """The affine op's settings for a tiled pass (the mean for a stand-in of ``r``'s shape)."""
+    def _region_kwargs(self, xs: Tensors) -> dict:
+        """The affine op's settings for the whole level, from a stand-in of ``r``'s shape (no mean with a graph:
+        :meth:`_runs_regions`)."""
         if self.volume_norm.training:
             check_tile_unsynchronised(self.tile, self.volume_norm.process_group, type(self).__name__)
         x = xs[self.level]
         r_like = torch.empty((), dtype=self.net.conv_in.weight.dtype, device=x.device).expand(x.shape)
         return self._coupling_kwargs(r_like)
 
-    def _net_weights(self) -> Tuple[Tensor, Tensor, float]:
-        return self.net.conv_in.weight, self.net.conv_out.weight, self.net.activation.negative_slope
-
     def _conditioning(self, xs: Tensors) -> Tuple[Tuple[Tensor, ...], bool]:  # pragma: no cover - abstract
         """F's input levels, and whether they are resized to the transformed level before F (else F's output after)."""
         raise NotImplementedError
 
-    def _rt(self, xs: Tensors, lean: bool) -> Tensor:
-        """F's output ``(N, 2C, H_k, W_k)`` (``r`` then ``t``), plain or lean (:meth:`AffineParameterNet.lean`)."""
+    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:
+        """F's ``(r, t)``, each ``(N, C, H_k, W_k)``, under plain autograd."""
         parts, before = self._conditioning(xs)
         target = tuple(xs[self.level].shape[-2:])
-        size = target if before else None
-        if lean:
-            rt = self.net.lean(parts, size)
-        else:
-            rt = self.net.joint(conditioning(parts, size))
-        return rt if before else conditioning((rt,), target)  # "interpolate after"
-
-    def _affine_parameters(self, xs: Tensors) -> Tuple[Tensor, Tensor]:
-        r, t = self._rt(xs, lean=False).chunk(2, dim=1)
+        rt = self.net.joint(_resized(parts, target if before else None))
+        r, t = (rt if before else _resized((rt,), target)).chunk(2, dim=1)  # "interpolate after"
         return r, t
 
     def _check(self, xs: Tensors) -> None:
@@ -248,40 +197,47 @@ class PyramidCoupling(InvertibleModule):
 
     def _logdet(self, r: Tensor) -> LogDet:
         """NOTE [log-det without volume normalisation]: ``(N,)``, or ``None`` for a volume-preserving block."""
-        if self.volume_preserving:
-            return None
-        pixels = r.shape[-2] * r.shape[-1]
-        return kernels.soft_clamp(r, self.clamp).flatten(1).sum(dim=1) + pixels * self.conv.log_abs_det().to(r.dtype)
+        return None if self.volume_preserving else self._region_logdet(log_scale_sum(r, self.clamp), r)
+
+    # NOTE [one path per call]
+    # Each call chooses its path once, here: the region executor (.regions)
+    # or the plain autograd ops on whole levels. The regions run where they
+    # save memory and can: not on small levels (NOTE [plain where the level is
+    # small]), not for a graph being traced or exported (the executor is an
+    # autograd Function writing into given tensors, which tracers do not
+    # record), not under autocast (the executor runs each op in the operands'
+    # dtype), not with grad where F's activation has parameters (its backward
+    # gives the gradients of F's two convs only), and in reconstruct not where the volume-norm mean carries a graph
+    # the executor does not keep (synchronised over ranks). The forward without grad (invertible mode's,
+    # inference) runs the regions, the forward with grad only as the rebuild of
+    # an exact input of a tiled block (NOTE [rebuilding in backward]).
+    def _runs_regions(self, xs: Tensors, reconstruct: bool) -> bool:
+        """Whether this call runs the region executor (NOTE [one path per call])."""
+        if self._plain(xs) or tracing():
+            return False
+        if not reconstruct and not torch.is_grad_enabled():
+            return True
+        if self.net.activation_has_parameters() or _autocast_enabled(xs[self.level].device):
+            return False
+        if reconstruct:
+            return not (self.volume_norm.training and self.volume_norm.process_group is not None)
+        return self.tile is not None and is_rebuilding()
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
         """Transform level ``self.level``; every other level is returned as the same object."""
         self._check(xs)
+        if self._runs_regions(xs, reconstruct=False):
+            return self._region_forward(xs)
         k = self.level
-        # NOTE [lean forward]
-        # Without grad (invertible mode's forward, inference) nothing is kept for
-        # backward, so F runs sample by sample (no whole-batch hidden activation)
-        # and the 1x1 conv overwrites the affine output it reads, sample by sample.
-        # A graph being traced or exported (ONNX, TorchScript) takes the plain ops: the lean ones are
-        # autograd Functions and writes into given tensors, which tracers do not record.
-        # F never reads x_k, so y_k may be written over x_k where the engine allows (NOTE [forward in place]).
-        lean = not torch.is_grad_enabled() and not tracing()
-        plain = self._plain(xs)
-        if self.tile is not None and not plain and (lean or self._rebuilding(xs)):
-            return self._tiled_forward(xs, with_graph=not lean)
-        lean = lean and not plain
-        r, t = self._rt(xs, lean=True).chunk(2, dim=1) if lean else self._affine_parameters(xs)
+        r, t = self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
-        if lean:
-            y = self._output_level(xs[k], r.dtype)
-            batch_mean = kernels.affine_coupling_into(xs[k], r, t, out=y, **kwargs)
-        else:
-            y, batch_mean = kernels.affine_coupling(xs[k], r, t, **kwargs)
+        y, batch_mean = kernels.affine_coupling(xs[k], r, t, **kwargs)
         # NOTE [running mean updated once per step]; a synchronized mean comes in as `running_mean`.
         self.volume_norm.update(kwargs["running_mean"] if batch_mean is None else batch_mean)
         logdet = self._logdet(r)
         del r, t
         ys = list(xs)
-        ys[k] = conv1x1_per_sample(y, self.conv.weight(), out=y) if lean else self.conv(y)
+        ys[k] = self.conv(y)
         return tuple(ys), logdet
 
     @staticmethod
@@ -292,19 +248,19 @@ class PyramidCoupling(InvertibleModule):
         return x if out_dtype == x.dtype and may_overwrite(x) else torch.empty_like(x, dtype=out_dtype)
 
     # NOTE [plain where the level is small]
-    # The lean ops exist for the finest level, whose block sets the step's
-    # peak: there F's hidden activation is recomputed sample by sample and the
-    # affine op works a slice at a time. A block that neither transforms level
+    # The region executor exists for the finest level, whose block sets the
+    # step's peak: there F's hidden activation is made a region at a time and
+    # never kept for the whole batch. A block that neither transforms level
     # 0 nor runs F on it holds a quarter of that level at most, so its whole
     # working set under plain autograd (F's hidden activation for the whole
-    # batch, the affine op's graph) stays below the finest block's lean one,
+    # batch, the affine op's graph) stays below the finest block's regions,
     # whatever the batch: it runs the plain ops, a few whole-level calls
     # instead of many small ones, and F's backward reuses the forward's hidden
     # activation instead of computing it again (no rebuild before the local
     # backward either). A tiled block's working set is bounded by a tile
     # instead: it runs the plain ops where every level it touches is
     # (T/2)×(T/2) or less (its own level is one tile: NOTE [tile side] in
-    # .tiled), and its tiles otherwise. The bound is half a tile's side
+    # .tiles), and its tiles otherwise. The bound is half a tile's side
     # because the plain ops hold more per pixel than a tile does: the
     # conditioning levels' gradients come as new whole levels (a tile adds
     # them into their buffers in place), and a "down" block's second conv
@@ -318,33 +274,36 @@ class PyramidCoupling(InvertibleModule):
         net_level = self.level if before else self.cond_levels[0]
         return min(self.level, net_level) > 0
 
-    def _rebuilding(self, xs: Tensors) -> bool:
-        """Whether invertible backward runs this forward for its local graph (NOTE [rebuilding in backward]),
-        with nothing that needs the untiled path (autocast, a tracer)."""
-        return is_rebuilding() and not tracing() and not _autocast_enabled(xs[self.level].device)
-
-    def _tiled_forward(self, xs: Tensors, with_graph: bool = False) -> Tuple[Tensors, LogDet]:
-        """The forward, tile by tile (:mod:`.tiled`); CVN only, so no log-det. Without grad the lean
-        forward; ``with_graph`` the rebuild of an exact input (an anchor), whose graph is tiled too."""
-        layout, net_size = self._tile_layout(xs)
-        kwargs = self._tiled_kwargs(xs)
+    def _region_forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
+        """The forward, region by region (:mod:`.regions`). Without grad the lean forward, writing over ``x_k``
+        where the engine allows it (F never reads ``x_k``: NOTE [forward in place]); with grad the rebuild of an
+        exact input (an anchor) of a tiled block, whose graph is run by regions too."""
+        regions = self._regions(xs)
         parts = [xs[j] for j in self.cond_levels]
+        x = xs[self.level]
         ys = list(xs)
-        if with_graph:  # buffers are restored by the engine after a rebuild: no update
-            local = tiled_from_input(layout, xs[self.level], parts, net_size, *self._net_weights(), self.conv.weight(), kwargs)
+        if torch.is_grad_enabled():  # buffers are restored by the engine after a rebuild: no update
+            local = from_input(regions, self.net, x, parts, self.conv.weight(), self._region_kwargs(xs))
             for j, y_local in zip((self.level, *self.cond_levels), local):
                 ys[j] = y_local
             return tuple(ys), None
-        x = xs[self.level]
-        out = self._output_level(x, self.net.conv_in.weight.dtype)
         size = tuple(x.shape[-2:])
 
-        def fold_mean(mean: Tensor, rows: slice, cols: slice) -> None:  # NOTE [running mean updated once per step]
-            self.volume_norm.update(mean, region=(rows, cols), size=size)
+        def fold_mean(mean: Tensor, region: Optional[Tuple[slice, slice]]) -> None:
+            self.volume_norm.update(mean, region=region, size=None if region is None else size)  # NOTE [running mean updated once per step]
 
-        ys[self.level] = tiled_forward(layout, x, parts, net_size, *self._net_weights(), self.conv.weight(), kwargs,
-                                       out=out, fold_mean=fold_mean)
-        return tuple(ys), None
+        base = self._region_kwargs(xs) if self.tile is not None else None
+        kwargs_for = (lambda r: base) if base is not None else self._coupling_kwargs  # untiled: a synchronised mean needs r
+        out = self._output_level(x, self.net.conv_in.weight.dtype)
+        ys[self.level], log_scale = forward_regions(regions, self.net, x, parts, self.conv.weight(), kwargs_for, out=out,
+                                                    fold_mean=fold_mean, sum_log_scale=not self.volume_preserving)
+        return tuple(ys), self._region_logdet(log_scale, x)
+
+    def _region_logdet(self, log_scale: Optional[Tensor], level: Tensor) -> LogDet:
+        """NOTE [log-det without volume normalisation] from the regions' Σ s ``(N,)`` (``None``: volume preserving)."""
+        if log_scale is None:
+            return None
+        return log_scale + level.shape[-2] * level.shape[-1] * self.conv.log_abs_det().to(log_scale.dtype)
 
     def inverse(self, ys: Tensors) -> Tuple[Tensors, LogDet]:
         """Undo :meth:`forward`: undo ``W``, recompute ``(r, t)`` from the untouched levels, undo the affine map."""
@@ -371,48 +330,35 @@ class PyramidCoupling(InvertibleModule):
         """
         # NOTE [fused pyramid reconstruct]
         # The untouched levels are the same in input and output, so they become
-        # leaves that require grad and F runs once on them, with grad. Its (r, t)
-        # serve twice: x_k is rebuilt from u = W⁻¹ y_k, and the local graph of
-        # y_k = W · affine(x_k; r, t) gives the gradients of x_k, r, t and W.
-        # The lean path (float32 / float64 without autocast) keeps no hidden
-        # activation of F (NOTE [hidden activation recomputed]) and neither
-        # recomputes y_k nor keeps more than (r, t) and u (NOTE [placeholder
-        # outputs]), reusing the storages the engine allows. Under autocast, or
-        # with a volume-norm mean that carries a graph (synchronized over ranks),
-        # the kernels' reconstruct op and the 1×1 conv run under plain autograd.
-        # The untouched leaves are returned as the very objects in both tuples,
-        # so the engine routes their gradient directly. The running mean is not
-        # touched (NOTE [running mean updated once per step]); the batch mean of
-        # VN is recomputed from r, exactly.
+        # leaves that require grad and F runs once on them. The region executor
+        # (NOTE [placeholder outputs] in .regions) keeps no hidden activation of F
+        # and no (r, t) beyond a region, never computes y_k again, and reuses the
+        # storages the engine allows; x_k is filled during the local backward. The
+        # plain path (NOTE [one path per call]) runs F with grad on whole levels:
+        # its (r, t) serve twice, x_k rebuilt from u = W⁻¹ y_k and the local graph
+        # of y_k = W · affine(x_k; r, t). The untouched leaves are returned as the
+        # very objects in both tuples, so the engine routes their gradient
+        # directly. The running mean is not touched (NOTE [running mean updated
+        # once per step]); the batch mean of VN is recomputed from r, exactly.
         self._check(ys)
         k = self.level
         leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
-        lean = not _autocast_enabled(ys[k].device) and not self._plain(ys)
         flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
         weight, inverse = self.conv.weight_and_inverse()  # every path needs both
-        if lean and self.tile is not None:
-            layout, net_size = self._tile_layout(ys)
-            parts = [leaves[j] for j in self.cond_levels]
+        xs, ys_local = list(leaves), list(leaves)
+        if self._runs_regions(ys, reconstruct=True):
             gradients = tuple(False if writable is None else writable.gradients[j] for j in self.cond_levels)
-            xs, ys_local = list(leaves), list(leaves)
-            xs[k], local = tiled_transformed_level(
-                layout, leaves[k], parts, net_size, *self._net_weights(), weight.to(ys[k].dtype), inverse,
-                writable=(*flags, *gradients), affine_kwargs=self._tiled_kwargs(ys),
-                rebuild_first=writable is not None and writable.rebuild_first,
+            xs[k], local = transformed_level(
+                self._regions(ys), self.net, leaves[k], [leaves[j] for j in self.cond_levels], weight.to(ys[k].dtype),
+                inverse, writable=(*flags, *gradients), affine_kwargs=self._region_kwargs(ys),
+                rebuild_first=writable is not None and writable.rebuild_first, log_scale=not self.volume_preserving,
             )
             for j, y_local in zip((k, *self.cond_levels), local):
                 ys_local[j] = y_local
-            return tuple(xs), tuple(ys_local), None
-        rt = self._rt(tuple(leaves), lean=lean)
-        r, t = rt.chunk(2, dim=1)
+            return tuple(xs), tuple(ys_local), self._region_logdet(local[-1] if not self.volume_preserving else None, ys[k])
+        r, t = self._affine_parameters(tuple(leaves))
         kwargs = self._coupling_kwargs(r)
         logdet = self._logdet(r)
-        xs, ys_local = list(leaves), list(leaves)
-        mean = kwargs["running_mean"]
-        if lean and (mean is None or not mean.requires_grad):
-            del r, t
-            xs[k], ys_local[k] = transformed_level(leaves[k], rt, weight.to(ys[k].dtype), inverse, writable=flags, affine_kwargs=kwargs)
-            return tuple(xs), tuple(ys_local), logdet
         with torch.no_grad():
             y_affine = self.conv.apply(ys[k].detach(), inverse)
         if writable is not None and writable.rebuild_first:  # x is read before the local backward: made now

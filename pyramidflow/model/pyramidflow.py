@@ -28,7 +28,7 @@ from .conv1x1 import CONV1X1_INITS
 from .coupling import PyramidCoupling, ThreeLevelCoupling, TwoLevelCoupling
 from .encoder import ENCODER_CHANNELS, ENCODER_STRIDES, ENCODERS, build_encoder
 from .loss import LOSSES
-from .tiled import check_tile_alignment, check_tile_support, check_tile_unsynchronised
+from .tiles import check_tile_alignment, check_tile_support, check_tile_unsynchronised
 from .pyramid import DOWNSAMPLES, LaplacianPyramid, check_image_size, nearest_valid_side
 from .volume_norm import VOLUME_NORM_CHOICES
 

@@ -14,7 +14,7 @@ from pyramidflow.model import PyramidFlowConfig
 
 TINY = dict(channels=4, kernel_size=3, num_stacks=1, num_levels=2)
 # the modules whose loops take the rule; all must be imported before the switch below looks for them
-USERS = ("pyramidflow.model.lean", "pyramidflow.model.lean_loss", "pyramidflow.model.pyramid")
+USERS = ("pyramidflow.model.regions", "pyramidflow.model.lean_loss", "pyramidflow.model.pyramid")
 
 
 def _run_every_sample(monkeypatch) -> list:
@@ -104,31 +104,21 @@ def _both_peaks(monkeypatch, fn) -> tuple:
     return shortened, full
 
 
-@pytest.mark.parametrize("sizes, target", [([(8, 8)], None), ([(8, 8), (4, 4)], (8, 8))])
-def test_recomputed_network_peak(monkeypatch, sizes, target):
-    from pyramidflow.model.lean import recomputed_network
-
-    def step():
-        parts = [torch.empty(5, 4, *s, requires_grad=True) for s in sizes]
-        w_in = torch.empty(8, 4 * len(sizes), 3, 3, requires_grad=True)
-        w_out = torch.empty(8, 8, 3, 3, requires_grad=True)
-        recomputed_network(parts, target, w_in, w_out, 0.2, chunks=2).backward(torch.empty(5, 8, 8, 8))
-
-    shortened, full = _both_peaks(monkeypatch, step)
-    assert shortened == full
-
-
 @pytest.mark.parametrize("batch", [5, 9])
 @pytest.mark.parametrize("volume_norm", ["CVN", "SVN", None])
-def test_transformed_level_peak(monkeypatch, volume_norm, batch):
-    from pyramidflow.model.lean import transformed_level
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_region_executor_peak(monkeypatch, direction, volume_norm, batch):
+    """An untiled coupling's no-grad forward, reconstruct and backward, F run one sample at a time (NOTE [regions])."""
+    from pyramidflow.engine.block import Writable
+    from pyramidflow.model.coupling import TwoLevelCoupling
 
     def step():
-        rt = torch.empty(batch, 8, 8, 8, requires_grad=True) * 1
-        weight = torch.empty(4, 4, requires_grad=True) * 1
-        kwargs = dict(volume_norm=volume_norm, clamp=2.0, running_mean=None, backend="reference")
-        x, y_local = transformed_level(torch.empty(batch, 4, 8, 8), rt, weight, torch.empty(4, 4), writable=(True, False), affine_kwargs=kwargs)
-        y_local.backward(torch.empty(batch, 4, 8, 8))
+        block = TwoLevelCoupling(0, direction, 4, kernel_size=3, volume_norm=volume_norm)
+        levels = (torch.empty(batch, 4, 8, 8), torch.empty(batch, 4, 4, 4))
+        with torch.no_grad():
+            ys, _ = block(levels)
+        xs, local, _ = block.reconstruct(tuple(ys), writable=Writable((True, False), (False, False)))
+        torch.autograd.backward(list(local), [torch.empty_like(y) for y in ys])
 
     shortened, full = _both_peaks(monkeypatch, step)
     assert shortened == full

@@ -10,19 +10,11 @@ from pyramidflow.model.coupling import ThreeLevelCoupling, TwoLevelCoupling
 from pyramidflow.model.loss import fourier_loss
 from pyramidflow.train.config import TrainConfig
 
+from model._perturb import perturbed
+
 
 def _relative(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
-def _perturbed(module, seed=0):
-    """Non-zero weights everywhere (the last conv starts at zero: every path of the gradient is exercised)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return module
 
 
 def _pyramid(batch, side, levels, channels=3, seed=1):
@@ -32,7 +24,7 @@ def _pyramid(batch, side, levels, channels=3, seed=1):
 
 def _block_results(make, tile, xs, drift="off"):
     torch.manual_seed(0)
-    block = _perturbed(make(tile).double())
+    block = perturbed(make(tile).double())
     flow = InvertibleSequential(block, mode="invertible", drift=drift)
     leaves = [x.clone().requires_grad_(True) for x in xs]
     ys, _ = flow(leaves)
@@ -80,7 +72,7 @@ def test_tiled_block_border_pixels_take_the_models_zero_padding(kind):
 def _model_results(tile, *, batch=2, side=64, drift="off", tolerance=None, anchor_every=None, train=True):
     torch.manual_seed(0)
     config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=2, num_levels=4, backward_tile=tile)
-    model = _perturbed(PyramidFlow(config).double()).train(train)
+    model = perturbed(PyramidFlow(config).double()).train(train)
     model.flow.drift, model.flow.drift_tolerance, model.flow.anchor_every = drift, tolerance, anchor_every
     images = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     latents = model(images, release_outputs=True)
@@ -136,7 +128,7 @@ def test_tiled_eval_forward_uses_the_running_mean_per_tile():
 def test_images_changed_before_a_drift_recompute_raise():
     torch.manual_seed(0)
     config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=2, backward_tile=8)
-    model = _perturbed(PyramidFlow(config).double()).train()
+    model = perturbed(PyramidFlow(config).double()).train()
     model.flow.drift, model.flow.drift_tolerance = "recompute", 0.0
     images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     loss = fourier_loss(model(images, release_outputs=True))
@@ -216,7 +208,7 @@ def test_tiled_forward_folds_the_running_mean_tile_by_tile():
     for tile in (None, 8):
         torch.manual_seed(0)
         model = PyramidFlow(PyramidFlowConfig(channels=3, kernel_size=3, num_stacks=1, num_levels=3, backward_tile=tile))
-        _perturbed(model.double()).train()
+        perturbed(model.double()).train()
         with torch.no_grad():
             model.flow([x.clone() for x in xs])
         means.append([block.volume_norm.running_mean.clone() for block in model.flow.blocks])
@@ -227,10 +219,10 @@ def test_tiled_forward_folds_the_running_mean_tile_by_tile():
 
 def test_planning_runs_only_representative_tiles_and_gets_the_same_peak(monkeypatch):
     """NOTE [tiles on meta]: the planner's shortcut (a few tiles of each position) predicts what all tiles do."""
-    from pyramidflow.model import tiled
+    from pyramidflow.model import tiles
 
     config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=3, backward_tile=16)
     shortcut = predict_peak(config, 128, 2)
-    monkeypatch.setattr(tiled, "_representatives", lambda starts: starts)
+    monkeypatch.setattr(tiles, "_representatives", lambda starts: starts)
     every_tile = predict_peak(config, 128, 2)
     assert shortcut == every_tile
