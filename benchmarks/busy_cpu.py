@@ -12,7 +12,8 @@ variables (a variable set here is the user's choice, which
 :func:`pyramidflow.cpu_threads.apply_cpu_defaults` leaves alone):
 
 - ``cli``: nothing set: what the ``pyramidflow`` command chooses (``apply_cpu_defaults``);
-- ``passive``: one thread per core, ``OMP_WAIT_POLICY=PASSIVE`` (the same as ``cli`` today, stated);
+- ``passive``: one thread per core, ``OMP_WAIT_POLICY=PASSIVE`` (no spinning at all);
+- ``spin300``: one thread per core, ``GOMP_SPINCOUNT=300`` (a spin shorter than the command's 1000);
 - ``one``: ``OMP_NUM_THREADS=1`` (and the command's wait policy);
 - ``torch``: torch's and GNU OpenMP's own defaults (one thread per core, spinning ``GOMP_SPINCOUNT=300000``).
 
@@ -36,6 +37,7 @@ _CORES = str(os.cpu_count() or 1)
 SETTINGS = {
     "torch": {"OMP_NUM_THREADS": _CORES, "GOMP_SPINCOUNT": "300000"},
     "passive": {"OMP_NUM_THREADS": _CORES, "OMP_WAIT_POLICY": "PASSIVE"},
+    "spin300": {"OMP_NUM_THREADS": _CORES, "GOMP_SPINCOUNT": "300"},
     "one": {"OMP_NUM_THREADS": "1"},
     "cli": {},
 }

@@ -7,14 +7,18 @@ Standard library only: :func:`apply_cpu_defaults` must run before ``import torch
 # NOTE [OpenMP wait policy]
 # Every ATen op on a CPU is an OpenMP parallel region, and a training step of PyramidFlow is thousands
 # of them. The CPU wheel of torch uses GNU OpenMP, whose threads spin at the barrier that ends a region
-# (about 300,000 spins, milliseconds, before they sleep) waiting for the slowest thread. On cores that
+# (300,000 spins, about a millisecond, before they sleep) waiting for the slowest thread. On cores that
 # another process also uses, the thread being waited for is often descheduled while its partners spin
 # on the cores it needs, and each of thousands of barriers costs a scheduler time slice: the demo's step
-# went from under a second to tens of seconds (docs/usage.md, "On a busy machine").
-# OMP_WAIT_POLICY=PASSIVE makes a waiting thread sleep at once, so the cores go to whoever has work;
-# on an idle machine a sleeping thread pays a wake-up per region instead (the figures of both are in
-# docs/usage.md). pyramidflow's command sets it unless the user chose how threads wait. libgomp reads
-# its environment once, when torch's library loads, hence the order.
+# went from a quarter of a second to over a second beside a second training, and to tens of seconds on a
+# machine other jobs loaded (docs/usage.md, "On a busy machine"). Not spinning at all
+# (OMP_WAIT_POLICY=PASSIVE) cures that but makes every region pay a wake-up on an idle machine: the
+# demo's step took 40-60% longer alone. A short spin keeps both: 1,000 spins (GNU OpenMP's own count
+# for oversubscribed threads) bridge the gap between one op and the next of a busy thread, and give the
+# core up long before a time slice ends; measured, the idle step stays within noise of torch's default
+# and the step beside a second training stays within 2.5x of it (docs/usage.md). pyramidflow's command
+# sets it unless the user chose how threads wait. libgomp reads its environment once, when torch's
+# library loads, hence the order.
 
 from __future__ import annotations
 
@@ -23,17 +27,17 @@ import sys
 import warnings
 from typing import MutableMapping, Optional
 
-__all__ = ["WAIT_POLICY", "apply_cpu_defaults", "thread_settings"]
+__all__ = ["SPIN_COUNT", "apply_cpu_defaults", "thread_settings"]
 
-# The policy chosen when the user sets none (NOTE [OpenMP wait policy]).
-WAIT_POLICY = "PASSIVE"
+# How long a waiting thread spins when the user chose nothing (NOTE [OpenMP wait policy]).
+SPIN_COUNT = "1000"
 # Either variable decides how GNU OpenMP threads wait (GOMP_SPINCOUNT wins over OMP_WAIT_POLICY): a user
 # who set one has chosen, and is left alone.
 _USER_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def apply_cpu_defaults(environ: Optional[MutableMapping[str, str]] = None, *, warn_if_late: bool = True) -> dict:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose how OpenMP threads wait; call before ``import torch``.
+    """Set ``GOMP_SPINCOUNT=1000`` (a short spin) unless the user chose how OpenMP threads wait; call before ``import torch``.
 
     The number of threads stays torch's own (one per core, or ``OMP_NUM_THREADS``). Once torch is loaded,
     OpenMP has read its settings: then nothing is set, and a warning says so.
@@ -44,7 +48,7 @@ def apply_cpu_defaults(environ: Optional[MutableMapping[str, str]] = None, *, wa
             program that imported torch, leaves the policy to that program without a warning).
 
     Returns:
-        What this call set, e.g. ``{"OMP_WAIT_POLICY": "PASSIVE"}``; empty when the user had chosen.
+        What this call set, e.g. ``{"GOMP_SPINCOUNT": "1000"}``; empty when the user had chosen.
 
     Example:
         >>> from pyramidflow.cpu_threads import apply_cpu_defaults  # doctest: +SKIP
@@ -58,11 +62,11 @@ def apply_cpu_defaults(environ: Optional[MutableMapping[str, str]] = None, *, wa
         if not warn_if_late:
             return {}
         warnings.warn("apply_cpu_defaults: torch is already imported, so OpenMP has read its settings and this call "
-                      "changes nothing; call it before `import torch`, or start Python with OMP_WAIT_POLICY=PASSIVE "
+                      "changes nothing; call it before `import torch`, or start Python with GOMP_SPINCOUNT=1000 "
                       "in the environment.", stacklevel=2)
         return {}
-    environ["OMP_WAIT_POLICY"] = WAIT_POLICY
-    return {"OMP_WAIT_POLICY": WAIT_POLICY}
+    environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    return {"GOMP_SPINCOUNT": SPIN_COUNT}
 
 
 def thread_settings() -> dict:

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyramidflow.cpu_threads import WAIT_POLICY, apply_cpu_defaults, thread_settings
+from pyramidflow.cpu_threads import SPIN_COUNT, apply_cpu_defaults, thread_settings
 
 REPO = Path(__file__).resolve().parents[1]
 _WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def test_sets_passive_only_when_the_user_chose_nothing():
+def test_sets_a_short_spin_only_when_the_user_chose_nothing():
     environ = {"OMP_NUM_THREADS": "3"}
-    assert apply_cpu_defaults(environ) == {"OMP_WAIT_POLICY": WAIT_POLICY} == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert environ == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}  # the thread count is left alone
+    assert apply_cpu_defaults(environ) == {"GOMP_SPINCOUNT": SPIN_COUNT} == {"GOMP_SPINCOUNT": "1000"}
+    assert environ == {"OMP_NUM_THREADS": "3", "GOMP_SPINCOUNT": "1000"}  # the thread count is left alone
     for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": ""}):
         environ = dict(chosen)
         assert apply_cpu_defaults(environ) == {}
@@ -54,7 +54,7 @@ def _spin_count_gomp_read(**env) -> str:
     return counts.pop()
 
 
-def test_the_command_makes_openmp_threads_sleep_at_once_unless_the_user_chose():
-    assert _spin_count_gomp_read() == "0"  # PASSIVE: no spinning at a barrier
-    assert _spin_count_gomp_read(OMP_WAIT_POLICY="ACTIVE") != "0"
+def test_the_command_makes_openmp_threads_spin_briefly_unless_the_user_chose():
+    assert _spin_count_gomp_read() == "1000"  # a short spin at a barrier, not libgomp's 300000
+    assert _spin_count_gomp_read(OMP_WAIT_POLICY="PASSIVE") == "0"
     assert _spin_count_gomp_read(GOMP_SPINCOUNT="300000") == "300000"  # libgomp's own default, chosen explicitly
