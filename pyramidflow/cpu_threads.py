@@ -13,10 +13,11 @@ Standard library only: :func:`apply_cpu_defaults` must run before ``import torch
 # went from a quarter of a second to over a second beside a second training, and to tens of seconds on a
 # machine other jobs loaded (docs/usage.md, "On a busy machine"). Not spinning at all
 # (OMP_WAIT_POLICY=PASSIVE) cures that but makes every region pay a wake-up on an idle machine: the
-# demo's step took 40-60% longer alone. A short spin keeps both: 1,000 spins (GNU OpenMP's own count
+# demo took 44% longer (4 min 25 s against 3 min 4 s). A short spin keeps both: 1,000 spins (GNU OpenMP's own count
 # for oversubscribed threads) bridge the gap between one op and the next of a busy thread, and give the
-# core up long before a time slice ends; measured, the idle step stays within noise of torch's default
-# and the step beside a second training stays within 2.5x of it (docs/usage.md). pyramidflow's command
+# core up long before a time slice ends; measured, the demo's idle step stays near torch's default
+# (0.23-0.32 s against 0.23-0.28 s over four runs) and the step beside a second training within 2.5x
+# of it (docs/usage.md). pyramidflow's command
 # sets it unless the user chose how threads wait. libgomp reads its environment once, when torch's
 # library loads, hence the order.
 
