@@ -21,14 +21,20 @@ def loss_of(y, logdet):
     return 0.5 * sum(t.square().sum() for t in ys) - logdet.sum()
 
 
-def gradients(seq, inputs, mode):
-    """Gradients of the inputs and every parameter after one backward in ``mode``."""
+def backward_step(seq, inputs, mode):
+    """One forward and backward of ``loss_of`` in ``mode`` on fresh leaves of ``inputs``: ``(y, logdet, leaves)``."""
     seq.mode = mode
     seq.zero_grad(set_to_none=True)
-    inputs = tuple(x.detach().clone().requires_grad_(True) for x in inputs)
-    y, logdet = seq(inputs if len(inputs) > 1 else inputs[0])
+    leaves = tuple(x.detach().clone().requires_grad_(True) for x in inputs)
+    y, logdet = seq(leaves if len(leaves) > 1 else leaves[0])
     loss_of(y, logdet).backward()
-    return [x.grad for x in inputs] + [p.grad for p in seq.parameters()]
+    return y, logdet, leaves
+
+
+def gradients(seq, inputs, mode):
+    """Gradients of the inputs and every parameter after one backward in ``mode``."""
+    _, _, leaves = backward_step(seq, inputs, mode)
+    return [x.grad for x in leaves] + [p.grad for p in seq.parameters()]
 
 
 def max_relative_error(grads, reference):

@@ -15,7 +15,7 @@ from torch import nn
 from pyramidflow.engine import InvertibleSequential, freia_blocks, register_coupling
 from pyramidflow.engine.adapters import FrEIAAdapter, NormflowsAdapter
 
-from _blocks import loss_of
+from _blocks import backward_step, loss_of
 
 DTYPE = torch.float64
 
@@ -47,11 +47,7 @@ def _exact_permutations(seq):
 
 def _step(seq, inputs, mode):
     """Outputs, log-det and the gradients of the inputs and of every trainable parameter, after one step."""
-    seq.mode = mode
-    seq.zero_grad(set_to_none=True)
-    leaves = tuple(x.detach().clone().requires_grad_(True) for x in inputs)
-    y, logdet = seq(leaves if len(leaves) > 1 else leaves[0])
-    loss_of(y, logdet).backward()
+    y, logdet, leaves = backward_step(seq, inputs, mode)
     ys = y if isinstance(y, tuple) else (y,)
     grads = [x.grad for x in leaves] + [p.grad for p in seq.parameters() if p.requires_grad]
     return [t.detach() for t in ys], logdet.detach(), grads
