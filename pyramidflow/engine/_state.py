@@ -152,7 +152,7 @@ def recomputation(block: nn.Module) -> Iterator[None]:
 # Invertible backward runs a block's forward with grad only to get its local
 # graph for one local backward (the exact-input path of drift="recompute" and
 # of anchors); the outputs' values are never read. A block may then build a
-# leaner graph whose backward is exact (a tiled one: pyramidflow.model.regions).
+# leaner graph whose backward is exact (a tiled one: pyramidflow.model.coupling_regions).
 # Checkpoint mode's recomputation is not flagged: torch.utils.checkpoint checks
 # that it saves the same tensors as the first forward.
 _REBUILDING = threading.local()

@@ -135,7 +135,7 @@ class InvertibleModule(nn.Module):
             only backpropagates through ``ys_local`` and never reads their
             values, so a fused path may return placeholders of the right shape
             whose backward is exact (NOTE [placeholder outputs] in
-            :mod:`pyramidflow.model.regions`).
+            :mod:`pyramidflow.model.coupling_regions`).
         """
         with torch.no_grad(), replay_forward_rng():  # NOTE [one RNG replay per evaluation]
             xs, _ = self.inverse(ys)

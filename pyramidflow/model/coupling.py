@@ -33,7 +33,7 @@ from ..engine import is_rebuilding, may_overwrite
 from ..engine.block import InvertibleModule, LogDet, Tensors, Writable
 from .conv1x1 import InvertibleConv1x1
 from .network import AffineParameterNet
-from .regions import Regions, forward_regions, from_input, log_scale_sum, transformed_level
+from .coupling_regions import Regions, forward_regions, from_input, log_scale_sum, transformed_level
 from .tiles import TileLayout, check_tile_alignment, check_tile_support, check_tile_unsynchronised
 from .tracing import tracing
 from .volume_norm import VolumeNorm
@@ -99,7 +99,7 @@ class PyramidCoupling(InvertibleModule):
         conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
         backend: backend of the affine op, see :mod:`pyramidflow.kernels` (``"auto"``).
         tile: ``None``, or the side T (at the level F runs at: NOTE [tile side]) of the tiles the
-            no-grad forward and the rebuild and backward run in (:mod:`.regions`); T must be a multiple of ``2**level`` of
+            no-grad forward and the rebuild and backward run in (:mod:`.coupling_regions`); T must be a multiple of ``2**level`` of
             every level the block touches, and needs ``volume_norm="CVN"``.
     """
 
@@ -150,7 +150,7 @@ class PyramidCoupling(InvertibleModule):
         return self.tile is not None
 
     def _regions(self, xs: Tensors) -> Regions:
-        """How this block runs region by region (NOTE [regions] in :mod:`.regions`): its tiles (NOTE [tiles and
+        """How this block runs region by region (NOTE [regions] in :mod:`.coupling_regions`): its tiles (NOTE [tiles and
         halos]; the whole level untiled), the size of F's level, and the samples F runs on at a time."""
         _, before = self._conditioning(xs)
         net_level = self.level if before else self.cond_levels[0]
@@ -200,7 +200,7 @@ class PyramidCoupling(InvertibleModule):
         return None if self.volume_preserving else self._region_logdet(log_scale_sum(r, self.clamp), r)
 
     # NOTE [one path per call]
-    # Each call chooses its path once, here: the region executor (.regions)
+    # Each call chooses its path once, here: the region executor (.coupling_regions)
     # or the plain autograd ops on whole levels. The regions run where they
     # save memory and can: not on small levels (NOTE [plain where the level is
     # small]), not for a graph being traced or exported (the executor is an
@@ -275,7 +275,7 @@ class PyramidCoupling(InvertibleModule):
         return min(self.level, net_level) > 0
 
     def _region_forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
-        """The forward, region by region (:mod:`.regions`). Without grad the lean forward, writing over ``x_k``
+        """The forward, region by region (:mod:`.coupling_regions`). Without grad the lean forward, writing over ``x_k``
         where the engine allows it (F never reads ``x_k``: NOTE [forward in place]); with grad the rebuild of an
         exact input (an anchor) of a tiled block, whose graph is run by regions too."""
         regions = self._regions(xs)
@@ -331,7 +331,7 @@ class PyramidCoupling(InvertibleModule):
         # NOTE [fused pyramid reconstruct]
         # The untouched levels are the same in input and output, so they become
         # leaves that require grad and F runs once on them. The region executor
-        # (NOTE [placeholder outputs] in .regions) keeps no hidden activation of F
+        # (NOTE [placeholder outputs] in .coupling_regions) keeps no hidden activation of F
         # and no (r, t) beyond a region, never computes y_k again, and reuses the
         # storages the engine allows; x_k is filled during the local backward. The
         # plain path (NOTE [one path per call]) runs F with grad on whole levels:

@@ -1,4 +1,4 @@
-"""The coupling run by regions (model/regions.py) and F's backward against plain autograd, and the in-place rules they rely on."""
+"""The coupling run by regions (model/coupling_regions.py) and F's backward against plain autograd, and the in-place rules they rely on."""
 
 import copy
 
