@@ -83,6 +83,19 @@ def test_every_call_of_a_step_is_described():
     assert all(_agrees(call) for call in forward + calls)
 
 
+def test_reconstruct_is_told_it_rebuilds():
+    class Told(_Recorder):
+        def reconstruct(self, ys, context=None):
+            self.calls.append(("reconstruct", context))
+            return super().reconstruct(ys)
+
+    calls = []
+    seq = InvertibleSequential(Told(calls), drift="off")
+    loss_of(*seq(_input().requires_grad_())).backward()
+    assert Told.reconstruct_takes_context
+    assert calls[1:] == [("reconstruct", CallContext(grad=True, rebuild=True)), (None, False, False)]  # then its forward, by hand
+
+
 @pytest.mark.parametrize("mode, grad, expected", [
     ("autograd", True, CallContext(grad=True)),
     ("checkpoint", True, CallContext(grad=True)),
@@ -100,6 +113,7 @@ def test_each_mode_says_whether_a_graph_is_recorded(mode, grad, expected):
     assert all(_agrees(call) for call in calls)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
 def test_a_traced_call_says_so():
     calls = []
     seq = InvertibleSequential(_Recorder(calls), drift="off")
