@@ -6,7 +6,7 @@ imports the model, data or training code.
 
 from ._state import is_rebuilding, may_overwrite, replay_forward_rng
 from .adapters import FrEIAAdapter, NormflowsAdapter, freia_blocks, wrap
-from .block import InvertibleModule, Writable
+from .block import CallContext, InvertibleModule, Writable
 from .checks import BlockReport, InverseCheck, check_inverse, reconstruction_error
 from .coupling import AffineCoupling
 from .drift import DRIFT_POLICIES
@@ -20,6 +20,7 @@ __all__ = [
     "MODES",
     "AffineCoupling",
     "BlockReport",
+    "CallContext",
     "DriftError",
     "DriftWarning",
     "FrEIAAdapter",

@@ -3,7 +3,8 @@
 RNG and autocast are captured per block in forward (``fwd_*``) and replayed in
 backward, as ``torch.utils.checkpoint`` does. Buffers (running statistics) are
 snapshotted before a recomputation and restored after it, so they change once
-per step however often a block is recomputed.
+per step however often a block is recomputed. The context of the block call
+under way is held for the blocks that ask for it (NOTE [call context]).
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from .block import CallContext
+
 __all__ = [
-    "RngState", "AutocastState", "recomputation", "rebuilding", "is_rebuilding", "overwritable", "may_overwrite",
-    "replaying", "replay_forward_rng",
+    "RngState", "AutocastState", "recomputation", "calling", "is_rebuilding", "may_overwrite", "replaying",
+    "replay_forward_rng",
 ]
 
 
@@ -152,28 +156,10 @@ def recomputation(block: nn.Module) -> Iterator[None]:
 # Invertible backward runs a block's forward with grad only to get its local
 # graph for one local backward (the exact-input path of drift="recompute" and
 # of anchors); the outputs' values are never read. A block may then build a
-# leaner graph whose backward is exact (a tiled one: pyramidflow.model.regions).
+# leaner graph whose backward is exact (a tiled one: pyramidflow.model.coupling_regions).
 # Checkpoint mode's recomputation is not flagged: torch.utils.checkpoint checks
 # that it saves the same tensors as the first forward.
-_REBUILDING = threading.local()
-
-
-@contextlib.contextmanager
-def rebuilding() -> Iterator[None]:
-    """Mark the forward calls inside as invertible backward's rebuild of one block (NOTE [rebuilding in backward])."""
-    previous = getattr(_REBUILDING, "active", False)
-    _REBUILDING.active = True
-    try:
-        yield
-    finally:
-        _REBUILDING.active = previous
-
-
-def is_rebuilding() -> bool:
-    """Whether a block's forward runs as invertible backward's rebuild (NOTE [rebuilding in backward])."""
-    return getattr(_REBUILDING, "active", False)
-
-
+#
 # NOTE [forward in place]
 # A forward without grad (invertible mode's, or any mode's under no_grad)
 # keeps nothing of a block's input once the block has run, so a block may
@@ -181,24 +167,46 @@ def is_rebuilding() -> bool:
 # engine knows which levels no one else reads: those made by an earlier block
 # (or the caller's, when it gave them up with consume_input), not kept as an
 # anchor, not requiring grad, dense, each in a storage of its own. It names
-# them for the duration of one block call; the block asks may_overwrite(x).
-# Every other call (a rebuild, a redo from an anchor, checkpoint or autograd
-# mode, debug mode, which compares the output with the input) names none.
-_OVERWRITABLE = threading.local()
+# them for one block call (CallContext.overwritable). Every other call (a
+# rebuild, a redo from an anchor, checkpoint or autograd mode, debug mode,
+# which compares the output with the input) names none.
+#
+# NOTE [call context]
+# The engine says how it calls a block in a CallContext (.block): whether a
+# graph is recorded, whether the call is backward's rebuild, which input levels
+# forward may write over, whether a tracer records it. A block whose forward or
+# reconstruct takes `context=` gets it as an argument and chooses its path once,
+# at the top of the call; the library's blocks read nothing else of the engine's.
+# For blocks that take none (written before the context existed, or that prefer
+# to ask), the context of the forward call under way is also held here for that
+# call's duration, and is_rebuilding() and may_overwrite(x) read it: one state,
+# two ways to read it. A call the engine did not make (by hand, or by a block
+# that runs other blocks without passing its context on) is told nothing: no
+# rebuild, nothing overwritable (CallContext.now()).
+_CALL = threading.local()
 
 
 @contextlib.contextmanager
-def overwritable(tensors: Sequence[Tensor]) -> Iterator[None]:
-    """Let the block called inside overwrite ``tensors`` (NOTE [forward in place]); ``()``: none."""
-    previous: FrozenSet[int] = getattr(_OVERWRITABLE, "ids", frozenset())
-    _OVERWRITABLE.ids = frozenset(id(t) for t in tensors)
+def calling(context: "CallContext", xs: Sequence[Tensor]) -> Iterator[None]:
+    """Hold ``context`` as that of the block forward call under way, on inputs ``xs`` (NOTE [call context])."""
+    previous: Optional[Tuple[bool, FrozenSet[int]]] = getattr(_CALL, "current", None)
+    _CALL.current = (context.rebuild, frozenset(id(x) for x, free in zip(xs, context.overwritable) if free))
     try:
         yield
     finally:
-        _OVERWRITABLE.ids = previous
+        _CALL.current = previous
+
+
+def is_rebuilding() -> bool:
+    """Whether the block forward under way is invertible backward's rebuild (NOTE [rebuilding in backward]):
+    ``context.rebuild`` for a block that takes no ``context=`` (NOTE [call context])."""
+    current = getattr(_CALL, "current", None)
+    return current is not None and current[0]
 
 
 def may_overwrite(x: Tensor) -> bool:
     """Whether a block's forward may write its output over its input level ``x`` (NOTE [forward in place]):
-    the engine named it, and no graph is being recorded."""
-    return id(x) in getattr(_OVERWRITABLE, "ids", frozenset()) and not torch.is_grad_enabled()
+    the engine named it for the call under way, and no graph is being recorded. What
+    ``context.may_overwrite(level)`` says, for a block that takes no ``context=`` (NOTE [call context])."""
+    current = getattr(_CALL, "current", None)
+    return current is not None and id(x) in current[1] and not torch.is_grad_enabled()

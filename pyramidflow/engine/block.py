@@ -10,17 +10,63 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ._state import replay_forward_rng
+from ._state import calling, replay_forward_rng
 
 Tensors = Tuple[Tensor, ...]
 LogDet = Optional[Tensor]
 
-__all__ = ["InvertibleModule", "Tensors", "LogDet", "Writable", "add_optional"]
+__all__ = [
+    "CallContext", "InvertibleModule", "Tensors", "LogDet", "Writable", "add_optional", "call_forward",
+    "call_reconstruct", "tracing",
+]
+
+
+def tracing() -> bool:
+    """``torch.jit.trace``, ``torch.export`` (ONNX) or ``torch.compile`` is recording this call."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """How the engine calls a block: handed to a ``forward`` or ``reconstruct`` that takes ``context=``.
+
+    The block chooses its path once, at the top of the call, from this instead of from global state
+    (NOTE [call context] in :mod:`._state`).
+
+    Attributes:
+        grad: a graph is recorded for the call's outputs (``torch.is_grad_enabled()`` when it was made).
+        rebuild: the call is invertible backward's rebuild of this block: its graph serves one local
+            backward and its outputs' values are never read, so a leaner graph whose backward is exact
+            will do (NOTE [rebuilding in backward] in :mod:`._state`). Always ``True`` for ``reconstruct``.
+        overwritable: per input level, whether ``forward`` may write its output over that level, which
+            no one else reads (NOTE [forward in place] in :mod:`._state`); ``()``: none. Always ``()`` for
+            ``reconstruct``, whose :class:`Writable` says what it may overwrite.
+        tracing: ``torch.jit.trace``, ``torch.export`` or ``torch.compile`` records the call: a path that
+            loops over samples or tiles, or writes into given tensors, would be recorded wrong.
+    """
+
+    grad: bool
+    rebuild: bool = False
+    overwritable: Tuple[bool, ...] = ()
+    tracing: bool = False
+
+    @classmethod
+    def now(cls, rebuild: bool = False, overwritable: Sequence[bool] = ()) -> "CallContext":
+        """The context of a call made now: ``grad`` and ``tracing`` as torch has them, the rest as given.
+
+        What a block called by hand (not by the engine, or by a block that does not pass its own
+        context on) takes when it gets ``context=None``: no rebuild, nothing overwritable.
+        """
+        return cls(torch.is_grad_enabled(), rebuild, tuple(overwritable), tracing())
+
+    def may_overwrite(self, level: int) -> bool:
+        """Whether ``forward`` may write its output over input level ``level`` (never with a graph)."""
+        return not self.grad and level < len(self.overwritable) and self.overwritable[level]
 
 
 @dataclass(frozen=True)
@@ -77,6 +123,14 @@ class InvertibleModule(nn.Module):
           is the declaration (read once, when the class is defined, into
           :attr:`reconstruct_takes_writable`); a ``reconstruct(ys)`` is called
           without it.
+        * ``forward(xs, context=None)`` and ``reconstruct(ys, context=None)``
+          taking a :class:`CallContext`: the engine then says how it calls the
+          block (a graph or not, backward's rebuild, which input levels
+          ``forward`` may write over, a tracer recording), so that the block
+          chooses its path once per call. Declared the same way
+          (:attr:`forward_takes_context`, :attr:`reconstruct_takes_context`);
+          a block without the keyword is called without it. ``None`` means a
+          call by hand: take :meth:`CallContext.now`.
 
         Buffers changed in ``forward`` (running statistics) are restored by
         the engine after every recomputation, so they change once per step.
@@ -101,9 +155,18 @@ class InvertibleModule(nn.Module):
     #: then. Set from the signature when a subclass is defined; not meant to be set by hand.
     reconstruct_takes_writable: bool = False
 
+    #: ``True`` when :meth:`forward` takes ``context=``: the engine passes a :class:`CallContext` only then.
+    #: Set from the signature when a subclass is defined; not meant to be set by hand.
+    forward_takes_context: bool = False
+
+    #: ``True`` when :meth:`reconstruct` takes ``context=``; as :attr:`forward_takes_context`.
+    reconstruct_takes_context: bool = False
+
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         cls.reconstruct_takes_writable = _accepts(cls.reconstruct, "writable")
+        cls.forward_takes_context = _accepts(cls.forward, "context")
+        cls.reconstruct_takes_context = _accepts(cls.reconstruct, "context")
 
     def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(xs) -> (ys, logdet).")
@@ -135,7 +198,7 @@ class InvertibleModule(nn.Module):
             only backpropagates through ``ys_local`` and never reads their
             values, so a fused path may return placeholders of the right shape
             whose backward is exact (NOTE [placeholder outputs] in
-            :mod:`pyramidflow.model.regions`).
+            :mod:`pyramidflow.model.coupling_regions`).
         """
         with torch.no_grad(), replay_forward_rng():  # NOTE [one RNG replay per evaluation]
             xs, _ = self.inverse(ys)
@@ -143,6 +206,25 @@ class InvertibleModule(nn.Module):
         with replay_forward_rng():
             ys_local, logdet_local = self.forward(xs)
         return xs, tuple(ys_local), logdet_local
+
+
+def call_forward(block: InvertibleModule, xs: Tensors, context: CallContext) -> Any:
+    """The engine's call of ``block``'s forward: ``block(xs, context=context)`` where the block takes it, else
+    ``block(xs)``; the context also answers :func:`~._state.is_rebuilding` and :func:`~._state.may_overwrite`
+    during the call (NOTE [call context] in :mod:`._state`). Returns what the block returns."""
+    with calling(context, xs):
+        return block(xs, context=context) if block.forward_takes_context else block(xs)
+
+
+def call_reconstruct(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
+    """The engine's call of ``block``'s reconstruct, with ``writable=`` and ``context=`` where the block takes
+    them (its declared capabilities)."""
+    kwargs: dict = {}
+    if writable is not None and block.reconstruct_takes_writable:
+        kwargs["writable"] = writable
+    if block.reconstruct_takes_context:
+        kwargs["context"] = CallContext.now(rebuild=True)
+    return block.reconstruct(ys, **kwargs)
 
 
 def _accepts(fn: Callable, *names: str) -> bool:

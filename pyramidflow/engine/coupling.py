@@ -110,7 +110,7 @@ class AffineCoupling(InvertibleModule):
         # counter that the network's graph has recorded (the conditioning half
         # it saved is not touched by the write). The local output is a
         # placeholder view of y whose backward routes the two halves of the
-        # gradient (NOTE [placeholder outputs] in pyramidflow.model.regions): the
+        # gradient (NOTE [placeholder outputs] in pyramidflow.model.coupling_regions): the
         # concatenation is never made again.
         owned = writable is not None and writable.outputs[0]
         x = (y.detach() if owned else y.detach().clone()).requires_grad_(True)

@@ -12,8 +12,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._state import overwritable, rebuilding, recomputation, replaying
-from .block import InvertibleModule, LogDet, Tensors, Writable, _leaf
+from ._state import recomputation, replaying
+from .block import CallContext, InvertibleModule, LogDet, Tensors, Writable, _leaf, call_forward
 from .drift import fingerprint_drift
 from .run import InvertibleRun
 
@@ -46,11 +46,11 @@ def exact_input(run: InvertibleRun, index: int) -> Tensors:
         start = 0
         with torch.no_grad():
             xs = tuple(run.input_source())
-    with torch.no_grad(), run.fwd_autocast.replay(), overwritable(()):  # anchors and the source's levels stay
+    with torch.no_grad(), run.fwd_autocast.replay():
         for j in range(start, index):
             block = run.blocks[j]
             with recomputation(block), replaying(run.fwd_rng[j]):  # NOTE [one RNG replay per evaluation]
-                xs = tuple(block(xs)[0])
+                xs = tuple(call_forward(block, xs, CallContext.now())[0])  # nothing overwritable: anchors, the source's levels
     return xs
 
 
@@ -59,8 +59,7 @@ def from_exact(xs: Tensors) -> Callable[[InvertibleModule, Tensors], Tuple[Tenso
 
     def rebuild(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
         leaves = tuple(_leaf(x) for x in xs)
-        with rebuilding():  # NOTE [rebuilding in backward]
-            ys_local, logdet_local = block(leaves)
+        ys_local, logdet_local = call_forward(block, leaves, CallContext.now(rebuild=True))  # NOTE [rebuilding in backward]
         return leaves, tuple(ys_local), logdet_local
 
     return rebuild

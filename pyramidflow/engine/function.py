@@ -27,8 +27,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._state import AutocastState, RngState, overwritable, recomputation, replaying
-from .block import InvertibleModule, LogDet, Tensors, Writable, add_optional
+from ._state import AutocastState, RngState, recomputation, replaying
+from .block import CallContext, LogDet, Tensors, Writable, add_optional, call_forward, call_reconstruct
 from .drift import compute_dtype, default_tolerance, fingerprint_drift
 from .drift_recompute import drift_check, exact_input, exceeds, from_exact, rebuilds_first
 from .errors import InvertibleError, _internal_assert
@@ -87,8 +87,8 @@ class _InvertibleFunction(torch.autograd.Function):
                 run.fwd_anchors[index] = tuple(x.detach() for x in xs)
                 run.fwd_anchor_versions[index] = tuple(x._version for x in xs)
                 protected |= {storage_id(x) for x in xs}
-            with overwritable(free_levels(xs, protected)):  # NOTE [forward in place]
-                xs, logdet = block(xs)
+            context = CallContext.now(overwritable=free_levels(xs, protected))  # NOTE [forward in place]
+            xs, logdet = call_forward(block, xs, context)
             total = add_optional(total, logdet)
         ys = tuple(xs)
         run.has_logdet = total is not None
@@ -218,13 +218,6 @@ def _check_anchors_unchanged(run: InvertibleRun) -> None:
             )
 
 
-def _reconstruct(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
-    """The block's own rebuild, told what it may overwrite when it takes ``writable=`` (its declared capability)."""
-    if writable is not None and block.reconstruct_takes_writable:
-        return block.reconstruct(ys, writable=writable)
-    return block.reconstruct(ys)
-
-
 def _block_backward(
     run: InvertibleRun,
     index: int,
@@ -232,7 +225,7 @@ def _block_backward(
     grad_ys: List[Optional[Tensor]],
     grad_logdet: Optional[Tensor],
     need_input_grad: bool = True,
-    rebuild: Callable[..., Tuple[Tensors, Tensors, LogDet]] = _reconstruct,
+    rebuild: Callable[..., Tuple[Tensors, Tensors, LogDet]] = call_reconstruct,
     writable: Optional[Writable] = None,
     check: Optional[Callable[[Tensors], bool]] = None,
 ) -> Optional[Tuple[Tensors, List[Optional[Tensor]], List[Optional[Tensor]]]]:

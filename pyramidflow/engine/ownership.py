@@ -76,10 +76,10 @@ def caller_storages(xs: Tensors, consume_input: bool) -> set:
     return {storage_id(x) for x in xs if not consume_input or x.requires_grad}
 
 
-def free_levels(xs: Tensors, protected: set) -> List[Tensor]:
-    """The levels of ``xs`` a block's forward may write over (NOTE [forward in place] in ._state): each in a
-    storage of its own and not in ``protected``, dense, not requiring grad."""
-    return [x for x, free in zip(xs, _unique_and_free(xs, protected)) if free and not x.requires_grad and _is_dense(x)]
+def free_levels(xs: Tensors, protected: set) -> Tuple[bool, ...]:
+    """Per level of ``xs``, whether a block's forward may write over it (NOTE [forward in place] in ._state):
+    in a storage of its own and not in ``protected``, dense, not requiring grad."""
+    return tuple(free and not x.requires_grad and _is_dense(x) for x, free in zip(xs, _unique_and_free(xs, protected)))
 
 
 def owned_outputs(run: InvertibleRun, ys: Tensors) -> List[bool]:

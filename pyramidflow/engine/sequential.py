@@ -11,9 +11,9 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
-from ._state import overwritable, recomputation
+from ._state import recomputation
 from .adapters import wrap
-from .block import InvertibleModule, LogDet, Tensors, add_optional
+from .block import CallContext, InvertibleModule, LogDet, Tensors, add_optional, call_forward
 from .checks import captured_grad_tensors, check_finite, check_reconstruction, contract_checks
 from .drift import DRIFT_POLICIES, CallSite, Fingerprinter, drift_message
 from .errors import DriftError, DriftWarning
@@ -244,9 +244,9 @@ class InvertibleSequential(nn.Module):
         elif self.mode == "checkpoint" and torch.is_grad_enabled():
             ys, logdet = self._forward_blocks(xs, self._checkpointed)
         elif not torch.is_grad_enabled():  # any mode: nothing to save, blocks may write in place
-            ys, logdet = self._forward_blocks(xs, lambda block, state: block(state), caller_storages(xs, consume_input))
+            ys, logdet = self._forward_blocks(xs, call_forward, caller_storages(xs, consume_input))
         else:  # plain autograd
-            ys, logdet = self._forward_blocks(xs, lambda block, state: block(state))
+            ys, logdet = self._forward_blocks(xs, call_forward)
         return (ys[0] if single else ys), _logdet_or_zeros(logdet, ys)
 
     def inverse(self, y: TensorOrTensors) -> Tuple[TensorOrTensors, Tensor]:
@@ -317,24 +317,26 @@ class InvertibleSequential(nn.Module):
         output with its input)."""
         total: LogDet = None
         for block in self.blocks:
-            with overwritable(() if protected is None else free_levels(xs, protected)):
-                xs, logdet = call(block, xs)
+            context = CallContext.now(overwritable=() if protected is None else free_levels(xs, protected))
+            xs, logdet = call(block, xs, context)
             xs = tuple(xs)
             total = add_optional(total, logdet)
         return xs, total
 
-    def _checkpointed(self, block: InvertibleModule, xs: Tensors):
+    def _checkpointed(self, block: InvertibleModule, xs: Tensors, context: CallContext):
         return torch_checkpoint.checkpoint(
+            call_forward,
             block,
             xs,
+            context,
             use_reentrant=False,
             preserve_rng_state=self.preserve_rng_state,
             context_fn=lambda: (contextlib.nullcontext(), recomputation(block)),
         )
 
     def _forward_debug(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
-        def call(block, state):
-            ys, logdet = block(state)
+        def call(block, state, context):
+            ys, logdet = call_forward(block, state, context)
             check_finite(ys, logdet, where=self._where(block))
             check_reconstruction(block, state, self.debug_tolerance, where=self._where(block))
             return ys, logdet

@@ -300,7 +300,7 @@ def _storage_id(x: Tensor) -> int:
 
 class _Placeholder(torch.autograd.Function):
     """An output's graph without its values: the engine only backpropagates through the rebuilt outputs
-    (NOTE [placeholder outputs] in pyramidflow/model/regions.py), so their memory is freed during the local backward."""
+    (NOTE [placeholder outputs] in pyramidflow/model/coupling_regions.py), so their memory is freed during the local backward."""
 
     @staticmethod
     def forward(ctx, y: Tensor) -> Tensor:  # type: ignore[override]

@@ -29,13 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from ..engine import is_rebuilding, may_overwrite
-from ..engine.block import InvertibleModule, LogDet, Tensors, Writable
+from ..engine.block import CallContext, InvertibleModule, LogDet, Tensors, Writable
 from .conv1x1 import InvertibleConv1x1
 from .network import AffineParameterNet
-from .regions import Regions, forward_regions, from_input, log_scale_sum, transformed_level
+from .coupling_regions import Regions, forward_regions, from_input, log_scale_sum, transformed_level
 from .tiles import TileLayout, check_tile_alignment, check_tile_support, check_tile_unsynchronised
-from .tracing import tracing
 from .volume_norm import VolumeNorm
 
 __all__ = ["AffineParameterNet", "PyramidCoupling", "TwoLevelCoupling", "ThreeLevelCoupling", "DIRECTIONS"]
@@ -99,7 +97,7 @@ class PyramidCoupling(InvertibleModule):
         conv1x1_init: init of the 1×1 conv, see :class:`InvertibleConv1x1`.
         backend: backend of the affine op, see :mod:`pyramidflow.kernels` (``"auto"``).
         tile: ``None``, or the side T (at the level F runs at: NOTE [tile side]) of the tiles the
-            no-grad forward and the rebuild and backward run in (:mod:`.regions`); T must be a multiple of ``2**level`` of
+            no-grad forward and the rebuild and backward run in (:mod:`.coupling_regions`); T must be a multiple of ``2**level`` of
             every level the block touches, and needs ``volume_norm="CVN"``.
     """
 
@@ -150,7 +148,7 @@ class PyramidCoupling(InvertibleModule):
         return self.tile is not None
 
     def _regions(self, xs: Tensors) -> Regions:
-        """How this block runs region by region (NOTE [regions] in :mod:`.regions`): its tiles (NOTE [tiles and
+        """How this block runs region by region (NOTE [regions] in :mod:`.coupling_regions`): its tiles (NOTE [tiles and
         halos]; the whole level untiled), the size of F's level, and the samples F runs on at a time."""
         _, before = self._conditioning(xs)
         net_level = self.level if before else self.cond_levels[0]
@@ -200,34 +198,44 @@ class PyramidCoupling(InvertibleModule):
         return None if self.volume_preserving else self._region_logdet(log_scale_sum(r, self.clamp), r)
 
     # NOTE [one path per call]
-    # Each call chooses its path once, here: the region executor (.regions)
-    # or the plain autograd ops on whole levels. The regions run where they
-    # save memory and can: not on small levels (NOTE [plain where the level is
-    # small]), not for a graph being traced or exported (the executor is an
-    # autograd Function writing into given tensors, which tracers do not
-    # record), not under autocast (the executor runs each op in the operands'
-    # dtype), not with grad where F's activation has parameters (its backward
-    # gives the gradients of F's two convs only), and in reconstruct not where the volume-norm mean carries a graph
-    # the executor does not keep (synchronised over ranks). The forward without grad (invertible mode's,
-    # inference) runs the regions, the forward with grad only as the rebuild of
-    # an exact input of a tiled block (NOTE [rebuilding in backward]).
-    def _runs_regions(self, xs: Tensors, reconstruct: bool) -> bool:
+    # Each call chooses its path once, here, from the engine's context of the
+    # call (NOTE [call context] in pyramidflow/engine/_state.py): the region
+    # executor (.coupling_regions) or the plain autograd ops on whole levels.
+    # The regions run where they save memory and can: not on small levels (NOTE
+    # [plain where the level is small]), not for a graph being traced or
+    # exported (the executor is an autograd Function writing into given
+    # tensors, which tracers do not record), not under autocast (the executor
+    # runs each op in the operands' dtype), not with grad where F's activation
+    # has parameters (its backward gives the gradients of F's two convs only),
+    # and in reconstruct not where the volume-norm mean carries a graph the
+    # executor does not keep (synchronised over ranks). The forward without a
+    # graph (invertible mode's, inference) runs the regions, the forward with
+    # one only as the rebuild of an exact input of a tiled block (NOTE
+    # [rebuilding in backward]).
+    def _runs_regions(self, xs: Tensors, context: CallContext, reconstruct: bool = False) -> bool:
         """Whether this call runs the region executor (NOTE [one path per call])."""
-        if self._plain(xs) or tracing():
+        if self._plain(xs) or context.tracing:
             return False
-        if not reconstruct and not torch.is_grad_enabled():
+        if not reconstruct and not context.grad:
             return True
         if self.net.activation_has_parameters() or _autocast_enabled(xs[self.level].device):
             return False
         if reconstruct:
             return not (self.volume_norm.training and self.volume_norm.process_group is not None)
-        return self.tile is not None and is_rebuilding()
+        return self.tile is not None and context.rebuild
 
-    def forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
-        """Transform level ``self.level``; every other level is returned as the same object."""
+    def forward(self, xs: Tensors, context: Optional[CallContext] = None) -> Tuple[Tensors, LogDet]:
+        """Transform level ``self.level``; every other level is returned as the same object.
+
+        Args:
+            xs: the pyramid, one ``(N, C, H_l, W_l)`` tensor per level.
+            context: how the engine calls the block (:class:`~pyramidflow.engine.CallContext`); ``None``:
+                a call by hand (``CallContext.now()``).
+        """
         self._check(xs)
-        if self._runs_regions(xs, reconstruct=False):
-            return self._region_forward(xs)
+        context = CallContext.now() if context is None else context
+        if self._runs_regions(xs, context):
+            return self._region_forward(xs, context)
         k = self.level
         r, t = self._affine_parameters(xs)
         kwargs = self._coupling_kwargs(r)
@@ -241,11 +249,11 @@ class PyramidCoupling(InvertibleModule):
         return tuple(ys), logdet
 
     @staticmethod
-    def _output_level(x: Tensor, dtype: torch.dtype) -> Tensor:
-        """Where the lean forward writes ``y_k``: over ``x_k`` itself where the engine allows it and the dtype
-        is kept (NOTE [forward in place] in :mod:`pyramidflow.engine._state`), else a new level."""
+    def _output_level(x: Tensor, dtype: torch.dtype, overwritable: bool) -> Tensor:
+        """Where the lean forward writes ``y_k``: over ``x_k`` itself where the engine allows it (``overwritable``)
+        and the dtype is kept (NOTE [forward in place] in :mod:`pyramidflow.engine._state`), else a new level."""
         out_dtype = torch.promote_types(x.dtype, dtype)
-        return x if out_dtype == x.dtype and may_overwrite(x) else torch.empty_like(x, dtype=out_dtype)
+        return x if out_dtype == x.dtype and overwritable else torch.empty_like(x, dtype=out_dtype)
 
     # NOTE [plain where the level is small]
     # The region executor exists for the finest level, whose block sets the
@@ -274,15 +282,15 @@ class PyramidCoupling(InvertibleModule):
         net_level = self.level if before else self.cond_levels[0]
         return min(self.level, net_level) > 0
 
-    def _region_forward(self, xs: Tensors) -> Tuple[Tensors, LogDet]:
-        """The forward, region by region (:mod:`.regions`). Without grad the lean forward, writing over ``x_k``
+    def _region_forward(self, xs: Tensors, context: CallContext) -> Tuple[Tensors, LogDet]:
+        """The forward, region by region (:mod:`.coupling_regions`). Without grad the lean forward, writing over ``x_k``
         where the engine allows it (F never reads ``x_k``: NOTE [forward in place]); with grad the rebuild of an
         exact input (an anchor) of a tiled block, whose graph is run by regions too."""
         regions = self._regions(xs)
         parts = [xs[j] for j in self.cond_levels]
         x = xs[self.level]
         ys = list(xs)
-        if torch.is_grad_enabled():  # buffers are restored by the engine after a rebuild: no update
+        if context.grad:  # buffers are restored by the engine after a rebuild: no update
             local = from_input(regions, self.net, x, parts, self.conv.weight(), self._region_kwargs(xs))
             for j, y_local in zip((self.level, *self.cond_levels), local):
                 ys[j] = y_local
@@ -294,7 +302,7 @@ class PyramidCoupling(InvertibleModule):
 
         base = self._region_kwargs(xs) if self.tile is not None else None
         kwargs_for = (lambda r: base) if base is not None else self._coupling_kwargs  # untiled: a synchronised mean needs r
-        out = self._output_level(x, self.net.conv_in.weight.dtype)
+        out = self._output_level(x, self.net.conv_in.weight.dtype, context.may_overwrite(self.level))
         ys[self.level], log_scale = forward_regions(regions, self.net, x, parts, self.conv.weight(), kwargs_for, out=out,
                                                     fold_mean=fold_mean, sum_log_scale=not self.volume_preserving)
         return tuple(ys), self._region_logdet(log_scale, x)
@@ -316,13 +324,16 @@ class PyramidCoupling(InvertibleModule):
         logdet = self._logdet(r)
         return tuple(xs), None if logdet is None else -logdet
 
-    def reconstruct(self, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
+    def reconstruct(self, ys: Tensors, writable: Optional[Writable] = None,
+                    context: Optional[CallContext] = None) -> Tuple[Tensors, Tensors, LogDet]:
         """Fused reconstruct-and-backward path: the network F runs once (the generic path runs it twice).
 
         Args:
             ys: the block's outputs, detached.
             writable: what the engine lets the block overwrite (:class:`~pyramidflow.engine.Writable`);
                 ``None``: nothing.
+            context: how the engine calls the block (:class:`~pyramidflow.engine.CallContext`); ``None``:
+                a call by hand (``CallContext.now(rebuild=True)``).
 
         Returns:
             ``(xs, ys_local, logdet_local)`` as :meth:`InvertibleModule.reconstruct` (``logdet_local``
@@ -331,7 +342,7 @@ class PyramidCoupling(InvertibleModule):
         # NOTE [fused pyramid reconstruct]
         # The untouched levels are the same in input and output, so they become
         # leaves that require grad and F runs once on them. The region executor
-        # (NOTE [placeholder outputs] in .regions) keeps no hidden activation of F
+        # (NOTE [placeholder outputs] in .coupling_regions) keeps no hidden activation of F
         # and no (r, t) beyond a region, never computes y_k again, and reuses the
         # storages the engine allows; x_k is filled during the local backward. The
         # plain path (NOTE [one path per call]) runs F with grad on whole levels:
@@ -341,12 +352,13 @@ class PyramidCoupling(InvertibleModule):
         # directly. The running mean is not touched (NOTE [running mean updated
         # once per step]); the batch mean of VN is recomputed from r, exactly.
         self._check(ys)
+        context = CallContext.now(rebuild=True) if context is None else context
         k = self.level
         leaves = [_leaf(y) if i != k else y.detach() for i, y in enumerate(ys)]
         flags = (False, False) if writable is None else (writable.outputs[k], writable.gradients[k])
         weight, inverse = self.conv.weight_and_inverse()  # every path needs both
         xs, ys_local = list(leaves), list(leaves)
-        if self._runs_regions(ys, reconstruct=True):
+        if self._runs_regions(ys, context, reconstruct=True):
             gradients = tuple(False if writable is None else writable.gradients[j] for j in self.cond_levels)
             xs[k], local = transformed_level(
                 self._regions(ys), self.net, leaves[k], [leaves[j] for j in self.cond_levels], weight.to(ys[k].dtype),

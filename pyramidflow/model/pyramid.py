@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._meta import samples_to_run
-from .tracing import tracing
+from ..engine.block import tracing
 
 __all__ = ["DOWNSAMPLES", "LaplacianPyramid", "laplacian_decompose", "laplacian_compose", "check_image_size"]
 

@@ -14,7 +14,7 @@ from pyramidflow.model import PyramidFlowConfig
 
 TINY = dict(channels=4, kernel_size=3, num_stacks=1, num_levels=2)
 # the modules whose loops take the rule; all must be imported before the switch below looks for them
-USERS = ("pyramidflow.model.regions", "pyramidflow.model.lean_loss", "pyramidflow.model.pyramid")
+USERS = ("pyramidflow.model.coupling_regions", "pyramidflow.model.lean_loss", "pyramidflow.model.pyramid")
 
 
 def _run_every_sample(monkeypatch) -> list:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from pyramidflow.engine.block import InvertibleModule
+from pyramidflow.engine.block import CallContext, InvertibleModule
 
 from model._counting import CountedNetwork
 from pyramidflow.model.conv1x1 import InvertibleConv1x1
@@ -101,11 +101,11 @@ def test_fused_reconstruct_matches_generic(kind, volume_norm, training):
     assert logdet is None
     for name, value in block.named_buffers():  # NOTE [running mean updated once per step]
         assert torch.equal(value, buffers[name]), f"reconstruct changed buffer {name}"
-    regions = block._runs_regions(ys, reconstruct=True)
+    regions = block._runs_regions(ys, CallContext.now(rebuild=True), reconstruct=True)
     for j in range(len(ys)):
         if j != block.level and not (regions and j in block.cond_levels):
             assert ys_fused[j] is xs_fused[j], "untouched levels must be the identical leaves"
-        elif j != block.level:  # outputs of the region op, so their gradients add up in place (NOTE [placeholder outputs] in pyramidflow.model.regions)
+        elif j != block.level:  # outputs of the region op, so their gradients add up in place (NOTE [placeholder outputs] in pyramidflow.model.coupling_regions)
             assert ys_fused[j]._base is xs_fused[j] and torch.equal(ys_fused[j], xs_fused[j])
     grads_fused = _grads(block, xs_fused, ys_fused, upstream)
     assert calls.evaluations(ys[block.level]) == 1, "the fused path must evaluate F once, reconstruct and backward"

@@ -1,4 +1,4 @@
-"""The coupling run by regions (model/regions.py) and F's backward against plain autograd, and the in-place rules they rely on."""
+"""The coupling run by regions (model/coupling_regions.py) and F's backward against plain autograd, and the in-place rules they rely on."""
 
 import copy
 
@@ -7,12 +7,14 @@ import torch
 from torch import nn
 
 from pyramidflow.engine import InvertibleError, InvertibleSequential
-from pyramidflow.engine.block import Writable
+from pyramidflow.engine.block import CallContext, Writable
 from pyramidflow.model import PyramidFlow, PyramidFlowConfig
 from pyramidflow.model.coupling import AffineParameterNet, ThreeLevelCoupling, TwoLevelCoupling
 from pyramidflow.model.loss import objective_loss
 
 from model._perturb import perturbed
+
+REBUILD = CallContext(grad=True, rebuild=True)  # how the engine calls reconstruct
 
 
 def _relative(a, b):
@@ -87,7 +89,7 @@ def test_the_network_is_written_once(change, kind):
     reference = _block_gradients(_with_network(make, None, change), "autograd", xs, upstream)
     for tile in (None, 8) if kind != "three" else (8,):  # untiled, a three-level block on level 1 runs plain
         block = _with_network(make, tile, change)
-        assert block._runs_regions(xs, reconstruct=True)
+        assert block._runs_regions(xs, REBUILD, reconstruct=True)
         got = _block_gradients(block, "invertible", xs, upstream)
         assert len(got) == len(reference)
         for g, r in zip(got, reference):
@@ -107,7 +109,7 @@ def test_an_activation_with_parameters_gets_its_gradient(tile):
         block = make(tile_of_mode)
         block.net.activation = nn.PReLU(init=0.3)
         results.append(_block_gradients(perturbed(block.double(), std=0.2), mode, xs, upstream))
-    assert not block._runs_regions(xs, reconstruct=True)
+    assert not block._runs_regions(xs, REBUILD, reconstruct=True)
     assert len(results[0]) == len(results[1])
     for got, want in zip(results[1], results[0]):
         assert _relative(got, want) <= 1e-10
@@ -134,7 +136,7 @@ def test_reconstruct_matches_plain_autograd(volume_norm, training, storage_writa
     expected = torch.autograd.grad([*ys, *([logdet] if grad_logdet else [])], [*leaves, *params], grad_y + grad_logdet)
     y_given, g_given = ys[0].detach().clone(), grad_y[0].clone()
     writable = Writable((storage_writable, False), (gradient_writable, False))
-    assert block._runs_regions(xs, reconstruct=True)
+    assert block._runs_regions(xs, REBUILD, reconstruct=True)
     rebuilt, local, logdet_local = block.reconstruct((y_given, ys[1].detach()), writable=writable)
     assert (logdet_local is None) == (logdet is None)
     if logdet is not None:  # NOTE [log-det without volume normalisation]: its value and its gradient
@@ -223,3 +225,26 @@ def test_output_changed_in_place_before_backward_still_raises_with_release():
         latents[1].add_(1.0)
     with pytest.raises(InvertibleError, match="modified in place"):
         loss.backward()
+
+
+def test_the_path_is_chosen_from_the_engines_context():
+    """NOTE [one path per call]: a tiled level-0 coupling runs the regions without a graph, with one only as
+    backward's rebuild, never for a tracer; and writes over its input level only where the context says so."""
+    block = TwoLevelCoupling(0, "up", 3, kernel_size=3, tile=8)
+    generator = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 3, 24 >> i, 24 >> i, generator=generator) for i in range(2)]
+    forward = {
+        CallContext(grad=False): True,
+        CallContext(grad=False, tracing=True): False,
+        CallContext(grad=True): False,
+        CallContext(grad=True, rebuild=True): True,
+        CallContext(grad=True, rebuild=True, tracing=True): False,
+    }
+    assert {context: block._runs_regions(xs, context) for context in forward} == forward
+    assert block._runs_regions(xs, REBUILD, reconstruct=True)
+    assert not block._runs_regions(xs, CallContext(grad=True, rebuild=True, tracing=True), reconstruct=True)
+    with torch.no_grad():
+        for overwritable in ((True, False), (False, True), ()):
+            x = xs[0].clone()
+            ys, _ = block([x, xs[1]], context=CallContext(grad=False, overwritable=overwritable))
+            assert (ys[0].data_ptr() == x.data_ptr()) is (overwritable[:1] == (True,)), overwritable
