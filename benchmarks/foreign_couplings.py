@@ -57,7 +57,7 @@ def _kinds(channels: int, size: int, hidden: int) -> Dict[str, Callable[[], List
         kinds["normflows AffineCouplingBlock"] = lambda: [nf.flows.AffineCouplingBlock(net(half, 2 * half))]
     from drift_report import ChannelSwap, TanhAffineCoupling  # a FrEIA-convention coupling written by hand
 
-    register_coupling(TanhAffineCoupling, subnets=("net",))
+    register_coupling(TanhAffineCoupling, subnets=("net",), per_sample=True)  # its maths treats each sample alone
     kinds["hand-written coupling (registered) + swap"] = lambda: [TanhAffineCoupling(channels, hidden), ChannelSwap(channels)]
     memcnn = _optional("memcnn")
     if memcnn is not None:

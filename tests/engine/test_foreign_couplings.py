@@ -57,9 +57,33 @@ def _relative(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _assert_matches_autograd(seq, inputs, tolerance=1e-10):
+@pytest.fixture(params=[None, 1], ids=["samples=auto", "samples=1"])
+def samples(request):
+    """The adapters' rebuild_samples: chosen from the size (the whole batch at these sizes), or one at a time."""
+    return request.param
+
+
+def _coupling_subnets(seq):
+    return [block.module.get_submodule(path) for block in seq.blocks if block.coupling for path in block.coupling.subnets]
+
+
+def _assert_matches_autograd(seq, inputs, tolerance=1e-10, samples=None):
+    """Gradients equal autograd's; with ``samples``, the coupling-aware backward also ran that many at a time."""
     ys_ref, logdet_ref, grads_ref = _step(seq, inputs, "autograd")
+    for block in seq.blocks:
+        block.rebuild_samples = samples
+    batches = []  # the batch of each subnet evaluation with a graph: backward's (the engine's forward has none)
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
+        for m in _coupling_subnets(seq)
+    ]
     ys, logdet, grads = _step(seq, inputs, "invertible")
+    for hook in hooks:
+        hook.remove()
+    if samples is None:
+        assert set(batches) <= {inputs[0].shape[0]}
+    else:
+        assert batches and max(batches) <= samples
     assert all(torch.equal(a, b) for a, b in zip(ys, ys_ref))  # forward runs the block's own code
     assert torch.equal(logdet, logdet_ref)
     assert [g is None for g in grads] == [r is None for r in grads_ref]  # GIN leaves its global scale unused
@@ -123,10 +147,10 @@ def _freia_inputs(conditional, shape=SHAPE):
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
 @pytest.mark.parametrize("options", ALL_IN_ONE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_all_in_one_block_matches_autograd(options, conditional):
+def test_all_in_one_block_matches_autograd(options, conditional, samples):
     seq = _freia_seq("AllInOneBlock", conditional=conditional, **options)
     assert all(block.coupling is not None for block in seq.blocks)
-    _assert_matches_autograd(seq, _freia_inputs(conditional))
+    _assert_matches_autograd(seq, _freia_inputs(conditional), samples=samples)
 
 
 TWO_SIDED = [
@@ -144,11 +168,11 @@ TWO_SIDED = [
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
 @pytest.mark.parametrize("cls, options", TWO_SIDED, ids=str)
-def test_freia_couplings_match_autograd(cls, options, conditional):
+def test_freia_couplings_match_autograd(cls, options, conditional, samples):
     shape = (5, 6, 6)  # an odd channel count: unequal halves
     seq = _freia_seq(cls, conditional=conditional, shape=shape, **options)
     assert all(block.coupling is not None for block in seq.blocks)
-    _assert_matches_autograd(seq, _freia_inputs(conditional, shape))
+    _assert_matches_autograd(seq, _freia_inputs(conditional, shape), samples=samples)
 
 
 @pytest.mark.parametrize(
@@ -362,7 +386,7 @@ def _normflows():
     ],
     ids=str,
 )
-def test_normflows_affine_coupling_block_matches_autograd(options):
+def test_normflows_affine_coupling_block_matches_autograd(options, samples):
     nf = _normflows()
     split = options.get("split_mode", "channel")
     c_in = 4 if "checkerboard" in split else 2
@@ -371,12 +395,12 @@ def test_normflows_affine_coupling_block_matches_autograd(options):
     seq = InvertibleSequential(*blocks).to(DTYPE)
     assert all(isinstance(b, NormflowsAdapter) and b.coupling is not None for b in seq.blocks)
     x = (torch.randn(2, 4, 6, 6, dtype=DTYPE),)
-    _assert_matches_autograd(seq, x)
-    assert _backward_evaluations(seq, x, [b.module.flows[1].param_map for b in seq.blocks]) == 3
+    _assert_matches_autograd(seq, x, samples=samples)
+    assert _backward_evaluations(seq, x, [b.module.flows[1].param_map for b in seq.blocks]) == 3 * (2 if samples else 1)
 
 
 @pytest.mark.parametrize("use_lu", [True, False])
-def test_normflows_glow_block_matches_autograd(use_lu):
+def test_normflows_glow_block_matches_autograd(use_lu, samples):
     nf = _normflows()
     seq = InvertibleSequential(*[nf.flows.GlowBlock(4, 8, use_lu=use_lu) for _ in range(3)]).to(DTYPE)
     for block in seq.blocks:  # leave the zero initialisation, so that the couplings do something
@@ -384,9 +408,9 @@ def test_normflows_glow_block_matches_autograd(use_lu):
     x = (torch.randn(2, 4, 6, 6, dtype=DTYPE),)
     seq(x[0])  # ActNorm's data-dependent initialisation, once
     assert all(b.coupling is not None for b in seq.blocks)
-    _assert_matches_autograd(seq, x)
+    _assert_matches_autograd(seq, x, samples=samples)
     subnets = [b.module.flows[0].flows[1].param_map for b in seq.blocks]
-    assert _backward_evaluations(seq, x, subnets) == 3
+    assert _backward_evaluations(seq, x, subnets) == 3 * (2 if samples else 1)
 
 
 # ---------------------------------------------------------------- memcnn
@@ -396,7 +420,7 @@ def _memcnn():
 
 
 @pytest.mark.parametrize("kind", ["additive", "affine naive", "affine sigmoid"])
-def test_memcnn_couplings_match_autograd(kind):
+def test_memcnn_couplings_match_autograd(kind, samples):
     memcnn = _memcnn()
     if kind == "additive":
         make = lambda: memcnn.AdditiveCoupling(Fm=_net()(2, 2))  # noqa: E731
@@ -411,8 +435,8 @@ def test_memcnn_couplings_match_autograd(kind):
     seq = InvertibleSequential(*blocks).to(DTYPE)
     assert all(b.coupling is not None for b in seq.blocks)
     x = (torch.randn(2, 4, 6, 6, dtype=DTYPE),)
-    _assert_matches_autograd(seq, x)
-    assert _backward_evaluations(seq, x, [m for b in seq.blocks for m in (b.module.Fm, b.module.Gm)]) == 4
+    _assert_matches_autograd(seq, x, samples=samples)
+    assert _backward_evaluations(seq, x, [m for b in seq.blocks for m in (b.module.Fm, b.module.Gm)]) == 4 * (2 if samples else 1)
 
 
 def test_memcnn_deprecated_implementation_takes_the_generic_path():
