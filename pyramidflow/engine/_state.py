@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "RngState", "AutocastState", "recomputation", "rebuilding", "is_rebuilding", "overwritable", "may_overwrite",
-    "replaying", "replay_forward_rng",
+    "replaying", "replay_forward_rng", "capturing", "captured_rng_state", "replayed_rng_state",
 ]
 
 
@@ -83,6 +83,41 @@ def replay_forward_rng() -> Iterator[None]:
     state = getattr(_REPLAYING, "state", None)
     with state.replay() if state is not None else contextlib.nullcontext():
         yield
+
+
+# NOTE [the block's RNG state, named]
+# An adapted coupling with several subnets keeps, in forward, the RNG state each
+# subnet call started from, and must find it again in the block's rebuild
+# (NOTE [recorded subnets] in .subnets). The engine names the state it captured
+# before the block for the duration of invertible forward's call of that block
+# (`capturing`), and the one it replays for the duration of the block's
+# rebuild (`replaying`): the very same object, so the block keys what it keeps
+# by that object instead of capturing and comparing generator states itself.
+# Outside those two calls (autograd and checkpoint modes, a redo from an
+# anchor) no state is named, and nothing is kept.
+_CAPTURED = threading.local()
+
+
+@contextlib.contextmanager
+def capturing(state: Optional[RngState]) -> Iterator[None]:
+    """Name ``state``, captured before the block called inside, for that call (NOTE [the block's RNG state,
+    named]); ``None``: none captured (``preserve_rng_state=False``)."""
+    previous = getattr(_CAPTURED, "state", None)
+    _CAPTURED.state = state
+    try:
+        yield
+    finally:
+        _CAPTURED.state = previous
+
+
+def captured_rng_state() -> Optional[RngState]:
+    """The state the engine captured before the block being run in invertible forward, else ``None``."""
+    return getattr(_CAPTURED, "state", None)
+
+
+def replayed_rng_state() -> Optional[RngState]:
+    """The state the engine replays for the block being rebuilt in invertible backward, else ``None``."""
+    return getattr(_REPLAYING, "state", None)
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._state import RngState, replay_forward_rng
+from ._state import RngState, captured_rng_state, replay_forward_rng, replayed_rng_state
 from .block import InvertibleModule, LogDet, Tensors, Writable, _accepts, _leaf
 from .foreign_couplings import Coupling, coupling_for
 from .sample_chunks import rebuild_chunks, reconstruct_in_chunks, treats_samples_alone
@@ -71,7 +71,7 @@ class FrEIAAdapter(InvertibleModule):
         self.conditions = tuple(conditions)
         self.coupling = coupling
         self.rebuild_samples: Optional[int] = None
-        self._fwd_subnet_rng: "OrderedDict[tuple, SubnetRng]" = OrderedDict()
+        self._fwd_subnet_rng: "OrderedDict[int, Tuple[RngState, SubnetRng]]" = OrderedDict()
 
     def _transformed(self, xs: Tensors) -> List[int]:
         count = len(xs) if self.inputs is None else self.inputs
@@ -119,7 +119,7 @@ class NormflowsAdapter(InvertibleModule):
         self.module = module
         self.coupling = coupling
         self.rebuild_samples: Optional[int] = None
-        self._fwd_subnet_rng: "OrderedDict[tuple, SubnetRng]" = OrderedDict()
+        self._fwd_subnet_rng: "OrderedDict[int, Tuple[RngState, SubnetRng]]" = OrderedDict()
 
     def _passed_through(self, xs: Tensors) -> List[int]:
         return []
@@ -154,27 +154,24 @@ class NormflowsAdapter(InvertibleModule):
         return _coupling_reconstruct(self, ys, writable)
 
 
-_KEPT_FORWARDS = 8  # forwards whose subnet RNG states wait for a backward (others: eval, checkpoint replays)
-
-
-def _rng_key(state: RngState) -> tuple:
-    return (state.cpu.numpy().tobytes(), state.cuda_devices, tuple(s.numpy().tobytes() for s in state.cuda))
+_KEPT_FORWARDS = 8  # forwards whose subnet RNG states wait for a backward (others: a forward without backward)
 
 
 def _coupling_forward(adapter: Any, xs: Tensors) -> Tuple[Tensors, LogDet]:
-    """The block's forward; for a coupling with several subnets that draw random numbers, the RNG state each
-    subnet call started from is kept for its rebuild, under the block's starting state (NOTE [recorded subnets])."""
+    """The block's forward; in invertible forward, for a coupling with several subnets that draw random numbers,
+    the RNG state each subnet call started from is kept for its rebuild, under the engine's state captured before
+    the block (NOTE [recorded subnets], NOTE [the block's RNG state, named] in ._state)."""
     coupling: Optional[Coupling] = adapter.coupling
-    if coupling is None or len(coupling.subnets) < 2:
+    start = captured_rng_state()
+    if coupling is None or len(coupling.subnets) < 2 or start is None:
         return adapter._forward(xs)
-    start = RngState.capture(xs)
     try:
         result, kept = forward_keeping_subnet_rng(adapter.module, coupling.subnets, adapter._forward, xs)
     except Refused:  # raised before any call: a subnet path no longer names a module of its own
         return adapter._forward(xs)
     if kept is not None:
         store = adapter._fwd_subnet_rng
-        store[_rng_key(start)] = kept
+        store[id(start)] = (start, kept)  # the state itself is kept with them: its id stays its own
         while len(store) > _KEPT_FORWARDS:
             store.popitem(last=False)
     return result
@@ -212,8 +209,9 @@ def _chunks(adapter: Any, coupling: Coupling, ys: Tensors) -> Optional[List[slic
 def _rebuild(adapter: Any, coupling: Coupling, ys: Tensors, writable: Optional[Writable]) -> Tuple[Tensors, Tensors, LogDet]:
     """The coupling-aware rebuild of ``ys``; a refused call is redone by the generic recipe from the same RNG
     state, so gradients are the same."""
-    start = RngState.capture(ys)  # the block's forward RNG state: the engine replays it before the rebuild
-    kept = adapter._fwd_subnet_rng.pop(_rng_key(start), None) if adapter._fwd_subnet_rng else None
+    start = replayed_rng_state()  # the state captured before this block's forward, replayed for its rebuild
+    stored = adapter._fwd_subnet_rng.pop(id(start), None) if start is not None and adapter._fwd_subnet_rng else None
+    kept = stored[1] if stored is not None and stored[0] is start else None
     try:
         return reconstruct_with_recorded_subnets(
             adapter.module, coupling.subnets, adapter.inverse, adapter._forward, ys,

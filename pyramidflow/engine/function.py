@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._state import AutocastState, RngState, overwritable, recomputation, replaying
+from ._state import AutocastState, RngState, capturing, overwritable, recomputation, replaying
 from .block import InvertibleModule, LogDet, Tensors, Writable, add_optional
 from .drift import compute_dtype, default_tolerance, fingerprint_drift
 from .drift_recompute import drift_check, exact_input, exceeds, from_exact, rebuilds_first
@@ -87,7 +87,8 @@ class _InvertibleFunction(torch.autograd.Function):
                 run.fwd_anchors[index] = tuple(x.detach() for x in xs)
                 run.fwd_anchor_versions[index] = tuple(x._version for x in xs)
                 protected |= {storage_id(x) for x in xs}
-            with overwritable(free_levels(xs, protected)):  # NOTE [forward in place]
+            # NOTE [forward in place], NOTE [the block's RNG state, named]
+            with overwritable(free_levels(xs, protected)), capturing(run.fwd_rng[-1]):
                 xs, logdet = block(xs)
             total = add_optional(total, logdet)
         ys = tuple(xs)

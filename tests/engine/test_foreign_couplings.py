@@ -332,6 +332,22 @@ def test_dropout_subnets_match_autograd(cls, subnets):
     assert _backward_evaluations(seq, x, modules) == len(modules)
 
 
+def test_subnet_rng_states_kept_only_from_the_engines_forward_to_its_rebuild():
+    """Kept under the state the engine captured before the block, taken back in the block's rebuild; nothing
+    kept in autograd mode, where no rebuild follows (NOTE [the block's RNG state, named])."""
+    Fm, _ = _freia()
+    seq = InvertibleSequential(*[Fm.GLOWCouplingBlock([SHAPE], subnet_constructor=_net(dropout=0.3)) for _ in range(2)])
+    x = _freia_inputs(False)[0].float()
+    seq.mode = "autograd"
+    loss_of(*seq(x)).backward()
+    assert [len(b._fwd_subnet_rng) for b in seq.blocks] == [0, 0]
+    seq.mode = "invertible"
+    y, logdet = seq(x)
+    assert [len(b._fwd_subnet_rng) for b in seq.blocks] == [1, 1]
+    loss_of(y, logdet).backward()
+    assert [len(b._fwd_subnet_rng) for b in seq.blocks] == [0, 0]
+
+
 # ---------------------------------------------------------------- your own class
 class _Additive(nn.Module):
     """A normflows / memcnn-convention coupling written by hand."""
