@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,21 @@ class RngState:
             yield
 
 
+@contextlib.contextmanager
+def _set(local: threading.local, name: str, value: object) -> Iterator[None]:
+    """Set a thread-local ``name`` for the body, then restore what it was (nothing, if it was unset)."""
+    unset = object()
+    previous = getattr(local, name, unset)
+    setattr(local, name, value)
+    try:
+        yield
+    finally:
+        if previous is unset:
+            delattr(local, name)
+        else:
+            setattr(local, name, previous)
+
+
 # NOTE [one RNG replay per evaluation]
 # Backward may evaluate a block more than once: the generic reconstruct runs
 # its inverse and then its forward, and each must draw what forward's call
@@ -64,13 +79,8 @@ _REPLAYING = threading.local()
 def replaying(state: Optional[RngState]) -> Iterator[None]:
     """Replay ``state`` around the body and let each evaluation inside restart from it
     (NOTE [one RNG replay per evaluation]); ``None``: no replay (``preserve_rng_state=False``)."""
-    previous = getattr(_REPLAYING, "state", None)
-    _REPLAYING.state = state
-    try:
-        with state.replay() if state is not None else contextlib.nullcontext():
-            yield
-    finally:
-        _REPLAYING.state = previous
+    with _set(_REPLAYING, "state", state), state.replay() if state is not None else contextlib.nullcontext():
+        yield
 
 
 @contextlib.contextmanager
@@ -102,12 +112,8 @@ _CAPTURED = threading.local()
 def capturing(state: Optional[RngState]) -> Iterator[None]:
     """Name ``state``, captured before the block called inside, for that call (NOTE [the block's RNG state,
     named]); ``None``: none captured (``preserve_rng_state=False``)."""
-    previous = getattr(_CAPTURED, "state", None)
-    _CAPTURED.state = state
-    try:
+    with _set(_CAPTURED, "state", state):
         yield
-    finally:
-        _CAPTURED.state = previous
 
 
 def captured_rng_state() -> Optional[RngState]:
@@ -196,12 +202,8 @@ _REBUILDING = threading.local()
 @contextlib.contextmanager
 def rebuilding() -> Iterator[None]:
     """Mark the forward calls inside as invertible backward's rebuild of one block (NOTE [rebuilding in backward])."""
-    previous = getattr(_REBUILDING, "active", False)
-    _REBUILDING.active = True
-    try:
+    with _set(_REBUILDING, "active", True):
         yield
-    finally:
-        _REBUILDING.active = previous
 
 
 def is_rebuilding() -> bool:
@@ -225,12 +227,8 @@ _OVERWRITABLE = threading.local()
 @contextlib.contextmanager
 def overwritable(tensors: Sequence[Tensor]) -> Iterator[None]:
     """Let the block called inside overwrite ``tensors`` (NOTE [forward in place]); ``()``: none."""
-    previous: FrozenSet[int] = getattr(_OVERWRITABLE, "ids", frozenset())
-    _OVERWRITABLE.ids = frozenset(id(t) for t in tensors)
-    try:
+    with _set(_OVERWRITABLE, "ids", frozenset(id(t) for t in tensors)):
         yield
-    finally:
-        _OVERWRITABLE.ids = previous
 
 
 def may_overwrite(x: Tensor) -> bool:

@@ -265,6 +265,16 @@ def test_refused_call_falls_back_with_the_same_gradients():
     _assert_matches_autograd(seq, _freia_inputs(False))
 
 
+def _released_step_gradients(seq, inputs):
+    """The input's and every trainable parameter's gradient after an invertible step with release_outputs."""
+    seq.mode = "invertible"
+    seq.zero_grad(set_to_none=True)
+    leaf = inputs[0].clone().requires_grad_(True)
+    y, logdet = seq(leaf, release_outputs=True)
+    loss_of(y, logdet).backward()
+    return [leaf.grad] + [p.grad for p in seq.parameters() if p.requires_grad]
+
+
 @pytest.mark.parametrize("cls, refuse", [("AllInOneBlock", False), ("GLOWCouplingBlock", False), ("GLOWCouplingBlock", True)])
 def test_released_outputs_hold_the_rebuilt_inputs(cls, refuse, monkeypatch):
     """With release_outputs the rebuilt input is written over the output's storage; gradients stay autograd's,
@@ -287,12 +297,7 @@ def test_released_outputs_hold_the_rebuilt_inputs(cls, refuse, monkeypatch):
 
     subnets_into_outputs = subnets._into_outputs
     monkeypatch.setattr(subnets, "_into_outputs", into_outputs)
-    seq.mode = "invertible"
-    seq.zero_grad(set_to_none=True)
-    leaf = x[0].clone().requires_grad_(True)
-    y, logdet = seq(leaf, release_outputs=True)
-    loss_of(y, logdet).backward()
-    ours = [leaf.grad] + [p.grad for p in seq.parameters() if p.requires_grad]
+    ours = _released_step_gradients(seq, x)
     assert max(_relative(g, r) for g, r in zip(ours, reference) if r is not None) <= 1e-10
     assert written == [True] * 3  # every block's rebuilt input went into its output's storage
 

@@ -13,7 +13,7 @@ from pyramidflow.engine import InvertibleSequential, register_coupling
 from pyramidflow.engine.sample_chunks import CHUNK_ELEMENTS, rebuild_chunks, treats_samples_alone
 from pyramidflow.memory import peak_memory
 
-from _blocks import loss_of
+from _blocks import bf16_autocast_step, loss_of
 from test_foreign_couplings import (
     DTYPE,
     SHAPE,
@@ -24,6 +24,7 @@ from test_foreign_couplings import (
     _freia_seq,
     _net,
     _relative,
+    _released_step_gradients,
     _step,
 )
 
@@ -59,12 +60,7 @@ def test_released_outputs_with_chunks_match_autograd(cls):
     reference = _step(seq, x, "autograd")[2]
     for block in seq.blocks:
         block.rebuild_samples = 1
-    seq.mode = "invertible"
-    seq.zero_grad(set_to_none=True)
-    leaf = x[0].clone().requires_grad_(True)
-    y, logdet = seq(leaf, release_outputs=True)
-    loss_of(y, logdet).backward()
-    ours = [leaf.grad] + [p.grad for p in seq.parameters() if p.requires_grad]
+    ours = _released_step_gradients(seq, x)
     assert max(_relative(g, r) for g, r in zip(ours, reference)) <= 1e-10
 
 
@@ -168,12 +164,7 @@ def test_chunks_replay_the_forward_autocast():
     x = torch.randn(2, *SHAPE)
     results = {}
     for mode in ("autograd", "invertible"):
-        seq.mode = mode
-        seq.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, logdet = seq(x)
-            loss = loss_of(y.float(), logdet.float())
-        loss.backward()
+        bf16_autocast_step(seq, x, mode)
         results[mode] = [p.grad for p in seq.parameters() if p.grad is not None]
     assert len(dtypes) == 2 * (1 + 1 + 2) and set(dtypes) == {torch.bfloat16}  # autograd; forward and 2 chunks
     # bf16 has 8 bits of mantissa: the reconstruction from bf16 outputs rounds at that level.
