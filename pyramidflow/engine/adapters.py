@@ -203,6 +203,10 @@ def _chunks(adapter: Any, coupling: Coupling, ys: Tensors) -> Optional[List[slic
     module = adapter.module
     if not coupling.per_sample(module) or not all(treats_samples_alone(module.get_submodule(p)) for p in coupling.subnets):
         return None
+    # A block without a trainable parameter has no local backward when its input needs no gradient (the
+    # first block of a frozen stem): the chunks would never run, so it is rebuilt at once.
+    if not any(p.requires_grad for p in adapter.parameters()):
+        return None
     return rebuild_chunks(ys, samples)
 
 

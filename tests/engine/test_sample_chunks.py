@@ -204,3 +204,22 @@ def test_backward_peak_falls_with_the_chunk():
         y, logdet = seq(x)
         peaks[samples], _ = peak_memory(loss_of(y, logdet).backward, "cpu")
     assert peaks[1] < peaks[2] < peaks[None], peaks
+
+
+def test_frozen_first_block_keeps_the_whole_batch():
+    """A block whose backward computes nothing (no trainable parameter, an input without grad) never runs its
+    local backward, so it cannot rebuild there: its input, which drift monitoring reads, is rebuilt at once."""
+    seq = _freia_seq("AllInOneBlock", depth=2)
+    seq.drift = "raise"
+    for p in seq.blocks[0].parameters():
+        p.requires_grad_(False)
+    x = _freia_inputs(False)[0]
+    reference = _step(seq, (x,), "autograd")[2][1:]  # the input's gradient is not asked below
+    for block in seq.blocks:
+        block.rebuild_samples = 1
+    seq.mode = "invertible"
+    seq.zero_grad(set_to_none=True)
+    loss_of(*seq(x)).backward()
+    ours = [p.grad for p in seq.parameters() if p.requires_grad]
+    assert max(_relative(g, r) for g, r in zip(ours, reference)) <= 1e-10
+    assert max(seq.last_drift) < 1e-12
