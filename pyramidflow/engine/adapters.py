@@ -10,7 +10,8 @@ Two foreign conventions are recognised:
 Neither library is a dependency: detection looks at the call signature. A FrEIA block built
 with conditions (``dims_c``) takes them as extra levels after its inputs and passes them through
 unchanged; :func:`freia_blocks` adapts a FrEIA ``SequenceINN`` block by block. Adapted couplings
-of the standard classes (:mod:`.foreign_couplings`) rebuild with one evaluation of each subnet.
+of the standard classes (:mod:`.foreign_couplings`) rebuild with one evaluation of each subnet, a
+few samples at a time where that is exact (:mod:`.sample_chunks`).
 """
 
 from __future__ import annotations
