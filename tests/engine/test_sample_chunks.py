@@ -223,3 +223,24 @@ def test_frozen_first_block_keeps_the_whole_batch():
     ours = [p.grad for p in seq.parameters() if p.requires_grad]
     assert max(_relative(g, r) for g, r in zip(ours, reference)) <= 1e-10
     assert max(seq.last_drift) < 1e-12
+
+
+def test_act_norm_initialised_by_the_first_step_then_chunked():
+    """normflows' ActNorm sets its scale and shift from the first batch it sees, in the engine's forward; the
+    same step's backward already runs one sample at a time, with autograd's gradients."""
+    import copy
+
+    nf = pytest.importorskip("normflows", reason="normflows is not installed (pip install -e '.[dev]')")
+    torch.manual_seed(0)
+    seq = InvertibleSequential(*[nf.flows.GlowBlock(4, 8) for _ in range(2)]).to(DTYPE)
+    for block in seq.blocks:  # leave the zero initialisation, so that the couplings do something
+        nn.init.normal_(block.module.flows[0].flows[1].param_map.net[-1].weight, std=0.1)
+    twin = copy.deepcopy(seq)
+    x = torch.randn(3, 4, 6, 6, dtype=DTYPE)
+    reference = _step(twin, (x,), "autograd")[2]
+    for block in seq.blocks:
+        block.rebuild_samples = 1
+    batches = _backward_batches(seq, (x,), 1)
+    ours = [p.grad for p in seq.parameters() if p.requires_grad]
+    assert set(batches) == {1}
+    assert max(_relative(g, r) for g, r in zip(ours, reference[1:])) <= 1e-10
