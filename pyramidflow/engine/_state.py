@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "RngState", "AutocastState", "recomputation", "rebuilding", "is_rebuilding", "overwritable", "may_overwrite",
-    "replaying", "replay_forward_rng", "capturing", "captured_rng_state", "replayed_rng_state",
+    "replaying", "replay_forward_rng",
 ]
 
 
@@ -202,8 +202,12 @@ _REBUILDING = threading.local()
 @contextlib.contextmanager
 def rebuilding() -> Iterator[None]:
     """Mark the forward calls inside as invertible backward's rebuild of one block (NOTE [rebuilding in backward])."""
-    with _set(_REBUILDING, "active", True):
+    previous = getattr(_REBUILDING, "active", False)
+    _REBUILDING.active = True
+    try:
         yield
+    finally:
+        _REBUILDING.active = previous
 
 
 def is_rebuilding() -> bool:
@@ -227,8 +231,12 @@ _OVERWRITABLE = threading.local()
 @contextlib.contextmanager
 def overwritable(tensors: Sequence[Tensor]) -> Iterator[None]:
     """Let the block called inside overwrite ``tensors`` (NOTE [forward in place]); ``()``: none."""
-    with _set(_OVERWRITABLE, "ids", frozenset(id(t) for t in tensors)):
+    previous: FrozenSet[int] = getattr(_OVERWRITABLE, "ids", frozenset())
+    _OVERWRITABLE.ids = frozenset(id(t) for t in tensors)
+    try:
         yield
+    finally:
+        _OVERWRITABLE.ids = previous
 
 
 def may_overwrite(x: Tensor) -> bool:
