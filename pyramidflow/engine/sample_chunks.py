@@ -5,7 +5,7 @@ gradients, for the whole batch. A block whose maths and subnets treat each sampl
 [samples alone]) has the same gradients when it is rebuilt and backpropagated a chunk of samples
 at a time, its parameters' gradients summed over the chunks; its peak is then one chunk's. The
 rebuild of a chunk is the block's own (:mod:`.subnets`); only the schedule changes, as our own
-coupling runs its network one sample at a time (NOTE [regions] in pyramidflow/model/regions.py).
+coupling runs its network one sample at a time (NOTE [regions] in :mod:`pyramidflow.model`).
 """
 
 from __future__ import annotations
