@@ -4,7 +4,9 @@ Run: ``python benchmarks/foreign_couplings.py`` (issue 26's setting: C = 16, 128
 subnets conv3x3-ReLU-conv3x3 with 64 hidden channels; a user's call, no flags). Per block kind three
 modes: plain autograd, invertible with the generic recipe (inverse, then forward again: every subnet
 twice in backward) and invertible coupling-aware (each subnet once). Steps alternate between the
-modes, so a change in the machine's load hits all alike; times are medians over ``--rounds``. Peak:
+modes, so a change in the machine's load hits all alike; times are medians over ``--rounds`` (wall time, or
+with ``--clock cpu`` the process's CPU time). ``--rebuild-samples`` sets how many samples the coupling-aware
+backward rebuilds at a time (default: chosen from the size; the batch size: all at once). Peak:
 bytes allocated during one step (pyramidflow.memory.peak_memory: CPU profiler events in time order, or
 CUDA allocator stats). FLOPs: torch's flop counter, deterministic, a check on the timings of a busy
 machine. Kinds whose library is not installed are skipped.
@@ -57,7 +59,7 @@ def _kinds(channels: int, size: int, hidden: int) -> Dict[str, Callable[[], List
         kinds["normflows AffineCouplingBlock"] = lambda: [nf.flows.AffineCouplingBlock(net(half, 2 * half))]
     from drift_report import ChannelSwap, TanhAffineCoupling  # a FrEIA-convention coupling written by hand
 
-    register_coupling(TanhAffineCoupling, subnets=("net",))
+    register_coupling(TanhAffineCoupling, subnets=("net",), per_sample=True)  # its maths treats each sample alone
     kinds["hand-written coupling (registered) + swap"] = lambda: [TanhAffineCoupling(channels, hidden), ChannelSwap(channels)]
     memcnn = _optional("memcnn")
     if memcnn is not None:
@@ -84,11 +86,12 @@ def _flow(build: Callable[[], List[nn.Module]], depth: int, device: str) -> Inve
     return InvertibleSequential(*modules, drift="off").to(device)
 
 
-def _set_mode(flow: InvertibleSequential, mode: str, couplings: List[Optional[object]]) -> None:
+def _set_mode(flow: InvertibleSequential, mode: str, couplings: List[Optional[object]], samples: Optional[int] = None) -> None:
     flow.mode = "autograd" if mode == "autograd" else "invertible"
     for block, coupling in zip(flow.blocks, couplings):
         if hasattr(block, "coupling"):
             block.coupling = coupling if mode == "coupling-aware" else None
+            block.rebuild_samples = samples
 
 
 def _step(flow: InvertibleSequential, x: torch.Tensor, release_outputs: bool = False) -> Callable[[], None]:
@@ -117,19 +120,20 @@ def measure(name: str, build: Callable[[], List[nn.Module]], args: argparse.Name
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device)
     step = _step(flow, x, args.release_outputs)
     rows: Dict[str, dict] = {}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for mode in MODES:
-        _set_mode(flow, mode, couplings)
+        _set_mode(flow, mode, couplings, args.rebuild_samples)
         step()  # warm-up (and normflows' ActNorm initialisation in the first)
         peak, _ = peak_memory(step, args.device)
         rows[mode] = {"peak": peak, "flops": _flops(step), "times": []}
     for _ in range(args.rounds):
         for mode in MODES:
-            _set_mode(flow, mode, couplings)
-            start = time.perf_counter()
+            _set_mode(flow, mode, couplings, args.rebuild_samples)
+            start = clock()
             step()
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            rows[mode]["times"].append(time.perf_counter() - start)
+            rows[mode]["times"].append(clock() - start)
     rows["coupling-aware"]["fused_blocks"] = sum(c is not None for c in couplings)
     return rows
 
@@ -146,12 +150,22 @@ def main() -> None:
     parser.add_argument(
         "--release-outputs", action="store_true", help="a training step's opt-in: backward may reuse the outputs' memory"
     )
+    parser.add_argument(
+        "--rebuild-samples", type=int, default=None,
+        help="samples the coupling-aware backward rebuilds at a time (default: chosen from the size; the batch: all at once)",
+    )
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="step time as wall time or as this process's CPU time (less disturbed by other jobs on a busy CPU machine)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(
         f"{args.depth} blocks, C={args.channels}, {args.size} px, batch {args.batch}, subnets conv3x3-ReLU-conv3x3 "
         f"({args.hidden} hidden), {args.device}, {torch.get_num_threads()} threads, medians of {args.rounds} interleaved steps"
         + (", release_outputs=True" if args.release_outputs else "")
+        + (f", rebuild_samples={args.rebuild_samples}" if args.rebuild_samples else "")
+        + (", CPU time" if args.clock == "cpu" else "")
     )
     header = f"{'blocks':<42} {'mode':<15} {'step s':>8} {'time x':>7} {'peak MiB':>9} {'peak x':>7} {'FLOPs x':>8}"
     print(header)

@@ -50,6 +50,21 @@ class RngState:
             yield
 
 
+@contextlib.contextmanager
+def _set(local: threading.local, name: str, value: object) -> Iterator[None]:
+    """Set a thread-local ``name`` for the body, then restore what it was (nothing, if it was unset)."""
+    unset = object()
+    previous = getattr(local, name, unset)
+    setattr(local, name, value)
+    try:
+        yield
+    finally:
+        if previous is unset:
+            delattr(local, name)
+        else:
+            setattr(local, name, previous)
+
+
 # NOTE [one RNG replay per evaluation]
 # Backward may evaluate a block more than once: the generic reconstruct runs
 # its inverse and then its forward, and each must draw what forward's call
@@ -68,13 +83,8 @@ _REPLAYING = threading.local()
 def replaying(state: Optional[RngState]) -> Iterator[None]:
     """Replay ``state`` around the body and let each evaluation inside restart from it
     (NOTE [one RNG replay per evaluation]); ``None``: no replay (``preserve_rng_state=False``)."""
-    previous = getattr(_REPLAYING, "state", None)
-    _REPLAYING.state = state
-    try:
-        with state.replay() if state is not None else contextlib.nullcontext():
-            yield
-    finally:
-        _REPLAYING.state = previous
+    with _set(_REPLAYING, "state", state), state.replay() if state is not None else contextlib.nullcontext():
+        yield
 
 
 @contextlib.contextmanager
@@ -87,6 +97,37 @@ def replay_forward_rng() -> Iterator[None]:
     state = getattr(_REPLAYING, "state", None)
     with state.replay() if state is not None else contextlib.nullcontext():
         yield
+
+
+# NOTE [the block's RNG state, named]
+# An adapted coupling with several subnets keeps, in forward, the RNG state each
+# subnet call started from, and must find it again in the block's rebuild
+# (NOTE [recorded subnets] in .subnets). The engine names the state it captured
+# before the block for the duration of invertible forward's call of that block
+# (`capturing`), and the one it replays for the duration of the block's
+# rebuild (`replaying`): the very same object, so the block keys what it keeps
+# by that object instead of capturing and comparing generator states itself.
+# Outside those two calls (autograd and checkpoint modes, a redo from an
+# anchor) no state is named, and nothing is kept.
+_CAPTURED = threading.local()
+
+
+@contextlib.contextmanager
+def capturing(state: Optional[RngState]) -> Iterator[None]:
+    """Name ``state``, captured before the block called inside, for that call (NOTE [the block's RNG state,
+    named]); ``None``: none captured (``preserve_rng_state=False``)."""
+    with _set(_CAPTURED, "state", state):
+        yield
+
+
+def captured_rng_state() -> Optional[RngState]:
+    """The state the engine captured before the block being run in invertible forward, else ``None``."""
+    return getattr(_CAPTURED, "state", None)
+
+
+def replayed_rng_state() -> Optional[RngState]:
+    """The state the engine replays for the block being rebuilt in invertible backward, else ``None``."""
+    return getattr(_REPLAYING, "state", None)
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -10,7 +10,8 @@ Two foreign conventions are recognised:
 Neither library is a dependency: detection looks at the call signature. A FrEIA block built
 with conditions (``dims_c``) takes them as extra levels after its inputs and passes them through
 unchanged; :func:`freia_blocks` adapts a FrEIA ``SequenceINN`` block by block. Adapted couplings
-of the standard classes (:mod:`.foreign_couplings`) rebuild with one evaluation of each subnet.
+of the standard classes (:mod:`.foreign_couplings`) rebuild with one evaluation of each subnet, a
+few samples at a time where that is exact (:mod:`.sample_chunks`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._state import RngState, replay_forward_rng
+from ._state import RngState, captured_rng_state, replay_forward_rng, replayed_rng_state
 from .block import InvertibleModule, LogDet, Tensors, Writable, _accepts, _leaf
 from .foreign_couplings import Coupling, coupling_for
+from .sample_chunks import rebuild_chunks, reconstruct_in_chunks, treats_samples_alone
 from .subnets import Refused, SubnetRng, forward_keeping_subnet_rng, reconstruct_with_recorded_subnets
 
 __all__ = ["wrap", "freia_blocks", "FrEIAAdapter", "NormflowsAdapter"]
@@ -50,6 +52,11 @@ class FrEIAAdapter(InvertibleModule):
         conditions: indices of the levels handed to the block as its conditions ``c``; they and
             any other levels after the inputs pass through unchanged.
         coupling: where its subnets are, for the coupling-aware rebuild (``None``: generic).
+
+    Attributes:
+        rebuild_samples: samples the coupling-aware backward rebuilds at a time where the block
+            and its subnets treat each sample alone (NOTE [samples alone] in
+            :mod:`.sample_chunks`); ``None``: chosen from the size.
     """
 
     def __init__(
@@ -64,11 +71,16 @@ class FrEIAAdapter(InvertibleModule):
         self.inputs = inputs
         self.conditions = tuple(conditions)
         self.coupling = coupling
-        self._fwd_subnet_rng: "OrderedDict[tuple, SubnetRng]" = OrderedDict()
+        self.rebuild_samples: Optional[int] = None
+        self._fwd_subnet_rng: "OrderedDict[int, Tuple[RngState, SubnetRng]]" = OrderedDict()
 
     def _transformed(self, xs: Tensors) -> List[int]:
         count = len(xs) if self.inputs is None else self.inputs
         return [i for i in range(count) if i not in self.conditions]
+
+    def _passed_through(self, xs: Tensors) -> List[int]:
+        transformed = self._transformed(xs)
+        return [i for i in range(len(xs)) if i not in transformed]
 
     def _call(self, xs: Tensors, rev: bool) -> Tuple[Tensors, LogDet]:
         transformed = self._transformed(xs)
@@ -98,13 +110,20 @@ class NormflowsAdapter(InvertibleModule):
     Args:
         module: the block.
         coupling: where its subnets are, for the coupling-aware rebuild (``None``: generic).
+
+    Attributes:
+        rebuild_samples: as :class:`FrEIAAdapter`'s.
     """
 
     def __init__(self, module: nn.Module, coupling: Optional[Coupling] = None) -> None:
         super().__init__()
         self.module = module
         self.coupling = coupling
-        self._fwd_subnet_rng: "OrderedDict[tuple, SubnetRng]" = OrderedDict()
+        self.rebuild_samples: Optional[int] = None
+        self._fwd_subnet_rng: "OrderedDict[int, Tuple[RngState, SubnetRng]]" = OrderedDict()
+
+    def _passed_through(self, xs: Tensors) -> List[int]:
+        return []
 
     @staticmethod
     def _unpack(result: Any, x: Tensor) -> Tuple[Tensors, LogDet]:
@@ -136,40 +155,68 @@ class NormflowsAdapter(InvertibleModule):
         return _coupling_reconstruct(self, ys, writable)
 
 
-_KEPT_FORWARDS = 8  # forwards whose subnet RNG states wait for a backward (others: eval, checkpoint replays)
-
-
-def _rng_key(state: RngState) -> tuple:
-    return (state.cpu.numpy().tobytes(), state.cuda_devices, tuple(s.numpy().tobytes() for s in state.cuda))
+_KEPT_FORWARDS = 8  # forwards whose subnet RNG states wait for a backward (others: a forward without backward)
 
 
 def _coupling_forward(adapter: Any, xs: Tensors) -> Tuple[Tensors, LogDet]:
-    """The block's forward; for a coupling with several subnets that draw random numbers, the RNG state each
-    subnet call started from is kept for its rebuild, under the block's starting state (NOTE [recorded subnets])."""
+    """The block's forward; in invertible forward, for a coupling with several subnets that draw random numbers,
+    the RNG state each subnet call started from is kept for its rebuild, under the engine's state captured before
+    the block (NOTE [recorded subnets], NOTE [the block's RNG state, named] in ._state)."""
     coupling: Optional[Coupling] = adapter.coupling
-    if coupling is None or len(coupling.subnets) < 2:
+    start = captured_rng_state()
+    if coupling is None or len(coupling.subnets) < 2 or start is None:
         return adapter._forward(xs)
-    start = RngState.capture(xs)
     try:
         result, kept = forward_keeping_subnet_rng(adapter.module, coupling.subnets, adapter._forward, xs)
     except Refused:  # raised before any call: a subnet path no longer names a module of its own
         return adapter._forward(xs)
     if kept is not None:
         store = adapter._fwd_subnet_rng
-        store[_rng_key(start)] = kept
+        store[id(start)] = (start, kept)  # the state itself is kept with them: its id stays its own
         while len(store) > _KEPT_FORWARDS:
             store.popitem(last=False)
     return result
 
 
 def _coupling_reconstruct(adapter: Any, ys: Tensors, writable: Optional[Writable]) -> Tuple[Tensors, Tensors, LogDet]:
-    """One evaluation of each subnet when the block is a known coupling (:mod:`.subnets`), else the generic
-    recipe; a refused call is redone by the generic recipe from the same RNG state, so gradients are the same."""
+    """One evaluation of each subnet when the block is a known coupling (:mod:`.subnets`), a few samples at a
+    time where that is exact (:mod:`.sample_chunks`), else the generic recipe."""
     coupling: Optional[Coupling] = adapter.coupling
     if coupling is None:
         return InvertibleModule.reconstruct(adapter, ys)
-    start = RngState.capture(ys)  # the block's forward RNG state: the engine replays it before the rebuild
-    kept = adapter._fwd_subnet_rng.pop(_rng_key(start), None) if adapter._fwd_subnet_rng else None
+    chunks = _chunks(adapter, coupling, ys)
+    if chunks is None:
+        return _rebuild(adapter, coupling, ys, writable)
+    return reconstruct_in_chunks(
+        adapter, lambda ys_chunk: _rebuild(adapter, coupling, ys_chunk, None), ys, adapter._passed_through(ys),
+        chunks, writable,
+    )
+
+
+def _chunks(adapter: Any, coupling: Coupling, ys: Tensors) -> Optional[List[slice]]:
+    """The chunks of samples to rebuild at a time, where the block and its subnets treat each sample alone
+    (NOTE [samples alone] in :mod:`.sample_chunks`); ``None``: the whole batch."""
+    samples = adapter.rebuild_samples
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ValueError(
+            f"{type(adapter).__name__}.rebuild_samples must be a positive int or None, got {samples!r}."
+        )
+    module = adapter.module
+    if not coupling.per_sample(module) or not all(treats_samples_alone(module.get_submodule(p)) for p in coupling.subnets):
+        return None
+    # A block without a trainable parameter has no local backward when its input needs no gradient (the
+    # first block of a frozen stem): the chunks would never run, so it is rebuilt at once.
+    if not any(p.requires_grad for p in adapter.parameters()):
+        return None
+    return rebuild_chunks(ys, samples)
+
+
+def _rebuild(adapter: Any, coupling: Coupling, ys: Tensors, writable: Optional[Writable]) -> Tuple[Tensors, Tensors, LogDet]:
+    """The coupling-aware rebuild of ``ys``; a refused call is redone by the generic recipe from the same RNG
+    state, so gradients are the same."""
+    start = replayed_rng_state()  # the state captured before this block's forward, replayed for its rebuild
+    stored = adapter._fwd_subnet_rng.pop(id(start), None) if start is not None and adapter._fwd_subnet_rng else None
+    kept = stored[1] if stored is not None and stored[0] is start else None
     try:
         return reconstruct_with_recorded_subnets(
             adapter.module, coupling.subnets, adapter.inverse, adapter._forward, ys,

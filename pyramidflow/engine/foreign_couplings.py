@@ -20,6 +20,14 @@ from torch import nn
 __all__ = ["Coupling", "coupling_for", "register_coupling", "COUPLING_CLASSES"]
 
 
+def _always(module: nn.Module) -> bool:
+    return True
+
+
+def _never(module: nn.Module) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Coupling:
     """How to find a coupling's subnets.
@@ -29,11 +37,15 @@ class Coupling:
             forward and inverse (``"subnet"``, ``"flows.1.param_map"``).
         accepts: whether a given instance has the options this entry was written for.
         changes_subnet_outputs_in_place: the block's maths writes into its subnets' outputs.
+        per_sample: whether a given instance's own maths (outside its subnets) treats each sample
+            alone now, so that its backward may run a few samples at a time (NOTE [samples alone]
+            in :mod:`.sample_chunks`).
     """
 
     subnets: Tuple[str, ...]
     accepts: Callable[[nn.Module], bool]
     changes_subnet_outputs_in_place: bool = False
+    per_sample: Callable[[nn.Module], bool] = _never
 
 
 _REGISTERED: Dict[type, Coupling] = {}
@@ -45,6 +57,7 @@ def register_coupling(
     *,
     accepts: Optional[Callable[[nn.Module], bool]] = None,
     changes_subnet_outputs_in_place: bool = False,
+    per_sample: bool = False,
 ) -> None:
     """Run blocks of class ``cls`` coupling-aware: one evaluation of each subnet in backward.
 
@@ -66,6 +79,9 @@ def register_coupling(
             generic path (an option this registration was not written for). Default: all.
         changes_subnet_outputs_in_place: the block's maths writes into a subnet's output (e.g.
             ``a *= 0.1``); its recorded outputs are then copied where the subnet's graph needs them.
+        per_sample: the block's maths treats each sample alone (no statistics or sums over the
+            batch): where its subnets do too, backward then runs a few samples at a time, with the
+            same gradients and a smaller peak. A wrong ``True`` gives wrong gradients.
 
     Raises:
         TypeError: ``cls`` is no ``nn.Module`` class, is a pyramidflow ``InvertibleModule`` (give it
@@ -101,7 +117,11 @@ def register_coupling(
         )
     if isinstance(subnets, str) or not subnets or not all(isinstance(s, str) and s for s in subnets):
         raise TypeError(f"register_coupling: subnets must be a non-empty sequence of attribute paths, got {subnets!r}.")
-    _REGISTERED[cls] = Coupling(tuple(subnets), accepts or (lambda module: True), changes_subnet_outputs_in_place)
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"register_coupling: per_sample must be True or False, got {per_sample!r}.")
+    _REGISTERED[cls] = Coupling(
+        tuple(subnets), accepts or _always, changes_subnet_outputs_in_place, _always if per_sample else _never
+    )
 
 
 def coupling_for(module: nn.Module) -> Optional[Coupling]:
@@ -200,25 +220,41 @@ def _normflows_glow_accepts(m: nn.Module) -> bool:
     )
 
 
+# Its ActNorm treats each sample alone once its data-dependent initialisation (from the first batch) is done.
+def _normflows_glow_per_sample(m: nn.Module) -> bool:
+    return bool(m.flows[-1].data_dep_init_done > 0)
+
+
 # memcnn 1.5 (memcnn/models/additive.py, affine.py): with the default implementation (-1),
 # Fm takes x2 and Gm takes y1 in both directions; the deprecated Functions (0, 1) are refused.
 def _memcnn_accepts(m: nn.Module) -> bool:
     return m.implementation_fwd == -1 and m.implementation_bwd == -1
 
 
+# Every entry's maths treats each sample alone (normflows' GlowBlock once its ActNorm is initialised).
 _FOREIGN: Dict[Tuple[str, str], Coupling] = {
-    ("FrEIA.modules.all_in_one_block", "AllInOneBlock"): Coupling(("subnet",), _all_in_one_accepts, True),
-    ("FrEIA.modules.coupling_layers", "GLOWCouplingBlock"): Coupling(("subnet1", "subnet2"), _two_sided_accepts),
-    ("FrEIA.modules.coupling_layers", "GINCouplingBlock"): Coupling(("subnet1", "subnet2"), _two_sided_accepts),
-    ("FrEIA.modules.coupling_layers", "RNVPCouplingBlock"): Coupling(
-        ("subnet_s1", "subnet_t1", "subnet_s2", "subnet_t2"), _two_sided_accepts
+    ("FrEIA.modules.all_in_one_block", "AllInOneBlock"): Coupling(("subnet",), _all_in_one_accepts, True, _always),
+    ("FrEIA.modules.coupling_layers", "GLOWCouplingBlock"): Coupling(
+        ("subnet1", "subnet2"), _two_sided_accepts, per_sample=_always
     ),
-    ("FrEIA.modules.coupling_layers", "NICECouplingBlock"): Coupling(("F", "G"), _two_sided_accepts),
-    ("FrEIA.modules.coupling_layers", "AffineCouplingOneSided"): Coupling(("subnet",), _two_sided_accepts),
-    ("normflows.flows.affine.coupling", "AffineCouplingBlock"): Coupling(("flows.1.param_map",), _normflows_coupling_accepts),
-    ("normflows.flows.affine.glow", "GlowBlock"): Coupling(("flows.0.flows.1.param_map",), _normflows_glow_accepts),
-    ("memcnn.models.additive", "AdditiveCoupling"): Coupling(("Fm", "Gm"), _memcnn_accepts),
-    ("memcnn.models.affine", "AffineCoupling"): Coupling(("Fm", "Gm"), _memcnn_accepts),
+    ("FrEIA.modules.coupling_layers", "GINCouplingBlock"): Coupling(
+        ("subnet1", "subnet2"), _two_sided_accepts, per_sample=_always
+    ),
+    ("FrEIA.modules.coupling_layers", "RNVPCouplingBlock"): Coupling(
+        ("subnet_s1", "subnet_t1", "subnet_s2", "subnet_t2"), _two_sided_accepts, per_sample=_always
+    ),
+    ("FrEIA.modules.coupling_layers", "NICECouplingBlock"): Coupling(("F", "G"), _two_sided_accepts, per_sample=_always),
+    ("FrEIA.modules.coupling_layers", "AffineCouplingOneSided"): Coupling(
+        ("subnet",), _two_sided_accepts, per_sample=_always
+    ),
+    ("normflows.flows.affine.coupling", "AffineCouplingBlock"): Coupling(
+        ("flows.1.param_map",), _normflows_coupling_accepts, per_sample=_always
+    ),
+    ("normflows.flows.affine.glow", "GlowBlock"): Coupling(
+        ("flows.0.flows.1.param_map",), _normflows_glow_accepts, per_sample=_normflows_glow_per_sample
+    ),
+    ("memcnn.models.additive", "AdditiveCoupling"): Coupling(("Fm", "Gm"), _memcnn_accepts, per_sample=_always),
+    ("memcnn.models.affine", "AffineCoupling"): Coupling(("Fm", "Gm"), _memcnn_accepts, per_sample=_always),
 }
 
 #: The foreign classes that run coupling-aware, as ``"module.Class"``.

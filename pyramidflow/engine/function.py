@@ -22,12 +22,12 @@ hooks of ``DistributedDataParallel`` fire as for any other module.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ._state import AutocastState, RngState, recomputation, replaying
+from ._state import AutocastState, RngState, capturing, recomputation, replaying
 from .block import CallContext, LogDet, Tensors, Writable, add_optional, call_forward, call_reconstruct
 from .drift import compute_dtype, default_tolerance, fingerprint_drift
 from .drift_recompute import drift_check, exact_input, exceeds, from_exact, rebuilds_first
@@ -44,7 +44,7 @@ from .ownership import (
 )
 from .run import DriftReport, InvertibleRun
 
-__all__ = ["run_invertible"]
+__all__ = ["run_invertible", "local_backward"]
 
 # NOTE [drift monitoring]
 # Forward: before each block, `fingerprinter.fingerprint(xs)` projects every
@@ -88,7 +88,8 @@ class _InvertibleFunction(torch.autograd.Function):
                 run.fwd_anchor_versions[index] = tuple(x._version for x in xs)
                 protected |= {storage_id(x) for x in xs}
             context = CallContext.now(overwritable=free_levels(xs, protected))  # NOTE [forward in place]
-            xs, logdet = call_forward(block, xs, context)
+            with capturing(run.fwd_rng[-1]):  # NOTE [the block's RNG state, named]
+                xs, logdet = call_forward(block, xs, context)
             total = add_optional(total, logdet)
         ys = tuple(xs)
         run.has_logdet = total is not None
@@ -248,6 +249,29 @@ def _block_backward(
     _internal_assert(len(ys_local) == len(ys), f"block {index} reconstructed {len(ys_local)} outputs for {len(ys)}")
     if check is not None and check(tuple(x.detach() for x in xs)):
         return None
+    grad_xs, block_grads = local_backward(xs, ys_local, logdet_local, grad_ys, grad_logdet, params, need_input_grad)
+    # Read xs only now: a fused reconstruct may fill them during the local backward.
+    new_ys = tuple(x.detach() for x in xs)
+    if need_input_grad:  # else the caller drops them: no zero-filled levels at the last step
+        grad_xs = [g if g is not None else torch.zeros_like(x) for g, x in zip(grad_xs, new_ys)]
+    return new_ys, grad_xs, block_grads
+
+
+def local_backward(
+    xs: Tensors,
+    ys_local: Tensors,
+    logdet_local: LogDet,
+    grad_ys: Sequence[Optional[Tensor]],
+    grad_logdet: Optional[Tensor],
+    params: Sequence[Tensor],
+    need_input_grad: bool = True,
+) -> Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]:
+    """Push ``grad_ys`` (and ``grad_logdet``) through one rebuilt block's local graph.
+
+    Returns:
+        ``(grad_xs, grads)``: per input, its gradient (``None``: none reached it, or not asked), and
+        per parameter in ``params``, its gradient or ``None``.
+    """
     # Outputs that are one of the inputs (levels a block passes through) take
     # their gradient directly, without a trip through autograd.
     grad_xs: List[Optional[Tensor]] = [None] * len(xs)
@@ -271,11 +295,7 @@ def _block_backward(
         for j in inputs:
             grad_xs[j] = add_optional(grad_xs[j], next(computed_iter))
         block_grads = list(computed_iter)
-    # Read xs only now: a fused reconstruct may fill them during the local backward.
-    new_ys = tuple(x.detach() for x in xs)
-    if need_input_grad:  # else the caller drops them: no zero-filled levels at the last step
-        grad_xs = [g if g is not None else torch.zeros_like(x) for g, x in zip(grad_xs, new_ys)]
-    return new_ys, grad_xs, block_grads
+    return grad_xs, block_grads
 
 
 def run_invertible(run: InvertibleRun, xs: Tensors) -> Tuple[Tensors, Tensor]:

@@ -55,10 +55,11 @@ class Refused(Exception):
 # the inverse (GLOW: subnet2 first in forward, subnet1 first in the inverse),
 # so the forward of such a block keeps, per subnet call that drew random
 # numbers, the RNG state the call started from (`forward_keeping_subnet_rng`),
-# keyed by the block's starting state; the rebuild finds them under the state
-# the engine replays and runs each recorded evaluation from its own. A block
+# under the state the engine captured before the block; the rebuild finds them
+# under the same state, which the engine replays (NOTE [the block's RNG state,
+# named] in ._state), and runs each recorded evaluation from its own. A block
 # that drew but whose states are not found (a forward outside the engine's
-# replay) is refused, and the caller takes the generic recipe.
+# invertible forward) is refused, and the caller takes the generic recipe.
 @dataclass
 class _Evaluation:
     leaves: Tuple[Tensor, ...]

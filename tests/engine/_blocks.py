@@ -31,6 +31,17 @@ def backward_step(seq, inputs, mode):
     return y, logdet, leaves
 
 
+def bf16_autocast_step(seq, x, mode):
+    """One step in ``mode`` with the forward under CPU bfloat16 autocast and the loss in float32: ``(y, logdet)``."""
+    seq.mode = mode
+    seq.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, logdet = seq(x)
+        loss = loss_of(y.float(), logdet.float())
+    loss.backward()
+    return y, logdet
+
+
 def gradients(seq, inputs, mode):
     """Gradients of the inputs and every parameter after one backward in ``mode``."""
     _, _, leaves = backward_step(seq, inputs, mode)

@@ -57,9 +57,33 @@ def _relative(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _assert_matches_autograd(seq, inputs, tolerance=1e-10):
+@pytest.fixture(params=[None, 1], ids=["samples=auto", "samples=1"])
+def samples(request):
+    """The adapters' rebuild_samples: chosen from the size (the whole batch at these sizes), or one at a time."""
+    return request.param
+
+
+def _coupling_subnets(seq):
+    return [block.module.get_submodule(path) for block in seq.blocks if block.coupling for path in block.coupling.subnets]
+
+
+def _assert_matches_autograd(seq, inputs, tolerance=1e-10, samples=None):
+    """Gradients equal autograd's; with ``samples``, the coupling-aware backward also ran that many at a time."""
     ys_ref, logdet_ref, grads_ref = _step(seq, inputs, "autograd")
+    for block in seq.blocks:
+        block.rebuild_samples = samples
+    batches = []  # the batch of each subnet evaluation with a graph: backward's (the engine's forward has none)
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
+        for m in _coupling_subnets(seq)
+    ]
     ys, logdet, grads = _step(seq, inputs, "invertible")
+    for hook in hooks:
+        hook.remove()
+    if samples is None:
+        assert set(batches) <= {inputs[0].shape[0]}
+    else:
+        assert batches and max(batches) <= samples
     assert all(torch.equal(a, b) for a, b in zip(ys, ys_ref))  # forward runs the block's own code
     assert torch.equal(logdet, logdet_ref)
     assert [g is None for g in grads] == [r is None for r in grads_ref]  # GIN leaves its global scale unused
@@ -123,10 +147,10 @@ def _freia_inputs(conditional, shape=SHAPE):
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
 @pytest.mark.parametrize("options", ALL_IN_ONE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_all_in_one_block_matches_autograd(options, conditional):
+def test_all_in_one_block_matches_autograd(options, conditional, samples):
     seq = _freia_seq("AllInOneBlock", conditional=conditional, **options)
     assert all(block.coupling is not None for block in seq.blocks)
-    _assert_matches_autograd(seq, _freia_inputs(conditional))
+    _assert_matches_autograd(seq, _freia_inputs(conditional), samples=samples)
 
 
 TWO_SIDED = [
@@ -144,11 +168,11 @@ TWO_SIDED = [
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
 @pytest.mark.parametrize("cls, options", TWO_SIDED, ids=str)
-def test_freia_couplings_match_autograd(cls, options, conditional):
+def test_freia_couplings_match_autograd(cls, options, conditional, samples):
     shape = (5, 6, 6)  # an odd channel count: unequal halves
     seq = _freia_seq(cls, conditional=conditional, shape=shape, **options)
     assert all(block.coupling is not None for block in seq.blocks)
-    _assert_matches_autograd(seq, _freia_inputs(conditional, shape))
+    _assert_matches_autograd(seq, _freia_inputs(conditional, shape), samples=samples)
 
 
 @pytest.mark.parametrize(
@@ -241,6 +265,16 @@ def test_refused_call_falls_back_with_the_same_gradients():
     _assert_matches_autograd(seq, _freia_inputs(False))
 
 
+def _released_step_gradients(seq, inputs):
+    """The input's and every trainable parameter's gradient after an invertible step with release_outputs."""
+    seq.mode = "invertible"
+    seq.zero_grad(set_to_none=True)
+    leaf = inputs[0].clone().requires_grad_(True)
+    y, logdet = seq(leaf, release_outputs=True)
+    loss_of(y, logdet).backward()
+    return [leaf.grad] + [p.grad for p in seq.parameters() if p.requires_grad]
+
+
 @pytest.mark.parametrize("cls, refuse", [("AllInOneBlock", False), ("GLOWCouplingBlock", False), ("GLOWCouplingBlock", True)])
 def test_released_outputs_hold_the_rebuilt_inputs(cls, refuse, monkeypatch):
     """With release_outputs the rebuilt input is written over the output's storage; gradients stay autograd's,
@@ -263,12 +297,7 @@ def test_released_outputs_hold_the_rebuilt_inputs(cls, refuse, monkeypatch):
 
     subnets_into_outputs = subnets._into_outputs
     monkeypatch.setattr(subnets, "_into_outputs", into_outputs)
-    seq.mode = "invertible"
-    seq.zero_grad(set_to_none=True)
-    leaf = x[0].clone().requires_grad_(True)
-    y, logdet = seq(leaf, release_outputs=True)
-    loss_of(y, logdet).backward()
-    ours = [leaf.grad] + [p.grad for p in seq.parameters() if p.requires_grad]
+    ours = _released_step_gradients(seq, x)
     assert max(_relative(g, r) for g, r in zip(ours, reference) if r is not None) <= 1e-10
     assert written == [True] * 3  # every block's rebuilt input went into its output's storage
 
@@ -306,6 +335,22 @@ def test_dropout_subnets_match_autograd(cls, subnets):
     assert max(_relative(g, r) for g, r in zip(ours, reference)) <= 1e-10
     modules = [getattr(b.module, name) for b in seq.blocks for name in subnets]
     assert _backward_evaluations(seq, x, modules) == len(modules)
+
+
+def test_subnet_rng_states_kept_only_from_the_engines_forward_to_its_rebuild():
+    """Kept under the state the engine captured before the block, taken back in the block's rebuild; nothing
+    kept in autograd mode, where no rebuild follows (NOTE [the block's RNG state, named])."""
+    Fm, _ = _freia()
+    seq = InvertibleSequential(*[Fm.GLOWCouplingBlock([SHAPE], subnet_constructor=_net(dropout=0.3)) for _ in range(2)])
+    x = _freia_inputs(False)[0].float()
+    seq.mode = "autograd"
+    loss_of(*seq(x)).backward()
+    assert [len(b._fwd_subnet_rng) for b in seq.blocks] == [0, 0]
+    seq.mode = "invertible"
+    y, logdet = seq(x)
+    assert [len(b._fwd_subnet_rng) for b in seq.blocks] == [1, 1]
+    loss_of(y, logdet).backward()
+    assert [len(b._fwd_subnet_rng) for b in seq.blocks] == [0, 0]
 
 
 # ---------------------------------------------------------------- your own class
@@ -362,7 +407,7 @@ def _normflows():
     ],
     ids=str,
 )
-def test_normflows_affine_coupling_block_matches_autograd(options):
+def test_normflows_affine_coupling_block_matches_autograd(options, samples):
     nf = _normflows()
     split = options.get("split_mode", "channel")
     c_in = 4 if "checkerboard" in split else 2
@@ -371,12 +416,12 @@ def test_normflows_affine_coupling_block_matches_autograd(options):
     seq = InvertibleSequential(*blocks).to(DTYPE)
     assert all(isinstance(b, NormflowsAdapter) and b.coupling is not None for b in seq.blocks)
     x = (torch.randn(2, 4, 6, 6, dtype=DTYPE),)
-    _assert_matches_autograd(seq, x)
-    assert _backward_evaluations(seq, x, [b.module.flows[1].param_map for b in seq.blocks]) == 3
+    _assert_matches_autograd(seq, x, samples=samples)
+    assert _backward_evaluations(seq, x, [b.module.flows[1].param_map for b in seq.blocks]) == 3 * (2 if samples else 1)
 
 
 @pytest.mark.parametrize("use_lu", [True, False])
-def test_normflows_glow_block_matches_autograd(use_lu):
+def test_normflows_glow_block_matches_autograd(use_lu, samples):
     nf = _normflows()
     seq = InvertibleSequential(*[nf.flows.GlowBlock(4, 8, use_lu=use_lu) for _ in range(3)]).to(DTYPE)
     for block in seq.blocks:  # leave the zero initialisation, so that the couplings do something
@@ -384,9 +429,9 @@ def test_normflows_glow_block_matches_autograd(use_lu):
     x = (torch.randn(2, 4, 6, 6, dtype=DTYPE),)
     seq(x[0])  # ActNorm's data-dependent initialisation, once
     assert all(b.coupling is not None for b in seq.blocks)
-    _assert_matches_autograd(seq, x)
+    _assert_matches_autograd(seq, x, samples=samples)
     subnets = [b.module.flows[0].flows[1].param_map for b in seq.blocks]
-    assert _backward_evaluations(seq, x, subnets) == 3
+    assert _backward_evaluations(seq, x, subnets) == 3 * (2 if samples else 1)
 
 
 # ---------------------------------------------------------------- memcnn
@@ -396,7 +441,7 @@ def _memcnn():
 
 
 @pytest.mark.parametrize("kind", ["additive", "affine naive", "affine sigmoid"])
-def test_memcnn_couplings_match_autograd(kind):
+def test_memcnn_couplings_match_autograd(kind, samples):
     memcnn = _memcnn()
     if kind == "additive":
         make = lambda: memcnn.AdditiveCoupling(Fm=_net()(2, 2))  # noqa: E731
@@ -411,8 +456,8 @@ def test_memcnn_couplings_match_autograd(kind):
     seq = InvertibleSequential(*blocks).to(DTYPE)
     assert all(b.coupling is not None for b in seq.blocks)
     x = (torch.randn(2, 4, 6, 6, dtype=DTYPE),)
-    _assert_matches_autograd(seq, x)
-    assert _backward_evaluations(seq, x, [m for b in seq.blocks for m in (b.module.Fm, b.module.Gm)]) == 4
+    _assert_matches_autograd(seq, x, samples=samples)
+    assert _backward_evaluations(seq, x, [m for b in seq.blocks for m in (b.module.Fm, b.module.Gm)]) == 4 * (2 if samples else 1)
 
 
 def test_memcnn_deprecated_implementation_takes_the_generic_path():

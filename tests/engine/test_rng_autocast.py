@@ -9,7 +9,7 @@ from torch import nn
 from pyramidflow import InvertibleModule, InvertibleSequential
 from pyramidflow.engine import AffineCoupling
 
-from _blocks import gradients, loss_of, max_relative_error
+from _blocks import bf16_autocast_step, gradients, loss_of, max_relative_error
 
 
 class DropoutCoupling(AffineCoupling):
@@ -125,12 +125,7 @@ def test_cpu_bf16_autocast_same_dtypes_as_autograd():
         block.net.register_forward_hook(lambda module, args, out: network_dtypes.append(out.dtype))
     results = {}
     for mode in ("autograd", "invertible", "checkpoint"):
-        seq.mode = mode
-        seq.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, logdet = seq(x)
-            loss = loss_of(y.float(), logdet.float())
-        loss.backward()
+        y, logdet = bf16_autocast_step(seq, x, mode)
         results[mode] = (y.dtype, logdet.dtype, [p.grad.dtype for p in seq.parameters()], [p.grad for p in seq.parameters()])
     for mode in ("invertible", "checkpoint"):
         assert results[mode][:3] == results["autograd"][:3], mode
