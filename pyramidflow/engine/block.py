@@ -211,18 +211,21 @@ class InvertibleModule(nn.Module):
 def call_forward(block: InvertibleModule, xs: Tensors, context: CallContext) -> Any:
     """The engine's call of ``block``'s forward: ``block(xs, context=context)`` where the block takes it, else
     ``block(xs)``; the context also answers :func:`~._state.is_rebuilding` and :func:`~._state.may_overwrite`
-    during the call (NOTE [call context] in :mod:`._state`). Returns what the block returns."""
+    during the call (NOTE [call context] in :mod:`._state`). Returns what the block returns.
+
+    Read from the class: a module that is no :class:`InvertibleModule` (put into a sequence's blocks by
+    hand, as the memcnn peer benchmark does) is called without it."""
     with calling(context, xs):
-        return block(xs, context=context) if block.forward_takes_context else block(xs)
+        return block(xs, context=context) if getattr(type(block), "forward_takes_context", False) else block(xs)
 
 
 def call_reconstruct(block: InvertibleModule, ys: Tensors, writable: Optional[Writable] = None) -> Tuple[Tensors, Tensors, LogDet]:
     """The engine's call of ``block``'s reconstruct, with ``writable=`` and ``context=`` where the block takes
     them (its declared capabilities)."""
     kwargs: dict = {}
-    if writable is not None and block.reconstruct_takes_writable:
+    if writable is not None and getattr(type(block), "reconstruct_takes_writable", False):
         kwargs["writable"] = writable
-    if block.reconstruct_takes_context:
+    if getattr(type(block), "reconstruct_takes_context", False):
         kwargs["context"] = CallContext.now(rebuild=True)
     return block.reconstruct(ys, **kwargs)
 

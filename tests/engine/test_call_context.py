@@ -60,6 +60,22 @@ def test_the_keyword_is_the_declaration():
     assert calls[0][0] == CallContext(grad=False, overwritable=(False,))  # the caller's input is not given up
 
 
+def test_a_plain_module_put_into_the_blocks_is_called_without_the_keyword():
+    """A module that is no InvertibleModule, swapped into a sequence's blocks by hand (the memcnn peer
+    benchmark wraps each PyramidFlow block so), is called as it always was, in every mode."""
+
+    class Swapped(nn.Module):
+        def forward(self, xs):
+            return tuple(x * 2 for x in xs), None
+
+    for mode in ("autograd", "checkpoint"):
+        seq = InvertibleSequential(_Recorder([]), mode=mode, drift="off")
+        seq.blocks = nn.ModuleList([Swapped()])
+        x = _input().requires_grad_(True)
+        (y,) = seq(x)[:1]
+        assert torch.equal(y, x * 2)
+
+
 def test_every_call_of_a_step_is_described():
     """Invertible mode with anchors and a drifting block: forward (no graph, the levels earlier blocks made
     are overwritable), the anchors' rebuilds (a graph, ``rebuild``), the generic reconstruct's forward (by
