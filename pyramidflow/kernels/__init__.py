@@ -158,18 +158,21 @@ def affine_coupling_into(
     clamp: float = 2.0,
     running_mean: Optional[Tensor] = None,
     backend: Optional[str] = None,
+    scratch: Optional[Tensor] = None,
 ) -> Optional[Tensor]:
     """:func:`affine_coupling` without grad, into ``out`` (may be ``x``); returns the detached batch mean.
 
-    The reference works a slice at a time (:func:`.reference.affine_coupling_into`); the Triton
-    kernel writes straight into ``out`` in one pass (:func:`.triton.affine_coupling.affine_coupling_into`).
+    The reference works a slice at a time (:func:`.reference.affine_coupling_into`), keeping the clamped
+    log-scale in ``scratch`` between its passes where one is given (``r`` itself where the caller no longer
+    needs it); the Triton kernel writes straight into ``out`` in one pass
+    (:func:`.triton.affine_coupling.affine_coupling_into`) and leaves ``scratch`` alone.
     Neither allocates a tensor of ``out``'s size, so the planner's count on ``meta`` (the reference)
     bounds what a GPU allocates (tests/kernels/test_into.py pins it).
     """
     kwargs = dict(volume_norm=volume_norm, clamp=clamp, running_mean=running_mean)
     if resolve_backend("affine_coupling_into", backend, x, r, t, out, running_mean, constant=running_mean) == "triton":
         return _triton_module().affine_coupling_into(x, r, t, out=out, **kwargs)
-    return reference.affine_coupling_into(x, r, t, out=out, **kwargs)
+    return reference.affine_coupling_into(x, r, t, out=out, scratch=scratch, **kwargs)
 
 
 def affine_coupling_inverse(

@@ -235,21 +235,24 @@ def affine_coupling_bwd(
 # all read before any of its results is written, so `out` may alias the
 # operands element for element (x over y, grad_x over grad_y, grad_r over r,
 # grad_t over t). A batch mean (training VN) needs every sample first: a
-# read-only pass sums the clamped r and grad_s, then the pass that writes.
+# pass sums the clamped r and grad_s, then the pass that writes (NOTE [kept
+# between the passes]: the first pass writes only where a result goes).
 #
 # NOTE [slices of the reference ops]
 # The no-grad ops work one slice at a time: a band of rows (CVN) or a run of
 # channels (SVN, none) of every sample, cut along a dimension the VN mean
 # keeps, so that each slice's sum is complete: the batch mean is the one
 # autograd's `mean` computes, bit for bit (the modes' running means are
-# compared exactly). A slice's temporaries are three slice-sized tensors at
-# most (the clamp's ratio, which becomes the log-scale and then the scale; the
-# divisor of the clamp's derivative; y - t, which becomes grad_s), so slices
-# of 1/8 of a large level keep them to 3/8 of it (a slice is at least one row
-# or channel). Each slice costs about a dozen ops whatever its size, so a
-# slice is not cut below _SLICE_BYTES where the tensor allows: a tensor under
-# 16 MiB (a tile, a coarse level, every level at 128 px) runs in 2 MiB slices
-# or whole, with at most 6 MiB of temporaries, a bound in bytes rather than a
+# compared exactly). A slice's temporaries are two slice-sized tensors at
+# most where the op's tensors share one dtype (the scale and the divisor of
+# the clamp's derivative; in the first pass the clamp and g (y - t): NOTE
+# [kept between the passes]) and four with mixed dtypes (y - t and grad_s as
+# well), so slices of 1/8 of a large level keep them to 1/4 of it (1/2; a
+# slice is at least one row or channel). Each slice costs about a dozen ops
+# whatever its size, so a slice is not cut below _SLICE_BYTES where the
+# tensor allows: a tensor under 16 MiB (a tile, a coarse level, every level
+# at 128 px) runs in 2 MiB slices or whole, with at most 4 MiB of
+# temporaries (8 MiB with mixed dtypes), a bound in bytes rather than a
 # fraction. Those never set a step's peak: at 64 px
 # (tests/model/test_step_memory.py), where a whole step peaks at 2-3 MiB,
 # invertible mode measures 0.69 of checkpoint mode's peak with whole tensors
@@ -289,27 +292,43 @@ def _slices(like: Tensor, dims: Tuple[int, ...]) -> Iterator[_Slice]:
         yield _Slice(dim, start, min(step, size - start))
 
 
+def _clamped(r: Tensor, clamp: float) -> Tensor:
+    """:func:`soft_clamp` of ``r`` without a graph, as a new tensor."""
+    ratio = torch.div(r, clamp)
+    return _soft_clamp_of_ratio(ratio, clamp, out=ratio)
+
+
 def _batch_means(
-    r: Tensor, dims: Tuple[int, ...], clamp: float, grad_operands: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    r: Tensor,
+    dims: Tuple[int, ...],
+    clamp: float,
+    grad_operands: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+    keep: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Batch means over ``dims`` of the clamped ``r`` and, given ``(y, t, grad_y)``, of ``grad_s = g (y - t)``:
-    one read-only pass over the slices, each slice's sum complete (NOTE [slices of the reference ops])."""
+    one pass over the slices, each slice's sum complete (NOTE [slices of the reference ops]). ``keep``:
+    ``(clamped, shifted)``, where the clamped ``r`` and ``y - t`` are kept for the pass that writes (``None``
+    entries: not kept; NOTE [kept between the passes])."""
+    clamped_into, shifted_into = (None, None) if keep is None else keep
     shape = [1 if d in dims else size for d, size in enumerate(r.shape)]
-    clamped = torch.empty(shape, dtype=r.dtype, device=r.device)
+    clamped_mean = torch.empty(shape, dtype=r.dtype, device=r.device)
     grad_s = None
     if grad_operands is not None:
         y, t, grad_y = grad_operands
         grad_s = torch.empty(shape, dtype=torch.promote_types(r.dtype, grad_y.dtype), device=r.device)
     for part in _slices(r, dims):
-        ratio = torch.div(part.of(r), clamp)
-        torch.sum(_soft_clamp_of_ratio(ratio, clamp, out=ratio), dim=dims, keepdim=True, out=part.of_mean(clamped))
-        del ratio
-        if grad_s is not None:
-            product = _mul_(torch.sub(part.of(y), part.of(t)), part.of(grad_y))
+        if grad_s is not None:  # y - t first: its storage may be y's, and the clamped r's may be t's
+            shifted = torch.sub(part.of(y), part.of(t), out=None if shifted_into is None else part.of(shifted_into))
+            product = _mul_(shifted, part.of(grad_y)) if shifted_into is None else shifted * part.of(grad_y)
             torch.sum(product, dim=dims, keepdim=True, out=part.of_mean(grad_s))
-            del product
+            del shifted, product
+        clamped = _clamped(part.of(r), clamp)  # summed as a fresh dense slice: the sum's order is autograd's
+        torch.sum(clamped, dim=dims, keepdim=True, out=part.of_mean(clamped_mean))
+        if clamped_into is not None:
+            part.of(clamped_into).copy_(clamped)
+        del clamped
     count = math.prod(r.shape[d] for d in dims)
-    return clamped.div_(count), None if grad_s is None else grad_s.div_(count)
+    return clamped_mean.div_(count), None if grad_s is None else grad_s.div_(count)
 
 
 def _mul_(a: Tensor, b: Tensor) -> Tensor:
@@ -322,14 +341,25 @@ def _sub_(a: Tensor, b: Tensor) -> Tensor:
     return a.sub_(b) if torch.result_type(a, b) == a.dtype else a - b
 
 
-def _slice_scale(ratio: Tensor, clamp: float, mean: Optional[Tensor]) -> Tensor:
-    """``exp(s)`` of a slice as :func:`log_scale` gives ``s``, from a fresh ``ratio = r / clamp``, in place over it."""
-    s = _soft_clamp_of_ratio(ratio, clamp, out=ratio)
-    if mean is not None:
-        s = _sub_(s, mean)
+def _scale(clamped: Tensor, mean: Optional[Tensor]) -> Tensor:
+    """``exp(s)`` of a slice as :func:`log_scale` gives ``s``, from the clamped ``r``, in place over it."""
+    s = clamped if mean is None else _sub_(clamped, mean)
     return s.exp_()
 
 
+# NOTE [kept between the passes]
+# With a batch mean (training VN) the ops run two passes over the slices: one
+# sums, the other writes. The first keeps what it made for the second where a
+# tensor of its size may be overwritten, so that the soft clamp (an atan, the
+# costliest op here) and y - t run once per element: the clamped r waits in
+# the forward op's `scratch` (r itself where the caller gives it up) and in
+# the backward op's grad_t, y - t in the backward op's x (the results that
+# replace the operands read for them, or fresh outputs). The clamp is made
+# and summed as a fresh dense slice and then copied: the sum's order, and so
+# the batch mean's bits, stay those of autograd's `mean` (a sum over a
+# strided view of r adds in another order). The backward op keeps them where
+# all its tensors share one dtype, so that each result is rounded as the
+# eager expression rounds it.
 def affine_coupling_into(
     x: Tensor,
     r: Tensor,
@@ -339,20 +369,36 @@ def affine_coupling_into(
     volume_norm: Optional[str] = None,
     clamp: float = 2.0,
     running_mean: Optional[Tensor] = None,
+    scratch: Optional[Tensor] = None,
 ) -> Optional[Tensor]:
     """:func:`affine_coupling` without grad, into ``out`` (which may be ``x``), a slice at a time.
+
+    ``scratch``: a tensor of ``r``'s shape the op may overwrite (``r`` itself where the caller no longer needs
+    it, or ``out`` where it is not ``x``): the clamped log-scale waits there between the batch-mean pass and
+    the pass that writes (NOTE [kept between the passes]), where it has ``r``'s dtype.
 
     Returns:
         The detached batch mean, as :func:`affine_coupling` (``None`` in eval or without VN).
     """
     dims = volume_norm_dims(volume_norm)
+    if scratch is not None and scratch.shape != r.shape:
+        raise ValueError(
+            f"affine_coupling_into: scratch must have r's shape {tuple(r.shape)}, got {tuple(scratch.shape)}; "
+            "pass r itself, or leave scratch=None."
+        )
+    scratch = scratch if scratch is not None and scratch.dtype == r.dtype else None  # the clamp's dtype, or not used
     with torch.no_grad():
         batch_mean = None
+        kept = False
         if dims and running_mean is None:
-            batch_mean, _ = _batch_means(r, dims, clamp)
+            batch_mean, _ = _batch_means(r, dims, clamp, keep=(scratch, None))
+            kept = scratch is not None
         mean = batch_mean if batch_mean is not None else (running_mean if dims else None)
         for part in _slices(r, dims):
-            scale = _slice_scale(torch.div(part.of(r), clamp), clamp, None if mean is None else part.of_mean(mean))
+            if kept:  # a fresh s from the kept clamp, as the fresh clamp below becomes s in place
+                scale = torch.sub(part.of(scratch), part.of_mean(mean)).exp_()
+            else:
+                scale = _scale(_clamped(part.of(r), clamp), None if mean is None else part.of_mean(mean))
             x_part = part.of(x)
             _affine(scale, x_part, part.of(t), out=x_part if out is x else part.of(out))
             del scale
@@ -375,10 +421,15 @@ def affine_coupling_bwd_into(
     ``out`` entries may be ``y``, ``grad_y``, ``r`` and ``t`` themselves (NOTE [backward into the operands]).
     """
     dims = volume_norm_dims(volume_norm)
+    x, grad_x, grad_r, grad_t = out
+    dtypes = {a.dtype for a in (y, r, t, grad_y, *out, *(() if running_mean is None else (running_mean,)))}
+    keep = (grad_t, x) if len(dtypes) == 1 else None  # NOTE [kept between the passes]
     with torch.no_grad():
         clamped_mean = grad_s_mean = None
-        if dims and running_mean is None:  # training VN: the batch means, from a read-only pass
-            clamped_mean, grad_s_mean = _batch_means(r, dims, clamp, (y, t, grad_y))
+        kept = False
+        if dims and running_mean is None:  # training VN: the batch means, from a first pass
+            clamped_mean, grad_s_mean = _batch_means(r, dims, clamp, (y, t, grad_y), keep)
+            kept = keep is not None
         elif dims:
             clamped_mean = running_mean
         one = r.new_ones(())
@@ -390,21 +441,18 @@ def affine_coupling_bwd_into(
                 operand if result is whole else part.of(result)
                 for result, whole, operand in zip(out, (y, grad_y, r, t), (y_n, g_n, r_n, t_n))
             )
-            ratio = torch.div(r_n, clamp)
-            divisor = torch.addcmul(one, ratio, ratio)
-            scale = _slice_scale(ratio, clamp, None if clamped_mean is None else part.of_mean(clamped_mean))
-            del ratio
-            shifted = torch.sub(y_n, t_n)
-            torch.div(shifted, scale, out=x_n)  # x = (y - t) / exp(s), over y
-            grad_s = _scaled_grad_s(part.of_mean(shift), shifted, g_n)
+            mean_n = None if clamped_mean is None else part.of_mean(clamped_mean)
+            if kept:
+                shifted, scale = x_n, torch.sub(grad_t_n, mean_n).exp_()
+            else:  # y - t first: its storage may be y's
+                shifted = torch.sub(y_n, t_n, out=None if keep is None else x_n)
+                scale = _scale(_clamped(r_n, clamp), mean_n)
+            divisor = torch.div(r_n, clamp)
+            torch.addcmul(one, divisor, divisor, out=divisor)
+            grad_s = torch.addcmul(part.of_mean(shift), shifted, g_n, value=_TWO_OVER_PI, out=None if keep is None else grad_r_n)
             torch.div(grad_s, divisor, out=grad_r_n)  # over r
-            del shifted, grad_s, divisor
+            del grad_s
+            torch.div(shifted, scale, out=x_n)  # x = (y - t) / exp(s), over y
             grad_t_n.copy_(g_n)  # over t, before grad_x may overwrite g
             torch.mul(g_n, scale, out=grad_x_n)
-            del scale
-
-
-def _scaled_grad_s(shift: Tensor, shifted: Tensor, grad_y: Tensor) -> Tensor:
-    """``shift + (2/pi) g (y - t)`` from ``shifted = y - t``, in place over it where that keeps the eager dtype."""
-    in_place = torch.result_type(shifted, grad_y) == shifted.dtype and (shift.dim() == 0 or shift.dtype == shifted.dtype)
-    return torch.addcmul(shift, shifted, grad_y, value=_TWO_OVER_PI, out=shifted if in_place else None)
+            del shifted, scale, divisor

@@ -192,12 +192,13 @@ def forward_regions(regions: Regions, net: "AffineParameterNet", x: Tensor, part
         if sum_log_scale:
             s = log_scale_sum(r, kwargs["clamp"])
             log_scale = s if log_scale is None else log_scale + s
+        # r is not read again: the clamped log-scale waits over it (NOTE [kept between the passes] in kernels/reference.py)
         if whole:  # into out directly, then the 1x1 conv over it
             a = out
-            mean = kernels.affine_coupling_into(x, r, t, out=a, **kwargs)
+            mean = kernels.affine_coupling_into(x, r, t, out=a, scratch=r, **kwargs)
         else:
             a = _tile_of(x, rows, cols, dtype=out.dtype)  # x is not ours to overwrite
-            mean = kernels.affine_coupling_into(a, r, t, out=a, **kwargs)
+            mean = kernels.affine_coupling_into(a, r, t, out=a, scratch=r, **kwargs)
         mean = kwargs["running_mean"] if mean is None else mean  # a given mean (synchronised, or eval's) comes back
         if mean is not None and fold_mean is not None:  # NOTE [running mean updated once per step]
             fold_mean(mean, None if whole else (rows, cols))
@@ -285,7 +286,7 @@ class _RegionLevel(torch.autograd.Function):
                 del g
             if options.input_final:  # u = affine(x) again on this tile; x stays as it is
                 a = torch.empty_like(u[..., rows, cols], memory_format=torch.contiguous_format)
-                kernels.affine_coupling_into(u[..., rows, cols], r, t, out=a, **kwargs)
+                kernels.affine_coupling_into(u[..., rows, cols], r, t, out=a, scratch=a, **kwargs)
             else:
                 a = _tile_of(u, rows, cols)
             g_tile = _tile_of(grad_x, rows, cols)  # still the incoming gradient on this tile; ours to overwrite

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyramidflow import kernels
 from pyramidflow.kernels import reference
@@ -37,21 +38,33 @@ def _operands(mode, dtype=torch.float64):
     return x, r, t, g, dict(volume_norm=volume_norm, clamp=2.0, running_mean=mean)
 
 
+@pytest.mark.parametrize("scratch", [None, "r", "out"])
 @pytest.mark.parametrize("mode", MODES)
-def test_forward_into_its_input_matches_affine_coupling(mode, slicing):
+def test_forward_into_its_input_matches_affine_coupling(mode, slicing, scratch):
+    """y over x (or into a fresh out); with a scratch (NOTE [kept between the passes]) bit for bit the same."""
     x, r, t, _, opts = _operands(mode)
     y, mean = reference.affine_coupling(x, r, t, **opts)
-    out = x.clone()
-    got_mean = kernels.affine_coupling_into(out, r, t, out=out, **opts, backend="reference")
+    out = x.clone() if scratch != "out" else torch.empty_like(x)
+    x_in = out if scratch != "out" else x.clone()
+    r_in = r.clone()
+    given = {None: None, "r": r_in, "out": out}[scratch]
+    got_mean = kernels.affine_coupling_into(x_in, r_in, t, out=out, **opts, backend="reference", scratch=given)
     torch.testing.assert_close(out, y, rtol=1e-13, atol=1e-13)
     assert (got_mean is None) == (mean is None)
     if mean is not None:
         torch.testing.assert_close(got_mean, mean, rtol=1e-13, atol=1e-13)
+    plain = x.clone()
+    kernels.affine_coupling_into(plain, r, t, out=plain, **opts, backend="reference")
+    assert torch.equal(out, plain)
+    if scratch != "r":
+        assert torch.equal(r_in, r)  # r is overwritten only where it is given as the scratch
 
 
+@pytest.mark.parametrize("outputs", ["aliased", "fresh"])
 @pytest.mark.parametrize("mode", MODES)
-def test_backward_into_its_operands_matches_autograd(mode, slicing):
-    """x over y, grad_x over g, grad_r over r, grad_t over t: the values autograd gives for affine_coupling."""
+def test_backward_into_its_operands_matches_autograd(mode, slicing, outputs):
+    """x over y, grad_x over g, grad_r over r, grad_t over t (or into fresh outputs, the operands untouched):
+    the values autograd gives for affine_coupling."""
     x, r, t, g, opts = _operands(mode)
     leaves = [a.clone().requires_grad_(True) for a in (x, r, t)]
     y, _ = reference.affine_coupling(*leaves, **opts)
@@ -59,10 +72,56 @@ def test_backward_into_its_operands_matches_autograd(mode, slicing):
     y = y.detach()
     operands = [y.clone(), r.clone(), t.clone(), g.clone()]
     y_, r_, t_, g_ = operands
-    kernels.affine_coupling_bwd_into(y_, r_, t_, g_, out=(y_, g_, r_, t_), **opts, backend="reference")
-    torch.testing.assert_close(y_, x, rtol=1e-12, atol=1e-12)
-    for got, expected in zip((g_, r_, t_), want):
+    out = (y_, g_, r_, t_) if outputs == "aliased" else tuple(torch.empty_like(a) for a in (y_, g_, r_, t_))
+    kernels.affine_coupling_bwd_into(y_, r_, t_, g_, out=out, **opts, backend="reference")
+    torch.testing.assert_close(out[0], x, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(out[1:], want):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    if outputs == "fresh":
+        for operand, before in zip(operands, (y, r, t, g)):
+            assert torch.equal(operand, before)
+
+
+def test_backward_into_mixed_dtypes_matches_autograd(slicing):
+    """r and t in float32 beside a float64 y and g: nothing is kept over the results (NOTE [kept between the
+    passes]), each result is what the eager expression gives."""
+    x, r, t, g, opts = _operands(("CVN", False))
+    r, t = r.float(), t.float()
+    leaves = [a.clone().requires_grad_(True) for a in (x, r, t)]
+    y, _ = reference.affine_coupling(*leaves, **opts)
+    want = torch.autograd.grad(y, leaves, g)
+    results = reference.affine_coupling_bwd(y.detach(), r, t, g, **opts)
+    torch.testing.assert_close(results[0], x, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(results[1:], want):
+        torch.testing.assert_close(got.to(expected.dtype), expected, rtol=1e-5, atol=1e-6)
+
+
+class _AtanElements(TorchDispatchMode):
+    """Counts the elements the soft clamp's atan runs on."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.atan or func.overloadpacket is torch.ops.aten.atan_:
+            self.elements += result.numel()
+        return result
+
+
+@pytest.mark.parametrize("volume_norm", ["CVN", "SVN"])
+def test_training_ops_clamp_each_element_once(volume_norm, slicing):
+    """NOTE [kept between the passes]: with a batch mean the ops run two passes, and the clamp once per element."""
+    x, r, t, g, opts = _operands((volume_norm, False))
+    y, _ = reference.affine_coupling(x, r, t, **opts)
+    out, r_ = x.clone(), r.clone()
+    with _AtanElements() as forward:
+        kernels.affine_coupling_into(out, r_, t, out=out, **opts, backend="reference", scratch=r_)
+    y_, r_, t_, g_ = (a.clone() for a in (y, r, t, g))
+    with _AtanElements() as backward:
+        kernels.affine_coupling_bwd_into(y_, r_, t_, g_, out=(y_, g_, r_, t_), **opts, backend="reference")
+    assert (forward.elements, backward.elements) == (r.numel(), r.numel())
 
 
 @pytest.mark.parametrize("mode", MODES)
