@@ -272,10 +272,10 @@ def test_eval_plots_keep_the_collector_off_the_objects_there_before_and_only_whi
     assert gc.get_freeze_count() == 0
     gc.freeze()  # a process that froze its own objects keeps them frozen
     try:
-        frozen = gc.get_freeze_count()
         with EvalPlots(tmp_path / LOG_NAME, fpr_limit=0.3):
             pass
-        assert gc.get_freeze_count() == frozen
+        # Not an equal count: a frozen object that loses its last reference is freed all the same.
+        assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
 
