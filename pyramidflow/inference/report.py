@@ -245,9 +245,10 @@ def _curve_plots(metrics: dict, curves: PixelCurves, fpr_limit: float) -> str:
 class EvalPlots:
     """The eval page's four plots, drawn on one background thread while the evaluation goes on.
 
-    Importing matplotlib and drawing the plots is most of what the page costs, a fixed cost (about 0.8 s
-    of CPU on a loaded 2-core machine, benchmarks/report_cost.py). Started before inference, the thread imports matplotlib and draws the training loss
-    while torch's kernels run (they release the GIL); :meth:`draw_curves` adds the ROC, PRO and
+    Importing matplotlib and drawing the plots is most of what the page costs, a fixed cost (about 0.5 s
+    of CPU on the thread, benchmarks/report_thread_cpu.py; NOTE [the report's objects and the collector]
+    says why eval's other objects are frozen meanwhile). Started before inference, the thread imports
+    matplotlib and draws the training loss while torch's kernels run (they release the GIL); :meth:`draw_curves` adds the ROC, PRO and
     histogram plots once the metrics are known. Where a core is spare, that work leaves eval's critical
     path; the CPU time is the same, and on a machine whose every core is busy nothing is gained. The
     overlays written meanwhile give little room: Pillow's PNG encoder holds the GIL. One thread and no
