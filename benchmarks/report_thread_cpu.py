@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -45,10 +46,11 @@ _HERE = Path(__file__).resolve().parents[1]
 def _thread_cpu(checkout: Path, demo: Path, category: str, out: Path) -> dict[str, float]:
     command = [sys.executable, "-c", _CHILD, "eval", "--checkpoint", str(demo / category / "checkpoint.pt"),
                "--data", str(demo / "data"), "--category", category, "--out", str(out), "--device", "cpu"]
-    done = subprocess.run(command, check=True, env=dict(os.environ, PYTHONPATH=str(checkout)),
+    # Run in the checkout: `python -c` puts the working folder first on sys.path, before PYTHONPATH.
+    done = subprocess.run(command, check=True, env=dict(os.environ, PYTHONPATH=str(checkout)), cwd=checkout,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return {line.split()[1]: float(line.split()[2]) for line in done.stderr.splitlines()
-            if line.startswith("REPORT-THREAD ")}
+    # Anywhere in stderr: a line may follow the progress bar's carriage returns.
+    return {job: float(seconds) for job, seconds in re.findall(r"REPORT-THREAD (\S+) ([0-9.]+)", done.stderr)}
 
 
 def main() -> None:
@@ -58,16 +60,17 @@ def main() -> None:
     parser.add_argument("--also", type=Path, nargs="*", default=[], metavar="DIR",
                         help="other checkouts whose plot thread to time beside this one's")
     args = parser.parse_args()
+    demo = args.demo.resolve()  # the evals run in the checkouts' folders
     scratch = Path(tempfile.mkdtemp(prefix="pyramidflow-report-thread-"))
     checkouts = {"this checkout": _HERE, **{str(path): path.resolve() for path in args.also}}
     jobs: dict = {name: {} for name in checkouts}
     for round_ in range(args.rounds):
         for category in synthetic.CATEGORIES:
             for name, checkout in checkouts.items():
-                for job, seconds in _thread_cpu(checkout, args.demo, category, scratch / category).items():
+                for job, seconds in _thread_cpu(checkout, demo, category, scratch / category).items():
                     jobs[name].setdefault(job, []).append(seconds)
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
-    print(f"plot thread of `pyramidflow eval` on {args.demo}, {os.cpu_count()} CPUs, load average "
+    print(f"plot thread of `pyramidflow eval` on {demo}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at the end; medians over {args.rounds} rounds x {len(synthetic.CATEGORIES)} "
           "categories, CPU seconds")
     for name, times in jobs.items():
