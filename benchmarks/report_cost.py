@@ -50,7 +50,9 @@ def _timed_eval(checkout: Path, demo: Path, category: str, out: Path, report: bo
         command.append("--no-report")
     environment = dict(os.environ, PYTHONPATH=str(checkout))
     cpu, start = _children_cpu(), time.perf_counter()
-    subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Run in the checkout: `python -c` puts the working folder first on sys.path, before PYTHONPATH.
+    subprocess.run(command, check=True, env=environment, cwd=checkout, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return time.perf_counter() - start, _children_cpu() - cpu
 
 
@@ -68,7 +70,7 @@ def main() -> None:
                         help="other checkouts whose report to time beside this one's")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="pyramidflow-report-cost-"))
-    demo = args.demo
+    demo = None if args.demo is None else args.demo.resolve()  # the evals run in the checkouts' folders
     if demo is None:
         demo = scratch / "demo"
         subprocess.run([sys.executable, "-c", _CLI, "demo", "--out", str(demo), "--device", "cpu"], check=True,

@@ -25,7 +25,10 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 __all__ = ["pixel_auroc", "image_auroc", "aupro", "compute_metrics", "image_decision_metrics", "pixel_decision_metrics",
-           "mask_decision_metrics", "best_pixel_f1", "EIGHT_CONNECTED"]
+           "mask_decision_metrics", "best_pixel_f1", "EIGHT_CONNECTED", "AUPRO_FPR_LIMIT"]
+
+# The FPR up to which AUPRO integrates, as the MVTec AD protocol does.
+AUPRO_FPR_LIMIT = 0.3
 
 # 8-connectivity, as in the official MVTec AD evaluation: the regions of the metrics, of a predicted
 # mask (pyramidflow.inference.regions) and of the mask rule (pyramidflow.pixel_threshold).
@@ -214,7 +217,7 @@ def pixel_auroc(maps: Any, masks: Any) -> float:
     return _auroc_from_ranked(_RankedPixels(maps, defects, with_regions=False, where="pixel_auroc"))
 
 
-def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
+def aupro(maps: Any, masks: Any, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
     """Normalised area under the per-region-overlap curve up to a false-positive rate (MVTec AD protocol).
 
     See ``NOTE [AUPRO definition]`` in this module. Regions are the 8-connected components of each
@@ -287,7 +290,7 @@ def compute_metrics(
     scores: Any | None = None,
     labels: Any | None = None,
     *,
-    fpr_limit: float = 0.3,
+    fpr_limit: float = AUPRO_FPR_LIMIT,
 ) -> dict[str, float]:
     """Pixel AUROC, AUPRO and image AUROC in one call, sorting the pixels only once.
 
@@ -310,18 +313,29 @@ def compute_metrics(
         >>> compute_metrics(masks + 0.1, masks)["aupro"]
         1.0
     """
+    return _metrics_and_ranking(maps, masks, scores, labels, fpr_limit, "compute_metrics")[0]
+
+
+def _metrics_and_ranking(maps: Any, masks: Any, scores: Any | None, labels: Any | None, fpr_limit: float,
+                         where: str) -> tuple[dict[str, float], _RankedPixels]:
+    """:func:`compute_metrics` and the ranked pixels it read them from.
+
+    For a caller that draws the ROC and PRO curves too (:mod:`pyramidflow.inference.curves`): the
+    pixels are sorted once, and the curves are the ones the figures integrate.
+    """
     fpr_limit = _check_fpr_limit(fpr_limit)
-    maps, defects = _maps_and_masks(maps, masks, "compute_metrics")
-    ranked = _RankedPixels(maps, defects, with_regions=True, where="compute_metrics")
+    maps, defects = _maps_and_masks(maps, masks, where)
+    ranked = _RankedPixels(maps, defects, with_regions=True, where=where)
     if scores is None:
         scores = maps.reshape(maps.shape[0], -1).max(axis=1)
     if labels is None:
         labels = defects.reshape(defects.shape[0], -1).any(axis=1).astype(np.int64)
-    return {
+    metrics = {
         "pixel_auroc": _auroc_from_ranked(ranked),
         "image_auroc": image_auroc(scores, labels),
         "aupro": _aupro_from_ranked(ranked, fpr_limit),
     }
+    return metrics, ranked
 
 
 # NOTE [decision metrics]

@@ -1,7 +1,8 @@
 """The curves behind the AUROC and AUPRO figures, read off the metrics' own pass over the pixels.
 
 :func:`pixel_curves` takes the ROC and PRO points from :mod:`pyramidflow.metrics`' ranked pixels
-(``NOTE [AUPRO definition]``), so the plotted curves are the ones the figures integrate; the image ROC
+(``NOTE [AUPRO definition]``), so the plotted curves are the ones the figures integrate
+(:func:`ranked_curves` from the ranking the metrics were computed from); the image ROC
 comes from scikit-learn, as :func:`pyramidflow.metrics.image_auroc` does. :func:`thin` keeps a few
 thousand points of a curve of millions for a plot.
 """
@@ -15,7 +16,7 @@ from sklearn.metrics import roc_curve
 
 from ..metrics import _maps_and_masks, _RankedPixels
 
-__all__ = ["PixelCurves", "pixel_curves", "image_roc", "thin"]
+__all__ = ["PixelCurves", "pixel_curves", "ranked_curves", "image_roc", "thin"]
 
 
 @dataclass
@@ -40,7 +41,11 @@ def pixel_curves(maps: np.ndarray, masks: np.ndarray) -> PixelCurves:
         ValueError: as :func:`pyramidflow.metrics.compute_metrics` (no defect or no good pixel, NaN maps).
     """
     maps, defects = _maps_and_masks(maps, masks, "pixel_curves")
-    ranked = _RankedPixels(maps, defects, with_regions=True, where="pixel_curves")
+    return ranked_curves(_RankedPixels(maps, defects, with_regions=True, where="pixel_curves"))
+
+
+def ranked_curves(ranked: _RankedPixels) -> PixelCurves:
+    """The curves of pixels :mod:`pyramidflow.metrics` ranked already (``_metrics_and_ranking``), sorting nothing."""
     start = np.zeros(1)
     return PixelCurves(
         fpr=np.clip(np.concatenate((start, ranked.fp / ranked.num_good)), 0.0, 1.0),

@@ -22,9 +22,10 @@ from torch.utils.data import Dataset
 from .._utils import write_text_atomic
 from ..calibration import stored_mask_rule, stored_pixel_rule, stored_thresholds
 from ..checkpoint import Checkpoint
-from ..metrics import (best_pixel_f1, compute_metrics, image_auroc, image_decision_metrics, mask_decision_metrics,
-                       pixel_auroc)
+from ..metrics import (AUPRO_FPR_LIMIT, _metrics_and_ranking, best_pixel_f1, image_auroc, image_decision_metrics,
+                       mask_decision_metrics, pixel_auroc)
 from ..train.log import LOG_NAME
+from .curves import ranked_curves
 from .maps import Inference, Predictions, check_smoothing_sigma, load_for_inference, predict_dataset
 from .registration import stored_reference
 from .report import EvalPlots, outcome, write_eval_report
@@ -174,7 +175,8 @@ def evaluate(
     smoothing_sigma = check_smoothing_sigma(smoothing_sigma, inference.image_size, "evaluate")
     _check_category(checkpoint, category or getattr(dataset, "category", None))
     # Started first, so that matplotlib's import and the loss plot overlap inference (EvalPlots says why).
-    with EvalPlots(Path(checkpoint.path).parent / LOG_NAME) if report else nullcontext() as plots:
+    log = Path(checkpoint.path).parent / LOG_NAME
+    with EvalPlots(log, fpr_limit=AUPRO_FPR_LIMIT) if report else nullcontext() as plots:
         return _evaluate(inference, dataset, Path(out_dir), smoothing_sigma, category, progress, register, plots)
 
 
@@ -191,7 +193,9 @@ def _evaluate(inference: Inference, dataset: Dataset, out_dir: Path, smoothing_s
             f"evaluate: {int((predictions.labels < 0).sum())} test images have no label; give a mask folder, or use "
             "`pyramidflow predict` for unlabelled images."
         )
-    metrics = compute_metrics(predictions.maps, predictions.masks, predictions.scores, predictions.labels)
+    # The ranked pixels are kept for the report's curves (the metrics' own, and sorted once).
+    metrics, ranked = _metrics_and_ranking(predictions.maps, predictions.masks, predictions.scores,
+                                           predictions.labels, AUPRO_FPR_LIMIT, "evaluate")
     decided = _decide(checkpoint, predictions)
     overlays = _overlay_paths(predictions)
     metrics_json = {
@@ -209,7 +213,8 @@ def _evaluate(inference: Inference, dataset: Dataset, out_dir: Path, smoothing_s
         "images": _image_rows(predictions, decided, overlays),
     }
     if plots is not None:
-        plots.draw_curves(metrics_json, predictions.maps, predictions.masks)
+        plots.draw_curves(metrics_json, ranked_curves(ranked))
+    del ranked
     fallback = (checkpoint.score_stats or {}).get("image_max") or float(np.quantile(predictions.maps, 0.999))
     _write_panels(predictions, out_dir, overlays, 0.0, heat_top(decided.pixel_threshold, fallback), decided)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics_json, indent=2) + "\n")

@@ -3,9 +3,11 @@
 matplotlib draws them through its SVG canvas on a bare :class:`matplotlib.figure.Figure`: pyplot is
 never imported, so no GUI backend is chosen, no global figure state is kept, and the plots draw the
 same on a server without a display. SVG rather than Agg's PNG: it skips rasterising, about a fifth
-of a plot's time, and stays sharp when the page is zoomed; the text is written as paths, so the page
-shows matplotlib's font whatever fonts the viewer has. Each function takes plain arrays and returns
-the SVG's bytes.
+of a plot's time, and stays sharp when the page is zoomed. The text is written as SVG text in
+matplotlib's font (DejaVu Sans, or the viewer's sans-serif), not as glyph outlines. With the
+histogram drawn as filled outlines, the four plots take a fifth less CPU than with text as glyph
+outlines and a bar per bin (138 against 174 ms, medians of 15, loaded 2-core machine). Each function
+takes plain arrays and returns the SVG's bytes.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _svg(figure) -> bytes:
 
     buffer = io.BytesIO()
     # A fixed salt and no date: the same plot gives the same bytes, so two pages can be compared.
-    with rc_context({"svg.fonttype": "path", "svg.hashsalt": "pyramidflow"}):
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "pyramidflow"}):
         FigureCanvasSVG(figure).print_svg(buffer, metadata={"Date": None})
     return buffer.getvalue()
 
@@ -84,7 +86,9 @@ def score_histogram(good: np.ndarray, defective: Optional[np.ndarray], threshold
     bins = np.histogram_bin_edges(values, bins=min(30, max(10, values.size // 2)))
     for scores, colour, label in groups:
         if scores.size:
-            axes.hist(scores, bins=bins, color=colour, alpha=0.55, label=f"{label} ({scores.size})")
+            # One filled outline per group, not a rectangle per bin: the same picture, fewer artists to draw.
+            axes.hist(scores, bins=bins, histtype="stepfilled", color=colour, alpha=0.55,
+                      label=f"{label} ({scores.size})")
     axes.axvline(threshold, color=_THRESHOLD, linestyle="--", linewidth=1.4, label=f"image threshold {threshold:.4g}")
     axes.set(xlabel="image score", ylabel="images")
     _title(axes, "image scores")

@@ -16,18 +16,22 @@ on a second thread while the evaluation goes on; :func:`write_eval_report` write
 from __future__ import annotations
 
 import base64
+import gc
 import html
 import json
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 from urllib.parse import quote
 
 import numpy as np
 
 from .._utils import write_text_atomic
+
+if TYPE_CHECKING:
+    from .curves import PixelCurves
 
 __all__ = ["REPORT_NAME", "GalleryItem", "outcome", "eval_gallery", "gallery_order", "read_losses", "EvalPlots",
            "write_eval_report", "write_predict_report"]
@@ -225,13 +229,12 @@ def _scores_and_labels(images: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
             np.array([row["label"] for row in images]))
 
 
-def _curve_plots(metrics: dict, maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> str:
+def _curve_plots(metrics: dict, curves: PixelCurves, fpr_limit: float) -> str:
     """The ROC and PRO curves and the score histogram of an evaluation, as the page's figures."""
-    from .curves import image_roc, pixel_curves, thin
+    from .curves import image_roc, thin
     from .plots import pro_plot, roc_plot, score_histogram
 
     scores, labels = _scores_and_labels(metrics["images"])
-    curves = pixel_curves(maps, masks)
     roc = roc_plot([(*thin(curves.fpr, curves.tpr), f"pixels (AUROC {metrics['pixel_auroc']:.4f})"),
                     (*image_roc(scores, labels), f"images (AUROC {metrics['image_auroc']:.4f})")])
     pro = pro_plot(*thin(curves.fpr, curves.pro), metrics["aupro"], fpr_limit)
@@ -242,9 +245,10 @@ def _curve_plots(metrics: dict, maps: np.ndarray, masks: np.ndarray, fpr_limit: 
 class EvalPlots:
     """The eval page's four plots, drawn on one background thread while the evaluation goes on.
 
-    Importing matplotlib and drawing the plots is most of what the page costs, a fixed cost (about 0.8 s
-    of CPU on a loaded 2-core machine, benchmarks/report_cost.py). Started before inference, the thread imports matplotlib and draws the training loss
-    while torch's kernels run (they release the GIL); :meth:`draw_curves` adds the ROC, PRO and
+    Importing matplotlib and drawing the plots is most of what the page costs, a fixed cost (about 0.5 s
+    of CPU on the thread, benchmarks/report_thread_cpu.py; NOTE [the report's objects and the collector]
+    says why eval's other objects are frozen meanwhile). Started before inference, the thread imports
+    matplotlib and draws the training loss while torch's kernels run (they release the GIL); :meth:`draw_curves` adds the ROC, PRO and
     histogram plots once the metrics are known. Where a core is spare, that work leaves eval's critical
     path; the CPU time is the same, and on a machine whose every core is busy nothing is gained. The
     overlays written meanwhile give little room: Pillow's PNG encoder holds the GIL. One thread and no
@@ -253,28 +257,41 @@ class EvalPlots:
     the use: started, ``draw_curves``, then :func:`write_eval_report`).
     """
 
-    def __init__(self, log_path: Path, *, fpr_limit: float = 0.3) -> None:
+    def __init__(self, log_path: Path, *, fpr_limit: float) -> None:
         self.fpr_limit = fpr_limit
+        # NOTE [the report's objects and the collector]
+        # matplotlib's import adds some 40,000 objects to the 220,000 that torch, scikit-learn and scipy
+        # left; that many new survivors makes Python's collector run a full pass, which walks them all:
+        # about 0.15 s of CPU in a demo eval (timed by gc.callbacks), a fifth of what the page cost.
+        # Frozen (gc.freeze), the objects that were there before are skipped by every pass until
+        # close(); a process that froze its own objects is left as it is.
+        self._froze = gc.get_freeze_count() == 0
+        if self._froze:
+            gc.freeze()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyramidflow-report")
         self._loss = self._thread.submit(_loss_section, Path(log_path))
         self._curves: Optional[Future] = None
 
-    def draw_curves(self, metrics: dict, maps: np.ndarray, masks: np.ndarray) -> None:
+    def draw_curves(self, metrics: dict, curves: PixelCurves) -> None:
         """Start the ROC, PRO and histogram plots of ``metrics`` (what ``metrics.json`` holds, with its ``images``).
 
-        ``metrics``, ``maps`` (``(N, H, W)``) and ``masks`` are read on the thread: leave them unchanged
-        until the page is written.
+        ``curves``: the pixel curves behind ``metrics``' figures (:func:`pyramidflow.inference.curves.ranked_curves`
+        of the pixels the metrics ranked). Both are read on the thread: leave them unchanged until the
+        page is written.
         """
-        self._curves = self._thread.submit(_curve_plots, metrics, maps, masks, self.fpr_limit)
+        self._curves = self._thread.submit(_curve_plots, metrics, curves, self.fpr_limit)
 
     def figures(self) -> str:
         """The page's four figures, in order; waits for the thread and raises what it raised."""
         if self._curves is None:
-            raise RuntimeError("EvalPlots.figures: call draw_curves(metrics, maps, masks) first.")
+            raise RuntimeError("EvalPlots.figures: call draw_curves(metrics, curves) first.")
         return self._curves.result() + self._loss.result()
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
+        if self._froze:
+            self._froze = False
+            gc.unfreeze()
 
     def __enter__(self) -> "EvalPlots":
         return self

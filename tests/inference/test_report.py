@@ -13,12 +13,12 @@ import pytest
 
 from pyramidflow.cli import main
 from pyramidflow.data import synthetic
-from pyramidflow.inference.curves import pixel_curves, thin
+from pyramidflow.inference.curves import PixelCurves, pixel_curves, ranked_curves, thin
 from pyramidflow.inference.report import (FALSE_ALARM, MISSED, REPORT_NAME, EvalPlots, eval_gallery, gallery_order,
                                           outcome, read_losses)
 from pyramidflow.inference.report_index import HEADLINE, write_index_report
 from pyramidflow.inference.visualize import overlay_panel
-from pyramidflow.metrics import aupro, pixel_auroc
+from pyramidflow.metrics import _metrics_and_ranking, aupro, compute_metrics, pixel_auroc
 from pyramidflow.train.log import LOG_NAME
 
 SIZE = 64
@@ -154,15 +154,15 @@ def _check_index_page(browser, root: Path, folders: list) -> None:
 
 
 def test_eval_plots_raise_what_their_thread_raised_and_end_it(tmp_path):
-    masks = np.zeros((2, 8, 8))  # no defect pixel: the pixel curves are undefined
-    metrics = {"images": [{"score": 0.1, "label": 0}, {"score": 0.2, "label": 0}], "pixel_auroc": 0.5,
+    broken = PixelCurves(fpr=np.linspace(0, 1, 5), tpr=np.linspace(0, 1, 4), pro=np.linspace(0, 1, 5))
+    metrics = {"images": [{"score": 0.1, "label": 0}, {"score": 0.2, "label": 1}], "pixel_auroc": 0.5,
                "image_auroc": 0.5, "aupro": 0.5, "image_threshold": 0.15}
     before = threading.active_count()
-    with EvalPlots(tmp_path / LOG_NAME) as plots:
+    with EvalPlots(tmp_path / LOG_NAME, fpr_limit=0.3) as plots:
         with pytest.raises(RuntimeError, match="draw_curves"):
             plots.figures()
-        plots.draw_curves(metrics, np.ones_like(masks), masks)
-        with pytest.raises(ValueError, match="no defect pixels"):
+        plots.draw_curves(metrics, broken)  # a ROC curve with 5 false- and 4 true-positive rates
+        with pytest.raises(ValueError, match="same shape"):
             plots.figures()
     assert threading.active_count() == before
 
@@ -255,6 +255,29 @@ def test_the_curves_are_the_ones_the_metrics_integrate():
     x, y = thin(curves.fpr, curves.tpr, resolution=0.05)
     assert x.size < curves.fpr.size and (x[0], y[0], x[-1], y[-1]) == (0.0, 0.0, 1.0, 1.0)
     assert area(x, y) == pytest.approx(area(curves.fpr, curves.tpr), abs=0.05)
+    # eval's path: the curves of the ranking its metrics were read from, the pixels sorted once.
+    metrics, ranked = _metrics_and_ranking(maps, masks, None, None, 0.3, "test")
+    assert metrics == compute_metrics(maps, masks)
+    reused = ranked_curves(ranked)
+    for name in ("fpr", "tpr", "pro"):
+        np.testing.assert_array_equal(getattr(reused, name), getattr(curves, name))
+
+
+def test_eval_plots_keep_the_collector_off_the_objects_there_before_and_only_while_open(tmp_path):
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with EvalPlots(tmp_path / LOG_NAME, fpr_limit=0.3):
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a process that froze its own objects keeps them frozen
+    try:
+        with EvalPlots(tmp_path / LOG_NAME, fpr_limit=0.3):
+            pass
+        # Not an equal count: a frozen object that loses its last reference is freed all the same.
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_overlay_marks_the_threshold_on_its_colour_bar_and_shows_the_decision():
