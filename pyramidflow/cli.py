@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(evaluate)
     _add_smoothing(evaluate)
     evaluate.add_argument("--register", action="store_true",
-                          help="align each image to the training images first (rotation and translation); stores the "
-                               "reference, the mean training image, in the checkpoint")
+                          help="align each image to the training images first (rotation and translation) using the "
+                               "checkpoint's reference, the mean training image (added from --data's training images to "
+                               "a checkpoint written without one)")
     evaluate.add_argument("--no-report", action="store_true",
                           help="skip report.html and its plots (a fixed cost, most of it importing matplotlib); "
                                "metrics.json and the overlays are written as ever")
@@ -243,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(predict)
     _add_smoothing(predict)
     predict.add_argument("--register", action="store_true",
-                         help="align each image to the training images first (needs a checkpoint used once with "
-                              "eval --register)")
+                         help="align each image to the training images first (the checkpoint's reference, stored by "
+                              "train; an older checkpoint needs one run of eval --register)")
 
     export = commands.add_parser("export", help="the inference graph of a checkpoint as ONNX or TorchScript")
     export.add_argument("--checkpoint", required=True, type=Path, help=_CHECKPOINT_HELP)
