@@ -444,9 +444,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
     bit_depth = inference.bit_depth if args.bit_depth is None else args.bit_depth
     dataset = _dataset(args.data, args.category, "test", inference.image_size, args.layout, bit_depth)
-    if args.register:
+    if args.register and (inference.checkpoint.registration or {}).get("reference") is None:
         from .inference.registration import ensure_reference
 
+        # A checkpoint written before `train` stored the reference: add it once, from the training images.
         train_set = _dataset(args.data, args.category, "train", inference.image_size, args.layout, bit_depth)
         train_set.augment = False
         ensure_reference(inference.checkpoint, train_set)

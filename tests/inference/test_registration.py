@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -208,6 +209,11 @@ def test_eval_and_predict_register_from_the_command_line(trained, tmp_path):
     path, root = trained
     assert main(["predict", "--checkpoint", str(path), "--out", str(tmp_path / "fresh"), "--register", "--device",
                  "cpu", str(root / "nut" / "test" / "good")]) == 0
+    test_only = tmp_path / "test_only"  # eval reads no training image when the checkpoint holds the reference
+    for part in ("test", "ground_truth"):
+        shutil.copytree(root / "nut" / part, test_only / "nut" / part)
+    assert main(["eval", "--checkpoint", str(path), "--data", str(test_only), "--category", "nut", "--out",
+                 str(tmp_path / "eval_fresh"), "--device", "cpu", "--register", "--no-report"]) == 0
     copy = _without_reference(path, tmp_path)
     assert main(["predict", "--checkpoint", str(copy), "--out", str(tmp_path / "refused"), "--register", "--device",
                  "cpu", str(root / "nut" / "test" / "good")]) != 0
