@@ -80,6 +80,7 @@ class _Run:
         self.step_rng: dict | None = None  # RNG state at the end of the last completed step
         self.step_buffers: dict | None = None  # model buffers (running means) at the end of the last step
         self.held_out: Dataset | None = None  # good images kept out of training for the thresholds
+        self.good_images: Dataset = dataset  # every good image, held-out ones included (set by train; the reference)
         self.calibration: dict | None = None  # the split, and the thresholds once training has finished
         self.data: dict | None = None  # what the run trains on (train.data.data_record)
 
@@ -284,6 +285,7 @@ def train(
                 training_images, held_out, split = hold_out(dataset, train_config)
                 run = _Run(model_config, train_config, training_images, out_dir, ctx, device, progress)
                 run.held_out, run.calibration, run.data = held_out, split, data_record(dataset)
+                run.good_images = dataset
                 if resume:
                     with guard.critical():  # a half-restored run must never be saved
                         run.restore()
@@ -337,7 +339,8 @@ def _loop(run: _Run, guard: InterruptGuard) -> TrainResult:
                 thresholds = decision_thresholds(run.model, template, stats, held_out=run.held_out,
                                                  training_images=run.dataset, config=config, device=run.device,
                                                  dtype=run.dtype)
-                registration = {"reference": registration_reference(run.dataset, batch_size=config.batch_size)}
+            with without_augmentation(run.good_images):
+                registration = {"reference": registration_reference(run.good_images, batch_size=config.batch_size)}
             restore_rng_state(rng, run.device)
             run.calibration = {**(run.calibration or {}), **thresholds}
         with guard.critical():  # a stop signal now is raised once the finished checkpoint is on disk
