@@ -307,7 +307,16 @@ def _model_config(args: argparse.Namespace):
     overrides = {name: value for name, value in vars(args).items() if name in fields and value is not None}
     if overrides.get("volume_norm") == "none":
         overrides["volume_norm"] = None
+    if getattr(args, "texture", False) and not _in_presets_table(args.category):
+        return PyramidFlowConfig.for_texture(**overrides)
     return PyramidFlowConfig.for_category(args.category, **overrides)
+
+
+def _in_presets_table(category: str) -> bool:
+    """Whether the category has a row of its own in docs/categories.md (MVTec AD's and BTAD's classes)."""
+    from .data import BTAD_CATEGORIES, MVTEC_CATEGORIES
+
+    return str(category).strip().lower() in MVTEC_CATEGORIES + BTAD_CATEGORIES
 
 
 def _as_flag(flag: str, call: Callable[[], Any]) -> Any:

@@ -16,7 +16,10 @@ from pyramidflow.model import PyramidFlowConfig
 
 CATEGORIES = Path(__file__).resolve().parents[2] / "docs" / "categories.md"
 OWN = "my_part"  # a name no table knows
-OWN_ROWS = {"any other name": [], "any other name, `--texture`": ["--texture"]}
+OWN_ROWS = {  # row -> (flags of `train`, the library's settings for it)
+    "any other name": ([], lambda: PyramidFlowConfig.for_category(OWN)),
+    "any other name, `--texture`": (["--texture"], PyramidFlowConfig.for_texture),
+}
 
 
 def _rows():
@@ -37,7 +40,7 @@ def test_presets_table_matches_the_code():
                                             + [("your own", name) for name in OWN_ROWS])
     btad_texture = inspect.signature(BTADDataset).parameters["texture"].default
     for data_set, category, volume_norm, levels, augmentation, encoder in rows:
-        config = PyramidFlowConfig.for_category(OWN if data_set == "your own" else category)
+        config = OWN_ROWS[category][1]() if data_set == "your own" else PyramidFlowConfig.for_category(category)
         assert (config.volume_norm, config.num_levels) == (volume_norm, int(levels)), category
         assert encoder == getattr(config, "encoder", "none"), category
         if data_set != "your own":  # those go through `train`, below
@@ -57,7 +60,7 @@ def test_a_category_of_ones_own_trains_as_the_table_says(own_data, tmp_path, row
     [(_, _, volume_norm, levels, augmentation, _)] = [r for r in _rows() if r[:2] == ["your own", row]]
     out = tmp_path / "run"
     assert main(["train", "--data", str(own_data), "--category", OWN, "--out", str(out), "--size", "32", "--steps", "1",
-                 "--channels", "4", "--kernel-size", "3", "--stacks", "1", "--device", "cpu", *OWN_ROWS[row]]) == 0
+                 "--channels", "4", "--kernel-size", "3", "--stacks", "1", "--device", "cpu", *OWN_ROWS[row][0]]) == 0
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     assert _augmentation(checkpoint.train_config["augment"]) == augmentation
     assert (checkpoint.model_config["volume_norm"], checkpoint.model_config["num_levels"]) == (volume_norm, int(levels))
@@ -68,3 +71,17 @@ def test_no_augment_turns_the_texture_recipes_augmentation_off(own_data, tmp_pat
     assert main(["train", "--data", str(own_data), "--category", OWN, "--out", str(out), "--size", "32", "--steps", "1",
                  "--channels", "4", "--kernel-size", "3", "--stacks", "1", "--device", "cpu", "--texture", "--no-augment"]) == 0
     assert load_checkpoint(out / "checkpoint.pt").train_config["augment"] is False
+
+
+def test_the_texture_recipe_differs_from_the_defaults_and_leaves_the_authors_categories_alone(own_data, tmp_path):
+    """``--texture`` on a category of the table keeps that category's row (only the augmentation is the texture's)."""
+    assert PyramidFlowConfig.for_texture() != PyramidFlowConfig()
+    assert PyramidFlowConfig.for_texture(num_levels=5).num_levels == 5
+    shutil.copytree(own_data / OWN, own_data / "carpet")
+    out = tmp_path / "carpet"
+    assert main(["train", "--data", str(own_data), "--category", "carpet", "--out", str(out), "--size", "128",
+                 "--steps", "1", "--channels", "4", "--kernel-size", "3", "--stacks", "1", "--device", "cpu",
+                 "--texture"]) == 0
+    carpet = PyramidFlowConfig.for_category("carpet")
+    model_config = load_checkpoint(out / "checkpoint.pt").model_config
+    assert (model_config["volume_norm"], model_config["num_levels"]) == (carpet.volume_norm, carpet.num_levels)
