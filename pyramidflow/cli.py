@@ -96,11 +96,12 @@ def _add_training_options(parser: argparse.ArgumentParser, defaults, what: str =
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="STEPS",
                         help=f"write checkpoint.pt every STEPS steps, and at the end ({defaults.checkpoint_every})")
     parser.add_argument("--texture", action="store_true",
-                        help="declare the category a texture (one of your own): the texture recipe of "
-                             "docs/categories.md, as MVTec AD's textures get it (flips + rot90 augmentation)")
+                        help="declare a category of your own a photographed texture: the texture recipe of "
+                             "docs/categories.md (2 pyramid levels; add --augment for flips/rotations)")
     augment = parser.add_mutually_exclusive_group()
     augment.add_argument("--augment", action="store_true",
-                         help="random flips/rotations of the training images (the texture recipe's augmentation alone)")
+                         help="random flips/rotations of the training images, for a texture that looks the same "
+                              "turned and mirrored")
     augment.add_argument("--no-augment", action="store_true",
                          help="no flips/rotations of texture images (default: on for textures, as the authors)")
 
@@ -288,13 +289,11 @@ def _layout(root: Path, category: str, layout: str) -> str:
     return "mvtec"
 
 
-def _dataset(root: Path, category: str, split: str, size, layout: str, bit_depth: Optional[int] = None,
-             texture: bool = False):
-    """The data set of ``category``; ``texture`` (``--texture``) declares it a texture, else the data set's preset."""
+def _dataset(root: Path, category: str, split: str, size, layout: str, bit_depth: Optional[int] = None):
     from .data import BTADDataset, MVTecDataset
 
     cls = BTADDataset if _layout(root, category, layout) == "btad" else MVTecDataset
-    return cls(root, category, split=split, size=size, bit_depth=bit_depth, **({"texture": True} if texture else {}))
+    return cls(root, category, split=split, size=size, bit_depth=bit_depth)
 
 
 def _model_config(args: argparse.Namespace):
@@ -346,7 +345,7 @@ def _check_size(size: int, config) -> None:
 
 
 def _augment(args: argparse.Namespace, dataset) -> bool:
-    """``--augment`` / ``--no-augment``, else the data set's preset (on for known texture categories and ``--texture``)."""
+    """``--augment`` / ``--no-augment``, else the data set's preset (on for known texture categories)."""
     if args.augment or args.no_augment:
         return bool(args.augment)
     return bool(dataset.augment)
@@ -411,7 +410,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     model_config = _model_config(args)
     _check_size(args.size, model_config)
-    dataset = _dataset(args.data, args.category, "train", args.size, args.layout, args.bit_depth, texture=args.texture)
+    dataset = _dataset(args.data, args.category, "train", args.size, args.layout, args.bit_depth)
     train_config = _train_config(args, dataset, drift=args.drift, calibration_fraction=args.calibration_fraction,
                                  image_fpr=args.image_fpr, pixel_fpr=args.pixel_fpr, pixel_rule=args.pixel_rule)
     if not args.no_plan:
@@ -427,7 +426,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
     variants = [v.name for v in _as_flag("--variants", lambda: resolve_variants(args.variants))]
     base = _model_config(args)
     _check_size(args.size, base)
-    train_set = _dataset(args.data, args.category, "train", args.size, args.layout, texture=args.texture)
+    train_set = _dataset(args.data, args.category, "train", args.size, args.layout)
     test_set = _dataset(args.data, args.category, "test", args.size, args.layout)
     train_config = _train_config(args, train_set)
     results = run_ablation(base, train_config, train_set, test_set, args.out, category=args.category, variants=variants)

@@ -66,15 +66,17 @@ def test_a_category_of_ones_own_trains_as_the_table_says(own_data, tmp_path, row
     assert (checkpoint.model_config["volume_norm"], checkpoint.model_config["num_levels"]) == (volume_norm, int(levels))
 
 
-def test_no_augment_turns_the_texture_recipes_augmentation_off(own_data, tmp_path):
+def test_augment_adds_flips_and_rotations_to_the_texture_recipe(own_data, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--data", str(own_data), "--category", OWN, "--out", str(out), "--size", "32", "--steps", "1",
-                 "--channels", "4", "--kernel-size", "3", "--stacks", "1", "--device", "cpu", "--texture", "--no-augment"]) == 0
-    assert load_checkpoint(out / "checkpoint.pt").train_config["augment"] is False
+                 "--channels", "4", "--kernel-size", "3", "--stacks", "1", "--device", "cpu", "--texture", "--augment"]) == 0
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint.train_config["augment"] is True
+    assert checkpoint.model_config["num_levels"] == PyramidFlowConfig.for_texture().num_levels
 
 
 def test_the_texture_recipe_differs_from_the_defaults_and_leaves_the_authors_categories_alone(own_data, tmp_path):
-    """``--texture`` on a category of the table keeps that category's row (only the augmentation is the texture's)."""
+    """``--texture`` on a category of the table keeps that category's row."""
     assert PyramidFlowConfig.for_texture() != PyramidFlowConfig()
     assert PyramidFlowConfig.for_texture(num_levels=5).num_levels == 5
     shutil.copytree(own_data / OWN, own_data / "carpet")
