@@ -244,7 +244,6 @@ class PyramidFlowConfig:
         settings.update(overrides)
         return cls(**settings)
 
-
     @classmethod
     def for_texture(cls, **overrides) -> "PyramidFlowConfig":
         """The texture recipe's settings for a texture of one's own (``train --texture``), ``overrides`` on top.

@@ -103,8 +103,8 @@ def decision_thresholds(
 def registration_reference(dataset: Dataset, *, batch_size: int = 16) -> Tensor:
     """The reference images are aligned to: the mean ``(3, H, W)`` normalised training image, on the CPU.
 
-    A few hundred kilobytes at 128 px (3 floats a pixel), so the checkpoint carries it and registration
-    needs no training images.
+    3 floats a pixel (192 KiB at 128 px), so the checkpoint carries it and registration needs no
+    training images.
 
     Args:
         dataset: the training images (dicts with ``image``: ``(3, H, W)`` normalised, at the trained size),
