@@ -86,7 +86,8 @@ class Checkpoint:
         data: what the run was trained on (``dataset``, ``root``, ``category``, ``image_size``,
             ``num_images``; see :func:`pyramidflow.train.data.data_record`), or ``None`` in older checkpoints.
         registration: ``{"reference": (3, H, W)}``, the mean training image that ``register=True`` aligns
-            images to (:mod:`pyramidflow.inference.registration`), or ``None`` where it was never stored.
+            images to (:mod:`pyramidflow.inference.registration`), stored by a finished ``train``; ``None``
+            in unfinished runs and in checkpoints written before ``train`` stored it.
     """
 
     path: Path

@@ -95,9 +95,13 @@ def _add_training_options(parser: argparse.ArgumentParser, defaults, what: str =
                         help=f"seeds the initial weights, the shuffles and the augmentation ({defaults.seed})")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="STEPS",
                         help=f"write checkpoint.pt every STEPS steps, and at the end ({defaults.checkpoint_every})")
+    parser.add_argument("--texture", action="store_true",
+                        help="declare a category of your own a photographed texture: the texture recipe of "
+                             "docs/categories.md (2 pyramid levels; add --augment for flips/rotations)")
     augment = parser.add_mutually_exclusive_group()
     augment.add_argument("--augment", action="store_true",
-                         help="random flips/rotations of the training images, for a texture category of your own")
+                         help="random flips/rotations of the training images, for a texture that looks the same "
+                              "turned and mirrored")
     augment.add_argument("--no-augment", action="store_true",
                          help="no flips/rotations of texture images (default: on for textures, as the authors)")
 
@@ -223,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(evaluate)
     _add_smoothing(evaluate)
     evaluate.add_argument("--register", action="store_true",
-                          help="align each image to the training images first (rotation and translation); stores the "
-                               "reference, the mean training image, in the checkpoint")
+                          help="align each image to the training images first (rotation and translation) using the "
+                               "checkpoint's reference, the mean training image (added from --data's training images to "
+                               "a checkpoint written without one)")
     evaluate.add_argument("--no-report", action="store_true",
                           help="skip report.html and its plots (a fixed cost, most of it importing matplotlib); "
                                "metrics.json and the overlays are written as ever")
@@ -243,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(predict)
     _add_smoothing(predict)
     predict.add_argument("--register", action="store_true",
-                         help="align each image to the training images first (needs a checkpoint used once with "
-                              "eval --register)")
+                         help="align each image to the training images first (the checkpoint's reference, stored by "
+                              "train; an older checkpoint needs one run of eval --register)")
 
     export = commands.add_parser("export", help="the inference graph of a checkpoint as ONNX or TorchScript")
     export.add_argument("--checkpoint", required=True, type=Path, help=_CHECKPOINT_HELP)
@@ -301,7 +306,16 @@ def _model_config(args: argparse.Namespace):
     overrides = {name: value for name, value in vars(args).items() if name in fields and value is not None}
     if overrides.get("volume_norm") == "none":
         overrides["volume_norm"] = None
+    if getattr(args, "texture", False) and not _in_presets_table(args.category):
+        return PyramidFlowConfig.for_texture(**overrides)
     return PyramidFlowConfig.for_category(args.category, **overrides)
+
+
+def _in_presets_table(category: str) -> bool:
+    """Whether the category has a row of its own in docs/categories.md (MVTec AD's and BTAD's classes)."""
+    from .data import BTAD_CATEGORIES, MVTEC_CATEGORIES
+
+    return str(category).strip().lower() in MVTEC_CATEGORIES + BTAD_CATEGORIES
 
 
 def _as_flag(flag: str, call: Callable[[], Any]) -> Any:
@@ -443,9 +457,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     inference = load_for_inference(args.checkpoint, resolve_device(args.device))
     bit_depth = inference.bit_depth if args.bit_depth is None else args.bit_depth
     dataset = _dataset(args.data, args.category, "test", inference.image_size, args.layout, bit_depth)
-    if args.register:
+    if args.register and (inference.checkpoint.registration or {}).get("reference") is None:
         from .inference.registration import ensure_reference
 
+        # A checkpoint written before `train` stored the reference: add it once, from the training images.
         train_set = _dataset(args.data, args.category, "train", inference.image_size, args.layout, bit_depth)
         train_set.augment = False
         ensure_reference(inference.checkpoint, train_set)

@@ -488,6 +488,7 @@ def test_version_comes_from_the_package_metadata(capsys):
 
 @pytest.mark.parametrize("category, flags, expected", [
     ("nut", [], False), ("nut", ["--augment"], True), ("fabric", [], True), ("fabric", ["--no-augment"], False),
+    ("nut", ["--texture"], False), ("nut", ["--texture", "--augment"], True), ("fabric", ["--texture"], True),
 ])
 def test_augment_flags_and_the_category_preset(data_root, tmp_path, monkeypatch, category, flags, expected):
     import pyramidflow.train as train_module

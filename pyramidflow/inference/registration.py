@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..checkpoint import Checkpoint, CheckpointError, save_checkpoint_atomic
+from ..train.stats import registration_reference
 
 __all__ = [
     "MAX_ANGLE_DEGREES",
@@ -53,22 +54,6 @@ _EPS = 1e-8
 _REFINE_ITERATIONS = 30
 
 
-def registration_reference(dataset: Dataset, *, batch_size: int = 16) -> Tensor:
-    """The reference images are aligned to: the mean ``(3, H, W)`` normalised training image, on the CPU.
-
-    Args:
-        dataset: the training images (dicts with ``image``: ``(3, H, W)`` normalised, at the trained size).
-    """
-    total, count = None, 0
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        images = batch["image"].double()
-        total = images.sum(0) if total is None else total + images.sum(0)
-        count += images.shape[0]
-    if count == 0:
-        raise ValueError("registration_reference: the training data set is empty; give the training images.")
-    return (total / count).float()
-
-
 def store_reference(path: str, reference: Tensor) -> None:
     """Write ``reference`` into the checkpoint at ``path`` (key ``registration``), keeping all else as it was."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,7 +64,8 @@ def store_reference(path: str, reference: Tensor) -> None:
 def ensure_reference(checkpoint: Checkpoint, train_dataset: Dataset) -> Tensor:
     """The checkpoint's reference; computed from ``train_dataset`` and written into the checkpoint file if it has none.
 
-    Stored once, so that ``predict`` on a machine without the training images can register too.
+    ``train`` stores the reference; this is for checkpoints written before it did (``eval --register``
+    calls it): stored once, so that ``predict`` on a machine without the training images can register too.
     """
     if (checkpoint.registration or {}).get("reference") is None:
         reference = registration_reference(train_dataset)
@@ -98,8 +84,8 @@ def stored_reference(checkpoint: Checkpoint, where: str) -> Tensor:
     if reference is None:
         raise CheckpointError(
             f"{where}: {checkpoint.path} holds no registration reference (register=True needs one); run "
-            "`pyramidflow eval --register` on it once, or call pyramidflow.inference.registration.store_reference "
-            "with registration_reference(<training data set>)."
+            "`pyramidflow eval --register` on it once, which adds it from the training images, or train it again "
+            "(`train` stores it)."
         )
     return reference
 

@@ -10,6 +10,11 @@ Two ablations of the paper's Table 2 are switches here: a zero template
 (``fit_template(..., kind="zero")``: the map is the latent's own magnitude) and
 the composed difference (``anomaly_map(..., difference="composed")``: compose
 latent and template to full resolution first, then take ``|·|``).
+
+A third template is for stationary textures (``kind="constant"``): the mean latent's spatial mean,
+per level and channel. Crops of a texture are not registered, so the mean of a few dozen crops is
+not a picture of "the" texture but of their leftover detail (a 1/sqrt(n) copy of each crop); its
+spatial mean keeps what every position shares and drops that noise.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from torch import Tensor, nn
 
 from .pyramid import laplacian_compose
 
-__all__ = ["TEMPLATES", "DIFFERENCES", "fit_template", "anomaly_map", "image_score"]
+__all__ = ["TEMPLATES", "DIFFERENCES", "constant_template", "fit_template", "anomaly_map", "image_score"]
 
-TEMPLATES = ("mean", "zero")
+TEMPLATES = ("mean", "zero", "constant")
 DIFFERENCES = ("pyramid", "composed")
 
 Template = Tuple[Tensor, ...]
@@ -62,8 +67,9 @@ def fit_template(
         batches: an iterable of image batches ``(B, 3, H, W)`` (tensors,
             ``(images, ...)`` tuples, or dicts with ``"image"``), e.g. a DataLoader of normal training images.
         device: where to run the model; ``None`` for the device of its parameters.
-        kind: ``"mean"`` (the method) or ``"zero"`` (ablation: zeros of the same shapes, so the
-            anomaly map becomes the latent's own magnitude).
+        kind: ``"mean"`` (the method), ``"zero"`` (ablation: zeros of the same shapes, so the
+            anomaly map becomes the latent's own magnitude) or ``"constant"`` (stationary textures:
+            the mean's spatial mean per level and channel, :func:`constant_template`).
 
     Returns:
         The template: ``L`` tensors ``(1, C, H_i, W_i)`` in the latents' dtype.
@@ -93,7 +99,17 @@ def fit_template(
         raise ValueError("fit_template: the batches held no image; pass at least one batch of normal images.")
     if kind == "zero":
         return tuple(torch.zeros_like(s, dtype=dtype) for s in sums)
-    return tuple((s / count).to(dtype) for s in sums)
+    mean = tuple((s / count).to(dtype) for s in sums)
+    return constant_template(mean) if kind == "constant" else mean
+
+
+def constant_template(template: Sequence[Tensor]) -> Template:
+    """``template`` averaged over space, per level and channel, at the same shapes ``(1, C, H_i, W_i)``.
+
+    The template of a stationary texture: every position of a texture is alike, so a per-pixel mean
+    of unregistered crops differs from its spatial mean only by the crops' leftover detail.
+    """
+    return tuple(t.double().mean(dim=(-2, -1), keepdim=True).expand_as(t).to(t.dtype).contiguous() for t in template)
 
 
 def anomaly_map(

@@ -37,6 +37,9 @@ __all__ = ["PyramidFlowConfig", "PyramidFlow", "InputLift", "stack_layout"]
 # The authors' per-category settings (MVTec AD); any other name gets the defaults.
 _SVN_CATEGORIES = frozenset({"carpet", "grid", "bottle", "transistor"})
 _LEVELS_BY_CATEGORY = {"metal_nut": 8, "carpet": 8, "transistor": 8, "screw": 2}
+# The texture recipe's model settings for a texture of one's own (`train --texture`), measured on the
+# development set of real textures (benchmarks/README.md, "Recipes for natural textures").
+_TEXTURE_SETTINGS = {"num_levels": 2}
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -240,6 +243,25 @@ class PyramidFlowConfig:
             raise TypeError(f"PyramidFlowConfig.for_category: unknown setting(s) {sorted(unknown)}.")
         settings.update(overrides)
         return cls(**settings)
+
+    @classmethod
+    def for_texture(cls, **overrides) -> "PyramidFlowConfig":
+        """The texture recipe's settings for a texture of one's own (``train --texture``), ``overrides`` on top.
+
+        The defaults with 2 pyramid levels: on photographed textures (the development set of real textures,
+        benchmarks/README.md) 2 levels localised better than 3 or 4 at the same training steps (AUPRO higher on
+        every texture). Augmentation is the training's (``TrainConfig.augment``), off in the recipe: flips and
+        rotations did not help photographed textures. The authors' categories keep their own settings
+        (:meth:`for_category`).
+
+        Example:
+            >>> PyramidFlowConfig.for_texture().num_levels
+            2
+        """
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"PyramidFlowConfig.for_texture: unknown setting(s) {sorted(unknown)}.")
+        return cls(**{**_TEXTURE_SETTINGS, **overrides})
 
 
 def stack_layout(num_levels: int) -> List[Tuple[str, int]]:

@@ -50,7 +50,7 @@ from pyramidflow.train.log import LOG_NAME, DriftTracker, append_log, trim_log
 from pyramidflow.train.resume import (
     capture_rng_state, check_same_data, check_same_settings, check_same_split, fresh_rng_state, restore_rng_state,
 )
-from pyramidflow.train.stats import decision_thresholds, template_and_score_stats
+from pyramidflow.train.stats import decision_thresholds, registration_reference, template_and_score_stats
 from pyramidflow.train.step import make_optimizer, training_step
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "resolve_device", "train"]
@@ -80,6 +80,7 @@ class _Run:
         self.step_rng: dict | None = None  # RNG state at the end of the last completed step
         self.step_buffers: dict | None = None  # model buffers (running means) at the end of the last step
         self.held_out: Dataset | None = None  # good images kept out of training for the thresholds
+        self.good_images: Dataset = dataset  # every good image, held-out ones included (set by train; the reference)
         self.calibration: dict | None = None  # the split, and the thresholds once training has finished
         self.data: dict | None = None  # what the run trains on (train.data.data_record)
 
@@ -126,7 +127,7 @@ class _Run:
             trim_log(self.log_path, self.step)
 
     def _state(self, rng_states: list[dict], template: list[Tensor] | None, stats: dict | None,
-               buffers: dict | None = None) -> dict:
+               buffers: dict | None = None, registration: dict | None = None) -> dict:
         epoch, batch = divmod(self.step, self.sampler.batches_per_epoch)
         weights = self.model.state_dict()
         weights.update({k: v for k, v in (buffers or {}).items() if k in weights})  # persistent ones only
@@ -146,9 +147,11 @@ class _Run:
             "calibration": self.calibration,
             "drift": [list(h) for h in self.drift_tracker.history],
             "data": self.data,
+            "registration": registration,
         }
 
-    def save(self, *, template: list[Tensor] | None = None, stats: dict | None = None, collective: bool = True) -> None:
+    def save(self, *, template: list[Tensor] | None = None, stats: dict | None = None, registration: dict | None = None,
+             collective: bool = True) -> None:
         """Check, then write the checkpoint of the current step (rank 0). ``collective``: all ranks are here."""
         self.check_finite(weights=True)
         # Not collective: a Ctrl-C, possibly mid-step; save the state of the end of the last step.
@@ -158,7 +161,7 @@ class _Run:
             states = [None] * self.ctx.world_size
             torch.distributed.all_gather_object(states, capture_rng_state(self.device))
         if self.ctx.is_main:
-            save_checkpoint_atomic(self._state(states, template, stats, buffers), self.path)
+            save_checkpoint_atomic(self._state(states, template, stats, buffers, registration), self.path)
         self.saved_step = self.step
 
     # --- NaN / inf --------------------------------------------------------------------------------
@@ -282,6 +285,7 @@ def train(
                 training_images, held_out, split = hold_out(dataset, train_config)
                 run = _Run(model_config, train_config, training_images, out_dir, ctx, device, progress)
                 run.held_out, run.calibration, run.data = held_out, split, data_record(dataset)
+                run.good_images = dataset
                 if resume:
                     with guard.critical():  # a half-restored run must never be saved
                         run.restore()
@@ -325,7 +329,7 @@ def _loop(run: _Run, guard: InterruptGuard) -> TrainResult:
                 if run.step >= total:
                     break
         run.check_finite(weights=True)
-        template = stats = None
+        template = stats = registration = None
         if run.ctx.is_main:
             # The template pass must leave no trace in the RNG state the checkpoint stores: a run
             # resumed with a larger budget continues from the end of the last step.
@@ -335,10 +339,12 @@ def _loop(run: _Run, guard: InterruptGuard) -> TrainResult:
                 thresholds = decision_thresholds(run.model, template, stats, held_out=run.held_out,
                                                  training_images=run.dataset, config=config, device=run.device,
                                                  dtype=run.dtype)
+            with without_augmentation(run.good_images):
+                registration = {"reference": registration_reference(run.good_images, batch_size=config.batch_size)}
             restore_rng_state(rng, run.device)
             run.calibration = {**(run.calibration or {}), **thresholds}
         with guard.critical():  # a stop signal now is raised once the finished checkpoint is on disk
-            run.save(template=template, stats=stats)
+            run.save(template=template, stats=stats, registration=registration)
         if run.ctx.is_distributed:
             torch.distributed.barrier()
     finally:

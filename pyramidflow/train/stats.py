@@ -3,8 +3,10 @@
 Once the last step is done, :func:`pyramidflow.train.train` passes over the training images in eval
 mode and without gradients to fit the latent template and take the statistics of their anomaly
 scores (:func:`template_and_score_stats`), then sets the image and pixel decision thresholds on the
-held-out good images (:func:`decision_thresholds`, rules in :mod:`pyramidflow.calibration`). All
-of it is stored in the final checkpoint; no test image is ever used.
+held-out good images (:func:`decision_thresholds`, rules in :mod:`pyramidflow.calibration`), and
+takes the mean training image that registration aligns images to (:func:`registration_reference`,
+used by :mod:`pyramidflow.inference.registration`). All of it is stored in the final checkpoint; no
+test image is ever used.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from pyramidflow.calibration import calibrate
 from pyramidflow.train.config import TrainConfig
 from pyramidflow.train.data import batch_images, image_size, plain_loader
 
-__all__ = ["decision_thresholds", "template_and_score_stats"]
+__all__ = ["decision_thresholds", "registration_reference", "template_and_score_stats"]
 
 
 @torch.no_grad()
@@ -96,3 +98,23 @@ def decision_thresholds(
         training_scores=stats["image_scores"] if held_out is not None else None,
         pixel_rule=config.pixel_rule, seed=config.seed,
     )
+
+
+def registration_reference(dataset: Dataset, *, batch_size: int = 16) -> Tensor:
+    """The reference images are aligned to: the mean ``(3, H, W)`` normalised training image, on the CPU.
+
+    3 floats a pixel (192 KiB at 128 px), so the checkpoint carries it and registration needs no
+    training images.
+
+    Args:
+        dataset: the training images (dicts with ``image``: ``(3, H, W)`` normalised, at the trained size),
+            unaugmented.
+    """
+    total, count = None, 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        images = batch["image"].double()
+        total = images.sum(0) if total is None else total + images.sum(0)
+        count += images.shape[0]
+    if count == 0:
+        raise ValueError("registration_reference: the training data set is empty; give the training images.")
+    return (total / count).float()

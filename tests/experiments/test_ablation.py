@@ -157,6 +157,25 @@ def test_zero_template_gives_the_raw_latent_magnitude():
         fit_template(model, [images], kind="median")
 
 
+# -- template="constant": the mean's spatial mean, for stationary textures ----------------------------------
+
+
+def test_constant_template_is_the_spatial_mean_of_the_mean_template_per_level_and_channel():
+    model = perturb(PyramidFlow(small()), std=0.05)
+    images = torch.randn(4, 3, 8, 12)
+    with torch.no_grad():
+        model(images)  # one training forward sets the running means
+    mean_template = fit_template(model, [images[:2], images[2:]])
+    template = fit_template(model, [images[:2], images[2:]], kind="constant")
+    for t, m in zip(template, mean_template):
+        assert t.shape == m.shape and t.dtype == m.dtype
+        expected = m.double().flatten(2).mean(-1)  # (1, C), computed apart from the library's keepdim/expand
+        torch.testing.assert_close(t.double()[..., 0, 0], expected)
+        torch.testing.assert_close(t.double()[..., -1, -1], expected)
+        assert (t == t[..., :1, :1]).all()
+        assert not torch.equal(t, m)  # the mean template varies over space here
+
+
 # -- difference="composed": compose first, then subtract ------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -34,11 +35,11 @@ def _part() -> np.ndarray:
 
 
 def _moved(image: np.ndarray, angle: float, shift) -> np.ndarray:
-    """``image`` rotated by ``angle`` about its centre, then moved by ``shift`` ``(x, y)`` pixels, with scipy
-    (independent of the module): moved(v) = image(R^T (v - t)) in centred coordinates."""
+    """``image`` ``(H, W)`` rotated by ``angle`` about its centre, then moved by ``shift`` ``(x, y)`` pixels, with
+    scipy (independent of the module): moved(v) = image(R^T (v - t)) in centred coordinates."""
     c, s = math.cos(angle), math.sin(angle)
     inverse_yx = np.array([[c, -s], [s, c]])  # R^T in (x, y) is [[c, s], [-s, c]]; swapped to (row, col)
-    centre = np.array([(H - 1) / 2, (W - 1) / 2])
+    centre = (np.array(image.shape, dtype=float) - 1) / 2
     offset = centre - inverse_yx @ (centre + np.array([shift[1], shift[0]]))
     return ndimage.affine_transform(image, inverse_yx, offset=offset, order=3, mode="nearest")
 
@@ -124,20 +125,57 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = synthetic.generate(tmp_path_factory.mktemp("data"), seed=5, size=SIZE, categories=("nut",), num_train=6,
+    """A checkpoint trained with augmentation on (the reference must be the images as they are, not flipped)."""
+    root = synthetic.generate(tmp_path_factory.mktemp("data"), seed=5, size=SIZE, categories=("nut",), num_train=8,
                               num_test=1)
     config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=1, num_levels=3)
-    run = train(config, TrainConfig(steps=2, device="cpu"), MVTecDataset(root, "nut", split="train", size=SIZE),
-                tmp_path_factory.mktemp("run"), progress=False)
+    run = train(config, TrainConfig(steps=2, device="cpu", augment=True),
+                MVTecDataset(root, "nut", split="train", size=SIZE), tmp_path_factory.mktemp("run"), progress=False)
     return run.checkpoint_path, root
+
+
+def _without_reference(path, tmp_path):
+    """A copy of the checkpoint at ``path`` as written before ``train`` stored the reference."""
+    old = tmp_path / "old.pt"
+    state = torch.load(path, weights_only=True)
+    del state["registration"]
+    torch.save(state, old)
+    return old
+
+
+def test_train_stores_the_mean_of_every_good_training_image_as_they_are(trained):
+    """Held-out calibration images included (as ``eval --register`` adds it to an older checkpoint), unaugmented."""
+    path, root = trained
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.calibration["held_out"]
+    plain = MVTecDataset(root, "nut", split="train", size=SIZE, augment=False)
+    reference = checkpoint.registration["reference"]
+    assert reference.shape == (3, SIZE, SIZE) and reference.dtype == torch.float32
+    expected = np.mean([plain[i]["image"].double().numpy() for i in range(len(plain))], axis=0)
+    np.testing.assert_allclose(reference.numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_a_defect_on_a_moved_part_is_masked_at_its_place_in_the_input(trained):
+    """Through the Detector, straight from training (no eval first): the mask and the region that hold the
+    defect are where the defect is in the moved image, not where it would be on the aligned one."""
+    path, root = trained
+    good = np.array(Image.open(root / "nut" / "test" / "good" / "000.png").convert("RGB"), dtype=np.float64)
+    moved = np.stack([_moved(good[..., c], math.radians(7.0), (2.5, -1.5)) for c in range(3)], -1)
+    spot_y, spot_x = 9, 22
+    moved[spot_y - 1:spot_y + 2, spot_x - 1:spot_x + 2] = 255.0
+    detector = Detector.load(path, device="cpu", register=True)
+    detector.threshold = 0.0  # flagged, so the mask holds at least the region around the peak
+    [p] = detector([np.clip(moved, 0, 255).astype(np.uint8)])
+    peak_y, peak_x = np.unravel_index(p.anomaly_map.argmax(), p.anomaly_map.shape)
+    assert abs(peak_y - spot_y) <= 1 and abs(peak_x - spot_x) <= 1
+    assert p.mask[spot_y, spot_x]
+    x0, y0, x1, y1 = max(p.regions, key=lambda region: region["peak"])["bbox"]  # stop exclusive
+    assert x0 <= spot_x < x1 and y0 <= spot_y < y1
 
 
 def test_checkpoints_without_a_reference_load_and_refuse_registration_clearly(trained, tmp_path):
     path, root = trained
-    old = tmp_path / "old.pt"
-    state = torch.load(path, weights_only=True)
-    state.pop("registration", None)
-    torch.save(state, old)
+    old = _without_reference(path, tmp_path)
     assert load_checkpoint(old).registration is None
     image = root / "nut" / "test" / "good" / "000.png"
     assert Detector.load(old, device="cpu")([image])[0].anomaly_map.shape == (SIZE, SIZE)
@@ -145,10 +183,9 @@ def test_checkpoints_without_a_reference_load_and_refuse_registration_clearly(tr
         Detector.load(old, device="cpu", register=True)
 
 
-def test_the_reference_is_stored_once_and_registration_keeps_the_input_size(trained, tmp_path):
+def test_the_reference_of_an_older_checkpoint_is_stored_once_and_registration_keeps_the_input_size(trained, tmp_path):
     path, root = trained
-    copy = tmp_path / "checkpoint.pt"
-    copy.write_bytes(path.read_bytes())
+    copy = _without_reference(path, tmp_path)
     train_set = MVTecDataset(root, "nut", split="train", size=SIZE)
     ensure_reference(load_checkpoint(copy), train_set)
     stored = load_checkpoint(copy)
@@ -170,8 +207,14 @@ def test_export_refuses_registration(trained, tmp_path):
 
 def test_eval_and_predict_register_from_the_command_line(trained, tmp_path):
     path, root = trained
-    copy = tmp_path / "checkpoint.pt"
-    copy.write_bytes(path.read_bytes())
+    assert main(["predict", "--checkpoint", str(path), "--out", str(tmp_path / "fresh"), "--register", "--device",
+                 "cpu", str(root / "nut" / "test" / "good")]) == 0
+    test_only = tmp_path / "test_only"  # eval reads no training image when the checkpoint holds the reference
+    for part in ("test", "ground_truth"):
+        shutil.copytree(root / "nut" / part, test_only / "nut" / part)
+    assert main(["eval", "--checkpoint", str(path), "--data", str(test_only), "--category", "nut", "--out",
+                 str(tmp_path / "eval_fresh"), "--device", "cpu", "--register", "--no-report"]) == 0
+    copy = _without_reference(path, tmp_path)
     assert main(["predict", "--checkpoint", str(copy), "--out", str(tmp_path / "refused"), "--register", "--device",
                  "cpu", str(root / "nut" / "test" / "good")]) != 0
     assert main(["eval", "--checkpoint", str(copy), "--data", str(root), "--category", "nut", "--out",
