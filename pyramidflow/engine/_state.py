@@ -12,13 +12,11 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .block import CallContext
 
 __all__ = [
     "RngState", "AutocastState", "recomputation", "calling", "is_rebuilding", "may_overwrite", "replaying",
@@ -228,10 +226,11 @@ _CALL = threading.local()
 
 
 @contextlib.contextmanager
-def calling(context: "CallContext", xs: Sequence[Tensor]) -> Iterator[None]:
-    """Hold ``context`` as that of the block forward call under way, on inputs ``xs`` (NOTE [call context])."""
+def calling(rebuild: bool, overwritable: Sequence[Tensor]) -> Iterator[None]:
+    """Hold what the context of the block forward call under way says (NOTE [call context]): whether it is a
+    rebuild, and the input levels it may write over."""
     previous: Optional[Tuple[bool, FrozenSet[int]]] = getattr(_CALL, "current", None)
-    _CALL.current = (context.rebuild, frozenset(id(x) for x, free in zip(xs, context.overwritable) if free))
+    _CALL.current = (rebuild, frozenset(id(x) for x in overwritable))
     try:
         yield
     finally:

@@ -215,7 +215,7 @@ def call_forward(block: InvertibleModule, xs: Tensors, context: CallContext) -> 
 
     Read from the class: a module that is no :class:`InvertibleModule` (put into a sequence's blocks by
     hand, as the memcnn peer benchmark does) is called without it."""
-    with calling(context, xs):
+    with calling(context.rebuild, [x for x, free in zip(xs, context.overwritable) if free]):
         return block(xs, context=context) if getattr(type(block), "forward_takes_context", False) else block(xs)
 
 
