@@ -33,7 +33,7 @@ from pathlib import Path
 from pyramidflow.data import synthetic
 
 # The console script `pyramidflow`, run by this interpreter with the arm's checkout on PYTHONPATH.
-_CLI = "import sys; from pyramidflow.cli import main; sys.exit(main())"  # as the command runs: argv from sys.argv
+_CLI = "import sys; from pyramidflow.cli import main; sys.exit(main(sys.argv[1:]))"
 _HERE = Path(__file__).resolve().parents[1]
 
 

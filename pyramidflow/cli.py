@@ -520,18 +520,16 @@ _COMMANDS = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``pyramidflow`` command (``argv`` ``None``: ``sys.argv``, the process's own); returns
-    the exit status."""
+    """Entry point of the ``pyramidflow`` command; returns the exit status."""
     # Before the heavy imports (torch comes with the parser): a stop during them is then one line, and
     # SIGTERM is handled like Ctrl-C by every command (NOTE [light package import] in pyramidflow/__init__.py).
     # The OpenMP wait policy too, which torch's library reads once as it loads (NOTE [OpenMP wait policy]).
     apply_cpu_defaults(warn_if_late=False)
-    if argv is None:  # run as the command: the process ends with it
-        # The interpreter's last collection, as the process exits, walks every object torch, scipy and
-        # scikit-learn made: about 0.35 s of every command on 2 cores, for memory the OS takes back anyway.
-        # A caller that passes its own argv (a test, a notebook) goes on, and keeps its collector.
-        atexit.unregister(gc.freeze)
-        atexit.register(gc.freeze)
+    # The interpreter's last collection, as the process exits, walks every object torch, scipy and
+    # scikit-learn made: about 0.35 s of every command on 2 cores, for memory the OS takes back anyway.
+    # Frozen at exit, not now: a caller that goes on (a test, a notebook) keeps its collector.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     with InterruptGuard() as guard:
         return _run(argv, guard)
 
