@@ -9,8 +9,6 @@ first (see :func:`pyramidflow.train.train`), ``predict`` the rows of the images 
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
 import inspect
 import json
 import re
@@ -525,11 +523,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     # SIGTERM is handled like Ctrl-C by every command (NOTE [light package import] in pyramidflow/__init__.py).
     # The OpenMP wait policy too, which torch's library reads once as it loads (NOTE [OpenMP wait policy]).
     apply_cpu_defaults(warn_if_late=False)
-    # The interpreter's last collection, as the process exits, walks every object torch, scipy and
-    # scikit-learn made: about 0.35 s of every command on 2 cores, for memory the OS takes back anyway.
-    # Frozen at exit, not now: a caller that goes on (a test, a notebook) keeps its collector.
-    atexit.unregister(gc.freeze)
-    atexit.register(gc.freeze)
     with InterruptGuard() as guard:
         return _run(argv, guard)
 
