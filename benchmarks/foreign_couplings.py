@@ -1,7 +1,8 @@
 """Other people's flow blocks under InvertibleSequential: step time and peak memory against plain autograd.
 
 Run: ``python benchmarks/foreign_couplings.py`` (issue 26's setting: C = 16, 128 px, batch 4, 8 blocks,
-subnets conv3x3-ReLU-conv3x3 with 64 hidden channels; a user's call, no flags). Per block kind three
+subnets conv3x3-ReLU-conv3x3 with 64 hidden channels; a user's call, no flags; and the hand-written coupling
+at 256 px, batch 1, issue 26's table row, unless ``--skip-large``). Per block kind three
 modes: plain autograd, invertible with the generic recipe (inverse, then forward again: every subnet
 twice in backward) and invertible coupling-aware (each subnet once). Steps alternate between the
 modes, so a change in the machine's load hits all alike; times are medians over ``--rounds`` (wall time, or
@@ -29,6 +30,11 @@ from pyramidflow.engine import InvertibleSequential, register_coupling
 from pyramidflow.memory import peak_memory
 
 MODES = ("autograd", "generic", "coupling-aware")
+
+#: Issue 26's table row "a FrEIA-style affine coupling written by hand, 8 blocks, 256 px, batch 1": its own image
+#: size and batch, whatever ``--size`` and ``--batch`` say (``--skip-large`` leaves it out).
+HAND_WRITTEN_LARGE = "hand-written coupling + swap, 256 px, batch 1"
+_OWN_SETTINGS = {HAND_WRITTEN_LARGE: (256, 1)}
 
 
 def _subnet(hidden: int) -> Callable[[int, int], nn.Module]:
@@ -61,6 +67,7 @@ def _kinds(channels: int, size: int, hidden: int) -> Dict[str, Callable[[], List
 
     register_coupling(TanhAffineCoupling, subnets=("net",), per_sample=True)  # its maths treats each sample alone
     kinds["hand-written coupling (registered) + swap"] = lambda: [TanhAffineCoupling(channels, hidden), ChannelSwap(channels)]
+    kinds[HAND_WRITTEN_LARGE] = kinds["hand-written coupling (registered) + swap"]
     memcnn = _optional("memcnn")
     if memcnn is not None:
         kinds["memcnn AffineCoupling"] = lambda: [memcnn.AffineCoupling(Fm=net(half, half), adapter=memcnn.AffineAdapterNaive)]
@@ -117,7 +124,8 @@ def measure(name: str, build: Callable[[], List[nn.Module]], args: argparse.Name
     torch.manual_seed(0)
     flow = _flow(build, args.depth, args.device)
     couplings = [getattr(block, "coupling", None) for block in flow.blocks]
-    x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device)
+    size, batch = _OWN_SETTINGS.get(name, (args.size, args.batch))
+    x = torch.randn(batch, args.channels, size, size, device=args.device)
     step = _step(flow, x, args.release_outputs)
     rows: Dict[str, dict] = {}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -148,6 +156,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", default=None, help="run the kinds whose name contains this text")
     parser.add_argument(
+        "--skip-large", action="store_true", help=f"leave out the row {HAND_WRITTEN_LARGE!r} (issue 26's own size and batch)"
+    )
+    parser.add_argument(
         "--release-outputs", action="store_true", help="a training step's opt-in: backward may reuse the outputs' memory"
     )
     parser.add_argument(
@@ -167,11 +178,11 @@ def main() -> None:
         + (f", rebuild_samples={args.rebuild_samples}" if args.rebuild_samples else "")
         + (", CPU time" if args.clock == "cpu" else "")
     )
-    header = f"{'blocks':<42} {'mode':<15} {'step s':>8} {'time x':>7} {'peak MiB':>9} {'peak x':>7} {'FLOPs x':>8}"
+    header = f"{'blocks':<48} {'mode':<15} {'step s':>8} {'time x':>7} {'peak MiB':>9} {'peak x':>7} {'FLOPs x':>8}"
     print(header)
     print("-" * len(header))
     for name, build in _kinds(args.channels, args.size, args.hidden).items():
-        if args.only and args.only not in name:
+        if (args.only and args.only not in name) or (args.skip_large and name in _OWN_SETTINGS):
             continue
         rows = measure(name, build, args)
         base = rows["autograd"]
@@ -181,7 +192,7 @@ def main() -> None:
             median = statistics.median(row["times"])
             label = name if mode == "autograd" else ""
             print(
-                f"{label:<42} {mode:<15} {median:>8.3f} {median / base_time:>7.2f} {row['peak'] / 2**20:>9.1f} "
+                f"{label:<48} {mode:<15} {median:>8.3f} {median / base_time:>7.2f} {row['peak'] / 2**20:>9.1f} "
                 f"{row['peak'] / base['peak']:>7.3f} {row['flops'] / base['flops']:>8.3f}",
                 flush=True,
             )
