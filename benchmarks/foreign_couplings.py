@@ -9,8 +9,8 @@ modes, so a change in the machine's load hits all alike; times are medians over 
 with ``--clock cpu`` the process's CPU time). ``--rebuild-samples`` sets how many samples the coupling-aware
 backward rebuilds at a time (default: chosen from the size; the batch size: all at once). Peak:
 bytes allocated during one step (pyramidflow.memory.peak_memory: CPU profiler events in time order, or
-CUDA allocator stats). FLOPs: torch's flop counter, deterministic, a check on the timings of a busy
-machine. Kinds whose library is not installed are skipped.
+CUDA allocator stats). FLOPs (torch's flop counter) and ATen calls (a dispatch mode) of one step:
+deterministic, a check on the timings of a busy machine. Kinds whose library is not installed are skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 from pyramidflow.engine import InvertibleSequential, register_coupling
@@ -120,6 +121,24 @@ def _flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+class _CallCounter(TorchDispatchMode):
+    """ATen calls of one step: with the FLOPs, the work a busy machine's timings cannot show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _calls(step: Callable[[], None]) -> int:
+    with _CallCounter() as counter:
+        step()
+    return counter.calls
+
+
 def measure(name: str, build: Callable[[], List[nn.Module]], args: argparse.Namespace) -> Dict[str, dict]:
     torch.manual_seed(0)
     flow = _flow(build, args.depth, args.device)
@@ -133,7 +152,7 @@ def measure(name: str, build: Callable[[], List[nn.Module]], args: argparse.Name
         _set_mode(flow, mode, couplings, args.rebuild_samples)
         step()  # warm-up (and normflows' ActNorm initialisation in the first)
         peak, _ = peak_memory(step, args.device)
-        rows[mode] = {"peak": peak, "flops": _flops(step), "times": []}
+        rows[mode] = {"peak": peak, "flops": _flops(step), "calls": _calls(step), "times": []}
     for _ in range(args.rounds):
         for mode in MODES:
             _set_mode(flow, mode, couplings, args.rebuild_samples)
@@ -178,7 +197,7 @@ def main() -> None:
         + (f", rebuild_samples={args.rebuild_samples}" if args.rebuild_samples else "")
         + (", CPU time" if args.clock == "cpu" else "")
     )
-    header = f"{'blocks':<48} {'mode':<15} {'step s':>8} {'time x':>7} {'peak MiB':>9} {'peak x':>7} {'FLOPs x':>8}"
+    header = f"{'blocks':<48} {'mode':<15} {'step s':>8} {'time x':>7} {'peak MiB':>9} {'peak x':>7} {'FLOPs x':>8} {'ATen calls':>10}"
     print(header)
     print("-" * len(header))
     for name, build in _kinds(args.channels, args.size, args.hidden).items():
@@ -193,7 +212,7 @@ def main() -> None:
             label = name if mode == "autograd" else ""
             print(
                 f"{label:<48} {mode:<15} {median:>8.3f} {median / base_time:>7.2f} {row['peak'] / 2**20:>9.1f} "
-                f"{row['peak'] / base['peak']:>7.3f} {row['flops'] / base['flops']:>8.3f}",
+                f"{row['peak'] / base['peak']:>7.3f} {row['flops'] / base['flops']:>8.3f} {row['calls']:>10}",
                 flush=True,
             )
 
