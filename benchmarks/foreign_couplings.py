@@ -1,15 +1,16 @@
 """Other people's flow blocks under InvertibleSequential: step time and peak memory against plain autograd.
 
 Run: ``python benchmarks/foreign_couplings.py`` (issue 26's setting: C = 16, 128 px, batch 4, 8 blocks,
-subnets conv3x3-ReLU-conv3x3 with 64 hidden channels; a user's call, no flags). Per block kind three
+subnets conv3x3-ReLU-conv3x3 with 64 hidden channels; a user's call, no flags; and the hand-written coupling
+at 256 px, batch 1, issue 26's table row, unless ``--skip-large``). Per block kind three
 modes: plain autograd, invertible with the generic recipe (inverse, then forward again: every subnet
 twice in backward) and invertible coupling-aware (each subnet once). Steps alternate between the
 modes, so a change in the machine's load hits all alike; times are medians over ``--rounds`` (wall time, or
 with ``--clock cpu`` the process's CPU time). ``--rebuild-samples`` sets how many samples the coupling-aware
 backward rebuilds at a time (default: chosen from the size; the batch size: all at once). Peak:
 bytes allocated during one step (pyramidflow.memory.peak_memory: CPU profiler events in time order, or
-CUDA allocator stats). FLOPs: torch's flop counter, deterministic, a check on the timings of a busy
-machine. Kinds whose library is not installed are skipped.
+CUDA allocator stats). FLOPs (torch's flop counter) and ATen calls (a dispatch mode) of one step:
+deterministic, a check on the timings of a busy machine. Kinds whose library is not installed are skipped.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 from pyramidflow.engine import InvertibleSequential, register_coupling
 from pyramidflow.memory import peak_memory
 
 MODES = ("autograd", "generic", "coupling-aware")
+
+#: Issue 26's table row "a FrEIA-style affine coupling written by hand, 8 blocks, 256 px, batch 1": its own image
+#: size and batch, whatever ``--size`` and ``--batch`` say (``--skip-large`` leaves it out).
+HAND_WRITTEN_LARGE = "hand-written coupling + swap, 256 px, batch 1"
+_OWN_SETTINGS = {HAND_WRITTEN_LARGE: (256, 1)}
 
 
 def _subnet(hidden: int) -> Callable[[int, int], nn.Module]:
@@ -61,6 +68,7 @@ def _kinds(channels: int, size: int, hidden: int) -> Dict[str, Callable[[], List
 
     register_coupling(TanhAffineCoupling, subnets=("net",), per_sample=True)  # its maths treats each sample alone
     kinds["hand-written coupling (registered) + swap"] = lambda: [TanhAffineCoupling(channels, hidden), ChannelSwap(channels)]
+    kinds[HAND_WRITTEN_LARGE] = kinds["hand-written coupling (registered) + swap"]
     memcnn = _optional("memcnn")
     if memcnn is not None:
         kinds["memcnn AffineCoupling"] = lambda: [memcnn.AffineCoupling(Fm=net(half, half), adapter=memcnn.AffineAdapterNaive)]
@@ -113,11 +121,30 @@ def _flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+class _CallCounter(TorchDispatchMode):
+    """ATen calls of one step: with the FLOPs, the work a busy machine's timings cannot show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _calls(step: Callable[[], None]) -> int:
+    with _CallCounter() as counter:
+        step()
+    return counter.calls
+
+
 def measure(name: str, build: Callable[[], List[nn.Module]], args: argparse.Namespace) -> Dict[str, dict]:
     torch.manual_seed(0)
     flow = _flow(build, args.depth, args.device)
     couplings = [getattr(block, "coupling", None) for block in flow.blocks]
-    x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device)
+    size, batch = _OWN_SETTINGS.get(name, (args.size, args.batch))
+    x = torch.randn(batch, args.channels, size, size, device=args.device)
     step = _step(flow, x, args.release_outputs)
     rows: Dict[str, dict] = {}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -125,7 +152,7 @@ def measure(name: str, build: Callable[[], List[nn.Module]], args: argparse.Name
         _set_mode(flow, mode, couplings, args.rebuild_samples)
         step()  # warm-up (and normflows' ActNorm initialisation in the first)
         peak, _ = peak_memory(step, args.device)
-        rows[mode] = {"peak": peak, "flops": _flops(step), "times": []}
+        rows[mode] = {"peak": peak, "flops": _flops(step), "calls": _calls(step), "times": []}
     for _ in range(args.rounds):
         for mode in MODES:
             _set_mode(flow, mode, couplings, args.rebuild_samples)
@@ -148,6 +175,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", default=None, help="run the kinds whose name contains this text")
     parser.add_argument(
+        "--skip-large", action="store_true", help=f"leave out the row {HAND_WRITTEN_LARGE!r} (issue 26's own size and batch)"
+    )
+    parser.add_argument(
         "--release-outputs", action="store_true", help="a training step's opt-in: backward may reuse the outputs' memory"
     )
     parser.add_argument(
@@ -167,11 +197,11 @@ def main() -> None:
         + (f", rebuild_samples={args.rebuild_samples}" if args.rebuild_samples else "")
         + (", CPU time" if args.clock == "cpu" else "")
     )
-    header = f"{'blocks':<42} {'mode':<15} {'step s':>8} {'time x':>7} {'peak MiB':>9} {'peak x':>7} {'FLOPs x':>8}"
+    header = f"{'blocks':<48} {'mode':<15} {'step s':>8} {'time x':>7} {'peak MiB':>9} {'peak x':>7} {'FLOPs x':>8} {'ATen calls':>10}"
     print(header)
     print("-" * len(header))
     for name, build in _kinds(args.channels, args.size, args.hidden).items():
-        if args.only and args.only not in name:
+        if (args.only and args.only not in name) or (args.skip_large and name in _OWN_SETTINGS):
             continue
         rows = measure(name, build, args)
         base = rows["autograd"]
@@ -181,8 +211,8 @@ def main() -> None:
             median = statistics.median(row["times"])
             label = name if mode == "autograd" else ""
             print(
-                f"{label:<42} {mode:<15} {median:>8.3f} {median / base_time:>7.2f} {row['peak'] / 2**20:>9.1f} "
-                f"{row['peak'] / base['peak']:>7.3f} {row['flops'] / base['flops']:>8.3f}",
+                f"{label:<48} {mode:<15} {median:>8.3f} {median / base_time:>7.2f} {row['peak'] / 2**20:>9.1f} "
+                f"{row['peak'] / base['peak']:>7.3f} {row['flops'] / base['flops']:>8.3f} {row['calls']:>10}",
                 flush=True,
             )
 

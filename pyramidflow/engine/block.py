@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -245,6 +245,19 @@ def _leaf(x: Tensor) -> Tensor:
     if x.is_floating_point() or x.is_complex():
         x.requires_grad_(True)
     return x
+
+
+def gradients_used(ctx: Any, first: int) -> List[bool]:
+    """Per input of a custom autograd Function from the ``first``-th on (all tensors), whether the backward under
+    way uses its gradient: one it needs whose next node the engine will run (``torch.autograd.grad`` with a
+    narrower ``inputs`` skips the others)."""
+    used = []
+    for need, (node, _) in zip(ctx.needs_input_grad[first:], ctx.next_functions):
+        try:
+            used.append(bool(need) and node is not None and torch._C._will_engine_execute_node(node))
+        except (AttributeError, RuntimeError):  # no such query in this torch, or outside the engine: assume used
+            used.append(bool(need))
+    return used
 
 
 def add_optional(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._meta import samples_to_run
 from ._state import AutocastState, recomputation
-from .block import LogDet, Tensors, Writable, _leaf, add_optional
+from .block import LogDet, Tensors, Writable, _leaf, add_optional, gradients_used
 from .function import local_backward
 
 __all__ = ["treats_samples_alone", "rebuild_chunks", "reconstruct_in_chunks", "CHUNK_ELEMENTS"]
@@ -140,7 +140,7 @@ class _ChunkedBackward(torch.autograd.Function):
         plan: _Plan = ctx.plan
         ctx.plan = None
         levels = len(plan.xs)
-        need_xs = ctx.needs_input_grad[1 : 1 + levels]
+        need_xs = gradients_used(ctx, 1)[:levels]  # none where the engine's local backward skips them (the first block)
         grad_ys: List[Optional[Tensor]] = [None] * levels
         for j, grad in zip(plan.transformed, grads):
             grad_ys[j] = grad

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ._state import RngState
-from .block import LogDet, Tensors, _leaf
+from .block import LogDet, Tensors, _leaf, gradients_used
+from .subnet_layout import as_channels_last, rebuilds_channels_last
 
 __all__ = ["Refused", "SubnetRng", "forward_keeping_subnet_rng", "reconstruct_with_recorded_subnets"]
 
@@ -83,7 +84,7 @@ class _Reattach(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         evaluation: _Evaluation = ctx.evaluation
-        needs = ctx.needs_input_grad[1:]
+        needs = gradients_used(ctx, 1)  # not the input's where the caller's local backward skips it (the first block)
         wrt = [t for t, need in zip(evaluation.leaves + evaluation.params, needs) if need]
         pairs = [(e, g) for e, g in zip(evaluation.edges, grads) if g is not None and e is not None]
         computed: Sequence[Optional[Tensor]] = ()
@@ -102,7 +103,7 @@ class _Recorder(nn.Module):
     ) -> None:
         super().__init__()
         self.subnet = subnet
-        self.leaves = leaves  # input id -> (input, leaf), shared by the recorders of one rebuild
+        self.leaves = leaves  # (input id, channels-last) -> (input, leaf), shared by the recorders of one rebuild
         self.clone_outputs = clone_outputs
         self.watch_rng = watch_rng and fwd_rng is None
         self.fwd_rng = list(fwd_rng) if fwd_rng is not None else None
@@ -116,28 +117,32 @@ class _Recorder(nn.Module):
         return self._replay(inputs) if self.replaying else self._record(inputs)
 
     def _record(self, inputs: Tuple[Tensor, ...]) -> Any:
-        leaves = tuple(self._leaf_of(x) for x in inputs)
+        channels_last = rebuilds_channels_last(self.subnet, inputs)  # NOTE [channels-last rebuild] in .subnet_layout
+        leaves = tuple(self._leaf_of(x, channels_last) for x in inputs)
         before = RngState.capture(inputs) if self.watch_rng else None
         if self.fwd_rng is not None and not self.fwd_rng:
             raise Refused("the inverse called a subnet more often than the forward")
         replay = self.fwd_rng.pop(0).replay() if self.fwd_rng is not None else contextlib.nullcontext()
         with torch.enable_grad(), replay:
             out = self.subnet(*leaves)
+            single = isinstance(out, Tensor)
+            outputs = (out,) if single else tuple(out)
+            if not all(isinstance(o, Tensor) for o in outputs):
+                raise Refused("a subnet returned something other than tensors")
+            if channels_last:
+                outputs = tuple(o.contiguous() for o in outputs)
         if before is not None and not _same_rng(before, RngState.capture(inputs)):
             self.drew_random = True
-        single = isinstance(out, Tensor)
-        outputs = (out,) if single else tuple(out)
-        if not all(isinstance(o, Tensor) for o in outputs):
-            raise Refused("a subnet returned something other than tensors")
         params = tuple(p for p in self.subnet.parameters() if p.requires_grad)
         self.evaluations.append(_Evaluation(leaves, outputs, single, params))
         given = tuple(o.detach().clone() if self.clone_outputs else o.detach() for o in outputs)
         return given[0] if single else given
 
-    def _leaf_of(self, x: Tensor) -> Tensor:
-        if id(x) not in self.leaves:  # the input is kept with its leaf, so that its id stays its own
-            self.leaves[id(x)] = (x, _leaf(_own_storage(x)))
-        return self.leaves[id(x)][1]
+    def _leaf_of(self, x: Tensor, channels_last: bool) -> Tensor:
+        key = (id(x), channels_last)
+        if key not in self.leaves:  # the input is kept with its leaf, so that its id stays its own
+            self.leaves[key] = (x, _leaf(as_channels_last(x) if channels_last else _own_storage(x)))
+        return self.leaves[key][1]
 
     def _replay(self, inputs: Tuple[Tensor, ...]) -> Any:
         if not self.evaluations:
