@@ -37,10 +37,11 @@ def _figure():
     # Fixed margins: a layout engine would measure every label and double the time a plot takes.
     figure.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.91)
     axes = figure.add_subplot()
-    # Four steps an axis (0, 0.25, ..., 1 on a rate): enough to read a curve by. Each tick is a mark, a
-    # label and a grid line to lay out and draw; matplotlib's default of up to nine took a third more time.
-    for axis in (axes.xaxis, axes.yaxis):
-        axis.get_major_locator().set_params(nbins=4)
+    # Four or five steps an axis (0, 0.25, ..., 1 on a rate): enough to read a curve by. Each tick is a
+    # mark, a label and a grid line to lay out and draw; matplotlib's default of up to nine took a third
+    # more time. Five on y: a rate's axis ends just above 1.
+    axes.xaxis.get_major_locator().set_params(nbins=4)
+    axes.yaxis.get_major_locator().set_params(nbins=5)
     return figure, axes
 
 
@@ -104,6 +105,7 @@ def score_histogram(good: np.ndarray, defective: Optional[np.ndarray], threshold
     axes.set(xlabel="image score", ylabel="images")
     _title(axes, "image scores")
     axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.xaxis.get_major_locator().set_params(nbins=6)  # scores span an arbitrary range: steps of 0.5 say little
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     return _svg(figure)
