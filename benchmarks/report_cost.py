@@ -7,14 +7,16 @@ in a fresh process as a user runs it (matplotlib's import is part of the page's 
 that reverses every round so that a change in the machine's load hits all alike. ``--also DIR``
 adds an arm: the report as the checkout in DIR writes it (e.g. ``--also /path/to/main`` for the code
 before a change), run with DIR on ``PYTHONPATH``. Printed per category and for the three together:
-the median wall time and CPU time (user + system of the child and its threads) of each arm, and
-what it adds to eval without the report.
+the median wall time and CPU time of each arm, and what it adds to eval without the report.
 
-Wall time is what a user waits; the report draws its plots on a second thread
-(:class:`pyramidflow.inference.report.EvalPlots`), which shortens the wait only where a core is
-spare. CPU time is what the page costs in work. On a machine other jobs load, the wall times say
-little (and a second runnable thread gets the process a larger share of the CPU): label such
-figures so, and read the CPU column.
+What it measures: wall time, from starting ``pyramidflow eval`` to its exit, is what a user waits
+(issue 29's "time"). CPU time is what the page costs in work: user + system time of the eval process
+and of its children, which includes the report's plot process
+(:class:`pyramidflow.inference.plot_worker.PlotWorker`: eval reaps it before it exits, so its time
+is counted). The plot process imports matplotlib and draws while eval imports torch and runs
+inference, so it shortens the wait only where a core is spare. On a machine other jobs load, the
+wall times say little (and a second runnable process gets the eval a larger share of the CPU):
+label such figures so, and read the CPU column.
 """
 
 from __future__ import annotations

@@ -14,11 +14,14 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence
 
 # Standard library only: imported before torch (NOTE [light package import] in pyramidflow/__init__.py).
 from .cpu_threads import apply_cpu_defaults
 from .train.interrupts import InterruptGuard, describe, exit_status
+
+if TYPE_CHECKING:
+    from .inference.plot_worker import PlotWorker
 
 __all__ = ["main", "build_parser"]
 
@@ -465,7 +468,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         train_set.augment = False
         ensure_reference(inference.checkpoint, train_set)
     report = evaluate(inference, dataset, args.out, smoothing_sigma=args.smooth, category=args.category,
-                      register=args.register, report=not args.no_report)
+                      register=args.register, report=not args.no_report, plot_worker=args.plot_worker)
     _print_table([report])
     if args.no_report:
         print(f"metrics and overlays written to {args.out}")
@@ -527,9 +530,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run(argv, guard)
 
 
+def _early_plot_worker(argv: Sequence[str]) -> Optional["PlotWorker"]:
+    """The report's plot process of an ``eval`` that writes the page, started before the parser imports torch.
+
+    Started now, it imports matplotlib on the core torch's import leaves idle
+    (:mod:`pyramidflow.inference.plot_worker`). A look at the raw arguments only: where they turn out
+    to say otherwise (an abbreviated ``--no-report``, an error), the process is ended unused.
+    """
+    if not argv or argv[0] != "eval" or {"-h", "--help", "--no-report"} & set(argv):
+        return None
+    from .inference.plot_worker import PlotWorker
+
+    return PlotWorker()
+
+
 def _run(argv: Optional[List[str]], guard: InterruptGuard) -> int:
+    plot_worker = None
     try:
+        plot_worker = _early_plot_worker(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.plot_worker = plot_worker
         guard.raise_swallowed()  # a Ctrl-C during the imports that the import machinery caught
         _COMMANDS[args.command](args)
         guard.raise_swallowed()
@@ -541,6 +561,9 @@ def _run(argv: Optional[List[str]], guard: InterruptGuard) -> int:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if plot_worker is not None:
+            plot_worker.close()
     return 0
 
 

@@ -28,6 +28,7 @@ from ..train.log import LOG_NAME
 from .curves import ranked_curves
 from .maps import Inference, Predictions, check_smoothing_sigma, load_for_inference, predict_dataset
 from .registration import stored_reference
+from .plot_worker import PlotWorker
 from .report import EvalPlots, outcome, write_eval_report
 from .visualize import heat_top, overlay_panel, save_panel
 
@@ -144,6 +145,7 @@ def evaluate(
     progress: bool = True,
     report: bool = True,
     register: bool = False,
+    plot_worker: Optional[PlotWorker] = None,
 ) -> dict:
     """Metrics of a checkpoint on a labelled test set; writes ``metrics.json``, overlays and ``report.html``.
 
@@ -154,8 +156,10 @@ def evaluate(
         category: the test set's category (default: the data set's ``category``); refused when the
             checkpoint was trained on another one.
         report: write ``report.html`` (:mod:`pyramidflow.inference.report`); the training-loss plot reads
-            ``train_log.jsonl`` beside the checkpoint. Its plots are drawn on a second thread
+            ``train_log.jsonl`` beside the checkpoint. Its plots are drawn by a process of their own
             (:class:`pyramidflow.inference.report.EvalPlots`).
+        plot_worker: that process, started already (the command line starts it before it imports torch, so
+            that matplotlib's import overlaps torch's); it is ended on return. Default: one started here.
         register: align each image to the checkpoint's registration reference first
             (:mod:`pyramidflow.inference.registration`); metrics stay in the test images' coordinates.
 
@@ -171,13 +175,14 @@ def evaluate(
     Raises:
         ValueError: the checkpoint was trained on another category, or test images have no label.
     """
-    checkpoint = inference.checkpoint
-    smoothing_sigma = check_smoothing_sigma(smoothing_sigma, inference.image_size, "evaluate")
-    _check_category(checkpoint, category or getattr(dataset, "category", None))
-    # Started first, so that matplotlib's import and the loss plot overlap inference (EvalPlots says why).
-    log = Path(checkpoint.path).parent / LOG_NAME
-    with EvalPlots(log, fpr_limit=AUPRO_FPR_LIMIT) if report else nullcontext() as plots:
-        return _evaluate(inference, dataset, Path(out_dir), smoothing_sigma, category, progress, register, plots)
+    with nullcontext() if plot_worker is None else plot_worker:  # ended on every path
+        checkpoint = inference.checkpoint
+        smoothing_sigma = check_smoothing_sigma(smoothing_sigma, inference.image_size, "evaluate")
+        _check_category(checkpoint, category or getattr(dataset, "category", None))
+        # Started first, so that the loss plot is drawn during inference (EvalPlots says why).
+        log = Path(checkpoint.path).parent / LOG_NAME
+        with EvalPlots(log, fpr_limit=AUPRO_FPR_LIMIT, worker=plot_worker) if report else nullcontext() as plots:
+            return _evaluate(inference, dataset, Path(out_dir), smoothing_sigma, category, progress, register, plots)
 
 
 def _evaluate(inference: Inference, dataset: Dataset, out_dir: Path, smoothing_sigma: float, category: str,

@@ -10,17 +10,16 @@ what needs labels. Every figure in a table cell carries its ``metrics.json`` key
 ``data-key`` / ``data-value``, so a test (or a script) can check the page against the file.
 
 The eval page's plots, its slow part (importing matplotlib, drawing), are drawn by :class:`EvalPlots`
-on a second thread while the evaluation goes on; :func:`write_eval_report` writes the page around them.
+in a second process while the evaluation goes on; :func:`write_eval_report` writes the page around them.
 """
 
 from __future__ import annotations
 
 import base64
-import gc
 import html
 import json
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
@@ -29,6 +28,7 @@ from urllib.parse import quote
 import numpy as np
 
 from .._utils import write_text_atomic
+from .plot_worker import PlotWorker
 
 if TYPE_CHECKING:
     from .curves import PixelCurves
@@ -175,14 +175,16 @@ def _note(text: str) -> str:
     return f"<figure><div class='note'>{_e(text)}</div></figure>"
 
 
+def _no_loss(log_path: Path) -> str:
+    return _note(f"No training loss: the run log {log_path} is absent or holds no record "
+                 "(the checkpoint was moved without its folder, or the log was deleted).")
+
+
 def _loss_section(log_path: Path) -> str:
     from .plots import loss_plot
 
     losses = read_losses(log_path)
-    if losses is None:
-        return _note(f"No training loss: the run log {log_path} is absent or holds no record "
-                     "(the checkpoint was moved without its folder, or the log was deleted).")
-    return _plot(loss_plot(*losses), "training loss")
+    return _no_loss(log_path) if losses is None else _plot(loss_plot(*losses), "training loss")
 
 
 def _gallery(items: Sequence[GalleryItem]) -> str:
@@ -229,69 +231,60 @@ def _scores_and_labels(images: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
             np.array([row["label"] for row in images]))
 
 
-def _curve_plots(metrics: dict, curves: PixelCurves, fpr_limit: float) -> str:
-    """The ROC and PRO curves and the score histogram of an evaluation, as the page's figures."""
+def _curve_requests(metrics: dict, curves: PixelCurves, fpr_limit: float) -> list[tuple[str, tuple, str]]:
+    """The ROC, PRO and histogram plots of an evaluation: ``(function of plots, its arguments, alt text)`` each."""
     from .curves import image_roc, thin
-    from .plots import pro_plot, roc_plot, score_histogram
 
     scores, labels = _scores_and_labels(metrics["images"])
-    roc = roc_plot([(*thin(curves.fpr, curves.tpr), f"pixels (AUROC {metrics['pixel_auroc']:.4f})"),
-                    (*image_roc(scores, labels), f"images (AUROC {metrics['image_auroc']:.4f})")])
-    pro = pro_plot(*thin(curves.fpr, curves.pro), metrics["aupro"], fpr_limit)
-    histogram = score_histogram(scores[labels == 0], scores[labels == 1], metrics["image_threshold"])
-    return _plot(roc, "ROC curves") + _plot(pro, "PRO curve") + _plot(histogram, "image score histogram")
+    return [
+        ("roc_plot", ([(*thin(curves.fpr, curves.tpr), f"pixels (AUROC {metrics['pixel_auroc']:.4f})"),
+                       (*image_roc(scores, labels), f"images (AUROC {metrics['image_auroc']:.4f})")],), "ROC curves"),
+        ("pro_plot", (*thin(curves.fpr, curves.pro), metrics["aupro"], fpr_limit), "PRO curve"),
+        ("score_histogram", (scores[labels == 0], scores[labels == 1], metrics["image_threshold"]),
+         "image score histogram"),
+    ]
 
 
 class EvalPlots:
-    """The eval page's four plots, drawn on one background thread while the evaluation goes on.
+    """The eval page's four plots, drawn by a :class:`~pyramidflow.inference.plot_worker.PlotWorker` while eval goes on.
 
-    Importing matplotlib and drawing the plots is most of what the page costs, a fixed cost (about 0.5 s
-    of CPU on the thread, benchmarks/report_thread_cpu.py; NOTE [the report's objects and the collector]
-    says why eval's other objects are frozen meanwhile). Started before inference, the thread imports
-    matplotlib and draws the training loss while torch's kernels run (they release the GIL); :meth:`draw_curves` adds the ROC, PRO and
-    histogram plots once the metrics are known. Where a core is spare, that work leaves eval's critical
-    path; the CPU time is the same, and on a machine whose every core is busy nothing is gained. The
-    overlays written meanwhile give little room: Pillow's PNG encoder holds the GIL. One thread and no
-    other matplotlib user: matplotlib's figures are not thread-safe. Use it as a context manager, so
-    that the thread ends when the evaluation fails (:func:`pyramidflow.inference.evaluate.evaluate` shows
-    the use: started, ``draw_curves``, then :func:`write_eval_report`).
+    Importing matplotlib and drawing the plots is most of what the page costs, a fixed cost (about 0.45 s
+    of CPU, benchmarks/report_plot_cpu.py), which the worker's process does on a core eval leaves idle
+    (plot_worker says why a process). The training loss is drawn from the start; :meth:`draw_curves`
+    adds the ROC, PRO and histogram plots once the metrics are known, drawn while eval writes its
+    overlays. Use it as a context manager, so that the worker ends when the evaluation fails
+    (:func:`pyramidflow.inference.evaluate.evaluate` shows the use: started, ``draw_curves``, then
+    :func:`write_eval_report`).
     """
 
-    def __init__(self, log_path: Path, *, fpr_limit: float) -> None:
+    def __init__(self, log_path: Path, *, fpr_limit: float, worker: Optional[PlotWorker] = None) -> None:
+        """``worker``: one started already (the command line starts it before importing torch), which this
+        object then ends; default: one started here."""
         self.fpr_limit = fpr_limit
-        # NOTE [the report's objects and the collector]
-        # matplotlib's import adds some 40,000 objects to the 220,000 that torch, scikit-learn and scipy
-        # left; that many new survivors makes Python's collector run a full pass, which walks them all:
-        # about 0.15 s of CPU in a demo eval (timed by gc.callbacks), a fifth of what the page cost.
-        # Frozen (gc.freeze), the objects that were there before are skipped by every pass until
-        # close(); a process that froze its own objects is left as it is.
-        self._froze = gc.get_freeze_count() == 0
-        if self._froze:
-            gc.freeze()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyramidflow-report")
-        self._loss = self._thread.submit(_loss_section, Path(log_path))
-        self._curves: Optional[Future] = None
+        self._worker = PlotWorker() if worker is None else worker
+        losses = read_losses(Path(log_path))
+        self._loss = _no_loss(Path(log_path)) if losses is None else self._worker.submit("loss_plot", *losses)
+        self._curves: Optional[list[tuple[Future, str]]] = None
 
     def draw_curves(self, metrics: dict, curves: PixelCurves) -> None:
         """Start the ROC, PRO and histogram plots of ``metrics`` (what ``metrics.json`` holds, with its ``images``).
 
         ``curves``: the pixel curves behind ``metrics``' figures (:func:`pyramidflow.inference.curves.ranked_curves`
-        of the pixels the metrics ranked). Both are read on the thread: leave them unchanged until the
-        page is written.
+        of the pixels the metrics ranked); they are thinned to the points a plot shows here, so that
+        little goes to the worker.
         """
-        self._curves = self._thread.submit(_curve_plots, metrics, curves, self.fpr_limit)
+        self._curves = [(self._worker.submit(function, *args), alt)
+                        for function, args, alt in _curve_requests(metrics, curves, self.fpr_limit)]
 
     def figures(self) -> str:
-        """The page's four figures, in order; waits for the thread and raises what it raised."""
+        """The page's four figures, in order; waits for the worker and raises what a plot raised."""
         if self._curves is None:
             raise RuntimeError("EvalPlots.figures: call draw_curves(metrics, curves) first.")
-        return self._curves.result() + self._loss.result()
+        loss = self._loss if isinstance(self._loss, str) else _plot(self._loss.result(), "training loss")
+        return "".join(_plot(future.result(), alt) for future, alt in self._curves) + loss
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True, cancel_futures=True)
-        if self._froze:
-            self._froze = False
-            gc.unfreeze()
+        self._worker.close()
 
     def __enter__(self) -> "EvalPlots":
         return self

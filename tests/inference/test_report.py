@@ -1,19 +1,22 @@
-"""report.html of eval and predict, opened in a real headless Chromium; the curves, the overlay's colour bar."""
+"""report.html of eval and predict, opened in a real headless Chromium; the curves, the plot process, the colour bar."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
 
-from pyramidflow.cli import main
+from pyramidflow.cli import _early_plot_worker, main
 from pyramidflow.data import synthetic
+from pyramidflow.inference import plots
 from pyramidflow.inference.curves import PixelCurves, pixel_curves, ranked_curves, thin
+from pyramidflow.inference.plot_worker import PlotWorker
 from pyramidflow.inference.report import (FALSE_ALARM, MISSED, REPORT_NAME, EvalPlots, eval_gallery, gallery_order,
                                           outcome, read_losses)
 from pyramidflow.inference.report_index import HEADLINE, write_index_report
@@ -153,18 +156,57 @@ def _check_index_page(browser, root: Path, folders: list) -> None:
             assert float(value) == figure and abs(float(text) - figure) <= 5e-5, (key, text, figure)
 
 
-def test_eval_plots_raise_what_their_thread_raised_and_end_it(tmp_path):
-    broken = PixelCurves(fpr=np.linspace(0, 1, 5), tpr=np.linspace(0, 1, 4), pro=np.linspace(0, 1, 5))
+def test_eval_plots_raise_what_a_plot_raised_and_end_their_process(tmp_path):
     metrics = {"images": [{"score": 0.1, "label": 0}, {"score": 0.2, "label": 1}], "pixel_auroc": 0.5,
                "image_auroc": 0.5, "aupro": 0.5, "image_threshold": 0.15}
-    before = threading.active_count()
     with EvalPlots(tmp_path / LOG_NAME, fpr_limit=0.3) as plots:
         with pytest.raises(RuntimeError, match="draw_curves"):
             plots.figures()
-        plots.draw_curves(metrics, broken)  # a ROC curve with 5 false- and 4 true-positive rates
-        with pytest.raises(ValueError, match="same shape"):
-            plots.figures()
-    assert threading.active_count() == before
+        broken = PixelCurves(fpr=np.linspace(0, 1, 5), tpr=np.linspace(0, 1, 4), pro=np.linspace(0, 1, 5))
+        with pytest.raises(ValueError, match="same shape"):  # 5 false- and 4 true-positive rates
+            plots.draw_curves(metrics, broken)
+    assert plots._worker._process.poll() is not None
+    with PlotWorker() as worker:
+        drawn = worker.submit("roc_plot", [(np.linspace(0, 1, 5), np.linspace(0, 1, 4), "broken")])
+        with pytest.raises(ValueError, match="same first dimension"):  # raised by matplotlib in the child
+            drawn.result()
+        assert worker._process.poll() is None  # an error in a plot leaves the process serving
+    assert worker._process.poll() is not None
+
+
+@pytest.mark.parametrize("executable", [sys.executable, ""], ids=["child process", "no interpreter to start"])
+def test_plot_worker_draws_the_plots_of_this_process(executable, monkeypatch):
+    monkeypatch.setattr(sys, "executable", executable)
+    steps, losses = np.arange(1.0, 31.0), np.linspace(2.0, 0.5, 30)
+    with PlotWorker() as worker:
+        assert (worker._process is None) == (executable == "")
+        assert worker.submit("loss_plot", steps, losses).result() == plots.loss_plot(steps, losses)
+
+
+def test_the_eval_page_leaves_matplotlib_out_of_evals_process(tmp_path):
+    """Its plots are drawn in the worker's process: this one imports no matplotlib (plot_worker says why)."""
+    script = f"""
+import sys
+import numpy as np
+from pyramidflow.inference import plots
+from pyramidflow.inference.curves import PixelCurves
+from pyramidflow.inference.report import EvalPlots
+metrics = {{"images": [{{"score": 0.1, "label": 0}}, {{"score": 0.2, "label": 1}}], "pixel_auroc": 0.5,
+           "image_auroc": 0.5, "aupro": 0.5, "image_threshold": 0.15}}
+line = np.linspace(0, 1, 50)
+with EvalPlots({str(tmp_path / LOG_NAME)!r}, fpr_limit=0.3) as plots:
+    plots.draw_curves(metrics, PixelCurves(fpr=line, tpr=line, pro=line))
+    assert plots.figures().count("<img") == 3 and "No training loss" in plots.figures()
+assert "matplotlib" not in sys.modules, "matplotlib imported in eval's process"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def test_only_an_eval_that_writes_the_page_starts_its_plot_process_early():
+    for argv in ([], ["train", "--data", "d"], ["eval", "--no-report"], ["eval", "-h"], ["predict", "eval"]):
+        assert _early_plot_worker(argv) is None, argv
+    with _early_plot_worker(["eval", "--checkpoint", "c.pt", "--data", "d"]) as worker:
+        assert isinstance(worker, PlotWorker) and worker._process.poll() is None
 
 
 def test_eval_without_report_writes_metrics_and_overlays_only(trained, data_root, tmp_path):
@@ -261,23 +303,6 @@ def test_the_curves_are_the_ones_the_metrics_integrate():
     reused = ranked_curves(ranked)
     for name in ("fpr", "tpr", "pro"):
         np.testing.assert_array_equal(getattr(reused, name), getattr(curves, name))
-
-
-def test_eval_plots_keep_the_collector_off_the_objects_there_before_and_only_while_open(tmp_path):
-    import gc
-
-    assert gc.get_freeze_count() == 0
-    with EvalPlots(tmp_path / LOG_NAME, fpr_limit=0.3):
-        assert gc.get_freeze_count() > 0
-    assert gc.get_freeze_count() == 0
-    gc.freeze()  # a process that froze its own objects keeps them frozen
-    try:
-        with EvalPlots(tmp_path / LOG_NAME, fpr_limit=0.3):
-            pass
-        # Not an equal count: a frozen object that loses its last reference is freed all the same.
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
 
 
 def test_overlay_marks_the_threshold_on_its_colour_bar_and_shows_the_decision():
