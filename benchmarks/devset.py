@@ -1,6 +1,6 @@
 """Build the development set of real textures (benchmarks/devset_data.py), train on it, and score the models.
 
-    python benchmarks/devset.py --out DIR [--textures ihc moon] [--size 128] [--steps 300] [--threads 1] [--model FLAGS...]
+    python benchmarks/devset.py --out DIR [--textures ihc moon] [--split blocks] [--size 128] [--steps 300] [--threads 1] [--model FLAGS...]
 
 Writes ``DIR/data`` (the set), trains each texture with ``pyramidflow train`` at the CLI's defaults for a
 category of one's own (``DIR/<texture>/checkpoint.pt``; an existing finished checkpoint is reused) and
@@ -120,12 +120,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of training and scoring (1)")
     parser.add_argument("--num-train", type=int, default=40)
     parser.add_argument("--num-test", type=int, default=8)
+    parser.add_argument("--split", default="blocks", choices=devset_data.SPLITS,
+                        help="how training and test crops share each photograph (blocks; rows: the tables before "
+                             "2026-12-06's split section)")
     parser.add_argument("--model", nargs=argparse.REMAINDER, default=[],
                         help="the rest is passed to `pyramidflow train`, e.g. --model --channels 8 --kernel-size 5")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = devset_data.build(args.out / "data", textures=args.textures, crop=args.crop, num_train=args.num_train,
-                             num_test=args.num_test)
+                             num_test=args.num_test, split=args.split)
     results = []
     for texture in args.textures:
         checkpoint = train(data, texture, args.out, args.size, args.steps, args.threads, args.model)
