@@ -1,6 +1,6 @@
 """Are a split's good test crops from its training crops' distribution? The trivial baseline's view.
 
-    python benchmarks/devset_split.py [--num 40] [--crop 128]
+    python benchmarks/devset_split.py [--num 40] [--crop 128] [--block-room 0.25]
 
 For each texture of the development set (benchmarks/devset_data.py) and each split, builds ``--num``
 training crops and ``--num`` good test crops and scores every crop with the trivial baseline: its map is
@@ -51,7 +51,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=40, help="training crops and good test crops per texture (40)")
     parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--block-room", type=float, default=devset_data.BLOCK_ROOM,
+                        help=f"split blocks: a block's side over the crop's, less 1 ({devset_data.BLOCK_ROOM}; 1: blocks "
+                             "twice the crop's side, 2x2 of ihc)")
     args = parser.parse_args()
+    devset_data.BLOCK_ROOM = args.block_room
     print("| split | texture | AUROC good test vs train, max score | above every training crop | AUROC, mean score "
           "| above every training crop |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
