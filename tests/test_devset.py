@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -14,16 +15,20 @@ from pyramidflow.data import MVTecDataset
 pytest.importorskip("skimage")  # the dev extra: the set's photographs ship inside scikit-image
 
 
-@pytest.fixture(scope="module")
-def devset():
-    """benchmarks/devset_data.py, imported from its folder as the scripts beside it import it."""
+def _benchmark_module(name: str):
+    """A module of benchmarks/, imported from its folder as the scripts beside it import it."""
     folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
     sys.path.insert(0, folder)
     try:
-        import devset_data
+        return importlib.import_module(name)
     finally:
         sys.path.remove(folder)
-    return devset_data
+
+
+@pytest.fixture(scope="module")
+def devset():
+    """benchmarks/devset_data.py: the set's generator."""
+    return _benchmark_module("devset_data")
 
 
 @pytest.mark.parametrize("kind", ["scratch", "patch", "stain"])
@@ -76,15 +81,9 @@ def test_the_rows_split_keeps_training_and_test_crops_in_disjoint_rows(devset):
 
 
 @pytest.fixture(scope="module")
-def split_script(devset):
-    """benchmarks/devset_split.py, the baseline's view of a split."""
-    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, folder)
-    try:
-        import devset_split
-    finally:
-        sys.path.remove(folder)
-    return devset_split
+def split_script():
+    """benchmarks/devset_split.py: the baseline's view of a split."""
+    return _benchmark_module("devset_split")
 
 
 @pytest.mark.parametrize("texture", ["ihc", "moon", "hubble"])
