@@ -103,9 +103,10 @@ def fit_template(
                 latents = model(images)
                 dtype = latents[0].dtype
                 batch_sums = [z.double().sum(dim=0, keepdim=True) for z in latents]
-                batch_squares = [z.double().square().sum(dim=0, keepdim=True) for z in latents]
                 sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
-                squares = batch_squares if squares is None else [a + b for a, b in zip(squares, batch_squares)]
+                if kind == "scaled":  # the second moment only where it is used
+                    batch_squares = [z.double().square().sum(dim=0, keepdim=True) for z in latents]
+                    squares = batch_squares if squares is None else [a + b for a, b in zip(squares, batch_squares)]
                 count += images.shape[0]
     finally:
         model.train(was_training)
