@@ -6,8 +6,10 @@ Writes ``DIR/data`` (the set), trains each texture with ``pyramidflow train`` at
 category of one's own (``DIR/<texture>/checkpoint.pt``; an existing finished checkpoint is reused) and
 prints, per texture and per defect kind: pixel AUROC, AUPRO, image AUROC, image recall at the calibrated
 threshold, the calibrated mask's pixel F1 and recall, the best single-threshold F1 (reads the test
-masks: a diagnosis), and the pixel AUROC of the trivial baseline ``|x - mean of the training crops|``.
-Every figure comes from :mod:`pyramidflow.metrics`; the masks from the checkpoint's own rule.
+masks: a diagnosis), and the pixel AUROC of the trivial baseline ``|x - mean of the training crops|``;
+per texture, the AUROC of telling good test crops from training crops by the model's image score
+(0.5: it cannot; ``benchmarks/devset_split.py`` gives the baseline's). ``--split`` picks the set's split
+(:data:`devset_data.SPLITS`). Every figure comes from :mod:`pyramidflow.metrics`; the masks from the checkpoint's own rule.
 """
 
 from __future__ import annotations
