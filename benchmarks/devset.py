@@ -1,13 +1,15 @@
 """Build the development set of real textures (benchmarks/devset_data.py), train on it, and score the models.
 
-    python benchmarks/devset.py --out DIR [--textures ihc moon] [--size 128] [--steps 300] [--threads 1] [--model FLAGS...]
+    python benchmarks/devset.py --out DIR [--textures ihc moon] [--split blocks] [--size 128] [--steps 300] [--threads 1] [--model FLAGS...]
 
 Writes ``DIR/data`` (the set), trains each texture with ``pyramidflow train`` at the CLI's defaults for a
 category of one's own (``DIR/<texture>/checkpoint.pt``; an existing finished checkpoint is reused) and
 prints, per texture and per defect kind: pixel AUROC, AUPRO, image AUROC, image recall at the calibrated
 threshold, the calibrated mask's pixel F1 and recall, the best single-threshold F1 (reads the test
-masks: a diagnosis), and the pixel AUROC of the trivial baseline ``|x - mean of the training crops|``.
-Every figure comes from :mod:`pyramidflow.metrics`; the masks from the checkpoint's own rule.
+masks: a diagnosis), and the pixel AUROC of the trivial baseline ``|x - mean of the training crops|``;
+per texture, the AUROC of telling good test crops from training crops by the model's image score
+(0.5: it cannot; ``benchmarks/devset_split.py`` gives the baseline's). ``--split`` picks the set's split
+(:data:`devset_data.SPLITS`). Every figure comes from :mod:`pyramidflow.metrics`; the masks from the checkpoint's own rule.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from pyramidflow.calibration import stored_mask_rule, stored_thresholds  # noqa:
 from pyramidflow.checkpoint import load_checkpoint  # noqa: E402
 from pyramidflow.data import MVTecDataset  # noqa: E402
 from pyramidflow.inference.maps import load_for_inference, predict_dataset  # noqa: E402
-from pyramidflow.metrics import (best_pixel_f1, compute_metrics, image_decision_metrics,  # noqa: E402
-                                 mask_decision_metrics, pixel_auroc)
+from pyramidflow.metrics import (best_pixel_f1, compute_metrics, image_auroc,  # noqa: E402
+                                 image_decision_metrics, mask_decision_metrics, pixel_auroc)
 
 
 def train(data: Path, texture: str, out: Path, size: int, steps: int, threads: int, model: list[str]) -> Path:
@@ -77,12 +79,17 @@ def score(checkpoint: Path, data: Path, texture: str) -> dict:
     predicted = rule(test.maps, flagged)
     uncapped = rule(test.maps)  # without NOTE [a flagged image has a mask]: what the cap changed
     baseline = baseline_maps(data, texture, size[0], test.images)
+    train_scores = predict_dataset(inference.model, inference.template, MVTecDataset(data, texture, split="train", size=size),
+                                   device=device, progress=False).scores
+    good = test.scores[test.labels == 0]
     kinds = np.array(test.defect_types)
     result = {"texture": texture, "rule": {"seed": rule.seed, "low": rule.low, "fraction": rule.fraction},
               "image_threshold": image_threshold,
               "flagged_with_empty_mask": int(sum(not m.any() for m in predicted[flagged])),
               "flagged": int(flagged.sum()),
               "flagged_empty_without_the_cap": int(sum(not m.any() for m in uncapped[flagged])),
+              # Good test crops against the training crops, by the model's image score: 0.5 when it cannot tell them apart.
+              "good_vs_train_auroc": image_auroc(np.r_[train_scores, good], np.r_[np.zeros(len(train_scores)), np.ones(len(good))]),
               "all": {**figures(test.maps, test.masks, test.scores, test.labels, predicted, image_threshold),
                       "image_fpr": float(flagged[test.labels == 0].mean()),
                       "baseline_pixel_auroc": pixel_auroc(baseline, test.masks)}}
@@ -107,7 +114,8 @@ def print_table(results: list[dict]) -> None:
     for result in results:
         print(f"{result['texture']}: rule {result['rule']}, image threshold {result['image_threshold']:.4g}, image FPR "
               f"{result['all']['image_fpr']:.2f}, flagged images with an empty mask: {result['flagged_with_empty_mask']} "
-              f"of {result['flagged']} ({result['flagged_empty_without_the_cap']} without the cap at the map's peak)")
+              f"of {result['flagged']} ({result['flagged_empty_without_the_cap']} without the cap at the map's peak), good test "
+              f"crops against training crops by image score: AUROC {result['good_vs_train_auroc']:.3f}")
 
 
 def main() -> None:
@@ -120,12 +128,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of training and scoring (1)")
     parser.add_argument("--num-train", type=int, default=40)
     parser.add_argument("--num-test", type=int, default=8)
+    parser.add_argument("--split", default="blocks", choices=devset_data.SPLITS,
+                        help="how training and test crops share each photograph (blocks; rows: the tables before "
+                             "2026-12-06's split section)")
     parser.add_argument("--model", nargs=argparse.REMAINDER, default=[],
                         help="the rest is passed to `pyramidflow train`, e.g. --model --channels 8 --kernel-size 5")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = devset_data.build(args.out / "data", textures=args.textures, crop=args.crop, num_train=args.num_train,
-                             num_test=args.num_test)
+                             num_test=args.num_test, split=args.split)
     results = []
     for texture in args.textures:
         checkpoint = train(data, texture, args.out, args.size, args.steps, args.threads, args.model)

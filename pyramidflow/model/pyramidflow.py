@@ -251,7 +251,7 @@ class PyramidFlowConfig:
         The defaults with 2 pyramid levels: on photographed textures (the development set of real textures,
         benchmarks/README.md) 2 levels localised better than 3 or 4 at the same training steps (AUPRO higher on
         every texture). Augmentation is the training's (``TrainConfig.augment``), off in the recipe: flips and
-        rotations did not help photographed textures. The authors' categories keep their own settings
+        rotations did not win on every photographed texture. The authors' categories keep their own settings
         (:meth:`for_category`).
 
         Example:

@@ -22,6 +22,7 @@ from pyramidflow.model import (
     laplacian_compose,
     pairwise_difference_maps,
 )
+from pyramidflow.model.anomaly_map import SPREAD_FLOOR
 from pyramidflow.model.loss import gaussian_nll, objective_loss, spatial_loss
 from pyramidflow.train import TrainConfig
 
@@ -176,6 +177,61 @@ def test_constant_template_is_the_spatial_mean_of_the_mean_template_per_level_an
         assert not torch.equal(t, m)  # the mean template varies over space here
 
 
+# -- template="scaled": deviations divided by the training latents' spread ----------------------------------
+
+
+def test_scaled_template_holds_the_mean_and_the_floored_spread_and_divides_the_deviation():
+    model = perturb(PyramidFlow(small()), std=0.05)
+    images = torch.randn(5, 3, 8, 12)
+    with torch.no_grad():
+        model(images)  # one training forward sets the running means
+    mean_template = fit_template(model, [images[:2], images[2:]])
+    template = fit_template(model, [images[:2], images[2:]], kind="scaled")
+    model.eval()
+    with torch.no_grad():
+        latents = model(images)
+    for t, m, z in zip(template, mean_template, latents):
+        assert t.shape == (2,) + tuple(m.shape[1:]) and t.dtype == m.dtype
+        torch.testing.assert_close(t[:1], m)
+        spread = z.double().std(dim=0, unbiased=False, keepdim=True)  # computed apart from the library's moments
+        expected = spread.clamp_min(SPREAD_FLOOR * float(spread.mean()))
+        torch.testing.assert_close(t[1:].double(), expected, rtol=1e-4, atol=1e-6)
+    expected = laplacian_compose([((z - t[:1]) / t[1:]).abs().mean(dim=1, keepdim=True) for z, t in zip(latents, template)])
+    scaled = anomaly_map(latents, template)
+    torch.testing.assert_close(scaled, expected)
+    assert not torch.allclose(scaled, anomaly_map(latents, mean_template)), "the spread must change the map"
+
+
+class _Fixed(torch.nn.Module):
+    """Returns the same latent pyramid for any images: a model for fit_template with known latents."""
+
+    def __init__(self, latents):
+        super().__init__()
+        self.latents = latents
+
+    def forward(self, images):
+        return self.latents
+
+
+def test_a_latent_that_never_varies_gets_the_floor_not_a_zero_spread():
+    finest = torch.ones(4, 2, 8, 8, dtype=DTYPE)
+    finest[:, :, :4] = torch.randn(4, 2, 4, 8, dtype=DTYPE)  # the top half varies, the bottom half never does
+    latents = (finest, torch.randn(4, 2, 4, 4, dtype=DTYPE))
+    template = fit_template(_Fixed(latents), [torch.zeros(4, 3, 8, 8)], device="cpu", kind="scaled")
+    spread = template[0][1]
+    floor = SPREAD_FLOOR * float(finest.std(dim=0, unbiased=False).mean())
+    torch.testing.assert_close(spread[:, 4:], torch.full_like(spread[:, 4:], floor))
+    assert (spread[:, :4] > floor).float().mean() > 0.9
+    shifted = anomaly_map(tuple(z + 1.0 for z in latents), template)
+    assert torch.isfinite(shifted).all()
+
+
+def test_a_template_of_a_wrong_shape_is_refused():
+    latents = (torch.randn(3, 2, 8, 8, dtype=DTYPE), torch.randn(3, 2, 4, 4, dtype=DTYPE))
+    with pytest.raises(ValueError, match=r"expected \(1, C, H, W\)"):
+        anomaly_map(latents, tuple(torch.zeros(3, 2, 8 // 2**i, 8 // 2**i, dtype=DTYPE) for i in range(2)))
+
+
 # -- difference="composed": compose first, then subtract ------------------------------------------------
 
 
@@ -233,6 +289,7 @@ def _error_line(capsys):
     [
         (["--volume-norm", "none"], "volume_norm", None),
         (["--template", "zero"], "template", "zero"),
+        (["--template", "scaled"], "template", "scaled"),
         (["--difference", "composed"], "difference", "composed"),
         (["--loss", "spatial"], "loss", "spatial"),
     ],
@@ -254,8 +311,10 @@ def test_each_switch_trains_and_evaluates_through_the_cli(flags, field, value, d
     others = {"volume_norm": "CVN", "template": "mean", "difference": "pyramid", "loss": "fourier"}
     del others[field]
     assert {k: ckpt.model_config[k] for k in others} == others, "one switch changes one setting"
-    if field == "template":
+    if value == "zero":
         assert all(not level.any() for level in ckpt.template)
+    if value == "scaled":
+        assert all(level.shape[0] == 2 and (level[1] > 0).all() for level in ckpt.template)
     assert main(["eval", "--checkpoint", str(out / CHECKPOINT_NAME), "--data", str(data_root), "--category", "nut",
                  "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -189,15 +189,15 @@ def test_a_graph_that_disagrees_with_pytorch_is_not_written(checkpoints, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-# The ablation switches that change the map of a trained checkpoint (``loss`` changes training only).
-MAP_SWITCHES = {"difference": "composed", "template": "zero", "volume_norm": None}
+# The switches that change the map of a trained checkpoint (``loss`` changes training only).
+MAP_SWITCHES = [("difference", "composed"), ("template", "scaled"), ("template", "zero"), ("volume_norm", None)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("switch", sorted(MAP_SWITCHES))
-def test_export_of_an_ablation_checkpoint_gives_evals_maps(switch, data_root, tmp_path):
-    """The exported graph's maps are `eval`'s, whatever map the checkpoint's ablation switch asks for."""
-    config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=2, num_levels=3, **{switch: MAP_SWITCHES[switch]})
+@pytest.mark.parametrize("switch, value", MAP_SWITCHES)
+def test_export_of_an_ablation_checkpoint_gives_evals_maps(switch, value, data_root, tmp_path):
+    """The exported graph's maps are `eval`'s, whatever map the checkpoint's switch asks for."""
+    config = PyramidFlowConfig(channels=4, kernel_size=3, num_stacks=2, num_levels=3, **{switch: value})
     train_set = MVTecDataset(data_root, "nut", split="train", size=SIZE)
     checkpoint = train(config, TrainConfig(steps=4, checkpoint_every=None, device="cpu"), train_set, tmp_path / "run",
                        progress=False).checkpoint_path
