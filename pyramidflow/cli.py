@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def _add_calibration_options(parser: argparse.ArgumentParser, defaults) -> None:
 
 
 def _add_training_options(parser: argparse.ArgumentParser, defaults, what: str = "") -> None:
-    """The budget, batch, seed, checkpointing and augmentation options that ``train`` and ``ablate`` share."""
+    """The budget, batch, seed, learning rate, checkpointing and augmentation options that ``train`` and ``ablate`` share."""
     from .data import MVTecDataset
     from .train.config import REFERENCE_EPOCHS
 
@@ -96,6 +97,8 @@ def _add_training_options(parser: argparse.ArgumentParser, defaults, what: str =
                         help=f"images per training step, at least 2: the loss compares pairs ({defaults.batch_size})")
     parser.add_argument("--seed", type=_seed, default=defaults.seed,
                         help=f"seeds the initial weights, the shuffles and the augmentation ({defaults.seed})")
+    parser.add_argument("--lr", type=_learning_rate, default=defaults.lr,
+                        help=f"Adam's learning rate ({defaults.lr:g}: the authors')")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="STEPS",
                         help=f"write checkpoint.pt every STEPS steps, and at the end ({defaults.checkpoint_every})")
     parser.add_argument("--texture", action="store_true",
@@ -122,6 +125,17 @@ def _add_bit_depth(parser: argparse.ArgumentParser, default_is: str) -> None:
 
 def _add_smoothing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA", help="Gaussian smoothing of the maps, in pixels (0: off)")
+
+
+def _learning_rate(text: str) -> float:
+    """``--lr``: a positive, finite float (Adam takes no other)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _seed(text: str) -> int:
@@ -363,7 +377,7 @@ def _train_config(args: argparse.Namespace, dataset, **options):
     if steps is None and epochs is None:
         epochs = REFERENCE_EPOCHS
     return TrainConfig(
-        steps=steps, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
+        steps=steps, epochs=epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
         checkpoint_every=args.checkpoint_every, device=args.device,
         augment=_augment(args, dataset), **options,
     )

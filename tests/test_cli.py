@@ -477,6 +477,23 @@ def test_negative_seed_names_the_flag(tmp_path, capsys):
     assert "argument --seed: expected a non-negative integer, got '-1'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-0.001", "nan", "fast"])
+def test_bad_learning_rate_names_the_flag(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(tmp_path), "--category", "nut", "--out", str(tmp_path / "o"), "--lr", value])
+    assert exit_info.value.code == 2
+    assert f"argument --lr: expected a positive number, got {value!r}" in capsys.readouterr().err
+
+
+def test_learning_rate_reaches_the_optimizer_and_the_checkpoint(data_root, tmp_path):
+    out = tmp_path / "lr"
+    assert main(["train", "--data", str(data_root), "--category", "nut", "--out", str(out), "--size", str(SIZE),
+                 "--steps", "1", "--device", "cpu", *SMALL, "--lr", "0.003"]) == 0
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint.train_config["lr"] == 0.003
+    assert {group["lr"] for group in checkpoint.optimizer["param_groups"]} == {0.003}
+
+
 def test_version_comes_from_the_package_metadata(capsys):
     from importlib.metadata import version
 
