@@ -82,7 +82,6 @@ def score(checkpoint: Path, data: Path, texture: str) -> dict:
     train_scores = predict_dataset(inference.model, inference.template, MVTecDataset(data, texture, split="train", size=size),
                                    device=device, progress=False).scores
     good = test.scores[test.labels == 0]
-    kinds = np.array(test.defect_types)
     result = {"texture": texture, "rule": {"seed": rule.seed, "low": rule.low, "fraction": rule.fraction},
               "image_threshold": image_threshold,
               "flagged_with_empty_mask": int(sum(not m.any() for m in predicted[flagged])),
@@ -93,8 +92,7 @@ def score(checkpoint: Path, data: Path, texture: str) -> dict:
               "all": {**figures(test.maps, test.masks, test.scores, test.labels, predicted, image_threshold),
                       "image_fpr": float(flagged[test.labels == 0].mean()),
                       "baseline_pixel_auroc": pixel_auroc(baseline, test.masks)}}
-    for kind in devset_data.DEFECT_KINDS:
-        chosen = (kinds == kind) | (kinds == "good")
+    for kind, chosen in devset_data.kind_subsets(test.defect_types, devset_data.DEFECT_KINDS)[1:]:  # "all" is above, with more
         result[kind] = {**figures(test.maps[chosen], test.masks[chosen], test.scores[chosen], test.labels[chosen],
                                   predicted[chosen], image_threshold),
                         "baseline_pixel_auroc": pixel_auroc(baseline[chosen], test.masks[chosen])}

@@ -51,6 +51,16 @@ _FOREIGN = ("chelsea", "astronaut", "coffee", "retina")  # what a cut-and-paste 
 _STAIN_TINTS = np.array([[0.55, 0.75, 0.35], [0.55, 0.35, 0.18], [0.55, 0.35, 0.75], [0.45, 0.55, 0.70]])
 
 
+def kind_subsets(defect_types: Sequence[str], kinds: Sequence[str] | None = None) -> list[tuple[str, np.ndarray]]:
+    """The images each table row scores: ``("all", every image)``, then per defect kind its images and the good ones.
+
+    ``kinds``: the rows' kinds in order (default: the kinds present, sorted, for a set of another layout).
+    """
+    types = np.asarray(defect_types)
+    kinds = sorted(set(types.tolist()) - {"good"}) if kinds is None else kinds
+    return [("all", np.ones(len(types), bool))] + [(kind, (types == kind) | (types == "good")) for kind in kinds]
+
+
 def _skimage_image(name: str) -> np.ndarray:
     try:
         from skimage import data

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pyramidflow.data import MVTecDataset
-from pyramidflow.inference.maps import load_for_inference, predict_dataset
-from pyramidflow.metrics import compute_metrics
-from pyramidflow.model import fit_template
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import devset_data  # noqa: E402
+
+from pyramidflow.data import MVTecDataset  # noqa: E402
+from pyramidflow.inference.maps import load_for_inference, predict_dataset  # noqa: E402
+from pyramidflow.metrics import compute_metrics  # noqa: E402
+from pyramidflow.model import fit_template  # noqa: E402
 
 TEMPLATES = ("mean", "channel", "scaled")
 
@@ -49,9 +52,7 @@ def score(checkpoint: Path, data: Path, category: str) -> list[dict]:
     rows = []
     for name, template in templates(inference, train_set).items():
         test = predict_dataset(inference.model, template, test_set, device=inference.device, progress=False)
-        kinds = np.array(test.defect_types)
-        for defect in ("all",) + tuple(sorted(set(kinds) - {"good"})):
-            chosen = np.ones(len(kinds), bool) if defect == "all" else (kinds == defect) | (kinds == "good")
+        for defect, chosen in devset_data.kind_subsets(test.defect_types):
             figures = compute_metrics(test.maps[chosen], test.masks[chosen], test.scores[chosen], test.labels[chosen])
             rows.append({"category": category, "template": name, "kind": defect,
                          **{k: float(figures[k]) for k in ("pixel_auroc", "aupro", "image_auroc")}})

@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,12 +46,10 @@ def score(checkpoint: Path, data: Path, texture: str, sigmas: list[float]) -> li
     rows = []
     for kind, template in templates(inference).items():
         test = predict_dataset(inference.model, template, test_set, device=device, progress=False)
-        kinds = np.array(test.defect_types)
         for sigma in sigmas:
             maps = smooth(test.maps, sigma)
             scores = image_score(torch.from_numpy(maps)[:, None]).numpy()  # of the smoothed maps, as eval takes it
-            for defect in ("all",) + devset_data.DEFECT_KINDS:
-                chosen = np.ones(len(kinds), bool) if defect == "all" else (kinds == defect) | (kinds == "good")
+            for defect, chosen in devset_data.kind_subsets(test.defect_types, devset_data.DEFECT_KINDS):
                 figures = compute_metrics(maps[chosen], test.masks[chosen], scores[chosen], test.labels[chosen])
                 rows.append({"texture": texture, "template": kind, "smooth": sigma, "kind": defect,
                              **{k: float(figures[k]) for k in ("pixel_auroc", "aupro", "image_auroc")}})

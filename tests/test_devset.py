@@ -130,3 +130,14 @@ def test_the_block_split_gives_good_test_crops_from_the_training_distribution(sp
         shift[split] = split_script.shift(*split_script.baseline_scores(train, test)["mean"])
     assert shift["rows"][0] > 0.8 and shift["rows"][1] > 0.3, shift
     assert 0.3 < shift["blocks"][0] < 0.7 and shift["blocks"][1] < 0.1, shift
+
+
+def test_kind_subsets_pair_each_kind_with_the_good_images(devset):
+    types = ["good", "stain", "scratch", "good", "patch", "stain"]
+    assert [(name, mask.tolist()) for name, mask in devset.kind_subsets(types)] == [
+        ("all", [True] * 6),
+        ("patch", [True, False, False, True, True, False]),
+        ("scratch", [True, False, True, True, False, False]),
+        ("stain", [True, True, False, True, False, True]),
+    ]
+    assert [name for name, _ in devset.kind_subsets(types, devset.DEFECT_KINDS)] == ["all", *devset.DEFECT_KINDS]

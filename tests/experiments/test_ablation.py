@@ -161,13 +161,18 @@ def test_zero_template_gives_the_raw_latent_magnitude():
 # -- template="constant": the mean's spatial mean, for stationary textures ----------------------------------
 
 
-def test_constant_template_is_the_spatial_mean_of_the_mean_template_per_level_and_channel():
+def _model_and_templates(num_images: int, kind: str):
+    """A perturbed model after one training forward, ``num_images`` random images, and its mean and ``kind`` templates."""
     model = perturb(PyramidFlow(small()), std=0.05)
-    images = torch.randn(4, 3, 8, 12)
+    images = torch.randn(num_images, 3, 8, 12)
     with torch.no_grad():
         model(images)  # one training forward sets the running means
-    mean_template = fit_template(model, [images[:2], images[2:]])
-    template = fit_template(model, [images[:2], images[2:]], kind="constant")
+    batches = [images[:2], images[2:]]
+    return model, images, fit_template(model, batches), fit_template(model, batches, kind=kind)
+
+
+def test_constant_template_is_the_spatial_mean_of_the_mean_template_per_level_and_channel():
+    _, _, mean_template, template = _model_and_templates(4, "constant")
     for t, m in zip(template, mean_template):
         assert t.shape == m.shape and t.dtype == m.dtype
         expected = m.double().flatten(2).mean(-1)  # (1, C), computed apart from the library's keepdim/expand
@@ -181,12 +186,7 @@ def test_constant_template_is_the_spatial_mean_of_the_mean_template_per_level_an
 
 
 def test_scaled_template_holds_the_mean_and_the_floored_spread_and_divides_the_deviation():
-    model = perturb(PyramidFlow(small()), std=0.05)
-    images = torch.randn(5, 3, 8, 12)
-    with torch.no_grad():
-        model(images)  # one training forward sets the running means
-    mean_template = fit_template(model, [images[:2], images[2:]])
-    template = fit_template(model, [images[:2], images[2:]], kind="scaled")
+    model, images, mean_template, template = _model_and_templates(5, "scaled")
     model.eval()
     with torch.no_grad():
         latents = model(images)
