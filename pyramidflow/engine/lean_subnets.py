@@ -1,0 +1,298 @@
+"""A subnet's recorded evaluation with fewer hidden activations alive in its backward (NOTE [lean recorded evaluation]).
+
+The coupling-aware rebuild evaluates each subnet once with a graph and backpropagates through it once
+(NOTE [recorded subnets] in :mod:`.subnets`). At a batch of one that backward is the block's peak, and
+it peaks where autograd holds three hidden activations at once. Here an activation followed by a
+convolution runs as one autograd step whose backward holds at most one hidden activation and a
+quarter-size mask. The modules' own forwards compute the values; the backward calls the same ATen
+convolution kernels as autograd's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.modules.module as _module_hooks
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .block import gradients_used
+from .errors import _internal_assert
+from .sample_chunks import treats_samples_alone
+
+__all__ = ["lean_evaluation"]
+
+# NOTE [lean recorded evaluation]
+# Under autograd, the backward of conv(act(h)) first computes the gradient of
+# act's output r (convolution_backward) while act still saves r, then
+# act's backward allocates the gradient of h: three hidden activations alive at
+# once (r, its gradient, h's gradient); the backward of the 64-channel layer of a
+# conv3x3-ReLU-conv3x3 subnet at 256 px is then the whole block's peak at batch 1.
+# Here the pair is one autograd step that keeps only r, and its backward:
+# 1. computes the convolution's weight and bias gradients
+#    (aten.convolution_backward, the call autograd makes, asked for those two);
+# 2. turns r into a mask of where act's derivative is not 1 (bool: a quarter of
+#    r in float32) and drops r;
+# 3. computes the gradient of r as the transposed convolution of the incoming
+#    gradient (oneDNN runs it with the convolution-backward-data kernel:
+#    ONEDNN_VERBOSE shows brg_conv_fwd behind both, with AVX-512 and AVX2);
+# 4. applies act's derivative to it in place: it becomes h's gradient.
+# At most one hidden activation and the mask are alive. The derivative is read
+# from the output as torch reads it: ReLU's gradient is exactly 0 where r <= 0
+# (threshold_backward on the result: 0 even where the incoming gradient is NaN;
+# a NaN r passes it), LeakyReLU's is multiplied by the slope where not r > 0
+# (leaky_relu_backward; r > 0 exactly where h > 0 for a slope >= 0, a NaN
+# included). Only where it is safe: the backward runs once (the engine's
+# recorded graph is never retained: a second run is an internal error), r has
+# no other user (consecutive modules of an nn.Sequential, every module a known
+# class of NOTE [samples alone] in .sample_chunks, no container but
+# nn.Sequential, no hooks below the subnet itself, none global), float32 or
+# float64 on CPU without autocast (not measured on CUDA), a convolution with
+# zero padding given as numbers. Everything else runs as autograd would.
+# The pair's modules stand in place for one call: the subnet's own forward and
+# its hooks run as written.
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class _Derivative:
+    """An activation's derivative, from its output ``r``: where it is not 1, and the gradient made there in place."""
+
+    where_not_one: Callable[[Tensor], Tensor]
+    apply: Callable[[Tensor, Tensor], None]
+
+
+def _relu_where_not_one(r: Tensor) -> Tensor:
+    return r <= 0  # threshold_backward(grad, result, 0)
+
+
+def _relu_apply(grad: Tensor, mask: Tensor) -> None:
+    grad.masked_fill_(mask, 0)
+
+
+def _leaky_where_not_one(r: Tensor) -> Tensor:
+    return torch.gt(r, 0).logical_not_()  # leaky_relu_backward: self > 0 ? grad : grad * slope
+
+
+def _derivative_of(activation: nn.Module) -> Optional[_Derivative]:
+    """The rule for ``activation`` (matched exactly: a subclass may change the maths), or ``None``."""
+    if type(activation) is nn.ReLU:
+        return _Derivative(_relu_where_not_one, _relu_apply)
+    if type(activation) is nn.LeakyReLU and activation.negative_slope >= 0:
+        slope = float(activation.negative_slope)
+        return _Derivative(_leaky_where_not_one, lambda grad, mask: _scale_where(grad, mask, slope))
+    return None
+
+
+#: Elements scaled per piece of a LeakyReLU gradient: a temporary of this size, not of the whole activation.
+_PIECE = 1 << 18
+
+
+def _scale_where(grad: Tensor, mask: Tensor, factor: float) -> None:
+    """``grad`` times ``factor`` where ``mask``, in place, a piece at a time (the product is made per piece)."""
+    if grad.stride() != mask.stride() or not _dense(grad):
+        torch.where(mask, grad * factor, grad, out=grad)
+        return
+    flat_grad, flat_mask = _flat(grad), _flat(mask)
+    for start in range(0, flat_grad.numel(), _PIECE):
+        g, m = flat_grad[start : start + _PIECE], flat_mask[start : start + _PIECE]
+        torch.where(m, g * factor, g, out=g)
+
+
+def _dense(x: Tensor) -> bool:
+    return x.untyped_storage().nbytes() == x.numel() * x.element_size() and (
+        x.is_contiguous() or any(x.is_contiguous(memory_format=f) for f in _layouts(x))
+    )
+
+
+def _flat(x: Tensor) -> Tensor:
+    """``x``'s elements in memory order (``x`` dense)."""
+    return x.as_strided((x.numel(),), (1,), x.storage_offset())
+
+
+def _layouts(x: Tensor) -> Tuple[torch.memory_format, ...]:
+    return {4: (torch.channels_last,), 5: (torch.channels_last_3d,)}.get(x.dim(), ())
+
+
+def _layout_of(x: Tensor) -> torch.memory_format:
+    """The memory format ``x`` is dense in (channels-last where it is that and not also plain contiguous)."""
+    if not x.is_contiguous():
+        for layout in _layouts(x):
+            if x.is_contiguous(memory_format=layout):
+                return layout
+    return torch.contiguous_format
+
+
+@dataclass
+class _Pair:
+    """An activation and the convolution after it, as one step."""
+
+    activation: nn.Module
+    convolution: nn.Module
+    derivative: _Derivative
+    in_place: bool  # the activation may write over its input (NOTE [lean recorded evaluation])
+
+
+@contextlib.contextmanager
+def _in_place(activation: nn.Module, in_place: bool) -> Iterator[None]:
+    """The activation's own forward, in place when asked (ReLU's and LeakyReLU's ``inplace``)."""
+    before = activation.inplace
+    activation.inplace = before or in_place
+    try:
+        yield
+    finally:
+        activation.inplace = before
+
+
+class _ActivationConvolution(torch.autograd.Function):
+    """``convolution(activation(x))``, keeping only the activation's output (NOTE [lean recorded evaluation])."""
+
+    @staticmethod
+    def forward(ctx, pair: _Pair, x: Tensor, *weight_and_bias: Tensor) -> Tensor:  # type: ignore[override]
+        with _in_place(pair.activation, pair.in_place):
+            r = pair.activation(x)
+        ctx.pair = pair
+        ctx.r = r  # not save_for_backward: the backward drops it before it allocates the next gradient
+        return pair.convolution(r)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        r, ctx.r = ctx.r, None
+        _internal_assert(r is not None, "a lean recorded evaluation was backpropagated twice")
+        pair: _Pair = ctx.pair
+        conv = pair.convolution
+        need_x, *need_params = gradients_used(ctx, 1)
+        need_w = need_params[0]
+        need_b = len(need_params) > 1 and need_params[1]
+        grad = grad.contiguous(memory_format=_layout_of(r))
+        spatial = r.dim() - 2
+        grad_w = grad_b = None
+        if need_w or need_b:
+            bias_sizes = [conv.out_channels] if conv.bias is not None else None
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, r, conv.weight, bias_sizes, conv.stride, conv.padding, conv.dilation, False,
+                [0] * spatial, conv.groups, [False, need_w, need_b],
+            )
+        grad_x = None
+        if need_x:
+            mask = pair.derivative.where_not_one(r)
+            size = r.shape[2:]
+            del r
+            grad_x = torch.ops.aten.convolution(
+                grad, conv.weight, None, conv.stride, conv.padding, conv.dilation, True,
+                _output_padding(conv, size, grad.shape[2:]), conv.groups,
+            )
+            del grad
+            pair.derivative.apply(grad_x, mask)
+        grads = (grad_x, grad_w, grad_b)
+        return (None, *grads[: 1 + len(need_params)])
+
+
+def _output_padding(conv: nn.Module, size: Sequence[int], out_size: Sequence[int]) -> List[int]:
+    """The transposed convolution's ``output_padding`` that gives back the input's size ``size`` (strides > 1
+    drop trailing rows)."""
+    return [
+        n - ((m - 1) * s - 2 * p + d * (k - 1) + 1)
+        for n, m, s, p, d, k in zip(size, out_size, conv.stride, conv.padding, conv.dilation, conv.kernel_size)
+    ]
+
+
+class _Lean(nn.Module):
+    """Stands in for the activation of a pair during one call; the convolution's place holds an identity."""
+
+    def __init__(self, pair: _Pair) -> None:
+        super().__init__()
+        self.pair = (pair,)  # a tuple: not registered as submodules, nothing else changes in the module tree
+
+    def forward(self, x: Tensor) -> Tensor:
+        (pair,) = self.pair
+        params = (pair.convolution.weight,) + ((pair.convolution.bias,) if pair.convolution.bias is not None else ())
+        return _ActivationConvolution.apply(pair, x, *params)
+
+
+def _chain(subnet: nn.Module) -> Optional[List[Tuple[nn.Module, str, nn.Module]]]:
+    """The modules an ``nn.Sequential`` tree runs, in order, as ``(parent, name, module)``; ``None`` for any other
+    tree (a container of another kind may use an output twice)."""
+    if type(subnet) is not nn.Sequential:
+        return None
+    chain = []
+    for name, module in subnet._modules.items():
+        if module is None:
+            continue
+        if type(module) is nn.Sequential:
+            inner = _chain(module)
+            if inner is None:
+                return None
+            chain += inner
+        elif next(module.children(), None) is not None:
+            return None
+        else:
+            chain.append((subnet, name, module))
+    return chain
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    return any(
+        getattr(_module_hooks, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    )
+
+
+def _convolution_fits(conv: nn.Module) -> bool:
+    return type(conv) in _CONVOLUTIONS and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def _steps(subnet: nn.Module, inputs: Sequence[Any]) -> List[Tuple[nn.Module, str, _Pair]]:
+    """The pairs of ``subnet`` that NOTE [lean recorded evaluation] runs as one step on ``inputs``, as
+    ``(parent, name, pair)`` of each activation, and of each convolution after it; empty where it does not apply."""
+    if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+        return []
+    x = inputs[0]
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
+        return []
+    chain = _chain(subnet)
+    if chain is None or len(chain) < 2 or _global_hooks() or not treats_samples_alone(subnet):
+        return []
+    modules = [m for _, _, m in chain]
+    if len({id(m) for m in modules}) != len(modules) or any(_hooked(m) for m in subnet.modules() if m is not subnet):
+        return []
+    steps = []
+    i = 0
+    while i + 1 < len(chain):
+        (parent, name, act), conv = chain[i], chain[i + 1][2]
+        derivative = _derivative_of(act)
+        first_in_place = i == 0 and getattr(act, "inplace", False)  # it would write into the subnet's own input
+        fits = derivative is not None and not first_in_place and _convolution_fits(conv)
+        if fits and all(p.dtype == x.dtype for p in conv.parameters()):
+            after_convolution = i > 0 and type(chain[i - 1][2]) in _CONVOLUTIONS
+            steps.append((parent, name, _Pair(act, conv, derivative, in_place=after_convolution)))
+            steps.append((chain[i + 1][0], chain[i + 1][1], None))
+            i += 2
+        else:
+            i += 1
+    return steps
+
+
+@contextlib.contextmanager
+def lean_evaluation(subnet: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
+    """For one call ``subnet(*inputs)`` inside it: each activation followed by a convolution runs as one step that
+    keeps less for backward (NOTE [lean recorded evaluation]). Only for an evaluation whose graph is
+    backpropagated once and not retained (the coupling-aware rebuild's)."""
+    steps = _steps(subnet, inputs)
+    originals = [(parent, name, parent._modules[name]) for parent, name, _ in steps]
+    try:
+        for parent, name, pair in steps:
+            parent._modules[name] = _Lean(pair) if pair is not None else nn.Identity()
+        yield
+    finally:
+        for parent, name, module in originals:
+            parent._modules[name] = module
