@@ -169,28 +169,52 @@ class _ActivationConvolution(torch.autograd.Function):
         need_x, *need_params = gradients_used(ctx, 1)
         need_w = need_params[0]
         need_b = len(need_params) > 1 and need_params[1]
-        grad = grad.contiguous(memory_format=_layout_of(r))
         spatial = r.dim() - 2
-        grad_w = grad_b = None
-        if need_w or need_b:
+        output_padding = _output_padding(conv, r.shape[2:], grad.shape[2:])
+        transposed = need_x and _both_on_onednn(r, grad, conv, output_padding)
+        if transposed:  # once for both calls, as oneDNN's convolution backward would for itself
+            grad = grad.contiguous(memory_format=_layout_of(r))
+        grad_x = grad_w = grad_b = None
+        if need_w or need_b or (need_x and not transposed):
             bias_sizes = [conv.out_channels] if conv.bias is not None else None
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, r, conv.weight, bias_sizes, conv.stride, conv.padding, conv.dilation, False,
-                [0] * spatial, conv.groups, [False, need_w, need_b],
+                [0] * spatial, conv.groups, [need_x and not transposed, need_w, need_b],
             )
-        grad_x = None
         if need_x:
             mask = pair.derivative.where_not_one(r)
-            size = r.shape[2:]
             del r
-            grad_x = torch.ops.aten.convolution(
-                grad, conv.weight, None, conv.stride, conv.padding, conv.dilation, True,
-                _output_padding(conv, size, grad.shape[2:]), conv.groups,
-            )
+            if transposed:
+                grad_x = torch.ops.aten.convolution(
+                    grad, conv.weight, None, conv.stride, conv.padding, conv.dilation, True, output_padding, conv.groups
+                )
             del grad
             pair.derivative.apply(grad_x, mask)
         grads = (grad_x, grad_w, grad_b)
         return (None, *grads[: 1 + len(need_params)])
+
+
+#: The backends of a transposed convolution that run im2col kernels: scratch ten times the result (3x3).
+_SLOW_TRANSPOSED = tuple(
+    getattr(torch._C._ConvBackend, name)
+    for name in ("SlowTranspose2d", "SlowTranspose3d", "Empty", "MkldnnEmpty", "Overrideable")
+    if hasattr(torch._C, "_ConvBackend") and hasattr(torch._C._ConvBackend, name)
+)
+
+
+def _both_on_onednn(r: Tensor, grad: Tensor, conv: nn.Module, output_padding: List[int]) -> bool:
+    """Whether oneDNN runs both the convolution's backward on ``r`` and the transposed convolution of ``grad``
+    (then both run its convolution kernel: NOTE [lean recorded evaluation])."""
+    select = getattr(torch._C, "_select_conv_backend", None)
+    if select is None or not _SLOW_TRANSPOSED:
+        return False
+    args = (conv.weight, None, list(conv.stride), list(conv.padding), list(conv.dilation))
+    try:
+        forward = select(r, *args, False, [0] * (r.dim() - 2), conv.groups, None)
+        transposed = select(grad, *args, True, output_padding, conv.groups, None)
+    except (RuntimeError, TypeError):
+        return False
+    return forward == torch._C._ConvBackend.Mkldnn and transposed not in _SLOW_TRANSPOSED
 
 
 def _output_padding(conv: nn.Module, size: Sequence[int], out_size: Sequence[int]) -> List[int]:
