@@ -2,10 +2,10 @@
 
 The coupling-aware rebuild evaluates each subnet once with a graph and backpropagates through it once
 (NOTE [recorded subnets] in :mod:`.subnets`). At a batch of one that backward is the block's peak, and
-it peaks where autograd holds three hidden activations at once. Here an activation followed by a
-convolution runs as one autograd step whose backward holds at most one hidden activation and a
-quarter-size mask. The modules' own forwards compute the values; the backward calls the same ATen
-convolution kernels as autograd's.
+autograd holds three hidden activations at once in it. Here an activation followed by a convolution
+runs as one autograd step that keeps only the activation's output and drops it early. The modules'
+own forwards compute the values; the backward calls torch's own ops (the convolution's backward, the
+activation's backward), so the gradients are autograd's.
 """
 
 from __future__ import annotations
@@ -26,81 +26,91 @@ from .sample_chunks import treats_samples_alone
 __all__ = ["lean_evaluation"]
 
 # NOTE [lean recorded evaluation]
-# Under autograd, the backward of conv(act(h)) first computes the gradient of
-# act's output r (convolution_backward) while act still saves r, then
-# act's backward allocates the gradient of h: three hidden activations alive at
-# once (r, its gradient, h's gradient); the backward of the 64-channel layer of a
-# conv3x3-ReLU-conv3x3 subnet at 256 px is then the whole block's peak at batch 1.
-# Here the pair is one autograd step that keeps only r, and its backward:
-# 1. computes the convolution's weight and bias gradients
-#    (aten.convolution_backward, the call autograd makes, asked for those two);
-# 2. turns r into a mask of where act's derivative is not 1 (bool: a quarter of
-#    r in float32) and drops r;
-# 3. computes the gradient of r as the transposed convolution of the incoming
-#    gradient (oneDNN runs it with the convolution-backward-data kernel:
-#    ONEDNN_VERBOSE shows brg_conv_fwd behind both, with AVX-512 and AVX2);
-# 4. applies act's derivative to it in place: it becomes h's gradient.
-# At most one hidden activation and the mask are alive. The derivative is read
-# from the output as torch reads it: ReLU's gradient is exactly 0 where r <= 0
-# (threshold_backward on the result: 0 even where the incoming gradient is NaN;
-# a NaN r passes it), LeakyReLU's is multiplied by the slope where not r > 0
-# (leaky_relu_backward; r > 0 exactly where h > 0 for a slope >= 0, a NaN
-# included). Only where it is safe: the backward runs once (the engine's
-# recorded graph is never retained: a second run is an internal error), r has
-# no other user (consecutive modules of an nn.Sequential, every module a known
-# class of NOTE [samples alone] in .sample_chunks, no container but
-# nn.Sequential, no hooks below the subnet itself, none global), float32 or
-# float64 on CPU without autocast (not measured on CUDA), a convolution with
-# zero padding given as numbers. Everything else runs as autograd would.
-# The pair's modules stand in place for one call: the subnet's own forward and
-# its hooks run as written.
+# Under autograd, the backward of conv(act(h)) computes the gradient of act's
+# output r (convolution_backward) while act still saves r, then act's backward
+# allocates h's gradient: three hidden activations alive at once, and at batch
+# 1 the 64-channel layer of a conv3x3-ReLU-conv3x3 subnet at 256 px is the
+# block's peak. Here the pair is one autograd step. Its forward runs act (in
+# place where its input is a convolution's output, which nothing else reads:
+# a convolution saves its input, not its output) and conv, and keeps r alone.
+# Its backward, where oneDNN runs both the convolution's backward and the
+# transposed convolution (torch's own choice of backend, asked first):
+# 1. the weight and bias gradients: aten.convolution_backward, autograd's call,
+#    asked for those two;
+# 2. where act passes the gradient, from r, as a bool (a quarter of r in
+#    float32); r is dropped;
+# 3. r's gradient: the transposed convolution of the incoming gradient, which
+#    oneDNN runs with its convolution-backward-data kernel (ONEDNN_VERBOSE:
+#    brg_conv_fwd behind both, with AVX-512 and AVX2; equal to the bit);
+# 4. act's own backward op (threshold_backward, leaky_relu_backward) in place
+#    on it, given, a piece at a time, 1.0 / 0.0 where r passes / does not in
+#    place of r: h's gradient.
+# One hidden activation and the bool are alive at a time. Elsewhere (float64,
+# and small images, where torch picks its im2col kernels, whose transposed
+# convolution takes scratch ten times r for a 3x3 kernel) step 1 also computes
+# r's gradient, as autograd's one call does, and r is dropped before step 4:
+# two hidden activations instead of three. Read from r as torch reads it: ReLU
+# passes where not r <= 0 (a NaN r passes; a dead unit gets exactly 0, a NaN
+# incoming gradient included), LeakyReLU where r > 0 (for a slope >= 0 exactly
+# where h > 0; a NaN is scaled, as torch does). Only where it is safe: the
+# backward runs once (the engine's recorded graph is never retained; a second
+# run is an internal error), r has no other user (consecutive modules of an
+# nn.Sequential tree, every module a known class of NOTE [samples alone] in
+# .sample_chunks, no container but nn.Sequential, no hooks below the subnet
+# itself, none global), float32 or float64 on CPU without autocast (not
+# measured on CUDA), a convolution with zero padding given as numbers, an
+# activation not in place on the subnet's own input. Everything else runs as
+# autograd would. The pair's modules stand in place for one call: the subnet's
+# own forward and its hooks run as written.
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
 class _Derivative:
-    """An activation's derivative, from its output ``r``: where it is not 1, and the gradient made there in place."""
+    """An activation's backward, read from its output ``r``: which elements pass the gradient, and torch's own
+    backward op run in place on a gradient, given those elements as 1.0 and the others as 0.0 in place of ``r``."""
 
-    where_not_one: Callable[[Tensor], Tensor]
-    apply: Callable[[Tensor, Tensor], None]
-
-
-def _relu_where_not_one(r: Tensor) -> Tensor:
-    return r <= 0  # threshold_backward(grad, result, 0)
+    passes: Callable[[Tensor, Tensor], Any]  # (r, out): bool, True where torch's backward reads r as live
+    backward_: Callable[[Tensor, Tensor], Any]  # (grad, live as 0.0 / 1.0): grad becomes the input's gradient
 
 
-def _relu_apply(grad: Tensor, mask: Tensor) -> None:
-    grad.masked_fill_(mask, 0)
+def _relu_passes(r: Tensor, out: Tensor) -> None:
+    torch.le(r, 0, out=out).logical_not_()  # threshold_backward(grad, result, 0): 0 where result <= 0
 
 
-def _leaky_where_not_one(r: Tensor) -> Tensor:
-    return torch.gt(r, 0).logical_not_()  # leaky_relu_backward: self > 0 ? grad : grad * slope
+def _relu_backward_(grad: Tensor, live: Tensor) -> None:
+    torch.ops.aten.threshold_backward.grad_input(grad, live, 0, grad_input=grad)
+
+
+def _leaky_passes(r: Tensor, out: Tensor) -> None:
+    torch.gt(r, 0, out=out)  # leaky_relu_backward(grad, self, slope): self > 0 ? grad : grad * slope
 
 
 def _derivative_of(activation: nn.Module) -> Optional[_Derivative]:
     """The rule for ``activation`` (matched exactly: a subclass may change the maths), or ``None``."""
     if type(activation) is nn.ReLU:
-        return _Derivative(_relu_where_not_one, _relu_apply)
-    if type(activation) is nn.LeakyReLU and activation.negative_slope >= 0:
-        slope = float(activation.negative_slope)
-        return _Derivative(_leaky_where_not_one, lambda grad, mask: _scale_where(grad, mask, slope))
+        return _Derivative(_relu_passes, _relu_backward_)
+    if type(activation) is nn.LeakyReLU and activation.negative_slope >= 0:  # then r > 0 exactly where its input is
+        slope = activation.negative_slope
+        return _Derivative(
+            _leaky_passes,
+            lambda grad, live: torch.ops.aten.leaky_relu_backward.grad_input(grad, live, slope, False, grad_input=grad),
+        )
     return None
 
 
-#: Elements scaled per piece of a LeakyReLU gradient: a temporary of this size, not of the whole activation.
+#: Elements per piece of the activation's backward: its 0.0 / 1.0 stand-in for ``r`` is made a piece at a time.
 _PIECE = 1 << 18
 
 
-def _scale_where(grad: Tensor, mask: Tensor, factor: float) -> None:
-    """``grad`` times ``factor`` where ``mask``, in place, a piece at a time (the product is made per piece)."""
-    if grad.stride() != mask.stride() or not _dense(grad):
-        torch.where(mask, grad * factor, grad, out=grad)
+def _backward_in_pieces(derivative: _Derivative, grad: Tensor, passes: Tensor) -> None:
+    """``grad`` made the activation's input gradient in place, from where its output ``passes`` (same layout)."""
+    if grad.stride() != passes.stride() or not _dense(grad):
+        derivative.backward_(grad, passes.to(grad.dtype))
         return
-    flat_grad, flat_mask = _flat(grad), _flat(mask)
-    for start in range(0, flat_grad.numel(), _PIECE):
-        g, m = flat_grad[start : start + _PIECE], flat_mask[start : start + _PIECE]
-        torch.where(m, g * factor, g, out=g)
+    for piece, live in zip(_flat(grad).split(_PIECE), _flat(passes).split(_PIECE)):
+        derivative.backward_(piece, live.to(grad.dtype))
 
 
 def _dense(x: Tensor) -> bool:
@@ -182,14 +192,15 @@ class _ActivationConvolution(torch.autograd.Function):
                 [0] * spatial, conv.groups, [need_x and not transposed, need_w, need_b],
             )
         if need_x:
-            mask = pair.derivative.where_not_one(r)
+            passes = torch.empty_like(r if grad_x is None else grad_x, dtype=torch.bool)  # the gradient's layout
+            pair.derivative.passes(r, passes)
             del r
             if transposed:
                 grad_x = torch.ops.aten.convolution(
                     grad, conv.weight, None, conv.stride, conv.padding, conv.dilation, True, output_padding, conv.groups
                 )
             del grad
-            pair.derivative.apply(grad_x, mask)
+            _backward_in_pieces(pair.derivative, grad_x, passes)
         grads = (grad_x, grad_w, grad_b)
         return (None, *grads[: 1 + len(need_params)])
 

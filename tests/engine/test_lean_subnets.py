@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pyramidflow.engine.subnets as subnets
 from pyramidflow.engine import InvertibleSequential
 from pyramidflow.engine.errors import InvertibleError
-from pyramidflow.engine.lean_subnets import _derivative_of, _scale_where, lean_evaluation
+from pyramidflow.engine.lean_subnets import _backward_in_pieces, _derivative_of, lean_evaluation
 from pyramidflow.memory import peak_memory
 
 from _blocks import loss_of
@@ -110,39 +110,37 @@ def _bits(x):
     return x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
 
 
+def _activation_grad(derivative, grad, r):
+    """The lean backward's last step alone: ``grad`` made the activation's input gradient from its output ``r``."""
+    grad = grad.clone(memory_format=torch.preserve_format)
+    passes = torch.empty_like(grad, dtype=torch.bool)
+    derivative.passes(r, passes)
+    _backward_in_pieces(derivative, grad, passes)
+    return grad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_derivatives_are_torchs_to_the_bit(dtype):
     """Read from the output as torch reads it: NaN, -0.0, infinite gradients included (NOTE [lean recorded
-    evaluation]); LeakyReLU's over more elements than one piece, in either layout."""
+    evaluation]); over more elements than one piece, in either layout, and at once where the layouts differ."""
     special = torch.tensor([0.0, -0.0, 1.5, -2.0, float("nan"), float("inf"), -float("inf"), 1e-30], dtype=dtype)
     h = torch.cat([special, torch.randn(300_000, dtype=dtype)]).reshape(1, 1, -1, 4).repeat(1, 2, 1, 1)
     grad = torch.randn_like(h)
     grad.view(-1)[:16] = torch.tensor([float("nan"), float("inf"), -1.0, 0.0] * 4, dtype=dtype)
-    relu = _derivative_of(nn.ReLU())
-    r = torch.relu(h)
-    ours = grad.clone()
-    relu.apply(ours, relu.where_not_one(r))
-    assert torch.equal(_bits(ours), _bits(torch.ops.aten.threshold_backward(grad, r, 0)))
     slope = 0.3
-    leaky = _derivative_of(nn.LeakyReLU(slope))
-    expected = torch.ops.aten.leaky_relu_backward(grad, h, slope, False)
-    r = nn.functional.leaky_relu(h, slope)
-    for layout in (torch.contiguous_format, torch.channels_last):
-        ours = grad.contiguous(memory_format=layout).clone(memory_format=torch.preserve_format)
-        leaky.apply(ours, leaky.where_not_one(r.contiguous(memory_format=layout)))
-        assert torch.equal(_bits(ours.contiguous()), _bits(expected))
+    cases = [
+        (nn.ReLU(), torch.relu(h), torch.ops.aten.threshold_backward(grad, torch.relu(h), 0)),
+        (nn.LeakyReLU(slope), nn.functional.leaky_relu(h, slope), torch.ops.aten.leaky_relu_backward(grad, h, slope, False)),
+    ]
+    for activation, r, expected in cases:
+        derivative = _derivative_of(activation)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            ours = _activation_grad(derivative, grad.contiguous(memory_format=layout), r.contiguous(memory_format=layout))
+            assert torch.equal(_bits(ours.contiguous()), _bits(expected))
+        at_once = _activation_grad(derivative, grad.transpose(2, 3), r.transpose(2, 3))  # not dense: at once
+        assert torch.equal(_bits(at_once.transpose(2, 3).contiguous()), _bits(expected))
     assert _derivative_of(nn.LeakyReLU(-0.1)) is None  # its output's sign no longer tells its input's
     assert _derivative_of(nn.GELU()) is None
-
-
-def test_scaled_in_pieces_or_at_once_alike():
-    grad = torch.randn(2, 3, 300, 301)
-    mask = torch.rand(2, 3, 300, 301) > 0.5
-    at_once, in_pieces = grad.clone(), grad.clone()
-    _scale_where(at_once.transpose(2, 3), mask.transpose(2, 3).contiguous(), 0.1)  # strides differ: at once
-    _scale_where(in_pieces, mask, 0.1)
-    assert torch.equal(at_once, in_pieces)
-    assert torch.equal(in_pieces, torch.where(mask, grad * 0.1, grad))
 
 
 class _Residual(nn.Module):
