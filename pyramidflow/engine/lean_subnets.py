@@ -42,17 +42,20 @@ __all__ = ["lean_evaluation"]
 # 3. r's gradient: the transposed convolution of the incoming gradient, which
 #    oneDNN runs with its convolution-backward-data kernel (ONEDNN_VERBOSE:
 #    brg_conv_fwd behind both, with AVX-512 and AVX2; equal to the bit);
-# 4. act's own backward op (threshold_backward, leaky_relu_backward) in place
-#    on it, given, a piece at a time, 1.0 / 0.0 where r passes / does not in
-#    place of r: h's gradient.
+# 4. act's backward in place on it: h's gradient. For LeakyReLU its own op
+#    (leaky_relu_backward), given, a piece at a time, 1.0 / 0.0 where r passes
+#    / does not in place of r; for ReLU the bits of the gradient multiplied
+#    by the bool as integers: the gradient where it passes, +0.0 elsewhere
+#    (NaN or not), which is what threshold_backward writes.
 # One hidden activation and the bool are alive at a time. Elsewhere (float64,
 # and small images, where torch picks its im2col kernels, whose transposed
 # convolution takes scratch ten times r for a 3x3 kernel) step 1 also computes
-# r's gradient, as autograd's one call does, and r is dropped before step 4:
-# two hidden activations instead of three. Read from r as torch reads it: ReLU
-# passes where not r <= 0 (a NaN r passes; a dead unit gets exactly 0, a NaN
-# incoming gradient included), LeakyReLU where r > 0 (for a slope >= 0 exactly
-# where h > 0; a NaN is scaled, as torch does). Only where it is safe: the
+# r's gradient, as autograd's one call does, and act's own backward op runs in
+# place on it with r: two hidden activations instead of three. Read from r as
+# torch reads it: ReLU passes where not r <= 0, i.e. where r != 0 for a
+# ReLU's output (a NaN r passes; a dead unit gets exactly +0.0, a NaN incoming
+# gradient included), LeakyReLU where r > 0 (for a slope >= 0 exactly where
+# h > 0; a NaN is scaled, as torch does). Only where it is safe: the
 # backward runs once (the engine's recorded graph is never retained; a second
 # run is an internal error), r has no other user (consecutive modules of an
 # nn.Sequential tree, every module a known class of NOTE [samples alone] in
@@ -68,49 +71,63 @@ _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass(frozen=True)
 class _Derivative:
-    """An activation's backward, read from its output ``r``: which elements pass the gradient, and torch's own
-    backward op run in place on a gradient, given those elements as 1.0 and the others as 0.0 in place of ``r``."""
+    """An activation's backward, read from its output ``r`` as torch reads it, run in place on a gradient."""
 
-    passes: Callable[[Tensor, Tensor], Any]  # (r, out): bool, True where torch's backward reads r as live
-    backward_: Callable[[Tensor, Tensor], Any]  # (grad, live as 0.0 / 1.0): grad becomes the input's gradient
+    backward_: Callable[[Tensor, Tensor], Any]  # (grad, r): torch's own backward op; grad becomes h's gradient
+    passes: Callable[[Tensor, Tensor], Any]  # (r, out): out (bool) True where torch's backward passes the gradient
+    from_passes_: Callable[[Tensor, Tensor], Any]  # (grad, passes): the same result as backward_, without r
+
+
+def _relu_backward_(grad: Tensor, r: Tensor) -> None:
+    torch.ops.aten.threshold_backward.grad_input(grad, r, 0, grad_input=grad)  # autograd's: 0 where r <= 0
 
 
 def _relu_passes(r: Tensor, out: Tensor) -> None:
-    torch.le(r, 0, out=out).logical_not_()  # threshold_backward(grad, result, 0): 0 where result <= 0
+    torch.ne(r, 0, out=out)  # r <= 0 is r == 0 for a ReLU's output; a NaN passes
 
 
-def _relu_backward_(grad: Tensor, live: Tensor) -> None:
-    torch.ops.aten.threshold_backward.grad_input(grad, live, 0, grad_input=grad)
+#: The integer type of each float type's bits.
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _relu_from_passes_(grad: Tensor, passes: Tensor) -> None:
+    grad.view(_BITS[grad.dtype]).mul_(passes)  # the gradient's bits, or those of +0.0: threshold_backward's result
 
 
 def _leaky_passes(r: Tensor, out: Tensor) -> None:
     torch.gt(r, 0, out=out)  # leaky_relu_backward(grad, self, slope): self > 0 ? grad : grad * slope
 
 
+def _leaky_backward_(slope: float) -> Callable[[Tensor, Tensor], Any]:
+    def backward_(grad: Tensor, r: Tensor) -> None:
+        torch.ops.aten.leaky_relu_backward.grad_input(grad, r, slope, False, grad_input=grad)
+
+    return backward_
+
+
 def _derivative_of(activation: nn.Module) -> Optional[_Derivative]:
     """The rule for ``activation`` (matched exactly: a subclass may change the maths), or ``None``."""
     if type(activation) is nn.ReLU:
-        return _Derivative(_relu_passes, _relu_backward_)
+        return _Derivative(_relu_backward_, _relu_passes, _relu_from_passes_)
     if type(activation) is nn.LeakyReLU and activation.negative_slope >= 0:  # then r > 0 exactly where its input is
-        slope = activation.negative_slope
-        return _Derivative(
-            _leaky_passes,
-            lambda grad, live: torch.ops.aten.leaky_relu_backward.grad_input(grad, live, slope, False, grad_input=grad),
-        )
+        backward_ = _leaky_backward_(activation.negative_slope)
+        return _Derivative(backward_, _leaky_passes, lambda grad, passes: _in_pieces(backward_, grad, passes))
     return None
 
 
-#: Elements per piece of the activation's backward: its 0.0 / 1.0 stand-in for ``r`` is made a piece at a time.
-_PIECE = 1 << 18
+#: Pieces of a backward op given 1.0 / 0.0 in place of ``r``: that stand-in is made a piece at a time, each an
+#: eighth of ``r`` (half the bool's bytes in float32), in few enough ATen calls to cost nothing beside the convolutions.
+_PIECES = 8
 
 
-def _backward_in_pieces(derivative: _Derivative, grad: Tensor, passes: Tensor) -> None:
-    """``grad`` made the activation's input gradient in place, from where its output ``passes`` (same layout)."""
+def _in_pieces(backward_: Callable[[Tensor, Tensor], Any], grad: Tensor, passes: Tensor) -> None:
+    """``backward_(grad, stand-in)`` in place, the stand-in 1.0 where ``passes`` and 0.0 elsewhere, a piece at a time
+    (at once where ``grad`` and ``passes`` differ in layout)."""
     if grad.stride() != passes.stride() or not _dense(grad):
-        derivative.backward_(grad, passes.to(grad.dtype))
+        backward_(grad, passes.to(grad.dtype))
         return
-    for piece, live in zip(_flat(grad).split(_PIECE), _flat(passes).split(_PIECE)):
-        derivative.backward_(piece, live.to(grad.dtype))
+    for piece, live in zip(_flat(grad).chunk(_PIECES), _flat(passes).chunk(_PIECES)):
+        backward_(piece, live.to(grad.dtype))
 
 
 def _dense(x: Tensor) -> bool:
@@ -191,16 +208,17 @@ class _ActivationConvolution(torch.autograd.Function):
                 grad, r, conv.weight, bias_sizes, conv.stride, conv.padding, conv.dilation, False,
                 [0] * spatial, conv.groups, [need_x and not transposed, need_w, need_b],
             )
-        if need_x:
-            passes = torch.empty_like(r if grad_x is None else grad_x, dtype=torch.bool)  # the gradient's layout
+        if need_x and not transposed:
+            pair.derivative.backward_(grad_x, r)  # torch's own backward, in place
+        elif need_x:
+            passes = torch.empty_like(r, dtype=torch.bool)
             pair.derivative.passes(r, passes)
             del r
-            if transposed:
-                grad_x = torch.ops.aten.convolution(
-                    grad, conv.weight, None, conv.stride, conv.padding, conv.dilation, True, output_padding, conv.groups
-                )
+            grad_x = torch.ops.aten.convolution(
+                grad, conv.weight, None, conv.stride, conv.padding, conv.dilation, True, output_padding, conv.groups
+            )
             del grad
-            _backward_in_pieces(pair.derivative, grad_x, passes)
+            pair.derivative.from_passes_(grad_x, passes)
         grads = (grad_x, grad_w, grad_b)
         return (None, *grads[: 1 + len(need_params)])
 
@@ -286,7 +304,7 @@ def _convolution_fits(conv: nn.Module) -> bool:
     return type(conv) in _CONVOLUTIONS and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
-def _steps(subnet: nn.Module, inputs: Sequence[Any]) -> List[Tuple[nn.Module, str, _Pair]]:
+def _steps(subnet: nn.Module, inputs: Sequence[Any]) -> List[Tuple[nn.Module, str, Optional[_Pair]]]:
     """The pairs of ``subnet`` that NOTE [lean recorded evaluation] runs as one step on ``inputs``, as
     ``(parent, name, pair)`` of each activation, and of each convolution after it; empty where it does not apply."""
     if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
