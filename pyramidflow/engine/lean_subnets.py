@@ -92,6 +92,7 @@ _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 def _relu_from_passes_(grad: Tensor, passes: Tensor) -> None:
     grad.view(_BITS[grad.dtype]).mul_(passes)  # the gradient's bits, or those of +0.0: threshold_backward's result
+    # (the bool is widened to the integer type on the way: a piece at a time, see _in_pieces)
 
 
 def _leaky_passes(r: Tensor, out: Tensor) -> None:
@@ -108,26 +109,30 @@ def _leaky_backward_(slope: float) -> Callable[[Tensor, Tensor], Any]:
 def _derivative_of(activation: nn.Module) -> Optional[_Derivative]:
     """The rule for ``activation`` (matched exactly: a subclass may change the maths), or ``None``."""
     if type(activation) is nn.ReLU:
-        return _Derivative(_relu_backward_, _relu_passes, _relu_from_passes_)
+        return _Derivative(_relu_backward_, _relu_passes, lambda grad, passes: _in_pieces(_relu_from_passes_, grad, passes))
     if type(activation) is nn.LeakyReLU and activation.negative_slope >= 0:  # then r > 0 exactly where its input is
         backward_ = _leaky_backward_(activation.negative_slope)
-        return _Derivative(backward_, _leaky_passes, lambda grad, passes: _in_pieces(backward_, grad, passes))
+
+        def from_passes_(grad: Tensor, passes: Tensor) -> None:
+            backward_(grad, passes.to(grad.dtype))  # 1.0 / 0.0 in place of r
+
+        return _Derivative(backward_, _leaky_passes, lambda grad, passes: _in_pieces(from_passes_, grad, passes))
     return None
 
 
-#: Pieces of a backward op given 1.0 / 0.0 in place of ``r``: that stand-in is made a piece at a time, each an
-#: eighth of ``r`` (half the bool's bytes in float32), in few enough ATen calls to cost nothing beside the convolutions.
+#: Pieces of the backward from the bool: what it is widened to (the gradient's type, or its bits' integer type) is
+#: made a piece at a time, each an eighth of ``r`` (half the bool's bytes in float32), in few enough ATen calls to
+#: cost nothing beside the convolutions.
 _PIECES = 8
 
 
-def _in_pieces(backward_: Callable[[Tensor, Tensor], Any], grad: Tensor, passes: Tensor) -> None:
-    """``backward_(grad, stand-in)`` in place, the stand-in 1.0 where ``passes`` and 0.0 elsewhere, a piece at a time
-    (at once where ``grad`` and ``passes`` differ in layout)."""
+def _in_pieces(from_passes_: Callable[[Tensor, Tensor], Any], grad: Tensor, passes: Tensor) -> None:
+    """``from_passes_(grad, passes)`` a piece at a time (at once where ``grad`` and ``passes`` differ in layout)."""
     if grad.stride() != passes.stride() or not _dense(grad):
-        backward_(grad, passes.to(grad.dtype))
+        from_passes_(grad, passes)
         return
     for piece, live in zip(_flat(grad).chunk(_PIECES), _flat(passes).chunk(_PIECES)):
-        backward_(piece, live.to(grad.dtype))
+        from_passes_(piece, live)
 
 
 def _dense(x: Tensor) -> bool:
