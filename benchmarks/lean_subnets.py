@@ -17,20 +17,11 @@ import time
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyramidflow.engine.lean_subnets import lean_evaluation
 from pyramidflow.memory import peak_memory_cpu
 
-
-class _Calls(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
+from foreign_couplings import _CallCounter  # the ATen calls of one step, as that benchmark counts them
 
 
 def main() -> None:
@@ -56,7 +47,7 @@ def main() -> None:
     for lean in (False, True):
         evaluation(lean)
         peak, _ = peak_memory_cpu(lambda: evaluation(lean))
-        with _Calls() as counter:
+        with _CallCounter() as counter:
             evaluation(lean)
         rows[lean] = {"peak": peak, "calls": counter.calls, "times": []}
     for i in range(args.rounds):
