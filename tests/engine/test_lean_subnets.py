@@ -248,3 +248,23 @@ def test_one_evaluations_backward_holds_one_hidden_activation_at_a_time(activati
         evaluation(lean)
         peaks[lean] = peak_memory(lambda: evaluation(lean), "cpu")[0] / (hidden * size * size * 4)
     assert peaks[True] <= 2 < peaks[False], peaks
+
+
+@pytest.mark.parametrize("size, groups", [(81, 2), (8, 1)], ids=["transposed on oneDNN", "convolution_backward"])
+def test_strided_dilated_grouped_convolution_bit_for_bit(size, groups):
+    """The transposed convolution gives back the input's size (odd, strided: an output padding) and groups."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.LeakyReLU(0.05),
+                        nn.Conv2d(16, 8, 3, stride=2, padding=2, dilation=2, groups=groups))
+    x = torch.randn(1, 4, size, size).contiguous(memory_format=torch.channels_last)
+    grads = {}
+    for lean in (True, False):
+        leaf = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        with lean_evaluation(net, [leaf]) if lean else contextlib.nullcontext():
+            out = net(leaf)
+        with _Ops() as ops:
+            grads[lean] = torch.autograd.grad(out, [leaf, *net.parameters()], torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        if lean:
+            on_onednn = size == 81 and torch.backends.mkldnn.is_available()
+            assert ops.transposed > 0 if on_onednn else ops.transposed == 0
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
