@@ -21,6 +21,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ._state import RngState
 from .block import LogDet, Tensors, _leaf, gradients_used
+from .lean_subnets import lean_evaluation
 from .subnet_layout import as_channels_last, rebuilds_channels_last
 
 __all__ = ["Refused", "SubnetRng", "forward_keeping_subnet_rng", "reconstruct_with_recorded_subnets"]
@@ -123,7 +124,7 @@ class _Recorder(nn.Module):
         if self.fwd_rng is not None and not self.fwd_rng:
             raise Refused("the inverse called a subnet more often than the forward")
         replay = self.fwd_rng.pop(0).replay() if self.fwd_rng is not None else contextlib.nullcontext()
-        with torch.enable_grad(), replay:
+        with torch.enable_grad(), replay, lean_evaluation(self.subnet, leaves):  # NOTE [lean recorded evaluation]
             out = self.subnet(*leaves)
             single = isinstance(out, Tensor)
             outputs = (out,) if single else tuple(out)
