@@ -287,9 +287,9 @@ def _loss_that_turns_nan_at(step: int, monkeypatch):
     real = step_module.objective_loss
     calls = []
 
-    def loss(objective, levels, logdet=None):
+    def loss(objective, levels, logdet=None, p=2.0):
         calls.append(1)
-        value = real(objective, levels, logdet)
+        value = real(objective, levels, logdet, p)
         return value * float("nan") if len(calls) == step else value
 
     monkeypatch.setattr(step_module, "objective_loss", loss)
