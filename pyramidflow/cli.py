@@ -64,6 +64,8 @@ def _add_model_options(parser: argparse.ArgumentParser, ablation_switches: bool 
     ablation.add_argument("--difference", choices=DIFFERENCES,
                           help="subtract the template per level then compose (pyramid), or compose first (composed)")
     ablation.add_argument("--loss", choices=LOSSES, help=f"pairwise loss ({method.loss})")
+    ablation.add_argument("--loss-p", type=float, metavar="P",
+                          help=f"exponent of the loss's latent difference |z_a - z_b|^p, at least 1 ({method.loss_p:g})")
 
 
 def _add_calibration_options(parser: argparse.ArgumentParser, defaults) -> None:

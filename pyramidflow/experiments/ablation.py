@@ -96,7 +96,8 @@ def step_peak_memory(model_config: Any, images: torch.Tensor, device: torch.devi
     images = images.to(device)
 
     def step() -> None:
-        training_step(model, optimizer, images, objective=model_config.objective, config=train_config)
+        training_step(model, optimizer, images, objective=model_config.objective, config=train_config,
+                      loss_p=model_config.loss_p)
 
     peak, _ = peak_memory(step, device)
     return int(peak)
@@ -215,7 +216,8 @@ def run_ablation(
 
     chosen = resolve_variants(variants)
     flipped = [f"{name}={getattr(base, name)!r}" for name, default in
-               (("volume_norm", "set"), ("template", "mean"), ("difference", "pyramid"), ("loss", "fourier"))
+               (("volume_norm", "set"), ("template", "mean"), ("difference", "pyramid"), ("loss", "fourier"),
+                ("loss_p", 2))
                if (getattr(base, name) is None if default == "set" else getattr(base, name) != default)]
     if flipped:
         raise ValueError(f"ablate: the baseline must be the method, but it sets {', '.join(flipped)}; drop those options.")

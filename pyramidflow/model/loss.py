@@ -120,21 +120,22 @@ def gaussian_nll(latents: Sequence[Tensor], logdet: Tensor) -> Tensor:
     return ((0.5 * squares - logdet) / dims + 0.5 * math.log(2 * math.pi)).mean()
 
 
-def objective_loss(objective: str, latents: Sequence[Tensor], logdet: Optional[Tensor] = None) -> Tensor:
+def objective_loss(objective: str, latents: Sequence[Tensor], logdet: Optional[Tensor] = None, p: float = 2.0) -> Tensor:
     """The training loss named by ``objective`` (``PyramidFlowConfig.objective``).
 
     Args:
         objective: ``"fourier"``, ``"spatial"`` or ``"gaussian_nll"``.
         latents: latent pyramid ``(B, C, H_i, W_i)`` per level.
         logdet: ``(B,)``, needed by ``"gaussian_nll"`` only.
+        p: exponent of the pairwise losses' per-level difference (``PyramidFlowConfig.loss_p``, 2).
 
     Raises:
         ValueError: an unknown objective, or ``"gaussian_nll"`` without ``logdet``.
     """
     if objective == "fourier":
-        return fourier_loss(latents)
+        return fourier_loss(latents, p)
     if objective == "spatial":
-        return spatial_loss(latents)
+        return spatial_loss(latents, p)
     if objective == "gaussian_nll":
         if logdet is None:
             raise ValueError("objective_loss: 'gaussian_nll' needs the flow's logdet; call model(images, return_logdet=True).")

@@ -82,6 +82,8 @@ class PyramidFlowConfig:
             ``"composed"`` (ablation: compose latent and template first, then subtract).
         loss: ``"fourier"`` (the method) or ``"spatial"`` (ablation: the pairwise difference map's
             plain mean, no FFT). Used with volume normalisation only.
+        loss_p: exponent p of the loss's per-level difference ``|z_a - z_b|**p``, at least 1 (2, the
+            method's; 1 weighs large differences less). Used with volume normalisation only.
         backward_tile: ``None`` (the default) rebuilds and backpropagates each coupling over whole
             levels; an int T runs each coupling's no-grad forward, rebuild and backward in tiles of
             T×T pixels at the level its network runs at (a multiple of ``2**(num_levels - 1)``), so their working set is one
@@ -115,6 +117,7 @@ class PyramidFlowConfig:
     template: str = "mean"
     difference: str = "pyramid"
     loss: str = "fourier"
+    loss_p: float = 2.0
     backward_tile: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -143,11 +146,18 @@ class PyramidFlowConfig:
         for name, choices in (("template", TEMPLATES), ("difference", DIFFERENCES), ("loss", LOSSES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"PyramidFlowConfig: {name} must be one of {choices}, got {getattr(self, name)!r}.")
-        if self.volume_norm is None and self.loss != "fourier":
+        if isinstance(self.loss_p, bool) or not isinstance(self.loss_p, (int, float)) or not self.loss_p >= 1:
             raise ValueError(
-                f"PyramidFlowConfig: loss={self.loss!r} needs volume normalisation; without it (volume_norm=None) "
-                "the flow trains with the Gaussian negative log-likelihood, so keep loss='fourier' or set volume_norm."
+                f"PyramidFlowConfig: loss_p must be a number of at least 1 (below 1 the gradient of |z_a - z_b|**p is "
+                f"infinite where the latents agree), got {self.loss_p!r}; use 2 (the method) or 1."
             )
+        for name, method in (("loss", "fourier"), ("loss_p", 2)):
+            if self.volume_norm is None and getattr(self, name) != method:
+                raise ValueError(
+                    f"PyramidFlowConfig: {name}={getattr(self, name)!r} needs volume normalisation; without it "
+                    f"(volume_norm=None) the flow trains with the Gaussian negative log-likelihood, so keep "
+                    f"{name}={method!r} or set volume_norm."
+                )
         if self.mode not in MODES:
             raise ValueError(f"PyramidFlowConfig: mode must be one of {MODES}, got {self.mode!r}.")
         if not (isinstance(self.clamp, (int, float)) and self.clamp > 0):

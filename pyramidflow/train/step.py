@@ -28,7 +28,7 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) ->
 
 
 def _loss(net: torch.nn.Module, images: Tensor, objective: str,
-          gather: Optional[Callable[[tuple], tuple]]) -> Tensor:
+          gather: Optional[Callable[[tuple], tuple]], loss_p: float) -> Tensor:
     # The latents feed the loss alone and are not read once backward starts: they are given up
     # (``release_outputs``), so invertible backward reuses their storage and their gradients'.
     if objective == "gaussian_nll":  # volume_norm=None ablation: per sample, so no gather under DDP
@@ -37,7 +37,7 @@ def _loss(net: torch.nn.Module, images: Tensor, objective: str,
     levels = tuple(net(images, release_outputs=True))
     if gather is not None:
         levels = gather(levels)  # NOTE [global batch under DDP]
-    return objective_loss(objective, levels)
+    return objective_loss(objective, levels, p=loss_p)
 
 
 def training_step(
@@ -47,6 +47,7 @@ def training_step(
     *,
     objective: str,
     config: TrainConfig,
+    loss_p: float = 2.0,
     gather: Optional[Callable[[tuple], tuple]] = None,
     on_forward: Optional[Callable[[], None]] = None,
     on_backward: Optional[Callable[[], None]] = None,
@@ -58,6 +59,7 @@ def training_step(
     Args:
         net: the model, or its DDP wrapper.
         objective: ``PyramidFlowConfig.objective`` (``"fourier"``, ``"spatial"`` or ``"gaussian_nll"``).
+        loss_p: ``PyramidFlowConfig.loss_p``, the exponent of the pairwise losses' difference (2).
         config: the run's settings: ``grad_clip`` (``None``: no clipping); the optimizer comes from
             :func:`make_optimizer`.
         gather: gathers the latents of all processes before a pairwise loss (DDP), or ``None``.
@@ -66,7 +68,7 @@ def training_step(
         critical: a context manager around the update that a stop signal must not cut in half;
             ``after_update(loss)`` runs inside it (the loop's bookkeeping).
     """
-    loss = _loss(net, images, objective, gather)
+    loss = _loss(net, images, objective, gather, loss_p)
     if on_forward is not None:
         on_forward()
     optimizer.zero_grad(set_to_none=True)
@@ -103,7 +105,8 @@ def training_step_on(model: torch.nn.Module, images: Tensor,
     settings = train_config or TrainConfig(steps=1)
     model.flow.drift = settings.drift
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
-    return lambda: training_step(model, optimizer, images, objective=model.config.objective, config=settings)
+    return lambda: training_step(model, optimizer, images, objective=model.config.objective, config=settings,
+                                 loss_p=model.config.loss_p)
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,8 @@ def test_objective_follows_volume_norm_and_loss():
     assert small(volume_norm=None).objective == "gaussian_nll"
     with pytest.raises(ValueError, match="loss='spatial' needs volume normalisation"):
         small(volume_norm=None, loss="spatial")
+    with pytest.raises(ValueError, match="loss_p=1 needs volume normalisation"):
+        small(volume_norm=None, loss_p=1)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +131,9 @@ def test_objective_follows_volume_norm_and_loss():
         (dict(difference="first"), "difference must be one of"),
         (dict(loss="l1"), "loss must be one of"),
         (dict(volume_norm="none"), "volume_norm must be one of"),
+        (dict(loss_p=0.5), "loss_p must be a number of at least 1"),
+        (dict(loss_p=float("nan")), "loss_p must be a number of at least 1"),
+        (dict(loss_p="1"), "loss_p must be a number of at least 1"),
     ],
 )
 def test_switches_refuse_unknown_values(overrides, match):
@@ -266,6 +271,29 @@ def test_spatial_loss_has_no_fft(monkeypatch):
     assert not torch.allclose(expected, fourier)
 
 
+# -- loss_p: the exponent of the pairwise difference -------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["fourier", "spatial"])
+def test_loss_p_is_the_exponent_of_the_pairwise_difference(objective):
+    latents = tuple(torch.randn(3, 2, 16 // 2**i, 16 // 2**i, dtype=DTYPE) for i in range(3))
+    expected = {"fourier": fourier_loss, "spatial": spatial_loss}[objective](latents, 1.0)
+    torch.testing.assert_close(objective_loss(objective, latents, p=1.0), expected)
+    assert not torch.allclose(objective_loss(objective, latents), expected), "p=2 is another loss"
+
+
+def test_the_training_step_uses_the_configs_loss_p(monkeypatch):
+    import pyramidflow.train.step as step_module
+    from pyramidflow.train.step import step_on_random_images
+
+    seen = []
+    real = step_module.objective_loss
+    monkeypatch.setattr(step_module, "objective_loss", lambda *a, **k: seen.append(k.get("p")) or real(*a, **k))
+    step_on_random_images(small(loss_p=1.0), 16)()
+    step_on_random_images(small(), 16)()
+    assert seen == [1.0, 2.0]
+
+
 # -- through the command line, and `pyramidflow ablate` --------------------------------------------
 
 SIZE = 32
@@ -292,6 +320,7 @@ def _error_line(capsys):
         (["--template", "scaled"], "template", "scaled"),
         (["--difference", "composed"], "difference", "composed"),
         (["--loss", "spatial"], "loss", "spatial"),
+        (["--loss-p", "1"], "loss_p", 1.0),
     ],
 )
 def test_each_switch_trains_and_evaluates_through_the_cli(flags, field, value, data_root, tmp_path, monkeypatch):
@@ -308,7 +337,7 @@ def test_each_switch_trains_and_evaluates_through_the_cli(flags, field, value, d
     assert trained_with == [expected, expected]
     ckpt = load_checkpoint(out / CHECKPOINT_NAME)
     assert ckpt.model_config[field] == value  # recorded in the checkpoint
-    others = {"volume_norm": "CVN", "template": "mean", "difference": "pyramid", "loss": "fourier"}
+    others = {"volume_norm": "CVN", "template": "mean", "difference": "pyramid", "loss": "fourier", "loss_p": 2.0}
     del others[field]
     assert {k: ckpt.model_config[k] for k in others} == others, "one switch changes one setting"
     if value == "zero":
@@ -419,6 +448,8 @@ def test_ablate_refuses_unknown_variants_and_other_settings(data_root, tmp_path,
     assert "no_template" in _error_line(capsys)
     with pytest.raises(ValueError, match="baseline must be the method"):
         run_ablation(PyramidFlowConfig(template="zero"), TrainConfig(steps=1), [], [], tmp_path / "b")
+    with pytest.raises(ValueError, match="baseline must be the method, but it sets loss_p=1.0"):
+        run_ablation(PyramidFlowConfig(loss_p=1.0), TrainConfig(steps=1), [], [], tmp_path / "b")
     assert main(args + ["--variants", "baseline"]) == 0
     capsys.readouterr()
     args[args.index("--steps") + 1] = "2"

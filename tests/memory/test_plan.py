@@ -251,7 +251,7 @@ def test_plan_predicts_the_step_training_takes(volume_norm, objective, monkeypat
 
     losses, clips = [], []
     real_loss, real_clip = step_module.objective_loss, torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(step_module, "objective_loss", lambda name, *a: losses.append(name) or real_loss(name, *a))
+    monkeypatch.setattr(step_module, "objective_loss", lambda name, *a, **k: losses.append(name) or real_loss(name, *a, **k))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, c: clips.append(c) or real_clip(p, c))
     planning.predict_peak(PyramidFlowConfig(volume_norm=volume_norm, **TINY), 32, 2, train_config=TrainConfig(steps=1, grad_clip=0.5))
     assert losses == [objective] and clips == [0.5]

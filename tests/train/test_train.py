@@ -287,9 +287,9 @@ def _loss_that_turns_nan_at(step: int, monkeypatch):
     real = step_module.objective_loss
     calls = []
 
-    def loss(objective, levels, logdet=None):
+    def loss(objective, levels, logdet=None, p=2.0):
         calls.append(1)
-        value = real(objective, levels, logdet)
+        value = real(objective, levels, logdet, p)
         return value * float("nan") if len(calls) == step else value
 
     monkeypatch.setattr(step_module, "objective_loss", loss)
@@ -327,11 +327,11 @@ def test_keyboard_interrupt_writes_the_last_completed_step_and_resumes_exactly(t
     real = step_module.objective_loss
     calls = []
 
-    def interrupted(objective, levels, logdet=None):
+    def interrupted(objective, levels, logdet=None, p=2.0):
         calls.append(1)
         if len(calls) == 4:  # during step 4, after its batch was drawn and augmented
             raise KeyboardInterrupt
-        return real(objective, levels, logdet)
+        return real(objective, levels, logdet, p)
 
     monkeypatch.setattr(step_module, "objective_loss", interrupted)
     with pytest.raises(KeyboardInterrupt) as interrupt:
