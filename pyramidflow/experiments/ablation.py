@@ -96,8 +96,7 @@ def step_peak_memory(model_config: Any, images: torch.Tensor, device: torch.devi
     images = images.to(device)
 
     def step() -> None:
-        training_step(model, optimizer, images, objective=model_config.objective, config=train_config,
-                      loss_p=model_config.loss_p)
+        training_step(model, optimizer, images, model_config=model_config, config=train_config)
 
     peak, _ = peak_memory(step, device)
     return int(peak)

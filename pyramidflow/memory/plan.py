@@ -238,7 +238,7 @@ def predict_peak(config: Any, size: int, batch_size: int, *, dtype: torch.dtype 
         images = torch.empty(batch_size, 3, size, size, dtype=dtype)
         batch = counter.live - state
         counter.peak = counter.live
-        training_step(model, optimizer, images, objective=model.config.objective, config=settings, loss_p=model.config.loss_p,
+        training_step(model, optimizer, images, model_config=model.config, config=settings,
                       on_forward=lambda: at_forward.setdefault("live", counter.live))
     kept = at_forward["live"] - state - batch
     return PeakPrediction(counter.peak, state, batch, kept, counter.peak - state - batch - kept)

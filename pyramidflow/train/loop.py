@@ -175,7 +175,7 @@ class _Run:
     def train_step(self, batch: Any, guard: InterruptGuard) -> None:
         gather = functools.partial(gather_levels, group=self.group) if self.ctx.is_distributed else None
         training_step(self.net, self.optimizer, batch_images(batch, self.device, self.dtype),
-                      objective=self.model_config.objective, config=self.config, gather=gather, loss_p=self.model_config.loss_p,
+                      model_config=self.model_config, config=self.config, gather=gather,
                       on_backward=self.drift_tracker.observe, critical=guard.critical, after_update=self._completed)
 
     def _completed(self, loss: Tensor) -> None:

@@ -1,7 +1,7 @@
 """THE training step: forward, the objective's loss, backward, gradient clipping, Adam.
 
 The training loop runs it; ``ablate`` measures its peak memory and ``plan`` predicts that peak, so
-all three count the same step: the loss the model config's ``objective`` names, the clipping and the
+all three count the same step: the loss the model config names (``objective``, ``loss_p``), the clipping and the
 Adam settings of the :class:`~pyramidflow.train.config.TrainConfig`.
 """
 
@@ -10,13 +10,16 @@ from __future__ import annotations
 import collections
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..model.loss import objective_loss
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..model.pyramidflow import PyramidFlowConfig
 
 __all__ = ["StepWork", "count_step_work", "count_work", "make_optimizer", "step_on_random_images", "training_step",
            "training_step_on"]
@@ -27,17 +30,18 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) ->
     return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 
-def _loss(net: torch.nn.Module, images: Tensor, objective: str,
-          gather: Optional[Callable[[tuple], tuple]], loss_p: float) -> Tensor:
+def _loss(net: torch.nn.Module, images: Tensor, model_config: PyramidFlowConfig,
+          gather: Optional[Callable[[tuple], tuple]]) -> Tensor:
     # The latents feed the loss alone and are not read once backward starts: they are given up
     # (``release_outputs``), so invertible backward reuses their storage and their gradients'.
+    objective = model_config.objective
     if objective == "gaussian_nll":  # volume_norm=None ablation: per sample, so no gather under DDP
         levels, logdet = net(images, return_logdet=True, release_outputs=True)
         return objective_loss(objective, levels, logdet)
     levels = tuple(net(images, release_outputs=True))
     if gather is not None:
         levels = gather(levels)  # NOTE [global batch under DDP]
-    return objective_loss(objective, levels, p=loss_p)
+    return objective_loss(objective, levels, p=model_config.loss_p)
 
 
 def training_step(
@@ -45,9 +49,8 @@ def training_step(
     optimizer: torch.optim.Optimizer,
     images: Tensor,
     *,
-    objective: str,
+    model_config: PyramidFlowConfig,
     config: TrainConfig,
-    loss_p: float = 2.0,
     gather: Optional[Callable[[tuple], tuple]] = None,
     on_forward: Optional[Callable[[], None]] = None,
     on_backward: Optional[Callable[[], None]] = None,
@@ -58,8 +61,9 @@ def training_step(
 
     Args:
         net: the model, or its DDP wrapper.
-        objective: ``PyramidFlowConfig.objective`` (``"fourier"``, ``"spatial"`` or ``"gaussian_nll"``).
-        loss_p: ``PyramidFlowConfig.loss_p``, the exponent of the pairwise losses' difference (2).
+        model_config: the model's settings, read for its loss: ``objective`` (``"fourier"``, ``"spatial"`` or
+            ``"gaussian_nll"``) and ``loss_p`` (the pairwise losses' exponent), so that no caller passes one
+            without the other.
         config: the run's settings: ``grad_clip`` (``None``: no clipping); the optimizer comes from
             :func:`make_optimizer`.
         gather: gathers the latents of all processes before a pairwise loss (DDP), or ``None``.
@@ -68,7 +72,7 @@ def training_step(
         critical: a context manager around the update that a stop signal must not cut in half;
             ``after_update(loss)`` runs inside it (the loop's bookkeeping).
     """
-    loss = _loss(net, images, objective, gather, loss_p)
+    loss = _loss(net, images, model_config, gather)
     if on_forward is not None:
         on_forward()
     optimizer.zero_grad(set_to_none=True)
@@ -105,8 +109,7 @@ def training_step_on(model: torch.nn.Module, images: Tensor,
     settings = train_config or TrainConfig(steps=1)
     model.flow.drift = settings.drift
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
-    return lambda: training_step(model, optimizer, images, objective=model.config.objective, config=settings,
-                                 loss_p=model.config.loss_p)
+    return lambda: training_step(model, optimizer, images, model_config=model.config, config=settings)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ def _step_peak(mode: str, num_stacks: int) -> int:
     images = torch.randn(2, 3, 64, 64)
 
     def step() -> None:  # THE training step (pyramidflow.train.step), as the loop runs it
-        training_step(model, optimizer, images, objective=model.config.objective, config=settings)
+        training_step(model, optimizer, images, model_config=model.config, config=settings)
 
     step()  # Adam's state and the gradients exist before the probe
     return peak_memory_cpu(step)[0]
